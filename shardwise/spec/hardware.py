@@ -1,0 +1,163 @@
+"""Hardware: GPU, Network and Cluster, loaded from the TOML catalogs (every number has a source).
+
+Units, everywhere in shardwise: memory in bytes (catalog in GiB), FLOP/s in TFLOP/s dense (no
+sparsity), bandwidth in GB/s = 1e9 bytes/s per direction per GPU, latency in microseconds.
+Network catalogs quote Gbit/s as vendors do; `Network.gbytes_per_s` converts (/8).
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shardwise.errors import ShardwiseError, closest
+
+_CAT = Path(__file__).with_name("catalog")
+DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float
+    tflops: dict  # dtype -> dense TFLOP/s (tensor cores where the dtype has them)
+    hbm_gbps: float  # HBM bandwidth, GB/s
+    link: str  # intra-node interconnect, e.g. "NVLink 4", "PCIe 4.0 x16"
+    link_gbps: float  # intra-node bandwidth per GPU per direction, GB/s
+    link_latency_us: float = 3.0
+    link_efficiency: float = 0.8  # achieved / nominal bus bandwidth for large collectives
+    gpus_per_node: int = 8  # the usual server
+    price_per_hour: float = 0.0  # USD per GPU-hour, a typical cloud on-demand figure
+    source: str = ""
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * GIB)
+
+    def peak_flops(self, dtype: str) -> float:
+        """Peak dense FLOP/s for a compute dtype, falling back fp32 -> tf32 is NOT done silently."""
+        if dtype not in self.tflops:
+            raise ShardwiseError(f"GPU {self.name!r} has no {dtype} figure in the catalog; "
+                                 f"use one of {', '.join(self.tflops)}")
+        return self.tflops[dtype] * 1e12
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    gbits: float  # per GPU per direction, Gbit/s (one NIC per GPU in the usual rail design)
+    latency_us: float
+    efficiency: float = 0.8
+    source: str = ""
+
+    @property
+    def gbytes_per_s(self) -> float:
+        return self.gbits / 8
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gpu: GPU
+    gpus: int
+    gpus_per_node: int
+    network: Network
+
+    def __post_init__(self):
+        if self.gpus <= 0 or self.gpus_per_node <= 0:
+            raise ShardwiseError(f"GPU counts must be positive, got gpus={self.gpus}, "
+                                 f"gpus_per_node={self.gpus_per_node}")
+        if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
+            raise ShardwiseError(f"{self.gpus} GPUs is not a whole number of {self.gpus_per_node}-GPU "
+                                 "nodes; change --gpus or --gpus-per-node")
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.gpus // self.gpus_per_node)
+
+    @property
+    def node_size(self) -> int:
+        """GPUs that share the fast intra-node link (fewer if the cluster is a partial node)."""
+        return min(self.gpus, self.gpus_per_node)
+
+    def describe(self) -> str:
+        return (f"{self.gpus}x {self.gpu.name} ({self.nodes} node(s) x {self.node_size}, "
+                f"{self.gpu.link} inside, {self.network.name} between)")
+
+
+# ---- catalogs ---------------------------------------------------------------------------
+def _load(fname: str) -> dict:
+    with open(_CAT / fname, "rb") as f:
+        return tomllib.load(f)
+
+
+def _build(cls, name: str, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ShardwiseError(f"{where}: unknown field {unknown[0]!r}; {closest(unknown[0], names)}")
+    try:
+        obj = cls(name=name, **d)
+    except TypeError as e:
+        raise ShardwiseError(f"{where}: {e}") from None
+    for f in dataclasses.fields(cls):
+        v = getattr(obj, f.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+            raise ShardwiseError(f"{where}: {f.name} must not be negative, got {v}")
+    return obj
+
+
+def gpus() -> dict[str, GPU]:
+    return {k: _build(GPU, k, v, f"gpus.toml [{k}]") for k, v in _load("gpus.toml").items()}
+
+
+def networks() -> dict[str, Network]:
+    return {k: _build(Network, k, v, f"networks.toml [{k}]") for k, v in _load("networks.toml").items()}
+
+
+def load_gpu(name: str | GPU, hardware_file: str | None = None) -> GPU:
+    if isinstance(name, GPU):
+        return name
+    cat = gpus()
+    if hardware_file:
+        cat.update(_file_entries(hardware_file, "gpu", GPU))
+    key = name.lower()
+    if key not in cat:
+        raise ShardwiseError(f"unknown GPU {name!r}; {closest(key, cat)} (see `shardwise gpus`)")
+    return cat[key]
+
+
+def load_network(name: str | Network, hardware_file: str | None = None) -> Network:
+    if isinstance(name, Network):
+        return name
+    cat = networks()
+    if hardware_file:
+        cat.update(_file_entries(hardware_file, "network", Network))
+    key = name.lower()
+    if key not in cat:
+        raise ShardwiseError(f"unknown network {name!r}; {closest(key, cat)} (see `shardwise gpus`)")
+    return cat[key]
+
+
+def _file_entries(path: str, table: str, cls) -> dict:
+    """A user hardware file: [gpu.NAME] and [network.NAME] tables with the catalog's fields."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ShardwiseError(f"hardware file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ShardwiseError(f"{path}: not valid TOML ({e})") from None
+    return {k.lower(): _build(cls, k.lower(), v, f"{p.name} [{table}.{k}]")
+            for k, v in d.get(table, {}).items()}
+
+
+def make_cluster(gpu: str | GPU = "h100-80gb", n_gpus: int = 8, gpus_per_node: int | None = None,
+                 network: str | Network | None = None, hardware_file: str | None = None) -> Cluster:
+    g = load_gpu(gpu, hardware_file)
+    gpn = gpus_per_node or g.gpus_per_node
+    if network is None:
+        network = "ib-ndr" if g.gpus_per_node >= 8 else "ethernet-25g"
+    return Cluster(gpu=g, gpus=n_gpus, gpus_per_node=gpn, network=load_network(network, hardware_file))

@@ -1,0 +1,249 @@
+"""ModelSpec: the architecture of a decoder-only transformer, and its exact parameter count.
+
+The parameter count is always derived from the dimensions, never typed in; presets carry the
+published count only so the tests can hold the derivation against it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from shardwise.errors import ShardwiseError, closest
+
+FFN_KINDS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rotary")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    vocab: int
+    kv_heads: int = 0  # 0 -> same as heads (plain multi-head attention)
+    ffn_hidden: int = 0  # 0 -> 4*hidden (gelu) or the Llama rule (swiglu)
+    ffn_kind: str = "swiglu"
+    tied_embeddings: bool = False
+    positions: str = "rotary"
+    max_seq: int = 4096  # context length; the size of a learned position table
+    norm: str = "rmsnorm"
+    qkv_bias: bool = False
+    out_bias: bool = False  # attention output projection bias
+    mlp_bias: bool = False
+    head_dim: int = 0  # 0 -> hidden // heads
+    experts: int = 0  # 0 -> dense FFN; >0 -> MoE with a router per layer
+    top_k: int = 0
+    shared_experts: int = 0
+    expert_ffn_hidden: int = 0  # 0 -> ffn_hidden
+    dropout: float = 0.0
+    estimated: bool = False  # dimensions are a public guess (the lecture's "GPT-4 (est.)")
+    published_params: int = 0  # for tests and display only; 0 -> none published
+    source: str = ""
+
+    def __post_init__(self):
+        def fail(what: str) -> None:
+            raise ShardwiseError(f"model {self.name!r}: {what}")
+
+        for f in ("layers", "hidden", "heads", "vocab", "max_seq"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                fail(f"{f} must be a positive integer, got {v!r}")
+        for f in ("kv_heads", "ffn_hidden", "head_dim", "experts", "top_k", "shared_experts",
+                  "expert_ffn_hidden", "published_params"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                fail(f"{f} must be a non-negative integer, got {v!r}")
+        if self.ffn_kind not in FFN_KINDS:
+            fail(f"ffn_kind must be one of {', '.join(FFN_KINDS)}, got {self.ffn_kind!r}")
+        if self.norm not in NORMS:
+            fail(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.positions not in POSITIONS:
+            fail(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            fail(f"dropout must be in [0, 1), got {self.dropout!r}")
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.kv_heads == 0:
+            set_("kv_heads", self.heads)
+        if self.head_dim == 0:
+            if self.hidden % self.heads:
+                fail(f"hidden {self.hidden} is not divisible by heads {self.heads}; give head_dim")
+            set_("head_dim", self.hidden // self.heads)
+        if self.heads % self.kv_heads:
+            fail(f"heads {self.heads} must be a multiple of kv_heads {self.kv_heads}")
+        if self.ffn_hidden == 0:
+            set_("ffn_hidden", default_ffn_hidden(self.hidden, self.ffn_kind))
+        if self.experts:
+            if not 1 <= self.top_k <= self.experts:
+                fail(f"top_k must be between 1 and experts={self.experts}, got {self.top_k}")
+            if self.expert_ffn_hidden == 0:
+                set_("expert_ffn_hidden", self.ffn_hidden)
+        elif self.top_k or self.shared_experts:
+            fail("top_k / shared_experts need experts > 0")
+
+    # ---- shapes -------------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts > 0
+
+    # ---- parameter counts -----------------------------------------------------------------
+    def _mlp_params(self, ffn: int) -> int:
+        mats = 3 if self.ffn_kind == "swiglu" else 2
+        bias = (ffn * (mats - 1) + self.hidden) if self.mlp_bias else 0
+        return mats * self.hidden * ffn + bias
+
+    @cached_property
+    def layer_counts(self) -> dict[str, int]:
+        """Parameters of one transformer block, by part."""
+        h = self.hidden
+        attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+        attn += (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        attn += h if self.out_bias else 0
+        norm = 2 * h if self.norm == "layernorm" else h
+        if self.is_moe:
+            mlp = self.experts * self._mlp_params(self.expert_ffn_hidden)
+            mlp += self.shared_experts * self._mlp_params(self.ffn_hidden)
+            router = h * self.experts
+        else:
+            mlp, router = self._mlp_params(self.ffn_hidden), 0
+        return {"attention": attn, "mlp": mlp, "router": router, "norms": 2 * norm}
+
+    @cached_property
+    def counts(self) -> dict[str, int]:
+        """Whole-model parameters by part (embedding, positions, layers, final norm, lm head)."""
+        h = self.hidden
+        return {
+            "embedding": self.vocab * h,
+            "positions": self.max_seq * h if self.positions == "learned" else 0,
+            "layers": self.layers * self.layer_params,
+            "final_norm": 2 * h if self.norm == "layernorm" else h,
+            "lm_head": 0 if self.tied_embeddings else self.vocab * h,
+        }
+
+    @cached_property
+    def layer_params(self) -> int:
+        return sum(self.layer_counts.values())
+
+    @cached_property
+    def params(self) -> int:
+        return sum(self.counts.values())
+
+    @cached_property
+    def active_params(self) -> int:
+        """Parameters touched per token (MoE: top_k of the experts); = params for dense."""
+        if not self.is_moe:
+            return self.params
+        unused = (self.experts - self.top_k) * self._mlp_params(self.expert_ffn_hidden)
+        return self.params - self.layers * unused
+
+    def summary(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["params"] = self.params
+        d["active_params"] = self.active_params
+        return d
+
+    def scaled(self, **dims) -> "ModelSpec":
+        """The same architecture with some dimensions replaced (for runnable tiny copies)."""
+        if "hidden" in dims or "heads" in dims:
+            dims.setdefault("head_dim", 0)
+        if "hidden" in dims and "ffn_hidden" not in dims:
+            dims["ffn_hidden"] = 0
+        dims.setdefault("published_params", 0)
+        return dataclasses.replace(self, **dims)
+
+
+def default_ffn_hidden(hidden: int, kind: str) -> int:
+    """GELU: 4h. SwiGLU: Llama's rule, 2/3 of 4h rounded up to a multiple of 256."""
+    if kind == "gelu":
+        return 4 * hidden
+    return 256 * ((int(2 * 4 * hidden / 3) + 255) // 256)
+
+
+# ---- sources ----------------------------------------------------------------------------
+CATALOG = Path(__file__).with_name("catalog") / "models.toml"
+_FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
+
+
+def spec_from_dict(d: dict, where: str) -> ModelSpec:
+    unknown = sorted(set(d) - _FIELDS)
+    if unknown:
+        raise ShardwiseError(
+            f"{where}: unknown model field {unknown[0]!r}; {closest(unknown[0], _FIELDS)}")
+    missing = [f for f in ("name", "layers", "hidden", "heads", "vocab") if f not in d]
+    if missing:
+        raise ShardwiseError(f"{where}: missing model field {missing[0]!r}")
+    try:
+        return ModelSpec(**d)
+    except TypeError as e:  # a wrong type that __post_init__ did not catch
+        raise ShardwiseError(f"{where}: {e}") from None
+
+
+def _load_catalog() -> dict[str, dict]:
+    with open(CATALOG, "rb") as f:
+        return tomllib.load(f)
+
+
+_PRESETS: dict[str, dict] | None = None
+
+
+def presets() -> dict[str, ModelSpec]:
+    global _PRESETS
+    if _PRESETS is None:
+        _PRESETS = _load_catalog()
+    return {k: spec_from_dict({"name": k, **v}, f"{CATALOG.name} [{k}]") for k, v in _PRESETS.items()}
+
+
+def preset(name: str) -> ModelSpec:
+    global _PRESETS
+    if _PRESETS is None:
+        _PRESETS = _load_catalog()
+    key = name.lower()
+    if key not in _PRESETS:
+        raise ShardwiseError(f"unknown model {name!r}; {closest(key, _PRESETS)} "
+                             "(or give a config.json / .toml path; see `shardwise models`)")
+    return spec_from_dict({"name": key, **_PRESETS[key]}, f"{CATALOG.name} [{key}]")
+
+
+def load_model(ref: str | ModelSpec) -> ModelSpec:
+    """A preset name, a Hugging Face config.json, or a TOML/JSON file of ModelSpec fields."""
+    if isinstance(ref, ModelSpec):
+        return ref
+    p = Path(ref)
+    if p.suffix.lower() in (".json", ".toml") or p.exists():
+        if not p.is_file():
+            raise ShardwiseError(f"model file {ref!r} does not exist; give a preset name or a path")
+        return _from_file(p)
+    return preset(ref)
+
+
+def _from_file(p: Path) -> ModelSpec:
+    try:
+        if p.suffix.lower() == ".toml":
+            with open(p, "rb") as f:
+                d = tomllib.load(f)
+            d = d.get("model", d)
+        else:
+            d = json.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardwiseError(f"{p}: not valid {p.suffix[1:].upper()} ({e})") from None
+    if not isinstance(d, dict):
+        raise ShardwiseError(f"{p}: expected an object of model fields at the top level")
+    if "model_type" in d or "architectures" in d:
+        from shardwise.spec.hf import from_hf_config
+
+        return from_hf_config(d, str(p), default_name=p.parent.name or p.stem)
+    d.setdefault("name", p.stem)
+    return spec_from_dict(d, str(p))

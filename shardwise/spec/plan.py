@@ -1,0 +1,162 @@
+"""Plan: how one training step is split over the GPUs. It validates itself against a model and
+a GPU count, each failure one line naming the rule and a fix.
+
+The numeric fields (dp, tp, pp, mbs, gbs, vpp, seq) are read by the estimate formulas with plain
+arithmetic only, so a Plan whose numeric fields are numpy arrays (built by the search, never
+validated field by field) flows through the same formulas: one path for one plan or a million.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from shardwise.errors import ShardwiseError, closest
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+RECOMPUTE = ("none", "selective", "full")
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
+OPTIMIZERS = ("adamw", "sgd", "adafactor", "adam8bit")
+OFFLOAD = ("none", "optimizer", "params")  # "params" = parameters + gradients + optimizer (FSDP2 CPUOffloadPolicy)
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class Plan:
+    dp: int = 0  # 0 -> derived: GPUs / (tp * pp)
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0
+    mbs: int = 1  # micro-batch size, sequences per rank per forward
+    gbs: int = 0  # global batch in sequences; 0 -> dp * mbs (no accumulation)
+    seq: int = 2048
+    schedule: str = "1f1b"
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved only)
+    recompute: str = "none"
+    sp: bool = False  # sequence parallel (with tp)
+    precision: str = "bf16-mixed"
+    optimizer: str = "adamw"
+    offload: str = "none"
+
+    # ---- derived (array-safe arithmetic) ----------------------------------------------
+    @property
+    def world(self):
+        return self.dp * self.tp * self.pp
+
+    @property
+    def grad_accum(self):
+        """Micro-batches per rank per step (= pipeline micro-batches m when pp > 1)."""
+        return self.gbs // (self.dp * self.mbs)
+
+    @property
+    def tokens_per_step(self):
+        return self.gbs * self.seq
+
+    def replace(self, **kw) -> "Plan":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self) | {"grad_accum": int(self.grad_accum), "world": int(self.world)}
+
+    def short(self) -> str:
+        """Compact one-line name: dp8 tp8 pp2 zero1 mbs1 ga64 1f1b ..."""
+        parts = [f"dp{self.dp}", f"tp{self.tp}", f"pp{self.pp}", f"zero{self.zero}", f"mbs{self.mbs}",
+                 f"ga{self.grad_accum}"]
+        if self.pp > 1:
+            parts.append(self.schedule + (f"/v{self.vpp}" if self.vpp > 1 else ""))
+        if self.sp:
+            parts.append("sp")
+        if self.recompute != "none":
+            parts.append(f"rc-{self.recompute}")
+        if self.offload != "none":
+            parts.append(f"offload-{self.offload}")
+        return " ".join(parts)
+
+    # ---- validation -------------------------------------------------------------------
+    def resolve(self, model, gpus: int) -> "Plan":
+        """Fill dp and gbs, then check every rule. Returns the complete plan or raises."""
+        _check_choices(self)
+        for f in ("tp", "pp", "mbs", "seq", "vpp"):
+            _positive_int(f, getattr(self, f))
+        for f in ("dp", "gbs"):
+            _positive_int(f, getattr(self, f), allow_zero=True)
+        _positive_int("gpus", gpus)
+        p = self
+        if p.dp == 0:
+            if gpus % (p.tp * p.pp):
+                raise ShardwiseError(f"tp*pp = {p.tp * p.pp} does not divide {gpus} GPUs; "
+                                     "choose tp and pp whose product divides the GPU count")
+            p = p.replace(dp=gpus // (p.tp * p.pp))
+        if p.gbs == 0:
+            p = p.replace(gbs=p.dp * p.mbs)
+        p.validate(model, gpus)
+        return p
+
+    def validate(self, model, gpus: int) -> None:
+        v = violation(self, model, gpus)
+        if v:
+            raise ShardwiseError(v)
+
+
+def violation(p: Plan, model, gpus: int) -> str | None:
+    """The first rule a complete (dp and gbs filled) scalar plan breaks, or None."""
+    if p.world != gpus:
+        return (f"dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {p.world} but there are {gpus} GPUs; "
+                f"leave --dp out to derive it, or make the product {gpus}")
+    if model.heads % p.tp or model.kv_heads % p.tp:
+        return (f"tp={p.tp} must divide the attention heads ({model.heads}) and KV heads "
+                f"({model.kv_heads}) of {model.name}; try tp in {divisors(model.kv_heads)}")
+    if model.is_moe and model.expert_ffn_hidden % p.tp:
+        return f"tp={p.tp} must divide the expert FFN size {model.expert_ffn_hidden}; pick a divisor"
+    if model.ffn_hidden % p.tp:
+        return f"tp={p.tp} must divide the FFN size {model.ffn_hidden}; pick a divisor"
+    if p.pp > model.layers:
+        return f"pp={p.pp} is more stages than {model.name}'s {model.layers} layers; use pp <= {model.layers}"
+    if model.layers % (p.pp * p.vpp):
+        return (f"pp*vpp = {p.pp * p.vpp} must divide the {model.layers} layers so every stage gets the "
+                f"same number; try pp in {divisors(model.layers)}")
+    if p.gbs % (p.dp * p.mbs):
+        return (f"global batch {p.gbs} is not a multiple of dp*mbs = {p.dp}*{p.mbs} = {p.dp * p.mbs}; "
+                f"use a gbs that is a multiple of {p.dp * p.mbs}")
+    if p.vpp > 1 and p.schedule != "interleaved":
+        return f"vpp={p.vpp} needs --schedule interleaved (virtual stages only exist there)"
+    if p.schedule == "interleaved":
+        if p.pp == 1:
+            return "the interleaved schedule needs pp > 1"
+        if p.grad_accum % p.pp:
+            return (f"interleaved 1F1B needs the micro-batch count ({p.grad_accum}) to be a multiple "
+                    f"of pp={p.pp}; raise gbs or lower mbs")
+    if p.sp and p.tp == 1:
+        return "sequence parallel (--sp) needs tp > 1"
+    if p.sp and p.seq % p.tp:
+        return f"sequence parallel splits the sequence over tp: seq={p.seq} must be a multiple of tp={p.tp}"
+    if model.positions == "learned" and p.seq > model.max_seq:
+        return (f"seq={p.seq} exceeds {model.name}'s learned position table ({model.max_seq}); "
+                f"use --seq <= {model.max_seq}")
+    if p.offload == "optimizer" and p.zero == 0:
+        return "optimizer offload needs ZeRO >= 1 (the optimizer states must be sharded to offload them)"
+    if p.offload == "params" and p.zero != 3:
+        return "parameter offload needs ZeRO-3 (FSDP2's CPUOffloadPolicy shards and offloads parameters)"
+    return None
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _positive_int(name, v, allow_zero=False):
+    if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
+        raise ShardwiseError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
+                             f"integer, got {v!r}")
+
+
+def _check_choices(p: Plan) -> None:
+    for name, val, allowed in (("schedule", p.schedule, SCHEDULES), ("recompute", p.recompute, RECOMPUTE),
+                               ("precision", p.precision, PRECISIONS), ("optimizer", p.optimizer, OPTIMIZERS),
+                               ("offload", p.offload, OFFLOAD)):
+        if val not in allowed:
+            raise ShardwiseError(f"unknown {name} {val!r}; {closest(str(val), allowed)} "
+                                 f"(one of {', '.join(allowed)})")
+    if p.zero not in ZERO_STAGES:
+        raise ShardwiseError(f"ZeRO stage must be 0, 1, 2 or 3, got {p.zero!r}")
+    if not isinstance(p.sp, bool):
+        raise ShardwiseError(f"sp must be true or false, got {p.sp!r}")

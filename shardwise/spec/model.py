@@ -149,6 +149,61 @@ class ModelSpec:
         unused = (self.experts - self.top_k) * self._mlp_params(self.expert_ffn_hidden)
         return self.params - self.layers * unused
 
+    def layer_param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Parameters of one block, named as the run tier's reference model names them
+        (relative to `layers.{i}.`), in registration order. Sum of sizes = layer_params."""
+        h, f = self.hidden, self.ffn_hidden
+        out: list[tuple[str, tuple[int, ...]]] = []
+
+        def norm(prefix: str) -> None:
+            out.append((f"{prefix}.weight", (h,)))
+            if self.norm == "layernorm":
+                out.append((f"{prefix}.bias", (h,)))
+
+        def linear(prefix: str, o: int, i: int, bias: bool) -> None:
+            out.append((f"{prefix}.weight", (o, i)))
+            if bias:
+                out.append((f"{prefix}.bias", (o,)))
+
+        def mlp(prefix: str, ffn: int) -> None:
+            linear(f"{prefix}.w1", ffn, h, self.mlp_bias)
+            linear(f"{prefix}.w2", h, ffn, self.mlp_bias)
+            if self.ffn_kind == "swiglu":
+                linear(f"{prefix}.w3", ffn, h, self.mlp_bias)
+
+        norm("attention_norm")
+        linear("attention.wq", self.q_dim, h, self.qkv_bias)
+        linear("attention.wk", self.kv_dim, h, self.qkv_bias)
+        linear("attention.wv", self.kv_dim, h, self.qkv_bias)
+        linear("attention.wo", h, self.q_dim, self.out_bias)
+        norm("ffn_norm")
+        if self.is_moe:
+            linear("feed_forward.router", self.experts, h, False)
+            for e in range(self.experts):
+                mlp(f"feed_forward.experts.{e}", self.expert_ffn_hidden)
+            for e in range(self.shared_experts):
+                mlp(f"feed_forward.shared.{e}", f)
+        else:
+            mlp("feed_forward", f)
+        return out
+
+    def param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every parameter of the reference model (run/model.py), by name, in registration order:
+        tok_embeddings, [pos_embeddings], layers.{i}.*, norm, [output]. Tied: no output.weight."""
+        h = self.hidden
+        out = [("tok_embeddings.weight", (self.vocab, h))]
+        if self.positions == "learned":
+            out.append(("pos_embeddings.weight", (self.max_seq, h)))
+        block = self.layer_param_shapes()
+        for i in range(self.layers):
+            out += [(f"layers.{i}.{n}", s) for n, s in block]
+        out.append(("norm.weight", (h,)))
+        if self.norm == "layernorm":
+            out.append(("norm.bias", (h,)))
+        if not self.tied_embeddings:
+            out.append(("output.weight", (self.vocab, h)))
+        return out
+
     def summary(self) -> dict:
         d = dataclasses.asdict(self)
         d["params"] = self.params

@@ -1,0 +1,117 @@
+"""Command-line flags shared by every command that takes a model, a cluster and a plan
+(estimate, plan, lecture, check): one definition, so a flag means the same thing everywhere."""
+from __future__ import annotations
+
+import argparse
+import re
+
+from shardwise.errors import ShardwiseError
+from shardwise.spec.hardware import Cluster, make_cluster
+from shardwise.spec.model import ModelSpec, load_model
+from shardwise.spec.plan import OFFLOAD, OPTIMIZERS, PRECISIONS, RECOMPUTE, SCHEDULES, Plan
+
+# model dimensions that may be given (or overridden) on the command line
+DIM_FLAGS = {"layers": int, "hidden": int, "heads": int, "kv_heads": int, "ffn_hidden": int, "vocab": int,
+             "max_seq": int, "experts": int, "top_k": int, "ffn_kind": str, "norm": str, "positions": str}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a preset name (see `shardwise models`), a Hugging Face config.json, "
+                                 "a TOML/JSON file of model fields, or `custom` with the dimension flags")
+    g = p.add_argument_group("model dimensions (override a preset, or define a `custom` model)")
+    for name, typ in DIM_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), dest="dim_" + name, type=typ, default=None, metavar="N"
+                       if typ is int else "KIND")
+    g.add_argument("--tied", dest="dim_tied_embeddings", action="store_true", default=None,
+                   help="tie input and output embeddings")
+
+
+def model_from_args(a: argparse.Namespace) -> ModelSpec:
+    dims = {k[4:]: v for k, v in vars(a).items() if k.startswith("dim_") and v is not None}
+    if a.model == "custom":
+        missing = [f for f in ("layers", "hidden", "heads", "vocab") if f not in dims]
+        if missing:
+            raise ShardwiseError(f"a custom model needs --{missing[0].replace('_', '-')} "
+                                 "(and --layers --hidden --heads --vocab)")
+        return ModelSpec(name="custom", **dims)
+    m = load_model(a.model)
+    return m.scaled(**dims) if dims else m
+
+
+def add_cluster_args(p: argparse.ArgumentParser, gpus_required: bool = False) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--gpu", default="h100-80gb", help="GPU name from `shardwise gpus` (default h100-80gb)")
+    g.add_argument("--gpus", type=int, default=None if gpus_required else 8,
+                   help="total GPU count (default 8)")
+    g.add_argument("--gpus-per-node", type=int, default=None, help="default: the GPU's usual server (8)")
+    g.add_argument("--network", default=None, help="network between nodes (default ib-ndr for 8-GPU servers)")
+    g.add_argument("--hardware", default=None, metavar="FILE",
+                   help="a TOML hardware file ([gpu.NAME], [network.NAME]) that overrides the catalog")
+
+
+def cluster_from_args(a: argparse.Namespace, gpus: int | None = None) -> Cluster:
+    n = gpus if gpus is not None else a.gpus
+    if n is None or n <= 0:
+        raise ShardwiseError(f"--gpus must be a positive integer, got {n}")
+    return make_cluster(a.gpu, n, a.gpus_per_node, a.network, a.hardware)
+
+
+def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """Plan flags. With defaults=False every flag defaults to None ("not pinned"), for the search."""
+    d = Plan() if defaults else None
+    dv = (lambda f: getattr(d, f)) if defaults else (lambda f: None)
+    g = p.add_argument_group("plan")
+    g.add_argument("--dp", type=int, default=None, help="data-parallel size (default: GPUs / (tp*pp))")
+    g.add_argument("--tp", type=int, default=dv("tp"), help="tensor-parallel size")
+    g.add_argument("--pp", type=int, default=dv("pp"), help="pipeline stages")
+    g.add_argument("--zero", type=int, default=dv("zero"), choices=(0, 1, 2, 3), help="ZeRO stage")
+    g.add_argument("--mbs", type=int, default=dv("mbs"), help="micro-batch size (sequences)")
+    g.add_argument("--gbs", type=int, default=None, help="global batch (sequences); default dp*mbs")
+    g.add_argument("--seq", type=int, default=dv("seq"), help="sequence length (tokens)")
+    g.add_argument("--schedule", default=dv("schedule"), choices=SCHEDULES, help="pipeline schedule")
+    g.add_argument("--vpp", type=int, default=dv("vpp"), help="virtual stages per rank (interleaved)")
+    g.add_argument("--recompute", default=dv("recompute"), choices=RECOMPUTE, help="activation recompute")
+    g.add_argument("--sp", action="store_true", default=(False if defaults else None),
+                   help="sequence parallel (needs tp > 1)")
+    g.add_argument("--precision", default=dv("precision"), choices=PRECISIONS)
+    g.add_argument("--optimizer", default=dv("optimizer"), choices=OPTIMIZERS)
+    g.add_argument("--offload", default=dv("offload"), choices=OFFLOAD, help="CPU offload")
+
+
+PLAN_FLAGS = ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq", "schedule", "vpp", "recompute", "sp", "precision",
+              "optimizer", "offload")
+
+
+def plan_fields_from_args(a: argparse.Namespace) -> dict:
+    """The plan flags the user actually gave (None = not given)."""
+    return {f: getattr(a, f) for f in PLAN_FLAGS if getattr(a, f, None) is not None}
+
+
+def plan_from_args(a: argparse.Namespace) -> Plan:
+    return Plan(**plan_fields_from_args(a))
+
+
+def add_estimate_opts(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("accounting")
+    g.add_argument("--profile", default="torch", choices=("torch", "zero-paper", "megatron", "deepspeed"),
+                   help="memory accounting: torch (what `shardwise run` does), zero-paper (the ZeRO paper and "
+                        "the lecture), megatron, deepspeed")
+    g.add_argument("--efficiency", type=float, default=None,
+                   help="fraction of peak FLOP/s the matmuls reach (default in the README)")
+    g.add_argument("--tokens", type=parse_count, default=0.0, help="training budget in tokens, e.g. 2T, 300B")
+    g.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the catalog's)")
+    g.add_argument("--json", action="store_true", help="print the JSON contract instead of tables")
+
+
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(text: str) -> float:
+    """'2T' -> 2e12, '300B' -> 3e11, '1.5e9' -> 1.5e9."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (write e.g. 2T, 300B, 1.5e12)")
+    v = float(m.group(1)) * _SUFFIX[m.group(2)]
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return v

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 from shardwise.errors import ShardwiseError, closest
 
@@ -99,44 +100,68 @@ class Plan:
 
 def violation(p: Plan, model, gpus: int) -> str | None:
     """The first rule a complete (dp and gbs filled) scalar plan breaks, or None."""
-    if p.world != gpus:
-        return (f"dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {p.world} but there are {gpus} GPUs; "
-                f"leave --dp out to derive it, or make the product {gpus}")
-    if model.heads % p.tp or model.kv_heads % p.tp:
-        return (f"tp={p.tp} must divide the attention heads ({model.heads}) and KV heads "
-                f"({model.kv_heads}) of {model.name}; try tp in {divisors(model.kv_heads)}")
-    if model.is_moe and model.expert_ffn_hidden % p.tp:
-        return f"tp={p.tp} must divide the expert FFN size {model.expert_ffn_hidden}; pick a divisor"
-    if model.ffn_hidden % p.tp:
-        return f"tp={p.tp} must divide the FFN size {model.ffn_hidden}; pick a divisor"
-    if p.pp > model.layers:
-        return f"pp={p.pp} is more stages than {model.name}'s {model.layers} layers; use pp <= {model.layers}"
-    if model.layers % (p.pp * p.vpp):
-        return (f"pp*vpp = {p.pp * p.vpp} must divide the {model.layers} layers so every stage gets the "
-                f"same number; try pp in {divisors(model.layers)}")
-    if p.gbs % (p.dp * p.mbs):
-        return (f"global batch {p.gbs} is not a multiple of dp*mbs = {p.dp}*{p.mbs} = {p.dp * p.mbs}; "
-                f"use a gbs that is a multiple of {p.dp * p.mbs}")
-    if p.vpp > 1 and p.schedule != "interleaved":
-        return f"vpp={p.vpp} needs --schedule interleaved (virtual stages only exist there)"
-    if p.schedule == "interleaved":
-        if p.pp == 1:
-            return "the interleaved schedule needs pp > 1"
-        if p.grad_accum % p.pp:
-            return (f"interleaved 1F1B needs the micro-batch count ({p.grad_accum}) to be a multiple "
-                    f"of pp={p.pp}; raise gbs or lower mbs")
-    if p.sp and p.tp == 1:
-        return "sequence parallel (--sp) needs tp > 1"
-    if p.sp and p.seq % p.tp:
-        return f"sequence parallel splits the sequence over tp: seq={p.seq} must be a multiple of tp={p.tp}"
-    if model.positions == "learned" and p.seq > model.max_seq:
-        return (f"seq={p.seq} exceeds {model.name}'s learned position table ({model.max_seq}); "
-                f"use --seq <= {model.max_seq}")
-    if p.offload == "optimizer" and p.zero == 0:
-        return "optimizer offload needs ZeRO >= 1 (the optimizer states must be sharded to offload them)"
-    if p.offload == "params" and p.zero != 3:
-        return "parameter offload needs ZeRO-3 (FSDP2's CPUOffloadPolicy shards and offloads parameters)"
+    for rule in RULES:
+        if rule.broken(p, model, gpus):
+            return rule.message(p, model, gpus)
     return None
+
+
+class Rule(NamedTuple):
+    """One legality rule, written once for one plan and for many.
+
+    `broken(p, model, gpus)` uses only array-safe operators (`|`, `&`, comparisons; no `and`,
+    `or`, `if`), so it returns a bool for a scalar Plan and a boolean mask for a Plan whose
+    numeric fields are numpy arrays (the search). `message` is for a scalar plan only.
+    `reason` groups rules for the search's rejection counts.
+    """
+
+    reason: str  # gpus | divisibility | batch | schedule | sequence | offload
+    broken: Callable
+    message: Callable
+
+
+_INTERLEAVED = lambda p: p.schedule == "interleaved"  # noqa: E731
+RULES: tuple[Rule, ...] = (
+    Rule("gpus", lambda p, m, g: p.world != g,
+         lambda p, m, g: f"dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {p.world} but there are {g} GPUs; "
+                         f"leave --dp out to derive it, or make the product {g}"),
+    Rule("divisibility", lambda p, m, g: (m.heads % p.tp != 0) | (m.kv_heads % p.tp != 0),
+         lambda p, m, g: f"tp={p.tp} must divide the attention heads ({m.heads}) and KV heads "
+                         f"({m.kv_heads}) of {m.name}; try tp in {divisors(m.kv_heads)}"),
+    Rule("divisibility", lambda p, m, g: m.is_moe & (m.expert_ffn_hidden % p.tp != 0),
+         lambda p, m, g: f"tp={p.tp} must divide the expert FFN size {m.expert_ffn_hidden}; pick a divisor"),
+    Rule("divisibility", lambda p, m, g: m.ffn_hidden % p.tp != 0,
+         lambda p, m, g: f"tp={p.tp} must divide the FFN size {m.ffn_hidden}; pick a divisor"),
+    Rule("divisibility", lambda p, m, g: p.pp > m.layers,
+         lambda p, m, g: f"pp={p.pp} is more stages than {m.name}'s {m.layers} layers; use pp <= {m.layers}"),
+    Rule("divisibility", lambda p, m, g: m.layers % (p.pp * p.vpp) != 0,
+         lambda p, m, g: f"pp*vpp = {p.pp * p.vpp} must divide the {m.layers} layers so every stage gets the "
+                         f"same number; try pp in {divisors(m.layers)}"),
+    Rule("batch", lambda p, m, g: p.gbs % (p.dp * p.mbs) != 0,
+         lambda p, m, g: f"global batch {p.gbs} is not a multiple of dp*mbs = {p.dp}*{p.mbs} = "
+                         f"{p.dp * p.mbs}; use a gbs that is a multiple of {p.dp * p.mbs}"),
+    Rule("schedule", lambda p, m, g: (p.vpp > 1) & (p.schedule != "interleaved"),
+         lambda p, m, g: f"vpp={p.vpp} needs --schedule interleaved (virtual stages only exist there)"),
+    Rule("schedule", lambda p, m, g: _INTERLEAVED(p) & (p.pp == 1),
+         lambda p, m, g: "the interleaved schedule needs pp > 1"),
+    Rule("batch", lambda p, m, g: _INTERLEAVED(p) & (p.grad_accum % p.pp != 0),
+         lambda p, m, g: f"interleaved 1F1B needs the micro-batch count ({p.grad_accum}) to be a multiple "
+                         f"of pp={p.pp}; raise gbs or lower mbs"),
+    Rule("sequence", lambda p, m, g: p.sp & (p.tp == 1),
+         lambda p, m, g: "sequence parallel (--sp) needs tp > 1"),
+    Rule("sequence", lambda p, m, g: p.sp & (p.seq % p.tp != 0),
+         lambda p, m, g: f"sequence parallel splits the sequence over tp: seq={p.seq} must be a multiple "
+                         f"of tp={p.tp}"),
+    Rule("sequence", lambda p, m, g: (m.positions == "learned") & (p.seq > m.max_seq),
+         lambda p, m, g: f"seq={p.seq} exceeds {m.name}'s learned position table ({m.max_seq}); "
+                         f"use --seq <= {m.max_seq}"),
+    Rule("offload", lambda p, m, g: (p.offload == "optimizer") & (p.zero == 0),
+         lambda p, m, g: "optimizer offload needs ZeRO >= 1 (the optimizer states must be sharded to offload "
+                         "them)"),
+    Rule("offload", lambda p, m, g: (p.offload == "params") & (p.zero != 3),
+         lambda p, m, g: "parameter offload needs ZeRO-3 (FSDP2's CPUOffloadPolicy shards and offloads "
+                         "parameters)"),
+)
 
 
 def divisors(n: int) -> list[int]:

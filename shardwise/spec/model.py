@@ -299,6 +299,8 @@ def _from_file(p: Path) -> ModelSpec:
     if "model_type" in d or "architectures" in d:
         from shardwise.spec.hf import from_hf_config
 
-        return from_hf_config(d, str(p), default_name=p.parent.name or p.stem)
+        # a downloaded model is DIR/config.json (name = DIR); a saved copy may be NAME.json
+        name = (p.resolve().parent.name or p.stem) if p.stem == "config" else p.stem
+        return from_hf_config(d, str(p), default_name=name)
     d.setdefault("name", p.stem)
     return spec_from_dict(d, str(p))

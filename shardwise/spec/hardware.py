@@ -103,9 +103,39 @@ def _build(cls, name: str, d: dict, where: str):
         raise ShardwiseError(f"{where}: {e}") from None
     for f in dataclasses.fields(cls):
         v = getattr(obj, f.name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-            raise ShardwiseError(f"{where}: {f.name} must not be negative, got {v}")
+        _check_field(f.name, f.type, v, where)
     return obj
+
+
+# sizes and rates that a later division needs non-zero; efficiencies are fractions of nominal
+_POSITIVE = {"memory_gib", "hbm_gbps", "link_gbps", "gpus_per_node", "gbits"}
+_FRACTIONS = {"link_efficiency", "efficiency"}
+
+
+def _check_field(name: str, typ: str, v, where: str) -> None:
+    """A catalog or hardware-file value has the field's type and a sane range (one-line errors)."""
+    if typ in ("float", "int"):
+        number = isinstance(v, int) if typ == "int" else isinstance(v, (int, float))
+        if not number or isinstance(v, bool):
+            kind = "an integer" if typ == "int" else "a number"
+            raise ShardwiseError(f"{where}: {name} must be {kind}, got {v!r}")
+        if v < 0:
+            raise ShardwiseError(f"{where}: {name} must not be negative, got {v}")
+        if v == 0 and name in _POSITIVE:
+            raise ShardwiseError(f"{where}: {name} must be positive, got 0")
+        if name in _FRACTIONS and not 0 < v <= 1:
+            raise ShardwiseError(f"{where}: {name} is a fraction of nominal bandwidth in (0, 1], got {v}")
+    elif typ == "str" and not isinstance(v, str):
+        raise ShardwiseError(f"{where}: {name} must be a string, got {v!r}")
+    elif name == "tflops":
+        if not isinstance(v, dict) or not v:
+            raise ShardwiseError(f"{where}: tflops must be a table of dtype = dense TFLOP/s, "
+                                 f"e.g. {{ bf16 = 989.4 }}, got {v!r}")
+        for dt, x in v.items():
+            if dt not in DTYPES:
+                raise ShardwiseError(f"{where}: tflops has unknown dtype {dt!r}; {closest(dt, DTYPES)}")
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or x <= 0:
+                raise ShardwiseError(f"{where}: tflops.{dt} must be a positive number, got {x!r}")
 
 
 def gpus() -> dict[str, GPU]:
@@ -150,6 +180,13 @@ def _file_entries(path: str, table: str, cls) -> dict:
         raise ShardwiseError(f"hardware file {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ShardwiseError(f"{path}: not valid TOML ({e})") from None
+    for top, v in d.items():  # a typo'd [gpus.x] must not be silently ignored
+        if top not in ("gpu", "network") or not isinstance(v, dict):
+            raise ShardwiseError(f"{path}: {top!r} is not a [gpu.NAME] or [network.NAME] table; "
+                                 f"{closest(top, ('gpu', 'network'))}")
+        for k, e in v.items():
+            if not isinstance(e, dict):
+                raise ShardwiseError(f"{path}: {top}.{k} must be a table of fields, got {e!r}")
     return {k.lower(): _build(cls, k.lower(), v, f"{p.name} [{table}.{k}]")
             for k, v in d.get(table, {}).items()}
 

@@ -9,6 +9,13 @@ from shardwise.breakdown import Estimate
 GIB = 1024**3
 
 
+def make_console() -> Console:
+    """A terminal gets its own width; a pipe or file gets 140 columns instead of rich's 80, so
+    tables written to logs are not squeezed."""
+    c = Console()
+    return c if c.is_terminal else Console(width=140)
+
+
 def gib(b: float) -> str:
     return f"{b / GIB:,.2f} GiB"
 
@@ -46,7 +53,7 @@ MEMORY_ROWS = (
 
 
 def print_estimate(est: Estimate, console: Console | None = None) -> None:
-    c = console or Console()
+    c = console or make_console()
     m, cl, p = est.model, est.cluster, est.plan
     c.print(f"[bold]{m.name}[/]  {m.params:,} parameters ({human_count(m.params)})"
             + (f", {human_count(m.active_params)} active per token" if m.is_moe else "")
@@ -99,13 +106,13 @@ def print_estimate(est: Estimate, console: Console | None = None) -> None:
 
 
 def print_models(models: dict, console: Console | None = None) -> None:
-    c = console or Console()
+    c = console or make_console()
     t = Table(title="Model catalog (parameter counts derived from the dimensions)", title_justify="left")
     for col in ("name", "params", "layers", "hidden", "heads", "kv", "ffn", "vocab", "kind", "published"):
-        t.add_column(col, justify="left" if col in ("name", "kind") else "right")
+        t.add_column(col, justify="left" if col in ("name", "kind", "published") else "right", no_wrap=True)
     for name, m in models.items():
-        kind = ("MoE " + f"{m.experts}x top-{m.top_k} " if m.is_moe else "") + m.ffn_kind
-        pub = "estimate" if m.estimated else ("= derived" if m.published_params == m.params else
+        kind = (f"MoE {m.experts}x top-{m.top_k} " if m.is_moe else "") + m.ffn_kind
+        pub = "estimate" if m.estimated else ("exact" if m.published_params == m.params else
                                               (f"{m.published_params:,}" if m.published_params else "-"))
         t.add_row(name, f"{m.params:,}", str(m.layers), str(m.hidden), str(m.heads), str(m.kv_heads),
                   str(m.ffn_hidden), str(m.vocab), kind, pub)
@@ -113,7 +120,7 @@ def print_models(models: dict, console: Console | None = None) -> None:
 
 
 def print_hardware(gpus: dict, networks: dict, console: Console | None = None) -> None:
-    c = console or Console()
+    c = console or make_console()
     t = Table(title="GPUs (dense TFLOP/s, no sparsity)", title_justify="left")
     for col in ("name", "memory", "bf16", "fp16", "fp8", "tf32", "fp32", "HBM GB/s", "intra-node link",
                 "GB/s/dir", "per node", "$/h"):

@@ -1,0 +1,189 @@
+"""Words for a search's answer, derived from its numbers: why each top plan ranks where it does,
+what was rejected and why, and what a nothing-fits answer would take.
+
+Every sentence compares two estimates (a plan and its best alternative) and names the breakdown
+item that makes the difference; nothing here is a canned opinion.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
+
+GIB = 1024**3
+MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
+                 "activations": "activations", "buffers": "communication buffers"}
+REJECT_LABELS = {"memory": "do not fit in memory", "divisibility": "tp/pp do not divide heads, FFN or layers",
+                 "batch": "the global batch does not split into dp x mbs (x pp for interleaved)",
+                 "sequence": "sequence length rules", "schedule": "schedule rules", "gpus": "dp*tp*pp is not the GPU count",
+                 "offload": "offload rules"}
+
+
+def gib(b: float) -> str:
+    return f"{b / GIB:,.1f} GiB"
+
+
+def human_bytes(b: float) -> str:
+    for unit, f in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(b) >= f:
+            return f"{b / f:,.1f} {unit}"
+    return f"{b:,.0f} B"
+
+
+def pct(x: float) -> str:
+    return f"{x:.1%}" if abs(x) < 0.1 else f"{x:.0%}"
+
+
+# ---- comparing two estimates ---------------------------------------------------------------
+def _per_token(e, x: float) -> float:
+    return x / e.plan.tokens_per_step
+
+
+def why_slower(fast, slow) -> str:
+    """What makes `slow` slower than `fast`: the time item (per token) that grew the most."""
+    items = {k: _per_token(slow, getattr(slow.time, k)) - _per_token(fast, getattr(fast.time, k))
+             for k in ("compute_s", "comm_exposed_s", "bubble_s")}
+    k = max(items, key=items.get)
+    if items[k] <= 0:
+        return "it has fewer GPUs for the same work" if slow.cluster.gpus < fast.cluster.gpus else "about the same"
+    if k == "bubble_s":
+        p = slow.plan
+        return (f"its pipeline bubble is {pct(slow.time.bubble_s / slow.time.step_s)} of the step "
+                f"(pp={p.pp}, {p.grad_accum} micro-batches{f', v={p.vpp}' if p.vpp > 1 else ''})")
+    if k == "comm_exposed_s":
+        c = _grown_collective(fast, slow)
+        if c is not None:
+            return (f"its {c.what or c.group + ' ' + c.kind} sends {human_bytes(c.wire_bytes)} per GPU per step "
+                    f"over {c.link or 'the ' + c.group + ' link'}")
+        return f"{pct(slow.time.comm_exposed_s / slow.time.step_s)} of its step is communication not hidden by compute"
+    grown = _per_token(slow, slow.time.compute_s) / _per_token(fast, fast.time.compute_s) - 1
+    if slow.plan.recompute != fast.plan.recompute and slow.plan.recompute != "none":
+        return f"{slow.plan.recompute} recompute re-runs part of the forward: {pct(grown)} more compute"
+    if slow.plan.offload != fast.plan.offload and slow.plan.offload != "none":
+        return f"offloading to the CPU adds {pct(grown)} to compute time"
+    if slow.cluster.gpus < fast.cluster.gpus:
+        return f"{slow.cluster.gpus} GPUs instead of {fast.cluster.gpus}"
+    return f"{pct(grown)} more compute time per token (mbs {slow.plan.mbs} vs {fast.plan.mbs})"
+
+
+def _grown_collective(fast, slow):
+    """The collective of `slow` whose time grew most against the same one in `fast`."""
+    before = {(c.group, c.kind, c.what): c.seconds for c in fast.comm}
+    best, grow = None, 0.0
+    for c in slow.comm:
+        g = _per_token(slow, c.seconds) - _per_token(fast, before.get((c.group, c.kind, c.what), 0.0))
+        if g > grow:
+            best, grow = c, g
+    return best
+
+
+def memory_saving(small, big) -> str:
+    """The memory item `small` saves most against `big` (per GPU)."""
+    d = {k: getattr(big.memory, k) - getattr(small.memory, k) for k in MEMORY_LABELS}
+    k = max(d, key=d.get)
+    return f"saves {gib(d[k])} of {MEMORY_LABELS[k]} per GPU" if d[k] > 0 else "saves no memory"
+
+
+def _show(f: str, v) -> str:
+    return {"zero": f"ZeRO-{v}", "sp": "sp" if v else "no sp", "recompute": f"{v} recompute",
+            "offload": f"{v} offload", "schedule": str(v)}.get(f, f"{f}={v}")
+
+
+def plan_diff(a, b) -> str:
+    """Fields where plan `a` differs from `b`, as 'tp=4 (vs tp=8), ZeRO-1 (vs ZeRO-3)'."""
+    out = [f"{a.world} GPUs (vs {b.world})"] if a.world != b.world else []
+    for f in ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload"):
+        va, vb = getattr(a, f), getattr(b, f)
+        if va != vb:
+            out.append(f"{_show(f, va)} (vs {_show(f, vb)})")
+    return ", ".join(out) or "the same plan"
+
+
+# ---- why each top plan ranks where it does ------------------------------------------------------
+def _dims(res, w):
+    """(label, rows that do *less* of what the winner does, those rows in words) for each choice
+    the winner made (a field the user pinned is not the search's choice, so it is not explained)."""
+    c, node = res.table.cols, res.cluster.gpus_per_node
+    p = w.plan
+    out = []
+    if p.tp > 1:
+        out.append(("tp", f"tp={p.tp} {'inside the node' if p.tp <= node else 'across nodes'}", c["tp"] < p.tp,
+                    "less tensor parallelism"))
+    if p.pp > 1:
+        out.append(("pp", f"pp={p.pp}", c["pp"] < p.pp, "fewer pipeline stages"))
+    if p.zero > 0:
+        out.append(("zero", f"ZeRO-{p.zero}", c["zero"] < p.zero, f"ZeRO below {p.zero}"))
+    if p.recompute != "none":
+        out.append(("recompute", f"{p.recompute} recompute",
+                    c["recompute"] < RECOMPUTE_ORDER.index(p.recompute), "less recompute"))
+    if p.offload != "none":
+        out.append(("offload", f"{p.offload} offload", c["offload"] < OFFLOAD_ORDER.index(p.offload),
+                    "less offload"))
+    if p.sp:
+        out.append(("sp", "sequence parallel", (c["sp"] == 0) & (c["tp"] > 1), "no sequence parallel"))
+    if p.pp > 1 and p.vpp > 1:
+        out.append(("vpp", f"interleaving (v={p.vpp})", (c["vpp"] == 1) & (c["pp"] > 1), "no interleaving"))
+    if p.tp == 1 and p.pp == 1:  # pure data parallel: why not split the model?
+        out.append(("tp", "no model parallelism", (c["tp"] > 1) | (c["pp"] > 1), "tp or pp"))
+    out.append(("mbs", f"mbs={p.mbs}", c["mbs"] != p.mbs, "another micro-batch"))
+    return [d[1:] for d in out if d[0] not in res.fixed]
+
+
+def why_winner(res, w) -> str:
+    """One line: the (at most two) choices of the best plan that matter most, with numbers."""
+    reasons = []
+    for label, mask, what in _dims(res, w):
+        row = res.table.best(mask)
+        if row is None:
+            if what == "tp or pp" or what == "another micro-batch":
+                continue
+            reasons.append((np.inf, f"{label}: no plan with {what} fits in "
+                                    f"{gib((1 - res.headroom) * w.memory.capacity)}"))
+            continue
+        alt = res.estimate_row(row)
+        slower = w.time.tokens_per_s / alt.time.tokens_per_s - 1
+        if slower < 5e-4:
+            continue
+        reasons.append((slower, f"{label}: the best plan with {what} ({alt.plan.short()}) is {pct(slower)} "
+                                f"slower: {why_slower(w, alt)}"))
+    if not reasons:
+        return f"fits with {gib(w.memory.free)} free; nothing else comes within 0.05% of it"
+    reasons.sort(key=lambda r: -r[0])
+    return "; ".join(r[1] for r in reasons[:2])
+
+
+def why_behind(best, e, rank: int) -> str:
+    """One line for plan #rank: how far behind #1 and the item that costs it."""
+    behind = 1 - e.time.tokens_per_s / best.time.tokens_per_s
+    if behind < 5e-4:
+        head = f"ties #1 ({plan_diff(e.plan, best.plan)})"
+        return head + (f", {memory_saving(e, best)}" if e.memory.total < best.memory.total else "")
+    line = f"{pct(behind)} below #1 with {plan_diff(e.plan, best.plan)}: {why_slower(best, e)}"
+    if e.memory.total < best.memory.total:
+        line += f"; {memory_saving(e, best)}"
+    return line
+
+
+def why_lines(res) -> list[str]:
+    if not res.ranked:
+        return []
+    best = res.ranked[0]
+    return [why_winner(res, best)] + [why_behind(best, e, i + 2) for i, e in enumerate(res.ranked[1:])]
+
+
+# ---- what was rejected -------------------------------------------------------------------------
+def rejection_lines(res) -> list[str]:
+    t = res.tally
+    lines = []
+    for reason, n in t.rejected.most_common():
+        label = REJECT_LABELS.get(reason, reason)
+        ex = t.examples.get(reason)
+        if reason == "memory" and res.closest is not None:
+            ex = f"closest: {res.closest.plan.short()} needs {gib(res.closest.memory.total)}"
+        lines.append(f"{n:,} {label}" + (f" (e.g. {ex})" if ex else ""))
+    if t.dominated:
+        lines.append(f"{t.dominated:,} fit but were skipped: a lighter recompute/offload variant of the same plan "
+                     "fits and is at least as fast")
+    if t.skipped_groups:
+        lines.append(f"{t.skipped_groups:,} option combinations cannot go together (e.g. {t.examples['options']})")
+    return lines

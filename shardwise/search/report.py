@@ -1,0 +1,71 @@
+"""The terminal answer of `shardwise plan`: the ranked table, why each plan ranks there, what
+was rejected, and for nothing-fits the closest plan and what would make one fit."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from shardwise.search.explain import gib, human_bytes, rejection_lines, why_lines
+
+
+def _secs(s: float) -> str:
+    if s >= 100:
+        return f"{s:,.0f} s"
+    return f"{s:.2f} s" if s >= 1 else f"{s * 1e3:.1f} ms"
+
+
+def print_search(res, advice: list[str], min_gpus: int | None = None, console: Console | None = None) -> None:
+    c = console or Console()
+    m, cl, t = res.model, res.cluster, res.tally
+    c.print(f"[bold]{m.name}[/]  {m.params:,} parameters  ·  {cl.describe()}")
+    if min_gpus is not None:
+        c.print(f"[bold]fewest GPUs: {min_gpus}[/] {cl.gpu.name} ({cl.nodes} node(s)); fewer cannot hold any "
+                f"plan with {res.headroom:.0%} of memory kept free")
+    gbs_note = "pinned" if "gbs" in res.fixed else "default: about 4M tokens, pin with --gbs"
+    c.print(f"global batch {res.gbs:,} x {res.seq:,} tokens = {res.gbs * res.seq:,} tokens ({gbs_note})  ·  "
+            f"{(res.ranked or [res.closest])[0].plan.precision}  ·  {(res.ranked or [res.closest])[0].plan.optimizer}"
+            f"  ·  profile {res.options['profile']}  ·  {res.headroom:.0%} of memory kept free")
+    c.print(f"[dim]searched {t.enumerated:,} plans ({t.legal:,} legal, {t.fit:,} fit, {t.timed:,} timed) "
+            f"in {res.seconds:.2f} s; ranked by {res.rank}[/]")
+    if res.ranked:
+        _table(c, res)
+        c.print("[bold]why[/]")
+        for i, line in enumerate(why_lines(res)):
+            c.print(f" {i + 1:>2}. {line}")
+    else:
+        e = res.closest
+        usable = (1 - res.headroom) * e.memory.capacity
+        c.print(f"[red bold]nothing fits.[/] closest: [bold]{e.plan.short()}[/] needs {gib(e.memory.total)} per GPU "
+                f"of {gib(usable)} usable ({gib(e.memory.total - usable)} over): "
+                + ", ".join(f"{k} {gib(getattr(e.memory, k))}" for k in ("params", "grads", "optimizer",
+                                                                         "activations", "buffers", "overhead")))
+        if advice:
+            c.print("[bold]what would make it fit[/]")
+            for line in advice:
+                c.print(f"  - {line}")
+    lines = rejection_lines(res)
+    if lines:
+        c.print("[bold]rejected[/]")
+        for line in lines:
+            c.print(f"  - {line}")
+
+
+def _table(c: Console, res) -> None:
+    tk = res.options["tokens"]
+    t = Table(title=f"Top {len(res.ranked)} of {len(res.table):,} plans that fit", title_justify="left",
+              show_edge=False)
+    cols = [("#", "right"), ("plan", "left"), ("memory/GPU", "right"), ("sent/GPU", "right"),
+            ("exposed comm", "right"), ("bubble", "right"), ("step", "right"), ("tokens/s", "right"), ("MFU", "right")]
+    if tk:
+        cols += [("days", "right"), ("cost", "right")]
+    for name, just in cols:
+        t.add_column(name, justify=just, no_wrap=name == "plan")
+    for i, e in enumerate(res.ranked):
+        mem, tm = e.memory, e.time
+        row = [str(i + 1), e.plan.short() + (f" ({e.cluster.gpus} GPUs)" if e.cluster.gpus != res.cluster.gpus else ""),
+               f"{gib(mem.total)} ({mem.total / mem.capacity:.0%})", human_bytes(e.comm_wire_bytes), _secs(tm.comm_exposed_s), _secs(tm.bubble_s),
+               _secs(tm.step_s), f"{tm.tokens_per_s:,.0f}", f"{tm.mfu:.1%}"]
+        if tk:
+            row += [f"{tm.train_days:,.1f}", f"${tm.cost_usd:,.0f}"]
+        t.add_row(*row)
+    c.print(t)

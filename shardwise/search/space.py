@@ -1,0 +1,178 @@
+"""The candidate space: which values each Plan field may take, and the numeric grid per group.
+
+A search holds the training choices fixed (seq, precision, optimizer, gbs: they change what is
+learned, not how it is split) and opens the parallelization choices: dp x tp x pp, ZeRO stage,
+micro-batch, pipeline schedule and virtual stages, recompute, sequence parallel, offload. Any
+field the user pins takes only that value.
+
+Plans are grouped by their categorical fields (zero, schedule, recompute, sp, offload); inside a
+group the numeric fields (dp, tp, pp, vpp, mbs) form one grid of numpy arrays, so the estimate
+formulas run once per group. Each strategy is generated once: no schedule variants when pp = 1,
+no sequence parallel when tp = 1, no vpp outside the interleaved schedule, unless pinned. Whatever
+is generated still goes through every Plan rule (shardwise.spec.plan.RULES).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from shardwise.errors import ShardwiseError, closest
+from shardwise.spec.plan import (OFFLOAD, RECOMPUTE, RULES, SCHEDULES, ZERO_STAGES, Plan, _check_choices,
+                                 _positive_int, divisors)
+
+SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload")
+HELD = ("gbs", "seq", "precision", "optimizer")  # training choices: pinned or defaulted, never searched
+NUMERIC = ("dp", "tp", "pp", "vpp", "mbs")
+# Default global batch: about 4M tokens, the batch of LLaMA 1/2 at every size (Touvron et al. 2023,
+# Table 2 / Sec. 2.2) and of GPT-3 175B (3.2M, Brown et al. 2020, Table 2.1).
+TARGET_TOKENS = 4 * 1024 * 1024
+# "Lighter" variants first: the search drops a heavier recompute/offload variant of a plan when a
+# lighter one already fits (it only adds work: recompute adds a forward, offload adds PCIe traffic).
+RECOMPUTE_ORDER = RECOMPUTE  # none < selective < full
+OFFLOAD_ORDER = OFFLOAD  # none < optimizer < params
+
+
+def check_fixed(fixed: dict) -> dict:
+    """Validate the user's pinned fields (names, types, choices); return them unchanged."""
+    names = [f.name for f in dataclasses.fields(Plan)]
+    for k in fixed:
+        if k not in names:
+            raise ShardwiseError(f"unknown plan field {k!r} to pin; {closest(k, names)}")
+    for k in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp"):
+        if k in fixed:
+            _positive_int(k, fixed[k])
+    _check_choices(Plan(**{k: v for k, v in fixed.items() if k not in ("dp", "tp", "pp", "mbs", "gbs", "seq",
+                                                                          "vpp")}))
+    return fixed
+
+
+@dataclass(frozen=True)
+class Space:
+    """Every candidate plan of one model on one cluster under the user's pinned fields."""
+
+    model: object  # ModelSpec
+    gpus: int
+    node_size: int  # GPUs sharing the fast link: tp groups stay inside one unless cross_node_tp
+    fixed: dict
+    cross_node_tp: bool = False
+
+    # ---- held fields --------------------------------------------------------------------
+    @cached_property
+    def base(self) -> Plan:
+        """The held fields (seq, precision, optimizer) as pinned, the rest at Plan's defaults."""
+        held = {k: v for k, v in self.fixed.items() if k in ("seq", "precision", "optimizer")}
+        return Plan(**held)
+
+    @cached_property
+    def tp_pp(self) -> list[tuple[int, int]]:
+        """(tp, pp) pairs whose product divides the GPUs (dp = the rest), under pins."""
+        g, f = self.gpus, self.fixed
+        if "tp" in f:
+            tps = [f["tp"]]
+        elif self.cross_node_tp:
+            tps = divisors(g)
+        else:  # tp innermost on the mesh (consecutive ranks): inside a node iff it divides the node
+            tps = [t for t in divisors(self.node_size) if g % t == 0]
+        out = []
+        for tp in tps:
+            if g % tp:
+                continue
+            pps = [f["pp"]] if "pp" in f else divisors(g // tp)
+            for pp in pps:
+                if g % (tp * pp):
+                    continue
+                if "dp" in f and f["dp"] * tp * pp != g:
+                    continue
+                out.append((tp, pp))
+        return out
+
+    @cached_property
+    def gbs(self) -> int:
+        """The pinned global batch, or ~TARGET_TOKENS rounded to the nearest multiple of the lcm
+        of every dp*mbs (<= the target) a legal tp x pp leaves, so each of those plans can reach it
+        (with a pinned mbs; else mbs = 1). Above the target only the smallest dp is served."""
+        if "gbs" in self.fixed:
+            return self.fixed["gbs"]
+        target = max(1, round(TARGET_TOKENS / self.base.seq))
+        unit = self.fixed.get("mbs", 1)
+        dps = sorted({unit * self.gpus // (tp * pp) for tp, pp in self.tp_pp if self._shape_legal(tp, pp)})
+        if not dps:
+            return target
+        small = [d for d in dps if d <= target] or dps[:1]
+        step = math.lcm(*small)
+        return max(step, round(target / step) * step)
+
+    def _shape_legal(self, tp: int, pp: int) -> bool:
+        """tp and pp pass the divisibility rules (heads, FFN, layers) on their own."""
+        probe = self.base.replace(dp=self.gpus // (tp * pp), tp=tp, pp=pp, gbs=self.gpus // (tp * pp))
+        return not any(r.broken(probe, self.model, self.gpus) for r in RULES if r.reason == "divisibility")
+
+    # ---- categorical groups -------------------------------------------------------------
+    def choices(self, field: str) -> tuple:
+        if field in self.fixed:
+            return (self.fixed[field],)
+        return {"zero": ZERO_STAGES, "recompute": RECOMPUTE_ORDER, "offload": OFFLOAD_ORDER,
+                "sp": (False, True), "schedule": SCHEDULES}[field]
+
+    def families(self) -> list[dict]:
+        """(zero, sp, schedule) combinations: plans in one family share one numeric grid, and
+        differ only in recompute and offload (searched lightest first)."""
+        return [{"zero": z, "sp": sp, "schedule": s} for z in self.choices("zero") for sp in self.choices("sp")
+                for s in self.choices("schedule")]
+
+    def variants(self) -> list[dict]:
+        """(recompute, offload) in an order where every lighter variant comes before a heavier one."""
+        return [{"recompute": r, "offload": o} for r in self.choices("recompute") for o in self.choices("offload")]
+
+    # ---- numeric grid -------------------------------------------------------------------
+    def grid(self, sp: bool, schedule: str) -> dict[str, np.ndarray]:
+        return self._grids.setdefault((sp, schedule), self._build_grid(sp, schedule))
+
+    @cached_property
+    def _grids(self) -> dict:
+        return {}
+
+    def _build_grid(self, sp: bool, schedule: str) -> dict[str, np.ndarray]:
+        f, m = self.fixed, self.model
+        cols: dict[str, list[int]] = {k: [] for k in NUMERIC}
+        for tp, pp in self.tp_pp:
+            if sp and tp == 1 and "sp" not in f:
+                continue  # sequence parallel is a no-op without tp: generated once, as sp=False
+            if pp == 1 and "schedule" not in f and schedule != "1f1b":
+                continue  # one pipeline stage: the schedule does not exist; generated once, as 1f1b
+            dp = self.gpus // (tp * pp)
+            if "vpp" in f:
+                vpps = [f["vpp"]]
+            elif schedule == "interleaved":
+                per = m.layers // pp if m.layers % pp == 0 else 0
+                vpps = [v for v in divisors(per) if v > 1] if per else [2]
+                if not vpps:
+                    continue  # one layer per stage: nothing to interleave
+            else:
+                vpps = [1]
+            if "mbs" in f:
+                mbss = [f["mbs"]]
+            elif self.gbs % dp == 0:
+                mbss = divisors(self.gbs // dp)
+            else:  # gbs cannot be split over dp: powers of two, all refused by the batch rule
+                mbss = [1 << i for i in range(max(1, self.gbs // dp).bit_length())]
+            for v in vpps:
+                for b in mbss:
+                    for k, x in zip(NUMERIC, (dp, tp, pp, v, b)):
+                        cols[k].append(x)
+        return {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
+
+    def plan(self, grid: dict[str, np.ndarray], cats: dict, idx=None) -> Plan:
+        """The array Plan of a group (optionally only the elements `idx`)."""
+        num = {k: (v if idx is None else v[idx]) for k, v in grid.items()}
+        n = len(num["dp"])
+        return dataclasses.replace(self.base, **num, **cats, gbs=np.full(n, self.gbs, dtype=np.int64),
+                                   seq=np.full(n, self.base.seq, dtype=np.int64))
+
+    def scalar(self, grid: dict[str, np.ndarray], cats: dict, i: int) -> Plan:
+        """One element of a group as a plain Plan (Python ints, ready for `estimate`)."""
+        return self.base.replace(**{k: int(v[i]) for k, v in grid.items()}, **cats, gbs=int(self.gbs))

@@ -23,7 +23,7 @@ MEMORY_COLORS = {"params": BLUE, "grads": GREEN, "optimizer": ORANGE, "activatio
 MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer states",
                  "activations": "activations", "other": "buffers + overhead"}
 STRATEGY_COLORS = {"DDP": BLUE, "ZeRO-1": SKY, "ZeRO-2": GREEN, "ZeRO-3": ORANGE, "TP": PINK, "PP": VERMILION}
-LECTURE = dict(color="#C8C8C8", hatch="///", edgecolor="#7A7A7A", linewidth=0.6)  # the lecture's numbers
+LECTURE = dict(facecolor="#C8C8C8", hatch="///", edgecolor="#7A7A7A", linewidth=0.6)  # the lecture's numbers
 CAPACITY_COLORS = (GREEN, ORANGE, VERMILION, PINK, BLUE)
 
 FORMATS = ("png", "svg")
@@ -49,14 +49,26 @@ def _plt():
     return plt
 
 
-def new_figure(width: float, height: float, title: str, caption: str, nrows: int = 1, ncols: int = 1, **kw):
-    """A figure with a title and a caption line under the axes (call inside a @styled function)."""
+_CAPTION_IN, _LEGEND_IN = 0.3, 0.34  # inches kept free under the axes for the caption, the legend
+
+
+def new_figure(width: float, height: float, title: str, caption: str, nrows: int = 1, ncols: int = 1,
+               legend: bool = False, **kw):
+    """A figure with a title, a caption line at the bottom and, with legend=True, a legend row
+    above the caption (see bottom_legend). Call inside a @styled function."""
     fig, axes = _plt().subplots(nrows, ncols, figsize=(width, height), **kw)
-    bottom = 0.3 / height  # room for the caption line
+    bottom = (_CAPTION_IN + (_LEGEND_IN if legend else 0)) / height
     fig.set_layout_engine("constrained", rect=(0, bottom, 1, 1 - bottom), h_pad=0.06, w_pad=0.06)
     fig.suptitle(title, fontsize=12.5, fontweight="bold", color=INK)
-    fig.text(0.01, 0.012, caption, fontsize=8, color=MUTED, ha="left", va="bottom", style="italic", wrap=True)
+    fig.text(0.01, 0.06 / height, caption, fontsize=8, color=MUTED, ha="left", va="bottom", style="italic")
     return fig, axes
+
+
+def bottom_legend(fig, handles, ncols: int) -> None:
+    """The legend row between the axes and the caption (space kept by new_figure(legend=True))."""
+    h = fig.get_figheight()
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, (_CAPTION_IN - 0.04) / h), ncols=ncols,
+               borderaxespad=0)
 
 
 def styled(fn):
@@ -253,3 +265,202 @@ def _ring(ax, xs, y, label):
     ax.plot([cs[-1], cs[-1], cs[0]], [top, low, low], color=INK, lw=1.1)
     _arrow(ax, (cs[0], low), (cs[0], top), color=INK, style="-|>", lw=1.1)
     ax.text((cs[0] + cs[-1]) / 2, low - 0.38, label, ha="center", va="center", fontsize=8.5, color=INK)
+
+
+def _bar_labels(ax, bars, texts, log=False, fontsize=8, color=INK, pad=3):
+    for b, t in zip(bars, texts):
+        ax.annotate(t, (b.get_x() + b.get_width() / 2, b.get_y() + b.get_height()), xytext=(0, pad),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=fontsize, color=color)
+
+
+def _capacity_lines(ax, capacities, x_right):
+    """Dashed horizontal lines, labelled at the right end (no legend to look up)."""
+    for (label, v), c in zip(capacities, CAPACITY_COLORS):
+        ax.axhline(v, color=c, ls="--", lw=1.3, zorder=1)
+        ax.text(x_right, v, f" {label}", color=c, va="center", ha="left", fontsize=8.5, fontweight="bold",
+                clip_on=False)
+
+
+# ---- part 1 -----------------------------------------------------------------------------------
+@styled
+def memory_vs_capacity(names, rule_gib, states_gib, act_gib, capacities, title, caption):
+    """Per model: the lecture's rule of thumb beside the library's estimate (model states +
+    activations, stacked), log scale, with GPU capacities as lines."""
+    import numpy as np
+
+    fig, ax = new_figure(11.5, 5.8, title, caption)
+    x = np.arange(len(names))
+    w = 0.36
+    rb = ax.bar(x - w / 2, rule_gib, w, label="lecture: 18 bytes/param", **LECTURE, zorder=2)
+    sb = ax.bar(x + w / 2, states_gib, w, color=BLUE, label="shardwise: model states", zorder=2)
+    ax.bar(x + w / 2, act_gib, w, bottom=states_gib, color=PINK, label="shardwise: activations", zorder=2)
+    ax.set_yscale("log")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("memory to train on one device (GiB, log scale)")
+    top = max(max(rule_gib), max(s + a for s, a in zip(states_gib, act_gib)))
+    bottom = min(min(rule_gib), min(states_gib), min(c for _, c in capacities)) / 3
+    ax.set_ylim(bottom, top * 4)
+    _bar_labels(ax, rb, [gib_label(v) for v in rule_gib], color=MUTED)
+    tot = [s + a for s, a in zip(states_gib, act_gib)]
+    for b, t in zip(sb, tot):
+        ax.annotate(gib_label(t), (b.get_x() + b.get_width() / 2, t), xytext=(0, 3), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=8, color=INK, fontweight="bold")
+    _capacity_lines(ax, capacities, len(names) - 0.5)
+    ax.set_xlim(-0.6, len(names) - 0.5)
+    ax.legend(loc="upper left", ncols=3)
+    return fig
+
+
+# ---- part 3 -----------------------------------------------------------------------------------
+@styled
+def zero_breakdown(stages, paper, torch, capacity_gib, capacity_label, title, caption):
+    """Four panels, one per ZeRO stage; in each, per item (parameters, gradients, optimizer states,
+    activations) the zero-paper accounting (hatched) beside the torch profile (solid).
+    `paper[stage]` / `torch[stage]`: {"params", "grads", "optimizer", "activations"} in GiB."""
+    import numpy as np
+
+    keys = ("params", "grads", "optimizer", "activations")
+    fig, axes = new_figure(13, 5.4, title, caption, 1, len(stages), legend=True, sharey=True)
+    peak = max(max(d[k] for k in keys) for prof in (paper, torch) for d in prof.values())
+    x = np.arange(len(keys))
+    w = 0.38
+    for ax, st in zip(axes, stages):
+        pb = ax.bar(x - w / 2, [paper[st][k] for k in keys], w, **LECTURE, zorder=2)
+        tb = ax.bar(x + w / 2, [torch[st][k] for k in keys], w, color=[MEMORY_COLORS[k] for k in keys], zorder=2)
+        _bar_labels(ax, pb, [_short_gib(paper[st][k]) for k in keys], fontsize=7, color=MUTED, pad=1)
+        _bar_labels(ax, tb, [_short_gib(torch[st][k]) for k in keys], fontsize=7, pad=1)
+        ax.set_xticks(x, ["params", "grads", "optimizer", "activ."], fontsize=8.5)
+        tp = sum(paper[st][k] for k in keys[:3])
+        tt = sum(torch[st][k] for k in keys[:3])
+        ax.set_title(f"{st}\nmodel states: {_short_gib(tp)} / {_short_gib(tt)} GiB", fontsize=10)
+        ax.axhline(capacity_gib, color=VERMILION, ls="--", lw=1.2, zorder=1)
+        ax.axvline(2.5, color=LIGHT, lw=0.8, zorder=0)  # activations are not sharded by ZeRO
+    axes[0].set_ylabel("per GPU (GiB)")
+    axes[0].set_ylim(0, max(peak, capacity_gib) * 1.15)
+    axes[-1].text(3.6, capacity_gib, f" {capacity_label}", color=VERMILION, va="center", fontsize=8.5,
+                  fontweight="bold", clip_on=False)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(**LECTURE, label="zero-paper (the lecture's 16 bytes/param)")] + [
+        Patch(color=MEMORY_COLORS[k], label=f"torch profile: {MEMORY_LABELS[k]}") for k in keys]
+    bottom_legend(fig, handles, ncols=5)
+    return fig
+
+
+def _short_gib(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else (f"{v:,.1f}" if v >= 10 else f"{v:,.2f}")
+
+
+# ---- part 4 -----------------------------------------------------------------------------------
+@styled
+def comm_bars(names, lecture_gb, library_gb, lecture_ms, library_ms, links, title, caption):
+    """Two panels: bytes each GPU sends per step, and the time that takes; the lecture beside the
+    library. `lecture_*` entries may be None where the lecture gives no number (TP, PP)."""
+    import numpy as np
+
+    fig, (a1, a2) = new_figure(12.5, 5.4, title, caption, 1, 2, legend=True)
+    x = np.arange(len(names))
+    w = 0.38
+    for ax, lec, lib, unit, fmt in ((a1, lecture_gb, library_gb, "GB sent per GPU per step", "{:,.1f}"),
+                                    (a2, lecture_ms, library_ms, "ms per step (no overlap)", "{:,.0f}")):
+        lx = [i for i, v in enumerate(lec) if v is not None]
+        lb = ax.bar(x[lx] - w / 2, [lec[i] for i in lx], w, **LECTURE, zorder=2, label="lecture")
+        cb = ax.bar(x + w / 2, lib, w, color=[STRATEGY_COLORS.get(n.split(" ")[0], BLUE) for n in names], zorder=2,
+                    label="shardwise")
+        _bar_labels(ax, lb, [fmt.format(lec[i]) for i in lx], fontsize=7.5, color=MUTED)
+        _bar_labels(ax, cb, [fmt.format(v) for v in lib], fontsize=7.5)
+        ax.set_xticks(x, [f"{n}\n{l}" for n, l in zip(names, links)], fontsize=8)
+        ax.set_ylabel(unit)
+        top = max([v for v in lec if v is not None] + list(lib))
+        ax.set_ylim(0, top * 1.18)
+    a1.set_title("Bytes on the wire", loc="left")
+    a2.set_title("Time on the link the group spans", loc="left")
+    from matplotlib.patches import Patch
+
+    bottom_legend(fig, [Patch(**LECTURE, label="lecture (its formula, 400 Gbit/s)"),
+                        Patch(color=BLUE, label="shardwise (ring volumes, real link)")], ncols=2)
+    return fig
+
+
+# ---- part 5 -----------------------------------------------------------------------------------
+@styled
+def scenario_memory(scenarios, title, caption):
+    """One panel per scenario: per-GPU memory of a few plans, stacked by item, against the GPU's
+    capacity. Each scenario: {"title", "capacity_gib", "plans": [{"label", "params", "grads",
+    "optimizer", "activations", "other" (GiB), "note" (text above the bar), "pick" (bool)}]}."""
+    import numpy as np
+
+    keys = ("params", "grads", "optimizer", "activations", "other")
+    fig, axes = new_figure(4.3 * len(scenarios), 5.6, title, caption, 1, len(scenarios), legend=True)
+    axes = np.atleast_1d(axes)
+    for ax, sc in zip(axes, scenarios):
+        plans = sc["plans"]
+        x = np.arange(len(plans))
+        bottom = np.zeros(len(plans))
+        for k in keys:
+            v = np.array([p[k] for p in plans])
+            ax.bar(x, v, 0.62, bottom=bottom, color=MEMORY_COLORS[k], zorder=2)
+            bottom += v
+        cap = sc["capacity_gib"]
+        top = cap * 1.45  # taller bars are cut at the top and say so: the capacity line is what matters
+        for i, p in enumerate(plans):
+            over = bottom[i] > top
+            ax.text(i, min(bottom[i], top * 0.9) + top * 0.012, ("\u2191 " if over else "") + p["note"], ha="center",
+                    va="bottom", fontsize=7.5, color=GREEN if p["fits"] else VERMILION,
+                    fontweight="bold" if p["pick"] else "normal")
+            if p["pick"]:  # one outline around the search's choice
+                ax.add_patch(_rect(i - 0.34, 0, 0.68, min(bottom[i], top) * 1.01, fill=False, ec=INK, lw=1.6,
+                                   zorder=4, clip_on=False))
+        ax.axhline(cap, color=VERMILION, ls="--", lw=1.2, zorder=3)
+        ax.set_ylim(0, top)
+        ax.set_xticks(x, [p["label"] for p in plans], fontsize=8)
+        ax.set_title(sc["title"], fontsize=10)
+        ax.set_ylabel("per GPU (GiB)")
+    from matplotlib.patches import Patch
+
+    from matplotlib.lines import Line2D
+
+    bottom_legend(fig, [Patch(color=MEMORY_COLORS[k], label=MEMORY_LABELS[k]) for k in keys]
+                  + [Line2D([], [], color=VERMILION, ls="--", label="the GPU's memory")], ncols=6)
+    return fig
+
+
+# ---- part 2: the pipeline schedules ------------------------------------------------------------
+FWD, BWD = (BLUE, SKY), (VERMILION, ORANGE)  # chunk 0, chunk 1 (interleaved)
+BUBBLE = dict(facecolor="#F6E3E3", hatch="xx", edgecolor="#D9A5A5", linewidth=0)
+
+
+@styled
+def pipeline_schedules(panels, title, caption):
+    """One row per schedule: each rank's forwards and backwards over time, idle time hatched.
+    Each panel: {"title", "pp", "slots": [(rank, start, end, kind, microbatch, chunk)], "unit"
+    (time of one slot, in forwards of a whole rank's layers), "span" (x-axis end, shared)}."""
+    from matplotlib.patches import Patch
+
+    span = max(p["span"] for p in panels)
+    fig, axes = new_figure(12.5, 1.25 + 1.45 * len(panels) + 0.15 * sum(p["pp"] for p in panels), title, caption,
+                           len(panels), 1, legend=True, sharex=True)
+    for ax, p in zip(axes, panels):
+        pp, u = p["pp"], p["unit"]
+        end = max(s[2] for s in p["slots"]) * u
+        ax.add_patch(_rect(0, -0.5, end, pp, zorder=0, **BUBBLE))  # idle unless covered by work
+        for rank, start, stop, kind, mb, chunk in p["slots"]:
+            c = (FWD if kind == "F" else BWD)[chunk % 2]
+            ax.add_patch(_rect(start * u, rank - 0.42, (stop - start) * u, 0.84, fc=c, ec="white", lw=0.6, zorder=2))
+            if (stop - start) * u >= 0.5:  # the micro-batch number, where it fits
+                ax.text((start + stop) / 2 * u, rank, str(mb + 1), ha="center", va="center", fontsize=6.5,
+                        color="white" if chunk % 2 == 0 else INK, zorder=3)
+        ax.set_ylim(pp - 0.5, -0.5)
+        ax.set_yticks(range(pp), [f"GPU {r}" for r in range(pp)], fontsize=8)
+        ax.set_xlim(0, span)
+        ax.grid(False)
+        ax.spines["left"].set_visible(False)
+        ax.tick_params(axis="y", length=0)
+        ax.set_title(p["title"], loc="left", fontsize=9.5)
+        ax.axvline(end, color=INK, lw=1, ls=":")
+    axes[-1].set_xlabel("time (unit: the forward of one micro-batch through one GPU's layers; a backward takes 2)")
+    bottom_legend(fig, [Patch(color=FWD[0], label="forward"), Patch(color=BWD[0], label="backward"),
+                        Patch(color=FWD[1], label="forward, 2nd virtual stage"),
+                        Patch(color=BWD[1], label="backward, 2nd virtual stage"),
+                        Patch(**BUBBLE, label="idle (the bubble)")], ncols=5)
+    return fig

@@ -1,0 +1,426 @@
+"""`shardwise calibrate`: measure this machine and write it as a hardware file the estimate reads.
+
+    shardwise calibrate --out mymachine.toml --nproc 4           # 4 local ranks (gloo on CPU, NCCL on CUDA)
+    shardwise estimate ... --hardware mymachine.toml --gpu mymachine --network mymachine
+
+Every rank runs the benchmarks at once, as a training job's ranks would, so what one rank gets
+is what the file says one "GPU" has (on a CPU machine the ranks share the cores: a "GPU" is one
+rank's share of them). Measured:
+    tflops       matmul throughput per compute dtype at the model's shapes (a run config's
+                 linear layers: forward, input-gradient and weight-gradient products at its
+                 micro-batch, sequence length and tp), or a standard set of square ones
+    hbm_gbps     a large tensor copy (bytes read + written per second)
+    link         all-reduce, all-gather, reduce-scatter, broadcast and send/recv among the ranks
+                 at message sizes from 4 KiB up; the estimate's own cost model (estimate/comm.py,
+                 time = latency steps * a + bytes moved / B) is fitted to them by least squares
+                 on relative error, so `a` and `B` are the figures that make the estimate's
+                 formulas reproduce this machine (link_efficiency 1: B is already achieved)
+    memory_gib   CUDA: the device's memory; CPU: the memory available now, split over the ranks
+The network table carries the same link figures: every rank is on this one machine.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from shardwise.errors import ShardwiseError
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "broadcast", "send")
+CPU_SIZES = tuple(4 * 1024 * 4**i for i in range(7))  # 4 KiB .. 16 MiB
+GPU_SIZES = tuple(64 * 1024 * 4**i for i in range(8))  # 64 KiB .. 1 GiB
+MIN_SECONDS = 0.05  # time each point for at least this long (more calls for small ones)
+STANDARD_DIMS = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
+STANDARD_TOKENS = {"cpu": 512, "cuda": 8192}
+
+
+@dataclass
+class Result:
+    """What one calibration found (rank 0's view, per-rank figures averaged over the ranks)."""
+
+    name: str
+    device: str  # "cpu" | "cuda"
+    backend: str
+    nproc: int
+    tflops: dict[str, float]
+    hbm_gbps: float
+    memory_gib: float
+    latency_us: float
+    gbps: float
+    link_samples: list[tuple[str, int, float]] = field(default_factory=list)  # (kind, bytes, seconds)
+    fit_error: dict[str, float] = field(default_factory=dict)  # kind -> mean |relative error| of the fit
+    shapes: str = ""
+    device_name: str = ""
+
+    def toml(self) -> str:
+        tf = ", ".join(f"{k} = {v:.4g}" for k, v in self.tflops.items())
+        errs = ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.fit_error.items())
+        src = (f"shardwise calibrate on {time.strftime('%Y-%m-%d')}: {self.nproc} rank(s) of {self.device_name} "
+               f"({self.backend}); matmul at {self.shapes}; link fitted to {len(self.link_samples)} timed "
+               f"collectives (mean fit error by kind: {errs or 'n/a, one rank'})")
+        link = f"{self.backend} among {self.nproc} local rank(s), measured"
+        return "\n".join([
+            f"# written by `shardwise calibrate`: this machine as {self.nproc} rank(s) see it",
+            f"[gpu.{self.name}]",
+            f"memory_gib = {self.memory_gib:.3f}",
+            f"tflops = {{ {tf} }}",
+            f"hbm_gbps = {self.hbm_gbps:.4g}",
+            f'link = "{link}"',
+            f"link_gbps = {self.gbps:.4g}",
+            f"link_latency_us = {self.latency_us:.4g}",
+            "link_efficiency = 1.0",
+            f"gpus_per_node = {self.nproc}",
+            "price_per_hour = 0.0",
+            f'source = "{src}"',
+            "",
+            f"[network.{self.name}]",
+            f"gbits = {self.gbps * 8:.4g}",
+            f"latency_us = {self.latency_us:.4g}",
+            "efficiency = 1.0",
+            f'source = "{link}; the same figures as the gpu table: every rank is on this machine"',
+            "",
+        ])
+
+
+# ---- shapes -------------------------------------------------------------------------------------
+def model_shapes(spec, plan) -> list[tuple[int, int, int]]:
+    """(m, k, n) of every matmul one training step of one layer does on one rank: each linear
+    layer's forward [T, in] @ [in, out], input gradient [T, out] @ [out, in] and weight gradient
+    [out, T] @ [T, in], T = mbs * seq tokens, tp-local sizes (column-parallel outputs and
+    row-parallel inputs divided by tp), plus the output projection."""
+    t = plan.mbs * plan.seq
+    tp = plan.tp
+    h, f = spec.hidden, spec.ffn_hidden
+    lin = [(h, spec.q_dim // tp), (h, spec.kv_dim // tp), (h, spec.kv_dim // tp), (spec.q_dim // tp, h),
+           (h, f // tp), (f // tp, h)]
+    if spec.ffn_kind == "swiglu":
+        lin.append((h, f // tp))
+    lin.append((h, -(-spec.vocab // tp)))
+    out = []
+    for i, o in lin:
+        out += [(t, i, o), (t, o, i), (o, t, i)]
+    return out
+
+
+def standard_shapes(device: str) -> list[tuple[int, int, int]]:
+    t = STANDARD_TOKENS[device]
+    return [(t, d, d) for d in STANDARD_DIMS[device]]
+
+
+# ---- benchmarks (run on every rank at once) -------------------------------------------------------
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _barrier(device):
+    import torch.distributed as dist
+
+    _sync(device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _timed(fn, device, min_s: float = MIN_SECONDS) -> float:
+    """Seconds per call of fn(): one warm-up, then enough calls to fill min_s; every rank starts
+    together and the slowest rank's time is the answer (as in a step, the slowest rank counts)."""
+    import torch
+    import torch.distributed as dist
+
+    fn()
+    _barrier(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    one = max(time.perf_counter() - t0, 1e-7)
+    reps = max(2, min(1000, int(min_s / one)))
+    if dist.is_initialized():  # the same number of calls everywhere, or the collectives would deadlock
+        r = torch.tensor([reps], dtype=torch.int64, device=device)
+        dist.all_reduce(r, op=dist.ReduceOp.MAX)
+        reps = int(r.item())
+    _barrier(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    dt = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+    return float(dt.item())
+
+
+def matmul_tflops(shapes, dtype, device, min_s: float = MIN_SECONDS) -> float:
+    """Achieved TFLOP/s over the set of shapes (total FLOPs / total time), per rank."""
+    import torch
+
+    mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+            for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+
+    def run():
+        for a, b in mats:
+            torch.mm(a, b)
+
+    return flops / _timed(run, device, min_s) / 1e12
+
+
+def copy_gbps(device, nbytes: int, min_s: float = MIN_SECONDS) -> float:
+    """Memory bandwidth: a copy reads and writes nbytes."""
+    import torch
+
+    a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    b = torch.empty_like(a)
+    return 2 * nbytes / _timed(lambda: b.copy_(a), device, min_s) / 1e9
+
+
+def collective_seconds(kind: str, nbytes: int, device, min_s: float = MIN_SECONDS) -> float:
+    """Seconds per call of one collective with a message of nbytes (the full buffer for
+    all-gather / reduce-scatter, as the estimate counts it). send: every even rank sends to the
+    next odd one (pipeline neighbours), all pairs at once."""
+    import torch
+    import torch.distributed as dist
+
+    n, r = dist.get_world_size(), dist.get_rank()
+    elems = max(n, nbytes // 4 // n * n)
+    full = torch.ones(elems, dtype=torch.float32, device=device)
+    part = torch.ones(elems // n, dtype=torch.float32, device=device)
+    if kind == "all-reduce":
+        fn = lambda: dist.all_reduce(full)  # noqa: E731
+    elif kind == "all-gather":
+        fn = lambda: dist.all_gather_into_tensor(full, part)  # noqa: E731
+    elif kind == "reduce-scatter":
+        fn = lambda: dist.reduce_scatter_tensor(part, full)  # noqa: E731
+    elif kind == "broadcast":
+        fn = lambda: dist.broadcast(full, 0)  # noqa: E731
+    elif kind == "send":
+        peer = r + 1 if r % 2 == 0 else r - 1
+
+        def fn():
+            if peer >= n:
+                return
+            if r % 2 == 0:
+                dist.send(full, peer)
+            else:
+                dist.recv(full, peer)
+    else:
+        raise ValueError(kind)
+    return _timed(fn, device, min_s)
+
+
+# ---- the fit ------------------------------------------------------------------------------------
+def model_terms(kind: str, n: int, nbytes: int) -> tuple[float, float]:
+    """(latency coefficient, bytes coefficient) of the estimate's time for one call:
+    seconds = c_lat * a + c_bytes / B. Read off estimate/comm.py's own `seconds` (linear in a
+    and 1/B), so the fit and the estimate use one model."""
+    from shardwise.estimate.comm import seconds
+
+    c_lat = seconds(kind, n, 1, nbytes, math.inf, 1.0)
+    c_bytes = seconds(kind, n, 1, nbytes, 1.0, 0.0)
+    return c_lat, c_bytes
+
+
+def fit_link(samples: list[tuple[str, int, float]], n: int) -> tuple[float, float, dict[str, float]]:
+    """Least squares for (a, 1/B) in t = c_lat * a + c_bytes / B over every sample, each weighted
+    by 1/t (relative error), so 4 KiB and 16 MiB messages count alike. Returns (a seconds,
+    B bytes/s, mean |relative error| per kind)."""
+    rows = [(model_terms(k, n, b), t) for k, b, t in samples]
+    s11 = sum((cl / t) ** 2 for (cl, cb), t in rows)
+    s22 = sum((cb / t) ** 2 for (cl, cb), t in rows)
+    s12 = sum((cl / t) * (cb / t) for (cl, cb), t in rows)
+    y1 = sum(cl / t for (cl, cb), t in rows)  # (x / t) . (t / t)
+    y2 = sum(cb / t for (cl, cb), t in rows)
+    det = s11 * s22 - s12 * s12
+    if det <= 0:
+        raise ShardwiseError("the collective timings do not determine a latency and a bandwidth; "
+                             "run calibrate again with more ranks or larger messages")
+    a = (y1 * s22 - y2 * s12) / det
+    inv_b = (s11 * y2 - s12 * y1) / det
+    if a < 0 or inv_b <= 0:  # one term is not supported by the data: fit the other alone
+        a, inv_b = (0.0, y2 / s22) if inv_b > 0 else (y1 / s11, 1e-15)
+    errs: dict[str, list[float]] = {}
+    for (k, _, t), ((cl, cb), _) in zip(samples, rows):
+        errs.setdefault(k, []).append(abs(cl * a + cb * inv_b - t) / t)
+    return a, 1.0 / inv_b, {k: statistics.fmean(v) for k, v in errs.items()}
+
+
+# ---- one rank ------------------------------------------------------------------------------------
+def _available_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: total physical memory
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: bool) -> dict:
+    """The benchmarks on this rank (every rank runs them together). Returns rank 0's findings."""
+    import platform
+
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_kind == "cuda" \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    n = dist.get_world_size() if dist.is_initialized() else 1
+    out: dict = {"tflops": {}}
+    min_s = MIN_SECONDS / 5 if quick else MIN_SECONDS
+    for name in dtypes:
+        dt = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+        out["tflops"][name] = _mean_over_ranks(matmul_tflops(shapes, dt, device, min_s), device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    copy_bytes = (16 if quick else 64) * 2**20 if device.type == "cpu" else 2**30
+    out["hbm_gbps"] = _mean_over_ranks(copy_gbps(device, copy_bytes, min_s), device)
+    samples = []
+    if n > 1:
+        for kind in KINDS:
+            for b in sizes:
+                samples.append((kind, b, collective_seconds(kind, b, device, min_s)))
+    out["samples"] = samples
+    if device.type == "cuda":
+        out["memory"] = torch.cuda.get_device_properties(device).total_memory
+        out["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        out["memory"] = _available_memory_bytes() // n
+        out["device_name"] = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, " \
+                             f"{torch.get_num_threads()} thread(s) per rank"
+    out["backend"] = dist.get_backend() if dist.is_initialized() else ("nccl" if device.type == "cuda" else "gloo")
+    return out
+
+
+def _mean_over_ranks(x: float, device) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def _entry(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: bool) -> dict:
+    """One rank started by the elastic agent: join the group, benchmark, leave."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if device_kind == "cpu":  # the threads a `shardwise run` worker would use (run/launch.py)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if world > 1:
+        if device_kind == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+    try:
+        return rank_main(device_kind, shapes, sizes, dtypes, quick)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, shapes: list | None = None,
+              shapes_text: str = "", quick: bool = False) -> Result:
+    """Start nproc local ranks, benchmark, fit; returns the Result (write it with .toml())."""
+    import torch
+
+    if not isinstance(nproc, int) or nproc < 1:
+        raise ShardwiseError(f"--nproc must be a positive integer, got {nproc!r}")
+    if device_kind == "auto":
+        device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ShardwiseError("--device cuda was asked for but this PyTorch sees no CUDA device; use --device cpu")
+        if nproc > torch.cuda.device_count():
+            raise ShardwiseError(f"--nproc {nproc} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                 "one rank per GPU")
+    elif device_kind != "cpu":
+        raise ShardwiseError(f"unknown device {device_kind!r}; use cpu, cuda or auto")
+    shapes = shapes or standard_shapes(device_kind)
+    shapes_text = shapes_text or f"the standard shapes {', '.join(f'{m}x{k}x{n}' for m, k, n in shapes)}"
+    sizes = GPU_SIZES if device_kind == "cuda" else CPU_SIZES
+    if quick:
+        sizes = sizes[::2]
+    dtypes = ("fp32", "tf32", "bf16", "fp16") if device_kind == "cuda" else ("fp32", "bf16")
+    args = (device_kind, shapes, sizes, dtypes, quick)
+    if nproc == 1:
+        out = _entry(*args)
+    else:
+        out = _launch(nproc, args)
+    samples = out["samples"]
+    if samples:
+        a, bw, errs = fit_link(samples, nproc)
+    else:  # one rank: no link to measure; the memory copy bandwidth is what a self-copy costs
+        a, bw, errs = 0.0, out["hbm_gbps"] * 1e9, {}
+    return Result(name=(name or f"this-{device_kind}").lower(), device=device_kind, backend=out["backend"],
+                  nproc=nproc, tflops=out["tflops"], hbm_gbps=out["hbm_gbps"], memory_gib=out["memory"] / 2**30,
+                  latency_us=a * 1e6, gbps=bw / 1e9, link_samples=samples, fit_error=errs, shapes=shapes_text,
+                  device_name=out["device_name"])
+
+
+def _launch(nproc: int, args: tuple) -> dict:
+    """nproc ranks under torchrun's elastic agent (standalone rendezvous); rank 0's result."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                      rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+                      start_method="spawn")
+    try:
+        results = elastic_launch(lc, entrypoint=_entry)(*args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        raise ShardwiseError(f"calibration rank {rank} failed: {failure.message or failure.exitcode}") from None
+    return results[0]
+
+
+def shapes_from_config(path: str, overrides=None) -> tuple[list, str]:
+    from shardwise.run.config import load
+
+    cfg = load(path, overrides)
+    p = cfg.plan
+    return model_shapes(cfg.model, p), (f"{cfg.model.name}'s linear layers (mbs {p.mbs} x seq {p.seq} tokens, "
+                                         f"tp {p.tp}; forward and both backward products)")
+
+
+def print_result(r: Result, out: str, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = console or Console(soft_wrap=True)
+    c.print(f"calibrated {r.nproc} rank(s) of {r.device_name} ({r.backend})", highlight=False)
+    c.print("matmul  " + ", ".join(f"{k} {v * 1e3:,.1f} GFLOP/s" for k, v in r.tflops.items())
+            + f" per rank at {r.shapes}", highlight=False)
+    c.print(f"memory  {r.hbm_gbps:,.1f} GB/s copy bandwidth, {r.memory_gib:,.2f} GiB per rank", highlight=False)
+    if r.link_samples:
+        c.print(f"link    latency {r.latency_us:,.1f} us per step, bandwidth {r.gbps:,.3f} GB/s (fitted)",
+                highlight=False)
+        t = Table(title="collectives: measured vs the fitted model", show_lines=False)
+        for col in ("kind", "message", "measured", "model", "error"):
+            t.add_column(col, justify="right" if col != "kind" else "left")
+        a, inv_b = r.latency_us * 1e-6, 1 / (r.gbps * 1e9)
+        for kind, b, s in r.link_samples:
+            cl, cb = model_terms(kind, r.nproc, b)
+            m = cl * a + cb * inv_b
+            t.add_row(kind, _size(b), f"{s * 1e6:,.0f} us", f"{m * 1e6:,.0f} us", f"{100 * (m - s) / s:+.0f}%")
+        c.print(t)
+    c.print(f"wrote {out}: use it as `--hardware {out} --gpu {r.name} --network {r.name}`", highlight=False)
+
+
+def _size(b: int) -> str:
+    for unit, f in (("MiB", 2**20), ("KiB", 2**10)):
+        if b >= f:
+            return f"{b / f:g} {unit}"
+    return f"{b} B"
+

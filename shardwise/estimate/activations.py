@@ -1,0 +1,312 @@
+"""Activation memory, from an inventory of the tensors autograd saves for backward.
+
+Each transformer block is listed tensor by tensor (name, elements per token, dtype, how tensor
+parallelism splits it), derived from the architecture: so GQA, SwiGLU, RMSNorm, rotary
+positions, no dropout and flash attention come out right, and Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models", Sec. 4) is the special case
+of a GPT block with dropout and materialized attention: s*b*h*(34 + 5*a*s/h) bytes.
+
+Two layouts:
+- `torch`: the run tier's reference model (run/model.py) on PyTorch's kernels:
+  * norms save their input and fp32 statistics (CUDA's fused rms_norm: rstd; layer_norm: mean
+    and rstd). (On the CPU, rms_norm is a composite that also saves the normalized tensor.)
+  * autocast (DDP / ZeRO-1 / TP / PP mixed precision) keeps the residual stream in fp32 (the
+    embedding runs in fp32, bf16 branch + fp32 residual = fp32) and casts the fp32 norm output
+    to bf16 once per consuming Linear: wq, wk and wv each save their own copy.
+  * the model repeats K/V to the query heads before SDPA (inside the selectively recomputed
+    core), so SDPA saves K and V at the query width; rotary saves its cos and sin [s, head_dim].
+  * flash SDPA saves q, k, v, its output (which is also wo's input) and an fp32 logsumexp per
+    head and token; the math kernel saves the scaled q and k, the softmax [b, a, s, s], the
+    dropout mask and output, and v.
+  * sequence parallel (torchtitan's layout) shards norms, residuals and dropout on the sequence,
+    but the all-gathered input of wq/wk/wv, w1/w3 and the output head is saved whole.
+- `megatron`: Megatron-LM (the papers' layout, used by the megatron, deepspeed and zero-paper
+  profiles): one fused QKV and one fused w1|w3 input, residual in the compute dtype, the fused
+  SwiGLU saves only its input, sequence parallel saves the linear inputs sharded and gathers
+  them again in backward (so everything is /t), vocab-parallel logits and loss.
+
+Numeric plan fields (mbs, seq, tp, pp, vpp, gbs, dp) may be numpy arrays: only arithmetic and
+the _num helpers touch them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from shardwise.errors import ShardwiseError
+from shardwise.estimate._num import minimum, where
+
+ATTENTION = ("flash", "math")
+LAYOUTS = ("torch", "megatron")
+DTYPE_BYTES = {"fp32": 4, "mask": 1, "int64": 8}  # plus "act" and "res", set by the precision
+
+
+@dataclass(frozen=True)
+class Saved:
+    """One tensor a block keeps for its backward.
+
+    width: elements per token (per="token": times b*s; per="position": times s, shared by the
+      batch; per="score": times b*s*s, width = attention heads).
+    dtype: "act" (the matmul dtype), "res" (the residual stream's dtype), "fp32", "mask" (a bool
+      dropout mask, 1 byte), "int64".
+    split: how tensor parallelism divides it. "tp": by tp always (heads, FFN columns);
+      "seq": by tp only with sequence parallel (norms, residual, dropout masks); "gather": the
+      input of a column-parallel Linear: by tp with sequence parallel in the megatron layout only;
+      "none": never.
+    core: saved inside the attention core (scores, softmax, dropout, attention times V), which
+      selective recompute discards.
+    """
+
+    name: str
+    width: int
+    dtype: str = "act"
+    split: str = "tp"
+    per: str = "token"
+    core: bool = False
+
+
+def _check(layout: str, attention: str) -> None:
+    if layout not in LAYOUTS:
+        raise ShardwiseError(f"unknown activation layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if attention not in ATTENTION:
+        raise ShardwiseError(f"unknown attention kernel {attention!r}; use flash (no s*s scores saved) "
+                             "or math (materialized scores)")
+
+
+@lru_cache(maxsize=256)
+def block_inventory(model, layout: str = "torch", attention: str = "flash", selective: bool = False,
+                    autocast: bool = False) -> tuple[Saved, ...]:
+    """Every tensor one transformer block saves, without full recompute.
+
+    selective: the attention core is checkpointed, keeping only its inputs q, k, v.
+    autocast: torch layout under torch.autocast (one bf16 copy of the norm output per Linear).
+    """
+    _check(layout, attention)
+    torch_ = layout == "torch"
+    autocast = autocast and torch_
+    h, a, f = model.hidden, model.heads, model.ffn_hidden
+    stats = 1 if model.norm == "rmsnorm" else 2  # rstd; or mean and rstd
+    drop = model.dropout > 0
+    math = attention == "math"
+    inv: list[Saved] = []
+
+    def norm(prefix: str) -> None:
+        inv.append(Saved(f"{prefix}.input", h, "res", "seq"))
+        inv.append(Saved(f"{prefix}.stats", stats, "fp32", "seq"))
+
+    def linear_inputs(prefix: str, names: tuple[str, ...], width: int = h) -> None:
+        if autocast:  # autocast casts the fp32 input once per Linear; each keeps its copy
+            inv.extend(Saved(f"{prefix}.{n}.input", width, "act", "gather") for n in names)
+        else:
+            inv.append(Saved(f"{prefix}.{'_'.join(names)}.input", width, "act", "gather"))
+
+    # ---- attention -------------------------------------------------------------------------
+    norm("attention_norm")
+    linear_inputs("attention", ("wq", "wk", "wv"))
+    if torch_ and model.positions == "rotary":
+        inv.append(Saved("attention.rotary_cos_sin", 2 * model.head_dim, "act", "none", per="position"))
+    # K/V at the query width where repeated before the kernel saves them (torch: always, the
+    # model repeats them; megatron: its unfused path), at their own width where the
+    # recomputed core keeps only its inputs or the fused kernel takes GQA natively
+    expanded = not selective and (torch_ or math)
+    kv = model.q_dim if expanded else model.kv_dim
+    inv += [Saved("attention.q", model.q_dim), Saved("attention.k", kv), Saved("attention.v", kv)]
+    if math:
+        inv.append(Saved("attention.softmax", a, per="score", core=True))
+        if drop:
+            inv.append(Saved("attention.dropout_mask", a, "mask", per="score", core=True))
+            inv.append(Saved("attention.dropout_out", a, per="score", core=True))
+    else:
+        inv.append(Saved("attention.logsumexp", a, "fp32", core=True))
+    # flash: the kernel's output, which wo saves too (one storage); math: wo's contiguous copy
+    inv.append(Saved("attention.out", model.q_dim))
+    if drop:
+        inv.append(Saved("attention.resid_dropout_mask", h, "mask", "seq"))
+
+    # ---- feed-forward ----------------------------------------------------------------------
+    norm("ffn_norm")
+    if model.is_moe:
+        inv += _moe(model, layout, autocast)
+    else:
+        names = ("w1", "w3") if model.ffn_kind == "swiglu" else ("w1",)
+        linear_inputs("feed_forward", names)
+        inv += _mlp("feed_forward", model.ffn_kind, f, layout)
+    if drop:
+        inv.append(Saved("feed_forward.resid_dropout_mask", h, "mask", "seq"))
+    if selective:
+        inv = [s for s in inv if not s.core]
+    return tuple(inv)
+
+
+def _mlp(prefix: str, kind: str, f: int, layout: str, times: int = 1) -> list[Saved]:
+    """The MLP's internal tensors (its input is listed by the caller)."""
+    if kind == "gelu":  # GELU saves its input; w2 saves GELU's output
+        return [Saved(f"{prefix}.gelu_input", times * f), Saved(f"{prefix}.w2.input", times * f)]
+    if layout == "megatron":  # fused SwiGLU: saves the [w1|w3] output, recomputes silu
+        return [Saved(f"{prefix}.w1_w3_out", times * 2 * f), Saved(f"{prefix}.w2.input", times * f)]
+    # silu saves w1's output; silu(.) * w3(.) saves both factors; w2 saves the product
+    return [Saved(f"{prefix}.w1_out", times * f), Saved(f"{prefix}.silu_out", times * f),
+            Saved(f"{prefix}.w3_out", times * f), Saved(f"{prefix}.w2.input", times * f)]
+
+
+def _moe(model, layout: str, autocast: bool) -> list[Saved]:
+    """A mixture-of-experts FFN, estimate only (the run tier builds dense models): balanced
+    routing, so each token's top_k expert copies go through one expert MLP each."""
+    h, k = model.hidden, model.top_k
+    out = [Saved("feed_forward.input", h, "act", "gather"),
+           Saved("feed_forward.router_probs", model.experts, "fp32", "none"),  # softmax in fp32
+           Saved("feed_forward.routed_input", k * h, "act", "gather")]  # token copies per expert
+    out += _mlp("feed_forward.experts", model.ffn_kind, model.expert_ffn_hidden, layout, times=k)
+    if model.shared_experts:
+        out += _mlp("feed_forward.shared", model.ffn_kind, model.ffn_hidden, layout, times=model.shared_experts)
+    out.append(Saved("feed_forward.routed_output", k * h, "act", "gather"))  # weighted by the router
+    return out
+
+
+def full_recompute_inventory() -> tuple[Saved, ...]:
+    """Full recompute (torch.utils.checkpoint around each block) keeps the block's input only."""
+    return (Saved("block.input", 0, "res", "seq"),)  # width: hidden, filled by the caller
+
+
+@lru_cache(maxsize=1024)
+def _coefficients(inv: tuple[Saved, ...]) -> tuple[tuple[str, str, str, int], ...]:
+    """The inventory summed by (per, dtype, split): evaluating it is then a handful of products."""
+    acc: dict[tuple[str, str, str], int] = {}
+    for s in inv:
+        key = (s.per, s.dtype, s.split)
+        acc[key] = acc.get(key, 0) + s.width
+    return tuple((p, d, sp, w) for (p, d, sp), w in acc.items())
+
+
+def _seq_split(split: str, sp: bool, layout: str) -> bool:
+    return sp and (split == "seq" or (split == "gather" and layout == "megatron"))
+
+
+def tensor_bytes(saved: Saved, *, b, s, tp, sp: bool, act, res, layout: str):
+    """Bytes of one inventory entry on one rank."""
+    return _term(saved.per, saved.dtype, saved.split, saved.width, b=b, s=s, tp=tp, sp=sp, act=act, res=res,
+                 layout=layout)
+
+
+def _term(per, dtype, split, width, *, b, s, tp, sp, act, res, layout):
+    nbytes = act if dtype == "act" else res if dtype == "res" else DTYPE_BYTES[dtype]
+    w = width // tp if split == "tp" else width  # heads and FFN columns divide evenly (Plan checks)
+    if per == "position":
+        return s * w * nbytes
+    if per == "score":
+        return b * w * s * s * nbytes
+    rows = b * (s // tp if _seq_split(split, sp, layout) else s)  # sp: seq % tp == 0 (Plan checks)
+    return rows * w * nbytes
+
+
+def inventory_bytes(inv: tuple[Saved, ...], *, b, s, tp, sp: bool, act, res, layout: str):
+    """Bytes one block's saved tensors take on one rank, for one micro-batch."""
+    total = 0
+    for per, dtype, split, width in _coefficients(inv):
+        total = total + _term(per, dtype, split, width, b=b, s=s, tp=tp, sp=sp, act=act, res=res, layout=layout)
+    return total
+
+
+def layer_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act, res):
+    """(kept per layer per micro-batch, extra held once while one block is recomputed)."""
+    kw = dict(b=plan.mbs, s=plan.seq, tp=plan.tp, sp=plan.sp, act=act, res=res, layout=layout)
+    if plan.recompute == "full":
+        kept = _term("token", "res", "seq", model.hidden, **kw)
+        whole = inventory_bytes(block_inventory(model, layout, attention, False, autocast), **kw)
+        return kept, whole - kept
+    inv = block_inventory(model, layout, attention, plan.recompute == "selective", autocast)
+    return inventory_bytes(inv, **kw), 0
+
+
+# ---- the pipeline: micro-batches in flight ------------------------------------------------
+def inflight(plan, last: bool):
+    """(chunks, chunks_on_first_stage, head_microbatches) at the peak of the first (last=False) or
+    last pipeline rank, in torch.distributed.pipelining's orders (see estimate/pipeline.py).
+
+    A chunk is one micro-batch through one of the rank's virtual stages (L / (pp*vpp) layers;
+    vpp = 1 unless interleaved). gpipe: all m micro-batches. 1f1b (Schedule1F1B): rank r runs
+    min(m, pp - r) forwards before its first backward and then alternates B, F: peak min(m, pp-r).
+    interleaved (ScheduleInterleaved1F1B): warm-up w = (v-1)*pp + 2*(pp-1-r) chunk forwards, then
+    F before B: peak min(w+1, v*m) chunks, depth first in rounds of pp micro-batches per virtual
+    stage (so the first c*pp + min(rem, pp) of them are on virtual stage 0). On rank 0 that is
+    (v+1)*pp - 1 chunks = pp*(1 + (pp-1)/(pp*v)) micro-batches of the rank's layers, Korthikanti
+    et al. 2022's interleaved factor. The last stage holds one micro-batch's logits at a time
+    (1F1B and interleaved run its F then its B at once); GPipe holds all m.
+    Without a pipeline (pp = 1) one micro-batch is in flight.
+    """
+    pp, m = plan.pp, plan.grad_accum
+    r = pp - 1 if last else 0
+    v = plan.vpp if plan.schedule == "interleaved" else 1
+    if plan.schedule == "gpipe":
+        chunks = m + 0 * pp
+    elif plan.schedule == "1f1b":
+        chunks = minimum(pp - r, m)
+    else:
+        chunks = minimum((v - 1) * pp + 2 * (pp - 1 - r) + 1, v * m)
+    first_stage = (chunks // (pp * v)) * pp + minimum(chunks % (pp * v), pp)  # = chunks when v = 1
+    head = m + 0 * pp if plan.schedule == "gpipe" else 1 + 0 * pp
+    one = where(pp > 1, 0, 1)  # no pipeline: one micro-batch at a time
+    return (where(one, 1, chunks), where(one, 1, first_stage), where(one, 1, head))
+
+
+def rank_activations(model, plan, *, last: bool, layout: str, attention: str, autocast: bool, act, res,
+                     vocab: int) -> dict:
+    """Activation items (and the pipeline's receive buffers) of the first or last pipeline rank
+    at its peak, by name. `vocab` is the logits' width on this rank (padded/sharded by layout)."""
+    pp, m, tp, sp = plan.pp, plan.grad_accum, plan.tp, plan.sp
+    b, s, h = plan.mbs, plan.seq, model.hidden
+    v = plan.vpp if plan.schedule == "interleaved" else 1
+    kw = dict(b=b, s=s, tp=tp, sp=sp, act=act, res=res, layout=layout)
+    chunks, first_stage_chunks, head_mbs = inflight(plan, last)
+    pipelined = where(pp > 1, 1, 0)
+    holds_first = 1 - pipelined if last else 1  # the rank holds global stage 0
+    holds_last = 1 if last else 1 - pipelined
+    embed_mbs = first_stage_chunks * holds_first
+    head_mbs = head_mbs * holds_last
+
+    kept, rebuilt = layer_bytes(model, plan, layout=layout, attention=attention, autocast=autocast, act=act,
+                                res=res)
+    layers_per_chunk = model.layers // (pp * v)
+    x = _term("token", "res", "seq", h, **kw)  # one residual-stream tensor [b, s(/tp), h]
+    out = {"act.layers": chunks * layers_per_chunk * kept, "act.recompute": rebuilt}
+
+    emb = b * s * 8 + (s * 8 if model.positions == "learned" else 0)  # token (and position) ids
+    if model.dropout > 0:
+        emb = emb + _term("token", "mask", "seq", h, **kw)  # embedding dropout mask
+    out["act.embedding"] = embed_mbs * emb
+
+    # the head: final norm, the output projection's input, logits, the fp32 loss
+    head_in = _term("token", "act", "gather", h, **kw)
+    if layout == "torch":
+        # run/model.py's output is column-parallel with the full logits gathered on every tp
+        # rank; the loss is F.cross_entropy(logits.float()): the caller (or the pipeline's
+        # forward cache) keeps the logits, log_softmax saves its fp32 output, and the backward
+        # adds two fp32 [b*s, V] tensors at once (d log-probs from nll_loss, d logits from
+        # log_softmax's backward) while those are still alive.
+        logits, saved_fp32, backward = b * s * vocab * act, b * s * vocab * 4, b * s * vocab * 8
+    else:
+        # Megatron's vocab-parallel cross entropy on logits.float(): the bf16 logits are dropped,
+        # the fp32 copy becomes the saved softmax in place, the backward works in place and
+        # casts the gradient back to the compute dtype.
+        logits, saved_fp32 = 0 * b, b * s * vocab * 4
+        backward = b * s * vocab * (act if act != 4 else 0)
+    out["act.final_norm"] = head_mbs * (_term("token", "res", "seq", h, **kw) +
+                                        _term("token", "fp32", "seq", 1 if model.norm == "rmsnorm" else 2, **kw))
+    out["act.head_input"] = head_mbs * head_in
+    out["act.logits"] = head_mbs * logits
+    out["act.loss_fp32"] = head_mbs * saved_fp32
+    out["act.loss_backward"] = holds_last * backward
+
+    if layout == "torch":
+        # torch.distributed.pipelining: a non-last stage keeps its output for each in-flight
+        # micro-batch (fwd_cache); every non-first stage has a receive buffer per micro-batch for
+        # activations and every non-last one per micro-batch for gradients, allocated once and
+        # kept (PipelineStage._setup_forward_recv_info / _create_grad_recv_info). A receive
+        # buffer holding an in-flight micro-batch's input is counted as that block's saved input.
+        receiving_chunks = chunks - first_stage_chunks * holds_first
+        out["act.stage_output"] = pipelined * (chunks - head_mbs) * x
+        act_buffers = (v - holds_first) * m - receiving_chunks
+        grad_buffers = (v - holds_last) * m
+        out["buffers.pp_act_recv"] = pipelined * act_buffers * x
+        out["buffers.pp_grad_recv"] = pipelined * grad_buffers * x
+    return out

@@ -1,0 +1,510 @@
+"""Memory per GPU: model states by accounting profile, activations from the saved-tensor
+inventory (activations.py), communication buffers and runtime overhead.
+
+`memory(model, cluster, plan, profile)` returns the Memory of the worst rank at its peak. Two
+ranks are candidates, the first pipeline stage (embeddings, the most micro-batches in flight)
+and the last (the output head, the logits and the fp32 loss); with pp = 1 they are one. For the
+`torch` profile each rank is examined at the moments its peak can fall on, and the breakdown is
+that of the largest:
+  A. the backward of the last micro-batch in flight begins: every saved activation is alive,
+     with the loss's backward temporaries, FSDP's gathered parameters and one block's
+     gradient reduce-scatter (counted together: conservative by at most the smaller of them);
+  B. (FSDP) the end of the backward: the root's (embeddings, output) gradient reduce-scatter,
+     or with a pipeline, every group's deferred one;
+  C. the optimizer step: activations freed, the step's scratch memory allocated.
+Gradients are counted where they exist: the run tier sets .grad = None after each step, so a
+plain model's gradients appear during the backward, DDP's buckets are allocated for good, and
+FSDP's sharded gradients exist once reduce-scattered. The other profiles are accounting models
+(their papers' tables) and count every model state at once, at moment A.
+
+Numeric plan fields may be numpy arrays; then every field of the Memory is an array too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from heapq import heapify, heappop, heappush
+
+from shardwise.breakdown import Memory
+from shardwise.errors import ShardwiseError
+from shardwise.estimate import activations as acts
+from shardwise.estimate._num import _is_array, ceil_div, maximum, minimum, where
+from shardwise.estimate.profiles import (CUDA_CONTEXT_BYTES, DS_ALLGATHER_BUCKET, DS_MAX_LIVE_PARAMETERS,
+                                         DS_PERSISTENCE_THRESHOLD, DS_PREFETCH_BUCKET, DS_REDUCE_BUCKET,
+                                         MEGATRON_VOCAB_MULTIPLE, check_profile, compute_bytes, is_mixed,
+                                         optimizer_bytes, shard_states, state_bytes, step_temp_bytes)
+
+STAGES = {"worst": (False, True), "first": (False,), "last": (True,)}  # which stages' ranks to examine
+FIELDS = {"params": "params", "grads": "grads", "optimizer": "optimizer", "act": "activations",
+          "buffers": "buffers", "overhead": "overhead"}
+
+
+def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "flash",
+           stage: str = "worst") -> Memory:
+    """Bytes on the worst rank at its peak, by field, with named sub-items in `detail`.
+
+    attention: "flash" (SDPA's flash / memory-efficient kernels, CUDA's default: no s*s scores
+    saved) or "math" (scores materialized, as SDPA's math kernel and unfused attention do).
+    stage: "worst" (the larger of the two below), "first" or "last" pipeline stage's rank
+    (`shardwise check` holds each stage's ranks against its own estimate).
+    """
+    check_profile(profile)
+    acts._check("torch", attention)
+    if profile == "megatron" and plan.offload == "params":
+        raise ShardwiseError("the megatron profile has no parameter offload; use --profile torch or "
+                             "deepspeed, or --offload optimizer")
+    vec = _is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq)
+    if stage not in STAGES:
+        raise ShardwiseError(f"unknown pipeline stage {stage!r}; use one of {', '.join(STAGES)}")
+    moments = []
+    for last in STAGES[stage]:
+        if profile == "torch":
+            moments += _torch(model, plan, last, attention)
+        else:
+            moments.append(_paper(model, plan, last, profile, attention))
+    detail = _peak(moments, vec)
+    mem = Memory(capacity=cluster.gpu.memory_bytes)
+    for key, value in detail.items():
+        field = FIELDS[key.split(".", 1)[0]]
+        setattr(mem, field, getattr(mem, field) + value)
+    if vec:  # every field and item an int64 array of the plans' shape
+        import numpy as np
+
+        shape = np.broadcast(*(np.asarray(getattr(plan, f)) for f in
+                               ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq"))).shape
+        detail = {k: np.broadcast_to(np.asarray(v, dtype=np.int64), shape) for k, v in detail.items()}
+        for f in FIELDS.values():
+            setattr(mem, f, np.broadcast_to(np.asarray(getattr(mem, f), dtype=np.int64), shape))
+    else:
+        detail = {k: int(v) for k, v in detail.items() if v}
+        for f in FIELDS.values():
+            setattr(mem, f, int(getattr(mem, f)))
+    mem.detail = detail
+    return mem
+
+
+def _peak(moments: list[dict], vec: bool) -> dict:
+    """The moment with the largest total (element by element for array plans)."""
+    keys = sorted({k for m in moments for k in m})
+    if not vec:
+        best = max(moments, key=lambda m: sum(m.values()))  # the first of equal totals
+        return {k: best.get(k, 0) for k in keys}
+    best = {k: moments[0].get(k, 0) for k in keys}
+    best_total = sum(best.values())
+    for m in moments[1:]:
+        total = sum(m.get(k, 0) for k in keys)
+        pick = total > best_total
+        best = {k: where(pick, m.get(k, 0), best[k]) for k in keys}
+        best_total = where(pick, total, best_total)
+    return best
+
+
+# ---- the reference model's parameters, as the engines split them --------------------------
+@dataclass(frozen=True)
+class _Param:
+    shape: tuple[int, ...]
+    tp_dim: int | None  # the dim tensor parallelism splits (engine contract item 7); None: replicated
+    uneven: bool  # split like torch.chunk (ceil) rather than evenly: embedding rows
+    vocab: bool  # rows are the vocabulary (Megatron pads them)
+    linear: bool  # a matmul weight: autocast keeps a low-precision copy of it
+    count: int = 1
+
+
+_COLWISE = {"wq", "wk", "wv", "w1", "w3"}
+_ROWWISE = {"wo", "w2"}
+_MATMUL = _COLWISE | _ROWWISE | {"router", "output"}
+
+
+def _param(name: str, shape: tuple[int, ...]) -> _Param:
+    module, kind = name.split(".")[-2:]
+    if module in _COLWISE:
+        tp_dim = 0
+    elif module in _ROWWISE:
+        tp_dim = 1 if kind == "weight" else None  # a row-parallel bias is replicated
+    elif module in ("tok_embeddings", "pos_embeddings", "output"):
+        tp_dim = 0  # vocab-parallel embedding, column-parallel output, position rows
+    else:
+        tp_dim = None  # norms, the MoE router
+    embedding = module in ("tok_embeddings", "pos_embeddings", "output")
+    # autocast's cast of a weight is saved by the matmul; a bias's cast is not (addmm's backward
+    # does not read the bias)
+    return _Param(shape, tp_dim, embedding, module in ("tok_embeddings", "output"),
+                  module in _MATMUL and kind == "weight")
+
+
+def _grouped(named) -> tuple[_Param, ...]:
+    """Identical parameters counted once with a multiplicity (MoE experts)."""
+    counts: dict[_Param, int] = {}
+    for name, shape in named:
+        p = _param(name, shape)
+        counts[p] = counts.get(p, 0) + 1
+    return tuple(_Param(p.shape, p.tp_dim, p.uneven, p.vocab, p.linear, n) for p, n in counts.items())
+
+
+@lru_cache(maxsize=64)
+def _groups(model) -> dict[str, tuple[_Param, ...]]:
+    """embed (first stage), block (every layer), head (last stage), tied (the last stage's own copy
+    of a tied embedding when pipelined: run/parallelize.split_pipeline keeps output.weight)."""
+    named = model.param_shapes()
+    block = model.layer_param_shapes()
+    h = model.hidden
+    embed = [(n, s) for n, s in named if n.split(".")[0] in ("tok_embeddings", "pos_embeddings")]
+    head = [(n, s) for n, s in named if n.split(".")[0] in ("norm", "output")]
+    return {"embed": _grouped(embed), "block": _grouped(block), "head": _grouped(head),
+            "tied": _grouped([("output.weight", (model.vocab, h))]) if model.tied_embeddings else ()}
+
+
+def _local(p: _Param, tp, vocab_multiple: int = 1) -> tuple:
+    """The shape one tp rank holds (rank 0, the largest where the split is uneven)."""
+    if p.tp_dim is None:
+        return p.shape
+    d = p.shape[p.tp_dim]
+    if p.vocab and vocab_multiple > 1:
+        d = ceil_div(d, vocab_multiple * tp) * vocab_multiple
+    else:
+        d = ceil_div(d, tp) if p.uneven else d // tp
+    return p.shape[:p.tp_dim] + (d,) + p.shape[p.tp_dim + 1:]
+
+
+def _numel(shape):
+    n = 1
+    for d in shape:
+        n = n * d
+    return n
+
+
+def _fsdp_shard(shape, dp) -> tuple:
+    """FSDP2's dim-0 shard on rank 0: ceil(dim0 / dp) rows, the padded size every rank allocates."""
+    return (ceil_div(shape[0], dp),) + shape[1:]
+
+
+@dataclass
+class _Stage:
+    """Which parameter groups a pipeline rank holds, with multiplicities (array-safe)."""
+
+    embed: object
+    layers: object
+    head: object
+    tied: object
+
+    def parts(self):
+        return (("embed", self.embed), ("block", self.layers), ("head", self.head), ("tied", self.tied))
+
+    def sum(self, groups, f, only=None):
+        total = 0
+        for name, weight in self.parts():
+            if isinstance(weight, int) and weight == 0:
+                continue
+            for p in groups[name]:
+                if only is None or only(p):
+                    total = total + weight * p.count * f(p)
+        return total
+
+    def max(self, groups, f):
+        best = 0
+        for name, weight in self.parts():
+            if isinstance(weight, int) and weight == 0:
+                continue
+            for p in groups[name]:
+                best = maximum(best, where(weight > 0, f(p), 0))
+        return best
+
+
+def _stage_of(model, pp, last: bool) -> _Stage:
+    pipelined = where(pp > 1, 1, 0)
+    embed = 1 - pipelined if last else 1
+    head = 1 if last else 1 - pipelined
+    tied = head * pipelined if model.tied_embeddings else 0
+    return _Stage(embed, model.layers // pp, head, tied)
+
+
+# ---- torch: what the run tier's engines keep ---------------------------------------------
+OVERHEAD = {"overhead.cuda_context": CUDA_CONTEXT_BYTES}
+
+
+def _memo(fn):
+    """lru_cache for scalar plans; arrays (the search) are computed directly."""
+    cached = lru_cache(maxsize=8192)(fn)
+
+    def wrapper(*args):
+        return fn(*args) if _is_array(*args[1:]) else cached(*args)  # args[0]: the ModelSpec
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
+
+
+def _block_sum(g, f, only=None):
+    """f summed over one transformer block's parameters."""
+    return sum(p.count * f(p) for p in g["block"] if only is None or only(p))
+
+
+def _torch(model, plan, last: bool, attention: str) -> list[dict]:
+    """Moments A, B, C (module docstring) of one rank; FSDP2 only with zero >= 2 and dp > 1
+    (run/parallelize.uses_fsdp: at dp = 1 there is nothing to shard over)."""
+    if plan.zero < 2:
+        return _torch_local(model, plan, last, attention)
+    fsdp = where(plan.dp > 1, 1, 0)
+    if not _is_array(fsdp):
+        return _torch_fsdp(model, plan, last, attention) if fsdp else _torch_local(model, plan, last, attention)
+    a, b = _torch_fsdp(model, plan, last, attention), _torch_local(model, plan, last, attention)
+    b = b[:1] + [{}] + b[1:]  # align: the local engines have no moment B
+    return [{k: fsdp * x.get(k, 0) + (1 - fsdp) * y.get(k, 0) for k in set(x) | set(y)} for x, y in zip(a, b)]
+
+
+def _split(items: dict) -> tuple[dict, dict]:
+    """(activations, persistent pipeline buffers) of rank_activations' items."""
+    return ({k: v for k, v in items.items() if k.startswith("act.")},
+            {k: v for k, v in items.items() if k.startswith("buffers.")})
+
+
+@_memo
+def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last):
+    """Parameter sums for the local engines: elements, optimizer bytes and step scratch of the
+    worst dp rank, and the Linear elements autocast copies."""
+    g, sb = _groups(model), state_bytes("torch", precision)
+    st = _stage_of(model, pp, last)
+    numel = lambda p: _numel(_local(p, tp))  # noqa: E731
+    n = st.sum(g, numel)
+    states = st.sum(g, lambda p: optimizer_bytes(optimizer, _local(p, tp), sb))
+    # the step's scratch: foreach unless the parameters mix DTensors and plain tensors (run/engine.py
+    # turns foreach off then: TP without DDP and without sequence parallel leaves the norms
+    # plain); Adafactor defaults to its single-tensor loop
+    largest = st.max(g, numel)
+    if optimizer == "adamw":
+        matrices = st.sum(g, numel, only=lambda p: len(p.shape) >= 2)
+        foreach = step_temp_bytes("adamw", maximum(matrices, n - matrices), sb, foreach=True)
+        mixed_kinds = 0 if sp else where((tp > 1) & (dp == 1), 1, 0)
+        temp = mixed_kinds * step_temp_bytes("adamw", largest, sb, foreach=False) + (1 - mixed_kinds) * foreach
+    else:
+        temp = step_temp_bytes(optimizer, largest, sb, foreach=False)
+    if zero == 1:  # ZeroRedundancyOptimizer under DDP; at dp = 1 the plain optimizer
+        z_states, z_temp = _per_combo(lambda d, t, q: _zero1_worst(model, d, t, q, last, optimizer, sb), dp, tp, pp)
+        ddp = where(dp > 1, 1, 0)
+        states, temp = where(ddp, z_states, states), where(ddp, z_temp, temp)
+    block_linear = _block_sum(g, numel, only=lambda p: p.linear)
+    out = g["tied"][0] if model.tied_embeddings else [p for p in g["head"] if p.linear][0]
+    return {"n": n, "states": states, "temp": temp, "block_linear": block_linear, "out_linear": numel(out),
+            "head": st.head}
+
+
+def _torch_local(model, plan, last: bool, attention: str) -> list[dict]:
+    """DDP (zero 0), DDP + ZeroRedundancyOptimizer (zero 1), or no data-parallel wrapper (dp = 1),
+    each with TP and/or PP. Mixed precision: fp32 parameters under torch.autocast."""
+    sb = state_bytes("torch", plan.precision)
+    mixed = is_mixed(plan.precision)
+    c = compute_bytes(plan.precision)
+    z = _local_sizes(model, plan.precision, plan.optimizer, plan.zero, plan.sp, plan.tp, plan.dp, plan.pp, last)
+    n, states, temp = z["n"], z["states"], z["temp"]
+    if plan.offload == "optimizer":  # on the CPU, and stepped there
+        states, temp = 0, 0
+    ddp = where(plan.dp > 1, 1, 0)
+    activations, buffers = _split(acts.rank_activations(
+        model, plan, last=last, layout="torch", attention=attention, autocast=mixed, act=c,
+        res=4 if mixed else c, vocab=model.vocab))
+    persistent = {"params.local": sb.param * n, "optimizer.states": states, "grads.ddp_buckets": ddp * sb.grad * n,
+                  **OVERHEAD, **buffers}
+    a = {**persistent, **activations}
+    # fresh .grad tensors of the earlier micro-batches (the run tier sets .grad = None each step,
+    # so DDP copies them into its buckets only in the synchronizing backward)
+    a["grads.accumulated"] = where(plan.grad_accum > 1, 1, 0) * sb.grad * n
+    if mixed:
+        # autocast's low-precision weight copies: run/model.py enters autocast per forward call,
+        # so each micro-batch in flight holds the casts its graph saved (every Linear's weight);
+        # with full recompute the blocks' casts are remade one block at a time
+        chunks, _, head_mbs = acts.inflight(plan, last)
+        v = plan.vpp if plan.schedule == "interleaved" else 1
+        blocks = 1 if plan.recompute == "full" else chunks * (model.layers // (plan.pp * v))
+        a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + head_mbs * z["head"] * z["out_linear"])
+    c_ = {**persistent, "grads.local": (1 - ddp) * sb.grad * n, "buffers.optimizer_step": temp}
+    return [a, c_]
+
+
+@_memo
+def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last):
+    """Parameter sums under FSDP2: shard elements (padded), unsharded (padded) elements of the
+    stage, one block, the root and the head, optimizer bytes and step scratch on rank 0."""
+    g, sb = _groups(model), state_bytes("torch", precision)
+    st = _stage_of(model, pp, last)
+    shard = lambda p: _fsdp_shard(_local(p, tp), dp)  # noqa: E731
+    padded = lambda p: dp * _numel(shard(p))  # noqa: E731
+    s = st.sum(g, lambda p: _numel(shard(p)))
+    u_all = st.sum(g, padded)
+    u_block = _block_sum(g, padded)
+    # the output's (tied: the embedding's) gradient is made first in the backward; the root's
+    # reduce-scatter waits for the embedding's, at the end
+    out = g["tied"][0] if model.tied_embeddings else [p for p in g["head"] if p.linear][0]
+    u_head = st.head * (padded(out) + sum(padded(p) for p in g["head"] if not p.linear))
+    states = st.sum(g, lambda p: optimizer_bytes(optimizer, shard(p), sb))
+    if optimizer == "adamw":  # DTensors on one mesh: foreach
+        matrices = st.sum(g, lambda p: _numel(shard(p)), only=lambda p: len(p.shape) >= 2)
+        temp = step_temp_bytes("adamw", maximum(matrices, s - matrices), sb, foreach=True)
+    else:
+        temp = step_temp_bytes(optimizer, st.max(g, lambda p: _numel(shard(p))), sb, foreach=False)
+    return {"s": s, "u_all": u_all, "u_block": u_block, "u_root": u_all - st.layers * u_block, "u_head": u_head,
+            "states": states, "temp": temp}
+
+
+def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
+    """FSDP2 (zero 2/3 over dp > 1). Each parameter is a dim-0 shard padded to ceil(dim0/dp) rows;
+    with mixed precision the fp32 shard is the master, all-gathered in bf16 (param_dtype) and
+    reduce-scattered in fp32 (reduce_dtype)."""
+    sb = state_bytes("torch", plan.precision)
+    mixed = is_mixed(plan.precision)
+    c = compute_bytes(plan.precision)
+    pb = 2 if mixed else sb.param  # unsharded (all-gathered) parameters and their gradients
+    rb = 4 if mixed else sb.grad  # reduce-scatter dtype = the sharded gradients' dtype
+    z = _fsdp_sizes(model, plan.precision, plan.optimizer, plan.tp, plan.dp, plan.pp, last)
+    s, u_all, u_block, u_root = z["s"], z["u_all"], z["u_block"], z["u_root"]
+    pipelined = where(plan.pp > 1, 1, 0)
+    accumulated = where(plan.grad_accum > 1, 1, 0)
+    offload = plan.offload == "params"  # CPUOffloadPolicy: shards, gradients and the step on the CPU
+    cpu_step = plan.offload != "none"  # the optimizer states (and so its step) on the CPU
+    sharded_grads = 0 if offload else rb * s
+    activations, buffers = _split(acts.rank_activations(
+        model, plan, last=last, layout="torch", attention=attention, autocast=False, act=c, res=c,
+        vocab=model.vocab))
+    persistent = {"params.sharded": 0 if offload else sb.param * s, "optimizer.states": 0 if cpu_step else z["states"],
+                  **OVERHEAD, **buffers}
+
+    # A. With a pipeline, torch.distributed.pipelining keeps FSDP from resharding after backward
+    # and from reduce-scattering before the last micro-batch (backward_maybe_with_nosync): every
+    # block ends up unsharded and every gradient accumulates unsharded in fp32
+    # (FSDPParam.to_accumulated_grad_if_needed). ZeRO-2 accumulates the same way by itself.
+    a = {**persistent, **activations}
+    if plan.zero == 2:
+        a["params.unsharded"] = pb * u_all
+        accumulating = accumulated
+    else:
+        a["params.unsharded"] = pb * where(pipelined, u_all, u_root)  # the root is not resharded in forward
+        a["buffers.zero3_gather"] = (1 - pipelined) * 2 * pb * u_block  # the block in use + the prefetched one
+        a["grads.sharded"] = (1 - pipelined) * accumulated * sharded_grads  # reduce-scattered every micro-batch
+        accumulating = accumulated * pipelined
+    a["grads.unsharded_accumulated"] = accumulating * rb * u_all
+    a["grads.head_unsharded"] = pb * z["u_head"]
+    # one block's gradients in the compute dtype and its fp32 reduce-scatter input (FSDP keeps one
+    # reduce-scatter input in flight); with a pipeline only the cast into the fp32 accumulator
+    a["buffers.reduce_scatter"] = u_block * (pb + (1 - pipelined) * rb)
+
+    # B. The end of the backward: the root's reduce-scatter; with a pipeline each group's in turn
+    b = {**persistent, "grads.sharded": sharded_grads,
+         "buffers.root_reduce_scatter": (1 - pipelined) * u_root * (pb + rb),
+         "grads.unsharded_accumulated": pipelined * rb * u_all,
+         "buffers.reduce_scatter": pipelined * rb * maximum(u_root, u_block)}
+
+    # C. The optimizer step on the shards
+    cc = {**persistent, "grads.sharded": sharded_grads, "buffers.optimizer_step": 0 if cpu_step else z["temp"]}
+    return [a, b, cc]
+
+
+# ---- ZeroRedundancyOptimizer's partition -------------------------------------------------------
+def _per_combo(fn, dp, tp, pp):
+    """fn(dp, tp, pp) -> (x, y) on scalars, or element by element over the unique combinations."""
+    if not _is_array(dp, tp, pp):
+        return fn(int(dp), int(tp), int(pp))
+    import numpy as np
+
+    d, t, q = np.broadcast_arrays(np.asarray(dp), np.asarray(tp), np.asarray(pp))
+    xs, ys = np.zeros(d.shape, dtype=np.int64), np.zeros(d.shape, dtype=np.int64)
+    for combo in set(zip(d.ravel().tolist(), t.ravel().tolist(), q.ravel().tolist())):
+        x, y = fn(*combo)
+        sel = (d == combo[0]) & (t == combo[1]) & (q == combo[2])
+        xs[sel], ys[sel] = x, y
+    return xs, ys
+
+
+def stage_param_shapes(model, tp: int, pp: int, last: bool) -> list[tuple[int, ...]]:
+    """The local shapes of one pipeline rank's parameters in registration order (scalars only)."""
+    named = model.param_shapes()
+    if pp > 1:
+        keep_embed, keep_head = not last, last
+        layers = set(range(model.layers - model.layers // pp, model.layers)) if last else \
+            set(range(model.layers // pp))
+        out = []
+        for name, shape in named:
+            top = name.split(".")[0]
+            if top in ("tok_embeddings", "pos_embeddings") and not keep_embed:
+                continue
+            if top in ("norm", "output") and not keep_head:
+                continue
+            if top == "layers" and int(name.split(".")[1]) not in layers:
+                continue
+            out.append((name, shape))
+        if last and model.tied_embeddings:
+            out.append(("output.weight", (model.vocab, model.hidden)))
+        named = out
+    return [_local(_param(n, s), tp) for n, s in named]
+
+
+@lru_cache(maxsize=4096)
+def _zero1_worst(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb) -> tuple[int, int]:
+    """(optimizer bytes, step scratch bytes) of the dp rank ZeroRedundancyOptimizer loads most.
+
+    Its partition (_partition_parameters): for each parameter group in order (run/engine.py:
+    matrices with weight decay, then vectors), parameters sorted by numel, largest first (a stable
+    sort), each to the rank with the smallest total so far (the first such rank). Under DDP the
+    parameters are local TP shards. The local optimizer then steps only its own parameters."""
+    shapes = stage_param_shapes(model, tp, pp, last)
+    heap = [(0, r) for r in range(dp)]
+    heapify(heap)
+    states, numel_by_group, largest = [0] * dp, [[0, 0] for _ in range(dp)], [0] * dp
+    for group in (0, 1):
+        members = [s for s in shapes if (len(s) >= 2) == (group == 0)]
+        for shape in sorted(members, key=_numel, reverse=True):
+            size, r = heappop(heap)
+            n = _numel(shape)
+            heappush(heap, (size + n, r))
+            states[r] += optimizer_bytes(optimizer, shape, sb)
+            numel_by_group[r][group] += n
+            largest[r] = max(largest[r], n)
+    worst = max(range(dp), key=lambda r: (states[r], -r))
+    if optimizer == "adamw":  # DDP's local shards are plain tensors: foreach
+        temp = step_temp_bytes("adamw", max(numel_by_group[worst]), sb, foreach=True)
+    else:
+        temp = step_temp_bytes(optimizer, largest[worst], sb, foreach=False)
+    return int(states[worst]), int(temp)
+
+
+# ---- the accounting profiles: zero-paper, deepspeed, megatron ------------------------------------
+@_memo
+def _paper_sizes(model, profile, optimizer, precision, tp, pp, last):
+    """Elements, optimizer bytes, elements in tensors DeepSpeed keeps whole, one block's elements."""
+    g, sb = _groups(model), state_bytes(profile, precision)
+    st = _stage_of(model, pp, last)
+    mult = MEGATRON_VOCAB_MULTIPLE if profile == "megatron" else 1
+    numel = lambda p: _numel(_local(p, tp, mult))  # noqa: E731
+    return {"n": st.sum(g, numel),
+            "opt": st.sum(g, lambda p: optimizer_bytes(optimizer, _local(p, tp, mult), sb)),
+            "small": st.sum(g, lambda p: where(numel(p) <= DS_PERSISTENCE_THRESHOLD, numel(p), 0)),
+            "block": _block_sum(g, numel)}
+
+
+def _paper(model, plan, last: bool, profile: str, attention: str) -> dict:
+    """Model states from the profile's bytes-per-parameter table, sharded as its engine does, the
+    papers' activation layout (Megatron's) and DeepSpeed's default buffers."""
+    sb = state_bytes(profile, plan.precision)
+    tp, dp, zero = plan.tp, plan.dp, plan.zero
+    z = _paper_sizes(model, profile, plan.optimizer, plan.precision, tp, plan.pp, last)
+    n, opt = z["n"], z["opt"]
+    if profile == "megatron":  # zero >= 1: the distributed optimizer shards the optimizer part only
+        p, gr, o = sb.param * n, sb.grad * n, ceil_div(opt, dp) if zero >= 1 else opt
+    else:
+        p, gr, o = shard_states(sb.param * n, sb.grad * n, opt, dp, zero)
+        if profile == "deepspeed" and zero == 3:  # tensors up to the persistence threshold stay whole
+            p = sb.param * (z["small"] + ceil_div(n - z["small"], dp))
+    if plan.offload != "none":
+        o = 0
+    if plan.offload == "params":
+        p, gr = 0, 0
+    out = {"params.model": p, "grads.model": gr, "optimizer.states": o, **OVERHEAD}
+    if profile == "deepspeed":
+        out["buffers.ds_reduce_bucket"] = sb.grad * minimum(DS_REDUCE_BUCKET, n)
+        if zero in (1, 2):
+            out["buffers.ds_allgather_bucket"] = sb.param * minimum(DS_ALLGATHER_BUCKET, n)
+        if zero == 3:  # the block in use and what is prefetched, capped by max_live_parameters
+            out["buffers.ds_live_params"] = sb.param * minimum(DS_MAX_LIVE_PARAMETERS,
+                                                               minimum(n, z["block"] + DS_PREFETCH_BUCKET))
+    c = compute_bytes(plan.precision)
+    mult = MEGATRON_VOCAB_MULTIPLE if profile == "megatron" else 1
+    out.update(acts.rank_activations(model, plan, last=last, layout="megatron", attention=attention,
+                                     autocast=False, act=c, res=c, vocab=ceil_div(model.vocab, mult * tp) * mult))
+    return out

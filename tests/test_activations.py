@@ -1,0 +1,278 @@
+"""The activation inventory: Korthikanti et al. 2022's formulas as special cases, hand-worked
+Llama examples, the pipeline's micro-batches in flight, and a torch cross-check: the tensors the
+run tier's reference block really saves, counted with saved_tensors_hooks."""
+import pytest
+
+from shardwise.errors import ShardwiseError
+from shardwise.estimate.activations import (block_inventory, inflight, inventory_bytes, layer_bytes,
+                                            rank_activations)
+from shardwise.spec.model import ModelSpec, preset
+from shardwise.spec.plan import Plan
+
+# GPT-3 175B with dropout, the model of Korthikanti et al. 2022 ("Reducing Activation
+# Recomputation in Large Transformer Models", Sec. 4): a = 96 heads, h = 12288, s = 2048, b = 1
+GPT3 = preset("gpt-3-175b").scaled(dropout=0.1)
+S, B, H, A, T = 2048, 1, 12288, 96, 8
+SBH = S * B * H  # 25,165,824
+SCORES = 5 * A * S / H  # 5as/h = 5*96*2048/12288 = 80
+LN_STATS = 2 * 2 * 4 * S * B  # two LayerNorms x (mean, rstd) x fp32 x sb = 32,768 (the paper ignores them)
+
+
+def gpt_layer(tp=1, sp=False, selective=False):
+    """Megatron layout, materialized attention, 2-byte activations, 1-byte dropout masks."""
+    inv = block_inventory(GPT3, "megatron", "math", selective)
+    return inventory_bytes(inv, b=B, s=S, tp=tp, sp=sp, act=2, res=2, layout="megatron")
+
+
+def test_korthikanti_no_parallelism():
+    # sbh(34 + 5as/h) = 25,165,824 * (34 + 80) = 2,868,903,936 bytes, + 32,768 of LN statistics
+    assert SBH * (34 + SCORES) == 2_868_903_936
+    assert gpt_layer() == 2_868_903_936 + LN_STATS
+
+
+def test_korthikanti_tensor_parallel():
+    # sbh(10 + 24/t + 5as/(ht)), t = 8: 25,165,824 * (10 + 3 + 10) = 578,813,952
+    # (the 10 replicated: two LN inputs 4, QKV and MLP inputs 4, two dropout masks 2; LN
+    # statistics are replicated too without sequence parallel)
+    assert gpt_layer(tp=T) == 578_813_952 + LN_STATS
+
+
+def test_korthikanti_tensor_and_sequence_parallel():
+    # sbh/t (34 + 5as/h) = 3,145,728 * 114 = 358,612,992; the LN statistics split too
+    assert gpt_layer(tp=T, sp=True) == 358_612_992 + LN_STATS // T
+
+
+def test_korthikanti_selective_recompute():
+    # selective drops the 5as/h of the attention core: 34 sbh/t = 3,145,728 * 34 = 106,954,752
+    assert gpt_layer(tp=T, sp=True, selective=True) == 106_954_752 + LN_STATS // T
+    # without sequence parallel: sbh(10 + 24/t) = 25,165,824 * 13 = 327,155,712
+    assert gpt_layer(tp=T, selective=True) == 327_155_712 + LN_STATS
+
+
+def test_korthikanti_full_recompute():
+    # full recompute keeps each layer's input: 2sbh = 50,331,648 (and /t with sequence parallel),
+    # plus one block's whole inventory while it is recomputed
+    plan = Plan(dp=1, tp=1, mbs=B, seq=S, gbs=1, recompute="full")
+    kept, rebuilt = layer_bytes(GPT3, plan, layout="megatron", attention="math", autocast=False, act=2, res=2)
+    assert kept == 2 * SBH == 50_331_648
+    assert kept + rebuilt == gpt_layer()
+    kept_sp, _ = layer_bytes(GPT3, plan.replace(tp=T, sp=True), layout="megatron", attention="math",
+                             autocast=False, act=2, res=2)
+    assert kept_sp == 2 * SBH // T == 6_291_456
+
+
+def test_flash_attention_drops_the_scores():
+    # flash keeps q, k, v and out as the math kernel does (all 34 sbh stay) but none of the
+    # 5as^2b score tensors: instead one fp32 logsumexp per head and token, 4*a*s*b = 786,432:
+    # 34 * 25,165,824 + 786,432 = 856,424,448
+    inv = block_inventory(GPT3, "megatron", "flash")
+    got = inventory_bytes(inv, b=B, s=S, tp=1, sp=False, act=2, res=2, layout="megatron")
+    assert got == 856_424_448 + LN_STATS
+
+
+# ---- Llama-style: SwiGLU, RMSNorm, rotary, GQA, no dropout, flash -----------------------
+LLAMA2 = preset("llama-2-7b")  # h 4096, 32 heads (MHA), ffn 11008, head_dim 128
+
+
+def test_llama2_7b_fsdp_bf16_layer():
+    # torch layout, bf16 activations everywhere (FSDP2 param_dtype=bf16, no autocast), flash,
+    # b = 1, s = 4096. Per token (bytes):
+    #   attention_norm input 2h = 8,192     rstd (fp32) 4
+    #   wq/wk/wv input (one tensor) 8,192
+    #   q, k, v 3 * 8,192 = 24,576          logsumexp 32 heads * 4 = 128
+    #   attention out (= wo's input) 8,192
+    #   ffn_norm input 8,192                rstd 4
+    #   w1/w3 input 8,192
+    #   w1 out, silu out, w3 out, w2 input: 4 * 11,008 * 2 = 88,064
+    #   total 153,736 per token, plus rotary cos and sin 2 * 128 * 2 = 512 per position
+    # -> (153,736 + 512) * 4096 = 631,799,808 bytes per layer (37.7 sbh)
+    inv = block_inventory(LLAMA2, "torch", "flash")
+    got = inventory_bytes(inv, b=1, s=4096, tp=1, sp=False, act=2, res=2, layout="torch")
+    assert got == 631_799_808
+
+
+def test_llama2_7b_autocast_layer():
+    # DDP with torch.autocast: the residual stream is fp32 (norm inputs 4h = 16,384 each) and the
+    # fp32 norm output is cast once per Linear: wq, wk, wv keep 3 * 8,192, w1 and w3 2 * 8,192.
+    #   16,384 + 4 + 24,576 + 24,576 + 128 + 8,192 + 16,384 + 4 + 16,384 + 88,064 = 194,696
+    # -> (194,696 + 512) * 4096 = 799,571,968 bytes per layer
+    inv = block_inventory(LLAMA2, "torch", "flash", autocast=True)
+    got = inventory_bytes(inv, b=1, s=4096, tp=1, sp=False, act=2, res=4, layout="torch")
+    assert got == 799_571_968
+
+
+def test_gqa_kv_width():
+    # Llama-3.1-8B: 32 query heads, 8 KV heads, head_dim 128: kv_dim 1024 vs q_dim 4096.
+    m = preset("llama-3.1-8b")
+    width = lambda inv: {s.name: s.width for s in inv}  # noqa: E731
+    # the run model repeats K/V to the query heads before SDPA: saved at 4096 ...
+    assert width(block_inventory(m, "torch", "flash"))["attention.k"] == 4096
+    # ... unless the core is recomputed, which keeps only its (unrepeated) inputs
+    assert width(block_inventory(m, "torch", "flash", selective=True))["attention.k"] == 1024
+    # Megatron's fused attention takes GQA natively
+    assert width(block_inventory(m, "megatron", "flash"))["attention.v"] == 1024
+
+
+def test_torch_sequence_parallel_keeps_gathered_inputs_whole():
+    # torchtitan's SP all-gathers the norm output before wq/wk/wv and w1/w3 and autograd saves
+    # the gathered tensor: those two 2sbh stay whole while the rest divides by t.
+    # Llama-2-7B, bf16, b=1, s=4096, t=8: per token, whole: 2 * 8,192 = 16,384;
+    # split: (153,736 - 16,384) / 8 = 17,169; rotary 512 per position (not split)
+    inv = block_inventory(LLAMA2, "torch", "flash")
+    got = inventory_bytes(inv, b=1, s=4096, tp=8, sp=True, act=2, res=2, layout="torch")
+    assert got == (16_384 + 17_169 + 512) * 4096
+
+
+def test_bad_kernel_is_one_line():
+    with pytest.raises(ShardwiseError, match="flash"):
+        block_inventory(LLAMA2, "torch", "sdpa")
+    with pytest.raises(ShardwiseError, match="layout"):
+        block_inventory(LLAMA2, "deepspeed", "flash")
+
+
+# ---- the pipeline ------------------------------------------------------------------------
+def _simulated_peak(pp, m, v, schedule, rank):
+    """Walk torch's per-rank order (estimate/pipeline.py) and track chunks in flight."""
+    from shardwise.estimate.pipeline import rank_order
+
+    live, peak, peak_first = set(), 0, 0
+    for kind, mb, chunk in rank_order(pp, m, v, schedule, rank):
+        if kind == "F":
+            live.add((mb, chunk))
+        else:
+            live.discard((mb, chunk))
+        if len(live) > peak:
+            peak, peak_first = len(live), sum(1 for _, c in live if c == 0)
+    return peak, peak_first
+
+
+@pytest.mark.parametrize("schedule,pp,m,v", [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 2, 1),
+                                             ("interleaved", 4, 8, 2), ("interleaved", 2, 8, 4),
+                                             ("interleaved", 4, 4, 3)])
+def test_inflight_matches_torch_order(schedule, pp, m, v):
+    plan = Plan(dp=1, pp=pp, gbs=m, mbs=1, schedule=schedule, vpp=v)
+    for last in (False, True):
+        chunks, first_stage, head = inflight(plan, last)
+        peak, peak_first = _simulated_peak(pp, m, v, schedule, pp - 1 if last else 0)
+        assert chunks == peak
+        if not last:
+            assert first_stage == peak_first
+
+
+def test_interleaved_matches_korthikanti_factor():
+    # rank 0 holds (v+1)p - 1 chunks of L/(pv) layers: L * (1 + (p-1)/(p v)) layer-micro-batches.
+    # p = 4, v = 2, m = 8: 11 chunks = 11/8 L = L * (1 + 3/8)
+    chunks, _, _ = inflight(Plan(dp=1, pp=4, gbs=8, mbs=1, schedule="interleaved", vpp=2), last=False)
+    assert chunks == 11
+
+
+def test_one_microbatch_in_flight_without_a_pipeline():
+    for schedule in ("gpipe", "1f1b"):
+        assert inflight(Plan(dp=1, pp=1, gbs=16, mbs=1, schedule=schedule), last=False) == (1, 1, 1)
+
+
+def test_head_items_torch():
+    # The last stage of Llama-2-7B (V = 32,000), b = 1, s = 4096, bf16 under FSDP (no autocast):
+    #   logits kept by the caller: b*s*V*2 = 262,144,000; log_softmax's fp32 output: 524,288,000;
+    #   the backward's two fp32 [b*s, V] gradients: 1,048,576,000.
+    plan = Plan(dp=8, tp=1, pp=1, mbs=1, gbs=8, seq=4096)
+    items = rank_activations(LLAMA2, plan, last=True, layout="torch", attention="flash", autocast=False,
+                             act=2, res=2, vocab=LLAMA2.vocab)
+    assert items["act.logits"] == 262_144_000
+    assert items["act.loss_fp32"] == 524_288_000
+    assert items["act.loss_backward"] == 1_048_576_000
+    # final norm input 2 * 4096 * 4096 + rstd 4 * 4096; the output's input 2 * 4096 * 4096
+    assert items["act.final_norm"] == 33_554_432 + 16_384
+    assert items["act.head_input"] == 33_554_432
+    # 32 layers x 631,799,808 (test_llama2_7b_fsdp_bf16_layer)
+    assert items["act.layers"] == 32 * 631_799_808
+
+
+def test_pipeline_buffers_and_stage_output():
+    # Llama-2-7B, pp = 4, 1F1B, m = 8 micro-batches of b = 1, s = 4096, bf16 (FSDP-less: use bf16):
+    # one residual tensor X = 1 * 4096 * 4096 * 2 = 33,554,432 bytes.
+    plan = Plan(dp=1, pp=4, mbs=1, gbs=8, seq=4096, schedule="1f1b", precision="bf16")
+    x = 33_554_432
+    kw = dict(layout="torch", attention="flash", autocast=False, act=2, res=2, vocab=LLAMA2.vocab)
+    first = rank_activations(LLAMA2, plan, last=False, **kw)
+    # rank 0: 4 micro-batches in flight through 8 layers; it keeps each one's output for the send
+    assert first["act.layers"] == 4 * 8 * 631_799_808
+    assert first["act.stage_output"] == 4 * x
+    assert first["buffers.pp_grad_recv"] == 8 * x  # one gradient buffer per micro-batch
+    assert first["buffers.pp_act_recv"] == 0
+    assert first["act.logits"] == 0
+    last = rank_activations(LLAMA2, plan, last=True, **kw)
+    # the last rank: 1 in flight; of its 8 receive buffers one is that micro-batch's input,
+    # already in act.layers as the first block's saved input
+    assert last["act.layers"] == 8 * 631_799_808
+    assert last["buffers.pp_act_recv"] == 7 * x
+    assert last["buffers.pp_grad_recv"] == 0
+    assert last["act.stage_output"] == 0
+    assert last["act.logits"] == 1 * 4096 * 32_000 * 2
+
+
+# ---- torch cross-check: what autograd really saves ------------------------------------------
+def _saved_bytes(spec, b, s, *, kernel="flash", selective=False, full=False, autocast=False):
+    """Bytes of distinct storages the run tier's Block saves for backward (parameters excluded)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from shardwise.run.model import Block
+
+    torch.manual_seed(0)
+    block = Block(spec).train()
+    block.attention.recompute_core, block.recompute = selective, full
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    x = torch.randn(b, s, spec.hidden, requires_grad=True)
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    backend = SDPBackend.MATH if kernel == "math" else SDPBackend.FLASH_ATTENTION
+    cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with sdpa_kernel(backend), cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x)
+    return sum(seen.values())
+
+
+TINY_LLAMA = ModelSpec(name="t", layers=2, hidden=64, heads=8, kv_heads=2, vocab=128, ffn_hidden=96)
+TINY_GPT = ModelSpec(name="g", layers=2, hidden=64, heads=4, vocab=128, ffn_kind="gelu", norm="layernorm",
+                     positions="learned", max_seq=64, qkv_bias=True, out_bias=True, mlp_bias=True)
+b, s = 2, 16
+
+
+def _cpu_rmsnorm_extra(spec):
+    # CPU's rms_norm is a composite that also saves the normalized tensor (CUDA's fused kernel
+    # saves input and rstd only): one fp32 [b, s, h] per norm, two norms per block
+    return 2 * b * s * spec.hidden * 4 if spec.norm == "rmsnorm" else 0
+
+
+@pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT], ids=["llama", "gpt"])
+@pytest.mark.parametrize("kernel", ["flash", "math"])
+@pytest.mark.parametrize("selective", [False, True])
+def test_inventory_equals_saved_tensors_fp32(spec, kernel, selective):
+    """Exact: the inventory is what autograd saves (fp32, no dropout, CPU kernels; the one known
+    CPU/CUDA difference is rms_norm's normalized tensor)."""
+    inv = block_inventory(spec, "torch", kernel, selective)
+    want = inventory_bytes(inv, b=b, s=s, tp=1, sp=False, act=4, res=4, layout="torch")
+    assert _saved_bytes(spec, b, s, kernel=kernel, selective=selective) == want + _cpu_rmsnorm_extra(spec)
+
+
+@pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT], ids=["llama", "gpt"])
+def test_full_recompute_saves_the_block_input_only(spec):
+    assert _saved_bytes(spec, b, s, full=True) == b * s * spec.hidden * 4
+
+
+@pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT], ids=["llama", "gpt"])
+def test_inventory_under_autocast(spec):
+    """bf16 autocast over fp32 weights: fp32 residual, one bf16 copy of the norm output per
+    Linear, plus each Linear's bf16 weight cast (memory.py's params.autocast_copy; biases' casts
+    are not saved)."""
+    inv = block_inventory(spec, "torch", "flash", autocast=True)
+    want = inventory_bytes(inv, b=b, s=s, tp=1, sp=False, act=2, res=4, layout="torch")
+    weights = sum(o * i for _, (o, *rest) in spec.layer_param_shapes() for i in rest)  # the 2-D ones
+    assert _saved_bytes(spec, b, s, autocast=True) == want + 2 * weights + _cpu_rmsnorm_extra(spec)

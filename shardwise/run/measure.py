@@ -434,3 +434,37 @@ class Meter:
 
     def close(self) -> None:
         self.clock.close()
+
+    def write(self, path: str, tokens_per_step: int) -> None:
+        """Every rank's Measurement, gathered to rank 0 and written there as one JSON file:
+        {"ranks": [{"rank", "coords": {pp, dp, tp}, "measurement": {...}, "peak_source"}, ...]}.
+        Collective: every rank must call it."""
+        import json
+        from pathlib import Path
+
+        e = self.engine
+        m = self.measurement(tokens_per_step)
+        mine = {"rank": m.rank, "coords": {"pp": e.pp_rank, "dp": e.dp_rank, "tp": e.tp_rank},
+                "peak_source": self.peak_source, "measurement": measurement_to_dict(m)}
+        everyone = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
+        if dist.is_initialized():
+            dist.all_gather_object(everyone, mine)
+        if m.rank == 0:
+            p = Path(path)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps({"ranks": everyone}, indent=1))
+
+
+def measurement_to_dict(m: Measurement) -> dict:
+    return {"source": m.source, "rank": m.rank, "memory": m.memory.to_dict(),
+            "comm": [c.to_dict() for c in m.comm], "time": m.time.to_dict()}
+
+
+def measurement_from_dict(d: dict) -> Measurement:
+    mem = d["memory"]
+    memory = Memory(**{k: mem[k] for k in ("params", "grads", "optimizer", "activations", "buffers", "overhead",
+                                           "capacity")}, detail=dict(mem.get("detail", {})))
+    comm = [Collective(**c) for c in d["comm"]]
+    t = dict(d["time"])
+    time_ = Time(**{k: v for k, v in t.items() if k != "detail"}, detail=dict(t.get("detail", {})))
+    return Measurement(memory=memory, comm=comm, time=time_, source=d.get("source", "run"), rank=d.get("rank", 0))

@@ -1,0 +1,141 @@
+"""`shardwise check` and `shardwise calibrate` (registered by shardwise/cli.py).
+
+    shardwise check examples/tiny-llama.toml --nproc 4 --dp 2 --tp 2 [--steps N] [--hardware F] [--json] [--figure P]
+    shardwise calibrate --out mymachine.toml [--nproc N] [--config run.toml]
+
+Exit codes: check 0 when every judged value is within its tolerance, 1 otherwise, 2 for a user
+error. No torch is imported until a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from shardwise.errors import ShardwiseError
+
+DEFAULT_STEPS = 6  # warm-up, DDP's bucket rebuild, timed steps, and the measured last one
+
+
+def register(sub) -> None:
+    from shardwise import cli_args as ca
+    from shardwise.run.command import OPTIM_FLAGS, TRAIN_FLAGS
+
+    s = sub.add_parser("check", help="predict a plan, run it with measurement, and compare item by item",
+                       description="Estimate the plan (torch profile) for the run's own model and devices, train a "
+                                   "few steps with measurement on, and print predicted vs measured per rank: "
+                                   "model states, peak memory, every collective, step time. Exit 0 when all "
+                                   "verdicts pass, 1 otherwise.")
+    s.add_argument("config", help="run config (TOML), as for `shardwise run`")
+    g = s.add_argument_group("the run")
+    g.add_argument("--nproc", type=int, default=None, help="processes (default: dp*tp*pp)")
+    g.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                   help=f"steps to run (default {DEFAULT_STEPS}; the last is measured in detail, the first is "
+                        "left out of the time)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    g.add_argument("--set", action="append", default=[], metavar="TABLE.FIELD=VALUE",
+                   help="override any config field (repeatable)")
+    ca.add_plan_args(s, defaults=False)
+    m = s.add_argument_group("model dimensions (override the config's [model])")
+    for name, typ in ca.DIM_FLAGS.items():
+        m.add_argument("--" + name.replace("_", "-"), dest="dim_" + name, type=typ, default=None,
+                       metavar="N" if typ is int else "KIND")
+    h = s.add_argument_group("the prediction")
+    h.add_argument("--hardware", default=None, metavar="FILE",
+                   help="a hardware file (from `shardwise calibrate`): step time is judged only with one")
+    h.add_argument("--gpu", default=None, help="the GPU entry to predict with (default: the hardware file's only "
+                                              "one, else h100-80gb)")
+    h.add_argument("--network", default=None, help="the network entry (default: the GPU's name in the file)")
+    h.add_argument("--efficiency", type=float, default=None,
+                   help="fraction of the GPU's tflops the matmuls reach (default 1.0 with a hardware file: "
+                        "calibrated figures are already achieved; else the estimate's default)")
+    o = s.add_argument_group("output")
+    o.add_argument("--json", action="store_true", help="print the report as JSON")
+    o.add_argument("--figure", default=None, metavar="PNG", help="write predicted vs measured bars here")
+    # flags of `shardwise run` that check does not take, for its override reader
+    s.set_defaults(func=cmd_check, **{f: None for f in TRAIN_FLAGS if f not in ("nproc", "steps", "seed", "device")},
+                   **{f: None for f in OPTIM_FLAGS})
+
+    c = sub.add_parser("calibrate", help="measure this machine's matmul and collective speed into a hardware file",
+                       description="Benchmark matmul throughput, memory bandwidth and every collective's latency "
+                                   "and bandwidth on N local ranks (gloo on CPU, NCCL on CUDA) and write them as a "
+                                   "hardware file for --hardware.")
+    c.add_argument("--out", required=True, metavar="FILE", help="the hardware file to write (TOML)")
+    c.add_argument("--nproc", type=int, default=None, help="local ranks (default: 2 on CPU, every GPU on CUDA)")
+    c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    c.add_argument("--name", default=None, help="the [gpu.NAME] / [network.NAME] entry (default this-cpu / this-cuda)")
+    c.add_argument("--config", default=None, metavar="TOML",
+                   help="a run config: benchmark matmuls at its model's shapes (default: a standard set)")
+    c.add_argument("--quick", action="store_true", help="fewer sizes, shorter timings (noisier)")
+    c.set_defaults(func=cmd_calibrate)
+
+
+def _cluster(a, nproc: int, device: str):
+    from shardwise.spec import hardware as hw
+
+    gpu, network = a.gpu, a.network
+    if a.hardware:
+        entries = hw._file_entries(a.hardware, "gpu", hw.GPU)
+        if gpu is None:
+            if len(entries) != 1:
+                raise ShardwiseError(f"{a.hardware} has {len(entries)} [gpu.*] tables; pick one with --gpu "
+                                     f"({', '.join(sorted(entries)) or 'none'})")
+            gpu = next(iter(entries))
+        if network is None and gpu.lower() in hw._file_entries(a.hardware, "network", hw.Network):
+            network = gpu
+    return hw.make_cluster(gpu or "h100-80gb", nproc, None, network, a.hardware)
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from shardwise.report import check as ck
+    from shardwise.run import config, launch
+    from shardwise.run.command import overrides_from_args
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ShardwiseError("`shardwise check` needs PyTorch: pip install 'shardwise[run]'") from None
+    if launch.in_torchrun():
+        raise ShardwiseError("run `shardwise check` on its own, not under torchrun: it starts the ranks itself")
+    if a.efficiency is not None and not 0 < a.efficiency <= 1:
+        raise ShardwiseError(f"--efficiency must be in (0, 1], got {a.efficiency}")
+    cfg = config.load(a.config, overrides_from_args(a))
+    device = launch.resolve_device(cfg)
+    cluster = _cluster(a, cfg.train.nproc, device)
+    efficiency = a.efficiency if a.efficiency is not None else (1.0 if a.hardware else None)
+    rep = ck.check(cfg, device, cluster, calibrated=bool(a.hardware), efficiency=efficiency)
+    if a.figure:
+        ck.figure(rep, a.figure)
+    if a.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        ck.print_report(rep)
+        if a.figure:
+            print(f"figure: {a.figure}")
+    return 0 if rep.passed else 1
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from shardwise import calibrate as cal
+
+    try:
+        import torch
+    except ImportError:
+        raise ShardwiseError("`shardwise calibrate` needs PyTorch: pip install 'shardwise[run]'") from None
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    nproc = a.nproc if a.nproc is not None else (torch.cuda.device_count() if device == "cuda" else 2)
+    out = Path(a.out)
+    if out.suffix.lower() != ".toml":
+        raise ShardwiseError(f"--out {a.out!r}: write the hardware file as .toml")
+    if not out.parent.exists():
+        raise ShardwiseError(f"--out {a.out!r}: the directory {str(out.parent)!r} does not exist")
+    shapes, text = cal.shapes_from_config(a.config) if a.config else (None, "")
+    name = a.name
+    if name is not None and not name.replace("-", "").replace("_", "").isalnum():
+        raise ShardwiseError(f"--name {name!r}: use letters, digits, - and _ (it becomes a TOML table name)")
+    res = cal.calibrate(nproc, device, name=name, shapes=shapes, shapes_text=text, quick=a.quick)
+    out.write_text(res.toml())
+    cal.print_result(res, str(out))
+    return 0

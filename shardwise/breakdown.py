@@ -59,11 +59,15 @@ class Collective:
     what: str = ""  # e.g. "gradient all-reduce", "ZeRO-3 parameter gather (forward)"
     link: str = ""  # "intra-node" | "network"
     overlapped: bool = False  # can hide behind compute (bucketed grads, prefetched gathers)
+    # message bytes -> calls when the calls differ in size (DDP buckets, per-parameter broadcasts);
+    # `bytes` is then their mean. Empty: every call is `bytes`.
+    sizes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "group": self.group, "ranks": int(self.ranks), "bytes": int(self.bytes),
                 "count": int(self.count), "wire_bytes": int(self.wire_bytes), "seconds": float(self.seconds),
-                "what": self.what, "link": self.link, "overlapped": bool(self.overlapped)}
+                "what": self.what, "link": self.link, "overlapped": bool(self.overlapped),
+                "sizes": {str(int(b)): int(n) for b, n in self.sizes.items()}}
 
 
 @dataclass

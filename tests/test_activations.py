@@ -276,3 +276,38 @@ def test_inventory_under_autocast(spec):
     want = inventory_bytes(inv, b=b, s=s, tp=1, sp=False, act=2, res=4, layout="torch")
     weights = sum(o * i for _, (o, *rest) in spec.layer_param_shapes() for i in rest)  # the 2-D ones
     assert _saved_bytes(spec, b, s, autocast=True) == want + 2 * weights + _cpu_rmsnorm_extra(spec)
+
+
+@pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT.scaled(tied_embeddings=True)], ids=["llama", "gpt"])
+def test_whole_model_saved_tensors(spec):
+    """Embedding, blocks, final norm, output and F.cross_entropy(logits.float()) as run/engine.py
+    computes them, against the first (= last) rank's activation items. Exact, apart from: the
+    logits (kept by the caller, not saved by autograd) and the loss's backward temporaries (not
+    saved tensors), CPU rms_norm's normalized copies (one per norm, 2L + 1), and nll_loss's
+    4-byte total_weight scalar."""
+    import torch
+    import torch.nn.functional as F
+
+    from shardwise.run.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(spec).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    tokens = torch.randint(0, spec.vocab, (b, s + 1))
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:]
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+    plan = Plan(dp=1, mbs=b, gbs=b, seq=s, precision="fp32")
+    items = rank_activations(spec, plan, last=True, layout="torch", attention="flash", autocast=False, act=4,
+                             res=4, vocab=spec.vocab)
+    want = sum(v for k, v in items.items() if k.startswith("act.") and k not in ("act.logits", "act.loss_backward"))
+    rms = (2 * spec.layers + 1) * b * s * spec.hidden * 4 if spec.norm == "rmsnorm" else 0
+    assert sum(seen.values()) == want + rms + 4

@@ -295,6 +295,7 @@ def rank_activations(model, plan, *, last: bool, layout: str, attention: str, au
     out["act.head_input"] = head_mbs * head_in
     out["act.logits"] = head_mbs * logits
     out["act.loss_fp32"] = head_mbs * saved_fp32
+    out["act.targets"] = head_mbs * b * s * 8  # the loss saves the flattened int64 targets (a copy)
     out["act.loss_backward"] = holds_last * backward
 
     if layout == "torch":

@@ -40,13 +40,15 @@ FIELDS = {"params": "params", "grads": "grads", "optimizer": "optimizer", "act":
 
 
 def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "flash",
-           stage: str = "worst") -> Memory:
+           stage: str = "worst", at: str = "peak") -> Memory:
     """Bytes on the worst rank at its peak, by field, with named sub-items in `detail`.
 
     attention: "flash" (SDPA's flash / memory-efficient kernels, CUDA's default: no s*s scores
     saved) or "math" (scores materialized, as SDPA's math kernel and unfused attention do).
     stage: "worst" (the larger of the two below), "first" or "last" pipeline stage's rank
     (`shardwise check` holds each stage's ranks against its own estimate).
+    at: "peak" (the largest moment) or "step" (moment C, the optimizer step: the model states a
+    rank holds when it steps, which `shardwise check` measures; torch profile only).
     """
     check_profile(profile)
     acts._check("torch", attention)
@@ -56,10 +58,13 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
     vec = _is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq)
     if stage not in STAGES:
         raise ShardwiseError(f"unknown pipeline stage {stage!r}; use one of {', '.join(STAGES)}")
+    if at not in ("peak", "step"):
+        raise ShardwiseError(f"unknown moment {at!r}; use peak or step")
     moments = []
     for last in STAGES[stage]:
         if profile == "torch":
-            moments += _torch(model, plan, last, attention)
+            ms = _torch(model, plan, last, attention)
+            moments += ms[-1:] if at == "step" else ms  # the optimizer step is each list's last moment
         else:
             moments.append(_paper(model, plan, last, profile, attention))
     detail = _peak(moments, vec)

@@ -1,0 +1,84 @@
+"""`shardwise run CONFIG.toml [flags]`: train with a plan on PyTorch's engines.
+
+Registered by shardwise/cli.py. Imports no torch until the command runs, so `shardwise estimate`
+works where torch is not installed.
+"""
+from __future__ import annotations
+
+import argparse
+
+from shardwise.errors import ShardwiseError
+
+# command-line flag -> (table, field); every other field is reachable with --set TABLE.FIELD=VALUE
+TRAIN_FLAGS = {"nproc": int, "steps": int, "seed": int, "log_every": int, "device": str, "metrics": str}
+OPTIM_FLAGS = {"lr": float}
+
+
+def register(sub) -> None:
+    from shardwise import cli_args as ca
+
+    s = sub.add_parser("run", help="train with a plan on PyTorch's distributed engines (spawns the ranks with "
+                                   "torchrun, or runs as one rank under torchrun)",
+                       description="Train a model from a TOML run config with the plan's parallelism on "
+                                   "PyTorch's own engines (DDP, ZeroRedundancyOptimizer, FSDP2, DTensor, "
+                                   "pipelining). Flags override the file; --set reaches every field.")
+    s.add_argument("config", help="run config (TOML with [model] [plan] [data] [optim] [train]); see "
+                                  "examples/tiny-llama.toml")
+    g = s.add_argument_group("processes and training")
+    g.add_argument("--nproc", type=int, default=None, help="processes to start on this machine "
+                                                           "(default: dp*tp*pp; ignored under torchrun)")
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--seed", type=int, default=None, help="model initialization seed")
+    g.add_argument("--log-every", type=int, default=None, metavar="N", help="a progress line every N steps")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    g.add_argument("--metrics", default=None, metavar="FILE", help="write one JSON line per step here")
+    g.add_argument("--set", action="append", default=[], metavar="TABLE.FIELD=VALUE",
+                   help="override any field, e.g. --set plan.tp=2 --set model.hidden=256 --set data.source=text "
+                        "(repeatable)")
+    ca.add_plan_args(s, defaults=False)  # the same plan flags as `shardwise estimate`, None = "keep the file's"
+    m = s.add_argument_group("model dimensions (override the config's [model])")
+    for name, typ in ca.DIM_FLAGS.items():
+        m.add_argument("--" + name.replace("_", "-"), dest="dim_" + name, type=typ, default=None,
+                       metavar="N" if typ is int else "KIND")
+    s.set_defaults(func=cmd_run)
+
+
+def overrides_from_args(a: argparse.Namespace) -> dict:
+    """(table, field) -> (value, where): --set first, then the dedicated flags (more specific)."""
+    from shardwise import cli_args as ca
+    from shardwise.run.config import parse_set
+
+    out = {}
+    for item in a.set:
+        key, value = parse_set(item)
+        out[key] = (value, f"--set {key[0]}.{key[1]}")
+
+    def flag(table: str, field: str, value, name: str | None = None) -> None:
+        if value is not None:
+            out[(table, field)] = (value, "--" + (name or field).replace("_", "-"))
+
+    for f in ca.PLAN_FLAGS:
+        flag("plan", f, getattr(a, f, None))
+    for f in TRAIN_FLAGS:
+        flag("train", f, getattr(a, f))
+    for f in OPTIM_FLAGS:
+        flag("optim", f, getattr(a, f))
+    for f in ca.DIM_FLAGS:
+        flag("model", f, getattr(a, "dim_" + f))
+    return out
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from shardwise.run import config, launch
+
+    # the config first: its mistakes are reported in a blink, before torch is even imported
+    cfg = config.load(a.config, overrides_from_args(a), world=launch.torchrun_world())
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ShardwiseError("`shardwise run` needs PyTorch: pip install 'shardwise[run]'") from None
+    device = launch.resolve_device(cfg)
+    if launch.in_torchrun():
+        return launch.worker(cfg, device)
+    return launch.launch(cfg, device)

@@ -1,0 +1,145 @@
+"""Starting the ranks: in this process (one rank), under torchrun's elastic agent (several), or
+as a worker that torchrun (or that agent) started.
+
+    shardwise run cfg.toml --nproc 4        # not under torchrun: the elastic agent spawns 4 workers
+    torchrun --nproc-per-node 8 ... -m shardwise run cfg.toml   # under torchrun: this process is a rank
+
+The config is resolved and checked completely in the parent before anything is spawned, and
+handed to the workers whole (as JSON), so every rank trains exactly the same plan. gloo on CPU,
+NCCL on CUDA. A failure never hangs: the agent watches its workers every 0.1 s and stops the
+others when one exits non-zero; every collective times out after [train] timeout_s; Ctrl-C on
+the launcher reaches every worker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import uuid
+
+from shardwise.errors import ShardwiseError
+from shardwise.run.config import RunConfig
+
+TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")
+SHUTDOWN_S = 5  # after Ctrl-C or a failed rank: SIGTERM/SIGINT to the others, SIGKILL this much later
+
+
+def in_torchrun() -> bool:
+    e = os.environ
+    return "TORCHELASTIC_RUN_ID" in e or ("LOCAL_RANK" in e and "WORLD_SIZE" in e)
+
+
+def torchrun_world() -> int | None:
+    return int(os.environ["WORLD_SIZE"]) if in_torchrun() else None
+
+
+def resolve_device(cfg: RunConfig) -> str:
+    """auto -> cuda when available; then refuse, before anything starts, what this device and
+    the run tier cannot do with this model and plan."""
+    import torch
+
+    from shardwise.run.model import check_runnable
+    from shardwise.run.parallelize import check_supported
+
+    dev = cfg.train.device
+    has_cuda = torch.cuda.is_available()
+    if dev == "auto":
+        dev = "cuda" if has_cuda else "cpu"
+    if dev == "cuda" and not has_cuda:
+        raise ShardwiseError(f"{cfg.path} [train] device: cuda was asked for but this PyTorch sees no CUDA "
+                             "device; use device = \"cpu\" (or \"auto\")")
+    if dev == "cuda" and not in_torchrun() and cfg.train.nproc > torch.cuda.device_count():
+        raise ShardwiseError(f"{cfg.train.nproc} processes but {torch.cuda.device_count()} CUDA devices on this "
+                             "machine; one process per GPU: lower --nproc, or use torchrun across nodes")
+    check_runnable(cfg.model)
+    check_supported(cfg.plan, torch.device(dev))
+    return dev
+
+
+# ---- the parent -------------------------------------------------------------------------------
+def launch(cfg: RunConfig, device: str) -> int:
+    """Run the resolved config on cfg.train.nproc processes of this machine; return the exit code."""
+    if cfg.train.nproc == 1:
+        return _single(cfg, device)
+    return _elastic(cfg, device)
+
+
+def _single(cfg: RunConfig, device: str) -> int:
+    """One rank, in this process: no process group, no spawn (the Engine needs none for one)."""
+    from shardwise.run import dist as rdist
+    from shardwise.run.train import train
+
+    dev = rdist.local_device(device)
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(dev)
+    train(cfg, dev)
+    return 0
+
+
+def _elastic(cfg: RunConfig, device: str) -> int:
+    import logging
+
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # the agent's own warnings (restarts, shutdown notices) repeat what we say in one line below
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.train.nproc, run_id=str(uuid.uuid4()),
+                      rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # torchrun --standalone
+                      rdzv_configs={"timeout": max(1, int(cfg.train.timeout_s))}, max_restarts=0,
+                      monitor_interval=0.1, shutdown_timeout=SHUTDOWN_S)
+    payload = json.dumps({"config": cfg.to_dict(), "device": device})
+    try:
+        elastic_launch(lc, entrypoint=sys.executable)("-m", "shardwise.run.launch", payload)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        sys.stderr.write(f"shardwise: error: rank {rank} {how} (its error is above); the other ranks were "
+                         "stopped\n")
+        return code if code > 0 else 1
+    except SignalException as e:
+        sys.stderr.write(f"shardwise: interrupted ({e.sigval.name}); every rank was stopped\n")
+        return 130
+    return 0
+
+
+# ---- a worker -----------------------------------------------------------------------------------
+def worker(cfg: RunConfig, device: str) -> int:
+    """One rank under torchrun (env:// rendezvous: RANK, WORLD_SIZE, MASTER_ADDR/PORT are set)."""
+    import torch
+    import torch.distributed as dist
+
+    from shardwise.run import dist as rdist
+    from shardwise.run.train import train
+
+    # Ctrl-C (forwarded by the agent as SIGINT) must end a rank even while it waits inside a
+    # C++ collective, where Python's KeyboardInterrupt would not be raised until it returns
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    dev = rdist.local_device(device)
+    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # do not oversubscribe (torchrun sets 1)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    rdist.init_distributed(dev, cfg.train.timeout_s)
+    try:
+        train(cfg, dev)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _worker_main(payload: str) -> int:
+    d = json.loads(payload)
+    try:
+        return worker(RunConfig.from_dict(d["config"]), d["device"])
+    except ShardwiseError as e:
+        sys.stderr.write(f"shardwise: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1]))

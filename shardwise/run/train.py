@@ -1,0 +1,186 @@
+"""The training loop of `shardwise run`: schedule, data, the Engine's step, metrics, progress.
+
+Everything parallel lives in the Engine (shardwise/run/engine.py); this loop is the same for
+every plan and is kept thin on purpose (benchmarks/run_overhead.py holds it to < 3% over a bare
+PyTorch loop). It runs on every rank of an initialized process group; the Engine's logging
+rank (the one that holds the loss) prints and writes the metrics file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from shardwise.run import dist as rdist
+from shardwise.run.config import RunConfig
+from shardwise.run.data import open_source
+
+# hidden test hook: make one rank raise at the start of one step (tests/test_run_failures.py)
+FAIL_RANK, FAIL_STEP = "SHARDWISE_FAIL_RANK", "SHARDWISE_FAIL_STEP"
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured). CUDA: the caching allocator's peak of allocated tensor bytes.
+    CPU: the process's peak resident set size, an approximation that also counts the Python
+    runtime and libraries, until issue 6 brings a tensor-level tracker."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+
+
+def _fail_hook(step: int) -> None:
+    rank, at = os.environ.get(FAIL_RANK), os.environ.get(FAIL_STEP)
+    if rank is not None and at is not None and int(rank) == rdist.rank() and int(at) == step:
+        raise RuntimeError(f"injected failure on rank {rank} at step {step} ({FAIL_RANK}/{FAIL_STEP})")
+
+
+def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
+    """Train cfg.train.steps steps; return the summary (on every rank; the logging rank's is
+    the one with the losses). Several ranks: the default process group is initialized."""
+    from shardwise.run.engine import Engine
+
+    spec, plan, o, t = cfg.model, cfg.plan, cfg.optim, cfg.train
+    torch.manual_seed(t.seed)
+    source = open_source(cfg.data, spec, plan)
+    engine = Engine(spec, plan, device=device, seed=t.seed, optimizer=plan.optimizer, lr=o.lr_at(0, t.steps),
+                    weight_decay=o.weight_decay, betas=o.betas,
+                    grad_clip=o.grad_clip if o.grad_clip > 0 else None)
+    log = engine.is_logging_rank
+    tokens_per_step = plan.gbs * plan.seq
+    out = _open_metrics(t.metrics) if log else None
+    progress = _Progress(t.steps, t.log_every, console) if log else None
+    if log:
+        progress.header(cfg, source, device, rdist.world_size())
+    records = []
+    # `shardwise check`: measure every step, in detail (collectives, memory) the last one
+    meter = None
+    if t.measure:
+        from shardwise.run.measure import Meter
+
+        meter = Meter(engine)
+    try:
+        for step in range(t.steps):
+            _fail_hook(step)
+            t0 = time.perf_counter()
+            lr = o.lr_at(step, t.steps)
+            engine.set_lr(lr)
+            batch = torch.from_numpy(source.batch(step, engine.dp_rank, engine.dp_size)).to(device, non_blocking=True)
+            if meter is not None:
+                with meter.step(step, detail=step == t.steps - 1):
+                    stats = engine.train_step(batch)
+            else:
+                stats = engine.train_step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            if not log:
+                continue
+            mem, mem_kind = peak_memory(device)
+            rec = {"step": step, "loss": float(stats.loss), "grad_norm": float(stats.grad_norm), "lr": lr,
+                   "tokens_per_s": tokens_per_step / dt, "step_s": dt, "peak_mem_bytes": mem,
+                   "peak_mem_kind": mem_kind}
+            records.append(rec)
+            if out:
+                out.write(json.dumps(rec) + "\n")
+                out.flush()
+            progress.update(rec)
+    finally:
+        if out:
+            out.close()
+        if progress:
+            progress.close()
+    if meter is not None:
+        meter.write(t.measure, tokens_per_step)
+        meter.close()
+    summary = _summary(records, getattr(source, "floor", None), _peak_over_ranks(device), t.metrics)
+    if log:
+        progress.footer(summary)
+    return summary
+
+
+def _open_metrics(path: str):
+    if not path:
+        return None
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return open(p, "w")
+
+
+def _peak_over_ranks(device: torch.device) -> int:
+    """The worst rank's peak memory (one all-reduce, after the last step)."""
+    mem = torch.tensor([peak_memory(device)[0]], dtype=torch.int64, device=device)
+    if rdist.world_size() > 1:
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    return int(mem.item())
+
+
+def _summary(records: list[dict], floor: float | None, peak_all: int, metrics: str) -> dict:
+    if not records:
+        return {"peak_mem_bytes_max_rank": peak_all}
+    # the first step pays one-time costs (allocator warm-up, lazy init, compilation): left out
+    timed = records[1:] or records
+    return {"steps": len(records), "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
+            "min_loss": min(r["loss"] for r in records),
+            "mean_tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
+            "mean_step_s": sum(r["step_s"] for r in timed) / len(timed),
+            "peak_mem_bytes_max_rank": peak_all, "peak_mem_kind": records[-1]["peak_mem_kind"],
+            "loss_floor": floor, "metrics": metrics}
+
+
+class _Progress:
+    """A rich progress bar (loss, tokens/s) when the console is a terminal, and a plain line
+    every log_every steps either way, so logs of non-interactive jobs show the run too."""
+
+    def __init__(self, steps: int, every: int, console=None):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = console or Console(soft_wrap=True)
+        self.every, self.steps = every, steps
+        self.bar = None
+        if self.console.is_terminal:
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                                TimeRemainingColumn(), console=self.console, transient=True)
+            self.task = self.bar.add_task("train", total=steps, loss="-", tps="-")
+            self.bar.start()
+
+    def header(self, cfg: RunConfig, source, device: torch.device, world: int) -> None:
+        m, p = cfg.model, cfg.plan
+        self.console.print(f"model  {m.name}: {m.params:,} parameters ({m.layers} layers, hidden {m.hidden}, "
+                           f"{m.heads} heads, vocab {m.vocab})", highlight=False)
+        self.console.print(f"plan   {p.short()}, seq {p.seq}, gbs {p.gbs}, {p.precision}, {p.optimizer}; "
+                           f"{world} process(es) on {device.type}", highlight=False)
+        self.console.print(f"data   {source.describe()}", highlight=False)
+
+    def update(self, r: dict) -> None:
+        if self.bar:
+            self.bar.update(self.task, advance=1, loss=f"{r['loss']:.4f}", tps=f"{r['tokens_per_s']:,.0f}")
+        s = r["step"]
+        if s % self.every == 0 or s == self.steps - 1:
+            self.console.print(f"step {s + 1:>{len(str(self.steps))}}/{self.steps}  loss {r['loss']:.4f}  "
+                               f"lr {r['lr']:.2e}  grad {r['grad_norm']:.3f}  {r['tokens_per_s']:,.0f} tok/s  "
+                               f"{r['step_s'] * 1e3:.1f} ms/step", highlight=False)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+            self.bar = None
+
+    def footer(self, s: dict) -> None:
+        if "steps" not in s:
+            return
+        floor = f" (floor {s['loss_floor']:.4f})" if s["loss_floor"] is not None else ""
+        mem = s["peak_mem_bytes_max_rank"] / 2**20
+        kind = "CUDA allocated" if s["peak_mem_kind"] == "cuda_max_allocated" else "process RSS, approximate"
+        self.console.print(f"done   {s['steps']} steps: loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}{floor}, "
+                           f"{s['mean_tokens_per_s']:,.0f} tok/s mean after step 1, peak memory "
+                           f"{mem:,.1f} MiB on the worst rank ({kind})"
+                           + (f"; metrics in {s['metrics']}" if s["metrics"] else ""), highlight=False)

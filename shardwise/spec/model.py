@@ -216,6 +216,8 @@ class ModelSpec:
             dims.setdefault("head_dim", 0)
         if "hidden" in dims and "ffn_hidden" not in dims:
             dims["ffn_hidden"] = 0
+        if "heads" in dims and "kv_heads" not in dims and self.kv_heads == self.heads:
+            dims["kv_heads"] = 0  # multi-head attention stays multi-head (GQA needs kv_heads given)
         dims.setdefault("published_params", 0)
         return dataclasses.replace(self, **dims)
 

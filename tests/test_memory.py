@@ -148,6 +148,14 @@ def test_torch_ddp_bf16_mixed_by_hand():
     assert e.capacity == 80 * GIB and e.fits
 
 
+def test_optimizer_step_moment_ddp():
+    # at="step" (what `shardwise check` measures): the same rank when it steps: activations and
+    # autocast copies are gone, foreach AdamW's scratch over the 1,792 matrix elements is there
+    m = memory(TINY, make_cluster("h100-80gb", 4), Plan(mbs=1, seq=8).resolve(TINY, 4), at="step")
+    assert m.detail == {"params.local": 7_328, "grads.ddp_buckets": 7_328, "optimizer.states": 14_656,
+                        "buffers.optimizer_step": 7_168, "overhead.cuda_context": OVERHEAD}
+
+
 def test_torch_zero1_greedy_partition_by_hand():
     # ZeroRedundancyOptimizer over dp = 3 (run/engine.py's groups: matrices, then vectors), each
     # tensor, largest first, to the least-loaded rank (the first of equals):
@@ -247,14 +255,19 @@ def test_pipeline_stage_params_llama2_7b():
 
 
 def test_worst_rank_is_chosen():
-    # GPT-2 124M, pp = 2: with 8 sequences of 1024 the last stage's logits (50,257 wide) dominate ...
-    g = preset("gpt2-124m")
-    big_logits = est(g, 2, pp=2, mbs=8, gbs=16, seq=1024)
-    assert big_logits.detail["act.logits"] > 0 and "act.embedding" not in big_logits.detail
-    # ... with a 64-token vocabulary and GPipe's 16 micro-batches the first stage does
-    small_vocab = g.scaled(vocab=64)
-    first = est(small_vocab, 2, pp=2, mbs=1, gbs=16, seq=1024, schedule="gpipe")
-    assert first.detail["act.embedding"] > 0 and "act.logits" not in first.detail
+    # GPT-2 124M, pp = 2, 1F1B: with 8 sequences of 1024 the last stage's logits (50,257 wide)
+    # dominate (8.5 GiB against 4.7 GiB) ...
+    g, c = preset("gpt2-124m"), make_cluster("h100-80gb", 2)
+    plan = Plan(pp=2, mbs=8, gbs=16, seq=1024).resolve(g, 2)
+    first, last, worst = (memory(g, c, plan, stage=s) for s in ("first", "last", "worst"))
+    assert last.total > first.total and worst.detail == last.detail
+    assert worst.detail["act.logits"] > 0 and "act.embedding" not in worst.detail
+    # ... with a 64-token vocabulary the first stage's two micro-batches in flight do (2.8 / 1.9 GiB)
+    small = g.scaled(vocab=64)
+    plan = Plan(pp=2, mbs=4, gbs=64, seq=1024).resolve(small, 2)
+    first, last, worst = (memory(small, c, plan, stage=s) for s in ("first", "last", "worst"))
+    assert first.total > last.total and worst.detail == first.detail
+    assert worst.detail["act.embedding"] > 0 and "act.logits" not in worst.detail
 
 
 def test_pipeline_fsdp_keeps_blocks_gathered():

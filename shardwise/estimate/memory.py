@@ -380,7 +380,9 @@ def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
         a["params.unsharded"] = pb * u_all
         accumulating = accumulated
     else:
-        a["params.unsharded"] = pb * where(pipelined, u_all, u_root)  # the root is not resharded in forward
+        # the root group (embeddings, final norm, output) is gathered again as the backward
+        # begins and stays so until its reduce-scatter at the end
+        a["params.unsharded"] = pb * where(pipelined, u_all, u_root)
         a["buffers.zero3_gather"] = (1 - pipelined) * 2 * pb * u_block  # the block in use + the prefetched one
         a["grads.sharded"] = (1 - pipelined) * accumulated * sharded_grads  # reduce-scattered every micro-batch
         accumulating = accumulated * pipelined

@@ -381,6 +381,9 @@ class Meter:
         self.device = e.device
         self.modules = [m for _, _, m in e.stages]  # the wrapped stage modules this rank runs
         self.names = GroupNames(e.mesh)
+        tied = getattr(e, "_tied_pairs", None)  # pp > 1 with tied embeddings: first and last stage
+        if tied is not None:
+            self.names.by_ranks.setdefault(tuple(sorted(dist.get_process_group_ranks(tied[0]))), "pp")
         self.clock = Clock(self.modules, e.optimizer)
 
     @contextlib.contextmanager
@@ -435,21 +438,26 @@ class Meter:
     def close(self) -> None:
         self.clock.close()
 
-    def write(self, path: str, tokens_per_step: int) -> None:
-        """Every rank's Measurement, gathered to rank 0 and written there as one JSON file:
-        {"ranks": [{"rank", "coords": {pp, dp, tp}, "measurement": {...}, "peak_source"}, ...]}.
-        Collective: every rank must call it."""
-        import json
-        from pathlib import Path
-
+    def gather(self, tokens_per_step: int) -> list[dict]:
+        """Every rank's Measurement as a plain dict, on every rank: [{"rank", "coords": {pp, dp,
+        tp}, "peak_source", "measurement"}, ...] in rank order. Collective: every rank calls it."""
         e = self.engine
         m = self.measurement(tokens_per_step)
         mine = {"rank": m.rank, "coords": {"pp": e.pp_rank, "dp": e.dp_rank, "tp": e.tp_rank},
                 "peak_source": self.peak_source, "measurement": measurement_to_dict(m)}
-        everyone = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
-        if dist.is_initialized():
-            dist.all_gather_object(everyone, mine)
-        if m.rank == 0:
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return [mine]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        return everyone
+
+    def write(self, path: str, tokens_per_step: int) -> None:
+        """gather(), written by rank 0 as one JSON file {"ranks": [...]}. Collective."""
+        import json
+        from pathlib import Path
+
+        everyone = self.gather(tokens_per_step)
+        if not dist.is_initialized() or dist.get_rank() == 0:
             p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(json.dumps({"ranks": everyone}, indent=1))

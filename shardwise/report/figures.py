@@ -49,26 +49,34 @@ def _plt():
     return plt
 
 
-_CAPTION_IN, _LEGEND_IN = 0.3, 0.34  # inches kept free under the axes for the caption, the legend
+_LINE_IN, _LEGEND_IN = 0.15, 0.34  # inches per caption line; kept free for the legend row
+_CHARS_PER_IN = 15.5  # caption characters per inch of width at 8 pt
 
 
 def new_figure(width: float, height: float, title: str, caption: str, nrows: int = 1, ncols: int = 1,
                legend: bool = False, **kw):
-    """A figure with a title, a caption line at the bottom and, with legend=True, a legend row
-    above the caption (see bottom_legend). Call inside a @styled function."""
-    fig, axes = _plt().subplots(nrows, ncols, figsize=(width, height), **kw)
-    bottom = (_CAPTION_IN + (_LEGEND_IN if legend else 0)) / height
+    """A figure with a title, a caption (wrapped to the width) at the bottom and, with legend=True,
+    a legend row above the caption (see bottom_legend). Call inside a @styled function."""
+    import textwrap
+
+    lines = textwrap.wrap(caption, int(width * _CHARS_PER_IN)) or [""]
+    caption_in = 0.12 + _LINE_IN * len(lines)
+    fig, axes = _plt().subplots(nrows, ncols, figsize=(width, height + caption_in), **kw)
+    height += caption_in
+    bottom = (caption_in + (_LEGEND_IN if legend else 0)) / height
     fig.set_layout_engine("constrained", rect=(0, bottom, 1, 1 - bottom), h_pad=0.06, w_pad=0.06)
     fig.suptitle(title, fontsize=12.5, fontweight="bold", color=INK)
-    fig.text(0.01, 0.06 / height, caption, fontsize=8, color=MUTED, ha="left", va="bottom", style="italic")
+    fig.text(0.01, 0.06 / height, "\n".join(lines), fontsize=8, color=MUTED, ha="left", va="bottom",
+             style="italic", linespacing=1.3)
+    fig._caption_in = caption_in  # for bottom_legend
     return fig, axes
 
 
 def bottom_legend(fig, handles, ncols: int) -> None:
     """The legend row between the axes and the caption (space kept by new_figure(legend=True))."""
     h = fig.get_figheight()
-    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, (_CAPTION_IN - 0.04) / h), ncols=ncols,
-               borderaxespad=0)
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, (fig._caption_in + 0.02) / h),
+               ncols=ncols, borderaxespad=0)
 
 
 def styled(fn):
@@ -283,31 +291,34 @@ def _capacity_lines(ax, capacities, x_right):
 
 # ---- part 1 -----------------------------------------------------------------------------------
 @styled
-def memory_vs_capacity(names, rule_gib, states_gib, act_gib, capacities, title, caption):
-    """Per model: the lecture's rule of thumb beside the library's estimate (model states +
-    activations, stacked), log scale, with GPU capacities as lines."""
+def memory_vs_capacity(names, rule_gib, states_gib, act_gib, other_gib, capacities, title, caption):
+    """Per model: the lecture's rule of thumb beside the library's estimate (model states,
+    activations, buffers + overhead, stacked), log scale, with GPU capacities as lines."""
     import numpy as np
 
     fig, ax = new_figure(11.5, 5.8, title, caption)
     x = np.arange(len(names))
     w = 0.36
     rb = ax.bar(x - w / 2, rule_gib, w, label="lecture: 18 bytes/param", **LECTURE, zorder=2)
-    sb = ax.bar(x + w / 2, states_gib, w, color=BLUE, label="shardwise: model states", zorder=2)
-    ax.bar(x + w / 2, act_gib, w, bottom=states_gib, color=PINK, label="shardwise: activations", zorder=2)
+    bottom = np.zeros(len(names))
+    for vals, key, label in ((states_gib, "params", "model states"), (act_gib, "activations", "activations at the peak"),
+                             (other_gib, "other", "buffers + overhead")):
+        if any(vals):  # an item that is zero at every peak gets no legend entry
+            ax.bar(x + w / 2, vals, w, bottom=bottom, color=MEMORY_COLORS[key], label=f"shardwise: {label}", zorder=2)
+            bottom = bottom + np.asarray(vals)
     ax.set_yscale("log")
     ax.set_xticks(x, names)
     ax.set_ylabel("memory to train on one device (GiB, log scale)")
-    top = max(max(rule_gib), max(s + a for s, a in zip(states_gib, act_gib)))
-    bottom = min(min(rule_gib), min(states_gib), min(c for _, c in capacities)) / 3
-    ax.set_ylim(bottom, top * 4)
+    top = max(max(rule_gib), bottom.max())
+    low = min(min(rule_gib), min(states_gib), min(c for _, c in capacities)) / 3
+    ax.set_ylim(low, top * 6)
     _bar_labels(ax, rb, [gib_label(v) for v in rule_gib], color=MUTED)
-    tot = [s + a for s, a in zip(states_gib, act_gib)]
-    for b, t in zip(sb, tot):
-        ax.annotate(gib_label(t), (b.get_x() + b.get_width() / 2, t), xytext=(0, 3), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=8, color=INK, fontweight="bold")
+    for xi, t in zip(x, bottom):
+        ax.annotate(gib_label(t), (xi + w / 2, t), xytext=(0, 3), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=8, color=INK, fontweight="bold")
     _capacity_lines(ax, capacities, len(names) - 0.5)
     ax.set_xlim(-0.6, len(names) - 0.5)
-    ax.legend(loc="upper left", ncols=3)
+    ax.legend(loc="upper left", ncols=2)
     return fig
 
 
@@ -352,34 +363,42 @@ def _short_gib(v: float) -> str:
 
 
 # ---- part 4 -----------------------------------------------------------------------------------
-@styled
-def comm_bars(names, lecture_gb, library_gb, lecture_ms, library_ms, links, title, caption):
-    """Two panels: bytes each GPU sends per step, and the time that takes; the lecture beside the
-    library. `lecture_*` entries may be None where the lecture gives no number (TP, PP)."""
-    import numpy as np
+SERIES = {"lecture": LECTURE, "paper": dict(facecolor=SKY, edgecolor="white", linewidth=0.6),
+          "torch": dict(facecolor=BLUE, edgecolor="white", linewidth=0.6)}
 
-    fig, (a1, a2) = new_figure(12.5, 5.4, title, caption, 1, 2, legend=True)
-    x = np.arange(len(names))
-    w = 0.38
-    for ax, lec, lib, unit, fmt in ((a1, lecture_gb, library_gb, "GB sent per GPU per step", "{:,.1f}"),
-                                    (a2, lecture_ms, library_ms, "ms per step (no overlap)", "{:,.0f}")):
-        lx = [i for i, v in enumerate(lec) if v is not None]
-        lb = ax.bar(x[lx] - w / 2, [lec[i] for i in lx], w, **LECTURE, zorder=2, label="lecture")
-        cb = ax.bar(x + w / 2, lib, w, color=[STRATEGY_COLORS.get(n.split(" ")[0], BLUE) for n in names], zorder=2,
-                    label="shardwise")
-        _bar_labels(ax, lb, [fmt.format(lec[i]) for i in lx], fontsize=7.5, color=MUTED)
-        _bar_labels(ax, cb, [fmt.format(v) for v in lib], fontsize=7.5)
-        ax.set_xticks(x, [f"{n}\n{l}" for n, l in zip(names, links)], fontsize=8)
-        ax.set_ylabel(unit)
-        top = max([v for v in lec if v is not None] + list(lib))
-        ax.set_ylim(0, top * 1.18)
-    a1.set_title("Bytes on the wire", loc="left")
-    a2.set_title("Time on the link the group spans", loc="left")
+
+@styled
+def comm_bars(names, sublabels, bytes_series, time_series, title, caption):
+    """Two panels, bytes each GPU sends per step and the time that takes, one group of bars per
+    strategy. Each series: (label, values (None where there is no number), style key of SERIES);
+    the legend shows the bytes series' labels (say there what the time bars assume)."""
+    import numpy as np
     from matplotlib.patches import Patch
 
-    bottom_legend(fig, [Patch(**LECTURE, label="lecture (its formula, 400 Gbit/s)"),
-                        Patch(color=BLUE, label="shardwise (ring volumes, real link)")], ncols=2)
+    fig, (a1, a2) = new_figure(13, 5.6, title, caption, 1, 2, legend=True)
+    x = np.arange(len(names))
+    for ax, series, unit, head in ((a1, bytes_series, "GB sent per GPU per step", "Bytes on the wire"),
+                                   (a2, time_series, "ms per step (before overlap)", "Time on the link")):
+        k = len(series)
+        w = 0.8 / k
+        top = 0.0
+        for j, (label, vals, style) in enumerate(series):
+            idx = [i for i, v in enumerate(vals) if v is not None]
+            bars = ax.bar(x[idx] + (j - (k - 1) / 2) * w, [vals[i] for i in idx], w, zorder=2, **SERIES[style])
+            _bar_labels(ax, bars, [_num_label(vals[i]) for i in idx], fontsize=7, color=MUTED if j < k - 1 else INK,
+                        pad=1)
+            top = max([top] + [vals[i] for i in idx])
+        ax.set_xticks(x, [f"{n}\n{s}" for n, s in zip(names, sublabels)], fontsize=8)
+        ax.set_ylabel(unit)
+        ax.set_ylim(0, top * 1.15)
+        ax.set_title(head, loc="left")
+    handles = [Patch(**SERIES[style], label=label) for label, _, style in bytes_series]
+    bottom_legend(fig, handles, ncols=len(handles))
     return fig
+
+
+def _num_label(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else (f"{v:,.1f}" if v >= 1 else f"{v:,.2f}")
 
 
 # ---- part 5 -----------------------------------------------------------------------------------
@@ -405,9 +424,10 @@ def scenario_memory(scenarios, title, caption):
         top = cap * 1.45  # taller bars are cut at the top and say so: the capacity line is what matters
         for i, p in enumerate(plans):
             over = bottom[i] > top
-            ax.text(i, min(bottom[i], top * 0.9) + top * 0.012, ("\u2191 " if over else "") + p["note"], ha="center",
-                    va="bottom", fontsize=7.5, color=GREEN if p["fits"] else VERMILION,
-                    fontweight="bold" if p["pick"] else "normal")
+            y = top * 0.93 if over else bottom[i] + top * 0.012
+            ax.text(i, y, ("\u2191 " if over else "") + p["note"], ha="center", va="bottom", fontsize=7.5,
+                    color=GREEN if p["fits"] else VERMILION, fontweight="bold" if p["pick"] else "normal", zorder=6,
+                    bbox=dict(fc="white", ec="none", pad=1.0, alpha=0.9) if over else None)
             if p["pick"]:  # one outline around the search's choice
                 ax.add_patch(_rect(i - 0.34, 0, 0.68, min(bottom[i], top) * 1.01, fill=False, ec=INK, lw=1.6,
                                    zorder=4, clip_on=False))

@@ -65,11 +65,10 @@ def cmd_lecture(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(_to_json(sections, paths, a.html), indent=2))
         return 0
-    from rich.console import Console
-
     from shardwise.report.lecture.terminal import print_section
+    from shardwise.report.tables import make_console
 
-    c = Console()
+    c = make_console()
     for s in sections:
         print_section(s, c, paths)
     if paths:

@@ -515,3 +515,17 @@ def _paper(model, plan, last: bool, profile: str, attention: str) -> dict:
     out.update(acts.rank_activations(model, plan, last=last, layout="megatron", attention=attention,
                                      autocast=False, act=c, res=c, vocab=ceil_div(model.vocab, mult * tp) * mult))
     return out
+
+
+def saved_activations(model, plan, profile: str = "torch", *, attention: str = "flash") -> int:
+    """Activation bytes on the worst rank at moment A (every saved tensor alive), whether or not
+    that moment is the rank's overall peak: on one GPU the optimizer step often is, and then
+    memory().activations is 0. For a resolved scalar plan. (The lecture's '~2 bytes/param'.)"""
+    check_profile(profile)
+    acts._check("torch", attention)
+    worst = 0
+    for last in (False, True):
+        a = _torch(model, plan, last, attention)[0] if profile == "torch" else _paper(model, plan, last, profile,
+                                                                                    attention)
+        worst = max(worst, sum(v for k, v in a.items() if k.startswith("act.")))
+    return int(worst)

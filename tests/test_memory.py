@@ -69,7 +69,7 @@ def test_factored_and_8bit_optimizer_states():
     assert optimizer_bytes("adam8bit", (4095,), sb) == 8 * 4095
 
 
-# ---- Megatron (docs/source/api-guide/dist_optimizer.md) ---------------------------------------
+# ---- Megatron (Megatron Core guide, "Distributed Optimizer") ---------------------------------
 def test_megatron_table():
     # bf16 params + fp32 grads: 18 bytes/param, 6 + 12/d with the distributed optimizer
     assert megatron_bytes_per_param("bf16-mixed", 1, distributed=False) == 18

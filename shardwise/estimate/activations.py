@@ -163,11 +163,6 @@ def _moe(model, layout: str, autocast: bool) -> list[Saved]:
     return out
 
 
-def full_recompute_inventory() -> tuple[Saved, ...]:
-    """Full recompute (torch.utils.checkpoint around each block) keeps the block's input only."""
-    return (Saved("block.input", 0, "res", "seq"),)  # width: hidden, filled by the caller
-
-
 @lru_cache(maxsize=1024)
 def _coefficients(inv: tuple[Saved, ...]) -> tuple[tuple[str, str, str, int], ...]:
     """The inventory summed by (per, dtype, split): evaluating it is then a handful of products."""
@@ -180,12 +175,6 @@ def _coefficients(inv: tuple[Saved, ...]) -> tuple[tuple[str, str, str, int], ..
 
 def _seq_split(split: str, sp: bool, layout: str) -> bool:
     return sp and (split == "seq" or (split == "gather" and layout == "megatron"))
-
-
-def tensor_bytes(saved: Saved, *, b, s, tp, sp: bool, act, res, layout: str):
-    """Bytes of one inventory entry on one rank."""
-    return _term(saved.per, saved.dtype, saved.split, saved.width, b=b, s=s, tp=tp, sp=sp, act=act, res=res,
-                 layout=layout)
 
 
 def _term(per, dtype, split, width, *, b, s, tp, sp, act, res, layout):
@@ -210,7 +199,7 @@ def inventory_bytes(inv: tuple[Saved, ...], *, b, s, tp, sp: bool, act, res, lay
 def layer_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act, res):
     """(kept per layer per micro-batch, extra held once while one block is recomputed)."""
     kw = dict(b=plan.mbs, s=plan.seq, tp=plan.tp, sp=plan.sp, act=act, res=res, layout=layout)
-    if plan.recompute == "full":
+    if plan.recompute == "full":  # torch.utils.checkpoint around each block keeps its input only
         kept = _term("token", "res", "seq", model.hidden, **kw)
         whole = inventory_bytes(block_inventory(model, layout, attention, False, autocast), **kw)
         return kept, whole - kept

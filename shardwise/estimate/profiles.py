@@ -10,10 +10,11 @@ A profile is a small table, not a code path. memory.py reads these numbers for e
   parameters, fp16 gradients, K = 12: fp32 master, momentum, variance).
 - `deepspeed`: DeepSpeed ZeRO's layout, the paper's bytes plus its default buffers (below).
 - `megatron`: Megatron-LM: bf16 parameters, fp32 main gradients, fp32 master + Adam in the
-  (distributed) optimizer. docs/source/api-guide/dist_optimizer.md's table: 18 bytes per
-  parameter, 6 + 12/d with the distributed optimizer (bf16 params, fp32 grads); 20 and
+  (distributed) optimizer. The Megatron Core guide's table ("Distributed Optimizer",
+  docs.nvidia.com/megatron-core/developer-guide/latest/api-guide/dist_optimizer.html): 18 bytes
+  per parameter, 6 + 12/d with the distributed optimizer (bf16 params, fp32 grads); 20 and
   4 + 16/d for fp16 (fp16 grads, the optimizer keeps an fp32 copy of them); 16 and 8 + 8/d
-  for fp32.
+  for fp32. Megatron has no ZeRO-2/3: zero >= 1 means the distributed optimizer.
 
 Pure bf16 ("bf16"): parameters, gradients and optimizer states all in bf16 (no master) in every
 profile; no engine's paper defines it, this is what PyTorch does with a bf16 model.

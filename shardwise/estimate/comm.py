@@ -1,0 +1,580 @@
+"""Every collective of one training step, as rank 0 sees it (first pipeline stage, tp and dp rank 0).
+
+Cost model (the ring algorithms NCCL uses for large messages), for one call moving a buffer of
+S bytes among N ranks over a link of bandwidth B (GB/s per GPU per direction, times the link's
+efficiency) and per-step latency a:
+    all-reduce       sends 2(N-1)/N * S    time 2(N-1)*a + 2(N-1)/N * S/B
+    all-gather       sends (N-1)/N * S     time  (N-1)*a +  (N-1)/N * S/B   (S = the gathered buffer)
+    reduce-scatter   sends (N-1)/N * S     time  (N-1)*a +  (N-1)/N * S/B   (S = the unreduced buffer)
+    broadcast        pipelined chain (NCCL's ring broadcast): every rank but the chain's last
+                     forwards all S, so a rank sends (N-1)/N * S on average; time (N-1)*a + S/B
+    send / recv      S over one hop: time a + S/B (a recv sends nothing: wire_bytes 0)
+Tiny messages at large N pay 2(N-1)*a here, where NCCL would switch to a tree: an overestimate
+of latency only, and only for the loss/grad-norm all-reduce.
+
+The link is the one the group spans (contract item 1, mesh (pp, dp, tp), tp innermost): a group
+of size s and stride t lies inside one node iff s*t <= GPUs per node; tp has stride 1, dp stride
+tp, pp stride dp*tp, the whole world stride 1.
+
+Profiles (what differs is a small table of dtypes and which collectives; one code path):
+- torch: exactly the engines `shardwise run` uses (run/parallelize.py, run/engine.py):
+  DDP gradient all-reduce in its real buckets; ZeroRedundancyOptimizer's per-parameter
+  broadcasts after the step; FSDP2 all-gathers and reduce-scatters per fully_shard group with
+  padded shards; DTensor TP collectives as the contract's layout issues them (checked against
+  PyTorch 2.13 with a dispatch-mode log on a fake process group); the engine's own all-reduces.
+- zero-paper: Rajbhandari et al. 2020, §7: 16-bit gradients and parameters; DDP one all-reduce;
+  ZeRO-1/2 a reduce-scatter of gradients and an all-gather of parameters (the same volume as the
+  all-reduce); ZeRO-3 an all-gather in forward, another in backward and a reduce-scatter (1.5x).
+  TP/PP as Megatron-LM (which the paper uses for model parallelism).
+- deepspeed: the paper's collectives in DeepSpeed's default buckets.
+- megatron: fp32 main gradients (bf16 training), all-reduced in DDP buckets, or reduce-scattered
+  by the distributed optimizer (ZeRO-1/2) which then all-gathers 16-bit parameters.
+MoE: no expert parallelism (ep is not a Plan field), so experts are TP-sharded like the dense
+FFN and no all-to-all is needed; the FFN is one TP region per layer (torchtitan's MoE plan).
+
+Numeric plan fields may be numpy arrays (the search): then every entry of the profile's fixed
+list is returned with array fields, count 0 where the group has one rank. With scalars, entries
+of size-1 groups (and other zero counts) are dropped.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from shardwise.breakdown import Collective
+from shardwise.errors import ShardwiseError
+from shardwise.estimate import _num
+from shardwise.estimate._num import ceil_div, where
+
+PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
+MIB = 1024 * 1024
+DDP_FIRST_BUCKET = 1 * MIB  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
+DDP_BUCKET = 25 * MIB  # DistributedDataParallel(bucket_cap_mb=None) -> 25 MiB
+# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py), in elements
+DS_REDUCE_BUCKET = 500_000_000  # reduce_bucket_size (also the non-ZeRO allreduce_bucket_size)
+DS_ALLGATHER_BUCKET = 500_000_000  # allgather_bucket_size (ZeRO-1/2 parameter all-gather)
+DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size (ZeRO-3 parameter gathers)
+# Megatron-core DistributedDataParallel with overlap_grad_reduce: max(40M, 1M * dp) elements
+MEGATRON_BUCKET_MIN = 40_000_000
+MEGATRON_BUCKET_PER_DP = 1_000_000
+LOSS_REDUCE_BYTES = 8  # the engine's one all-reduce of [loss, squared grad norm] in fp32
+CE_REDUCES = 3  # Megatron's vocab-parallel cross-entropy: max, sum of exp, target logit
+
+
+# ---- the parameters rank 0 holds -------------------------------------------------------------
+def tp_style(name: str) -> str:
+    """How the contract's TP layout cuts a parameter (run/parallelize.apply_tp): "col" shards
+    dim 0 (q/k/v/w1/w3 and their biases, the vocab-parallel embeddings, the output), "row" dim 1
+    (wo/w2 weights), "rep" keeps it whole (norms, router, wo/w2 biases)."""
+    module, kind = name.split(".")[-2:]
+    if module in ("wq", "wk", "wv", "w1", "w3", "tok_embeddings", "pos_embeddings", "output"):
+        return "col"
+    if module in ("wo", "w2"):
+        return "row" if kind == "weight" else "rep"
+    return "rep"
+
+
+def local_numel(style: str, shape: tuple, tp):
+    """Elements of tp rank 0's piece (torch.chunk: rank 0 holds ceil(d/tp) of an uneven dim)."""
+    if style == "col":
+        rest = 1
+        for d in shape[1:]:
+            rest *= d
+        return ceil_div(shape[0], tp) * rest
+    if style == "row":
+        return shape[0] * ceil_div(shape[1], tp)
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def fsdp_numel(style: str, shape: tuple, tp, dp):
+    """Elements of the tp-local tensor padded to a multiple of dp on dim 0 (FSDP2's shards)."""
+    if len(shape) == 1:
+        return ceil_div(local_numel(style, shape, tp), dp) * dp
+    d0 = ceil_div(shape[0], tp) if style == "col" else shape[0]
+    return ceil_div(d0, dp) * dp * (local_numel(style, shape, tp) // d0)
+
+
+@lru_cache(maxsize=None)
+def _block_params(model) -> tuple:
+    """One block's (name, shape) in the order the forward uses them: registration order, except
+    that each SwiGLU MLP runs w1, w3, then w2 (w2(silu(w1 x) * w3 x))."""
+    ps = model.layer_param_shapes()
+    order = {"w1": 0, "w3": 1, "w2": 2}
+    first: dict[str, int] = {}
+    keys = []
+    for i, (name, _) in enumerate(ps):
+        parts = name.split(".")
+        prefix, module = ".".join(parts[:-2]), parts[-2]
+        if prefix.startswith("feed_forward") and module in order:
+            keys.append((first.setdefault(prefix, i), order[module], i))
+        else:
+            keys.append((i, 0, i))
+    return tuple(ps[k[2]] for k in sorted(keys))
+
+
+@lru_cache(maxsize=None)
+def _root_params(model) -> tuple[tuple, tuple]:
+    """(first-stage extras, last-stage extras) in forward-use order: the embeddings; the final
+    norm and the output projection (absent when tied: the embedding is reused)."""
+    first = [("tok_embeddings.weight", (model.vocab, model.hidden))]
+    if model.positions == "learned":
+        first.append(("pos_embeddings.weight", (model.max_seq, model.hidden)))
+    last = [("norm.weight", (model.hidden,))]
+    if model.norm == "layernorm":
+        last.append(("norm.bias", (model.hidden,)))
+    if not model.tied_embeddings:
+        last.append(("output.weight", (model.vocab, model.hidden)))
+    return tuple(first), tuple(last)
+
+
+def _groups(params) -> tuple:
+    """(style, shape, count) with equal entries merged: MoE experts are one line, not hundreds."""
+    acc: dict = {}
+    for name, shape in params:
+        k = (tp_style(name), shape)
+        acc[k] = acc.get(k, 0) + 1
+    return tuple((s, sh, c) for (s, sh), c in acc.items())
+
+
+@lru_cache(maxsize=None)
+def _inventory(model) -> dict:
+    first, last = _root_params(model)
+    return {"block": _groups(_block_params(model)), "first": _groups(first), "last": _groups(last),
+            "n_block": len(_block_params(model)), "n_first": len(first), "n_last": len(last)}
+
+
+def _sum(groups, fn, *args):
+    total = 0
+    for style, shape, count in groups:
+        total = total + count * fn(style, shape, *args)
+    return total
+
+
+def _layers_on_rank0(model, plan):
+    return model.layers // plan.pp
+
+
+def _has_head(plan):
+    """Rank 0 also holds the final norm and output only without pipelining."""
+    return where(plan.pp == 1, 1, 0)
+
+
+def rank0_param_numel(model, plan):
+    """Elements of the parameters rank 0 holds before any ZeRO sharding (tp-local pieces)."""
+    inv = _inventory(model)
+    return (_layers_on_rank0(model, plan) * _sum(inv["block"], local_numel, plan.tp)
+            + _sum(inv["first"], local_numel, plan.tp) + _has_head(plan) * _sum(inv["last"], local_numel, plan.tp))
+
+
+def rank0_param_tensors(model, plan):
+    inv = _inventory(model)
+    return _layers_on_rank0(model, plan) * inv["n_block"] + inv["n_first"] + _has_head(plan) * inv["n_last"]
+
+
+# ---- DDP buckets -------------------------------------------------------------------------------
+def bucket_sizes(sizes: list[int], first: int = DDP_FIRST_BUCKET, cap: int = DDP_BUCKET) -> list[int]:
+    """DDP's bucket assignment (c10d compute_bucket_assignment_by_size, one dtype): tensors in
+    gradient-ready order fill a bucket until it reaches its limit (1 MiB for the first, 25 MiB
+    after), then the next starts; whatever is left is the last bucket."""
+    out, fill, limit = [], 0, first
+    for s in sizes:
+        fill += s
+        if fill >= limit:
+            out.append(fill)
+            fill, limit = 0, cap
+    if fill:
+        out.append(fill)
+    return out
+
+
+def ddp_ready_sizes(model, tp: int, layers: int, embeddings: bool, head: bool, nbytes: int) -> list[int]:
+    """Gradient bytes of one DDP module's parameters in the order their gradients become ready:
+    the reverse of the order the forward uses them (autograd runs the latest node first); this
+    is the order DDP rebuilds its buckets in after the first step (Reducer::rebuild_buckets)."""
+    first, last = _root_params(model)
+    use = (list(first) if embeddings else []) + list(_block_params(model)) * layers + (list(last) if head else [])
+    return [local_numel(tp_style(n), s, tp) * nbytes for n, s in reversed(use)]
+
+
+@lru_cache(maxsize=4096)
+def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int) -> tuple[tuple[int, int], ...]:
+    """(bucket bytes, calls) per step on rank 0: one DDP module per pipeline chunk it holds."""
+    per = model.layers // (pp * chunks)
+    acc: dict[int, int] = {}
+    for ch in range(chunks):
+        for b in bucket_sizes(ddp_ready_sizes(model, tp, per, ch == 0, pp == 1, nbytes)):
+            acc[b] = acc.get(b, 0) + 1
+    return tuple(acc.items())
+
+
+def _chunks(plan):
+    return plan.vpp if plan.schedule == "interleaved" else 1
+
+
+def ddp_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
+    """Scalar plans: bytes -> how many of rank 0's steady-state DDP buckets have that size."""
+    return dict(_ddp_sizes(model, int(plan.tp), int(plan.pp), int(_chunks(plan)), nbytes))
+
+
+def ddp_buckets(model, plan, nbytes: int):
+    """Steady-state DDP all-reduce calls per step on rank 0 (the first step, before the rebuild,
+    reduces everything in one bucket). Array plans: computed once per distinct (tp, pp, chunks)."""
+    chunks = _chunks(plan)
+    if not _num._is_array(plan.tp, plan.pp, chunks):
+        return sum(ddp_bucket_sizes(model, plan, nbytes).values())
+    import numpy as np
+
+    tp, pp, ch = np.broadcast_arrays(np.asarray(plan.tp), np.asarray(plan.pp), np.asarray(chunks))
+    keys = np.stack([tp.ravel(), pp.ravel(), ch.ravel()], axis=1)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    counts = np.array([sum(n for _, n in _ddp_sizes(model, int(t), int(p), int(c), nbytes)) for t, p, c in uniq],
+                      dtype=np.int64)
+    return counts[inv.ravel()].reshape(tp.shape)
+
+
+@lru_cache(maxsize=4096)
+def _param_sizes(model, tp: int, pp: int, nbytes: int) -> tuple[tuple[int, int], ...]:
+    inv, acc = _inventory(model), {}
+    for part, times in (("block", model.layers // pp), ("first", 1), ("last", int(pp == 1))):
+        for style, shape, count in inv[part]:
+            b = local_numel(style, shape, tp) * nbytes
+            acc[b] = acc.get(b, 0) + count * times
+    return tuple((b, n) for b, n in acc.items() if n)
+
+
+def rank0_param_sizes(model, plan, nbytes: int) -> dict[int, int]:
+    """Scalar plans: bytes -> how many of rank 0's parameters (tp-local pieces) have that size."""
+    return dict(_param_sizes(model, int(plan.tp), int(plan.pp), nbytes))
+
+
+# ---- dtypes ------------------------------------------------------------------------------------
+def dtypes(profile: str, plan) -> dict:
+    """Bytes per element of what each collective carries, by profile and precision.
+    P: stored parameters; grad: DDP/data-parallel gradients; gather / reduce: ZeRO parameter
+    all-gather and gradient reduce-scatter; resid: the residual stream (embedding output, norm
+    outputs, block inputs and their gradients, pipeline activations); mm: matmul outputs (wo, w2,
+    logits) and their gradients."""
+    prec = plan.precision
+    mixed = prec in ("bf16-mixed", "fp16-mixed")
+    b16 = 4 if prec == "fp32" else 2
+    if profile == "torch":
+        p = 2 if prec == "bf16" else 4
+        # mixed: FSDP2 (zero 2/3 with dp > 1) computes in the 16-bit param dtype; otherwise autocast
+        # keeps the residual stream in fp32 and only matmul outputs are 16-bit (contract item 6)
+        resid = where(plan.dp > 1, 2, 4) if (mixed and plan.zero >= 2) else (4 if mixed else p)
+        return {"P": p, "grad": p, "gather": 2 if mixed else p, "reduce": 4 if mixed else p,
+                "resid": resid, "mm": b16}
+    if profile == "megatron":
+        grad = 2 if prec in ("fp16-mixed", "bf16") else 4  # bf16 training reduces fp32 main grads
+        return {"P": b16, "grad": grad, "gather": b16, "reduce": grad, "resid": b16, "mm": b16}
+    return {"P": b16, "grad": b16, "gather": b16, "reduce": b16, "resid": b16, "mm": b16}
+
+
+# ---- one entry -----------------------------------------------------------------------------------
+_LAT_STEPS = {"all-reduce": lambda n: 2 * (n - 1), "all-gather": lambda n: n - 1,
+              "reduce-scatter": lambda n: n - 1, "broadcast": lambda n: n - 1,
+              "send": lambda n: 1 + 0 * n, "recv": lambda n: 1 + 0 * n}
+
+
+def wire_bytes(kind: str, n, total):
+    """Bytes one rank sends for `total` bytes of calls among n ranks (see the module docstring)."""
+    if kind == "all-reduce":
+        return 2 * (n - 1) * total // n
+    if kind in ("all-gather", "reduce-scatter", "broadcast"):
+        return (n - 1) * total // n
+    if kind == "send":
+        return total
+    if kind == "recv":
+        return 0 * total
+    raise ValueError(f"unknown collective kind {kind!r}")
+
+
+def link(cluster, size, stride, arr: bool | None = None):
+    """(inside one node?, bytes/s achieved, latency s per step) for a group of `size` ranks `stride` apart."""
+    g, net = cluster.gpu, cluster.network
+    fast = (g.link_gbps * 1e9 * g.link_efficiency, g.link_latency_us * 1e-6)
+    slow = (net.gbytes_per_s * 1e9 * net.efficiency, net.latency_us * 1e-6)
+    intra = size * stride <= cluster.node_size
+    if not (_num._is_array(intra) if arr is None else arr):  # one plan: plain Python (runs ~20 times per estimate)
+        return (intra,) + (fast if intra else slow)
+    return intra, where(intra, fast[0], slow[0]), where(intra, fast[1], slow[1])
+
+
+def seconds(kind: str, n, count, total, bw, lat):
+    """Time of `count` calls of `total` bytes together, latency-bandwidth."""
+    moved = total if kind in ("broadcast", "send", "recv") else wire_bytes(kind, n, total)
+    return count * _LAT_STEPS[kind](n) * lat + moved / bw
+
+
+def make(cluster, kind: str, group: str, n, stride, count, what: str, *, per_call=None, total=None,
+         overlapped: bool = False, sizes: dict | None = None, arr: bool | None = None) -> Collective:
+    """One Collective: `count` calls of `per_call` bytes, or of `total` bytes together when the
+    calls differ in size (then `bytes` is their mean, total // count, and `sizes`, for scalar
+    plans, the exact message bytes -> calls). `arr`: whether any argument is an array (None:
+    look)."""
+    if arr is None:
+        arr = _num._is_array(n, stride, count, per_call, total)
+    if arr:
+        count = where(n > 1, count, 0)
+        total = per_call * count if total is None else where(count > 0, total, 0)
+        sizes, calls = {}, _num.maximum(count, 1)
+    else:
+        count = count if n > 1 else 0
+        total = per_call * count if total is None else (total if count > 0 else 0)
+        sizes, calls = (dict(sizes) if sizes and count else {}), max(count, 1)
+    intra, bw, lat = link(cluster, n, stride, arr)
+    name = where(intra, "intra-node", "network") if arr else ("intra-node" if intra else "network")
+    return Collective(kind=kind, group=group, ranks=n, bytes=total // calls, count=count,
+                      wire_bytes=wire_bytes(kind, n, total), seconds=seconds(kind, n, count, total, bw, lat),
+                      what=what, link=name, overlapped=overlapped, sizes=sizes)
+
+
+# ---- the step ----------------------------------------------------------------------------------
+def collectives(model, cluster, plan, profile: str = "torch") -> list[Collective]:
+    """Every collective of one training step on rank 0."""
+    if profile not in PROFILES:
+        from shardwise.errors import closest
+
+        raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)}")
+    dt = dtypes(profile, plan)
+    arr = _num._is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq)
+    out = (_tp(model, cluster, plan, profile, dt, arr) + _pp(model, cluster, plan, dt, arr)
+           + _dp(model, cluster, plan, profile, dt, arr))
+    if profile == "torch":
+        out += _engine(model, cluster, plan, dt, arr)
+    return out if arr else [c for c in out if c.count > 0]
+
+
+def _tp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
+    """Tensor-parallel collectives of all micro-batches, per layer and at the model's ends."""
+    t, m, sp = plan.tp, plan.grad_accum, plan.sp
+    act = plan.mbs * plan.seq * model.hidden  # one [mbs, seq, hidden] activation (full, unsharded)
+    layers = _layers_on_rank0(model, plan) * m
+    rc = plan.recompute == "full"
+    head = _has_head(plan) * m
+    R, M = dt["resid"], dt["mm"]
+
+    def c(kind, what, per_call, count):
+        return make(cluster, kind, "tp", t, 1, count, what, per_call=per_call, arr=arr)
+
+    if profile != "torch":
+        return _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head)
+    # torch.utils.checkpoint (non-reentrant) stops recomputing once every saved tensor is back:
+    # the block's last collective (reducing w2's output) is not replayed, the others are
+    replay = 1 if rc else 0
+    out = []
+    if not sp:
+        # DTensor issues one backward all-reduce per column-parallel module: each turns its own
+        # replicated input into a DTensor (3 + 2 per SwiGLU layer, 3 + 1 per GELU layer)
+        col_inputs = 3 + (1 if model.is_moe or model.ffn_kind == "gelu" else 2)
+        out += [c("all-reduce", "block outputs (wo, w2), forward" + (" (+ wo on recompute)" if rc else ""),
+                  act * M, (2 + replay) * layers),
+                c("all-reduce", "block input gradients (one per q/k/v/w1/w3 input), backward", act * R,
+                  col_inputs * layers),
+                c("all-reduce", "vocab-parallel embedding output, forward", act * R, m)]
+        if model.positions == "learned":
+            out.append(c("all-reduce", "position embedding output, forward", plan.seq * model.hidden * R, m))
+        out += [c("all-gather", "logits to every tp rank (replicated output), forward",
+                  plan.mbs * plan.seq * model.vocab * M, head),
+                c("all-reduce", "output projection input gradient, backward", act * R, head)]
+        return out
+    out += [c("all-gather", "sequence shards to block inputs (attention, FFN), forward", act * R, (2 + 2 * replay) * layers),
+            c("reduce-scatter", "block outputs (wo, w2) to sequence shards, forward", act * M, (2 + replay) * layers),
+            c("reduce-scatter", "block input gradients to sequence shards, backward", act * R, 2 * layers),
+            c("all-gather", "block output gradients, backward", act * M, 2 * layers),
+            c("reduce-scatter", "vocab-parallel embedding output to sequence shards, forward", act * R, m),
+            c("all-gather", "embedding output gradient, backward", act * R, m)]
+    if model.positions == "learned":
+        pos = plan.seq * model.hidden * R
+        out += [c("reduce-scatter", "position embedding output, forward", pos, m),
+                c("all-gather", "position embedding output gradient, backward", pos, m)]
+    out += [c("all-gather", "final norm output to the output projection, forward", act * R, head),
+            c("all-gather", "logits to every tp rank (replicated output), forward",
+              plan.mbs * plan.seq * model.vocab * M, head),
+            c("reduce-scatter", "output projection input gradient, backward", act * R, head)]
+    # sequence-parallel norms see a sequence shard: their weight (and bias) gradients are
+    # Partial over tp and are all-reduced when reduced (FSDP2: with each reduce-scatter; else once)
+    per_norm = 2 if model.norm == "layernorm" else 1
+    norms = (2 * _layers_on_rank0(model, plan) + _has_head(plan)) * per_norm
+    out.append(c("all-reduce", "sequence-parallel norm gradients (Partial over tp)",
+                 model.hidden * _norm_grad_bytes(plan, dt, m), norms * _fsdp_reduces(plan, m)))
+    return out
+
+
+def _norm_grad_bytes(plan, dt, m):
+    """Bytes per element of the norm gradients when they are all-reduced: the stored gradient
+    dtype, except under FSDP2 mixed precision, where a gradient reduced straight from one backward
+    is still in the 16-bit compute dtype and only an accumulated one (ZeRO-2 or a pipeline, m > 1)
+    was upcast to the fp32 reduce dtype."""
+    if plan.zero < 2 or plan.precision not in ("bf16-mixed", "fp16-mixed"):
+        return dt["grad"]
+    accumulated = (m > 1) if plan.zero == 2 else (plan.pp > 1) & (m > 1)
+    return where(plan.dp > 1, where(accumulated, dt["reduce"], dt["gather"]), dt["grad"])
+
+
+def _fsdp_reduces(plan, m):
+    """Gradient reductions per step per FSDP2 group: ZeRO-3 every micro-batch (except under a
+    pipeline, which reduces once at the end); ZeRO-2 once; without FSDP2 (zero <= 1, or dp = 1)
+    the engine aligns gradients once per step."""
+    if plan.zero == 3:
+        return where((plan.pp > 1) | (plan.dp == 1), 1, m)
+    return 1 + 0 * m
+
+
+def _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head) -> list[Collective]:
+    """Megatron-LM: f/g operators, vocab-parallel embedding and cross-entropy (no logits gather);
+    its recompute replays the whole layer forward, collectives included."""
+    fwd = layers * (2 if rc else 1)
+    ce = c("all-reduce", "vocab-parallel cross-entropy (max, sum of exp, target logit), forward",
+           plan.mbs * plan.seq * 4, CE_REDUCES * head)
+    if not plan.sp:
+        return [c("all-reduce", "block outputs (attention, MLP), forward", act * M, 2 * fwd),
+                c("all-reduce", "block input gradients (attention, MLP), backward", act * R, 2 * layers),
+                c("all-reduce", "vocab-parallel embedding output, forward", act * R, m),
+                c("all-reduce", "output projection input gradient, backward", act * R, head), ce]
+    return [c("all-gather", "sequence shards to block inputs (attention, MLP), forward", act * R, 2 * fwd),
+            c("reduce-scatter", "block outputs to sequence shards, forward", act * M, 2 * fwd),
+            c("reduce-scatter", "block input gradients to sequence shards, backward", act * R, 2 * layers),
+            c("all-gather", "block output gradients, backward", act * M, 2 * layers),
+            c("reduce-scatter", "vocab-parallel embedding output to sequence shards, forward", act * R, m),
+            c("all-gather", "embedding output gradient, backward", act * R, m),
+            c("all-gather", "final norm output to the output projection, forward", act * R, head),
+            c("reduce-scatter", "output projection input gradient, backward", act * R, head), ce]
+
+
+def _pp(model, cluster, plan, dt, arr) -> list[Collective]:
+    """Point-to-point between adjacent stages: rank 0 sends each micro-batch's activation on from
+    each chunk it holds (the last stage's chunk sends nothing) and receives into each but the first;
+    gradients go the other way. Interleaved: v chunks per rank, so 2v-1 hops each way."""
+    v = plan.vpp if plan.schedule == "interleaved" else 1
+    m = plan.grad_accum
+    msg = plan.mbs * plan.seq * model.hidden * dt["resid"]
+    if plan.sp:
+        msg = msg // plan.tp  # block outputs are sequence-sharded under sp: [mbs, seq/tp, hidden]
+    n, stride = plan.pp, plan.dp * plan.tp
+
+    def c(kind, what, count):
+        return make(cluster, kind, "pp", n, stride, count, what, per_call=msg, arr=arr)
+
+    return [c("send", "activations to the next stage, forward", v * m),
+            c("recv", "activation gradients from the next stage, backward", v * m),
+            c("recv", "activations from the previous stage (interleaved chunks), forward", (v - 1) * m),
+            c("send", "activation gradients to the previous stage (interleaved chunks), backward", (v - 1) * m)]
+
+
+def _dp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
+    n, stride, m = plan.dp, plan.tp, plan.grad_accum
+    inv = _inventory(model)
+
+    def c(kind, what, count, overlapped, **kw):
+        return make(cluster, kind, "dp", n, stride, count, what, overlapped=overlapped, arr=arr, **kw)
+
+    psi = rank0_param_numel(model, plan)  # elements rank 0 holds (tp-local, one pipeline stage)
+    if profile == "torch":
+        if plan.zero <= 1:
+            buckets = ddp_buckets(model, plan, dt["grad"])
+            out = [c("all-reduce", "gradients (DDP buckets: 1 MiB first, then 25 MiB)", buckets, True,
+                     total=psi * dt["grad"], sizes=None if arr else ddp_bucket_sizes(model, plan, dt["grad"]))]
+            if plan.zero == 1:
+                out.append(c("broadcast", "updated parameters from their ZeroRedundancyOptimizer owners, "
+                              "one per parameter", rank0_param_tensors(model, plan), False, total=psi * dt["P"],
+                             sizes=None if arr else rank0_param_sizes(model, plan, dt["P"])))
+            return out
+        # FSDP2: one all-gather and one reduce-scatter per fully_shard group (each block; the root
+        # holds the embeddings, and without pipelining also the final norm and output)
+        blocks = _layers_on_rank0(model, plan)
+        block = _sum(inv["block"], fsdp_numel, plan.tp, n)
+        root = _sum(inv["first"], fsdp_numel, plan.tp, n) + _has_head(plan) * _sum(inv["last"], fsdp_numel, plan.tp, n)
+        piped = plan.pp > 1
+        if plan.zero == 2:
+            # reshard_after_forward=False: gathered in each forward, kept through backward, resharded
+            # after it; under torch.distributed.pipelining the stage keeps them until the step's end
+            gathers = where(piped, 1, m)
+            reduces = 1 + 0 * m
+        else:
+            # reshard_after_forward=True (the root too: it is passed explicitly): gathered for the
+            # forward and again for the backward of each micro-batch; the pipeline stage keeps
+            # them after a backward (reshard_after_backward=False), so only a backward that follows
+            # a forward, plus the first op, gathers: 1 + m per step
+            gathers = where(piped, 1 + m, 2 * m)
+            reduces = where(piped, 1, m)
+        what_g = "parameters (16-bit)" if dt["gather"] == 2 else "parameters"
+        return [c("all-gather", f"{what_g} of each transformer block (FSDP2)", blocks * gathers, True,
+                  per_call=block * dt["gather"]),
+                c("all-gather", f"{what_g} of the root group (embeddings, norm, output) (FSDP2)", gathers, True,
+                  per_call=root * dt["gather"]),
+                c("reduce-scatter", "gradients of each transformer block (FSDP2)", blocks * reduces, True,
+                  per_call=block * dt["reduce"]),
+                c("reduce-scatter", "gradients of the root group (FSDP2)", reduces, True,
+                  per_call=root * dt["reduce"])]
+    g, p = psi * dt["grad"], psi * dt["gather"]
+    if profile == "zero-paper":
+        one = 1 + 0 * m
+        if plan.zero == 0:
+            return [c("all-reduce", "gradients", one, True, per_call=g)]
+        if plan.zero <= 2:
+            return [c("reduce-scatter", "gradients to their owners", one, True, per_call=g),
+                    c("all-gather", "updated parameters after the step", one, False, per_call=p)]
+        return [c("all-gather", "parameters, forward", m, True, per_call=p),
+                c("all-gather", "parameters, backward", m, True, per_call=p),
+                c("reduce-scatter", "gradients", m, True, per_call=g)]
+    if profile == "deepspeed":
+        if plan.zero == 0:
+            return [c("all-reduce", "gradients (allreduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET), True,
+                      total=g)]
+        if plan.zero <= 2:
+            return [c("reduce-scatter", "gradients (reduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET), True,
+                      total=g),
+                    c("all-gather", "updated parameters (allgather_bucket_size)",
+                      ceil_div(psi, DS_ALLGATHER_BUCKET), False, total=p)]
+        per = ceil_div(psi, DS_PREFETCH_BUCKET)
+        return [c("all-gather", "parameters, forward (stage3_prefetch_bucket_size)", per * m, True, total=p * m),
+                c("all-gather", "parameters, backward (stage3_prefetch_bucket_size)", per * m, True, total=p * m),
+                c("reduce-scatter", "gradients (reduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET) * m, True,
+                  total=g * m)]
+    # megatron
+    bucket = _num.maximum(MEGATRON_BUCKET_MIN, MEGATRON_BUCKET_PER_DP * n)
+    nb = ceil_div(psi, bucket)
+    if plan.zero == 0:
+        return [c("all-reduce", "main gradients (DDP buckets)", nb, True, total=g)]
+    if plan.zero <= 2:
+        return [c("reduce-scatter", "main gradients (distributed optimizer buckets)", nb, True, total=g),
+                c("all-gather", "updated 16-bit parameters (distributed optimizer)", nb, False, total=p)]
+    return [c("all-gather", "parameters, forward", m, True, per_call=p),
+            c("all-gather", "parameters, backward", m, True, per_call=p),
+            c("reduce-scatter", "main gradients", m, True, per_call=g)]
+
+
+def _engine(model, cluster, plan, dt, arr) -> list[Collective]:
+    """What run/engine.py adds per step: one world all-reduce of [loss, squared grad norm], and
+    with pipelining and tied embeddings the first and last stages' embedding-gradient all-reduce."""
+    out = [make(cluster, "all-reduce", "world", plan.world, 1, 1 + 0 * plan.world,
+                "loss and squared gradient norm (fp32)", per_call=LOSS_REDUCE_BYTES, arr=arr)]
+    if model.tied_embeddings:
+        first, _ = _root_params(model)
+        rows = ceil_div(model.vocab, plan.tp)
+        if plan.zero >= 2:  # FSDP2 holds the dp shard of it (rank 0's piece, dp > 1; whole at dp = 1)
+            rows = ceil_div(rows, plan.dp)
+        grad = rows * model.hidden * dt["P"]
+        tied = where(plan.pp > 1, 1, 0)
+        out.append(make(cluster, "all-reduce", "pp", where(plan.pp > 1, 2, 1), plan.dp * plan.tp, tied,
+                        "tied embedding gradient, first and last stage", per_call=grad, arr=arr))
+    return out
+
+
+# ---- the lecture's numbers, kept only to be shown next to ours ---------------------------------------
+def lecture_comm_bytes(params: float, stage: int) -> float:
+    """Lecture 14's `communication_analysis` (16-bit values): DDP and ZeRO-1 2*2*P, ZeRO-2 2*P,
+    ZeRO-3 2*P + 2*2*P. Its ZeRO-2 is half the paper's (reduce-scatter + all-gather = 2*P values,
+    the same as DDP) and it has no (N-1)/N factor. Not used by any estimate."""
+    factors = {0: 2, 1: 2, 2: 1, 3: 3}
+    if stage not in factors:
+        raise ShardwiseError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+    return factors[stage] * params * 2
+
+
+def lecture_comm_ms(params: float, stage: int, gbits: float = 400) -> float:
+    """The lecture's time column: bytes * 8 / Gbit/s, no latency, no efficiency, no ring factor."""
+    return lecture_comm_bytes(params, stage) * 8 / gbits / 1e9 * 1000

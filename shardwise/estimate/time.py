@@ -1,0 +1,204 @@
+"""Step time: FLOPs, compute at an efficiency, communication left exposed, pipeline bubble.
+
+FLOPs (a multiply-add is 2 FLOPs; attention counted over the full s x s, as Narayanan et al. 2021
+and PaLM do). Per token, forward:
+    2 * (matmul weights used per token: q/k/v/o, the MLP or top_k experts + router, the output
+         projection; not the embedding lookup, norms or biases)
+  + 4 * seq * q_dim * layers (scores Q.K^T and attention over V, 2*s*q_dim each)
+Backward = 2x forward. Model FLOPs per step = 3 x forward x gbs x seq (no recompute): for GPT-3
+this is Narayanan et al.'s 72*B*s*l*h^2*(1 + s/(6h) + V/(12*l*h)). Full recompute re-runs every
+block's forward (not the output layer), giving their eq. (3), 96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h));
+selective recompute re-runs the attention core, 4*seq*q_dim per token per layer.
+
+Compute: the busiest pipeline stage (the last: layers/pp blocks plus the output projection), its
+FLOPs split over tp, at peak(dtype of the precision) * efficiency. DEFAULT_EFFICIENCY = 0.5: the
+fraction of dense peak that large training matmuls sustain end to end, Narayanan et al.'s GPT-3
+175B run reached 163 of 312 TFLOP/s per A100 (52%, their Table 1) including its own bubble and
+communication; override with efficiency=.
+
+The optimizer step is memory-bound: it reads and writes the parameters and states and reads the
+gradients of the rank's shard once, at HBM bandwidth (AdamW fp32: 4+4+4 + 2*(4+4) = 28 bytes per
+parameter).
+
+Exposed communication (what the step waits for):
+- tensor parallel: every TP collective sits between two matmuls that need it: all exposed.
+- pipeline: torch's schedules wait for each batched send/recv before computing: all exposed.
+- data parallel: an overlapped collective hides behind the compute it runs alongside, up to that
+  compute's length: gradient all-reduce / reduce-scatter once per step behind the last
+  micro-batch's backward; per-micro-batch gathers behind the forwards (ZeRO-2); ZeRO-3's gathers
+  and reduce-scatters behind the whole forward + backward. Not overlapped (ZeroRedundancyOptimizer
+  broadcasts, the paper's post-step all-gather, the engine's loss all-reduce): all exposed.
+- offload: PCIe traffic of the shard (gradients down, parameters up) at PCIE_GBPS, exposed; the
+  CPU's own optimizer arithmetic is taken to run alongside the transfers.
+Bubble: (p-1)/(v*m) x (the rank's pipelined work: compute, TP and p2p of all micro-batches), i.e.
+the idle fraction bubble_fraction(p, m, v) of the step's pipelined part (pipeline.py).
+step = compute (forward + backward + recompute + optimizer) + exposed communication + bubble.
+"""
+from __future__ import annotations
+
+from shardwise.breakdown import Time
+from shardwise.errors import ShardwiseError
+from shardwise.estimate._num import maximum, where
+from shardwise.estimate.comm import dtypes, rank0_param_numel
+from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal
+
+DEFAULT_EFFICIENCY = 0.5
+PEAK_DTYPE = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16", "fp16-mixed": "fp16"}
+PCIE_GBPS = 31.5  # PCIe 4.0 x16 per direction (16 GT/s x 16 lanes x 128/130 / 8), the host link offload uses
+STATES = {"adamw": 2, "sgd": 1, "adafactor": 0, "adam8bit": 2}  # full-size optimizer states per parameter
+SECONDS_PER_DAY = 86400.0
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------
+def matmul_weights(model) -> dict:
+    """Matmul weights one token passes through: per layer (attention, MLP incl. router) and the
+    output projection. MoE: top_k routed experts + shared experts."""
+    h = model.hidden
+    attn = h * model.q_dim + 2 * h * model.kv_dim + model.q_dim * h
+    mats = 3 if model.ffn_kind == "swiglu" else 2
+    if model.is_moe:
+        mlp = (model.top_k * mats * h * model.expert_ffn_hidden + model.shared_experts * mats * h * model.ffn_hidden
+               + h * model.experts)
+    else:
+        mlp = mats * h * model.ffn_hidden
+    return {"attention": attn, "mlp": mlp, "layer": attn + mlp, "head": model.vocab * h}
+
+
+def attention_core_flops_per_token(model, seq):
+    """Q.K^T and attention over V, one layer, one token: 2*seq*q_dim each."""
+    return 4 * seq * model.q_dim
+
+
+def layer_forward_flops_per_token(model, seq):
+    return 2 * matmul_weights(model)["layer"] + attention_core_flops_per_token(model, seq)
+
+
+def forward_flops_per_token(model, seq):
+    return model.layers * layer_forward_flops_per_token(model, seq) + 2 * matmul_weights(model)["head"]
+
+
+def model_flops_per_token(model, seq):
+    """Forward + backward, no recompute: the FLOPs MFU counts."""
+    return 3 * forward_flops_per_token(model, seq)
+
+
+def layer_recompute_flops_per_token(model, seq, recompute: str):
+    """Full: the block's whole forward again. Selective: its attention core again."""
+    if recompute == "full":
+        return layer_forward_flops_per_token(model, seq)
+    if recompute == "selective":
+        return attention_core_flops_per_token(model, seq)
+    return 0 * seq
+
+
+def optimizer_bytes_per_param(precision: str, optimizer: str) -> int:
+    """HBM traffic of one optimizer step per parameter: read param and grad, write param, read and
+    write each full-size state. Pure bf16 keeps everything in 2 bytes; 8-bit Adam its states in 1."""
+    p = 2 if precision == "bf16" else 4
+    state = 1 if optimizer == "adam8bit" else p
+    return 3 * p + 2 * STATES[optimizer] * state
+
+
+# ---- the step -----------------------------------------------------------------------------------
+def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.0, price=None) -> Time:
+    eff = DEFAULT_EFFICIENCY if efficiency is None else efficiency
+    if not (isinstance(eff, (int, float)) and 0 < eff <= 1):
+        raise ShardwiseError(f"efficiency must be a fraction of peak in (0, 1], got {efficiency!r}")
+    if not tokens >= 0:
+        raise ShardwiseError(f"the token budget must be >= 0, got {tokens!r}")
+    if price is not None and not price >= 0:
+        raise ShardwiseError(f"price must be >= 0 USD per GPU-hour, got {price!r}")
+    gpu = cluster.gpu
+    peak = gpu.peak_flops(PEAK_DTYPE[plan.precision])
+    rate = peak * eff
+    m, seq = plan.grad_accum, plan.seq
+    mb_tokens = plan.mbs * seq
+
+    # busiest stage, per GPU, per micro-batch
+    w = matmul_weights(model)
+    stage_fwd = (model.layers // plan.pp * layer_forward_flops_per_token(model, seq) + 2 * w["head"]) * mb_tokens
+    stage_rc = model.layers // plan.pp * layer_recompute_flops_per_token(model, seq, plan.recompute) * mb_tokens
+    t_f = stage_fwd / plan.tp / rate
+    t_r = stage_rc / plan.tp / rate
+    t_b = 2 * t_f
+    forward_s, backward_s, recompute_s = m * t_f, m * t_b, m * t_r
+
+    shard = rank0_param_numel(model, plan)
+    if plan.zero >= 1:
+        shard = shard / plan.dp
+    opt_bytes = shard * optimizer_bytes_per_param(plan.precision, plan.optimizer)
+    offload_s = 0.0 * m
+    if plan.offload == "none":
+        optimizer_s = opt_bytes / (gpu.hbm_gbps * 1e9)
+    else:
+        optimizer_s = 0.0 * m
+        offload_s = _offload_bytes(plan, comm, shard) / (PCIE_GBPS * 1e9)
+
+    def total(sel):
+        s = 0.0 * m
+        for c in comm:
+            if sel(c):
+                s = s + c.seconds
+        return s
+
+    tp_s = total(lambda c: c.group == "tp")
+    pp_s = total(lambda c: c.kind in ("send", "recv"))
+    other_s = total(lambda c: c.group not in ("tp", "dp") and c.kind not in ("send", "recv"))
+    dp_s = total(lambda c: c.group == "dp")
+    dp_exposed = total(lambda c: c.group == "dp" and not c.overlapped)
+    if plan.zero == 3:
+        dp_exposed = dp_exposed + _excess(total(lambda c: c.group == "dp" and c.overlapped),
+                                          forward_s + backward_s + recompute_s)
+    else:
+        gathers_behind = where(plan.pp > 1, t_f, forward_s)  # ZeRO-2 under a pipeline gathers once
+        dp_exposed = dp_exposed + _excess(total(lambda c: c.group == "dp" and c.overlapped
+                                                and c.kind == "all-gather"), gathers_behind)
+        dp_exposed = dp_exposed + _excess(total(lambda c: c.group == "dp" and c.overlapped
+                                                and c.kind != "all-gather"), t_b + t_r)
+
+    compute_s = forward_s + backward_s + recompute_s + optimizer_s
+    pipelined = forward_s + backward_s + recompute_s + tp_s + pp_s
+    bubble_s = bubble_over_ideal(plan.pp, m, plan.vpp, plan.schedule) * pipelined
+    comm_exposed_s = tp_s + pp_s + dp_exposed + other_s + offload_s
+    step_s = compute_s + comm_exposed_s + bubble_s
+
+    tokens_step = plan.gbs * seq
+    flops = model_flops_per_token(model, seq) * tokens_step
+    hw_flops = flops + model.layers * layer_recompute_flops_per_token(model, seq, plan.recompute) * tokens_step
+    t = Time(compute_s=compute_s, comm_exposed_s=comm_exposed_s, bubble_s=bubble_s, step_s=step_s,
+             tokens_per_s=tokens_step / step_s, mfu=flops / (step_s * plan.world * peak), flops_per_step=flops,
+             detail={"forward_s": forward_s, "backward_s": backward_s, "recompute_s": recompute_s,
+                     "optimizer_s": optimizer_s, "offload_s": offload_s, "tp_comm_s": tp_s, "pp_comm_s": pp_s,
+                     "dp_comm_s": dp_s, "dp_exposed_s": dp_exposed, "other_comm_s": other_s,
+                     "bubble_fraction": bubble_fraction(plan.pp, m, plan.vpp, plan.schedule),
+                     "efficiency": eff, "peak_tflops": peak / 1e12, "hardware_flops_per_step": hw_flops})
+    if tokens > 0:
+        train_s = tokens / tokens_step * step_s
+        t.train_tokens = tokens
+        t.train_days = train_s / SECONDS_PER_DAY
+        t.gpu_hours = train_s / 3600 * plan.world
+        t.cost_usd = t.gpu_hours * (gpu.price_per_hour if price is None else price)
+    return t
+
+
+def _excess(comm_s, budget):
+    """What of an overlapped collective's time sticks out past the compute it overlaps."""
+    return maximum(comm_s - budget, 0.0)
+
+
+def _offload_bytes(plan, comm, shard):
+    """PCIe bytes per step. optimizer: the fp32 gradient shard down, the updated parameter shard
+    up. params (FSDP2 CPUOffloadPolicy): the parameter shard up before every all-gather (in its
+    stored dtype) and each reduced gradient shard down."""
+    dt = dtypes("torch", plan)
+    if plan.offload == "optimizer":
+        return shard * (4 + dt["P"])
+    up = down = 0.0 * plan.dp
+    for c in comm:
+        if c.group != "dp":
+            continue
+        if c.kind == "all-gather":
+            up = up + c.count * c.bytes / c.ranks / dt["gather"] * dt["P"]
+        elif c.kind == "reduce-scatter":
+            down = down + c.count * c.bytes / c.ranks
+    return up + down

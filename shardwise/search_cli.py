@@ -32,6 +32,9 @@ def register(sub) -> None:
     g.add_argument("--headroom", type=_fraction, default=DEFAULT_HEADROOM,
                    help=f"share of GPU memory a plan must leave free, e.g. 0.1 or 10%% "
                         f"(default {DEFAULT_HEADROOM:.0%}; see the README)")
+    g.add_argument("--host-memory", type=float, default=None, metavar="GIB",
+                   help="CPU memory per node for offloaded states, GiB (default 128 GiB per GPU: a DGX A100's "
+                        "1 TB for 8)")
     g.add_argument("--allow-cross-node-tp", action="store_true",
                    help="let tensor-parallel groups span nodes (by default each tp group stays inside one node)")
     g.add_argument("--min-gpus", action="store_true",
@@ -53,31 +56,29 @@ def _fraction(text: str) -> float:
 
 def cmd_plan(a) -> int:
     from shardwise import cli_args as ca
-    from shardwise.search.core import MAX_GPUS, fewest_gpus, run_search, what_it_would_take
+    from shardwise.search.core import MAX_GPUS, Options, fewest_gpus, run_search, what_it_would_take
 
     model = ca.model_from_args(a)
     fixed = ca.plan_fields_from_args(a)
     if a.top < 1:
         raise ShardwiseError(f"--top must be a positive integer, got {a.top}")
-    kw = dict(profile=a.profile, headroom=a.headroom, top=a.top, rank=a.rank, efficiency=a.efficiency,
+    kw = dict(profile=a.profile, headroom=a.headroom, host_memory_gib=a.host_memory, efficiency=a.efficiency,
               tokens=a.tokens, price=a.price, cross_node_tp=a.allow_cross_node_tp)
     found = None
     if a.min_gpus:
         if a.rank != "throughput":
             raise ShardwiseError("--min-gpus ranks the plans on the fewest GPUs by throughput; drop --rank")
         probe = ca.cluster_from_args(a, gpus=a.gpus or 1)
-        limit = a.gpus or MAX_GPUS
-        found = fewest_gpus(model, probe, fixed, profile=a.profile, headroom=a.headroom,
-                            cross_node_tp=a.allow_cross_node_tp, limit=limit)
+        found = fewest_gpus(model, probe, fixed, Options(**kw), limit=a.gpus or MAX_GPUS)
         if found is None:
-            where = f"on up to {a.gpus}" if a.gpus else "on any number of"
-            raise ShardwiseError(f"{model.name} fits {where} {probe.gpu.name} GPUs with no plan under these flags; "
+            where = f"up to {a.gpus}" if a.gpus else "any number of"
+            raise ShardwiseError(f"no plan fits {model.name} on {where} {probe.gpu.name} GPUs under these flags; "
                                  "try a GPU with more memory, a shorter --seq, or fewer pinned flags")
         cluster = ca.cluster_from_args(a, gpus=found)
     else:
         cluster = ca.cluster_from_args(a, gpus=a.gpus or 8)
-    res = run_search(model, cluster, **kw, **fixed)
-    advice = what_it_would_take(res, a.allow_cross_node_tp) if not res.fits else []
+    res = run_search(model, cluster, **kw, top=a.top, rank=a.rank, **fixed)
+    advice = what_it_would_take(res) if not res.fits else []
     if a.json:
         print(json.dumps(to_json(res, advice, found), indent=2))
     else:
@@ -99,11 +100,14 @@ def to_json(res, advice: list[str], min_gpus: int | None = None) -> dict:
         "cluster": {"gpu": res.cluster.gpu.name, "gpus": res.cluster.gpus,
                     "gpus_per_node": res.cluster.gpus_per_node, "network": res.cluster.network.name},
         "min_gpus": min_gpus,
-        "held": {"gbs": res.gbs, "seq": res.seq, "fixed": res.fixed},
+        "held": {"gbs": res.gbs, "gbs_pinned": "gbs" in res.fixed, "seq": res.seq},
+        "pinned": res.fixed,
         "headroom": res.headroom,
+        "host_memory_bytes_per_node": res.opts.host_bytes(res.cluster) / (1 - res.headroom),
         "rank_by": res.rank,
-        "searched": {"enumerated": t.enumerated, "legal": t.legal, "fit": t.fit, "dominated": t.dominated,
-                     "timed": t.timed, "option_combinations_skipped": t.skipped_groups, "seconds": res.seconds},
+        "searched": {"enumerated": t.enumerated, "legal": t.legal, "dominated": t.dominated,
+                     "estimated": t.estimated, "fit": t.fit, "option_combinations_skipped": t.skipped_groups,
+                     "seconds": res.seconds},
         "rejected": dict(t.rejected),
         "rejected_examples": dict(t.examples),
         "ranked": [e.to_dict() | {"rank": i + 1, "why": w} for i, (e, w) in enumerate(zip(res.ranked, why))],

@@ -1,5 +1,5 @@
 """search(): every legal plan of a model on a cluster, those that fit, ranked; and the answers
-around it (fewest GPUs, what nothing-fits would take)."""
+around it (the fewest GPUs, what a nothing-fits answer would take)."""
 from __future__ import annotations
 
 import time as _time
@@ -10,16 +10,48 @@ import numpy as np
 from shardwise.errors import ShardwiseError
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SCHEDULES, SEARCHED, Space, check_fixed
 from shardwise.search.vectorized import Nearest, Tally, evaluate
-from shardwise.spec.hardware import Cluster
+from shardwise.spec.hardware import GIB, Cluster
 from shardwise.spec.model import load_model
 
-# Memory a plan must leave free, as a share of the GPU's memory. The estimate already counts the
-# CUDA context, the allocator's reserve and the kernels' workspace (Memory.overhead); this is the
-# margin for what a closed-form estimate cannot see (fragmentation spikes, NCCL's lazily grown
-# buffers, a longer-than-average batch) so a plan ranked "fits" does not OOM at step 1000.
+# GPU memory a plan must leave free, as a share of capacity. The estimate already counts the CUDA
+# context and every buffer the engines allocate; this margin is for what a closed-form estimate
+# cannot see: the caching allocator's fragmentation (PyTorch reserves more than it allocates),
+# NCCL's communicator buffers, cuBLAS/cuDNN workspaces, a longer-than-average batch. 10% of an
+# 80 GiB GPU is 8 GiB.
 DEFAULT_HEADROOM = 0.10
+# CPU memory per GPU for offloaded states, when --host-memory is not given: a DGX A100 has 1 TB of
+# system memory for 8 GPUs (NVIDIA DGX A100 User Guide, "Hardware Overview"); DGX H100 and H200
+# have 2 TB. Workstations usually have less: pass --host-memory.
+DEFAULT_HOST_GIB_PER_GPU = 128
 RANKS = ("throughput", "time", "cost")
-MAX_GPUS = 1 << 20  # --min-gpus gives up past a million GPUs: then no count will do
+# pinned fields a nothing-fits answer may suggest changing; seq, precision and optimizer are what
+# the user trains, so a model that fits with none of the rest is an impossible request
+UNPINNABLE = SEARCHED + ("gbs",)
+MAX_GPUS = 1 << 20  # --min-gpus gives up past a million GPUs
+
+
+@dataclass(frozen=True)
+class Options:
+    """How plans are judged (everything but the model, the cluster and the pinned fields)."""
+
+    profile: str = "torch"
+    headroom: float = DEFAULT_HEADROOM
+    host_memory_gib: float | None = None  # CPU memory per node for offload; None: the default above
+    cross_node_tp: bool = False
+    efficiency: float | None = None
+    tokens: float = 0.0
+    price: float | None = None
+
+    def host_bytes(self, cluster: Cluster) -> float:
+        """CPU bytes per node that offloaded states may use, less the headroom."""
+        gib = self.host_memory_gib
+        if gib is None:
+            gib = DEFAULT_HOST_GIB_PER_GPU * cluster.gpus_per_node
+        return gib * GIB * (1 - self.headroom)
+
+    def evaluate(self, space: Space, cluster: Cluster, **kw):
+        return evaluate(space, cluster, self.profile, 1 - self.headroom, efficiency=self.efficiency,
+                        tokens=self.tokens, price=self.price, host_bytes=self.host_bytes(cluster), **kw)
 
 
 @dataclass
@@ -46,8 +78,8 @@ class SearchResult:
     cluster: Cluster
     gbs: int
     seq: int
-    fixed: dict
-    headroom: float
+    fixed: dict  # what the user pinned
+    opts: Options
     rank: str
     ranked: list  # list[Estimate], best first (the top N)
     table: Table
@@ -55,91 +87,114 @@ class SearchResult:
     tally: Tally
     closest: object = None  # Estimate of the plan nearest to fitting, when nothing fits
     seconds: float = 0.0
-    options: dict = field(default_factory=dict)  # profile, efficiency, tokens, price
+    notes: list = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
         return bool(self.ranked)
 
+    @property
+    def headroom(self) -> float:
+        return self.opts.headroom
+
     def estimate_row(self, row: int):
         """The plain one-plan estimate of a table row."""
-        from shardwise.estimate import estimate
-
         space, cats, grid, i = self.table.refs[row]
-        cl = self.cluster if space.gpus == self.cluster.gpus else _resized(self.cluster, space.gpus)
-        o = self.options
-        return estimate(self.model, cl, space.scalar(grid, cats, i), o["profile"], efficiency=o["efficiency"],
-                        tokens=o["tokens"], price=o["price"])
+        return _estimate(self.model, resized(self.cluster, space.gpus), space.scalar(grid, cats, i), self.opts)
 
 
 def search(model, cluster: Cluster, *, top: int | None = 10, **kw) -> list:
     """Every legal plan that fits, ranked by predicted tokens/s (best first), as Estimates.
 
     Keyword arguments: any Plan field pins that field (tp=8, zero=1, gbs=512, seq=8192, ...);
-    profile, headroom (share of GPU memory kept free, default 0.10), rank ("throughput", or
-    "time"/"cost" with tokens=: then GPU counts up to the cluster's are compared too),
-    efficiency, tokens, price, cross_node_tp. top=None returns every fitting plan.
-    Returns [] when nothing fits; see run_search for the why.
+    profile, headroom (share of GPU memory kept free, default 0.10), host_memory_gib (CPU memory
+    per node for offload), rank ("throughput"; "time"/"cost" with tokens=, which also compare GPU
+    counts up to the cluster's), efficiency, tokens, price, cross_node_tp. top=None: every plan.
+    Returns [] when nothing fits under the pinned fields (run_search says what would); raises
+    ShardwiseError when the request is impossible whatever the search chooses.
     """
     return run_search(model, cluster, top=top, **kw).ranked
 
 
 def run_search(model, cluster: Cluster, *, profile: str = "torch", headroom: float = DEFAULT_HEADROOM,
-               top: int | None = 10, rank: str = "throughput", efficiency: float | None = None,
-               tokens: float = 0.0, price: float | None = None, cross_node_tp: bool = False,
-               **fixed) -> SearchResult:
+               host_memory_gib: float | None = None, top: int | None = 10, rank: str = "throughput",
+               efficiency: float | None = None, tokens: float = 0.0, price: float | None = None,
+               cross_node_tp: bool = False, **fixed) -> SearchResult:
     t0 = _time.perf_counter()
     model = load_model(model)
-    _check_options(headroom, rank, tokens, price, cluster, efficiency, top)
+    opts = Options(profile, headroom, host_memory_gib, cross_node_tp, efficiency, tokens, price)
+    _check_options(opts, rank, cluster, top)
     check_fixed(fixed)
     counts = sweep_counts(cluster) if rank != "throughput" else [cluster.gpus]
-    opts = {"profile": profile, "efficiency": efficiency, "tokens": tokens, "price": price}
     tally, nearest, parts = Tally(), (Nearest(), None), []
     for g in counts:
-        space = Space(model, g, min(g, cluster.gpus_per_node), fixed, cross_node_tp)
-        scored, t, near = evaluate(space, _resized(cluster, g), profile, 1 - headroom, efficiency=efficiency,
-                                   tokens=tokens, price=price)
+        cl = resized(cluster, g)
+        space = fitting_space(model, cl, fixed, opts)[0]
+        scored, t, near = opts.evaluate(space, cl)
         tally.add(t)
         parts.append((space, scored))
         if near.ratio < nearest[0].ratio:
             nearest = (near, space)
-    main_space = parts[-1][0]
+    main = parts[-1][0]
     if tally.legal == 0:  # every candidate broke a rule: the request itself is impossible
-        raise ShardwiseError(_no_legal_plan(tally))
+        raise ShardwiseError(_no_legal_plan(model, cluster, fixed, tally))
     table = _table(parts)
-    order = _order(table, rank, cluster, price)
-    res = SearchResult(model, cluster, main_space.gbs, main_space.base.seq, fixed, headroom, rank, [], table,
-                       order, tally, options=opts)
-    n = len(order) if top is None else min(top, len(order))
-    res.ranked = [res.estimate_row(int(r)) for r in order[:n]]
+    res = SearchResult(model, cluster, main.gbs, main.base.seq, fixed, opts, rank, [], table,
+                       _order(table, rank), tally)
+    n = len(res.order) if top is None else min(top, len(res.order))
+    res.ranked = [res.estimate_row(int(r)) for r in res.order[:n]]
     if not res.ranked and nearest[1] is not None:
         near, space = nearest
-        res.closest = _estimate_plan(model, _resized(cluster, space.gpus), space.scalar(near.grid, near.cats, near.i),
-                                     opts)
-        held = {k: v for k, v in fixed.items() if k not in SEARCHED}
-        if held == fixed or not _anything_fits(model, cluster, held, profile, headroom, cross_node_tp):
-            raise ShardwiseError(_impossible(res, held, profile, cross_node_tp))
+        res.closest = _estimate(model, resized(cluster, space.gpus), space.scalar(near.grid, near.cats, near.i),
+                                opts)
+        held = {k: v for k, v in fixed.items() if k not in UNPINNABLE}
+        if held == fixed or not fitting_space(model, cluster, held, opts)[1]:
+            raise ShardwiseError(_impossible(res, held))
     res.seconds = _time.perf_counter() - t0
     return res
 
 
-# ---- helpers ---------------------------------------------------------------------------
-def _check_options(headroom, rank, tokens, price, cluster, efficiency, top) -> None:
-    if not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
-        raise ShardwiseError(f"headroom must be a fraction in [0, 1), e.g. 0.1 for 10%, got {headroom!r}")
-    if rank not in RANKS:
-        raise ShardwiseError(f"unknown ranking {rank!r}; rank by one of {', '.join(RANKS)}")
-    if rank != "throughput" and not tokens:
-        raise ShardwiseError(f"ranking by {rank} needs a token budget: pass --tokens (e.g. 2T)")
-    if rank == "cost" and not (price if price is not None else cluster.gpu.price_per_hour):
-        raise ShardwiseError(f"the catalog has no price for {cluster.gpu.name}; pass --price (USD per GPU-hour)")
-    if efficiency is not None and not 0 < efficiency <= 1:
-        raise ShardwiseError(f"efficiency must be in (0, 1], got {efficiency}")
-    if top is not None and (not isinstance(top, int) or top < 1):
-        raise ShardwiseError(f"top must be a positive integer, got {top!r}")
+# ---- the global batch, and "does anything fit?" ----------------------------------------------
+def fitting_space(model, cluster: Cluster, fixed: dict, opts: Options) -> tuple[Space, bool]:
+    """The Space to search and whether any plan fits in it. An unpinned gbs is the default
+    (about 4M tokens, reachable by every dp of the cluster up to that many sequences) unless no
+    plan fits with it, then the nearest batch to it that some plan fits (space.gbs_candidates)."""
+    space = Space(model, cluster.gpus, cluster.node_size, fixed, opts.cross_node_tp)
+    for gbs in space.gbs_candidates:
+        s = space if gbs == space.gbs else space.with_gbs(gbs)
+        if opts.evaluate(s, cluster, time=False, stop_at_first_fit=True)[1].fit:
+            return s, True
+    return space, False
 
 
-def _resized(cluster: Cluster, gpus: int) -> Cluster:
+def fewest_gpus(model, cluster: Cluster, fixed: dict, opts: Options, *, start: int = 1,
+                limit: int = MAX_GPUS) -> int | None:
+    """The smallest GPU count (of `cluster`'s GPU, node size and network) on which some plan fits,
+    or None up to `limit`. Counts below a node are 1, 2, 4, ...; then whole nodes, probed at
+    doubling sizes first (a model that fits nowhere costs ~20 probes), then every whole number of
+    nodes below the first that fits is tried in order, so the answer is the smallest."""
+    model = load_model(model)
+    node = cluster.gpus_per_node
+    fits = lambda g: fitting_space(model, resized(cluster, g), fixed, opts)[1]  # noqa: E731
+    for g in (1 << i for i in range(node.bit_length())):
+        if start <= g < node and g <= limit and fits(g):
+            return g
+    k0 = max(1, -(-start // node))  # the first whole number of nodes to try
+    k = k0
+    while k * node <= limit and not fits(k * node):
+        k *= 2
+    if k * node > limit:
+        hi = limit // node
+        if hi < k0 or not fits(hi * node):
+            return None
+        k = hi
+    for j in range(k0 + 1, k):  # k0 itself was the first probe
+        if fits(j * node):
+            return j * node
+    return k * node
+
+
+def resized(cluster: Cluster, gpus: int) -> Cluster:
     return cluster if gpus == cluster.gpus else Cluster(cluster.gpu, gpus, cluster.gpus_per_node, cluster.network)
 
 
@@ -155,6 +210,7 @@ def sweep_counts(cluster: Cluster) -> list[int]:
     return out + [total]
 
 
+# ---- ranking ------------------------------------------------------------------------------
 def _table(parts) -> Table:
     cols: dict[str, list] = {k: [] for k in ("dp", "tp", "pp", "vpp", "mbs", "zero", "sp", "schedule", "recompute",
                                              "offload", "gpus", "tokens_per_s", "step_s", "mem_total")}
@@ -173,154 +229,133 @@ def _table(parts) -> Table:
             cols["step_s"].append(s.step_s)
             cols["mem_total"].append(s.mem_total)
             refs.extend((space, s.cats, s.grid, int(i)) for i in s.idx)
-    arrays = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.float64 if k in ("tokens_per_s", "step_s")
-                                                        else np.int64)) for k, v in cols.items()}
+    floats = ("tokens_per_s", "step_s")
+    arrays = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.float64 if k in floats else np.int64))
+              for k, v in cols.items()}
     return Table(arrays, refs)
 
 
-def _order(table: Table, rank: str, cluster: Cluster, price) -> np.ndarray:
-    """Rows best first: by the ranking metric, then less memory, then generation order."""
+def rank_key(tokens_per_s, gpus, rank: str):
+    """Smaller is better. time to train a fixed budget ~ 1/tokens_per_s; its cost ~ GPUs/tokens_per_s
+    (the price per GPU-hour is the same for every plan); at one GPU count all three agree.
+    Rounded to 12 significant digits: plans the model prices the same (e.g. ZeRO-2 and ZeRO-3 with
+    all communication hidden) tie exactly, whatever the last bit of float arithmetic says."""
+    key = {"throughput": -tokens_per_s, "time": 1 / tokens_per_s}.get(rank, gpus / tokens_per_s)
+    key = np.asarray(key, dtype=np.float64)
+    scale = 10.0 ** (11 - np.floor(np.log10(np.abs(key))))
+    return np.round(key * scale) / scale
+
+
+def _order(table: Table, rank: str) -> np.ndarray:
+    """Rows best first: by the ranking, then less memory, then the order plans were generated in."""
     c = table.cols
-    if rank == "throughput":
-        key = -c["tokens_per_s"]
-    elif rank == "time":
-        key = 1 / c["tokens_per_s"]  # time to train a fixed budget
-    else:  # cost: GPU-hours for a fixed budget (times a price that is the same for every plan)
-        key = c["gpus"] / c["tokens_per_s"]
-    gen = np.arange(len(table))
-    return np.lexsort((gen, c["mem_total"], key))
+    return np.lexsort((np.arange(len(table)), c["mem_total"], rank_key(c["tokens_per_s"], c["gpus"], rank)))
 
 
-def _estimate_plan(model, cluster, plan, opts):
+def _estimate(model, cluster, plan, opts: Options):
     from shardwise.estimate import estimate
 
-    return estimate(model, cluster, plan, opts["profile"], efficiency=opts["efficiency"], tokens=opts["tokens"],
-                    price=opts["price"])
+    return estimate(model, cluster, plan, opts.profile, efficiency=opts.efficiency, tokens=opts.tokens,
+                    price=opts.price)
 
 
-def _no_legal_plan(tally: Tally) -> str:
+# ---- errors and nothing-fits ------------------------------------------------------------------
+def _check_options(opts: Options, rank, cluster, top) -> None:
+    if not isinstance(opts.headroom, (int, float)) or not 0 <= opts.headroom < 1:
+        raise ShardwiseError(f"headroom must be a fraction in [0, 1), e.g. 0.1 for 10%, got {opts.headroom!r}")
+    if opts.host_memory_gib is not None and not opts.host_memory_gib >= 0:
+        raise ShardwiseError(f"host memory must be >= 0 GiB per node, got {opts.host_memory_gib!r}")
+    if rank not in RANKS:
+        raise ShardwiseError(f"unknown ranking {rank!r}; rank by one of {', '.join(RANKS)}")
+    if rank != "throughput" and not opts.tokens:
+        raise ShardwiseError(f"ranking by {rank} needs a token budget: pass --tokens (e.g. 2T)")
+    if rank == "cost" and not (opts.price if opts.price is not None else cluster.gpu.price_per_hour):
+        raise ShardwiseError(f"the catalog has no price for {cluster.gpu.name}; pass --price (USD per GPU-hour)")
+    if opts.efficiency is not None and not 0 < opts.efficiency <= 1:
+        raise ShardwiseError(f"efficiency must be in (0, 1], got {opts.efficiency}")
+    if top is not None and (not isinstance(top, int) or top < 1):
+        raise ShardwiseError(f"top must be a positive integer, got {top!r}")
+
+
+def _no_legal_plan(model, cluster, fixed: dict, tally: Tally) -> str:
     """One line: the rule that refused the most candidates (a pinned field, usually)."""
-    counts = tally.rejected.copy()
+    counts = +tally.rejected  # (drops zero counts)
     counts.pop("memory", None)
+    counts.pop("host memory", None)
     if counts:
-        reason = counts.most_common(1)[0][0]
-        return f"no legal plan: {tally.examples[reason]}"
-    if "options" in tally.examples:
+        return f"no legal plan: {tally.examples[counts.most_common(1)[0][0]]}"
+    if "options" in tally.examples:  # every group's options contradict each other
         return f"no legal plan: {tally.examples['options']}"
-    return "no candidate plan for this model and GPU count; check the pinned fields"
+    from shardwise.spec.plan import RULES, Plan
+
+    # nothing was generated: the pinned dp/tp/pp cannot multiply into the GPU count. Name a rule
+    # the pinned values break on their own (tp vs heads, ...) before the GPU count itself.
+    tp, pp = fixed.get("tp", 1), fixed.get("pp", 1)
+    probe = Plan(**fixed).replace(dp=fixed.get("dp", max(1, cluster.gpus // (tp * pp))))
+    probe = probe.replace(gbs=fixed.get("gbs", probe.dp * probe.mbs * probe.pp))
+    broken = [r for r in RULES if r.broken(probe, model, cluster.gpus)]
+    broken.sort(key=lambda r: {"divisibility": 0, "gpus": 1}.get(r.reason, 2))
+    return "no legal plan: " + (broken[0].message(probe, model, cluster.gpus) if broken else
+                                "no candidate for these pinned fields")
 
 
-# ---- fewest GPUs, and what a nothing-fits answer would take -----------------------------------
-def _anything_fits(model, cluster: Cluster, fixed: dict, profile: str, headroom: float, cross_node_tp: bool) -> bool:
-    space = Space(model, cluster.gpus, cluster.node_size, fixed, cross_node_tp)
-    scored, tally, _ = evaluate(space, cluster, profile, 1 - headroom, time=False, stop_at_first_fit=True)
-    return tally.fit > 0
-
-
-def gpu_counts(gpus_per_node: int, start: int = 1):
-    """Counts --min-gpus tries, ascending: powers of two below a node, then whole nodes."""
-    for c in (1 << i for i in range(gpus_per_node.bit_length())):
-        if start <= c < gpus_per_node:
-            yield c
-    k = max(1, -(-start // gpus_per_node))
-    while k * gpus_per_node <= MAX_GPUS:
-        yield k * gpus_per_node
-        k += 1
-
-
-def fewest_gpus(model, cluster: Cluster, fixed: dict, *, profile: str = "torch",
-                headroom: float = DEFAULT_HEADROOM, cross_node_tp: bool = False, start: int = 1,
-                limit: int = MAX_GPUS) -> int | None:
-    """The smallest GPU count (of `cluster`'s GPU, node size and network) on which some plan fits,
-    or None up to `limit`. Whole nodes are probed at doubling sizes first, so a model that fits
-    nowhere costs ~20 probes, then every count below the first fit is tried in order."""
-    model = load_model(model)
-    fits = lambda g: _anything_fits(model, _resized(cluster, g), fixed, profile, headroom,  # noqa: E731
-                                    cross_node_tp)
-    node = cluster.gpus_per_node
-    for g in gpu_counts(node, start):
-        if g >= node:
-            break
-        if g <= limit and fits(g):
-            return g
-    k0 = max(1, -(-start // node))  # first whole number of nodes to try
-    k = k0
-    while k * node <= limit and not fits(k * node):
-        k *= 2
-    if k * node > limit:
-        hi = limit // node
-        if hi < k0 or not fits(hi * node):
-            return None
-        k = hi
-    for j in range(k0, k):  # the doubling skipped most of these
-        if fits(j * node):
-            return j * node
-    return k * node
-
-
-def _impossible(res: SearchResult, held: dict, profile: str, cross_node_tp: bool) -> str:
+def _impossible(res: SearchResult, held: dict) -> str:
     """One line for a model that no plan fits on this cluster, whatever the search may choose."""
     from shardwise.search.explain import gib
 
     m, cl, c = res.model, res.cluster, res.closest
     usable = (1 - res.headroom) * c.memory.capacity
-    n = fewest_gpus(m, cl, held, profile=profile, headroom=res.headroom, cross_node_tp=cross_node_tp,
-                    start=cl.gpus + 1)
-    bigger = larger_gpu(m, cl, held, profile, res.headroom, cross_node_tp)
-    need = (f"it needs at least {n} {cl.gpu.name} GPUs" if n else
-            f"no number of {cl.gpu.name} GPUs is enough")
+    n = fewest_gpus(m, cl, held, res.opts, start=cl.gpus + 1) or fewest_gpus(m, cl, held, res.opts,
+                                                                           limit=cl.gpus - 1)
+    bigger = larger_gpu(m, cl, held, res.opts)
+    need = [f"{n} {cl.gpu.name} GPUs would fit it"] if n else [f"no number of {cl.gpu.name} GPUs fits it"]
     if bigger:
-        need += f", or a larger GPU ({bigger.name}, {bigger.memory_gib:g} GiB)"
+        need.append(f"{cl.gpus}x {bigger.name} ({bigger.memory_gib:g} GiB) would")
     return (f"{m.name} does not fit on {cl.gpus}x {cl.gpu.name} with any plan (ZeRO 0-3, tp, pp, recompute and "
             f"offload all tried): the closest, {c.plan.short()}, needs {gib(c.memory.total)} per GPU of "
-            f"{gib(usable)} usable; {need}")
+            f"{gib(usable)} usable; {', '.join(need)}")
 
 
-def larger_gpu(model, cluster: Cluster, fixed: dict, profile: str, headroom: float, cross_node_tp: bool):
+def larger_gpu(model, cluster: Cluster, fixed: dict, opts: Options):
     """The catalog GPU with the least memory above this one's on which some plan fits (same GPU
     count, node size and network), or None."""
     from shardwise.spec.hardware import gpus
 
     for g in sorted(gpus().values(), key=lambda g: (g.memory_gib, g.name)):
-        if g.memory_gib <= cluster.gpu.memory_gib:
-            continue
-        other = Cluster(g, cluster.gpus, cluster.gpus_per_node, cluster.network)
-        if _anything_fits(model, other, fixed, profile, headroom, cross_node_tp):
-            return g
+        if g.memory_gib > cluster.gpu.memory_gib:
+            other = Cluster(g, cluster.gpus, cluster.gpus_per_node, cluster.network)
+            if fitting_space(model, other, fixed, opts)[1]:
+                return g
     return None
 
 
-def what_it_would_take(res: SearchResult, cross_node_tp: bool = False) -> list[str]:
-    """For a nothing-fits answer: each change that would make a plan fit, with that plan."""
+def what_it_would_take(res: SearchResult) -> list[str]:
+    """For a nothing-fits answer: each change that would make a plan fit, with the best such plan."""
     from shardwise.search.explain import gib
 
-    o, m, cl, c = res.options, res.model, res.cluster, res.closest
+    o, m, cl, c = res.opts, res.model, res.cluster, res.closest
+    kw = dict(profile=o.profile, headroom=o.headroom, host_memory_gib=o.host_memory_gib, efficiency=o.efficiency,
+              tokens=o.tokens, price=o.price, cross_node_tp=o.cross_node_tp, top=1)
+    best = lambda r: (f"{r.ranked[0].plan.short()} ({gib(r.ranked[0].memory.total)}/GPU, "  # noqa: E731
+                      f"{r.ranked[0].time.tokens_per_s:,.0f} tokens/s)")
     out = []
-    kw = dict(profile=o["profile"], headroom=res.headroom, efficiency=o["efficiency"], tokens=o["tokens"],
-              price=o["price"], cross_node_tp=cross_node_tp, top=1)
-    if c is not None and res.headroom > 0 and c.memory.total <= c.memory.capacity:
+    if c is not None and o.headroom > 0 and c.memory.total <= c.memory.capacity:
         out.append(f"less headroom: {c.plan.short()} uses {c.memory.total / c.memory.capacity:.1%} of the GPU, "
-                   f"over the {1 - res.headroom:.0%} allowed (--headroom {res.headroom:g})")
-    for f in [k for k in res.fixed if k in SEARCHED]:
+                   f"over the {1 - o.headroom:.0%} allowed by --headroom {o.headroom:g}")
+    for f in [k for k in res.fixed if k in UNPINNABLE]:
         rest = {k: v for k, v in res.fixed.items() if k != f}
         try:
             r = run_search(m, cl, **kw, **rest)
         except ShardwiseError:
             continue
         if r.ranked:
-            e = r.ranked[0]
-            out.append(f"unpin --{f.replace('_', '-')} {res.fixed[f]}: {e.plan.short()} fits "
-                       f"({gib(e.memory.total)}, {e.time.tokens_per_s:,.0f} tokens/s)")
-    n = fewest_gpus(m, cl, res.fixed, profile=o["profile"], headroom=res.headroom, cross_node_tp=cross_node_tp,
-                    start=cl.gpus + 1)
+            out.append(f"unpin --{f} {res.fixed[f]}: {best(r)}")
+    n = fewest_gpus(m, cl, res.fixed, o, start=cl.gpus + 1)
     if n:
-        e = run_search(m, _resized(cl, n), **kw, **res.fixed).ranked[0]
-        out.append(f"more GPUs: {n} {cl.gpu.name} ({max(1, n // cl.gpus_per_node)} node(s)) fit {e.plan.short()} "
-                   f"({e.time.tokens_per_s:,.0f} tokens/s)")
-    g = larger_gpu(m, cl, res.fixed, o["profile"], res.headroom, cross_node_tp)
+        out.append(f"more GPUs: {n} {cl.gpu.name} fit {best(run_search(m, resized(cl, n), **kw, **res.fixed))}")
+    g = larger_gpu(m, cl, res.fixed, o)
     if g:
         other = Cluster(g, cl.gpus, cl.gpus_per_node, cl.network)
-        e = run_search(m, other, **kw, **res.fixed).ranked[0]
-        out.append(f"a larger GPU: {cl.gpus}x {g.name} ({g.memory_gib:g} GiB) fit {e.plan.short()} "
-                   f"({e.time.tokens_per_s:,.0f} tokens/s)")
+        out.append(f"a larger GPU: {cl.gpus}x {g.name} ({g.memory_gib:g} GiB) fit "
+                   f"{best(run_search(m, other, **kw, **res.fixed))}")
     return out

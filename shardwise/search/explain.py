@@ -13,7 +13,8 @@ from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
 GIB = 1024**3
 MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
                  "activations": "activations", "buffers": "communication buffers"}
-REJECT_LABELS = {"memory": "do not fit in memory", "divisibility": "tp/pp do not divide heads, FFN or layers",
+REJECT_LABELS = {"memory": "do not fit in GPU memory",
+                 "host memory": "fit on the GPU but offload more than the CPU memory (--host-memory)", "divisibility": "tp/pp do not divide heads, FFN or layers",
                  "batch": "the global batch does not split into dp x mbs (x pp for interleaved)",
                  "sequence": "sequence length rules", "schedule": "schedule rules", "gpus": "dp*tp*pp is not the GPU count",
                  "offload": "offload rules"}
@@ -39,31 +40,47 @@ def _per_token(e, x: float) -> float:
     return x / e.plan.tokens_per_step
 
 
+def link_name(e, c) -> str:
+    """The hardware a collective runs on, by name."""
+    return e.cluster.gpu.link if c.link == "intra-node" else e.cluster.network.name
+
+
 def why_slower(fast, slow) -> str:
     """What makes `slow` slower than `fast`: the time item (per token) that grew the most."""
     items = {k: _per_token(slow, getattr(slow.time, k)) - _per_token(fast, getattr(fast.time, k))
              for k in ("compute_s", "comm_exposed_s", "bubble_s")}
     k = max(items, key=items.get)
     if items[k] <= 0:
-        return "it has fewer GPUs for the same work" if slow.cluster.gpus < fast.cluster.gpus else "about the same"
+        return "about the same time per token"
+    share = lambda x: pct(x / slow.time.step_s)  # noqa: E731
     if k == "bubble_s":
         p = slow.plan
-        return (f"its pipeline bubble is {pct(slow.time.bubble_s / slow.time.step_s)} of the step "
+        return (f"its pipeline bubble is {share(slow.time.bubble_s)} of the step "
                 f"(pp={p.pp}, {p.grad_accum} micro-batches{f', v={p.vpp}' if p.vpp > 1 else ''})")
     if k == "comm_exposed_s":
+        off = _per_token(slow, slow.time.detail.get("offload_s", 0)) - _per_token(fast, fast.time.detail.get(
+            "offload_s", 0))
+        if off > items[k] / 2:
+            return f"its CPU offload waits on PCIe for {share(slow.time.detail['offload_s'])} of the step"
         c = _grown_collective(fast, slow)
         if c is not None:
-            return (f"its {c.what or c.group + ' ' + c.kind} sends {human_bytes(c.wire_bytes)} per GPU per step "
-                    f"over {c.link or 'the ' + c.group + ' link'}")
-        return f"{pct(slow.time.comm_exposed_s / slow.time.step_s)} of its step is communication not hidden by compute"
+            return (f"{share(slow.time.comm_exposed_s)} of its step waits on communication, most of all the "
+                    f"{c.kind} of {c.what}: {human_bytes(c.wire_bytes)} per GPU per step over {link_name(slow, c)}")
+        return f"{share(slow.time.comm_exposed_s)} of its step is communication not hidden by compute"
     grown = _per_token(slow, slow.time.compute_s) / _per_token(fast, fast.time.compute_s) - 1
-    if slow.plan.recompute != fast.plan.recompute and slow.plan.recompute != "none":
+    d = {x: _per_token(slow, slow.time.detail.get(x, 0)) - _per_token(fast, fast.time.detail.get(x, 0))
+         for x in ("forward_s", "backward_s", "recompute_s", "optimizer_s")}
+    top = max(d, key=d.get)
+    if top == "recompute_s":
         return f"{slow.plan.recompute} recompute re-runs part of the forward: {pct(grown)} more compute"
-    if slow.plan.offload != fast.plan.offload and slow.plan.offload != "none":
-        return f"offloading to the CPU adds {pct(grown)} to compute time"
+    if top == "optimizer_s":
+        return f"its optimizer step (bound by memory bandwidth) updates a larger shard: {pct(grown)} more compute"
+    if slow.plan.pp > fast.plan.pp:
+        return (f"its busiest pipeline stage (the last, which also runs the output layer) sets the pace: "
+                f"{pct(grown)} more compute per token")
     if slow.cluster.gpus < fast.cluster.gpus:
-        return f"{slow.cluster.gpus} GPUs instead of {fast.cluster.gpus}"
-    return f"{pct(grown)} more compute time per token (mbs {slow.plan.mbs} vs {fast.plan.mbs})"
+        return f"{slow.cluster.gpus} GPUs instead of {fast.cluster.gpus}: {pct(grown)} more compute per token"
+    return f"{pct(grown)} more compute per token"
 
 
 def _grown_collective(fast, slow):
@@ -130,26 +147,29 @@ def _dims(res, w):
 
 
 def why_winner(res, w) -> str:
-    """One line: the (at most two) choices of the best plan that matter most, with numbers."""
-    reasons = []
+    """One line: the choices of the best plan that matter most, each against the best plan that
+    does less of it: those without which nothing fits, then the largest slowdowns (>= 1%, two at
+    most); if every alternative ties, what the winner saves instead."""
+    must, slower, ties = [], [], []
+    usable = gib((1 - res.headroom) * w.memory.capacity)
     for label, mask, what in _dims(res, w):
         row = res.table.best(mask)
         if row is None:
-            if what == "tp or pp" or what == "another micro-batch":
-                continue
-            reasons.append((np.inf, f"{label}: no plan with {what} fits in "
-                                    f"{gib((1 - res.headroom) * w.memory.capacity)}"))
+            if what not in ("tp or pp", "another micro-batch"):
+                must.append(f"{label}: no plan with {what} fits in {usable}")
             continue
         alt = res.estimate_row(row)
-        slower = w.time.tokens_per_s / alt.time.tokens_per_s - 1
-        if slower < 5e-4:
-            continue
-        reasons.append((slower, f"{label}: the best plan with {what} ({alt.plan.short()}) is {pct(slower)} "
-                                f"slower: {why_slower(w, alt)}"))
-    if not reasons:
-        return f"fits with {gib(w.memory.free)} free; nothing else comes within 0.05% of it"
-    reasons.sort(key=lambda r: -r[0])
-    return "; ".join(r[1] for r in reasons[:2])
+        x = w.time.tokens_per_s / alt.time.tokens_per_s - 1
+        if x >= 0.01:
+            slower.append((x, f"{label}: the best plan with {what} ({alt.plan.short()}) is {pct(x)} slower; "
+                              f"{why_slower(w, alt)}"))
+        elif x < 5e-4 and alt.memory.total > w.memory.total:
+            ties.append(f"{label}: as fast as {alt.plan.short()} and {memory_saving(w, alt)}")
+    slower.sort(key=lambda r: -r[0])
+    parts = must + [r[1] for r in slower[:max(0, 2 - len(must))]]
+    if not parts:
+        parts = ties[:1] or [f"fits with {gib(w.memory.free)} free; every other plan is within 1% of it"]
+    return "; ".join(parts)
 
 
 def why_behind(best, e, rank: int) -> str:
@@ -176,14 +196,16 @@ def rejection_lines(res) -> list[str]:
     t = res.tally
     lines = []
     for reason, n in t.rejected.most_common():
+        if not n:
+            continue
         label = REJECT_LABELS.get(reason, reason)
         ex = t.examples.get(reason)
         if reason == "memory" and res.closest is not None:
             ex = f"closest: {res.closest.plan.short()} needs {gib(res.closest.memory.total)}"
         lines.append(f"{n:,} {label}" + (f" (e.g. {ex})" if ex else ""))
     if t.dominated:
-        lines.append(f"{t.dominated:,} fit but were skipped: a lighter recompute/offload variant of the same plan "
-                     "fits and is at least as fast")
+        lines.append(f"{t.dominated:,} not estimated: a lighter recompute/offload variant of the same plan fits, "
+                     "and more recompute or offload is never faster")
     if t.skipped_groups:
         lines.append(f"{t.skipped_groups:,} option combinations cannot go together (e.g. {t.examples['options']})")
     return lines

@@ -24,9 +24,9 @@ def print_search(res, advice: list[str], min_gpus: int | None = None, console: C
     gbs_note = "pinned" if "gbs" in res.fixed else "default: about 4M tokens, pin with --gbs"
     c.print(f"global batch {res.gbs:,} x {res.seq:,} tokens = {res.gbs * res.seq:,} tokens ({gbs_note})  ·  "
             f"{(res.ranked or [res.closest])[0].plan.precision}  ·  {(res.ranked or [res.closest])[0].plan.optimizer}"
-            f"  ·  profile {res.options['profile']}  ·  {res.headroom:.0%} of memory kept free")
-    c.print(f"[dim]searched {t.enumerated:,} plans ({t.legal:,} legal, {t.fit:,} fit, {t.timed:,} timed) "
-            f"in {res.seconds:.2f} s; ranked by {res.rank}[/]")
+            f"  ·  profile {res.opts.profile}  ·  {res.headroom:.0%} of memory kept free")
+    c.print(f"[dim]searched {t.enumerated:,} plans in {res.seconds:.2f} s: {t.legal:,} legal, {t.estimated:,} "
+            f"estimated, {t.fit:,} fit; ranked by {res.rank}[/]")
     if res.ranked:
         _table(c, res)
         c.print("[bold]why[/]")
@@ -51,7 +51,7 @@ def print_search(res, advice: list[str], min_gpus: int | None = None, console: C
 
 
 def _table(c: Console, res) -> None:
-    tk = res.options["tokens"]
+    tk = res.opts.tokens
     t = Table(title=f"Top {len(res.ranked)} of {len(res.table):,} plans that fit", title_justify="left",
               show_edge=False)
     cols = [("#", "right"), ("plan", "left"), ("memory/GPU", "right"), ("sent/GPU", "right"),

@@ -106,6 +106,22 @@ class Space:
         step = math.lcm(*small)
         return max(step, round(target / step) * step)
 
+    @cached_property
+    def gbs_candidates(self) -> list[int]:
+        """Global batches a search may fall back to when no plan fits with `gbs` (unpinned only):
+        `gbs` first, then for each dp it cannot serve, that dp's multiple nearest the target,
+        nearest first. Only large clusters have such dps (dp above ~4M tokens of sequences)."""
+        if "gbs" in self.fixed:
+            return [self.fixed["gbs"]]
+        target = max(1, round(TARGET_TOKENS / self.base.seq))
+        unit = self.fixed.get("mbs", 1)
+        dps = {unit * self.gpus // (tp * pp) for tp, pp in self.tp_pp if self._shape_legal(tp, pp)}
+        more = {max(d, round(target / d) * d) for d in dps if self.gbs % d}
+        return [self.gbs] + sorted(more - {self.gbs}, key=lambda g: (abs(math.log(g / target)), g))
+
+    def with_gbs(self, gbs: int) -> "Space":
+        return dataclasses.replace(self, fixed=self.fixed | {"gbs": gbs})
+
     def _shape_legal(self, tp: int, pp: int) -> bool:
         """tp and pp pass the divisibility rules (heads, FFN, layers) on their own."""
         probe = self.base.replace(dp=self.gpus // (tp * pp), tp=tp, pp=pp, gbs=self.gpus // (tp * pp))

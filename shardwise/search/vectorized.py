@@ -3,10 +3,14 @@ in one call each, with numpy arrays in the Plan's numeric fields.
 
 The formulas are the estimate tier's own (shardwise.estimate.memory/comm/time): nothing is
 re-derived here, so a plan scores exactly what `estimate` gives it one at a time (a test holds
-the two against each other). Work is cut in two ways that cannot change the answer:
+the two against each other). Work is cut in two ways that cannot change the ranking's head:
 - memory first: collectives and time are computed only for plans that fit;
-- a heavier recompute/offload variant is skipped where a lighter variant of the same plan already
-  fits: it only adds work (a test checks that the estimate agrees: never faster).
+- a heavier recompute/offload variant of a plan is not estimated at all where a lighter variant
+  of the same plan fits: it only adds work, so it is never faster (a test checks that the time
+  estimate agrees), and it would only rank right below the lighter one.
+Memory is NOT monotone in recompute/offload (full recompute's working set can exceed selective's
+on one-layer stages; FSDP2's CPU offload keeps more on the GPU than ZeRO-1's), so no variant's
+memory is inferred from another's.
 """
 from __future__ import annotations
 
@@ -25,16 +29,17 @@ class Tally:
     """What happened to every candidate: counts per fate and per rejection reason."""
 
     enumerated: int = 0  # plans generated (in groups whose options go together)
-    legal: int = 0  # passed every Plan rule: their memory was estimated
-    fit: int = 0  # fit in the memory budget
-    dominated: int = 0  # fit, but a lighter recompute/offload variant of the same plan fits too
-    timed: int = 0  # collectives + step time estimated (= fit - dominated)
+    legal: int = 0  # passed every Plan rule
+    dominated: int = 0  # legal, but a lighter recompute/offload variant of the same plan fits: skipped
+    estimated: int = 0  # memory estimated (= legal - dominated)
+    fit: int = 0  # fit in GPU (and, with offload, host) memory
+    timed: int = 0  # collectives and step time estimated (= fit)
     rejected: Counter = field(default_factory=Counter)  # reason -> plans ("memory" included)
     examples: dict = field(default_factory=dict)  # reason -> one rule message, for the user
     skipped_groups: int = 0  # option combinations that cannot go together (e.g. offload without ZeRO)
 
     def add(self, other: "Tally") -> None:
-        for k in ("enumerated", "legal", "fit", "dominated", "timed", "skipped_groups"):
+        for k in ("enumerated", "legal", "dominated", "estimated", "fit", "timed", "skipped_groups"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.rejected.update(other.rejected)
         for k, v in other.examples.items():
@@ -69,79 +74,131 @@ def _arr(x, n: int, dtype) -> np.ndarray:
 
 
 def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency=None, tokens: float = 0.0,
-             price=None, time: bool = True, stop_at_first_fit: bool = False):
+             price=None, host_bytes: float = float("inf"), time: bool = True, stop_at_first_fit: bool = False):
     """Score every plan of `space`. Returns (list[Scored], Tally, Nearest).
 
     budget_fraction: the share of GPU memory a plan may use (1 - headroom).
+    host_bytes: CPU memory per node that offloaded states may use (already less the headroom).
     time=False: memory only (the --min-gpus scan asks "does anything fit?");
     stop_at_first_fit: return as soon as one plan fits (with time=False).
     """
     from shardwise.estimate.comm import collectives
-    from shardwise.estimate.memory import memory
     from shardwise.estimate.time import step_time
 
-    model, gpus = space.model, space.gpus
+    model = space.model
     tally, nearest, out = Tally(), Nearest(), []
-    for fam in space.families():
+    families, variants = space.families(), space.variants()
+    if stop_at_first_fit:  # most frugal first: the answer is usually the first group
+        families = sorted(families, key=lambda f: (-f["zero"], -f["sp"]))
+        variants = variants[::-1]
+    for fam in families:
         grid = space.grid(fam["sp"], fam["schedule"])
         n = len(grid["dp"])
         if n == 0:
             continue
         fitted: dict[tuple, np.ndarray] = {}  # (recompute, offload) -> fits, over the grid
-        for var in space.variants():
+        for var in variants:
             cats = fam | var
-            plan = space.plan(grid, cats)
-            alive = np.ones(n, dtype=bool)
-            for rule in RULES:
-                broken = rule.broken(plan, model, gpus)
-                if np.ndim(broken) == 0:  # depends on categorical fields only: the whole group
-                    if broken:
-                        tally.skipped_groups += 1
-                        tally.examples.setdefault("options", rule.message(space.scalar(grid, cats, 0), model, gpus))
-                        break
-                    continue
-                hit = broken & alive
-                c = int(np.count_nonzero(hit))
-                if c:
-                    tally.rejected[rule.reason] += c
-                    if rule.reason not in tally.examples:
-                        i = int(np.argmax(hit))
-                        tally.examples[rule.reason] = rule.message(space.scalar(grid, cats, i), model, gpus)
-                    alive &= ~broken
-            else:
-                tally.enumerated += n
-                legal = np.flatnonzero(alive)
-                tally.legal += len(legal)
-                fits = np.zeros(n, dtype=bool)
-                fitted[(var["recompute"], var["offload"])] = fits
-                if len(legal) == 0:
-                    continue
-                mem = memory(model, cluster, space.plan(grid, cats, legal), profile)
-                total = _arr(mem.total, len(legal), np.int64)
-                ok = total <= budget_fraction * mem.capacity
-                fits[legal] = ok
-                nf = int(np.count_nonzero(ok))
-                tally.fit += nf
-                tally.rejected["memory"] += len(legal) - nf
-                if nf < len(legal):
-                    ratio = total / mem.capacity
-                    j = int(np.argmin(np.where(ok, np.inf, ratio)))
-                    if ratio[j] < nearest.ratio:
-                        nearest = Nearest(float(ratio[j]), cats, grid, int(legal[j]))
-                if nf and stop_at_first_fit:
-                    return out, tally, nearest
-                keep = fits & ~_lighter_fits(fitted, var, n)
-                tally.dominated += nf - int(np.count_nonzero(keep))
-                if not time or not keep.any():
-                    continue
-                idx = np.flatnonzero(keep)
-                sub = space.plan(grid, cats, idx)
-                comm = collectives(model, cluster, sub, profile)
-                t = step_time(model, cluster, sub, comm, efficiency=efficiency, tokens=tokens, price=price)
-                tally.timed += len(idx)
-                out.append(Scored(cats, grid, idx, _arr(t.tokens_per_s, len(idx), np.float64),
-                                  _arr(t.step_s, len(idx), np.float64), total[keep[legal]]))
+            alive = _legal(space, grid, cats, tally)
+            if alive is None:
+                continue
+            tally.enumerated += n
+            tally.legal += int(np.count_nonzero(alive))
+            fits = np.zeros(n, dtype=bool)
+            fitted[(var["recompute"], var["offload"])] = fits
+            dominated = alive & _lighter_fits(fitted, var, n) if not stop_at_first_fit else np.zeros(n, bool)
+            tally.dominated += int(np.count_nonzero(dominated))
+            todo = np.flatnonzero(alive & ~dominated)
+            if len(todo) == 0:
+                continue
+            tally.estimated += len(todo)
+            total, capacity, mem = _memory(space, cluster, grid, cats, todo, profile)
+            ok_gpu = total <= budget_fraction * capacity
+            ok = ok_gpu.copy()
+            if cats["offload"] != "none" and ok_gpu.any():  # the offloaded states must fit in CPU memory
+                sel = np.flatnonzero(ok_gpu)
+                host = offloaded_bytes(model, cluster, space.plan(grid, cats, todo[sel]), profile, len(sel),
+                                       _subset(mem, sel))
+                ok[sel] = host * space.node_size <= host_bytes
+            fits[todo] = ok
+            nf = int(np.count_nonzero(ok))
+            tally.fit += nf
+            tally.rejected["memory"] += len(todo) - int(np.count_nonzero(ok_gpu))
+            tally.rejected["host memory"] += int(np.count_nonzero(ok_gpu & ~ok))
+            if nf < len(todo):
+                ratio = np.where(ok, np.inf, total / capacity)
+                j = int(np.argmin(ratio))
+                if ratio[j] < nearest.ratio:
+                    nearest = Nearest(float(ratio[j]), cats, grid, int(todo[j]))
+            if nf and stop_at_first_fit:
+                return out, tally, nearest
+            if not time or nf == 0:
+                continue
+            idx = todo[ok]
+            sub = space.plan(grid, cats, idx)
+            comm = collectives(model, cluster, sub, profile)
+            t = step_time(model, cluster, sub, comm, efficiency=efficiency, tokens=tokens, price=price)
+            tally.timed += len(idx)
+            out.append(Scored(cats, grid, idx, _arr(t.tokens_per_s, len(idx), np.float64),
+                              _arr(t.step_s, len(idx), np.float64), total[ok]))
     return out, tally, nearest
+
+
+def _legal(space, grid, cats, tally) -> np.ndarray | None:
+    """Which grid elements pass every Plan rule (counting the rest per reason), or None when a
+    rule on the categorical fields alone refuses the whole group."""
+    model, gpus = space.model, space.gpus
+    plan = space.plan(grid, cats)
+    results = [(rule, rule.broken(plan, model, gpus)) for rule in RULES]
+    for rule, broken in results:
+        if np.ndim(broken) == 0 and broken:  # depends on categorical fields only: the whole group
+            tally.skipped_groups += 1
+            tally.examples.setdefault("options", rule.message(space.scalar(grid, cats, 0), model, gpus))
+            return None
+    alive = np.ones(len(grid["dp"]), dtype=bool)
+    for rule, broken in results:
+        if np.ndim(broken) == 0:
+            continue
+        hit = broken & alive
+        c = int(np.count_nonzero(hit))
+        if c:
+            tally.rejected[rule.reason] += c
+            if rule.reason not in tally.examples:
+                tally.examples[rule.reason] = rule.message(space.scalar(grid, cats, int(np.argmax(hit))), model,
+                                                           gpus)
+            alive &= ~broken
+    return alive
+
+
+def _memory(space, cluster, grid, cats, idx, profile: str):
+    """(total bytes per GPU, capacity, the Memory) of the elements idx."""
+    from shardwise.estimate.memory import memory
+
+    mem = memory(space.model, cluster, space.plan(grid, cats, idx), profile)
+    return _arr(mem.total, len(idx), np.int64), mem.capacity, mem
+
+
+def _subset(mem, sel):
+    """The model-state fields of an array Memory at elements `sel` (scalars stay)."""
+    pick = lambda x: x[sel] if np.ndim(x) else x  # noqa: E731
+    return type(mem)(params=pick(mem.params), grads=pick(mem.grads), optimizer=pick(mem.optimizer))
+
+
+def offloaded_bytes(model, cluster, plan, profile: str, n: int | None = None, mem=None):
+    """Model-state bytes per GPU that offload moves to the CPU: what the same plan without offload
+    keeps on the GPU in parameters, gradients and optimizer states, less what it still keeps.
+    Derived from the memory estimate itself. n: the array length (None for a scalar plan)."""
+    from shardwise.estimate.memory import memory
+
+    if plan.offload == "none":
+        return 0 if n is None else np.zeros(n, dtype=np.int64)
+    mem = mem if mem is not None else memory(model, cluster, plan, profile)
+    base = memory(model, cluster, plan.replace(offload="none"), profile)
+    states = lambda m: m.params + m.grads + m.optimizer  # noqa: E731
+    moved = states(base) - states(mem)
+    if n is None:
+        return max(0, int(moved))
+    return np.maximum(_arr(moved, n, np.int64), 0)
 
 
 def _lighter_fits(fitted: dict, var: dict, n: int) -> np.ndarray:

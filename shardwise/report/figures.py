@@ -99,6 +99,7 @@ def save(fig, out_dir: Path, stem: str, formats=FORMATS, dpi: int = 110) -> list
         meta = {"Date": None} if fmt == "svg" else {"Software": None}  # reproducible files
         with plt.rc_context(_STYLE):
             fig.savefig(p, format=fmt, dpi=dpi, metadata=meta)
+        fig.set_layout_engine("none")  # laid out once: the next format reuses the positions
         paths.append(p)
     plt.close(fig)
     return paths
@@ -203,7 +204,7 @@ def parallelism_diagrams(n: int, layers: int, model_name: str, caption: str):
         _gpu_states(ax, x, 3.35, None, n)
         ax.text(x + _GPU_W / 2, 3.2, "whole model", ha="center", fontsize=7.5, color=MUTED)
         _arrow(ax, (x + _GPU_W / 2, 6.33), (x + _GPU_W / 2, 5.75))
-    _ring(ax, xs, 2.45, "all-reduce of all gradients after backward")
+    _ring(ax, xs, 2.45, "all-reduce of the gradients, bucket by bucket during backward")
     _state_legend(ax, 1.0)
 
     # fully sharded: each GPU keeps 1/N of every state, gathers weights just in time
@@ -301,7 +302,8 @@ def memory_vs_capacity(names, rule_gib, states_gib, act_gib, other_gib, capaciti
     w = 0.36
     rb = ax.bar(x - w / 2, rule_gib, w, label="lecture: 18 bytes/param", **LECTURE, zorder=2)
     bottom = np.zeros(len(names))
-    for vals, key, label in ((states_gib, "params", "model states"), (act_gib, "activations", "activations at the peak"),
+    for vals, key, label in ((states_gib, "params", "model states"),
+                             (act_gib, "activations", "activations at the peak"),
                              (other_gib, "other", "buffers + overhead")):
         if any(vals):  # an item that is zero at every peak gets no legend entry
             ax.bar(x + w / 2, vals, w, bottom=bottom, color=MEMORY_COLORS[key], label=f"shardwise: {label}", zorder=2)
@@ -382,7 +384,7 @@ def comm_bars(names, sublabels, bytes_series, time_series, title, caption):
         k = len(series)
         w = 0.8 / k
         top = 0.0
-        for j, (label, vals, style) in enumerate(series):
+        for j, (_label, vals, style) in enumerate(series):
             idx = [i for i, v in enumerate(vals) if v is not None]
             bars = ax.bar(x[idx] + (j - (k - 1) / 2) * w, [vals[i] for i in idx], w, zorder=2, **SERIES[style])
             _bar_labels(ax, bars, [_num_label(vals[i]) for i in idx], fontsize=7, color=MUTED if j < k - 1 else INK,
@@ -436,9 +438,8 @@ def scenario_memory(scenarios, title, caption):
         ax.set_xticks(x, [p["label"] for p in plans], fontsize=8)
         ax.set_title(sc["title"], fontsize=10)
         ax.set_ylabel("per GPU (GiB)")
-    from matplotlib.patches import Patch
-
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     bottom_legend(fig, [Patch(color=MEMORY_COLORS[k], label=MEMORY_LABELS[k]) for k in keys]
                   + [Line2D([], [], color=VERMILION, ls="--", label="the GPU's memory")], ncols=6)

@@ -93,12 +93,17 @@ def render_figures(sections: list[Section], out_dir: Path | None, formats=("png"
     for s in sections:
         for i, f in enumerate(s.figures):
             fig = f.draw()
-            if inline:
-                svgs[f.stem] = figures.svg_text(fig, prefix=f"p{s.number}f{i}")
-            if out_dir is not None:
-                paths[f.stem] = figures.save(fig, out_dir, f.stem, formats, dpi)
-            else:
+            prefix = f"p{s.number}f{i}"
+            if out_dir is None:
+                svgs[f.stem] = figures.svg_text(fig, prefix)
                 figures.close(fig)
+                continue
+            if inline and "svg" not in formats:
+                svgs[f.stem] = figures.svg_text(fig, prefix)
+            paths[f.stem] = figures.save(fig, out_dir, f.stem, formats, dpi)
+            if inline and "svg" in formats:  # the file just written: no second render
+                svg = next(p for p in paths[f.stem] if p.suffix == ".svg")
+                svgs[f.stem] = figures.inline_svg(svg.read_text(encoding="utf-8"), prefix)
     return paths, svgs
 
 

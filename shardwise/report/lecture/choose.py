@@ -187,7 +187,8 @@ def takeaways(lec, data) -> list[str]:
                f"{gpu}; {big} {need}, where the lecture counts {ms[big]['lecture_gpus']:,}.")
     z = lec.section("zero").data["torch"]
     n = lec.cluster.gpus
-    out.append(f"ZeRO-3 cut model states per GPU from {fmt_gib(z['DDP']['states'])} to {fmt_gib(z['ZeRO-3']['states'])} "
+    out.append(f"ZeRO-3 cut model states per GPU from {fmt_gib(z['DDP']['states'])} to "
+               f"{fmt_gib(z['ZeRO-3']['states'])} "
                f"GiB on {n} GPUs, {z['DDP']['states'] / z['ZeRO-3']['states']:.1f}x, but the whole per-GPU total "
                f"only {z['DDP']['total'] / z['ZeRO-3']['total']:.1f}x: activations are not sharded.")
     c = lec.section("comm").data

@@ -133,14 +133,21 @@ def _notes(model, cluster, plans, data) -> list[Note]:
             f"per GPU, {2 * (n - 1) / n:.3f} x for N = {n}: the lecture's DDP {fmt_gb(d0['lecture_bytes'])} GB "
             f"against {fmt_gb(d0['paper_bytes'])} GB.",
             "Patarasuk & Yuan 2009, 'Bandwidth optimal all-reduce algorithms for clusters of workstations'"))
-    notes.append(Note(
-        "correction",
-        f"The lecture times everything at {net.gbits:g} Gbit/s = {net.gbytes_per_s:g} GB/s, a network card's "
-        f"speed (Gbit/s / 8 = GB/s). GPUs in one server talk over {gpu.link} at {gpu.link_gbps:g} GB/s "
-        f"(= {gpu.link_gbps * 8:,.0f} Gbit/s) per direction: the DDP all-reduce takes {fmt_ms(d0['torch_s'])} ms on "
-        f"this cluster vs {fmt_ms(d0['paper_network_s'])} ms with every GPU behind its own {net.name} NIC, and "
-        f"{fmt_ms(d0['lecture_s'])} ms by the lecture's formula (no latency, no link efficiency).",
-        f"{gpu.name} and {net.name} entries of shardwise's catalog (gpus.toml, networks.toml, with sources)"))
+    head = (f"The lecture times everything at {net.gbits:g} Gbit/s = {net.gbytes_per_s:g} GB/s, a network card's "
+            f"speed (Gbit/s / 8 = GB/s), with no latency and no link efficiency. ")
+    if n <= cluster.node_size:
+        body = (f"These {n} GPUs share one server and talk over {gpu.link} at {gpu.link_gbps:g} GB/s "
+                f"(= {gpu.link_gbps * 8:,.0f} Gbit/s) per direction: the DDP all-reduce takes "
+                f"{fmt_ms(d0['torch_s'])} ms here vs {fmt_ms(d0['paper_network_s'])} ms with every GPU behind its "
+                f"own {net.name} NIC, and {fmt_ms(d0['lecture_s'])} ms by the lecture's formula.")
+    else:
+        body = (f"Here the data-parallel group spans {cluster.nodes} nodes, so its ring runs at the network's "
+                f"speed: the DDP all-reduce takes {fmt_ms(d0['torch_s'])} ms with PyTorch's engines (their dtype "
+                f"and buckets, each paying the ring's latency), {fmt_ms(d0['paper_network_s'])} ms for the paper's "
+                f"volume in one call, {fmt_ms(d0['lecture_s'])} ms by the lecture's formula.")
+    notes.append(Note("correction", head + body,
+                      f"{gpu.name} and {net.name} entries of shardwise's catalog (gpus.toml, networks.toml, with "
+                      "sources)"))
     dt = cm.dtypes("torch", plans["DDP"])
     dt3 = cm.dtypes("torch", plans["ZeRO-3"])
     notes.append(Note(

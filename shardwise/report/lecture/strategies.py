@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from shardwise.estimate import estimate
 from shardwise.estimate import pipeline as pl
-from shardwise.report.lecture.common import (SEQS_PER_GPU, fmt_gb, fmt_gib, fmt_ms, plan_words,
-                                             strategy_plans)
+from shardwise.report.lecture.common import SEQS_PER_GPU, fmt_gb, fmt_gib, fmt_ms, plan_words, strategy_plans
 from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
 
 # what each strategy splits and when to reach for it: the textbook facts the numbers illustrate
@@ -140,7 +139,10 @@ def _draw_schedules(panels):
 def _notes(data) -> list[Note]:
     notes = []
     fit = {k: v for k, v in data.items() if k != "schedules" and v["fits"]}
-    if fit:
+    if len(fit) == 1:
+        (only,) = fit
+        notes.append(Note("takeaway", f"Only {only} fits ({fit[only]['tokens_per_s']:,.0f} tokens/s)."))
+    elif fit:
         best = max(fit, key=lambda k: fit[k]["tokens_per_s"])
         least = min(fit, key=lambda k: fit[k]["wire_bytes"])
         notes.append(Note("takeaway", f"Of the strategies that fit, {best} trains fastest "

@@ -9,8 +9,7 @@ from __future__ import annotations
 import math
 
 from shardwise.estimate import estimate
-from shardwise.report.lecture.common import (GB, GIB, base_plan, fmt_count, fmt_gib, gib, plan_words,
-                                             seq_for)
+from shardwise.report.lecture.common import GB, GIB, base_plan, fmt_count, fmt_gib, gib, plan_words, seq_for
 from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
 from shardwise.spec.hardware import GPU, load_gpu, make_cluster
 from shardwise.spec.model import load_model

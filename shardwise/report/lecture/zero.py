@@ -82,10 +82,10 @@ def _notes(model, n, data) -> list[Note]:
     d3, d0 = t["ZeRO-3"], t["DDP"]
     notes.append(Note(
         "correction",
-        f"'ZeRO-3 enables training models {n}x larger than GPU memory' holds for the model states only. "
-        f"Activations ({fmt_gib(d3['activations'])} GiB here) are not sharded by any stage, and buffers and "
-        f"runtime stay: the whole per-GPU total falls {d0['total'] / d3['total']:.1f}x, not {n}x "
-        f"({fmt_gib(d0['total'])} -> {fmt_gib(d3['total'])} GiB).",
+        f"The lecture: 'ZeRO-3 enables training models 8x larger than GPU memory' (its 8 GPUs). ZeRO-3 divides "
+        f"the model states by N, nothing else: activations ({fmt_gib(d3['activations'])} GiB here) are not "
+        f"sharded by any stage, and buffers and runtime stay. On {n} GPUs the whole per-GPU total falls "
+        f"{d0['total'] / d3['total']:.1f}x, not {n}x ({fmt_gib(d0['total'])} -> {fmt_gib(d3['total'])} GiB).",
         "Rajbhandari et al. 2020, 'ZeRO', sec. 5 (model states) and sec. 6 (residual states)"))
     per = {p: {k: data[p]["DDP"][k] / model.params for k in ITEMS} for p in PROFILES}
     notes.append(Note(

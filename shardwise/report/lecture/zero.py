@@ -35,10 +35,10 @@ def build(lec) -> Section:
                          fmt_gib(d["other"]), fmt_gib(d["total"]), "yes" if d["fits"] else "no"])
             if not d["fits"]:
                 marks[i] = "bad"
-        what = ("the ZeRO paper's accounting, as the lecture: 16-bit parameters and gradients, 12 bytes/param of "
+        what = ("The ZeRO paper's accounting, as the lecture: 16-bit parameters and gradients, 12 bytes/param of "
                 "fp32 Adam (master copy, two moments)" if prof == "zero-paper" else
-                "what DDP / ZeroRedundancyOptimizer / FSDP2 keep: with FSDP2 mixed precision the sharded fp32 "
-                "parameter is the master copy; 16-bit copies are gathered per layer (buffers)")
+                "What DDP / ZeroRedundancyOptimizer / FSDP2 keep at the step's peak: with FSDP2 mixed precision the "
+                "sharded fp32 parameter is the master copy; 16-bit copies are gathered per layer (buffers)")
         tables.append(Table(
             f"Memory per GPU, {model.name} on {n} GPUs, profile {prof}", [
                 "stage", "parameters", "gradients", "optimizer", "model states", "states bytes/param", "vs DDP",

@@ -302,6 +302,14 @@ def test_cli_json_no_figures(tmp_path, capsys):
     assert part["key"] == "zero" and part["data"]["zero-paper"]["DDP"]["states"] == 16 * PSI_7B
 
 
+def test_cli_unwritable_out_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rc = main(["lecture", "--part", "zero", "--out", str(blocker / "figs"), "--dpi", "30"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "cannot write figures" in err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--part", "nine"], "unknown lecture part"),
     (["--model", "gpt-5-secret"], "unknown model"),

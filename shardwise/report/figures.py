@@ -92,16 +92,20 @@ def styled(fn):
 def save(fig, out_dir: Path, stem: str, formats=FORMATS, dpi: int = 110) -> list[Path]:
     """Write the figure as stem.png / stem.svg; return the paths. Closes the figure."""
     plt = _plt()
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for fmt in formats:
-        p = out_dir / f"{stem}.{fmt}"
-        meta = {"Date": None} if fmt == "svg" else {"Software": None}  # reproducible files
-        with plt.rc_context(_STYLE):
-            fig.savefig(p, format=fmt, dpi=dpi, metadata=meta)
-        fig.set_layout_engine("none")  # laid out once: the next format reuses the positions
-        paths.append(p)
-    plt.close(fig)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for fmt in formats:
+            p = out_dir / f"{stem}.{fmt}"
+            meta = {"Date": None} if fmt == "svg" else {"Software": None}  # reproducible files
+            with plt.rc_context(_STYLE):
+                fig.savefig(p, format=fmt, dpi=dpi, metadata=meta)
+            fig.set_layout_engine("none")  # laid out once: the next format reuses the positions
+            paths.append(p)
+    except OSError as e:
+        raise ShardwiseError(f"cannot write figures to {out_dir}: {e.strerror or e}; choose another --out") from None
+    finally:
+        plt.close(fig)
     return paths
 
 

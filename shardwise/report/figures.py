@@ -230,14 +230,14 @@ def parallelism_diagrams(n: int, layers: int, model_name: str, caption: str):
     ax = axes[1][0]
     _panel(ax, "Pipeline (model) parallel", f"{model_name}'s {layers} layers cut into {n} stages, "
                                             "micro-batches flow through")
-    per = layers // n
     for i, x in enumerate(xs):
         _box(ax, x, 3.1, _GPU_W, 2.6, fc="#FBF3EE")
         ax.text(x + _GPU_W / 2, 5.35, f"GPU {i}", ha="center", fontsize=9, fontweight="bold")
-        lo, hi = i * per + 1, (i + 1) * per if i < n - 1 else layers
+        lo, hi = i * layers // n + 1, (i + 1) * layers // n  # as even as the layer count allows
         for k in range(4):  # a stack of layer blocks
             ax.add_patch(_rect(x + 0.3, 3.45 + k * 0.42, _GPU_W - 0.6, 0.3, fc=LAYER, ec="none"))
-        ax.text(x + _GPU_W / 2, 3.2, f"layers {lo}-{hi}", ha="center", fontsize=7.5, color=MUTED)
+        span = "no layers" if hi < lo else (f"layer {lo}" if lo == hi else f"layers {lo}-{hi}")
+        ax.text(x + _GPU_W / 2, 3.2, span, ha="center", fontsize=7.5, color=MUTED)
         if i < n - 1:
             _arrow(ax, (x + _GPU_W + 0.02, 4.9), (xs[i + 1] - 0.02, 4.9), color=BLUE, lw=1.6)
             _arrow(ax, (xs[i + 1] - 0.02, 3.9), (x + _GPU_W + 0.02, 3.9), color=VERMILION, lw=1.6)

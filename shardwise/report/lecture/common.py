@@ -17,14 +17,23 @@ def gib(b: float) -> float:
     return b / GIB
 
 
+def _short(v: float) -> str:
+    """3 significant digits at most, small values without a wall of zeros (0.00041, not 0.00)."""
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:,.1f}"
+    if v >= 0.01 or v == 0:
+        return f"{v:,.2f}"
+    return f"{v:.2g}"
+
+
 def fmt_gib(b: float) -> str:
-    v = b / GIB
-    return f"{v:,.0f}" if v >= 1000 else (f"{v:,.1f}" if v >= 10 else f"{v:,.2f}")
+    return _short(b / GIB)
 
 
 def fmt_gb(b: float) -> str:
-    v = b / GB
-    return f"{v:,.1f}" if v >= 10 else f"{v:,.2f}"
+    return _short(b / GB)
 
 
 def fmt_ms(s: float) -> str:

@@ -172,7 +172,7 @@ def load(path: str, overrides: Overrides | None = None, world: int | None = None
         for name, v in body.items():
             if name not in fields_of(table):
                 raise ShardwiseError(f"{path} [{table}]: unknown field {name!r}; {closest(name, fields_of(table))}")
-            if name in ("path", "metrics") and isinstance(v, str) and v:
+            if name in ("path", "metrics", "measure") and isinstance(v, str) and v:
                 v = _relative_to(base, v)
             values[table][name] = v
             origin[(table, name)] = f"{path} [{table}] {name}"

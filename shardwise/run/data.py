@@ -109,7 +109,7 @@ class SyntheticSource:
         self.chain = MarkovChain.random(vocab, branch, seed)
         self.pi = self.chain.stationary()
         self.floor = float(self.pi @ self.chain.row_entropies())
-        self.gbs, self.seq, self.seed = gbs, seq, seed
+        self.vocab, self.gbs, self.seq, self.seed = vocab, gbs, seq, seed
 
     def batch(self, step: int, rank: int = 0, ranks: int = 1) -> np.ndarray:
         rows = _rows(self.gbs, rank, ranks)

@@ -53,7 +53,7 @@ def resolve_device(cfg: RunConfig) -> str:
         raise ShardwiseError(f"{cfg.train.nproc} processes but {torch.cuda.device_count()} CUDA devices on this "
                              "machine; one process per GPU: lower --nproc, or use torchrun across nodes")
     check_runnable(cfg.model)
-    check_supported(cfg.plan, torch.device(dev))
+    check_supported(cfg.model, cfg.plan, torch.device(dev))
     return dev
 
 

@@ -144,10 +144,12 @@ class Engine:
         stages = [PipelineStage(wrapped, idx, self.n_stages, self.device, *self._stage_io(idx), group=group)
                   for idx, _, wrapped in self.stages]
         n = self.plan.grad_accum
+        # scale_grads=False: the loss is divided by the micro-batch count instead (as without PP).
+        # The schedule's own scaling walks submod.parameters(), which DDP + TP has emptied.
         if self.plan.schedule == "interleaved":
-            return ScheduleInterleaved1F1B(stages, n_microbatches=n, loss_fn=self._pp_loss)
+            return ScheduleInterleaved1F1B(stages, n_microbatches=n, loss_fn=self._pp_loss, scale_grads=False)
         cls = ScheduleGPipe if self.plan.schedule == "gpipe" else Schedule1F1B
-        return cls(stages[0], n_microbatches=n, loss_fn=self._pp_loss)
+        return cls(stages[0], n_microbatches=n, loss_fn=self._pp_loss, scale_grads=False)
 
     def _stage_io(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """What stage `idx` receives and sends, as meta tensors. Given up front, the pipeline
@@ -180,7 +182,7 @@ class Engine:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def _pp_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = self._loss(logits, targets)
+        loss = self._loss(logits, targets) / self.plan.grad_accum
         return loss * self._loss_scale if self.scaler is not None else loss
 
     def train_step(self, tokens: torch.Tensor) -> StepStats:
@@ -272,8 +274,8 @@ class Engine:
                            return_outputs=False)
         if not last:
             return torch.zeros((), device=self.device)
-        # per micro-batch means over equal token counts; unscale the fp16 loss scale
-        return torch.stack([l.detach().float() for l in losses]).mean() / self._loss_scale
+        # each is a micro-batch mean / grad_accum (equal token counts): their sum is the mean
+        return torch.stack([l.detach().float() for l in losses]).sum() / self._loss_scale
 
     # ---- export -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -64,9 +64,11 @@ def check_supported(spec, plan: Plan, device: torch.device) -> None:
     if plan.optimizer == "adam8bit":
         raise ShardwiseError("optimizer adam8bit needs bitsandbytes, which `shardwise run` does not use; "
                              "use adamw (estimate and search still model adam8bit)")
-    if plan.optimizer == "adafactor" and plan.tp > 1 and plan.zero < 2:
-        raise ShardwiseError("adafactor factors its statistics over whole rows and columns, but with tp > 1 "
-                             "under DDP/ZeRO-1 it would see only local shards; use zero 2/3 or adamw")
+    if plan.optimizer == "adafactor" and (plan.tp > 1 or uses_fsdp(plan)):
+        # its factored statistics span whole rows and columns: on DTensor shards (FSDP2, TP) PyTorch
+        # 2.13's Adafactor fails (in-place pow on a partial norm), and DDP + TP hands it local shards
+        raise ShardwiseError("adafactor needs whole parameters: use it with dp (ZeRO 0/1) and pp, "
+                             "not with tp > 1 or ZeRO-2/3; or use adamw")
     if plan.offload == "optimizer":
         raise ShardwiseError("optimizer-only offload has no PyTorch engine; use --offload params with "
                              "--zero 3 (FSDP2 CPUOffloadPolicy) or leave offload out")

@@ -1,0 +1,188 @@
+"""The core test of the project: every engine trains exactly like one process does.
+
+Same seed, same data, AdamW, gradient accumulation: the per-step losses under DDP, ZeRO-1/2/3,
+TP, TP+SP, PP (GPipe, 1F1B, interleaved 1F1B), recompute, and the mixes dp x tp, dp x pp,
+tp x pp, dp x tp x pp must equal single-process training within 1e-5 relative, and so must
+the final parameters. CPU, gloo, fp32.
+
+Several plans run inside one spawned group (process start-up is most of the cost on CPU).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _dist import run_ranks
+from shardwise.errors import ShardwiseError
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.plan import Plan
+
+STEPS = 10
+SEED = 1234
+LR = 1e-3
+LOSS_RTOL = 1e-5
+# AdamW divides each element's step by that element's own gradient size, so an element whose
+# gradient is near zero turns rounding-level differences (another summation order) into step
+# differences of up to lr. atol = 1% of one step at lr 1e-3; each tensor as a whole must agree
+# to TENSOR_RTOL in norm, so a few noisy elements pass but a wrong engine does not (a lost
+# micro-batch or a wrong average moves whole tensors by ~lr).
+PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-5
+TENSOR_RTOL = 1e-5
+
+LLAMA = ModelSpec(name="tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, vocab=128, ffn_hidden=128)
+GPT2 = ModelSpec(name="tiny-gpt2", layers=4, hidden=64, heads=4, vocab=128, ffn_kind="gelu", norm="layernorm",
+                 positions="learned", max_seq=32, tied_embeddings=True, qkv_bias=True, out_bias=True,
+                 mlp_bias=True)
+# softmax(q.(k + b)) = softmax(q.k) per query: the key bias's exact gradient is zero, so what
+# it holds after training is rounding noise amplified by Adam, different for every summation
+# order. It is checked for staying at noise level instead of elementwise.
+ZERO_GRADIENT = ("attention.wk.bias",)
+NOISE_LEVEL = 1e-4  # 1% of the ~1e-2 that 10 AdamW steps at lr 1e-3 move a parameter with a real gradient
+BASE = Plan(mbs=2, gbs=8, seq=32, precision="fp32")  # single process: 4 micro-batches of 2
+
+
+def batches(spec: ModelSpec, plan: Plan) -> torch.Tensor:
+    """[steps, gbs, seq+1] random tokens, fixed by the seed: the same global batches for every plan."""
+    g = torch.Generator().manual_seed(SEED + 1)
+    return torch.randint(0, spec.vocab, (STEPS, plan.gbs, plan.seq + 1), generator=g)
+
+
+def train(spec: ModelSpec, plan: Plan) -> tuple[list[float], list[float], dict | None]:
+    """STEPS steps of AdamW under `plan`; (losses, grad norms, full state dict on rank 0)."""
+    from shardwise.run.engine import Engine
+
+    eng = Engine(spec, plan, device=torch.device("cpu"), seed=SEED, lr=LR, weight_decay=0.1)
+    data = batches(spec, eng.plan)
+    per = eng.plan.gbs // eng.dp_size
+    losses, norms = [], []
+    for step in range(STEPS):
+        stats = eng.train_step(data[step, eng.dp_rank * per:(eng.dp_rank + 1) * per])
+        losses.append(stats.loss)
+        norms.append(stats.grad_norm)
+    state = eng.state_dict_full()
+    return losses, norms, (state if eng.rank == 0 else None)
+
+
+def train_many(spec: ModelSpec, plans: list[Plan]) -> list[tuple]:
+    """Rank-side: each plan in turn in one process group."""
+    import torch.distributed as dist
+
+    out = []
+    for p in plans:
+        out.append(train(spec, p))
+        dist.barrier()
+    return out
+
+
+_reference: dict[tuple, tuple] = {}
+
+
+def reference(spec: ModelSpec, optimizer: str = "adamw") -> tuple:
+    """Single-process training: one rank, no process group, 4 micro-batches per step."""
+    key = (spec.name, optimizer)
+    if key not in _reference:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the ranks run with one thread each; this is the fast setting here too
+        try:
+            _reference[key] = train(spec, BASE.replace(dp=1, optimizer=optimizer))
+        finally:
+            torch.set_num_threads(threads)
+    return _reference[key]
+
+
+def assert_same_training(spec: ModelSpec, plan: Plan, got: tuple) -> None:
+    ref_losses, ref_norms, ref_state = reference(spec, plan.optimizer)
+    losses, norms, state = got
+    name = plan.short()
+    torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64), torch.tensor(ref_losses, dtype=torch.float64),
+                               rtol=LOSS_RTOL, atol=0, msg=lambda m: f"{name}: losses differ\n{m}")
+    torch.testing.assert_close(torch.tensor(norms, dtype=torch.float64), torch.tensor(ref_norms, dtype=torch.float64),
+                               rtol=1e-4, atol=0, msg=lambda m: f"{name}: grad norms differ\n{m}")
+    assert list(state) == list(ref_state), f"{name}: parameter names differ"
+    for k in ref_state:
+        if k.endswith(ZERO_GRADIENT):
+            assert state[k].abs().max() < NOISE_LEVEL and ref_state[k].abs().max() < NOISE_LEVEL, k
+            continue
+        torch.testing.assert_close(state[k], ref_state[k], rtol=PARAM_RTOL, atol=PARAM_ATOL,
+                                   msg=lambda m: f"{name}: final {k} differs\n{m}")
+        rel = float((state[k] - ref_state[k]).norm() / ref_state[k].norm())
+        assert rel < TENSOR_RTOL, f"{name}: final {k} differs by {rel:.2e} of its norm"
+
+
+def train_all(items: list[tuple[ModelSpec, Plan]]) -> list[tuple]:
+    """Rank-side: each (model, plan) in turn, in one process group."""
+    import torch.distributed as dist
+
+    out = []
+    for spec, plan in items:
+        out.append(train(spec, plan))
+        dist.barrier()
+    return out
+
+
+# ---- the plans ----------------------------------------------------------------------------------
+# world size -> (model, plan fields). One spawned group per world size runs all of its plans
+# (starting ranks is most of the cost here); each plan is then its own test.
+PLANS: dict[int, list[tuple[ModelSpec, dict]]] = {
+    2: [  # every engine alone
+        (LLAMA, dict(dp=2, zero=0)), (LLAMA, dict(dp=2, zero=1)), (LLAMA, dict(dp=2, zero=2)),
+        (LLAMA, dict(dp=2, zero=3)), (LLAMA, dict(tp=2)), (LLAMA, dict(tp=2, sp=True)),
+        (LLAMA, dict(pp=2, schedule="gpipe")), (LLAMA, dict(pp=2, schedule="1f1b")),
+        (LLAMA, dict(pp=2, schedule="interleaved", vpp=2)),
+        # recompute on top of FSDP, TP+SP and PP
+        (LLAMA, dict(dp=2, zero=3, recompute="full")), (LLAMA, dict(dp=2, zero=2, recompute="selective")),
+        (LLAMA, dict(tp=2, sp=True, recompute="selective")), (LLAMA, dict(pp=2, recompute="full")),
+        # other optimizers (Adafactor needs whole parameters: see test_refusals)
+        (LLAMA, dict(dp=2, optimizer="sgd")), (LLAMA, dict(tp=2, sp=True, optimizer="sgd")),
+        (LLAMA, dict(dp=2, zero=3, optimizer="sgd")), (LLAMA, dict(dp=2, zero=1, optimizer="adafactor")),
+        (LLAMA, dict(pp=2, optimizer="adafactor")),
+        # GPT-2 style: biases, LayerNorm, learned positions (position-parallel under TP+SP) and
+        # the tied embedding (across pipeline stages: summed gradients of the two copies)
+        (GPT2, dict(dp=2)), (GPT2, dict(dp=2, zero=3)), (GPT2, dict(tp=2)), (GPT2, dict(tp=2, sp=True)),
+        (GPT2, dict(pp=2)), (GPT2, dict(pp=2, schedule="interleaved", vpp=2)),
+    ],
+    4: [  # the mixes
+        (LLAMA, dict(dp=2, tp=2)), (LLAMA, dict(dp=2, tp=2, zero=1, sp=True)), (LLAMA, dict(dp=2, tp=2, zero=2)),
+        (LLAMA, dict(dp=2, tp=2, zero=3, sp=True)),
+        (LLAMA, dict(dp=2, pp=2)), (LLAMA, dict(dp=2, pp=2, zero=1, schedule="gpipe")),
+        (LLAMA, dict(dp=2, pp=2, zero=3, schedule="interleaved", vpp=2)),
+        (LLAMA, dict(tp=2, pp=2, sp=True)), (LLAMA, dict(tp=2, pp=2, schedule="interleaved", vpp=2)),
+        (GPT2, dict(dp=2, tp=2, zero=2, sp=True)), (GPT2, dict(dp=2, pp=2, zero=1)), (GPT2, dict(dp=2, pp=2, zero=3)),
+        (GPT2, dict(tp=2, pp=2, sp=True)),
+    ],
+    8: [  # all three at once: DDP + TP path with ZeRO-1, and FSDP2 on the 2-D dp x tp mesh, per stage
+        (LLAMA, dict(dp=2, tp=2, pp=2, zero=1, sp=True)), (LLAMA, dict(dp=2, tp=2, pp=2, zero=3)),
+    ],
+}
+
+
+def check_world(world: int) -> None:
+    """Run every plan of this world size in one spawned group; report every plan that differs."""
+    items = [(spec, BASE.replace(**fields).resolve(spec, world)) for spec, fields in PLANS[world]]
+    ranks = run_ranks(train_all, world, items, timeout=420)
+    failures = []
+    for i, (spec, plan) in enumerate(items):
+        try:
+            for r in range(1, world):  # the loss is all-reduced: every rank reports the same
+                assert ranks[r][i][0] == ranks[0][i][0], f"rank {r} reports another loss"
+            assert_same_training(spec, plan, ranks[0][i])
+        except AssertionError as e:
+            failures.append(f"{spec.name} {plan.short()} {plan.optimizer}: {e}")
+    assert not failures, f"{len(failures)} of {len(items)} plans differ from one process:\n" + "\n\n".join(failures)
+
+
+# One test per world size (not per plan): under pytest-xdist a per-plan test would start the
+# same group of ranks once per worker.
+@pytest.mark.slow
+def test_two_ranks():
+    check_world(2)
+
+
+@pytest.mark.slow
+def test_four_ranks():
+    check_world(4)
+
+
+@pytest.mark.slow
+def test_eight_ranks():
+    check_world(8)

@@ -44,6 +44,7 @@ from shardwise.breakdown import Collective
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import _num
 from shardwise.estimate._num import ceil_div, where
+from shardwise.estimate.pipeline import chunks_per_rank
 
 PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
 MIB = 1024 * 1024
@@ -209,19 +210,16 @@ def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int) -> tuple[tuple
     return tuple(acc.items())
 
 
-def _chunks(plan):
-    return plan.vpp if plan.schedule == "interleaved" else 1
-
-
 def ddp_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
     """Scalar plans: bytes -> how many of rank 0's steady-state DDP buckets have that size."""
-    return dict(_ddp_sizes(model, int(plan.tp), int(plan.pp), int(_chunks(plan)), nbytes))
+    chunks = chunks_per_rank(plan.vpp, plan.schedule)
+    return dict(_ddp_sizes(model, int(plan.tp), int(plan.pp), int(chunks), nbytes))
 
 
 def ddp_buckets(model, plan, nbytes: int):
     """Steady-state DDP all-reduce calls per step on rank 0 (the first step, before the rebuild,
     reduces everything in one bucket). Array plans: computed once per distinct (tp, pp, chunks)."""
-    chunks = _chunks(plan)
+    chunks = chunks_per_rank(plan.vpp, plan.schedule)
     if not _num._is_array(plan.tp, plan.pp, chunks):
         return sum(ddp_bucket_sizes(model, plan, nbytes).values())
     import numpy as np
@@ -416,11 +414,15 @@ def _norm_grad_bytes(plan, dt, m):
 
 def _fsdp_reduces(plan, m):
     """Gradient reductions per step per FSDP2 group: ZeRO-3 every micro-batch (except under a
-    pipeline, which reduces once at the end); ZeRO-2 once; without FSDP2 (zero <= 1, or dp = 1)
-    the engine aligns gradients once per step."""
+    pipeline, which reduces once at the end); ZeRO-2 once. DDP (zero <= 1, dp > 1) with TP swaps
+    the DTensor parameters for local shards and back around each forward, so every micro-batch's
+    backward redistributes the Partial norm gradients (measured: 2 x 9 per step at m = 2). Without
+    a data-parallel wrapper (dp = 1) the engine aligns gradients once per step."""
     if plan.zero == 3:
         return where((plan.pp > 1) | (plan.dp == 1), 1, m)
-    return 1 + 0 * m
+    if plan.zero == 2:
+        return 1 + 0 * m
+    return where(plan.dp > 1, m, 1)
 
 
 def _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head) -> list[Collective]:
@@ -448,7 +450,7 @@ def _pp(model, cluster, plan, dt, arr) -> list[Collective]:
     """Point-to-point between adjacent stages: rank 0 sends each micro-batch's activation on from
     each chunk it holds (the last stage's chunk sends nothing) and receives into each but the first;
     gradients go the other way. Interleaved: v chunks per rank, so 2v-1 hops each way."""
-    v = plan.vpp if plan.schedule == "interleaved" else 1
+    v = chunks_per_rank(plan.vpp, plan.schedule)
     m = plan.grad_accum
     msg = plan.mbs * plan.seq * model.hidden * dt["resid"]
     if plan.sp:

@@ -33,7 +33,7 @@ def _check(schedule: str) -> None:
         raise ShardwiseError(f"unknown pipeline schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
 
 
-def _chunks(vpp, schedule: str):
+def chunks_per_rank(vpp, schedule: str):
     """Virtual stages per rank: vpp for interleaved, 1 otherwise (vpp is ignored there)."""
     return vpp if schedule == "interleaved" else 1
 
@@ -46,14 +46,14 @@ def bubble_fraction(pp, m, vpp=1, schedule: str = "1f1b"):
     ideal time it is (p-1)/(v*m), Narayanan et al.'s "(p-1)/m, divided by v for interleaved".
     """
     _check(schedule)
-    v = _chunks(vpp, schedule)
+    v = chunks_per_rank(vpp, schedule)
     return (pp - 1) / (v * m + pp - 1)
 
 
 def bubble_over_ideal(pp, m, vpp=1, schedule: str = "1f1b"):
     """Bubble time / ideal (bubble-free) time = (p-1)/(v*m) (Narayanan et al. 2021, §2.2)."""
     _check(schedule)
-    return (pp - 1) / (_chunks(vpp, schedule) * m)
+    return (pp - 1) / (chunks_per_rank(vpp, schedule) * m)
 
 
 def inflight_microbatches(pp, m, vpp=1, schedule: str = "1f1b", stage=0):
@@ -133,7 +133,7 @@ def timeline(pp: int, m: int, vpp: int = 1, schedule: str = "1f1b") -> list[Slot
     """Every forward and backward of one step on every rank, placed as early as its data allows
     (F of stage s after F of stage s-1; B of stage s after B of stage s+1 and its own F), in each
     rank's torch order. Idle time per rank / makespan = bubble_fraction(pp, m, vpp, schedule)."""
-    v = _chunks(vpp, schedule)
+    v = chunks_per_rank(vpp, schedule)
     if schedule == "interleaved" and m % pp:
         raise ShardwiseError(f"interleaved 1F1B needs the micro-batch count ({m}) to be a multiple of pp={pp}")
     orders = [rank_order(pp, m, v, schedule, r) for r in range(pp)]

@@ -134,27 +134,25 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         optimizer_s = 0.0 * m
         offload_s = _offload_bytes(plan, comm, shard) / (PCIE_GBPS * 1e9)
 
-    def total(sel):
-        s = 0.0 * m
-        for c in comm:
-            if sel(c):
-                s = s + c.seconds
-        return s
-
-    tp_s = total(lambda c: c.group == "tp")
-    pp_s = total(lambda c: c.kind in ("send", "recv"))
-    other_s = total(lambda c: c.group not in ("tp", "dp") and c.kind not in ("send", "recv"))
-    dp_s = total(lambda c: c.group == "dp")
-    dp_exposed = total(lambda c: c.group == "dp" and not c.overlapped)
+    # one pass over the step's collectives, by where their time goes
+    t = {"tp": 0.0, "pp": 0.0, "other": 0.0, "dp": 0.0, "dp_exposed": 0.0, "dp_gather": 0.0, "dp_reduce": 0.0}
+    for c in comm:
+        if c.kind in ("send", "recv"):
+            key = "pp"
+        elif c.group in ("tp", "dp"):
+            key = c.group
+        else:
+            key = "other"  # the engine's world and tied-embedding all-reduces, after the pipeline
+        t[key] = t[key] + c.seconds
+        if key == "dp":
+            sub = "dp_exposed" if not c.overlapped else "dp_gather" if c.kind == "all-gather" else "dp_reduce"
+            t[sub] = t[sub] + c.seconds
+    tp_s, pp_s, other_s, dp_s = t["tp"], t["pp"], t["other"], t["dp"]
     if plan.zero == 3:
-        dp_exposed = dp_exposed + _excess(total(lambda c: c.group == "dp" and c.overlapped),
-                                          forward_s + backward_s + recompute_s)
+        dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"] + t["dp_reduce"], forward_s + backward_s + recompute_s)
     else:
         gathers_behind = where(plan.pp > 1, t_f, forward_s)  # ZeRO-2 under a pipeline gathers once
-        dp_exposed = dp_exposed + _excess(total(lambda c: c.group == "dp" and c.overlapped
-                                                and c.kind == "all-gather"), gathers_behind)
-        dp_exposed = dp_exposed + _excess(total(lambda c: c.group == "dp" and c.overlapped
-                                                and c.kind != "all-gather"), t_b + t_r)
+        dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"], gathers_behind) + _excess(t["dp_reduce"], t_b + t_r)
 
     compute_s = forward_s + backward_s + recompute_s + optimizer_s
     pipelined = forward_s + backward_s + recompute_s + tp_s + pp_s
@@ -165,20 +163,20 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     tokens_step = plan.gbs * seq
     flops = model_flops_per_token(model, seq) * tokens_step
     hw_flops = flops + model.layers * layer_recompute_flops_per_token(model, seq, plan.recompute) * tokens_step
-    t = Time(compute_s=compute_s, comm_exposed_s=comm_exposed_s, bubble_s=bubble_s, step_s=step_s,
-             tokens_per_s=tokens_step / step_s, mfu=flops / (step_s * plan.world * peak), flops_per_step=flops,
-             detail={"forward_s": forward_s, "backward_s": backward_s, "recompute_s": recompute_s,
-                     "optimizer_s": optimizer_s, "offload_s": offload_s, "tp_comm_s": tp_s, "pp_comm_s": pp_s,
-                     "dp_comm_s": dp_s, "dp_exposed_s": dp_exposed, "other_comm_s": other_s,
-                     "bubble_fraction": bubble_fraction(plan.pp, m, plan.vpp, plan.schedule),
-                     "efficiency": eff, "peak_tflops": peak / 1e12, "hardware_flops_per_step": hw_flops})
+    out = Time(compute_s=compute_s, comm_exposed_s=comm_exposed_s, bubble_s=bubble_s, step_s=step_s,
+               tokens_per_s=tokens_step / step_s, mfu=flops / (step_s * plan.world * peak), flops_per_step=flops,
+               detail={"forward_s": forward_s, "backward_s": backward_s, "recompute_s": recompute_s,
+                       "optimizer_s": optimizer_s, "offload_s": offload_s, "tp_comm_s": tp_s, "pp_comm_s": pp_s,
+                       "dp_comm_s": dp_s, "dp_exposed_s": dp_exposed, "other_comm_s": other_s,
+                       "bubble_fraction": bubble_fraction(plan.pp, m, plan.vpp, plan.schedule),
+                       "efficiency": eff, "peak_tflops": peak / 1e12, "hardware_flops_per_step": hw_flops})
     if tokens > 0:
         train_s = tokens / tokens_step * step_s
-        t.train_tokens = tokens
-        t.train_days = train_s / SECONDS_PER_DAY
-        t.gpu_hours = train_s / 3600 * plan.world
-        t.cost_usd = t.gpu_hours * (gpu.price_per_hour if price is None else price)
-    return t
+        out.train_tokens = tokens
+        out.train_days = train_s / SECONDS_PER_DAY
+        out.gpu_hours = train_s / 3600 * plan.world
+        out.cost_usd = out.gpu_hours * (gpu.price_per_hour if price is None else price)
+    return out
 
 
 def _excess(comm_s, budget):

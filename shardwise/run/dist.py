@@ -58,12 +58,17 @@ def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
                             device_id=device if device.type == "cuda" else None)
 
 
-def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh | None:
-    """The job's (pp, dp, tp) mesh, or None for a single process."""
+def check_world(plan: Plan) -> None:
+    """A plan with dp given must fit the job exactly (dp = 0 is derived from the job instead)."""
     world = world_size()
-    if plan.world != world:
+    if plan.dp and plan.world != world:
         raise ShardwiseError(f"plan needs dp*tp*pp = {plan.dp}*{plan.tp}*{plan.pp} = {plan.world} processes "
                              f"but this job has {world}; launch with --nproc {plan.world} (or change the plan)")
-    if world == 1:
+
+
+def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh | None:
+    """The job's (pp, dp, tp) mesh, or None for a single process."""
+    check_world(plan)
+    if world_size() == 1:
         return None
     return init_device_mesh(device.type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=MESH_DIMS)

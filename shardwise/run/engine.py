@@ -54,6 +54,7 @@ class Engine:
         if optimizer is not None:  # one source of truth: the plan's field
             plan = plan.replace(optimizer=optimizer)
         self.spec = spec
+        rdist.check_world(plan)
         self.plan = plan = plan.resolve(spec, rdist.world_size())
         check_supported(spec, plan, self.device)
         if grad_clip is not None and not grad_clip > 0:
@@ -81,6 +82,13 @@ class Engine:
         self.optimizer = self._optimizer(lr, weight_decay, betas, eps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.prec.grad_scaler else None
         self.schedule = self._pipeline_schedule() if plan.pp > 1 else None
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """What this rank's optimizer steps, named as in ModelSpec.param_shapes(): DTensors
+        (TP, FSDP2), DDP + TP's local shards, or plain tensors (each pipeline stage's own).
+        Use this, not module.parameters(): DDP + TP unregisters the module's parameters at the
+        first forward."""
+        return [(r.name, r.param) for r in self.params]
 
     # ---- set-up helpers -------------------------------------------------------------------------
     def _registry(self) -> list[_Param]:

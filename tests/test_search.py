@@ -8,7 +8,7 @@ import random
 import pytest
 
 from shardwise import Plan, ShardwiseError, estimate, make_cluster, preset, search
-from shardwise.search.core import Options, fewest_gpus, fitting_space, rank_key, run_search
+from shardwise.search.core import Options, capacity_bound, fewest_gpus, fitting_space, rank_key, run_search
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
 from shardwise.search.vectorized import offloaded_bytes
 from shardwise.spec.hardware import GIB, Cluster
@@ -202,6 +202,31 @@ def test_fewest_gpus_fits_there_and_not_below():
     assert not any(fits(g) for g in [1, 2, 4] + list(range(8, n, 8)))
 
 
+def test_capacity_bound_by_hand():
+    """LLaMA-2-70B, torch bf16-mixed AdamW: 4 (fp32 parameter, the master) + 8 (two moments) = 12
+    bytes x 68,976,648,192 = 827.7e9 bytes. An A100-80GB offers 0.9 * 80 GiB = 77.3e9 on the GPU
+    plus 0.9 * 1024 GiB / 8 = 123.7e9 of its node's CPU memory: 201.0e9 -> at least 5 GPUs;
+    without CPU memory (--host-memory 0): 827.7 / 77.3 -> 11."""
+    m, cl = preset("llama-2-70b"), make_cluster("a100-80gb", 8)
+    assert capacity_bound(m, cl, {}, Options()) == 5
+    assert capacity_bound(m, cl, {}, Options(host_memory_gib=0)) == 11
+    # pure bf16 halves every byte: 6 x 68.98e9 / 77.3e9 -> 6
+    assert capacity_bound(m, cl, {"precision": "bf16"}, Options(host_memory_gib=0)) == 6
+
+
+def test_larger_gpu_is_the_smallest_catalog_gpu_that_fits():
+    """Bisection over the catalog (by memory) gives what trying each GPU in order gives."""
+    from shardwise.search.core import larger_gpu
+    from shardwise.spec.hardware import gpus
+
+    cl, opts, fixed = make_cluster("a100-80gb", 8), Options(), {"offload": "none"}
+    got = larger_gpu(preset("llama-2-70b"), cl, fixed, opts)
+    bigger = sorted((g for g in gpus().values() if g.memory_gib > 80), key=lambda g: (g.memory_gib, g.name))
+    first = next(g for g in bigger if fitting_space(preset("llama-2-70b"), dataclasses.replace(cl, gpu=g), fixed,
+                                                    opts)[1])
+    assert got == first and got.memory_gib > 80
+
+
 def test_fewest_gpus_below_a_node():
     # GPT-2 124M fits on one 24 GB card
     assert fewest_gpus("gpt2-124m", make_cluster("rtx-4090", 1), {"seq": 1024}, Options()) == 1
@@ -230,7 +255,10 @@ def test_a_model_no_plan_can_fit_is_an_error_naming_what_would():
     with pytest.raises(ShardwiseError) as e:
         run_search("llama-3.1-405b", make_cluster("rtx-4090", 4), seq=2048, host_memory_gib=64)
     msg = str(e.value)
-    assert "does not fit on 4x rtx-4090 with any plan" in msg and "GPUs would fit it" in msg and "\n" not in msg
+    assert "does not fit on 4x rtx-4090 with any plan" in msg and "\n" not in msg
+    # 405B * 12 bytes (fp32 parameter + two AdamW moments) over (21.6 GiB + 64 GiB * 0.9 / 8) per GPU
+    bound = capacity_bound(preset("llama-3.1-405b"), make_cluster("rtx-4090", 4), {}, Options(host_memory_gib=64))
+    assert f"alone need {bound} such GPUs" in msg and bound > 100
 
 
 def test_nothing_fits_under_pins_is_an_answer_not_an_error():

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shardwise.errors import ShardwiseError
-from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SCHEDULES, SEARCHED, Space, check_fixed
+from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SCHEDULES, SEARCHED, Space, Spaces, check_fixed
 from shardwise.search.vectorized import Nearest, Tally, evaluate
 from shardwise.spec.hardware import GIB, Cluster
 from shardwise.spec.model import load_model
@@ -27,7 +27,9 @@ RANKS = ("throughput", "time", "cost")
 # pinned fields a nothing-fits answer may suggest changing; seq, precision and optimizer are what
 # the user trains, so a model that fits with none of the rest is an impossible request
 UNPINNABLE = SEARCHED + ("gbs",)
-MAX_GPUS = 1 << 20  # --min-gpus gives up past a million GPUs
+MAX_GPUS = 1 << 17  # --min-gpus gives up past 131,072 GPUs (larger than any cluster built so far)
+EXHAUSTIVE_NODES = 64  # --min-gpus tries every whole number of nodes up to this, then doubles
+COUNTS_PER_PASS = 16
 
 
 @dataclass(frozen=True)
@@ -148,50 +150,88 @@ def run_search(model, cluster: Cluster, *, profile: str = "torch", headroom: flo
         res.closest = _estimate(model, resized(cluster, space.gpus), space.scalar(near.grid, near.cats, near.i),
                                 opts)
         held = {k: v for k, v in fixed.items() if k not in UNPINNABLE}
-        if held == fixed or not fitting_space(model, cluster, held, opts)[1]:
-            raise ShardwiseError(_impossible(res, held))
+        if held == fixed:
+            raise ShardwiseError(_impossible(res, held, res.tally.min_total))
+        _, fits, least = fitting_space(model, cluster, held, opts)
+        if not fits:
+            raise ShardwiseError(_impossible(res, held, least))
     res.seconds = _time.perf_counter() - t0
     return res
 
 
 # ---- the global batch, and "does anything fit?" ----------------------------------------------
-def fitting_space(model, cluster: Cluster, fixed: dict, opts: Options) -> tuple[Space, bool]:
-    """The Space to search and whether any plan fits in it. An unpinned gbs is the default
+def fitting_space(model, cluster: Cluster, fixed: dict, opts: Options) -> tuple[Space, bool, float]:
+    """The Space to search, whether any plan fits in it, and the least GPU memory any of its plans
+    needs (when none fits: a larger GPU needs at least that much). An unpinned gbs is the default
     (about 4M tokens, reachable by every dp of the cluster up to that many sequences) unless no
     plan fits with it, then the nearest batch to it that some plan fits (space.gbs_candidates)."""
     space = Space(model, cluster.gpus, cluster.node_size, fixed, opts.cross_node_tp)
+    least = float("inf")
     for gbs in space.gbs_candidates:
         s = space if gbs == space.gbs else space.with_gbs(gbs)
-        if opts.evaluate(s, cluster, time=False, stop_at_first_fit=True)[1].fit:
-            return s, True
-    return space, False
+        tally = opts.evaluate(s, cluster, time=False, stop_at_first_fit=True)[1]
+        if tally.fit:
+            return s, True, tally.min_total
+        least = min(least, tally.min_total)
+    return space, False, least
+
+
+def capacity_bound(model, cluster: Cluster, fixed: dict, opts: Options) -> int:
+    """Fewer GPUs than this cannot hold one copy of the parameters and optimizer states, whatever
+    the plan: every plan keeps each parameter's stored copy and its optimizer state at least once,
+    on some GPU or (offloaded) in its node's CPU memory. From the profile's own bytes per
+    parameter (shardwise.estimate.profiles), e.g. 4 + 8 = 12 for AdamW under `torch` bf16-mixed."""
+    from shardwise.estimate.profiles import optimizer_bytes, state_bytes
+    from shardwise.spec.plan import Plan
+
+    base = Plan(**{k: v for k, v in fixed.items() if k in ("precision", "optimizer")})
+    sb = state_bytes(opts.profile, base.precision)
+    need = sum(sb.param * _numel(shape) + optimizer_bytes(base.optimizer, shape, sb)
+               for _, shape in model.param_shapes())
+    per_gpu = (1 - opts.headroom) * cluster.gpu.memory_bytes + opts.host_bytes(cluster) / cluster.gpus_per_node
+    return max(1, -(-int(need) // int(per_gpu)))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def gpu_counts(gpus_per_node: int, start: int = 1, limit: int = MAX_GPUS) -> list[int]:
+    """The counts --min-gpus tries, ascending: 1, 2, 4, ... below a node; every whole number of
+    nodes up to EXHAUSTIVE_NODES; then doubling numbers of nodes."""
+    node = gpus_per_node
+    out = [c for c in (1 << i for i in range(node.bit_length())) if c < node]
+    out += [k * node for k in range(1, EXHAUSTIVE_NODES + 1)]
+    k = 2 * EXHAUSTIVE_NODES
+    while k * node <= limit:
+        out.append(k * node)
+        k *= 2
+    return [c for c in out if start <= c <= limit]
 
 
 def fewest_gpus(model, cluster: Cluster, fixed: dict, opts: Options, *, start: int = 1,
                 limit: int = MAX_GPUS) -> int | None:
-    """The smallest GPU count (of `cluster`'s GPU, node size and network) on which some plan fits,
-    or None up to `limit`. Counts below a node are 1, 2, 4, ...; then whole nodes, probed at
-    doubling sizes first (a model that fits nowhere costs ~20 probes), then every whole number of
-    nodes below the first that fits is tried in order, so the answer is the smallest."""
+    """The smallest count of gpu_counts() (of `cluster`'s GPU, node size and network) on which some
+    plan fits (with an unpinned gbs: any of each count's candidate batches), or None up to `limit`.
+    Counts are checked COUNTS_PER_PASS at a time in one memory-only pass (Spaces): the formulas
+    cost about the same for one count's grid as for sixteen."""
     model = load_model(model)
-    node = cluster.gpus_per_node
-    fits = lambda g: fitting_space(model, resized(cluster, g), fixed, opts)[1]  # noqa: E731
-    for g in (1 << i for i in range(node.bit_length())):
-        if start <= g < node and g <= limit and fits(g):
-            return g
-    k0 = max(1, -(-start // node))  # the first whole number of nodes to try
-    k = k0
-    while k * node <= limit and not fits(k * node):
-        k *= 2
-    if k * node > limit:
-        hi = limit // node
-        if hi < k0 or not fits(hi * node):
-            return None
-        k = hi
-    for j in range(k0 + 1, k):  # k0 itself was the first probe
-        if fits(j * node):
-            return j * node
-    return k * node
+    start = max(start, capacity_bound(model, cluster, fixed, opts))
+    counts = gpu_counts(cluster.gpus_per_node, start, limit)
+    for i in range(0, len(counts), COUNTS_PER_PASS):
+        spaces = []
+        for g in counts[i:i + COUNTS_PER_PASS]:
+            s = Space(model, g, min(g, cluster.gpus_per_node), fixed, opts.cross_node_tp)
+            spaces += [s if b == s.gbs else s.with_gbs(b) for b in s.gbs_candidates if s.tp_pp]
+        if not spaces:
+            continue
+        tally = opts.evaluate(Spaces(spaces), cluster, time=False)[1]
+        if tally.fit_gpus:
+            return min(tally.fit_gpus)
+    return None
 
 
 def resized(cluster: Cluster, gpus: int) -> Cluster:
@@ -299,34 +339,43 @@ def _no_legal_plan(model, cluster, fixed: dict, tally: Tally) -> str:
                                 "no candidate for these pinned fields")
 
 
-def _impossible(res: SearchResult, held: dict) -> str:
-    """One line for a model that no plan fits on this cluster, whatever the search may choose."""
+def _impossible(res: SearchResult, held: dict, least: float) -> str:
+    """One line for a model that no plan fits on this cluster, whatever the search may choose:
+    the closest plan, a sound lower bound on the GPUs it needs, and a larger GPU that fits."""
     from shardwise.search.explain import gib
 
     m, cl, c = res.model, res.cluster, res.closest
     usable = (1 - res.headroom) * c.memory.capacity
-    n = fewest_gpus(m, cl, held, res.opts, start=cl.gpus + 1) or fewest_gpus(m, cl, held, res.opts,
-                                                                           limit=cl.gpus - 1)
-    bigger = larger_gpu(m, cl, held, res.opts)
-    need = [f"{n} {cl.gpu.name} GPUs would fit it"] if n else [f"no number of {cl.gpu.name} GPUs fits it"]
+    bound = capacity_bound(m, cl, held, res.opts)
+    need = [f"its parameters and optimizer states alone need {bound} such GPUs" if bound > cl.gpus else
+            "more GPUs may not help"]
+    bigger = larger_gpu(m, cl, held, res.opts, least)
     if bigger:
-        need.append(f"{cl.gpus}x {bigger.name} ({bigger.memory_gib:g} GiB) would")
+        need.append(f"{cl.gpus}x {bigger.name} ({bigger.memory_gib:g} GiB) would fit it")
     return (f"{m.name} does not fit on {cl.gpus}x {cl.gpu.name} with any plan (ZeRO 0-3, tp, pp, recompute and "
             f"offload all tried): the closest, {c.plan.short()}, needs {gib(c.memory.total)} per GPU of "
-            f"{gib(usable)} usable; {', '.join(need)}")
+            f"{gib(usable)} usable; {', '.join(need)}; `--min-gpus` finds how many")
 
 
-def larger_gpu(model, cluster: Cluster, fixed: dict, opts: Options):
+def larger_gpu(model, cluster: Cluster, fixed: dict, opts: Options, least: float = 0.0):
     """The catalog GPU with the least memory above this one's on which some plan fits (same GPU
-    count, node size and network), or None."""
+    count, node size and network), or None. A plan's needs do not depend on the GPU's memory, so
+    what fits on one GPU fits on any with more (a property test holds this): bisect the catalog by
+    memory, skipping GPUs below `least` (the least memory any plan needs)."""
     from shardwise.spec.hardware import gpus
 
-    for g in sorted(gpus().values(), key=lambda g: (g.memory_gib, g.name)):
-        if g.memory_gib > cluster.gpu.memory_gib:
-            other = Cluster(g, cluster.gpus, cluster.gpus_per_node, cluster.network)
-            if fitting_space(model, other, fixed, opts)[1]:
-                return g
-    return None
+    budget = lambda g: (1 - opts.headroom) * g.memory_bytes  # noqa: E731
+    cands = sorted((g for g in gpus().values() if g.memory_gib > cluster.gpu.memory_gib and budget(g) >= least),
+                   key=lambda g: (g.memory_gib, g.name))
+    fits = lambda g: fitting_space(model, Cluster(g, cluster.gpus, cluster.gpus_per_node,  # noqa: E731
+                                                  cluster.network), fixed, opts)[1]
+    if not cands or not fits(cands[-1]):
+        return None
+    lo, hi = 0, len(cands) - 1  # cands[hi] fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(cands[mid]) else (mid + 1, hi)
+    return cands[hi]
 
 
 def what_it_would_take(res: SearchResult) -> list[str]:
@@ -350,10 +399,10 @@ def what_it_would_take(res: SearchResult) -> list[str]:
             continue
         if r.ranked:
             out.append(f"unpin --{f} {res.fixed[f]}: {best(r)}")
-    n = fewest_gpus(m, cl, res.fixed, o, start=cl.gpus + 1)
+    n = fewest_gpus(m, cl, res.fixed, o, start=cl.gpus + 1, limit=max(8 * cl.gpus, 64 * cl.gpus_per_node))
     if n:
         out.append(f"more GPUs: {n} {cl.gpu.name} fit {best(run_search(m, resized(cl, n), **kw, **res.fixed))}")
-    g = larger_gpu(m, cl, res.fixed, o)
+    g = larger_gpu(m, cl, res.fixed, o, res.tally.min_total)
     if g:
         other = Cluster(g, cl.gpus, cl.gpus_per_node, cl.network)
         out.append(f"a larger GPU: {cl.gpus}x {g.name} ({g.memory_gib:g} GiB) fit "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from shardwise.report.tables import make_console
 from shardwise.search.explain import gib, human_bytes, rejection_lines, why_lines
 
 
@@ -15,7 +16,7 @@ def _secs(s: float) -> str:
 
 
 def print_search(res, advice: list[str], min_gpus: int | None = None, console: Console | None = None) -> None:
-    c = console or Console()
+    c = console or make_console()
     m, cl, t = res.model, res.cluster, res.tally
     c.print(f"[bold]{m.name}[/]  {m.params:,} parameters  ·  {cl.describe()}")
     if min_gpus is not None:

@@ -27,9 +27,11 @@ from shardwise.spec.plan import (OFFLOAD, RECOMPUTE, RULES, SCHEDULES, ZERO_STAG
 SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload")
 HELD = ("gbs", "seq", "precision", "optimizer")  # training choices: pinned or defaulted, never searched
 NUMERIC = ("dp", "tp", "pp", "vpp", "mbs")
+PLAN_ARRAYS = NUMERIC + ("gbs",)  # the grid columns that are Plan fields (seq is held: one value)
 # Default global batch: about 4M tokens, the batch of LLaMA 1/2 at every size (Touvron et al. 2023,
 # Table 2 / Sec. 2.2) and of GPT-3 175B (3.2M, Brown et al. 2020, Table 2.1).
 TARGET_TOKENS = 4 * 1024 * 1024
+GBS_FALLBACKS = 2  # batches tried after the default when no plan fits with it (nearest the target first)
 # "Lighter" variants first: the search drops a heavier recompute/offload variant of a plan when a
 # lighter one already fits (it only adds work: recompute adds a forward, offload adds PCIe traffic).
 RECOMPUTE_ORDER = RECOMPUTE  # none < selective < full
@@ -110,14 +112,15 @@ class Space:
     def gbs_candidates(self) -> list[int]:
         """Global batches a search may fall back to when no plan fits with `gbs` (unpinned only):
         `gbs` first, then for each dp it cannot serve, that dp's multiple nearest the target,
-        nearest first. Only large clusters have such dps (dp above ~4M tokens of sequences)."""
+        nearest first (GBS_FALLBACKS of them). Only large clusters have such dps (dp above ~4M
+        tokens of sequences)."""
         if "gbs" in self.fixed:
             return [self.fixed["gbs"]]
         target = max(1, round(TARGET_TOKENS / self.base.seq))
         unit = self.fixed.get("mbs", 1)
         dps = {unit * self.gpus // (tp * pp) for tp, pp in self.tp_pp if self._shape_legal(tp, pp)}
         more = {max(d, round(target / d) * d) for d in dps if self.gbs % d}
-        return [self.gbs] + sorted(more - {self.gbs}, key=lambda g: (abs(math.log(g / target)), g))
+        return [self.gbs] + sorted(more - {self.gbs}, key=lambda g: (abs(math.log(g / target)), g))[:GBS_FALLBACKS]
 
     def with_gbs(self, gbs: int) -> "Space":
         return dataclasses.replace(self, fixed=self.fixed | {"gbs": gbs})
@@ -153,6 +156,8 @@ class Space:
         return {}
 
     def _build_grid(self, sp: bool, schedule: str) -> dict[str, np.ndarray]:
+        """Columns dp tp pp vpp mbs gbs (the Plan's numeric fields) and gpus, node (the GPU count
+        and node size the element is for: one value here, several in a Spaces)."""
         f, m = self.fixed, self.model
         cols: dict[str, list[int]] = {k: [] for k in NUMERIC}
         for tp, pp in self.tp_pp:
@@ -180,15 +185,38 @@ class Space:
                 for b in mbss:
                     for k, x in zip(NUMERIC, (dp, tp, pp, v, b)):
                         cols[k].append(x)
-        return {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
+        out = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
+        n = len(out["dp"])
+        out |= {"gbs": np.full(n, self.gbs, dtype=np.int64), "gpus": np.full(n, self.gpus, dtype=np.int64),
+                "node": np.full(n, self.node_size, dtype=np.int64)}
+        return out
 
     def plan(self, grid: dict[str, np.ndarray], cats: dict, idx=None) -> Plan:
         """The array Plan of a group (optionally only the elements `idx`)."""
-        num = {k: (v if idx is None else v[idx]) for k, v in grid.items()}
-        n = len(num["dp"])
-        return dataclasses.replace(self.base, **num, **cats, gbs=np.full(n, self.gbs, dtype=np.int64),
-                                   seq=np.full(n, self.base.seq, dtype=np.int64))
+        num = {k: (grid[k] if idx is None else grid[k][idx]) for k in PLAN_ARRAYS}
+        return dataclasses.replace(self.base, **num, **cats, seq=np.full(len(num["dp"]), self.base.seq, dtype=np.int64))
 
     def scalar(self, grid: dict[str, np.ndarray], cats: dict, i: int) -> Plan:
         """One element of a group as a plain Plan (Python ints, ready for `estimate`)."""
-        return self.base.replace(**{k: int(v[i]) for k, v in grid.items()}, **cats, gbs=int(self.gbs))
+        return self.base.replace(**{k: int(grid[k][i]) for k in PLAN_ARRAYS}, **cats)
+
+
+class Spaces:
+    """Several Spaces of one model (other GPU counts, other global batches) searched as one: their
+    grids are concatenated, so each formula still runs once per group. Each element carries its
+    GPU count, node size and global batch. Memory-only passes use it (--min-gpus): the memory
+    estimate depends on the GPU only through its capacity."""
+
+    def __init__(self, spaces: list[Space]):
+        self.spaces = spaces
+        first = spaces[0]
+        self.model, self.base = first.model, first.base
+        self.families, self.variants, self.plan, self.scalar = (first.families, first.variants, first.plan,
+                                                                first.scalar)
+        self._grids: dict = {}
+
+    def grid(self, sp: bool, schedule: str) -> dict[str, np.ndarray]:
+        if (sp, schedule) not in self._grids:
+            parts = [s.grid(sp, schedule) for s in self.spaces]
+            self._grids[(sp, schedule)] = {k: np.concatenate([g[k] for g in parts]) for k in parts[0]}
+        return self._grids[(sp, schedule)]

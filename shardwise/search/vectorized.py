@@ -37,11 +37,15 @@ class Tally:
     rejected: Counter = field(default_factory=Counter)  # reason -> plans ("memory" included)
     examples: dict = field(default_factory=dict)  # reason -> one rule message, for the user
     skipped_groups: int = 0  # option combinations that cannot go together (e.g. offload without ZeRO)
+    fit_gpus: set = field(default_factory=set)  # GPU counts with a plan that fits (a Spaces pass)
+    min_total: float = float("inf")  # the least GPU memory any estimated plan needs (host aside)
 
     def add(self, other: "Tally") -> None:
         for k in ("enumerated", "legal", "dominated", "estimated", "fit", "timed", "skipped_groups"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.rejected.update(other.rejected)
+        self.fit_gpus |= other.fit_gpus
+        self.min_total = min(self.min_total, other.min_total)
         for k, v in other.examples.items():
             self.examples.setdefault(k, v)
 
@@ -97,6 +101,7 @@ def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency
         if n == 0:
             continue
         fitted: dict[tuple, np.ndarray] = {}  # (recompute, offload) -> fits, over the grid
+        kept: dict[str, np.ndarray] = {}  # recompute -> GPU model-state bytes without offload (-1: not estimated)
         for var in variants:
             cats = fam | var
             alive = _legal(space, grid, cats, tally)
@@ -115,13 +120,23 @@ def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency
             total, capacity, mem = _memory(space, cluster, grid, cats, todo, profile)
             ok_gpu = total <= budget_fraction * capacity
             ok = ok_gpu.copy()
-            if cats["offload"] != "none" and ok_gpu.any():  # the offloaded states must fit in CPU memory
+            tally.min_total = min(tally.min_total, float(total.min()))
+            if cats["offload"] == "none":
+                kept.setdefault(var["recompute"], np.full(n, -1, dtype=np.int64))[todo] = _arr(
+                    _states(mem), len(todo), np.int64)
+            elif ok_gpu.any():  # the offloaded states must fit in CPU memory
                 sel = np.flatnonzero(ok_gpu)
-                host = offloaded_bytes(model, cluster, space.plan(grid, cats, todo[sel]), profile, len(sel),
-                                       _subset(mem, sel))
-                ok[sel] = host * space.node_size <= host_bytes
+                before = kept.get(var["recompute"], np.full(n, -1, dtype=np.int64))[todo[sel]]
+                if (before >= 0).all():  # the same plans without offload were just estimated: reuse
+                    host = np.maximum(before - _arr(_states(_subset(mem, sel)), len(sel), np.int64), 0)
+                else:
+                    host = offloaded_bytes(model, cluster, space.plan(grid, cats, todo[sel]), profile, len(sel),
+                                           _subset(mem, sel))
+                ok[sel] = host * grid["node"][todo[sel]] <= host_bytes
             fits[todo] = ok
             nf = int(np.count_nonzero(ok))
+            if nf:
+                tally.fit_gpus.update(np.unique(grid["gpus"][todo[ok]]).tolist())
             tally.fit += nf
             tally.rejected["memory"] += len(todo) - int(np.count_nonzero(ok_gpu))
             tally.rejected["host memory"] += int(np.count_nonzero(ok_gpu & ~ok))
@@ -147,13 +162,14 @@ def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency
 def _legal(space, grid, cats, tally) -> np.ndarray | None:
     """Which grid elements pass every Plan rule (counting the rest per reason), or None when a
     rule on the categorical fields alone refuses the whole group."""
-    model, gpus = space.model, space.gpus
+    model, gpus = space.model, grid["gpus"]
     plan = space.plan(grid, cats)
     results = [(rule, rule.broken(plan, model, gpus)) for rule in RULES]
+    msg = lambda rule, i: rule.message(space.scalar(grid, cats, i), model, int(gpus[i]))  # noqa: E731
     for rule, broken in results:
         if np.ndim(broken) == 0 and broken:  # depends on categorical fields only: the whole group
             tally.skipped_groups += 1
-            tally.examples.setdefault("options", rule.message(space.scalar(grid, cats, 0), model, gpus))
+            tally.examples.setdefault("options", msg(rule, 0))
             return None
     alive = np.ones(len(grid["dp"]), dtype=bool)
     for rule, broken in results:
@@ -164,8 +180,7 @@ def _legal(space, grid, cats, tally) -> np.ndarray | None:
         if c:
             tally.rejected[rule.reason] += c
             if rule.reason not in tally.examples:
-                tally.examples[rule.reason] = rule.message(space.scalar(grid, cats, int(np.argmax(hit))), model,
-                                                           gpus)
+                tally.examples[rule.reason] = msg(rule, int(np.argmax(hit)))
             alive &= ~broken
     return alive
 
@@ -184,6 +199,10 @@ def _subset(mem, sel):
     return type(mem)(params=pick(mem.params), grads=pick(mem.grads), optimizer=pick(mem.optimizer))
 
 
+def _states(mem):
+    return mem.params + mem.grads + mem.optimizer
+
+
 def offloaded_bytes(model, cluster, plan, profile: str, n: int | None = None, mem=None):
     """Model-state bytes per GPU that offload moves to the CPU: what the same plan without offload
     keeps on the GPU in parameters, gradients and optimizer states, less what it still keeps.
@@ -193,9 +212,7 @@ def offloaded_bytes(model, cluster, plan, profile: str, n: int | None = None, me
     if plan.offload == "none":
         return 0 if n is None else np.zeros(n, dtype=np.int64)
     mem = mem if mem is not None else memory(model, cluster, plan, profile)
-    base = memory(model, cluster, plan.replace(offload="none"), profile)
-    states = lambda m: m.params + m.grads + m.optimizer  # noqa: E731
-    moved = states(base) - states(mem)
+    moved = _states(memory(model, cluster, plan.replace(offload="none"), profile)) - _states(mem)
     if n is None:
         return max(0, int(moved))
     return np.maximum(_arr(moved, n, np.int64), 0)

@@ -1,4 +1,5 @@
-"""Run a function on N CPU ranks (gloo), as torchrun would, and collect what each rank returns.
+"""Run a function on N ranks (CPU/gloo, or one GPU each with NCCL), as torchrun would, and
+collect what each rank returns.
 
 The ranks are spawned processes with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT on a free port), so the code under test joins its process group the
@@ -24,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn, args, rank, world, port, queue):
+def _worker(fn, args, rank, world, port, queue, device_kind):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N ranks on a few cores: no oversubscription
@@ -33,9 +34,9 @@ def _worker(fn, args, rank, world, port, queue):
 
     torch.set_num_threads(1)
     try:
-        from shardwise.run.dist import init_distributed
+        from shardwise.run.dist import init_distributed, local_device
 
-        init_distributed(torch.device("cpu"), timeout_s=60)
+        init_distributed(local_device(device_kind), timeout_s=60)
         # pickled here, not by the queue: torch's queue would pass tensors through shared memory,
         # which dies with this process before the parent reads it
         queue.put((rank, "ok", pickle.dumps(fn(*args))))
@@ -50,13 +51,14 @@ class RankFailed(AssertionError):
     pass
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args, timeout: float = 150.0) -> list[Any]:
-    """fn(*args) on `world` gloo ranks; returns [result of rank 0, rank 1, ...].
-    fn must be importable (a module-level function) and its result picklable."""
+def run_ranks(fn: Callable[..., Any], world: int, *args, timeout: float = 150.0, device: str = "cpu") -> list[Any]:
+    """fn(*args) on `world` ranks (device "cpu": gloo; "cuda": NCCL, one GPU per rank);
+    returns [result of rank 0, rank 1, ...]. fn must be importable (a module-level function)
+    and its result picklable."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, args, r, world, port, queue), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(fn, args, r, world, port, queue, device), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

@@ -9,11 +9,12 @@ Several plans run inside one spawned group (process start-up is most of the cost
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from _dist import run_ranks
-from shardwise.errors import ShardwiseError
 from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan
 
@@ -47,11 +48,12 @@ def batches(spec: ModelSpec, plan: Plan) -> torch.Tensor:
     return torch.randint(0, spec.vocab, (STEPS, plan.gbs, plan.seq + 1), generator=g)
 
 
-def train(spec: ModelSpec, plan: Plan) -> tuple[list[float], list[float], dict | None]:
+def train(spec: ModelSpec, plan: Plan, device: str = "cpu") -> tuple[list[float], list[float], dict | None]:
     """STEPS steps of AdamW under `plan`; (losses, grad norms, full state dict on rank 0)."""
+    from shardwise.run.dist import local_device
     from shardwise.run.engine import Engine
 
-    eng = Engine(spec, plan, device=torch.device("cpu"), seed=SEED, lr=LR, weight_decay=0.1)
+    eng = Engine(spec, plan, device=local_device(device), seed=SEED, lr=LR, weight_decay=0.1)
     data = batches(spec, eng.plan)
     per = eng.plan.gbs // eng.dp_size
     losses, norms = [], []
@@ -194,10 +196,10 @@ MIXED = [dict(dp=2, precision="bf16-mixed"), dict(dp=2, zero=3, precision="bf16-
          dict(dp=2, precision="bf16"), dict(pp=2, precision="bf16")]
 
 
-def train_mixed(items):
+def train_mixed(items, device="cpu"):
     out = []
     for spec, plan in items:
-        losses, _, state = train(spec, plan)
+        losses, _, state = train(spec, plan, device)
         out.append((losses, {state[k].dtype for k in state} if state is not None else None))
     return out
 
@@ -218,3 +220,45 @@ def test_mixed_precision_runs_in_low_precision():
         assert 1e-6 < rel < 1e-3, f"{plan.short()} {plan.precision}: losses {rel:.1e} from fp32"
         want = torch.bfloat16 if plan.precision == "bf16" else torch.float32
         assert dtypes == {want}, f"{plan.short()} {plan.precision}: parameters in {dtypes}"
+
+
+# ---- on GPUs (skipped without CUDA) -------------------------------------------------------------
+GPU_LOSS_RTOL = 1e-4  # fp32 on the GPU: other kernels (cuBLAS, memory-efficient SDPA), other rounding
+
+
+@pytest.mark.gpu
+def test_gpu_one_rank_every_precision():
+    """One GPU: fp32 trains like the CPU; bf16-mixed (autocast), fp16-mixed (autocast + GradScaler)
+    and pure bf16 stay within low precision's reach of it, in low precision for real."""
+    ref = torch.tensor(reference(LLAMA)[0], dtype=torch.float64)
+    for precision in ("fp32", "bf16-mixed", "fp16-mixed", "bf16"):
+        losses, norms, state = train(LLAMA, BASE.replace(dp=1, precision=precision), "cuda")
+        rel = float(((torch.tensor(losses, dtype=torch.float64) - ref).abs() / ref).max())
+        if precision == "fp32":
+            assert rel < GPU_LOSS_RTOL, f"fp32 on the GPU: losses {rel:.1e} from the CPU's"
+        else:
+            assert 1e-6 < rel < 1e-3, f"{precision}: losses {rel:.1e} from fp32"
+        assert all(math.isfinite(n) for n in norms), precision
+        want = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert {v.dtype for v in state.values()} == {want}, precision
+
+
+def train_gpu_group(items):
+    return [train(spec, plan, "cuda") for spec, plan in items]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_nccl_two_ranks():
+    """NCCL, one GPU per rank: DDP, FSDP2 (fp32, and bf16 through MixedPrecisionPolicy with fp32
+    gradient reduction), TP+SP and 1F1B match one process (the CPU reference)."""
+    fp32 = [dict(dp=2), dict(dp=2, zero=3), dict(tp=2, sp=True), dict(pp=2)]
+    mixed = [dict(dp=2, zero=3, precision="bf16-mixed"), dict(dp=2, precision="bf16-mixed")]
+    items = [(LLAMA, BASE.replace(**v).resolve(LLAMA, 2)) for v in fp32 + mixed]
+    ranks = run_ranks(train_gpu_group, 2, items, timeout=600, device="cuda")
+    ref = torch.tensor(reference(LLAMA)[0], dtype=torch.float64)
+    for (spec, plan), (losses, _, state) in zip(items, ranks[0]):
+        rel = float(((torch.tensor(losses, dtype=torch.float64) - ref).abs() / ref).max())
+        bound = GPU_LOSS_RTOL if plan.precision == "fp32" else 1e-3
+        assert rel < bound, f"{plan.short()} {plan.precision}: losses {rel:.1e} from one CPU process"
+        assert {v.dtype for v in state.values()} == {torch.float32}

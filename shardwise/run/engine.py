@@ -369,6 +369,6 @@ def _weighted_sq_norm(params: list[_Param], device: torch.device) -> torch.Tenso
     for r in params:
         if r.param.grad is None or r.norm_weight == 0.0:
             continue
-        g = _local(r.param.grad)
-        total += torch.linalg.vector_norm(g, dtype=torch.float32).square() * r.norm_weight
+        g = _local(r.param.grad)  # on the CPU under --offload params
+        total += torch.linalg.vector_norm(g, dtype=torch.float32).square().to(device) * r.norm_weight
     return total

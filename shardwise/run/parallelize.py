@@ -24,8 +24,6 @@ from shardwise.errors import ShardwiseError
 from shardwise.run.model import Transformer
 from shardwise.spec.plan import Plan
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 
 @dataclass(frozen=True)
 class Precision:

@@ -183,12 +183,11 @@ def compare(est, stages: dict, ranks: list[dict], plan, *, calibrated: bool) -> 
     # collectives: ranks that measured the same list share one block of rows
     groups: dict[tuple, list[int]] = {}
     for r in sorted(meas):
-        key = tuple(sorted(call_counts(meas[r].comm, plan).items()))
+        key = (stage[r] == "first", tuple(sorted(call_counts(meas[r].comm, plan).items())))
         groups.setdefault(key, []).append(r)
     predicted = call_counts(est.comm, plan)
-    for key, members in groups.items():
+    for (modeled, key), members in sorted(groups.items(), key=lambda kv: kv[1][0]):
         measured = dict(key)
-        modeled = all(stage[r] == "first" for r in members)
         tol = TOL["comm"] if modeled else None
         note = "" if modeled else "not the first pipeline stage: the estimate's collectives are rank 0's"
         names = ",".join(map(str, members))

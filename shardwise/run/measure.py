@@ -228,9 +228,23 @@ def local_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(opt, "optim", opt)
 
 
-def model_state_bytes(modules, optimizer, device_type: str) -> dict[str, int]:
+def optimizer_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters this rank steps, each once: its local shards, replicas or DTensors. The
+    optimizer, not the modules, is asked: DDP's DTensor path (TP under DDP) keeps the parameters
+    as plain attributes after the first forward, so module.parameters() no longer lists them.
+    ZeroRedundancyOptimizer's param_groups hold every parameter, not only its partition."""
+    seen, out = set(), []
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def model_state_bytes(optimizer, device_type: str) -> dict[str, int]:
     """Parameters, gradients and optimizer states this rank holds right now, in bytes."""
-    params = [p for m in modules for p in m.parameters()]
+    params = optimizer_params(optimizer)
     states = [v for s in local_optimizer(optimizer).state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     return {"params": _storage_bytes(params, device_type),
             "grads": _storage_bytes([p.grad for p in params], device_type),
@@ -238,12 +252,37 @@ def model_state_bytes(modules, optimizer, device_type: str) -> dict[str, int]:
 
 
 # ---- peak memory -------------------------------------------------------------------------------
+def _peak_tracker():
+    """PyTorch's MemTracker without its per-module statistics. We read only the device-wide peak,
+    which its dispatch mode keeps for every storage created, resized or freed; the module
+    statistics (kept by hooks around each module's forward and backward) refuse a second forward
+    of a root module in one tracked region and lose track of interleaved pipeline stages, and
+    gradient accumulation and pipeline schedules do both."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class PeakTracker(MemTracker):
+        def _pre_fw_hook(self, module, inputs):
+            pass
+
+        def _post_fw_hook(self, module, inputs, outputs):
+            pass
+
+        def _pre_bw_hook(self, module, args):
+            pass
+
+        def _post_bw_hook(self, module, args):
+            pass
+
+    return PeakTracker()
+
+
 class PeakMemory:
     """Peak tensor bytes of this process on `device` while the context is active."""
 
-    def __init__(self, device: torch.device, modules=(), optimizer=None):
+    def __init__(self, device: torch.device, optimizer=None, held=()):
         self.device = device
-        self.modules, self.optimizer = list(modules), optimizer
+        self.optimizer = optimizer
+        self.held = list(held)  # other tensors that exist before the step (DDP's gradient buckets)
         self.peak = 0
         self.source = "cuda max_memory_allocated" if device.type == "cuda" else "MemTracker (CPU tensors)"
 
@@ -256,23 +295,13 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = int(torch.cuda.max_memory_allocated(self.device))
             return
-        from torch.distributed._tools.mem_tracker import MemTracker
-
-        mt = MemTracker()
+        mt = _peak_tracker()
         # what exists before the step: the model (local shards), the optimizer's states
-        mt.track_external(*self.modules, *([local_optimizer(self.optimizer)] if self.optimizer else []))
-        # MemTracker keeps per-module statistics and refuses a second forward of a root module
-        # in one context; gradient accumulation and pipeline schedules do exactly that. Its
-        # per-module statistics are not what we read (only the device peak), so clear them before
-        # each root forward. A global hook registered before MemTracker's own runs before it.
-        roots = {id(m) for m in self.modules}
-        hook = torch.nn.modules.module.register_module_forward_pre_hook(
-            lambda mod, args: mt.reset_mod_stats() if id(mod) in roots else None)
-        try:
-            with mt:
-                yield self
-        finally:
-            hook.remove()
+        # what exists before the step: the parameters and the optimizer's states, and `held`
+        opt = [*optimizer_params(self.optimizer), local_optimizer(self.optimizer)] if self.optimizer else []
+        mt.track_external(*opt, *self.held)
+        with mt:
+            yield self
         snap = mt.get_tracker_snapshot("peak")
         self.peak = int(sum(d.get("Total", 0) for dev, d in snap.items() if torch.device(dev).type == "cpu"))
 
@@ -385,6 +414,23 @@ class Meter:
         if tied is not None:
             self.names.by_ranks.setdefault(tuple(sorted(dist.get_process_group_ranks(tied[0]))), "pp")
         self.clock = Clock(self.modules, e.optimizer)
+        # DDP's gradient buckets live for the whole run (the reducer owns them), but between steps
+        # no tensor points at them (the engine sets .grad = None) and MemTracker would only see
+        # them when the synchronizing backward writes them: keep a view of each, taken at the
+        # optimizer step, where the gradients are views of the buckets (gradient_as_bucket_view)
+        self._buckets: list[torch.Tensor] = []
+        self._bucket_hook = e.optimizer.register_step_pre_hook(self._keep_buckets) \
+            if any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in self.modules) else None
+        self.params = optimizer_params(e.optimizer)
+
+    def _keep_buckets(self, *_):
+        seen, keep = set(), []
+        for p in self.params:
+            g = p.grad
+            if g is not None and g.untyped_storage().data_ptr() not in seen:
+                seen.add(g.untyped_storage().data_ptr())
+                keep.append(g)
+        self._buckets = keep
 
     @contextlib.contextmanager
     def step(self, step: int, detail: bool = False):
@@ -395,9 +441,9 @@ class Meter:
         recorder = None
         if detail:
             def walk():
-                self.states = model_state_bytes(self.modules, self.engine.optimizer, self.device.type)
+                self.states = model_state_bytes(self.engine.optimizer, self.device.type)
             clock.on_optimizer_start = walk
-            peak = PeakMemory(self.device, self.modules, self.engine.optimizer)
+            peak = PeakMemory(self.device, self.engine.optimizer, self._buckets)
             stack.enter_context(peak.track())
             recorder = stack.enter_context(CollectiveRecorder(self.names, on_wait=clock.add_wait))
         stack.enter_context(clock.timing_waits())
@@ -437,6 +483,9 @@ class Meter:
 
     def close(self) -> None:
         self.clock.close()
+        if self._bucket_hook is not None:
+            self._bucket_hook.remove()
+        self._buckets = []
 
     def gather(self, tokens_per_step: int) -> list[dict]:
         """Every rank's Measurement as a plain dict, on every rank: [{"rank", "coords": {pp, dp,

@@ -31,7 +31,7 @@ def register(sub) -> None:
                         "up to --gpus too (powers of two below a node, power-of-two node counts, all of them)")
     g.add_argument("--headroom", type=_fraction, default=DEFAULT_HEADROOM,
                    help=f"share of GPU memory a plan must leave free, e.g. 0.1 or 10%% "
-                        f"(default {DEFAULT_HEADROOM:.0%%}; see the README)")
+                        f"(default {DEFAULT_HEADROOM * 100:.0f}%%; see the README)")
     g.add_argument("--host-memory", type=float, default=None, metavar="GIB",
                    help="CPU memory per node for offloaded states, GiB (default 128 GiB per GPU: a DGX A100's "
                         "1 TB for 8)")

@@ -52,27 +52,31 @@ def why_slower(fast, slow) -> str:
     k = max(items, key=items.get)
     if items[k] <= 0:
         return "about the same time per token"
-    share = lambda x: pct(x / slow.time.step_s)  # noqa: E731
+    per_step = lambda x: _secs(x * slow.plan.tokens_per_step)  # noqa: E731  (a per-token difference, per step)
     if k == "bubble_s":
         p = slow.plan
-        return (f"its pipeline bubble is {share(slow.time.bubble_s)} of the step "
+        return (f"its pipeline bubble takes {pct(slow.time.bubble_s / slow.time.step_s)} of the step "
                 f"(pp={p.pp}, {p.grad_accum} micro-batches{f', v={p.vpp}' if p.vpp > 1 else ''})")
     if k == "comm_exposed_s":
         off = _per_token(slow, slow.time.detail.get("offload_s", 0)) - _per_token(fast, fast.time.detail.get(
             "offload_s", 0))
         if off > items[k] / 2:
-            return f"its CPU offload waits on PCIe for {share(slow.time.detail['offload_s'])} of the step"
+            return (f"its CPU offload waits {per_step(off)} per step on PCIe "
+                    f"({pct(slow.time.detail['offload_s'] / slow.time.step_s)} of the step)")
         c = _grown_collective(fast, slow)
+        head = f"it waits {per_step(items[k])} more per step on communication"
         if c is not None:
-            return (f"{share(slow.time.comm_exposed_s)} of its step waits on communication, most of all the "
-                    f"{c.kind} of {c.what}: {human_bytes(c.wire_bytes)} per GPU per step over {link_name(slow, c)}")
-        return f"{share(slow.time.comm_exposed_s)} of its step is communication not hidden by compute"
+            return (f"{head}, most of all the {c.kind} of {c.what}: {human_bytes(c.wire_bytes)} per GPU per step "
+                    f"over {link_name(slow, c)}")
+        return head + " that compute no longer hides"
     grown = _per_token(slow, slow.time.compute_s) / _per_token(fast, fast.time.compute_s) - 1
     d = {x: _per_token(slow, slow.time.detail.get(x, 0)) - _per_token(fast, fast.time.detail.get(x, 0))
          for x in ("forward_s", "backward_s", "recompute_s", "optimizer_s")}
     top = max(d, key=d.get)
     if top == "recompute_s":
-        return f"{slow.plan.recompute} recompute re-runs part of the forward: {pct(grown)} more compute"
+        need = "needs" if RECOMPUTE_ORDER.index(slow.plan.recompute) > RECOMPUTE_ORDER.index(fast.plan.recompute) \
+            else "uses"
+        return f"it {need} {slow.plan.recompute} recompute, which re-runs part of the forward: {pct(grown)} more compute"
     if top == "optimizer_s":
         return f"its optimizer step (bound by memory bandwidth) updates a larger shard: {pct(grown)} more compute"
     if slow.plan.pp > fast.plan.pp:
@@ -81,6 +85,10 @@ def why_slower(fast, slow) -> str:
     if slow.cluster.gpus < fast.cluster.gpus:
         return f"{slow.cluster.gpus} GPUs instead of {fast.cluster.gpus}: {pct(grown)} more compute per token"
     return f"{pct(grown)} more compute per token"
+
+
+def _secs(s: float) -> str:
+    return f"{s:,.2f} s" if s >= 1 else f"{s * 1e3:,.1f} ms"
 
 
 def _grown_collective(fast, slow):
@@ -102,8 +110,9 @@ def memory_saving(small, big) -> str:
 
 
 def _show(f: str, v) -> str:
-    return {"zero": f"ZeRO-{v}", "sp": "sp" if v else "no sp", "recompute": f"{v} recompute",
-            "offload": f"{v} offload", "schedule": str(v)}.get(f, f"{f}={v}")
+    return {"zero": f"ZeRO-{v}", "sp": "sp" if v else "no sp",
+            "recompute": "no recompute" if v == "none" else f"{v} recompute",
+            "offload": "no offload" if v == "none" else f"{v} offload", "schedule": str(v)}.get(f, f"{f}={v}")
 
 
 def plan_diff(a, b) -> str:

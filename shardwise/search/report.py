@@ -54,18 +54,19 @@ def print_search(res, advice: list[str], min_gpus: int | None = None, console: C
 def _table(c: Console, res) -> None:
     tk = res.opts.tokens
     t = Table(title=f"Top {len(res.ranked)} of {len(res.table):,} plans that fit", title_justify="left",
-              show_edge=False)
-    cols = [("#", "right"), ("plan", "left"), ("memory/GPU", "right"), ("sent/GPU", "right"),
-            ("exposed comm", "right"), ("bubble", "right"), ("step", "right"), ("tokens/s", "right"), ("MFU", "right")]
+              show_edge=False, pad_edge=False)
+    cols = ["#", "plan", "memory/GPU", "sent/GPU", "exposed comm", "bubble", "step", "tokens/s", "MFU"]
     if tk:
-        cols += [("days", "right"), ("cost", "right")]
-    for name, just in cols:
-        t.add_column(name, justify=just, no_wrap=name == "plan")
+        cols += ["days", "cost"]
+    for name in cols:
+        t.add_column(name, justify="left" if name == "plan" else "right", no_wrap=name != "plan",
+                     overflow="fold")
     for i, e in enumerate(res.ranked):
         mem, tm = e.memory, e.time
-        row = [str(i + 1), e.plan.short() + (f" ({e.cluster.gpus} GPUs)" if e.cluster.gpus != res.cluster.gpus else ""),
-               f"{gib(mem.total)} ({mem.total / mem.capacity:.0%})", human_bytes(e.comm_wire_bytes), _secs(tm.comm_exposed_s), _secs(tm.bubble_s),
-               _secs(tm.step_s), f"{tm.tokens_per_s:,.0f}", f"{tm.mfu:.1%}"]
+        gpus = f" ({e.cluster.gpus} GPUs)" if e.cluster.gpus != res.cluster.gpus or res.rank != "throughput" else ""
+        row = [str(i + 1), e.plan.short() + gpus, f"{gib(mem.total)} {mem.total / mem.capacity:.0%}",
+               human_bytes(e.comm_wire_bytes), _secs(tm.comm_exposed_s), _secs(tm.bubble_s), _secs(tm.step_s),
+               f"{tm.tokens_per_s:,.0f}", f"{tm.mfu:.1%}"]
         if tk:
             row += [f"{tm.train_days:,.1f}", f"${tm.cost_usd:,.0f}"]
         t.add_row(*row)

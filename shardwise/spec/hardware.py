@@ -170,6 +170,11 @@ def load_network(name: str | Network, hardware_file: str | None = None) -> Netwo
     return cat[key]
 
 
+# [calibration.NAME]: what `shardwise calibrate` measured beyond the GPU's fields (a training step's
+# efficiency over the matmul rate); read by `shardwise check`, not by the catalog loaders
+FILE_TABLES = ("gpu", "network", "calibration")
+
+
 def _file_entries(path: str, table: str, cls) -> dict:
     """A user hardware file: [gpu.NAME] and [network.NAME] tables with the catalog's fields."""
     p = Path(path)
@@ -181,9 +186,9 @@ def _file_entries(path: str, table: str, cls) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise ShardwiseError(f"{path}: not valid TOML ({e})") from None
     for top, v in d.items():  # a typo'd [gpus.x] must not be silently ignored
-        if top not in ("gpu", "network") or not isinstance(v, dict):
-            raise ShardwiseError(f"{path}: {top!r} is not a [gpu.NAME] or [network.NAME] table; "
-                                 f"{closest(top, ('gpu', 'network'))}")
+        if top not in FILE_TABLES or not isinstance(v, dict):
+            raise ShardwiseError(f"{path}: {top!r} is not a [gpu.NAME], [network.NAME] or [calibration.NAME] "
+                                 f"table; {closest(top, FILE_TABLES)}")
         for k, e in v.items():
             if not isinstance(e, dict):
                 raise ShardwiseError(f"{path}: {top}.{k} must be a table of fields, got {e!r}")

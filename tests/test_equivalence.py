@@ -6,6 +6,8 @@ tp x pp, dp x tp x pp must equal single-process training within 1e-5 relative, a
 the final parameters. CPU, gloo, fp32.
 
 Several plans run inside one spawned group (process start-up is most of the cost on CPU).
+Mixed precision runs on CPU too (autocast, FSDP2's MixedPrecisionPolicy, pure bf16); the GPU
+tests at the end (NCCL, one GPU each) are skipped without CUDA.
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ def train_all(items: list[tuple[ModelSpec, Plan]]) -> list[tuple]:
 
 
 # ---- the plans ----------------------------------------------------------------------------------
-# world size -> (model, plan fields). One spawned group per world size runs all of its plans
+# world size -> (model, plan fields); 35 plans. One spawned group per world size runs all of its plans
 # (starting ranks is most of the cost here); each plan is then its own test.
 PLANS: dict[int, list[tuple[ModelSpec, dict]]] = {
     2: [  # every engine alone
@@ -132,19 +134,18 @@ PLANS: dict[int, list[tuple[ModelSpec, dict]]] = {
         (LLAMA, dict(pp=2, schedule="gpipe")), (LLAMA, dict(pp=2, schedule="1f1b")),
         (LLAMA, dict(pp=2, schedule="interleaved", vpp=2)),
         # recompute on top of FSDP, TP+SP and PP
-        (LLAMA, dict(dp=2, zero=3, recompute="full")), (LLAMA, dict(dp=2, zero=2, recompute="selective")),
+        (LLAMA, dict(dp=2, zero=3, recompute="full")),
         (LLAMA, dict(tp=2, sp=True, recompute="selective")), (LLAMA, dict(pp=2, recompute="full")),
         # other optimizers (Adafactor needs whole parameters: see test_refusals)
-        (LLAMA, dict(dp=2, optimizer="sgd")), (LLAMA, dict(tp=2, sp=True, optimizer="sgd")),
-        (LLAMA, dict(dp=2, zero=3, optimizer="sgd")), (LLAMA, dict(dp=2, zero=1, optimizer="adafactor")),
-        (LLAMA, dict(pp=2, optimizer="adafactor")),
+        (LLAMA, dict(tp=2, sp=True, optimizer="sgd")), (LLAMA, dict(dp=2, zero=3, optimizer="sgd")),
+        (LLAMA, dict(dp=2, zero=1, optimizer="adafactor")), (LLAMA, dict(pp=2, optimizer="adafactor")),
         # GPT-2 style: biases, LayerNorm, learned positions (position-parallel under TP+SP) and
         # the tied embedding (across pipeline stages: summed gradients of the two copies)
-        (GPT2, dict(dp=2)), (GPT2, dict(dp=2, zero=3)), (GPT2, dict(tp=2)), (GPT2, dict(tp=2, sp=True)),
+        (GPT2, dict(dp=2)), (GPT2, dict(tp=2)), (GPT2, dict(tp=2, sp=True)),
         (GPT2, dict(pp=2)), (GPT2, dict(pp=2, schedule="interleaved", vpp=2)),
     ],
     4: [  # the mixes
-        (LLAMA, dict(dp=2, tp=2)), (LLAMA, dict(dp=2, tp=2, zero=1, sp=True)), (LLAMA, dict(dp=2, tp=2, zero=2)),
+        (LLAMA, dict(dp=2, tp=2)), (LLAMA, dict(dp=2, tp=2, zero=1, sp=True)),
         (LLAMA, dict(dp=2, tp=2, zero=3, sp=True)),
         (LLAMA, dict(dp=2, pp=2)), (LLAMA, dict(dp=2, pp=2, zero=1, schedule="gpipe")),
         (LLAMA, dict(dp=2, pp=2, zero=3, schedule="interleaved", vpp=2)),
@@ -193,7 +194,7 @@ def test_eight_ranks():
 # ---- mixed precision: the GPU code paths, run on CPU ---------------------------------------------
 MIXED = [dict(dp=2, precision="bf16-mixed"), dict(dp=2, zero=3, precision="bf16-mixed"),
          dict(pp=2, precision="bf16-mixed"), dict(tp=2, sp=True, precision="bf16-mixed"),
-         dict(dp=2, precision="bf16"), dict(pp=2, precision="bf16")]
+         dict(dp=2, precision="bf16")]
 
 
 def train_mixed(items, device="cpu"):

@@ -223,8 +223,8 @@ def initial_value(spec: ModelSpec, name: str, shape: tuple[int, ...], seed: int)
 
 
 def build(spec: ModelSpec, device: torch.device | str = "meta", seed: int | None = None) -> Transformer:
-    """The full model: on the meta device (any size, no memory), or materialized and
-    initialized on `device` when a seed is given."""
+    """The full model: on the meta device (any size, no memory), or materialized on `device`
+    and initialized from `seed` (0 if none)."""
     device = torch.device(device)
     with torch.device("meta"):
         model = Transformer(spec)

@@ -95,6 +95,8 @@ def test_synthetic_data_is_learnable_in_50_steps(tmp_path):
         # tokens/s is the global batch's tokens over the step's wall time
         assert r["tokens_per_s"] == pytest.approx(cfg.plan.gbs * cfg.plan.seq / r["step_s"])
         assert r["grad_norm"] > 0 and r["peak_mem_bytes"] > 0 and r["peak_mem_kind"] == "cpu_peak_rss"
+    # elapsed_s: the step's end since the loop began; consecutive ends are at least a step apart
+    assert all(b["elapsed_s"] - a["elapsed_s"] >= b["step_s"] for a, b in zip(rec, rec[1:]))
 
 
 def single_losses(config, tmp_path, *argv) -> list[float]:

@@ -35,10 +35,10 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
 
 
-def _fail_hook(step: int) -> None:
+def _fail_step() -> int | None:
+    """The step at which this rank must raise, when the test hook names it."""
     rank, at = os.environ.get(FAIL_RANK), os.environ.get(FAIL_STEP)
-    if rank is not None and at is not None and int(rank) == rdist.rank() and int(at) == step:
-        raise RuntimeError(f"injected failure on rank {rank} at step {step} ({FAIL_RANK}/{FAIL_STEP})")
+    return int(at) if rank is not None and at is not None and int(rank) == rdist.rank() else None
 
 
 def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
@@ -65,9 +65,12 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
         from shardwise.run.measure import Meter
 
         meter = Meter(engine)
+    fail_at = _fail_step()
+    start = time.perf_counter()
     try:
         for step in range(t.steps):
-            _fail_hook(step)
+            if step == fail_at:
+                raise RuntimeError(f"injected failure on rank {rdist.rank()} at step {step} ({FAIL_RANK}/{FAIL_STEP})")
             t0 = time.perf_counter()
             lr = o.lr_at(step, t.steps)
             engine.set_lr(lr)
@@ -79,13 +82,14 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
                 stats = engine.train_step(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
+            end = time.perf_counter()
+            dt = end - t0
             if not log:
                 continue
             mem, mem_kind = peak_memory(device)
             rec = {"step": step, "loss": float(stats.loss), "grad_norm": float(stats.grad_norm), "lr": lr,
-                   "tokens_per_s": tokens_per_step / dt, "step_s": dt, "peak_mem_bytes": mem,
-                   "peak_mem_kind": mem_kind}
+                   "tokens_per_s": tokens_per_step / dt, "step_s": dt, "elapsed_s": end - start,
+                   "peak_mem_bytes": mem, "peak_mem_kind": mem_kind}
             records.append(rec)
             if out:
                 out.write(json.dumps(rec) + "\n")

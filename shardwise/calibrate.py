@@ -31,7 +31,8 @@ from shardwise.errors import ShardwiseError
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "broadcast", "send")
 CPU_SIZES = tuple(4 * 1024 * 4**i for i in range(7))  # 4 KiB .. 16 MiB
 GPU_SIZES = tuple(64 * 1024 * 4**i for i in range(8))  # 64 KiB .. 1 GiB
-MIN_SECONDS = 0.05  # time each point for at least this long (more calls for small ones)
+MIN_SECONDS = 0.05  # time each point for at least this long per round (more calls for small ones)
+ROUNDS = 3
 STANDARD_DIMS = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 STANDARD_TOKENS = {"cpu": 512, "cuda": 8192}
 
@@ -53,6 +54,9 @@ class Result:
     fit_error: dict[str, float] = field(default_factory=dict)  # kind -> mean |relative error| of the fit
     shapes: str = ""
     device_name: str = ""
+    efficiency: float = 0.0  # a whole training step's FLOP/s over the matmul figure (with a run config)
+    efficiency_dtype: str = ""
+    efficiency_model: str = ""
 
     def toml(self) -> str:
         tf = ", ".join(f"{k} = {v:.4g}" for k, v in self.tflops.items())
@@ -81,7 +85,16 @@ class Result:
             "efficiency = 1.0",
             f'source = "{link}; the same figures as the gpu table: every rank is on this machine"',
             "",
-        ])
+        ] + ([
+            "# read by `shardwise check` (and pass it to `shardwise estimate --efficiency`): the estimate's",
+            "# compute time is FLOPs / (tflops * efficiency); this efficiency is what a whole training step",
+            "# of the model reached (norms, attention, loss and framework overhead included) over the matmuls",
+            f"[calibration.{self.name}]",
+            f"efficiency = {self.efficiency:.4g}",
+            f'dtype = "{self.efficiency_dtype}"',
+            f'source = "forward + backward of {self.efficiency_model}, timed on every rank at once"',
+            "",
+        ] if self.efficiency else []))
 
 
 # ---- shapes -------------------------------------------------------------------------------------
@@ -126,8 +139,9 @@ def _barrier(device):
 
 
 def _timed(fn, device, min_s: float = MIN_SECONDS) -> float:
-    """Seconds per call of fn(): one warm-up, then enough calls to fill min_s; every rank starts
-    together and the slowest rank's time is the answer (as in a step, the slowest rank counts)."""
+    """Seconds per call of fn(): one warm-up, then ROUNDS rounds of enough calls to fill min_s, the
+    median round; every rank starts each round together and the slowest rank's time is the
+    answer (as in a step, the slowest rank counts)."""
     import torch
     import torch.distributed as dist
 
@@ -142,12 +156,15 @@ def _timed(fn, device, min_s: float = MIN_SECONDS) -> float:
         r = torch.tensor([reps], dtype=torch.int64, device=device)
         dist.all_reduce(r, op=dist.ReduceOp.MAX)
         reps = int(r.item())
-    _barrier(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync(device)
-    dt = torch.tensor([(time.perf_counter() - t0) / reps], dtype=torch.float64, device=device)
+    rounds = []
+    for _ in range(ROUNDS):  # the median of a few rounds: a busy machine's spikes do not decide it
+        _barrier(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        rounds.append((time.perf_counter() - t0) / reps)
+    dt = torch.tensor([statistics.median(rounds)], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
     return float(dt.item())
@@ -255,7 +272,42 @@ def _available_memory_bytes() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: bool) -> dict:
+def step_tflops(spec, plan, device, min_s: float = MIN_SECONDS) -> float:
+    """Achieved TFLOP/s of a training step's forward + backward of the reference model as one
+    tensor-parallel rank computes it (its q/k/v, FFN and vocabulary divided by tp), at the plan's
+    micro-batch, sequence and precision; FLOPs counted as the estimate counts them (time.py)."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from shardwise.estimate.time import forward_flops_per_token
+    from shardwise.run.model import build
+
+    tp = plan.tp
+    local = dataclasses.replace(spec, name=f"{spec.name}-tp-local", heads=spec.heads // tp,
+                                kv_heads=spec.kv_heads // tp, head_dim=spec.head_dim,
+                                ffn_hidden=spec.ffn_hidden // tp, vocab=-(-spec.vocab // tp), published_params=0)
+    model = build(local, device, seed=0)
+    if plan.precision == "bf16":
+        model.to(torch.bfloat16)
+    low = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(plan.precision)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, local.vocab, (plan.mbs, plan.seq + 1), generator=g).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+
+    def run():
+        with torch.autocast(device.type, dtype=low, enabled=low is not None):
+            logits = model(x)
+        F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).backward()
+        for p in model.parameters():
+            p.grad = None
+
+    flops = 3 * forward_flops_per_token(local, plan.seq) * plan.mbs * plan.seq
+    return flops / _timed(run, device, min_s) / 1e12
+
+
+def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: bool, model=None) -> dict:
     """The benchmarks on this rank (every rank runs them together). Returns rank 0's findings."""
     import platform
 
@@ -284,6 +336,12 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
             for b in sizes:
                 samples.append((kind, b, collective_seconds(kind, b, device, min_s)))
     out["samples"] = samples
+    if model is not None:
+        from shardwise.spec.model import ModelSpec
+        from shardwise.spec.plan import Plan
+
+        spec, plan = ModelSpec(**model[0]), Plan(**model[1])
+        out["step_tflops"] = _mean_over_ranks(step_tflops(spec, plan, device, min_s), device)
     if device.type == "cuda":
         out["memory"] = torch.cuda.get_device_properties(device).total_memory
         out["device_name"] = torch.cuda.get_device_name(device)
@@ -306,7 +364,7 @@ def _mean_over_ranks(x: float, device) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
-def _entry(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: bool) -> dict:
+def _entry(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: bool, model=None) -> dict:
     """One rank started by the elastic agent: join the group, benchmark, leave."""
     import torch
     import torch.distributed as dist
@@ -319,7 +377,7 @@ def _entry(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: b
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
     try:
-        return rank_main(device_kind, shapes, sizes, dtypes, quick)
+        return rank_main(device_kind, shapes, sizes, dtypes, quick, model)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -327,7 +385,7 @@ def _entry(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: b
 
 # ---- the command ---------------------------------------------------------------------------------
 def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, shapes: list | None = None,
-              shapes_text: str = "", quick: bool = False) -> Result:
+              shapes_text: str = "", quick: bool = False, model=None) -> Result:
     """Start nproc local ranks, benchmark, fit; returns the Result (write it with .toml())."""
     import torch
 
@@ -349,7 +407,13 @@ def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, sh
     if quick:
         sizes = sizes[::2]
     dtypes = ("fp32", "tf32", "bf16", "fp16") if device_kind == "cuda" else ("fp32", "bf16")
-    args = (device_kind, shapes, sizes, dtypes, quick)
+    # a run config's model and plan (as plain dicts, for the spawned ranks): also time its step
+    model_arg = None
+    if model is not None:
+        import dataclasses
+
+        model_arg = (dataclasses.asdict(model[0]), dataclasses.asdict(model[1]))
+    args = (device_kind, shapes, sizes, dtypes, quick, model_arg)
     if nproc == 1:
         out = _entry(*args)
     else:
@@ -362,7 +426,21 @@ def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, sh
     return Result(name=(name or f"this-{device_kind}").lower(), device=device_kind, backend=out["backend"],
                   nproc=nproc, tflops=out["tflops"], hbm_gbps=out["hbm_gbps"], memory_gib=out["memory"] / 2**30,
                   latency_us=a * 1e6, gbps=bw / 1e9, link_samples=samples, fit_error=errs, shapes=shapes_text,
-                  device_name=out["device_name"])
+                  device_name=out["device_name"], **_efficiency(out, model))
+
+
+def _efficiency(out: dict, model) -> dict:
+    if model is None or "step_tflops" not in out:
+        return {}
+    from shardwise.estimate.time import PEAK_DTYPE
+
+    spec, plan = model
+    dtype = PEAK_DTYPE[plan.precision]
+    if dtype not in out["tflops"]:
+        return {}
+    return {"efficiency": min(1.0, out["step_tflops"] / out["tflops"][dtype]), "efficiency_dtype": dtype,
+            "efficiency_model": f"{spec.name} as one tp={plan.tp} rank (mbs {plan.mbs}, seq {plan.seq}, "
+                                f"{plan.precision})"}
 
 
 def _launch(nproc: int, args: tuple) -> dict:
@@ -385,13 +463,14 @@ def _launch(nproc: int, args: tuple) -> dict:
     return results[0]
 
 
-def shapes_from_config(path: str, overrides=None) -> tuple[list, str]:
+def from_config(path: str, overrides=None) -> tuple[list, str, tuple]:
+    """(matmul shapes, their description, (ModelSpec, Plan)) of a run config."""
     from shardwise.run.config import load
 
     cfg = load(path, overrides)
     p = cfg.plan
     return model_shapes(cfg.model, p), (f"{cfg.model.name}'s linear layers (mbs {p.mbs} x seq {p.seq} tokens, "
-                                         f"tp {p.tp}; forward and both backward products)")
+                                         f"tp {p.tp}; forward and both backward products)"), (cfg.model, p)
 
 
 def print_result(r: Result, out: str, console=None) -> None:
@@ -403,6 +482,10 @@ def print_result(r: Result, out: str, console=None) -> None:
     c.print("matmul  " + ", ".join(f"{k} {v * 1e3:,.1f} GFLOP/s" for k, v in r.tflops.items())
             + f" per rank at {r.shapes}", highlight=False)
     c.print(f"memory  {r.hbm_gbps:,.1f} GB/s copy bandwidth, {r.memory_gib:,.2f} GiB per rank", highlight=False)
+    if r.efficiency:
+        c.print(f"step    {r.efficiency:.3f} of the {r.efficiency_dtype} matmul rate in a training step of "
+                f"{r.efficiency_model} (use --efficiency {r.efficiency:.3f} with `shardwise estimate`)",
+                highlight=False)
     if r.link_samples:
         c.print(f"link    latency {r.latency_us:,.1f} us per step, bandwidth {r.gbps:,.3f} GB/s (fitted)",
                 highlight=False)

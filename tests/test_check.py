@@ -158,7 +158,7 @@ def _hold(cfgs, world, peak_gap_known: bool = False):
         est, stages = predict(cfg.model, cfg.plan, make_cluster("h100-80gb", world), "cpu", None)
         rows, _ = compare(est, stages, ranks, cfg.plan, calibrated=False)
         judged = [r for r in rows if r.ok is not None]
-        name = f"{cfg.model.name} {cfg.plan.short()}{' sp' if cfg.plan.sp else ''}"
+        name = f"{cfg.model.name} {cfg.plan.short()}"
         peak = [r for r in judged if r.item == "peak memory" and not r.ok]
         failed = [(r.ranks, r.item, r.predicted, r.measured) for r in judged if not r.ok
                   and not (peak_gap_known and r in peak)]

@@ -191,6 +191,8 @@ def compare(est, stages: dict, ranks: list[dict], plan, *, calibrated: bool) -> 
         tol = TOL["comm"] if modeled else None
         note = "" if modeled else "not the first pipeline stage: the estimate's collectives are rank 0's"
         names = ",".join(map(str, members))
+        if modeled and not measured and not predicted:  # one rank, or nothing to share: none either side
+            rows.append(Row("comm", names, "none", 0, 0, "calls", tol, "no collectives"))
         for k in sorted(set(measured) | (set(predicted) if modeled else set()), key=lambda k: (k[1], k[0], -k[2])):
             kind, group, nbytes = k
             rows.append(Row("comm", names, f"{kind} {group} {nbytes:,} B", predicted.get(k, 0) if modeled else None,
@@ -255,9 +257,10 @@ def check(cfg, device: str, cluster, *, calibrated: bool, efficiency: float | No
     est, stages = predict(cfg.model, cfg.plan, cluster, device, efficiency)
     ranks = run_measured(cfg, device)
     rows, notes = compare(est, stages, ranks, cfg.plan, calibrated=calibrated)
-    notes.append("message bytes are the API-level sizes (the full buffer for all-gather / reduce-scatter); "
-                 + ("gloo runs a reduce-scatter as an all-reduce of the full buffer" if device == "cpu"
-                    else "NCCL runs each as issued"))
+    if any(r.section == "comm" and r.item != "none" for r in rows):
+        notes.append("message bytes are the API-level sizes (the full buffer for all-gather / reduce-scatter)"
+                     + ("; gloo runs a reduce-scatter as an all-reduce of the full buffer" if device == "cpu"
+                        else ""))
     return Report(config=cfg.path, plan=cfg.plan, model=cfg.model, device=device, hardware=cluster.gpu.name,
                   calibrated=calibrated, rows=rows, notes=notes, ranks=ranks)
 
@@ -317,8 +320,8 @@ def print_report(rep: Report, console=None) -> None:
         t = table("collectives per step: calls of each message (tolerance: exact)",
                   ("ranks", "kind", "group", "message", "predicted", "measured", "verdict"))
         for r in rows:
-            kind, group, nbytes = r.item.split(" ")[:3]
-            t.add_row(r.ranks, kind, group, f"{nbytes} B",
+            kind, group, nbytes = (r.item.split(" ") + ["-", "-"])[:3]
+            t.add_row(r.ranks, kind, group, f"{nbytes} B" if nbytes != "-" else "-",
                       _fmt(r.predicted, r.unit), _fmt(r.measured, r.unit), _verdict(r))
         c.print(t)
         if any(r.ok is None for r in rows):
@@ -355,7 +358,7 @@ def figure(rep: Report, path: str) -> None:
     mem = [r for r in rep.rows if r.section == "memory" and r.ok is not None and r.note.startswith("first")]
     comm: dict[str, list[float]] = {}
     for r in rep.rows:
-        if r.section == "comm" and r.ok is not None and "0" in r.ranks.split(","):
+        if r.section == "comm" and r.ok is not None and "0" in r.ranks.split(",") and r.item != "none":
             kind, group, nbytes = r.item.split(" ")[0], r.item.split(" ")[1], float(r.item.split(" ")[2].replace(",", ""))
             k = f"{kind}\n{group}"
             a = comm.setdefault(k, [0.0, 0.0])

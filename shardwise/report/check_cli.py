@@ -47,8 +47,8 @@ def register(sub) -> None:
                                               "one, else h100-80gb)")
     h.add_argument("--network", default=None, help="the network entry (default: the GPU's name in the file)")
     h.add_argument("--efficiency", type=float, default=None,
-                   help="fraction of the GPU's tflops the matmuls reach (default 1.0 with a hardware file: "
-                        "calibrated figures are already achieved; else the estimate's default)")
+                   help="fraction of the GPU's tflops a training step reaches (default: the hardware file's "
+                        "[calibration] efficiency, or 1.0; without a file the estimate's default)")
     o = s.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the report as JSON")
     o.add_argument("--figure", default=None, metavar="PNG", help="write predicted vs measured bars here")
@@ -83,7 +83,21 @@ def _cluster(a, nproc: int, device: str):
             gpu = next(iter(entries))
         if network is None and gpu.lower() in hw._file_entries(a.hardware, "network", hw.Network):
             network = gpu
-    return hw.make_cluster(gpu or "h100-80gb", nproc, None, network, a.hardware)
+    return hw.make_cluster(gpu or "h100-80gb", nproc, None, network, a.hardware), gpu
+
+
+def _calibrated_efficiency(path: str, gpu: str) -> float:
+    """A calibrated file's [calibration.NAME] efficiency (what a training step of the model reached
+    over the matmul rate); 1.0 without one: the file's tflops are then taken as achieved."""
+    import tomllib
+
+    with open(path, "rb") as f:
+        table = tomllib.load(f).get("calibration", {})
+    entry = {k.lower(): v for k, v in table.items()}.get(gpu.lower(), {})
+    e = entry.get("efficiency", 1.0)
+    if not isinstance(e, (int, float)) or not 0 < e <= 1:
+        raise ShardwiseError(f"{path} [calibration.{gpu}] efficiency must be in (0, 1], got {e!r}")
+    return float(e)
 
 
 def cmd_check(a: argparse.Namespace) -> int:
@@ -101,8 +115,10 @@ def cmd_check(a: argparse.Namespace) -> int:
         raise ShardwiseError(f"--efficiency must be in (0, 1], got {a.efficiency}")
     cfg = config.load(a.config, overrides_from_args(a))
     device = launch.resolve_device(cfg)
-    cluster = _cluster(a, cfg.train.nproc, device)
-    efficiency = a.efficiency if a.efficiency is not None else (1.0 if a.hardware else None)
+    cluster, gpu = _cluster(a, cfg.train.nproc, device)
+    efficiency = a.efficiency
+    if efficiency is None and a.hardware:
+        efficiency = _calibrated_efficiency(a.hardware, gpu)
     rep = ck.check(cfg, device, cluster, calibrated=bool(a.hardware), efficiency=efficiency)
     if a.figure:
         ck.figure(rep, a.figure)
@@ -131,11 +147,11 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         raise ShardwiseError(f"--out {a.out!r}: write the hardware file as .toml")
     if not out.parent.exists():
         raise ShardwiseError(f"--out {a.out!r}: the directory {str(out.parent)!r} does not exist")
-    shapes, text = cal.shapes_from_config(a.config) if a.config else (None, "")
+    shapes, text, model = cal.from_config(a.config) if a.config else (None, "", None)
     name = a.name
     if name is not None and not name.replace("-", "").replace("_", "").isalnum():
         raise ShardwiseError(f"--name {name!r}: use letters, digits, - and _ (it becomes a TOML table name)")
-    res = cal.calibrate(nproc, device, name=name, shapes=shapes, shapes_text=text, quick=a.quick)
+    res = cal.calibrate(nproc, device, name=name, shapes=shapes, shapes_text=text, quick=a.quick, model=model)
     out.write_text(res.toml())
     cal.print_result(res, str(out))
     return 0

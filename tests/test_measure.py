@@ -46,7 +46,7 @@ def _ranks_main() -> dict:
     for step in range(3):
         with CollectiveRecorder(names) as rec:
             ddp(x).sum().backward()
-            states = model_state_bytes([ddp], zero, "cpu")
+            states = model_state_bytes(zero, "cpu")
             zero.step()
         out[f"ddp{step}"] = (summarize(rec.calls), states)
 
@@ -57,7 +57,7 @@ def _ranks_main() -> dict:
     for step in range(2):
         with CollectiveRecorder(names) as rec:
             fsdp(x).sum().backward()
-            states = model_state_bytes([fsdp], opt, "cpu")
+            states = model_state_bytes(opt, "cpu")
             opt.step()
             opt.zero_grad(set_to_none=True)
         out[f"fsdp{step}"] = (summarize(rec.calls), states)
@@ -146,7 +146,7 @@ def test_peak_memory_follows_allocations_and_frees():
     # parameters 256*256*4 = 262,144 B exist before; then a (4,000 B) and b (8,000 B) live
     # together, a is freed, c (2,000 B) comes: the peak is 262,144 + 4,000 + 8,000 = 274,144 B
     lin = nn.Linear(256, 256, bias=False)
-    pm = PeakMemory(torch.device("cpu"), [lin])
+    pm = PeakMemory(torch.device("cpu"), torch.optim.SGD(lin.parameters(), lr=0.1))
     with pm.track():
         a = torch.ones(1000)
         b = torch.ones(2000)
@@ -158,9 +158,9 @@ def test_peak_memory_follows_allocations_and_frees():
 
 def test_peak_memory_survives_repeated_root_forwards():
     # gradient accumulation calls the root module's forward again in one tracked step;
-    # MemTracker alone refuses that (its per-module statistics); ours clears them before each
+    # MemTracker's per-module statistics refuse that; our tracker keeps only the device peak
     lin = nn.Linear(64, 64)
-    pm = PeakMemory(torch.device("cpu"), [lin])
+    pm = PeakMemory(torch.device("cpu"), torch.optim.SGD(lin.parameters(), lr=0.1))
     with pm.track():
         for _ in range(3):
             lin(torch.randn(8, 64)).sum().backward()
@@ -177,7 +177,7 @@ def test_model_states_count_shared_storage_once():
     model(torch.arange(4)).sum().backward()
     opt.step()
     # 32*16*4 = 2,048 B of parameters, 2,048 of gradients, 2,048 of momentum
-    assert model_state_bytes([model], opt, "cpu") == {"params": 2048, "grads": 2048, "optimizer": 2048}
+    assert model_state_bytes(opt, "cpu") == {"params": 2048, "grads": 2048, "optimizer": 2048}
 
 
 def test_summarize_groups_equal_calls():

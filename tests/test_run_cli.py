@@ -131,3 +131,28 @@ def test_torchrun_runs_it_directly(tmp_path):
     assert "dp1 tp2 pp1 zero0" in r.stdout
     tp = [x["loss"] for x in records(m)]
     assert tp == pytest.approx(single_losses(GPT2, tmp_path, "--steps", "3"), rel=1e-5)
+
+
+# ---- GPU (skipped without CUDA) ------------------------------------------------------------------
+@pytest.mark.gpu
+def test_one_gpu_bf16_mixed_learns(tmp_path):
+    m = tmp_path / "gpu.jsonl"
+    assert cli.main(["run", LLAMA, "--device", "cuda", "--precision", "bf16-mixed", "--steps", "20",
+                     "--metrics", str(m)]) == 0
+    rec = records(m)
+    assert rec[0]["peak_mem_kind"] == "cuda_max_allocated" and rec[0]["peak_mem_bytes"] > 0
+    assert rec[-1]["loss"] < rec[0]["loss"] - 1.0
+
+
+@pytest.mark.gpu
+def test_two_gpus_nccl_fsdp2(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    m = tmp_path / "nccl.jsonl"
+    r = subprocess.run([sys.executable, "-m", "shardwise", "run", LLAMA, "--nproc", "2", "--zero", "3", "--precision",
+                        "bf16-mixed", "--device", "cuda", "--steps", "5", "--metrics", str(m)], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "2 process(es) on cuda" in r.stdout and len(records(m)) == 5

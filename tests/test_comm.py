@@ -210,13 +210,30 @@ def test_tp_torch_hand_worked():
     fwd = find(cs, "block outputs")
     assert (fwd.kind, fwd.bytes, fwd.count) == ("all-reduce", act * 2, 2 * 32)
     assert fwd.wire_bytes == 2 * 7 * act * 2 * 64 // 8
+    # backward: one all-reduce per attention and one per FFN (q/k/v, w1/w3 share one DTensor
+    # input, so their input gradients are summed before the reduction): 2 * 32 = 64 calls of
+    # 4096 * 4096 * 4 = 67,108,864 B; a rank sends 2 * 7/8 of each: 64 * 117,440,512 B
     bwd = find(cs, "block input gradients")
-    assert (bwd.bytes, bwd.count) == (act * 4, 5 * 32)  # wq, wk, wv, w1, w3: one each
+    assert (bwd.kind, bwd.bytes, bwd.count) == ("all-reduce", act * 4, 2 * 32)
+    assert bwd.wire_bytes == 64 * 117_440_512
     assert find(cs, "embedding").bytes == act * 4
     logits = find(cs, "logits")
     assert (logits.kind, logits.bytes) == ("all-gather", 4096 * 32000 * 2)
     assert find(cs, "output projection").bytes == act * 4
     assert all(c.link == "intra-node" and not c.overlapped for c in cs.values() if c.group == "tp")
+
+
+def test_tp_torch_is_megatron_per_layer():
+    """DESIGN.md (Megatron-LM, Shoeybi et al. 2019, fig. 3): two all-reduces of s*b*h per layer
+    forward and two backward, SwiGLU or GELU; the torch profile's blocks issue exactly that."""
+    for model in (LLAMA, preset("gpt2-124m")):
+        layers = model.layers
+        torch_, mg = comm(model, 4, tp=4, seq=1024), comm(model, 4, "megatron", tp=4, seq=1024)
+        for what in ("block outputs", "block input gradients"):
+            assert find(torch_, what).count == find(mg, what).count == 2 * layers
+    # full recompute replays wo's forward all-reduce, never a backward one
+    rc = comm(LLAMA, 8, tp=8, seq=4096, recompute="full")
+    assert find(rc, "block input gradients").count == 2 * 32
 
 
 def test_tp_sequence_parallel_hand_worked():

@@ -364,13 +364,11 @@ def _tp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
     replay = 1 if rc else 0
     out = []
     if not sp:
-        # DTensor issues one backward all-reduce per column-parallel module: each turns its own
-        # replicated input into a DTensor (3 + 2 per SwiGLU layer, 3 + 1 per GELU layer)
-        col_inputs = 3 + (1 if model.is_moe or model.ffn_kind == "gelu" else 2)
+        # the attention and the FFN each take their input as one DTensor (PrepareModuleInput), so
+        # q/k/v's (w1/w3's) input gradients are summed and all-reduced once: 2 a layer, Megatron's g
         out += [c("all-reduce", "block outputs (wo, w2), forward" + (" (+ wo on recompute)" if rc else ""),
                   act * M, (2 + replay) * layers),
-                c("all-reduce", "block input gradients (one per q/k/v/w1/w3 input), backward", act * R,
-                  col_inputs * layers),
+                c("all-reduce", "block input gradients (attention, FFN), backward", act * R, 2 * layers),
                 c("all-reduce", "vocab-parallel embedding output, forward", act * R, m)]
         if model.positions == "learned":
             out.append(c("all-reduce", "position embedding output, forward", plan.seq * model.hidden * R, m))

@@ -112,7 +112,12 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sp: bool) -> None:
     row-parallel, so each block needs one all-reduce forward and one backward per sub-layer.
     The token embedding is vocab-parallel, the output projection column-parallel with the full
     logits gathered on every tp rank. With sp, norms and the residual stream are sharded on the
-    sequence dim (torchtitan's llama layout) and the all-reduces become all-gather + reduce-scatter."""
+    sequence dim (torchtitan's llama layout) and the all-reduces become all-gather + reduce-scatter.
+
+    The attention and the FFN each take their input as ONE DTensor (PrepareModuleInput, as in
+    torchtitan): the Partial input gradients of q/k/v (w1/w3) are summed as DTensors and reduced
+    once, Megatron's g operator. Left to ColwiseParallel, each projection would wrap the plain
+    input itself and all-reduce its own gradient: 3 + 2 reductions a SwiGLU block, not 2."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel, parallelize_module)
@@ -145,13 +150,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sp: bool) -> None:
         }
         if block.feed_forward.swiglu:
             plan["feed_forward.w3"] = ColwiseParallel()
+        # the sub-layer's input (the norm's output): sequence shards under sp, else the replicated
+        # activation; gathered (sp) into one Replicate DTensor that every projection shares
+        inp = PrepareModuleInput(input_layouts=(seq if sp else Replicate(),), desired_input_layouts=(Replicate(),),
+                                 use_local_output=False)
+        plan |= {"attention": inp, "feed_forward": inp}
         if sp:
-            plan |= {
-                "attention_norm": SequenceParallel(),
-                "attention": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
-                "ffn_norm": SequenceParallel(),
-                "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),)),
-            }
+            plan |= {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
         parallelize_module(block, tp_mesh, plan)
 
 

@@ -217,7 +217,11 @@ def test_choose_is_the_search(lec):
     for d in scen:
         cluster = make_cluster(d["gpu"], d["gpus"], None, "ib-ndr")
         seq = 1024 if d["model"] == "gpt2-1.5b" else 2048
-        res = run_search(d["model"], cluster, seq=seq, top=1)
+        try:
+            res = run_search(d["model"], cluster, seq=seq, top=1)
+        except ShardwiseError as e:  # no plan fits whatever the search chooses: the lecture says so
+            assert not d["fits"] and d["fewest_gpus"] > d["gpus"], str(e)
+            continue
         assert d["fits"] == res.fits
         if res.fits:
             assert d["plan"] == res.ranked[0].plan.short()

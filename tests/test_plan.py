@@ -80,3 +80,30 @@ def test_rules_work_on_arrays_like_on_scalars():
             assert bool(mask[i]) == bool(rule.broken(scalar, L2_70B, 48)), (rule.reason, combos[i])
     # and violation() finds nothing wrong with a plan that breaks no rule
     assert violation(Plan(dp=3, tp=8, pp=2, gbs=24, seq=4096), L2_70B, 48) is None
+
+
+def test_engine_rules_name_what_pytorch_cannot_train():
+    """The `torch` profile's search skips these; `shardwise run` refuses them with the same words."""
+    from shardwise.spec.plan import engine_violation
+
+    m = preset("llama-2-7b")
+    ok = Plan(dp=8, zero=3, offload="params").resolve(m, 8)
+    assert engine_violation(ok, m) is None
+    assert "optimizer-only offload has no PyTorch engine" in engine_violation(
+        Plan(zero=1, offload="optimizer").resolve(m, 8), m)
+    assert "needs dp > 1" in engine_violation(Plan(zero=3, offload="params").resolve(m, 1), m)
+    assert "bitsandbytes" in engine_violation(Plan(optimizer="adam8bit").resolve(m, 8), m)
+    assert "adafactor needs whole parameters" in engine_violation(Plan(optimizer="adafactor", tp=2).resolve(m, 8), m)
+    assert engine_violation(Plan(optimizer="adafactor", zero=1).resolve(m, 8), m) is None
+    g = preset("gpt2-124m")  # tied embeddings: DDP + TP cannot hold them, FSDP2 can
+    assert "ties its embeddings" in engine_violation(Plan(tp=2, zero=1, seq=1024).resolve(g, 4), g)
+    assert engine_violation(Plan(tp=2, zero=2, seq=1024).resolve(g, 4), g) is None
+
+
+def test_search_never_recommends_what_run_cannot_train():
+    from shardwise import make_cluster, search
+    from shardwise.spec.plan import engine_violation
+
+    m = preset("gpt2-124m")
+    for e in search(m, make_cluster("rtx-4090", 4), top=None, gbs=16, seq=512):
+        assert engine_violation(e.plan, m) is None, e.plan.short()

@@ -12,7 +12,7 @@ from shardwise.search.core import Options, capacity_bound, fewest_gpus, fitting_
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
 from shardwise.search.vectorized import offloaded_bytes
 from shardwise.spec.hardware import GIB, Cluster
-from shardwise.spec.plan import violation
+from shardwise.spec.plan import engine_violation, violation
 
 FIELDS = ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq", "schedule", "vpp", "recompute", "sp", "precision",
           "optimizer", "offload")
@@ -45,14 +45,15 @@ def lighter(p: Plan) -> list[Plan]:
 
 
 def brute_force(model, cluster, fixed: dict, opts: Options) -> list:
-    """The search done the slow way: every candidate through `violation` and the plain `estimate`,
+    """The search done the slow way: every candidate through `violation` (and, as the `torch` profile
+    recommends only what `shardwise run` can train, `engine_violation`) and the plain `estimate`,
     one at a time; keep what fits (GPU memory with headroom, CPU memory for offload), drop a plan
     when a lighter recompute/offload variant of it fits, rank by tokens/s, then memory, then the
     generation order. Returns [(plan key, Estimate)] best first."""
     space = fitting_space(model, cluster, fixed, opts)[0]
     fits, rows = {}, []
     for n, p in enumerate(generated(space)):
-        if violation(p, model, cluster.gpus):
+        if violation(p, model, cluster.gpus) or engine_violation(p, model):  # the torch profile: runnable only
             continue
         e = estimate(model, cluster, p)
         host = offloaded_bytes(model, cluster, p, "torch") * space.node_size
@@ -97,8 +98,11 @@ def test_sampled_plans_agree_on_a_larger_search():
     plans = generated(space)
     budget = (1 - opts.headroom) * cluster.gpu.memory_bytes
 
+    def illegal(p):  # a Plan rule, or (the torch profile) a limit of PyTorch's engines
+        return violation(p, model, 16) or engine_violation(p, model)
+
     def fits(p):
-        return violation(p, model, 16) is None and estimate(model, cluster, p).memory.total <= budget
+        return not illegal(p) and estimate(model, cluster, p).memory.total <= budget
 
     seen = {"ranked": 0, "illegal": 0, "too big": 0, "dominated": 0}
     for p in random.Random(3).sample(plans, 200):
@@ -106,7 +110,7 @@ def test_sampled_plans_agree_on_a_larger_search():
             e, got = estimate(model, cluster, p), res.ranked[rows[key(p)]]
             assert (got.time.tokens_per_s, got.memory.total) == (e.time.tokens_per_s, e.memory.total)
             seen["ranked"] += 1
-        elif violation(p, model, 16):
+        elif illegal(p):
             seen["illegal"] += 1
         elif not fits(p):
             seen["too big"] += 1
@@ -163,15 +167,16 @@ def test_offloaded_bytes_come_from_the_memory_estimate():
 
 
 def test_host_memory_limits_offload():
-    """LLaMA-2-70B on 8x A100: only offload fits; with 256 GiB of CPU memory for the node (less
-    than the 8 x ~64 GiB of AdamW states optimizer offload moves) nothing fits at all."""
+    """LLaMA-2-70B on 8x A100: on PyTorch's engines only FSDP2's parameter offload fits, and it
+    moves 16 bytes/param to the host: with 2 TiB per node it fits, with the default 1 TiB (128 GiB
+    per GPU) it does not, and then nothing fits at all."""
     cluster = make_cluster("a100-80gb", 8)
-    res = run_search("llama-2-70b", cluster, top=3)
+    res = run_search("llama-2-70b", cluster, host_memory_gib=2048, top=3)
     assert res.ranked and all(e.plan.offload != "none" for e in res.ranked)
     moved = offloaded_bytes(res.model, cluster, res.ranked[0].plan, "torch") * 8
-    assert moved <= 0.9 * 1024 * GIB  # the default: 128 GiB per GPU
+    assert moved <= 0.9 * 2048 * GIB
     with pytest.raises(ShardwiseError, match="does not fit on 8x a100-80gb with any plan"):
-        run_search("llama-2-70b", cluster, host_memory_gib=256)
+        run_search("llama-2-70b", cluster, host_memory_gib=1024)
 
 
 # ---- the global batch ------------------------------------------------------------------------

@@ -44,6 +44,14 @@ def _notes(model, cluster, plan, profile) -> list[str]:
     notes = []
     if model.estimated:
         notes.append(f"{model.name}'s dimensions are a public estimate, not a published architecture.")
+    if profile == "torch":
+        from shardwise.spec.plan import engine_violation
+
+        why = engine_violation(plan, model)
+        if why:
+            notes.append(f"`shardwise run` cannot train this plan on PyTorch's engines: {why}.")
+        if model.is_moe:
+            notes.append("`shardwise run` does not build MoE models; this estimate is not checked by a run.")
     if plan.tp > cluster.node_size:
         notes.append(f"tp={plan.tp} spans nodes ({cluster.node_size} GPUs each): its all-reduces run on "
                      f"{cluster.network.name}, not {cluster.gpu.link}.")

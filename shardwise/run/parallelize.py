@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.errors import ShardwiseError
 from shardwise.run.model import Transformer
-from shardwise.spec.plan import Plan
+from shardwise.spec.plan import Plan, engine_violation
 
 
 @dataclass(frozen=True)
@@ -54,24 +54,9 @@ def precision(plan: Plan) -> Precision:
 
 def check_supported(spec, plan: Plan, device: torch.device) -> None:
     """What the plan asks that the run tier cannot do here, one line each."""
-    if spec.tied_embeddings and plan.tp > 1 and plan.dp > 1 and plan.zero <= 1 and plan.pp == 1:
-        # DDP's DDP+TP path swaps each DTensor parameter for its local shard, once per
-        # parameter *name*; the output projection's alias of the embedding stays a DTensor
-        raise ShardwiseError(f"{spec.name} ties its embeddings, which PyTorch's DDP + TP path cannot hold "
-                             "(dp > 1, tp > 1, ZeRO 0/1); use --zero 2 or 3 (FSDP2 handles it)")
-    if plan.optimizer == "adam8bit":
-        raise ShardwiseError("optimizer adam8bit needs bitsandbytes, which `shardwise run` does not use; "
-                             "use adamw (estimate and search still model adam8bit)")
-    if plan.optimizer == "adafactor" and (plan.tp > 1 or uses_fsdp(plan)):
-        # its factored statistics span whole rows and columns: on DTensor shards (FSDP2, TP) PyTorch
-        # 2.13's Adafactor fails (in-place pow on a partial norm), and DDP + TP hands it local shards
-        raise ShardwiseError("adafactor needs whole parameters: use it with dp (ZeRO 0/1) and pp, "
-                             "not with tp > 1 or ZeRO-2/3; or use adamw")
-    if plan.offload == "optimizer":
-        raise ShardwiseError("optimizer-only offload has no PyTorch engine; use --offload params with "
-                             "--zero 3 (FSDP2 CPUOffloadPolicy) or leave offload out")
-    if plan.offload == "params" and plan.dp == 1:
-        raise ShardwiseError("--offload params runs through FSDP2, which shards over dp; it needs dp > 1")
+    why = engine_violation(plan, spec)  # the limits every device shares: one list, in spec/plan.py
+    if why:
+        raise ShardwiseError(why)
     if plan.offload == "params" and device.type != "cuda":
         raise ShardwiseError("--offload params moves parameters from the GPU to the CPU; it needs a CUDA device")
     if plan.precision == "fp16-mixed" and device.type != "cuda":

@@ -14,10 +14,12 @@ GIB = 1024**3
 MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
                  "activations": "activations", "buffers": "communication buffers"}
 REJECT_LABELS = {"memory": "do not fit in GPU memory",
-                 "host memory": "fit on the GPU but offload more than the CPU memory (--host-memory)", "divisibility": "tp/pp do not divide heads, FFN or layers",
+                 "host memory": "fit on the GPU but offload more than the CPU memory (--host-memory)",
+                 "divisibility": "tp/pp do not divide heads, FFN or layers",
                  "batch": "the global batch does not split into dp x mbs (x pp for interleaved)",
                  "sequence": "sequence length rules", "schedule": "schedule rules", "gpus": "dp*tp*pp is not the GPU count",
-                 "offload": "offload rules"}
+                 "offload": "offload rules",
+                 "engine": "PyTorch's engines (so `shardwise run`) cannot train them (other --profile values allow them)"}
 
 
 def gib(b: float) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shardwise.spec.plan import RULES
+from shardwise.spec.plan import ENGINE_RULES, RULES
 
 CATEGORICAL = ("zero", "sp", "schedule", "recompute", "offload")
 
@@ -104,7 +104,7 @@ def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency
         kept: dict[str, np.ndarray] = {}  # recompute -> GPU model-state bytes without offload (-1: not estimated)
         for var in variants:
             cats = fam | var
-            alive = _legal(space, grid, cats, tally)
+            alive = _legal(space, grid, cats, tally, RULES + ENGINE_RULES if profile == "torch" else RULES)
             if alive is None:
                 continue
             tally.enumerated += n
@@ -159,12 +159,13 @@ def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency
     return out, tally, nearest
 
 
-def _legal(space, grid, cats, tally) -> np.ndarray | None:
-    """Which grid elements pass every Plan rule (counting the rest per reason), or None when a
-    rule on the categorical fields alone refuses the whole group."""
+def _legal(space, grid, cats, tally, rules=RULES) -> np.ndarray | None:
+    """Which grid elements pass every rule (counting the rest per reason), or None when a rule on
+    the categorical fields alone refuses the whole group. Under the `torch` profile the rules
+    include PyTorch's engine limits: the search recommends only what `shardwise run` can train."""
     model, gpus = space.model, grid["gpus"]
     plan = space.plan(grid, cats)
-    results = [(rule, rule.broken(plan, model, gpus)) for rule in RULES]
+    results = [(rule, rule.broken(plan, model, gpus)) for rule in rules]
     msg = lambda rule, i: rule.message(space.scalar(grid, cats, i), model, int(gpus[i]))  # noqa: E731
     for rule, broken in results:
         if np.ndim(broken) == 0 and broken:  # depends on categorical fields only: the whole group

@@ -164,6 +164,38 @@ RULES: tuple[Rule, ...] = (
 )
 
 
+# What PyTorch's own engines (and so `shardwise run`) cannot do, whatever the device: the search
+# never recommends such a plan under the `torch` profile, `estimate` notes it, and the run tier
+# refuses it with the same words. Model-level limits (MoE) stay estimate-only notes elsewhere.
+ENGINE_RULES: tuple[Rule, ...] = (
+    Rule("engine", lambda p, m, g: p.offload == "optimizer",
+         lambda p, m, g: "optimizer-only offload has no PyTorch engine; use --offload params with --zero 3 "
+                         "(FSDP2 CPUOffloadPolicy) or leave offload out"),
+    Rule("engine", lambda p, m, g: (p.offload == "params") & (p.dp == 1),
+         lambda p, m, g: "--offload params runs through FSDP2, which shards over dp; it needs dp > 1"),
+    Rule("engine", lambda p, m, g: p.optimizer == "adam8bit",
+         lambda p, m, g: "optimizer adam8bit needs bitsandbytes, which `shardwise run` does not use; use adamw "
+                         "(estimate and search still model adam8bit with --profile deepspeed or megatron)"),
+    # its factored statistics span whole rows and columns: on DTensor shards (FSDP2, TP) PyTorch's
+    # Adafactor fails, and DDP + TP hands it local shards
+    Rule("engine", lambda p, m, g: (p.optimizer == "adafactor") & ((p.tp > 1) | ((p.zero >= 2) & (p.dp > 1))),
+         lambda p, m, g: "adafactor needs whole parameters: use it with dp (ZeRO 0/1) and pp, not with tp > 1 "
+                         "or ZeRO-2/3; or use adamw"),
+    # DDP's DDP+TP path swaps each DTensor parameter for its local shard once per parameter name;
+    # a tied output projection's alias of the embedding stays a DTensor
+    Rule("engine", lambda p, m, g: m.tied_embeddings & (p.tp > 1) & (p.dp > 1) & (p.zero <= 1) & (p.pp == 1),
+         lambda p, m, g: f"{m.name} ties its embeddings, which PyTorch's DDP + TP path cannot hold (dp > 1, "
+                         "tp > 1, ZeRO 0/1); use --zero 2 or 3 (FSDP2 handles it)"),
+)
+
+
+def engine_violation(p: Plan, model) -> str | None:
+    """The first PyTorch-engine limit a complete scalar plan hits, or None."""
+    for rule in ENGINE_RULES:
+        if rule.broken(p, model, p.world):
+            return rule.message(p, model, p.world)
+    return None
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 

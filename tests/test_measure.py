@@ -22,7 +22,7 @@ def _calls(collectives) -> dict:
 
 
 def _ranks_main() -> dict:
-    """Rank side: DDP + ZeroRedundancyOptimizer, FSDP2 (ZeRO-3), functional collectives, p2p."""
+    """Rank side: DDP + ZeroRedundancyOptimizer, FSDP2 (ZeRO-3), functional collectives, p2p, TP blocks."""
     import torch.distributed as dist
     import torch.distributed._functional_collectives as fc
     from torch.distributed.device_mesh import init_device_mesh
@@ -71,6 +71,38 @@ def _ranks_main() -> dict:
         else:
             dist.recv(torch.ones(3), 0)
     out["funcol_p2p"] = summarize(rec.calls)
+    out |= _tp_blocks()
+    return out
+
+
+def _tp_blocks() -> dict:
+    """Rank side: the run tier's TP layout (parallelize.apply_tp) on 2-layer models, tp = 2;
+    the forward's and the backward's collectives recorded apart."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from shardwise.run.measure import CollectiveRecorder, GroupNames
+    from shardwise.run.model import build
+    from shardwise.run.parallelize import apply_tp
+    from shardwise.spec.model import ModelSpec
+
+    mesh = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("pp", "dp", "tp"))
+    names = GroupNames(mesh)
+    llama = ModelSpec(name="l", layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, ffn_hidden=128)
+    gpt2 = ModelSpec(name="g", layers=2, hidden=64, heads=4, vocab=128, ffn_kind="gelu", norm="layernorm",
+                     positions="learned", max_seq=32, tied_embeddings=True, qkv_bias=True, out_bias=True,
+                     mlp_bias=True)
+    out = {}
+    for key, spec, sp in (("tp_llama", llama, False), ("tp_llama_sp", llama, True), ("tp_gpt2", gpt2, False)):
+        model = build(spec)
+        apply_tp(model, mesh["tp"], sp)
+        model.to_empty(device="cpu")
+        model.tie_weights()
+        model.init_weights(0)
+        with CollectiveRecorder(names) as fwd:
+            y = model(torch.randint(0, spec.vocab, (2, 16)))
+        with CollectiveRecorder(names) as bwd:
+            y.square().mean().backward()
+        out[key] = (summarize(fwd.calls), summarize(bwd.calls))
     return out
 
 
@@ -139,6 +171,30 @@ def test_functional_collectives_and_p2p(ranks):
     common = {("all-reduce", "dp", 24): 1, ("all-gather", "dp", 48): 1, ("reduce-scatter", "dp", 24): 1}
     assert _calls(ranks[0]["funcol_p2p"]) == common | {("send", "dp", 12): 1}
     assert _calls(ranks[1]["funcol_p2p"]) == common | {("recv", "dp", 12): 1}
+
+
+def test_tp_blocks_communicate_like_megatron(ranks):
+    # tp = 2, 2 layers, a [2, 16] batch, hidden 64, vocab 128, fp32: an activation [2, 16, 64] is
+    # 2*16*64*4 = 8,192 B, the gathered logits [2, 16, 128] 16,384 B, GPT-2's positions [16, 64] 4,096 B.
+    # Megatron (Shoeybi et al. 2019, fig. 3): per layer, forward one all-reduce after the attention
+    # (wo) and one after the MLP (w2); backward one for the attention's input gradient (q, k, v
+    # summed) and one for the MLP's (w1, w3 summed). At the ends: the vocab-parallel embedding's
+    # output (forward), the output projection's input gradient (backward), the logits gather.
+    #   forward  2*2 + 1 = 5 all-reduces, 1 all-gather;  backward 2*2 + 1 = 5 all-reduces
+    want = ({("all-reduce", "tp", 8_192): 5, ("all-gather", "tp", 16_384): 1}, {("all-reduce", "tp", 8_192): 5})
+    for r in ranks:
+        assert tuple(_calls(c) for c in r["tp_llama"]) == want
+        # GELU MLP, biases, tied embeddings: the same, plus the position embedding's all-reduce
+        fwd, bwd = want
+        assert tuple(_calls(c) for c in r["tp_gpt2"]) == (fwd | {("all-reduce", "tp", 4_096): 1}, bwd)
+        # sequence parallel: each all-reduce becomes an all-gather of the sequence shards into the
+        # attention / MLP and a reduce-scatter of its output, mirrored in backward; the final norm's
+        # output is gathered for the output projection, and the embedding's output scattered:
+        #   forward  2*2 + 1 (final norm) = 5 all-gathers, plus the logits; 2*2 + 1 (embedding) = 5 reduce-scatters
+        #   backward 2*2 + 1 (output projection) = 5 reduce-scatters; 2*2 + 1 (embedding) = 5 all-gathers
+        assert tuple(_calls(c) for c in r["tp_llama_sp"]) == (
+            {("all-gather", "tp", 8_192): 5, ("reduce-scatter", "tp", 8_192): 5, ("all-gather", "tp", 16_384): 1},
+            {("all-gather", "tp", 8_192): 5, ("reduce-scatter", "tp", 8_192): 5})
 
 
 # ---- in this process ------------------------------------------------------------------------------

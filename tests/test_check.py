@@ -200,3 +200,12 @@ def test_check_command_on_an_example(tmp_path, capsys):
     assert code == 0 and out["passed"], [r for r in out["rows"] if r["ok"] is False]
     assert out["plan"]["zero"] == 2 and {r["ranks"] for r in out["rows"] if r["section"] == "comm"} == {"0,1"}
     assert fig.stat().st_size > 10_000
+
+
+@pytest.mark.gpu
+def test_check_on_cuda_one_gpu(capsys):
+    # CUDA: peak from the caching allocator; bf16-mixed autocast; one rank (no collectives)
+    code = main(["check", LLAMA, "--device", "cuda", "--nproc", "1", "--precision", "bf16-mixed", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    peak = next(r for r in out["rows"] if r["item"] == "peak memory")
+    assert code == 0 and out["passed"], (peak, [r for r in out["rows"] if r["ok"] is False])

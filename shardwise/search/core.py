@@ -347,14 +347,21 @@ def _impossible(res: SearchResult, held: dict, least: float) -> str:
     m, cl, c = res.model, res.cluster, res.closest
     usable = (1 - res.headroom) * c.memory.capacity
     bound = capacity_bound(m, cl, held, res.opts)
-    need = [f"its parameters and optimizer states alone need {bound} such GPUs" if bound > cl.gpus else
-            "more GPUs may not help"]
+    need = [f"its parameters and optimizer states alone need {bound} such GPUs"] if bound > cl.gpus else []
     bigger = larger_gpu(m, cl, held, res.opts, least)
     if bigger:
         need.append(f"{cl.gpus}x {bigger.name} ({bigger.memory_gib:g} GiB) would fit it")
+    if c.memory.total <= usable:  # it fits the GPU: the offloaded states overflow the host memory
+        from shardwise.search.vectorized import offloaded_bytes
+
+        host = offloaded_bytes(m, cl, c.plan, res.opts.profile) * min(cl.gpus, cl.gpus_per_node)
+        why = (f"fits in GPU memory ({gib(c.memory.total)} of {gib(usable)}) but offloads {gib(host)} per node, "
+               f"more than the {gib(res.opts.host_bytes(cl))} of host memory it may use (--host-memory)")
+    else:
+        why = f"needs {gib(c.memory.total)} per GPU of {gib(usable)} usable"
     return (f"{m.name} does not fit on {cl.gpus}x {cl.gpu.name} with any plan (ZeRO 0-3, tp, pp, recompute and "
-            f"offload all tried): the closest, {c.plan.short()}, needs {gib(c.memory.total)} per GPU of "
-            f"{gib(usable)} usable; {', '.join(need)}; `--min-gpus` finds how many")
+            f"offload all tried): the closest, {c.plan.short()}, {why}; {'; '.join(need + [''])}"
+            "`--min-gpus` finds how many GPUs it needs")
 
 
 def larger_gpu(model, cluster: Cluster, fixed: dict, opts: Options, least: float = 0.0):

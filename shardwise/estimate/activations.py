@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import minimum, where
@@ -163,48 +164,86 @@ def _moe(model, layout: str, autocast: bool) -> list[Saved]:
     return out
 
 
-@lru_cache(maxsize=1024)
-def _coefficients(inv: tuple[Saved, ...]) -> tuple[tuple[str, str, str, int], ...]:
-    """The inventory summed by (per, dtype, split): evaluating it is then a handful of products."""
-    acc: dict[tuple[str, str, str], int] = {}
-    for s in inv:
-        key = (s.per, s.dtype, s.split)
-        acc[key] = acc.get(key, 0) + s.width
-    return tuple((p, d, sp, w) for (p, d, sp), w in acc.items())
-
-
 def _seq_split(split: str, sp: bool, layout: str) -> bool:
     return sp and (split == "seq" or (split == "gather" and layout == "megatron"))
 
 
-def _term(per, dtype, split, width, *, b, s, tp, sp, act, res, layout):
-    nbytes = act if dtype == "act" else res if dtype == "res" else DTYPE_BYTES[dtype]
-    w = width // tp if split == "tp" else width  # heads and FFN columns divide evenly (Plan checks)
-    if per == "position":
-        return s * w * nbytes
-    if per == "score":
-        return b * w * s * s * nbytes
-    rows = b * (s // tp if _seq_split(split, sp, layout) else s)  # sp: seq % tp == 0 (Plan checks)
-    return rows * w * nbytes
+class _Terms(NamedTuple):
+    """An inventory summed into bytes per row, by what a row is: every _term is rows x width x
+    bytes, so the sum is a handful of products. Ints for what tensor parallelism leaves whole,
+    ((width, bytes), ...) for what it divides (each width // tp on its own, as _term floors it)."""
+
+    token: int  # per [b, s] row
+    token_seq: int  # per [b, s/tp] row (sequence-parallel shards)
+    token_tp: tuple
+    position: int  # per [s] row, shared by the batch
+    position_tp: tuple
+    score: int  # per [b, s, s] element (attention heads)
+    score_tp: tuple
+
+
+@lru_cache(maxsize=1024)
+def _terms(inv: tuple[Saved, ...], sp: bool, act, res, layout: str) -> _Terms:
+    acc = {"token": 0, "token_seq": 0, "position": 0, "score": 0}
+    cut: dict[str, dict[int, int]] = {"token": {}, "position": {}, "score": {}}
+    for t in inv:
+        nbytes = act if t.dtype == "act" else res if t.dtype == "res" else DTYPE_BYTES[t.dtype]
+        if t.split == "tp":
+            cut[t.per][t.width] = cut[t.per].get(t.width, 0) + nbytes
+        elif t.per == "token" and _seq_split(t.split, sp, layout):
+            acc["token_seq"] += t.width * nbytes
+        else:
+            acc[t.per] += t.width * nbytes
+    return _Terms(acc["token"], acc["token_seq"], tuple(cut["token"].items()), acc["position"],
+                  tuple(cut["position"].items()), acc["score"], tuple(cut["score"].items()))
+
+
+def _divided(pairs: tuple, tp):
+    """sum of (width // tp) * bytes."""
+    total = 0
+    for width, nbytes in pairs:
+        total = total + (width // tp) * nbytes
+    return total
+
+
+def _evaluate(t: _Terms, *, b, s, tp, bs, rows):
+    """Bytes of the summed inventory for one micro-batch: bs = b*s, rows = b*(s//tp) (sp) or bs."""
+    total = bs * (t.token + _divided(t.token_tp, tp)) if t.token_tp else bs * t.token
+    if t.token_seq:
+        total = total + rows * t.token_seq
+    if t.position or t.position_tp:
+        total = total + s * (t.position + _divided(t.position_tp, tp))
+    if t.score or t.score_tp:
+        total = total + bs * s * (t.score + _divided(t.score_tp, tp))
+    return total
 
 
 def inventory_bytes(inv: tuple[Saved, ...], *, b, s, tp, sp: bool, act, res, layout: str):
     """Bytes one block's saved tensors take on one rank, for one micro-batch."""
-    total = 0
-    for per, dtype, split, width in _coefficients(inv):
-        total = total + _term(per, dtype, split, width, b=b, s=s, tp=tp, sp=sp, act=act, res=res, layout=layout)
-    return total
+    bs = b * s
+    return _evaluate(_terms(inv, sp, act, res, layout), b=b, s=s, tp=tp, bs=bs, rows=b * (s // tp) if sp else bs)
+
+
+@lru_cache(maxsize=1024)
+def _block_terms(model, layout: str, attention: str, selective: bool, autocast: bool, sp: bool, act, res) -> _Terms:
+    return _terms(block_inventory(model, layout, attention, selective, autocast), sp, act, res, layout)
 
 
 def layer_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act, res):
     """(kept per layer per micro-batch, extra held once while one block is recomputed)."""
-    kw = dict(b=plan.mbs, s=plan.seq, tp=plan.tp, sp=plan.sp, act=act, res=res, layout=layout)
+    bs = plan.mbs * plan.seq
+    rows = plan.mbs * (plan.seq // plan.tp) if plan.sp else bs
+    return _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows)
+
+
+def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows):
+    kw = dict(b=plan.mbs, s=plan.seq, tp=plan.tp, bs=bs, rows=rows)
     if plan.recompute == "full":  # torch.utils.checkpoint around each block keeps its input only
-        kept = _term("token", "res", "seq", model.hidden, **kw)
-        whole = inventory_bytes(block_inventory(model, layout, attention, False, autocast), **kw)
+        kept = rows * (model.hidden * res)
+        whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res), **kw)
         return kept, whole - kept
-    inv = block_inventory(model, layout, attention, plan.recompute == "selective", autocast)
-    return inventory_bytes(inv, **kw), 0
+    terms = _block_terms(model, layout, attention, plan.recompute == "selective", autocast, plan.sp, act, res)
+    return _evaluate(terms, **kw), 0
 
 
 # ---- the pipeline: micro-batches in flight ------------------------------------------------
@@ -225,66 +264,69 @@ def inflight(plan, last: bool):
     """
     pp, m = plan.pp, plan.grad_accum
     r = pp - 1 if last else 0
-    v = plan.vpp if plan.schedule == "interleaved" else 1
+    interleaved = plan.schedule == "interleaved"
+    v = plan.vpp if interleaved else 1
     if plan.schedule == "gpipe":
         chunks = m + 0 * pp
     elif plan.schedule == "1f1b":
         chunks = minimum(pp - r, m)
     else:
         chunks = minimum((v - 1) * pp + 2 * (pp - 1 - r) + 1, v * m)
-    first_stage = (chunks // (pp * v)) * pp + minimum(chunks % (pp * v), pp)  # = chunks when v = 1
+    # with v = 1, (c // p) * p + min(c % p, p) is c itself
+    first_stage = (chunks // (pp * v)) * pp + minimum(chunks % (pp * v), pp) if interleaved else chunks
     head = m + 0 * pp if plan.schedule == "gpipe" else 1 + 0 * pp
-    one = where(pp > 1, 0, 1)  # no pipeline: one micro-batch at a time
-    return (where(one, 1, chunks), where(one, 1, first_stage), where(one, 1, head))
+    piped = pp > 1  # no pipeline: one micro-batch at a time
+    return (where(piped, chunks, 1), where(piped, first_stage, 1), where(piped, head, 1))
 
 
 def rank_activations(model, plan, *, last: bool, layout: str, attention: str, autocast: bool, act, res,
-                     vocab: int) -> dict:
+                     vocab: int, flight=None) -> dict:
     """Activation items (and the pipeline's receive buffers) of the first or last pipeline rank
-    at its peak, by name. `vocab` is the logits' width on this rank (padded/sharded by layout)."""
+    at its peak, by name. `vocab` is the logits' width on this rank (padded/sharded by layout);
+    `flight`: inflight(plan, last), when the caller has it already."""
     pp, m, tp, sp = plan.pp, plan.grad_accum, plan.tp, plan.sp
     b, s, h = plan.mbs, plan.seq, model.hidden
     v = plan.vpp if plan.schedule == "interleaved" else 1
-    kw = dict(b=b, s=s, tp=tp, sp=sp, act=act, res=res, layout=layout)
-    chunks, first_stage_chunks, head_mbs = inflight(plan, last)
+    chunks, first_stage_chunks, head_mbs = flight or inflight(plan, last)
     pipelined = where(pp > 1, 1, 0)
     holds_first = 1 - pipelined if last else 1  # the rank holds global stage 0
     holds_last = 1 if last else 1 - pipelined
-    embed_mbs = first_stage_chunks * holds_first
-    head_mbs = head_mbs * holds_last
+    embed_mbs = first_stage_chunks * holds_first if last else first_stage_chunks
+    head_mbs = head_mbs if last else head_mbs * holds_last
+    bs = b * s  # rows of a [b, s] tensor
+    rows = b * (s // tp) if sp else bs  # rows of the residual stream, sequence-sharded with sp
 
-    kept, rebuilt = layer_bytes(model, plan, layout=layout, attention=attention, autocast=autocast, act=act,
-                                res=res)
+    kept, rebuilt = _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows)
     layers_per_chunk = model.layers // (pp * v)
-    x = _term("token", "res", "seq", h, **kw)  # one residual-stream tensor [b, s(/tp), h]
+    x = rows * (h * res)  # one residual-stream tensor [b, s(/tp), h]
     out = {"act.layers": chunks * layers_per_chunk * kept, "act.recompute": rebuilt}
 
-    emb = b * s * 8 + (s * 8 if model.positions == "learned" else 0)  # token (and position) ids
+    emb = bs * 8 + s * 8 if model.positions == "learned" else bs * 8  # token (and position) ids
     if model.dropout > 0:
-        emb = emb + _term("token", "mask", "seq", h, **kw)  # embedding dropout mask
+        emb = emb + rows * h * DTYPE_BYTES["mask"]  # embedding dropout mask
     out["act.embedding"] = embed_mbs * emb
 
     # the head: final norm, the output projection's input, logits, the fp32 loss
-    head_in = _term("token", "act", "gather", h, **kw)
+    head_in = (rows if _seq_split("gather", sp, layout) else bs) * (h * act)
     if layout == "torch":
         # run/model.py's output is column-parallel with the full logits gathered on every tp
         # rank; the loss is F.cross_entropy(logits.float()): the caller (or the pipeline's
         # forward cache) keeps the logits, log_softmax saves its fp32 output, and the backward
         # adds two fp32 [b*s, V] tensors at once (d log-probs from nll_loss, d logits from
         # log_softmax's backward) while those are still alive.
-        logits, saved_fp32, backward = b * s * vocab * act, b * s * vocab * 4, b * s * vocab * 8
+        logits, saved_fp32, backward = bs * (vocab * act), bs * (vocab * 4), bs * (vocab * 8)
     else:
         # Megatron's vocab-parallel cross entropy on logits.float(): the bf16 logits are dropped,
         # the fp32 copy becomes the saved softmax in place, the backward works in place and
         # casts the gradient back to the compute dtype.
-        logits, saved_fp32 = 0 * b, b * s * vocab * 4
-        backward = b * s * vocab * (act if act != 4 else 0)
-    out["act.final_norm"] = head_mbs * (_term("token", "res", "seq", h, **kw) +
-                                        _term("token", "fp32", "seq", 1 if model.norm == "rmsnorm" else 2, **kw))
+        logits, saved_fp32 = 0 * b, bs * (vocab * 4)
+        backward = bs * (vocab * (act if act != 4 else 0))
+    stats = 1 if model.norm == "rmsnorm" else 2
+    out["act.final_norm"] = head_mbs * (rows * (h * res + stats * DTYPE_BYTES["fp32"]))
     out["act.head_input"] = head_mbs * head_in
     out["act.logits"] = head_mbs * logits
     out["act.loss_fp32"] = head_mbs * saved_fp32
-    out["act.targets"] = head_mbs * b * s * 8  # the loss saves the flattened int64 targets (a copy)
+    out["act.targets"] = head_mbs * (bs * 8)  # the loss saves the flattened int64 targets (a copy)
     out["act.loss_backward"] = holds_last * backward
 
     if layout == "torch":
@@ -293,7 +335,7 @@ def rank_activations(model, plan, *, last: bool, layout: str, attention: str, au
         # activations and every non-last one per micro-batch for gradients, allocated once and
         # kept (PipelineStage._setup_forward_recv_info / _create_grad_recv_info). A receive
         # buffer holding an in-flight micro-batch's input is counted as that block's saved input.
-        receiving_chunks = chunks - first_stage_chunks * holds_first
+        receiving_chunks = chunks - embed_mbs
         out["act.stage_output"] = pipelined * (chunks - head_mbs) * x
         act_buffers = (v - holds_first) * m - receiving_chunks
         grad_buffers = (v - holds_last) * m

@@ -24,11 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from heapq import heapify, heappop, heappush
+from typing import NamedTuple
 
 from shardwise.breakdown import Memory
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import activations as acts
-from shardwise.estimate._num import _is_array, ceil_div, maximum, minimum, where
+from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, minimum, where
 from shardwise.estimate.profiles import (CUDA_CONTEXT_BYTES, DS_ALLGATHER_BUCKET, DS_MAX_LIVE_PARAMETERS,
                                          DS_PERSISTENCE_THRESHOLD, DS_PREFETCH_BUCKET, DS_REDUCE_BUCKET,
                                          MEGATRON_VOCAB_MULTIPLE, check_profile, compute_bytes, is_mixed,
@@ -67,41 +68,71 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
             moments += ms[-1:] if at == "step" else ms  # the optimizer step is each list's last moment
         else:
             moments.append(_paper(model, plan, last, profile, attention))
-    detail = _peak(moments, vec)
     mem = Memory(capacity=cluster.gpu.memory_bytes)
+    if vec:
+        return _peak_arrays(moments, plan, mem)
+    detail = _peak(moments)
     for key, value in detail.items():
         field = FIELDS[key.split(".", 1)[0]]
         setattr(mem, field, getattr(mem, field) + value)
-    if vec:  # every field and item an int64 array of the plans' shape
-        import numpy as np
-
-        shape = np.broadcast(*(np.asarray(getattr(plan, f)) for f in
-                               ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq"))).shape
-        detail = {k: np.broadcast_to(np.asarray(v, dtype=np.int64), shape) for k, v in detail.items()}
-        for f in FIELDS.values():
-            setattr(mem, f, np.broadcast_to(np.asarray(getattr(mem, f), dtype=np.int64), shape))
-    else:
-        detail = {k: int(v) for k, v in detail.items() if v}
-        for f in FIELDS.values():
-            setattr(mem, f, int(getattr(mem, f)))
-    mem.detail = detail
+    mem.detail = {k: int(v) for k, v in detail.items() if v}
+    for f in FIELDS.values():
+        setattr(mem, f, int(getattr(mem, f)))
     return mem
 
 
-def _peak(moments: list[dict], vec: bool) -> dict:
-    """The moment with the largest total (element by element for array plans)."""
+def _peak(moments: list[dict]) -> dict:
+    """The moment with the largest total (the first of equal totals)."""
     keys = sorted({k for m in moments for k in m})
-    if not vec:
-        best = max(moments, key=lambda m: sum(m.values()))  # the first of equal totals
-        return {k: best.get(k, 0) for k in keys}
-    best = {k: moments[0].get(k, 0) for k in keys}
-    best_total = sum(best.values())
-    for m in moments[1:]:
-        total = sum(m.get(k, 0) for k in keys)
-        pick = total > best_total
-        best = {k: where(pick, m.get(k, 0), best[k]) for k in keys}
-        best_total = where(pick, total, best_total)
-    return best
+    best = max(moments, key=lambda m: sum(m.values()))
+    return {k: best.get(k, 0) for k in keys}
+
+
+def _fill(rows, keys, items: dict) -> None:
+    for j, k in enumerate(keys):
+        v = items.get(k)
+        if v is not None:
+            rows[j] = v
+
+
+def _peak_arrays(moments: list[dict], plan, mem: Memory) -> Memory:
+    """_peak element by element for array plans, as one int64 table [moment, item, plan]: every
+    field and item of `mem` becomes an int64 array of the plans' shape."""
+    import numpy as np
+
+    shape = np.broadcast(*(np.asarray(getattr(plan, f)) for f in ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq"))).shape
+    keys = sorted({k for m in moments for d in (m[1:] if isinstance(m, _Blend) else (m,)) for k in d})
+    table = np.zeros((len(moments), len(keys)) + shape, dtype=np.int64)
+    for i, m in enumerate(moments):
+        if isinstance(m, _Blend):
+            other = np.zeros((len(keys),) + shape, dtype=np.int64)
+            _fill(table[i], keys, m.a)
+            _fill(other, keys, m.b)
+            np.copyto(table[i], other, where=~m.fsdp)
+        else:
+            _fill(table[i], keys, m)
+    flat = table.reshape(len(moments), len(keys), -1)
+    pick = flat.sum(axis=1).argmax(axis=0)  # argmax: the first of equal totals
+    best = flat[pick, :, np.arange(flat.shape[2])].T.reshape((len(keys),) + shape)
+    fields, starts = _field_runs(tuple(keys))
+    sums = np.add.reduceat(best, starts, axis=0) if keys else ()
+    for f in FIELDS.values():
+        setattr(mem, f, sums[fields.index(f)] if f in fields else np.zeros(shape, dtype=np.int64))
+    mem.detail = dict(zip(keys, best))
+    return mem
+
+
+@lru_cache(maxsize=256)
+def _field_runs(keys: tuple) -> tuple[tuple, tuple]:
+    """(field, index of its first item) of each run of sorted item names: a field's items, named
+    "<prefix>.<item>", sort next to each other."""
+    fields, starts = [], []
+    for j, k in enumerate(keys):
+        f = FIELDS[k.split(".", 1)[0]]
+        if not fields or fields[-1] != f:
+            fields.append(f)
+            starts.append(j)
+    return tuple(fields), tuple(starts)
 
 
 # ---- the reference model's parameters, as the engines split them --------------------------
@@ -227,17 +258,6 @@ def _stage_of(model, pp, last: bool) -> _Stage:
 OVERHEAD = {"overhead.cuda_context": CUDA_CONTEXT_BYTES}
 
 
-def _memo(fn):
-    """lru_cache for scalar plans; arrays (the search) are computed directly."""
-    cached = lru_cache(maxsize=8192)(fn)
-
-    def wrapper(*args):
-        return fn(*args) if _is_array(*args[1:]) else cached(*args)  # args[0]: the ModelSpec
-
-    wrapper.cache_clear = cached.cache_clear
-    return wrapper
-
-
 def _block_sum(g, f, only=None):
     """f summed over one transformer block's parameters."""
     return sum(p.count * f(p) for p in g["block"] if only is None or only(p))
@@ -253,7 +273,15 @@ def _torch(model, plan, last: bool, attention: str) -> list[dict]:
         return _torch_fsdp(model, plan, last, attention) if fsdp else _torch_local(model, plan, last, attention)
     a, b = _torch_fsdp(model, plan, last, attention), _torch_local(model, plan, last, attention)
     b = b[:1] + [{}] + b[1:]  # align: the local engines have no moment B
-    return [{k: fsdp * x.get(k, 0) + (1 - fsdp) * y.get(k, 0) for k in set(x) | set(y)} for x, y in zip(a, b)]
+    return [_Blend(plan.dp > 1, x, y) for x, y in zip(a, b)]
+
+
+class _Blend(NamedTuple):
+    """A moment of array plans that mix dp > 1 (FSDP2's items) and dp = 1 (the local engines')."""
+
+    fsdp: object  # bool array
+    a: dict
+    b: dict
 
 
 def _split(items: dict) -> tuple[dict, dict]:
@@ -262,7 +290,7 @@ def _split(items: dict) -> tuple[dict, dict]:
             {k: v for k, v in items.items() if k.startswith("buffers.")})
 
 
-@_memo
+@memo
 def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last):
     """Parameter sums for the local engines: elements, optimizer bytes and step scratch of the
     worst dp rank, and the Linear elements autocast copies."""
@@ -283,7 +311,7 @@ def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last):
     else:
         temp = step_temp_bytes(optimizer, largest, sb, foreach=False)
     if zero == 1:  # ZeroRedundancyOptimizer under DDP; at dp = 1 the plain optimizer
-        z_states, z_temp = _per_combo(lambda d, t, q: _zero1_worst(model, d, t, q, last, optimizer, sb), dp, tp, pp)
+        z_states, z_temp = _zero1_worst(model, int(dp), int(tp), int(pp), last, optimizer, sb)
         ddp = where(dp > 1, 1, 0)
         states, temp = where(ddp, z_states, states), where(ddp, z_temp, temp)
     block_linear = _block_sum(g, numel, only=lambda p: p.linear)
@@ -324,7 +352,7 @@ def _torch_local(model, plan, last: bool, attention: str) -> list[dict]:
     return [a, c_]
 
 
-@_memo
+@memo
 def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last):
     """Parameter sums under FSDP2: shard elements (padded), unsharded (padded) elements of the
     stage, one block, the root and the head, optimizer bytes and step scratch on rank 0."""
@@ -404,21 +432,6 @@ def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
 
 
 # ---- ZeroRedundancyOptimizer's partition -------------------------------------------------------
-def _per_combo(fn, dp, tp, pp):
-    """fn(dp, tp, pp) -> (x, y) on scalars, or element by element over the unique combinations."""
-    if not _is_array(dp, tp, pp):
-        return fn(int(dp), int(tp), int(pp))
-    import numpy as np
-
-    d, t, q = np.broadcast_arrays(np.asarray(dp), np.asarray(tp), np.asarray(pp))
-    xs, ys = np.zeros(d.shape, dtype=np.int64), np.zeros(d.shape, dtype=np.int64)
-    for combo in set(zip(d.ravel().tolist(), t.ravel().tolist(), q.ravel().tolist())):
-        x, y = fn(*combo)
-        sel = (d == combo[0]) & (t == combo[1]) & (q == combo[2])
-        xs[sel], ys[sel] = x, y
-    return xs, ys
-
-
 def stage_param_shapes(model, tp: int, pp: int, last: bool) -> list[tuple[int, ...]]:
     """The local shapes of one pipeline rank's parameters in registration order (scalars only)."""
     named = model.param_shapes()
@@ -472,7 +485,7 @@ def _zero1_worst(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, s
 
 
 # ---- the accounting profiles: zero-paper, deepspeed, megatron ------------------------------------
-@_memo
+@memo
 def _paper_sizes(model, profile, optimizer, precision, tp, pp, last):
     """Elements, optimizer bytes, elements in tensors DeepSpeed keeps whole, one block's elements."""
     g, sb = _groups(model), state_bytes(profile, precision)

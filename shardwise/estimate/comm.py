@@ -39,11 +39,12 @@ of size-1 groups (and other zero counts) are dropped.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 from shardwise.breakdown import Collective
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import _num
-from shardwise.estimate._num import ceil_div, where
+from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.pipeline import chunks_per_rank
 
 PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
@@ -164,9 +165,22 @@ def _has_head(plan):
 
 def rank0_param_numel(model, plan):
     """Elements of the parameters rank 0 holds before any ZeRO sharding (tp-local pieces)."""
+    return _rank0_numel(model, plan.tp, plan.pp)["numel"]
+
+
+@memo
+def _rank0_numel(model, tp, pp):
     inv = _inventory(model)
-    return (_layers_on_rank0(model, plan) * _sum(inv["block"], local_numel, plan.tp)
-            + _sum(inv["first"], local_numel, plan.tp) + _has_head(plan) * _sum(inv["last"], local_numel, plan.tp))
+    return {"numel": (model.layers // pp * _sum(inv["block"], local_numel, tp) + _sum(inv["first"], local_numel, tp)
+                      + (1 if pp == 1 else 0) * _sum(inv["last"], local_numel, tp))}
+
+
+@memo
+def _fsdp_numels(model, tp, dp, pp):
+    """Padded elements of one block's and of the root group's FSDP2 all-gather on rank 0."""
+    inv = _inventory(model)
+    root = _sum(inv["first"], fsdp_numel, tp, dp) + (1 if pp == 1 else 0) * _sum(inv["last"], fsdp_numel, tp, dp)
+    return {"block": _sum(inv["block"], fsdp_numel, tp, dp), "root": root}
 
 
 def rank0_param_tensors(model, plan):
@@ -306,27 +320,47 @@ def seconds(kind: str, n, count, total, bw, lat):
     return count * _LAT_STEPS[kind](n) * lat + moved / bw
 
 
+class _Net(NamedTuple):
+    """A group of n ranks `stride` apart as make() needs it, worked out once per group."""
+
+    n: object
+    multi: object  # n > 1: a group of one rank makes no calls
+    intra: object
+    bw: object
+    lat: object
+    name: object  # "intra-node" | "network"
+
+
+def group_net(cluster, n, stride, arr: bool) -> _Net:
+    intra, bw, lat = link(cluster, n, stride, arr)
+    name = where(intra, "intra-node", "network") if arr else ("intra-node" if intra else "network")
+    return _Net(n, n > 1, intra, bw, lat, name)
+
+
 def make(cluster, kind: str, group: str, n, stride, count, what: str, *, per_call=None, total=None,
-         overlapped: bool = False, sizes: dict | None = None, arr: bool | None = None) -> Collective:
+         overlapped: bool = False, sizes: dict | None = None, arr: bool | None = None,
+         net: _Net | None = None) -> Collective:
     """One Collective: `count` calls of `per_call` bytes, or of `total` bytes together when the
     calls differ in size (then `bytes` is their mean, total // count, and `sizes`, for scalar
     plans, the exact message bytes -> calls). `arr`: whether any argument is an array (None:
-    look)."""
+    look). `net`: group_net(cluster, n, stride, arr), when the caller makes several of the group."""
     if arr is None:
         arr = _num._is_array(n, stride, count, per_call, total)
+    if net is None:
+        net = group_net(cluster, n, stride, arr)
     if arr:
-        count = where(n > 1, count, 0)
+        count = where(net.multi, count, 0)
         total = per_call * count if total is None else where(count > 0, total, 0)
         sizes, calls = {}, _num.maximum(count, 1)
     else:
-        count = count if n > 1 else 0
+        count = count if net.multi else 0
         total = per_call * count if total is None else (total if count > 0 else 0)
         sizes, calls = (dict(sizes) if sizes and count else {}), max(count, 1)
-    intra, bw, lat = link(cluster, n, stride, arr)
-    name = where(intra, "intra-node", "network") if arr else ("intra-node" if intra else "network")
-    return Collective(kind=kind, group=group, ranks=n, bytes=total // calls, count=count,
-                      wire_bytes=wire_bytes(kind, n, total), seconds=seconds(kind, n, count, total, bw, lat),
-                      what=what, link=name, overlapped=overlapped, sizes=sizes)
+    wire = wire_bytes(kind, n, total)
+    moved = total if kind in ("broadcast", "send", "recv") else wire
+    return Collective(kind=kind, group=group, ranks=n, bytes=total // calls, count=count, wire_bytes=wire,
+                      seconds=count * _LAT_STEPS[kind](n) * net.lat + moved / net.bw, what=what, link=net.name,
+                      overlapped=overlapped, sizes=sizes)
 
 
 # ---- the step ----------------------------------------------------------------------------------
@@ -354,8 +388,10 @@ def _tp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
     head = _has_head(plan) * m
     R, M = dt["resid"], dt["mm"]
 
+    net = group_net(cluster, t, 1, arr)
+
     def c(kind, what, per_call, count):
-        return make(cluster, kind, "tp", t, 1, count, what, per_call=per_call, arr=arr)
+        return make(cluster, kind, "tp", t, 1, count, what, per_call=per_call, arr=arr, net=net)
 
     if profile != "torch":
         return _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head)
@@ -455,8 +491,10 @@ def _pp(model, cluster, plan, dt, arr) -> list[Collective]:
         msg = msg // plan.tp  # block outputs are sequence-sharded under sp: [mbs, seq/tp, hidden]
     n, stride = plan.pp, plan.dp * plan.tp
 
+    net = group_net(cluster, n, stride, arr)
+
     def c(kind, what, count):
-        return make(cluster, kind, "pp", n, stride, count, what, per_call=msg, arr=arr)
+        return make(cluster, kind, "pp", n, stride, count, what, per_call=msg, arr=arr, net=net)
 
     return [c("send", "activations to the next stage, forward", v * m),
             c("recv", "activation gradients from the next stage, backward", v * m),
@@ -466,10 +504,10 @@ def _pp(model, cluster, plan, dt, arr) -> list[Collective]:
 
 def _dp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
     n, stride, m = plan.dp, plan.tp, plan.grad_accum
-    inv = _inventory(model)
+    net = group_net(cluster, n, stride, arr)
 
     def c(kind, what, count, overlapped, **kw):
-        return make(cluster, kind, "dp", n, stride, count, what, overlapped=overlapped, arr=arr, **kw)
+        return make(cluster, kind, "dp", n, stride, count, what, overlapped=overlapped, arr=arr, net=net, **kw)
 
     psi = rank0_param_numel(model, plan)  # elements rank 0 holds (tp-local, one pipeline stage)
     if profile == "torch":
@@ -485,8 +523,8 @@ def _dp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
         # FSDP2: one all-gather and one reduce-scatter per fully_shard group (each block; the root
         # holds the embeddings, and without pipelining also the final norm and output)
         blocks = _layers_on_rank0(model, plan)
-        block = _sum(inv["block"], fsdp_numel, plan.tp, n)
-        root = _sum(inv["first"], fsdp_numel, plan.tp, n) + _has_head(plan) * _sum(inv["last"], fsdp_numel, plan.tp, n)
+        sums = _fsdp_numels(model, plan.tp, n, plan.pp)
+        block, root = sums["block"], sums["root"]
         piped = plan.pp > 1
         if plan.zero == 2:
             # reshard_after_forward=False: gathered in each forward, kept through backward, resharded

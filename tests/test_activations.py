@@ -4,8 +4,8 @@ run tier's reference block really saves, counted with saved_tensors_hooks."""
 import pytest
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate.activations import (block_inventory, inflight, inventory_bytes, layer_bytes,
-                                            rank_activations)
+from shardwise.estimate.activations import (block_backward_bytes, block_inventory, inflight, inventory_bytes,
+                                            layer_bytes, rank_activations)
 from shardwise.spec.model import ModelSpec, preset
 from shardwise.spec.plan import Plan
 
@@ -308,6 +308,73 @@ def test_whole_model_saved_tensors(spec):
     plan = Plan(dp=1, mbs=b, gbs=b, seq=s, precision="fp32")
     items = rank_activations(spec, plan, last=True, layout="torch", attention="flash", autocast=False, act=4,
                              res=4, vocab=spec.vocab)
-    want = sum(v for k, v in items.items() if k.startswith("act.") and k not in ("act.logits", "act.loss_backward"))
+    want = sum(v for k, v in items.items() if k.startswith("act.") and k not in ("act.logits", "act.loss_backward", "act.block_backward"))
     rms = (2 * spec.layers + 1) * b * s * spec.hidden * 4 if spec.norm == "rmsnorm" else 0
     assert sum(seen.values()) == want + rms + 4
+
+
+# ---- the transient inside one block's backward --------------------------------------------------
+MID_LLAMA = ModelSpec(name="l", layers=1, hidden=128, heads=4, vocab=256, ffn_hidden=512)  # the examples' block
+MID_GPT = ModelSpec(name="g", layers=1, hidden=128, heads=4, vocab=256, ffn_hidden=512, ffn_kind="gelu",
+                    norm="layernorm", positions="learned", max_seq=64, qkv_bias=True, out_bias=True, mlp_bias=True)
+
+
+def test_block_backward_hand_worked():
+    # T = mbs*seq = 4*64 = 256 tokens, h = 128, f = 512, fp32:
+    #   [T, f] gradient = 256*512*4 = 524,288; weight gradient [f, h] = 512*128*4 = 262,144
+    #   SwiGLU: max(2 * 524,288, 524,288 + 262,144) = 1,048,576; GELU: 524,288 + 262,144 = 786,432
+    plan = Plan(dp=1, mbs=4, gbs=4, seq=64)
+    assert block_backward_bytes(MID_LLAMA, plan, act=4, autocast=False) == 1_048_576
+    assert block_backward_bytes(MID_GPT, plan, act=4, autocast=False) == 786_432
+    # one token row (mbs 1, seq 64): 64*512*4 = 131,072; SwiGLU max(262,144, 393,216) = 393,216
+    one = Plan(dp=1, mbs=1, gbs=1, seq=64)
+    assert block_backward_bytes(MID_LLAMA, one, act=4, autocast=False) == 393_216
+    # tp = 2 (f = 256 per rank): max(2 * 262,144, 262,144 + 131,072) = 524,288
+    assert block_backward_bytes(MID_LLAMA, Plan(dp=1, tp=2, mbs=4, gbs=4, seq=64), act=4, autocast=False) == 524_288
+    # autocast: bf16 gradients (256*512*2 = 262,144) and a weight gradient in bf16 + its fp32
+    # cast (512*128*6 = 393,216): max(524,288, 655,360) = 655,360
+    assert block_backward_bytes(MID_LLAMA, plan, act=2, autocast=True) == 655_360
+
+
+def test_block_backward_is_the_larger_of_it_and_the_loss_backward():
+    # one rank, the head's loss backward 8*T*V = 8*256*256 = 524,288 < the block's 1,048,576:
+    # the excess 524,288 is counted; at tp = 2 the block's 524,288 is no larger: nothing
+    kw = dict(last=True, layout="torch", attention="flash", autocast=False, act=4, res=4, vocab=256)
+    items = rank_activations(MID_LLAMA, Plan(dp=1, mbs=4, gbs=4, seq=64), **kw)
+    assert items["act.loss_backward"] == 524_288 and items["act.block_backward"] == 524_288
+    items = rank_activations(MID_LLAMA, Plan(dp=1, tp=2, mbs=4, gbs=4, seq=64), **kw)
+    assert items["act.block_backward"] == 0
+    # a pipeline stage without the head: the block's transient whole
+    two = MID_LLAMA.scaled(layers=2)
+    first = rank_activations(two, Plan(dp=1, pp=2, mbs=4, gbs=8, seq=64), **{**kw, "last": False})
+    assert first["act.loss_backward"] == 0 and first["act.block_backward"] == 1_048_576
+
+
+@pytest.mark.parametrize("spec", [MID_LLAMA, MID_GPT], ids=["llama", "gpt"])
+@pytest.mark.parametrize("mbs", [1, 4])
+def test_block_backward_equals_measured(spec, mbs):
+    """The run tier's block, its gradients already accumulated (the last micro-batch of a step):
+    the peak during its backward over what is alive when it begins (parameters, gradients, saved
+    tensors, output and output gradient), by PyTorch's MemTracker. Exact for SwiGLU; GELU's block
+    adds one bias gradient [h] (128*4 = 512 bytes, < 0.1%) the formula leaves out."""
+    import torch
+
+    from shardwise.run.measure import _peak_tracker
+    from shardwise.run.model import Block
+
+    torch.manual_seed(0)
+    block = Block(spec).train()
+    for p in block.parameters():
+        p.grad = torch.zeros_like(p)
+    x = torch.randn(mbs, 64, spec.hidden, requires_grad=True)
+    mt = _peak_tracker()
+    mt.track_external(x, *block.parameters(), *[p.grad for p in block.parameters()])
+    with mt:
+        y = block(x)
+        dy = torch.randn_like(y)
+        alive = sum(d.get("Total", 0) for d in mt.get_tracker_snapshot("current").values())
+        y.backward(dy)
+        peak = sum(d.get("Total", 0) for d in mt.get_tracker_snapshot("peak").values())
+    bias = spec.hidden * 4 if spec.mlp_bias else 0
+    plan = Plan(dp=1, mbs=mbs, gbs=mbs, seq=64)
+    assert peak - alive == block_backward_bytes(spec, plan, act=4, autocast=False) + bias

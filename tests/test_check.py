@@ -168,9 +168,8 @@ def _hold(cfgs, world, peak_gap_known: bool = False):
         assert sum(r.section == "memory" for r in judged) == 4 * (1 + (cfg.plan.pp > 1)), name
         peak_misses += [f"{name} rank {r.ranks}: {100 * r.error:+.1f}%" for r in peak]
     if peak_misses:
-        pytest.xfail("pipeline stages without the head peak inside a block's backward (activation "
-                     "gradients, ~1.5 x mbs*seq*ffn*4 B), which the estimate does not count: "
-                     + "; ".join(peak_misses))
+        pytest.xfail("the interleaved schedule's ranks peak ~1.4 MiB above the estimate (not yet "
+                     "modelled): " + "; ".join(peak_misses))
 
 
 def test_torch_profile_matches_measured_runs_on_2_ranks():
@@ -187,9 +186,12 @@ def test_torch_profile_matches_measured_runs_on_4_ranks():
 
 
 def test_torch_profile_pipeline_mixes_on_4_ranks():
-    # collectives and model states exact / within 1%; the first stage's peak is the known gap
-    _hold([_cfg(LLAMA, 4, tp=2, pp=2), _cfg(LLAMA, 4, tp=2, pp=2, schedule="interleaved", vpp=2)], 4,
-          peak_gap_known=True)
+    _hold([_cfg(LLAMA, 4, tp=2, pp=2)], 4)
+
+
+def test_torch_profile_interleaved_on_4_ranks():
+    # collectives and model states exact / within 1%; the peak is the known gap
+    _hold([_cfg(LLAMA, 4, tp=2, pp=2, schedule="interleaved", vpp=2)], 4, peak_gap_known=True)
 
 
 # ---- the command ------------------------------------------------------------------------------------

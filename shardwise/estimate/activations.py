@@ -35,7 +35,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate._num import minimum, where
+from shardwise.estimate._num import maximum, minimum, where
 
 ATTENTION = ("flash", "math")
 LAYOUTS = ("torch", "megatron")
@@ -246,6 +246,30 @@ def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows):
     return _evaluate(terms, **kw), 0
 
 
+def block_backward_bytes(model, plan, *, act, autocast: bool):
+    """The transient inside one block's backward (torch layout), over its saved activations: the
+    MLP's activation gradients and one weight gradient, T = mbs*seq tokens, f = the FFN width
+    on this rank (ffn_hidden / tp), on the run tier's block (MemTracker, run/model.py):
+      SwiGLU, w2(silu(a) * b): w2's backward makes dg [T, f] and frees its saved input; the
+        product's backward makes d silu(a) and d b while dg is alive: +2*T*f. Later a weight
+        gradient [f, h] is made next to one [T, f] gradient: +T*f + f*h. The larger of the two.
+      GELU, w2(gelu(a)): GELU's backward makes da next to dg, w2's saved input freed: +T*f; then
+        w1's weight gradient [f, h]: +T*f + f*h.
+    The weight gradient is a fresh tensor accumulated into .grad (or copied into a bucket) and
+    freed: in the parameter's gradient dtype, under autocast its bf16 product and the fp32 cast
+    (act + 4 bytes). The attention's gradients are [T, h]-sized and smaller where f >= h."""
+    if model.is_moe:  # the routed tokens' expert MLPs, each token through top_k of them
+        f, width = model.expert_ffn_hidden // plan.tp, model.top_k * model.expert_ffn_hidden // plan.tp
+    else:
+        f = width = model.ffn_hidden // plan.tp
+    tokens = plan.mbs * plan.seq
+    grads = tokens * width * act
+    weight = f * model.hidden * (act + (4 if autocast else 0))
+    if model.ffn_kind == "swiglu":
+        return maximum(2 * grads, grads + weight)
+    return grads + weight
+
+
 # ---- the pipeline: micro-batches in flight ------------------------------------------------
 def inflight(plan, last: bool):
     """(chunks, chunks_on_first_stage, head_microbatches) at the peak of the first (last=False) or
@@ -328,6 +352,11 @@ def rank_activations(model, plan, *, last: bool, layout: str, attention: str, au
     out["act.loss_fp32"] = head_mbs * saved_fp32
     out["act.targets"] = head_mbs * (bs * 8)  # the loss saves the flattened int64 targets (a copy)
     out["act.loss_backward"] = holds_last * backward
+    if layout == "torch":
+        # the blocks' backward runs after the loss's temporaries are freed: the rank's transient
+        # is the larger of the two (the excess of the block's is counted here)
+        out["act.block_backward"] = maximum(block_backward_bytes(model, plan, act=act, autocast=autocast)
+                                            - out["act.loss_backward"], 0)
 
     if layout == "torch":
         # torch.distributed.pipelining: a non-last stage keeps its output for each in-flight

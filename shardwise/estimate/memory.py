@@ -8,7 +8,8 @@ and the last (the output head, the logits and the fp32 loss); with pp = 1 they a
 that of the largest:
   A. the backward of the last micro-batch in flight begins: every saved activation is alive,
      with the loss's backward temporaries, FSDP's gathered parameters and one block's
-     gradient reduce-scatter (counted together: conservative by at most the smaller of them);
+     gradient reduce-scatter (counted together: conservative by at most the smaller of them;
+     FSDP2's A is two moments, the loss's backward and the first block's);
   B. (FSDP) the end of the backward: the root's (embeddings, output) gradient reduce-scatter,
      or with a pipeline, every group's deferred one;
   C. the optimizer step: activations freed, the step's scratch memory allocated.
@@ -272,7 +273,7 @@ def _torch(model, plan, last: bool, attention: str) -> list[dict]:
     if not _is_array(fsdp):
         return _torch_fsdp(model, plan, last, attention) if fsdp else _torch_local(model, plan, last, attention)
     a, b = _torch_fsdp(model, plan, last, attention), _torch_local(model, plan, last, attention)
-    b = b[:1] + [{}] + b[1:]  # align: the local engines have no moment B
+    b = b[:1] + [{}, {}] + b[1:]  # align: the local engines have one moment A and no B
     return [_Blend(plan.dp > 1, x, y) for x, y in zip(a, b)]
 
 
@@ -419,6 +420,16 @@ def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
     # one block's gradients in the compute dtype and its fp32 reduce-scatter input (FSDP keeps one
     # reduce-scatter input in flight); with a pipeline only the cast into the fp32 accumulator
     a["buffers.reduce_scatter"] = u_block * (pb + (1 - pipelined) * rb)
+    # A is two moments: the loss's backward (its temporaries; no block gathered or reduced yet) and
+    # the first block's backward (its gathered parameters, gradients and reduce-scatter input, its
+    # own transient), once the loss's temporaries and one micro-batch's saved head tensors are
+    # freed (the caller, or the pipeline, still holds that micro-batch's logits)
+    a_loss = {**a, "buffers.zero3_gather": 0, "buffers.reduce_scatter": 0, "act.block_backward": 0}
+    head_mbs = maximum(acts.inflight(plan, last)[2], 1)
+    a_block = {**a, "act.loss_backward": 0,
+               "act.block_backward": acts.block_backward_bytes(model, plan, act=c, autocast=False)}
+    for k in ("act.final_norm", "act.head_input", "act.loss_fp32", "act.targets"):
+        a_block[k] = a[k] - a[k] // head_mbs
 
     # B. The end of the backward: the root's reduce-scatter; with a pipeline each group's in turn
     b = {**persistent, "grads.sharded": sharded_grads,
@@ -428,7 +439,7 @@ def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
 
     # C. The optimizer step on the shards
     cc = {**persistent, "grads.sharded": sharded_grads, "buffers.optimizer_step": 0 if cpu_step else z["temp"]}
-    return [a, b, cc]
+    return [a_loss, a_block, b, cc]
 
 
 # ---- ZeroRedundancyOptimizer's partition -------------------------------------------------------

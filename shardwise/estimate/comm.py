@@ -204,22 +204,45 @@ def bucket_sizes(sizes: list[int], first: int = DDP_FIRST_BUCKET, cap: int = DDP
     return out
 
 
-def ddp_ready_sizes(model, tp: int, layers: int, embeddings: bool, head: bool, nbytes: int) -> list[int]:
-    """Gradient bytes of one DDP module's parameters in the order their gradients become ready:
-    the reverse of the order the forward uses them (autograd runs the latest node first); this
-    is the order DDP rebuilds its buckets in after the first step (Reducer::rebuild_buckets)."""
+_TP_MODULES = {"wq", "wk", "wv", "wo", "w1", "w2", "w3", "tok_embeddings", "pos_embeddings", "output"}
+
+
+def _is_dtensor(name: str, sp: bool) -> bool:
+    """Does the contract's TP plan (run/parallelize.apply_tp) make this parameter a DTensor? Every
+    parameter of a parallelized module (a row-parallel bias too, as a Replicate DTensor), and
+    with sequence parallel the norms (SequenceParallel)."""
+    module = name.split(".")[-2]
+    return module in _TP_MODULES or (sp and module.endswith("norm"))
+
+
+def ddp_ready_sizes(model, tp: int, layers: int, embeddings: bool, head: bool, nbytes: int,
+                    sp: bool = False) -> list[int]:
+    """Gradient bytes of one DDP module's parameters in the order their gradients become ready,
+    the order DDP rebuilds its buckets in after the first step (Reducer::rebuild_buckets).
+    Without TP: the reverse of the order the forward uses them (autograd runs the latest node
+    first). With TP, DDP takes PyTorch's DTensor path (tensor/parallel/ddp.py): the DTensor
+    parameters are rebuilt from their local shards at the start of every forward, all at once in
+    registration order, so autograd reaches those conversions after every other node: the plain
+    parameters' gradients come first (reverse use order), then the DTensors' in reverse
+    registration order (measured: DDP's rebuilt_per_bucket_param_indices, tp = 2)."""
     first, last = _root_params(model)
     use = (list(first) if embeddings else []) + list(_block_params(model)) * layers + (list(last) if head else [])
-    return [local_numel(tp_style(n), s, tp) * nbytes for n, s in reversed(use)]
+    size = lambda n, s: local_numel(tp_style(n), s, tp) * nbytes  # noqa: E731
+    if tp == 1:
+        return [size(n, s) for n, s in reversed(use)]
+    registered = (list(first) if embeddings else []) + list(model.layer_param_shapes()) * layers + \
+        (list(last) if head else [])
+    return [size(n, s) for n, s in reversed(use) if not _is_dtensor(n, sp)] + \
+        [size(n, s) for n, s in reversed(registered) if _is_dtensor(n, sp)]
 
 
 @lru_cache(maxsize=4096)
-def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int) -> tuple[tuple[int, int], ...]:
+def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int, sp: bool = False) -> tuple[tuple[int, int], ...]:
     """(bucket bytes, calls) per step on rank 0: one DDP module per pipeline chunk it holds."""
     per = model.layers // (pp * chunks)
     acc: dict[int, int] = {}
     for ch in range(chunks):
-        for b in bucket_sizes(ddp_ready_sizes(model, tp, per, ch == 0, pp == 1, nbytes)):
+        for b in bucket_sizes(ddp_ready_sizes(model, tp, per, ch == 0, pp == 1, nbytes, sp)):
             acc[b] = acc.get(b, 0) + 1
     return tuple(acc.items())
 
@@ -227,7 +250,7 @@ def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int) -> tuple[tuple
 def ddp_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
     """Scalar plans: bytes -> how many of rank 0's steady-state DDP buckets have that size."""
     chunks = chunks_per_rank(plan.vpp, plan.schedule)
-    return dict(_ddp_sizes(model, int(plan.tp), int(plan.pp), int(chunks), nbytes))
+    return dict(_ddp_sizes(model, int(plan.tp), int(plan.pp), int(chunks), nbytes, bool(plan.sp)))
 
 
 def ddp_buckets(model, plan, nbytes: int):
@@ -241,7 +264,8 @@ def ddp_buckets(model, plan, nbytes: int):
     tp, pp, ch = np.broadcast_arrays(np.asarray(plan.tp), np.asarray(plan.pp), np.asarray(chunks))
     keys = np.stack([tp.ravel(), pp.ravel(), ch.ravel()], axis=1)
     uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-    counts = np.array([sum(n for _, n in _ddp_sizes(model, int(t), int(p), int(c), nbytes)) for t, p, c in uniq],
+    counts = np.array([sum(n for _, n in _ddp_sizes(model, int(t), int(p), int(c), nbytes, bool(plan.sp)))
+                       for t, p, c in uniq],
                       dtype=np.int64)
     return counts[inv.ravel()].reshape(tp.shape)
 

@@ -16,6 +16,9 @@ rank's share of them). Measured:
                  on relative error, so `a` and `B` are the figures that make the estimate's
                  formulas reproduce this machine (link_efficiency 1: B is already achieved)
     memory_gib   CUDA: the device's memory; CPU: the memory available now, split over the ranks
+    block_overhead_us (with a run config) the host's fixed time per block per micro-batch: the
+                 model at a few tokens with 1 and 5 blocks, the difference per block less its FLOPs;
+                 the step efficiency is then measured with that time taken out
 The network table carries the same link figures: every rank is on this one machine.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ MIN_SECONDS = 0.05  # time each point for at least this long per round (more cal
 ROUNDS = 3
 STANDARD_DIMS = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 STANDARD_TOKENS = {"cpu": 512, "cuda": 8192}
+OVERHEAD_SEQ, OVERHEAD_BLOCKS = 8, 4  # the host-overhead benchmark: 8 tokens, 1 vs 5 blocks
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Result:
     efficiency: float = 0.0  # a whole training step's FLOP/s over the matmul figure (with a run config)
     efficiency_dtype: str = ""
     efficiency_model: str = ""
+    block_overhead_us: float = 0.0  # host time per block per micro-batch beyond its FLOPs (with a run config)
 
     def toml(self) -> str:
         tf = ", ".join(f"{k} = {v:.4g}" for k, v in self.tflops.items())
@@ -77,6 +82,7 @@ class Result:
             "link_efficiency = 1.0",
             f"gpus_per_node = {self.nproc}",
             "price_per_hour = 0.0",
+            f"block_overhead_us = {self.block_overhead_us:.4g}",
             f'source = "{src}"',
             "",
             f"[network.{self.name}]",
@@ -272,28 +278,29 @@ def _available_memory_bytes() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def step_tflops(spec, plan, device, min_s: float = MIN_SECONDS) -> float:
-    """Achieved TFLOP/s of a training step's forward + backward of the reference model as one
-    tensor-parallel rank computes it (its q/k/v, FFN and vocabulary divided by tp), at the plan's
-    micro-batch, sequence and precision; FLOPs counted as the estimate counts them (time.py)."""
+def _tp_local(spec, tp: int, **change):
+    """The reference model as one tensor-parallel rank computes it: q/k/v, FFN and vocabulary / tp."""
     import dataclasses
 
+    return dataclasses.replace(spec, name=f"{spec.name}-tp-local", heads=spec.heads // tp,
+                               kv_heads=spec.kv_heads // tp, head_dim=spec.head_dim,
+                               ffn_hidden=spec.ffn_hidden // tp, vocab=-(-spec.vocab // tp), published_params=0,
+                               **change)
+
+
+def _step_seconds(local, mbs: int, seq: int, precision: str, device, min_s: float) -> float:
+    """Seconds of one forward + backward (loss included) of `local` on mbs x seq tokens."""
     import torch
     import torch.nn.functional as F
 
-    from shardwise.estimate.time import forward_flops_per_token
     from shardwise.run.model import build
 
-    tp = plan.tp
-    local = dataclasses.replace(spec, name=f"{spec.name}-tp-local", heads=spec.heads // tp,
-                                kv_heads=spec.kv_heads // tp, head_dim=spec.head_dim,
-                                ffn_hidden=spec.ffn_hidden // tp, vocab=-(-spec.vocab // tp), published_params=0)
     model = build(local, device, seed=0)
-    if plan.precision == "bf16":
+    if precision == "bf16":
         model.to(torch.bfloat16)
-    low = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(plan.precision)
+    low = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision)
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, local.vocab, (plan.mbs, plan.seq + 1), generator=g).to(device)
+    tokens = torch.randint(0, local.vocab, (mbs, seq + 1), generator=g).to(device)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
     def run():
@@ -303,8 +310,35 @@ def step_tflops(spec, plan, device, min_s: float = MIN_SECONDS) -> float:
         for p in model.parameters():
             p.grad = None
 
+    return _timed(run, device, min_s)
+
+
+def block_overhead_s(spec, plan, device, rate: float, min_s: float = MIN_SECONDS) -> float:
+    """Host seconds of one block's forward + backward beyond its FLOPs: the tp-local model with 1
+    and 1 + OVERHEAD_BLOCKS blocks, timed on OVERHEAD_SEQ tokens (FLOPs next to nothing), the
+    difference per block less that block's FLOPs at the measured matmul rate (FLOP/s)."""
+    from shardwise.estimate.time import layer_forward_flops_per_token
+
+    seq = min(OVERHEAD_SEQ, plan.seq)
+    t = [_step_seconds(_tp_local(spec, plan.tp, layers=n), 1, seq, plan.precision, device, min_s)
+         for n in (1, 1 + OVERHEAD_BLOCKS)]
+    flops = 3 * layer_forward_flops_per_token(_tp_local(spec, plan.tp), seq) * seq
+    return max(0.0, (t[1] - t[0]) / OVERHEAD_BLOCKS - flops / rate)
+
+
+def step_tflops(spec, plan, device, min_s: float = MIN_SECONDS, overhead_s: float = 0.0) -> float:
+    """Achieved TFLOP/s of a training step's forward + backward of the reference model as one
+    tensor-parallel rank computes it (its q/k/v, FFN and vocabulary divided by tp), at the plan's
+    micro-batch, sequence and precision; FLOPs counted as the estimate counts them (time.py).
+    overhead_s: each block's fixed host time (block_overhead_s), taken out of the step first, as
+    the estimate adds it back."""
+    from shardwise.estimate.time import forward_flops_per_token
+
+    local = _tp_local(spec, plan.tp)
+    t = _step_seconds(local, plan.mbs, plan.seq, plan.precision, device, min_s)
+    busy = max(t - local.layers * overhead_s, 0.05 * t)  # the overhead is measured apart: never all of it
     flops = 3 * forward_flops_per_token(local, plan.seq) * plan.mbs * plan.seq
-    return flops / _timed(run, device, min_s) / 1e12
+    return flops / busy / 1e12
 
 
 def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: bool, model=None) -> dict:
@@ -340,8 +374,13 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
         from shardwise.spec.model import ModelSpec
         from shardwise.spec.plan import Plan
 
+        from shardwise.estimate.time import PEAK_DTYPE
+
         spec, plan = ModelSpec(**model[0]), Plan(**model[1])
-        out["step_tflops"] = _mean_over_ranks(step_tflops(spec, plan, device, min_s), device)
+        rate = out["tflops"].get(PEAK_DTYPE[plan.precision], out["tflops"]["fp32"]) * 1e12
+        out["block_overhead_s"] = _mean_over_ranks(block_overhead_s(spec, plan, device, rate, min_s), device)
+        out["step_tflops"] = _mean_over_ranks(step_tflops(spec, plan, device, min_s, out["block_overhead_s"]),
+                                              device)
     if device.type == "cuda":
         out["memory"] = torch.cuda.get_device_properties(device).total_memory
         out["device_name"] = torch.cuda.get_device_name(device)
@@ -439,6 +478,7 @@ def _efficiency(out: dict, model) -> dict:
     if dtype not in out["tflops"]:
         return {}
     return {"efficiency": min(1.0, out["step_tflops"] / out["tflops"][dtype]), "efficiency_dtype": dtype,
+            "block_overhead_us": out.get("block_overhead_s", 0.0) * 1e6,
             "efficiency_model": f"{spec.name} as one tp={plan.tp} rank (mbs {plan.mbs}, seq {plan.seq}, "
                                 f"{plan.precision})"}
 
@@ -482,6 +522,9 @@ def print_result(r: Result, out: str, console=None) -> None:
     c.print("matmul  " + ", ".join(f"{k} {v * 1e3:,.1f} GFLOP/s" for k, v in r.tflops.items())
             + f" per rank at {r.shapes}", highlight=False)
     c.print(f"memory  {r.hbm_gbps:,.1f} GB/s copy bandwidth, {r.memory_gib:,.2f} GiB per rank", highlight=False)
+    if r.block_overhead_us:
+        c.print(f"host    {r.block_overhead_us:,.0f} us per block per micro-batch (forward + backward) beyond "
+                "its FLOPs", highlight=False)
     if r.efficiency:
         c.print(f"step    {r.efficiency:.3f} of the {r.efficiency_dtype} matmul rate in a training step of "
                 f"{r.efficiency_model} (use --efficiency {r.efficiency:.3f} with `shardwise estimate`)",

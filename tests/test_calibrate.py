@@ -72,13 +72,15 @@ def test_model_shapes_are_six_n_d():
 
 def test_hardware_file_round_trips(tmp_path):
     r = Result(name="box", device="cpu", backend="gloo", nproc=4, tflops={"fp32": 0.0214, "bf16": 0.05},
-               hbm_gbps=12.5, memory_gib=5.25, latency_us=250.0, gbps=1.25, shapes="s", device_name="x86")
+               hbm_gbps=12.5, memory_gib=5.25, latency_us=250.0, gbps=1.25, shapes="s", device_name="x86",
+               block_overhead_us=850.0)
     f = tmp_path / "box.toml"
     f.write_text(r.toml())
     g = load_gpu("box", str(f))
     assert g.tflops == {"fp32": 0.0214, "bf16": 0.05}
     assert (g.memory_gib, g.hbm_gbps, g.link_gbps, g.link_latency_us, g.link_efficiency, g.gpus_per_node) == \
         (5.25, 12.5, 1.25, 250.0, 1.0, 4)
+    assert g.block_overhead_us == 850.0
     n = load_network("box", str(f))
     assert (n.gbits, n.latency_us, n.efficiency) == (10.0, 250.0, 1.0)  # 1.25 GB/s = 10 Gbit/s
     # the estimate tier builds a cluster from it: 4 ranks fit the "node"
@@ -107,3 +109,25 @@ def test_bad_input_is_one_line(argv, message, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_block_overhead_is_the_per_block_difference(monkeypatch):
+    # timings made up: 1 block 2 ms, 5 blocks 6 ms -> 1 ms a block; its FLOPs at the tiny llama's
+    # 8 tokens (per token 2 * (64*64*4 + 3*64*128) + 4*8*64 = 83,968; x 3 x 8 = 2,015,232 FLOPs) at
+    # 2.015232e9 FLOP/s take another 1 ms -> 0 host overhead; at 2.015232e10 FLOP/s 0.1 ms -> 0.9 ms
+    import torch
+
+    from shardwise import calibrate as cal
+    from shardwise.estimate.time import layer_forward_flops_per_token
+
+    spec = ModelSpec(name="t", layers=2, hidden=64, heads=4, vocab=128, ffn_hidden=128)
+    assert 3 * layer_forward_flops_per_token(spec, 8) * 8 == 3 * 83_968 * 8 == 2_015_232
+    monkeypatch.setattr(cal, "_step_seconds", lambda local, *a: 1e-3 + 1e-3 * local.layers)
+    plan = Plan(dp=1, mbs=2, gbs=2, seq=32)
+    assert cal.block_overhead_s(spec, plan, torch.device("cpu"), 2.015232e9) == pytest.approx(0.0, abs=1e-15)
+    assert cal.block_overhead_s(spec, plan, torch.device("cpu"), 2.015232e10) == pytest.approx(0.9e-3)
+    # the step's efficiency is then measured with the blocks' host time taken out
+    monkeypatch.setattr(cal, "_step_seconds", lambda local, *a: 10e-3)
+    full = cal.step_tflops(spec, plan, torch.device("cpu"))
+    less = cal.step_tflops(spec, plan, torch.device("cpu"), overhead_s=2e-3)  # 10 - 2 * 2 = 6 ms busy
+    assert less == pytest.approx(full * 10 / 6)

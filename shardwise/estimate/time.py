@@ -32,7 +32,9 @@ Exposed communication (what the step waits for):
   CPU's own optimizer arithmetic is taken to run alongside the transfers.
 Bubble: (p-1)/(v*m) x (the rank's pipelined work: compute, TP and p2p of all micro-batches), i.e.
 the idle fraction bubble_fraction(p, m, v) of the step's pipelined part (pipeline.py).
-step = compute (forward + backward + recompute + optimizer) + exposed communication + bubble.
+Host overhead: a fixed time per block per micro-batch (GPU.block_overhead_us, measured by
+`shardwise calibrate`: on a CPU, Python and the dispatcher dominate tiny models; 0 for catalog GPUs).
+step = compute (forward + backward + recompute + overhead + optimizer) + exposed communication + bubble.
 """
 from __future__ import annotations
 
@@ -122,6 +124,8 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     t_r = stage_rc / plan.tp / rate
     t_b = 2 * t_f
     forward_s, backward_s, recompute_s = m * t_f, m * t_b, m * t_r
+    # the host's fixed cost of each block's forward + backward per micro-batch (0 on catalog GPUs)
+    overhead_s = m * (model.layers // plan.pp) * gpu.block_overhead_us * 1e-6
 
     shard = rank0_param_numel(model, plan)
     if plan.zero >= 1:
@@ -154,8 +158,8 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         gathers_behind = where(plan.pp > 1, t_f, forward_s)  # ZeRO-2 under a pipeline gathers once
         dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"], gathers_behind) + _excess(t["dp_reduce"], t_b + t_r)
 
-    compute_s = forward_s + backward_s + recompute_s + optimizer_s
-    pipelined = forward_s + backward_s + recompute_s + tp_s + pp_s
+    compute_s = forward_s + backward_s + recompute_s + overhead_s + optimizer_s
+    pipelined = forward_s + backward_s + recompute_s + overhead_s + tp_s + pp_s
     bubble_s = bubble_over_ideal(plan.pp, m, plan.vpp, plan.schedule) * pipelined
     comm_exposed_s = tp_s + pp_s + dp_exposed + other_s + offload_s
     step_s = compute_s + comm_exposed_s + bubble_s
@@ -166,7 +170,7 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     out = Time(compute_s=compute_s, comm_exposed_s=comm_exposed_s, bubble_s=bubble_s, step_s=step_s,
                tokens_per_s=tokens_step / step_s, mfu=flops / (step_s * plan.world * peak), flops_per_step=flops,
                detail={"forward_s": forward_s, "backward_s": backward_s, "recompute_s": recompute_s,
-                       "optimizer_s": optimizer_s, "offload_s": offload_s, "tp_comm_s": tp_s, "pp_comm_s": pp_s,
+                       "overhead_s": overhead_s, "optimizer_s": optimizer_s, "offload_s": offload_s, "tp_comm_s": tp_s, "pp_comm_s": pp_s,
                        "dp_comm_s": dp_s, "dp_exposed_s": dp_exposed, "other_comm_s": other_s,
                        "bubble_fraction": bubble_fraction(plan.pp, m, plan.vpp, plan.schedule),
                        "efficiency": eff, "peak_tflops": peak / 1e12, "hardware_flops_per_step": hw_flops})

@@ -30,6 +30,10 @@ class GPU:
     link_efficiency: float = 0.8  # achieved / nominal bus bandwidth for large collectives
     gpus_per_node: int = 8  # the usual server
     price_per_hour: float = 0.0  # USD per GPU-hour, a typical cloud on-demand figure
+    # host time of one transformer block's forward + backward per micro-batch beyond its FLOPs
+    # (Python, dispatcher, autograd), measured by `shardwise calibrate`; 0 in the catalog: on a
+    # GPU the host queues kernels ahead of the device, which the FLOPs keep busy
+    block_overhead_us: float = 0.0
     source: str = ""
 
     @property

@@ -62,8 +62,11 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
         raise ShardwiseError(f"unknown pipeline stage {stage!r}; use one of {', '.join(STAGES)}")
     if at not in ("peak", "step"):
         raise ShardwiseError(f"unknown moment {at!r}; use peak or step")
+    lasts = STAGES[stage]
+    if len(lasts) == 2 and _one_stage(plan.pp):  # pp = 1: the first stage's rank is the last's
+        lasts = lasts[:1]
     moments = []
-    for last in STAGES[stage]:
+    for last in lasts:
         if profile == "torch":
             ms = _torch(model, plan, last, attention)
             moments += ms[-1:] if at == "step" else ms  # the optimizer step is each list's last moment
@@ -80,6 +83,12 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
     for f in FIELDS.values():
         setattr(mem, f, int(getattr(mem, f)))
     return mem
+
+
+def _one_stage(pp) -> bool:
+    if _is_array(pp):
+        return bool((pp == 1).all())
+    return pp == 1
 
 
 def _peak(moments: list[dict]) -> dict:

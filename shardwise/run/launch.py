@@ -126,6 +126,9 @@ def worker(cfg: RunConfig, device: str) -> int:
     rdist.init_distributed(dev, cfg.train.timeout_s)
     try:
         train(cfg, dev)
+        # every rank is done before any tears its connections down: a gloo peer whose
+        # connection closes under it can abort ("terminate called without an active exception")
+        dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

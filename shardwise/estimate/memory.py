@@ -281,9 +281,37 @@ def _torch(model, plan, last: bool, attention: str) -> list[dict]:
     fsdp = where(plan.dp > 1, 1, 0)
     if not _is_array(fsdp):
         return _torch_fsdp(model, plan, last, attention) if fsdp else _torch_local(model, plan, last, attention)
+    align = lambda b: b[:1] + [{}, {}] + b[1:]  # noqa: E731 (the local engines have one moment A and no B)
+    mask = plan.dp > 1
+    if mask.all() or not mask.any():  # one engine for every plan: the other's items are all 0
+        if mask.all():
+            a, b = _torch_fsdp(model, plan, last, attention), align(_moment_names(_torch_local, model, plan, last, attention))
+        else:
+            a, b = align(_torch_local(model, plan, last, attention)), _moment_names(_torch_fsdp, model, plan, last, attention)
+        return [{**dict.fromkeys(names, 0), **x} for x, names in zip(a, b)]
     a, b = _torch_fsdp(model, plan, last, attention), _torch_local(model, plan, last, attention)
-    b = b[:1] + [{}, {}] + b[1:]  # align: the local engines have one moment A and no B
-    return [_Blend(plan.dp > 1, x, y) for x, y in zip(a, b)]
+    return [_Blend(mask, x, y) for x, y in zip(a, align(b))]
+
+
+_NAMES: dict = {}
+
+
+def _moment_names(engine, model, plan, last: bool, attention: str) -> list[tuple]:
+    """The item names of each moment `engine` (_torch_fsdp, _torch_local) gives an array plan.
+    Formulas never branch on numeric fields (_num), so the names depend on the categorical ones
+    only: found once, from a scalar plan made of the array plan's first element."""
+    key = (engine, model, plan.zero, plan.schedule, plan.recompute, plan.sp, plan.precision, plan.optimizer,
+           plan.offload, last, attention)
+    names = _NAMES.get(key)
+    if names is None:
+        import numpy as np
+
+        one = plan.replace(**{f: int(np.ravel(getattr(plan, f))[0]) for f in ("dp", "tp", "pp", "mbs", "gbs", "vpp",
+                                                                              "seq")})
+        if len(_NAMES) >= 1024:
+            _NAMES.clear()
+        names = _NAMES[key] = [tuple(m) for m in engine(model, one, last, attention)]
+    return names
 
 
 class _Blend(NamedTuple):

@@ -98,11 +98,10 @@ def _peak(moments: list[dict]) -> dict:
     return {k: best.get(k, 0) for k in keys}
 
 
-def _fill(rows, keys, items: dict) -> None:
-    for j, k in enumerate(keys):
-        v = items.get(k)
-        if v is not None:
-            rows[j] = v
+def _fill(rows, index: dict, items: dict) -> None:
+    for k, v in items.items():
+        if type(v) is not int or v:  # rows start at 0
+            rows[index[k]] = v
 
 
 def _peak_arrays(moments: list[dict], plan, mem: Memory) -> Memory:
@@ -112,15 +111,16 @@ def _peak_arrays(moments: list[dict], plan, mem: Memory) -> Memory:
 
     shape = np.broadcast(*(np.asarray(getattr(plan, f)) for f in ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq"))).shape
     keys = sorted({k for m in moments for d in (m[1:] if isinstance(m, _Blend) else (m,)) for k in d})
+    index = {k: j for j, k in enumerate(keys)}
     table = np.zeros((len(moments), len(keys)) + shape, dtype=np.int64)
     for i, m in enumerate(moments):
         if isinstance(m, _Blend):
             other = np.zeros((len(keys),) + shape, dtype=np.int64)
-            _fill(table[i], keys, m.a)
-            _fill(other, keys, m.b)
+            _fill(table[i], index, m.a)
+            _fill(other, index, m.b)
             np.copyto(table[i], other, where=~m.fsdp)
         else:
-            _fill(table[i], keys, m)
+            _fill(table[i], index, m)
     flat = table.reshape(len(moments), len(keys), -1)
     pick = flat.sum(axis=1).argmax(axis=0)  # argmax: the first of equal totals
     best = flat[pick, :, np.arange(flat.shape[2])].T.reshape((len(keys),) + shape)
@@ -369,9 +369,10 @@ def _torch_local(model, plan, last: bool, attention: str) -> list[dict]:
     if plan.offload == "optimizer":  # on the CPU, and stepped there
         states, temp = 0, 0
     ddp = where(plan.dp > 1, 1, 0)
+    flight = acts.inflight(plan, last)
     activations, buffers = _split(acts.rank_activations(
         model, plan, last=last, layout="torch", attention=attention, autocast=mixed, act=c,
-        res=4 if mixed else c, vocab=model.vocab))
+        res=4 if mixed else c, vocab=model.vocab, flight=flight))
     persistent = {"params.local": sb.param * n, "optimizer.states": states, "grads.ddp_buckets": ddp * sb.grad * n,
                   **OVERHEAD, **buffers}
     a = {**persistent, **activations}
@@ -382,7 +383,7 @@ def _torch_local(model, plan, last: bool, attention: str) -> list[dict]:
         # autocast's low-precision weight copies: run/model.py enters autocast per forward call,
         # so each micro-batch in flight holds the casts its graph saved (every Linear's weight);
         # with full recompute the blocks' casts are remade one block at a time
-        chunks, _, head_mbs = acts.inflight(plan, last)
+        chunks, _, head_mbs = flight
         v = plan.vpp if plan.schedule == "interleaved" else 1
         blocks = 1 if plan.recompute == "full" else chunks * (model.layers // (plan.pp * v))
         a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + head_mbs * z["head"] * z["out_linear"])
@@ -431,9 +432,10 @@ def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
     offload = plan.offload == "params"  # CPUOffloadPolicy: shards, gradients and the step on the CPU
     cpu_step = plan.offload != "none"  # the optimizer states (and so its step) on the CPU
     sharded_grads = 0 if offload else rb * s
+    flight = acts.inflight(plan, last)
     activations, buffers = _split(acts.rank_activations(
         model, plan, last=last, layout="torch", attention=attention, autocast=False, act=c, res=c,
-        vocab=model.vocab))
+        vocab=model.vocab, flight=flight))
     persistent = {"params.sharded": 0 if offload else sb.param * s, "optimizer.states": 0 if cpu_step else z["states"],
                   **OVERHEAD, **buffers}
 
@@ -462,7 +464,7 @@ def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
     # own transient), once the loss's temporaries and one micro-batch's saved head tensors are
     # freed (the caller, or the pipeline, still holds that micro-batch's logits)
     a_loss = {**a, "buffers.zero3_gather": 0, "buffers.reduce_scatter": 0, "act.block_backward": 0}
-    head_mbs = maximum(acts.inflight(plan, last)[2], 1)
+    head_mbs = maximum(flight[2], 1)
     a_block = {**a, "act.loss_backward": 0,
                "act.block_backward": acts.block_backward_bytes(model, plan, act=c, autocast=False)}
     for k in ("act.final_norm", "act.head_input", "act.loss_fp32", "act.targets"):

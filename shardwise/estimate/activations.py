@@ -271,6 +271,14 @@ def block_backward_bytes(model, plan, *, act, autocast: bool):
 
 
 # ---- the pipeline: micro-batches in flight ------------------------------------------------
+def _if(last, a, b):
+    """a on the last pipeline stage's rank, else b. `last` is a bool, or a bool array when
+    memory() examines the first and the last stage's ranks of array plans in one pass."""
+    if last is True or last is False:
+        return a if last else b
+    return where(last, a, b)
+
+
 def inflight(plan, last: bool):
     """(chunks, chunks_on_first_stage, head_microbatches) at the peak of the first (last=False) or
     last pipeline rank, in torch.distributed.pipelining's orders (see estimate/pipeline.py).
@@ -287,7 +295,7 @@ def inflight(plan, last: bool):
     Without a pipeline (pp = 1) one micro-batch is in flight.
     """
     pp, m = plan.pp, plan.grad_accum
-    r = pp - 1 if last else 0
+    r = _if(last, pp - 1, 0)
     interleaved = plan.schedule == "interleaved"
     v = plan.vpp if interleaved else 1
     if plan.schedule == "gpipe":
@@ -313,10 +321,10 @@ def rank_activations(model, plan, *, last: bool, layout: str, attention: str, au
     v = plan.vpp if plan.schedule == "interleaved" else 1
     chunks, first_stage_chunks, head_mbs = flight or inflight(plan, last)
     pipelined = where(pp > 1, 1, 0)
-    holds_first = 1 - pipelined if last else 1  # the rank holds global stage 0
-    holds_last = 1 if last else 1 - pipelined
-    embed_mbs = first_stage_chunks * holds_first if last else first_stage_chunks
-    head_mbs = head_mbs if last else head_mbs * holds_last
+    holds_first = _if(last, 1 - pipelined, 1)  # the rank holds global stage 0
+    holds_last = _if(last, 1, 1 - pipelined)
+    embed_mbs = first_stage_chunks if last is False else first_stage_chunks * holds_first
+    head_mbs = head_mbs if last is True else head_mbs * holds_last
     bs = b * s  # rows of a [b, s] tensor
     rows = b * (s // tp) if sp else bs  # rows of the residual stream, sequence-sharded with sp
 

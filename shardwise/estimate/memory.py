@@ -65,14 +65,13 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
     lasts = STAGES[stage]
     if len(lasts) == 2 and _one_stage(plan.pp):  # pp = 1: the first stage's rank is the last's
         lasts = lasts[:1]
+    mem = Memory(capacity=cluster.gpu.memory_bytes)
+    if vec and len(lasts) == 2:  # array plans: both ranks in one pass, the plans twice over
+        both, last = _both_stages(plan)
+        return _peak_arrays(_moments(model, both, last, profile, attention, at), plan, mem, stages=2)
     moments = []
     for last in lasts:
-        if profile == "torch":
-            ms = _torch(model, plan, last, attention)
-            moments += ms[-1:] if at == "step" else ms  # the optimizer step is each list's last moment
-        else:
-            moments.append(_paper(model, plan, last, profile, attention))
-    mem = Memory(capacity=cluster.gpu.memory_bytes)
+        moments += _moments(model, plan, last, profile, attention, at)
     if vec:
         return _peak_arrays(moments, plan, mem)
     detail = _peak(moments)
@@ -83,6 +82,30 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
     for f in FIELDS.values():
         setattr(mem, f, int(getattr(mem, f)))
     return mem
+
+
+def _moments(model, plan, last, profile: str, attention: str, at: str) -> list:
+    if profile != "torch":
+        return [_paper(model, plan, last, profile, attention)]
+    ms = _torch(model, plan, last, attention)
+    return ms[-1:] if at == "step" else ms  # the optimizer step is each list's last moment
+
+
+def _both_stages(plan):
+    """An array plan's numeric fields twice over along a new first axis, and `last` along it:
+    False (the first stage's rank), then True (the last stage's)."""
+    import numpy as np
+
+    fields = ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq")
+    values = [np.asarray(getattr(plan, f)) for f in fields]
+    shape = (2,) + np.broadcast(*values).shape
+    twice = {}
+    for f, v in zip(fields, values):
+        twice[f] = np.empty(shape, dtype=v.dtype)
+        twice[f][...] = v
+    last = np.zeros(shape, dtype=bool)
+    last[1] = True
+    return plan.replace(**twice), last
 
 
 def _one_stage(pp) -> bool:
@@ -104,26 +127,29 @@ def _fill(rows, index: dict, items: dict) -> None:
             rows[index[k]] = v
 
 
-def _peak_arrays(moments: list[dict], plan, mem: Memory) -> Memory:
+def _peak_arrays(moments: list[dict], plan, mem: Memory, stages: int = 1) -> Memory:
     """_peak element by element for array plans, as one int64 table [moment, item, plan]: every
-    field and item of `mem` becomes an int64 array of the plans' shape."""
+    field and item of `mem` becomes an int64 array of the plans' shape. stages=2: the moments are
+    of _both_stages(plan) (a leading axis of 2), taken as the first stage's, then the last's."""
     import numpy as np
 
     shape = np.broadcast(*(np.asarray(getattr(plan, f)) for f in ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq"))).shape
     keys = sorted({k for m in moments for d in (m[1:] if isinstance(m, _Blend) else (m,)) for k in d})
     index = {k: j for j, k in enumerate(keys)}
-    table = np.zeros((len(moments), len(keys)) + shape, dtype=np.int64)
+    table = np.zeros((len(moments), len(keys)) + ((2,) if stages == 2 else ()) + shape, dtype=np.int64)
     for i, m in enumerate(moments):
         if isinstance(m, _Blend):
-            other = np.zeros((len(keys),) + shape, dtype=np.int64)
+            other = np.zeros_like(table[i])
             _fill(table[i], index, m.a)
             _fill(other, index, m.b)
             np.copyto(table[i], other, where=~m.fsdp)
         else:
             _fill(table[i], index, m)
-    flat = table.reshape(len(moments), len(keys), -1)
-    pick = flat.sum(axis=1).argmax(axis=0)  # argmax: the first of equal totals
-    best = flat[pick, :, np.arange(flat.shape[2])].T.reshape((len(keys),) + shape)
+    flat = table.reshape(len(moments), len(keys), stages, -1)  # [moment, item, stage, plan]
+    totals = flat.sum(axis=1).transpose(1, 0, 2).reshape(stages * len(moments), -1)  # the first stage's first
+    pick = totals.argmax(axis=0)  # argmax: the first of equal totals
+    n = np.arange(totals.shape[1])
+    best = flat[pick % len(moments), :, pick // len(moments), n].T.reshape((len(keys),) + shape)
     fields, starts = _field_runs(tuple(keys))
     sums = np.add.reduceat(best, starts, axis=0) if keys else ()
     for f in FIELDS.values():
@@ -300,12 +326,13 @@ def _moment_names(engine, model, plan, last: bool, attention: str) -> list[tuple
     """The item names of each moment `engine` (_torch_fsdp, _torch_local) gives an array plan.
     Formulas never branch on numeric fields (_num), so the names depend on the categorical ones
     only: found once, from a scalar plan made of the array plan's first element."""
+    import numpy as np
+
+    last = bool(np.ravel(last)[0])  # (both stages at once: the stage changes values, not names)
     key = (engine, model, plan.zero, plan.schedule, plan.recompute, plan.sp, plan.precision, plan.optimizer,
            plan.offload, last, attention)
     names = _NAMES.get(key)
     if names is None:
-        import numpy as np
-
         one = plan.replace(**{f: int(np.ravel(getattr(plan, f))[0]) for f in ("dp", "tp", "pp", "mbs", "gbs", "vpp",
                                                                               "seq")})
         if len(_NAMES) >= 1024:

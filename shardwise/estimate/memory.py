@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from heapq import heapify, heappop, heappush
+from heapq import heapify, heapreplace
 from typing import NamedTuple
 
 from shardwise.breakdown import Memory
@@ -341,6 +341,9 @@ def _moment_names(engine, model, plan, last: bool, attention: str) -> list[tuple
     return names
 
 
+_moment_names.cache_clear = _NAMES.clear
+
+
 class _Blend(NamedTuple):
     """A moment of array plans that mix dp > 1 (FSDP2's items) and dp = 1 (the local engines')."""
 
@@ -511,25 +514,48 @@ def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
 # ---- ZeroRedundancyOptimizer's partition -------------------------------------------------------
 def stage_param_shapes(model, tp: int, pp: int, last: bool) -> list[tuple[int, ...]]:
     """The local shapes of one pipeline rank's parameters in registration order (scalars only)."""
-    named = model.param_shapes()
-    if pp > 1:
-        keep_embed, keep_head = not last, last
-        layers = set(range(model.layers - model.layers // pp, model.layers)) if last else \
-            set(range(model.layers // pp))
-        out = []
-        for name, shape in named:
-            top = name.split(".")[0]
-            if top in ("tok_embeddings", "pos_embeddings") and not keep_embed:
-                continue
-            if top in ("norm", "output") and not keep_head:
-                continue
-            if top == "layers" and int(name.split(".")[1]) not in layers:
-                continue
-            out.append((name, shape))
-        if last and model.tied_embeddings:
-            out.append(("output.weight", (model.vocab, model.hidden)))
-        named = out
-    return [_local(_param(n, s), tp) for n, s in named]
+    return [_local(p, tp) for p in _stage_params(model, pp, bool(last))]
+
+
+@lru_cache(maxsize=64)
+def _named_params(model) -> tuple:
+    """(top-level module, layer index or -1, _Param) of every parameter, in registration order."""
+    out = []
+    for name, shape in model.param_shapes():
+        parts = name.split(".")
+        out.append((parts[0], int(parts[1]) if parts[0] == "layers" else -1, _param(name, shape)))
+    return tuple(out)
+
+
+@lru_cache(maxsize=1024)
+def _stage_params(model, pp: int, last: bool) -> tuple[_Param, ...]:
+    named = _named_params(model)
+    if pp == 1:
+        return tuple(p for _, _, p in named)
+    keep_embed, keep_head = not last, last
+    lo, hi = (model.layers - model.layers // pp, model.layers) if last else (0, model.layers // pp)
+    out = []
+    for top, layer, p in named:
+        if top in ("tok_embeddings", "pos_embeddings") and not keep_embed:
+            continue
+        if top in ("norm", "output") and not keep_head:
+            continue
+        if top == "layers" and not lo <= layer < hi:
+            continue
+        out.append(p)
+    if last and model.tied_embeddings:
+        out.append(_param("output.weight", (model.vocab, model.hidden)))
+    return tuple(out)
+
+
+@lru_cache(maxsize=1024)
+def _zero1_items(model, tp: int, pp: int, last: bool, optimizer: str, sb) -> tuple:
+    """(numel, optimizer bytes) of the rank's parameters, per ZeroRedundancyOptimizer group
+    (matrices, then vectors), each sorted by numel, largest first (a stable sort)."""
+    shapes = stage_param_shapes(model, tp, pp, last)
+    return tuple(tuple((_numel(s), optimizer_bytes(optimizer, s, sb))
+                       for s in sorted((s for s in shapes if (len(s) >= 2) == matrices), key=_numel, reverse=True))
+                 for matrices in (True, False))
 
 
 @lru_cache(maxsize=4096)
@@ -540,19 +566,17 @@ def _zero1_worst(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, s
     matrices with weight decay, then vectors), parameters sorted by numel, largest first (a stable
     sort), each to the rank with the smallest total so far (the first such rank). Under DDP the
     parameters are local TP shards. The local optimizer then steps only its own parameters."""
-    shapes = stage_param_shapes(model, tp, pp, last)
     heap = [(0, r) for r in range(dp)]
     heapify(heap)
     states, numel_by_group, largest = [0] * dp, [[0, 0] for _ in range(dp)], [0] * dp
-    for group in (0, 1):
-        members = [s for s in shapes if (len(s) >= 2) == (group == 0)]
-        for shape in sorted(members, key=_numel, reverse=True):
-            size, r = heappop(heap)
-            n = _numel(shape)
-            heappush(heap, (size + n, r))
-            states[r] += optimizer_bytes(optimizer, shape, sb)
+    for group, items in enumerate(_zero1_items(model, tp, pp, last, optimizer, sb)):
+        for n, nbytes in items:
+            size, r = heap[0]  # (totals differ by rank index: the order of pops is the heap's order)
+            heapreplace(heap, (size + n, r))
+            states[r] += nbytes
             numel_by_group[r][group] += n
-            largest[r] = max(largest[r], n)
+            if n > largest[r]:
+                largest[r] = n
     worst = max(range(dp), key=lambda r: (states[r], -r))
     if optimizer == "adamw":  # DDP's local shards are plain tensors: foreach
         temp = step_temp_bytes("adamw", max(numel_by_group[worst]), sb, foreach=True)

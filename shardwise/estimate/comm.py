@@ -259,15 +259,12 @@ def ddp_buckets(model, plan, nbytes: int):
     chunks = chunks_per_rank(plan.vpp, plan.schedule)
     if not _num._is_array(plan.tp, plan.pp, chunks):
         return sum(ddp_bucket_sizes(model, plan, nbytes).values())
-    import numpy as np
+    return _ddp_calls(model, plan.tp, plan.pp, chunks, nbytes, bool(plan.sp))["calls"]
 
-    tp, pp, ch = np.broadcast_arrays(np.asarray(plan.tp), np.asarray(plan.pp), np.asarray(chunks))
-    keys = np.stack([tp.ravel(), pp.ravel(), ch.ravel()], axis=1)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-    counts = np.array([sum(n for _, n in _ddp_sizes(model, int(t), int(p), int(c), nbytes, bool(plan.sp)))
-                       for t, p, c in uniq],
-                      dtype=np.int64)
-    return counts[inv.ravel()].reshape(tp.shape)
+
+@memo
+def _ddp_calls(model, tp, pp, chunks, nbytes, sp):
+    return {"calls": sum(n for _, n in _ddp_sizes(model, int(tp), int(pp), int(chunks), nbytes, sp))}
 
 
 @lru_cache(maxsize=4096)
@@ -353,12 +350,16 @@ class _Net(NamedTuple):
     bw: object
     lat: object
     name: object  # "intra-node" | "network"
+    steps: dict  # kind -> latency steps of one call (_LAT_STEPS) = its wire factor (n-1 or 2(n-1))
 
 
 def group_net(cluster, n, stride, arr: bool) -> _Net:
     intra, bw, lat = link(cluster, n, stride, arr)
     name = where(intra, "intra-node", "network") if arr else ("intra-node" if intra else "network")
-    return _Net(n, n > 1, intra, bw, lat, name)
+    one, ring = 1 + 0 * n, n - 1
+    steps = {"all-reduce": 2 * ring, "all-gather": ring, "reduce-scatter": ring, "broadcast": ring, "send": one,
+             "recv": one}
+    return _Net(n, n > 1, intra, bw, lat, name, steps)
 
 
 def make(cluster, kind: str, group: str, n, stride, count, what: str, *, per_call=None, total=None,
@@ -380,10 +381,12 @@ def make(cluster, kind: str, group: str, n, stride, count, what: str, *, per_cal
         count = count if net.multi else 0
         total = per_call * count if total is None else (total if count > 0 else 0)
         sizes, calls = (dict(sizes) if sizes and count else {}), max(count, 1)
-    wire = wire_bytes(kind, n, total)
+    steps = net.steps[kind]
+    # wire_bytes(): all-reduce 2(n-1)/n, all-gather, reduce-scatter and broadcast (n-1)/n of the total
+    wire = total if kind == "send" else 0 * total if kind == "recv" else steps * total // n
     moved = total if kind in ("broadcast", "send", "recv") else wire
     return Collective(kind=kind, group=group, ranks=n, bytes=total // calls, count=count, wire_bytes=wire,
-                      seconds=count * _LAT_STEPS[kind](n) * net.lat + moved / net.bw, what=what, link=net.name,
+                      seconds=count * steps * net.lat + moved / net.bw, what=what, link=net.name,
                       overlapped=overlapped, sizes=sizes)
 
 
@@ -396,8 +399,10 @@ def collectives(model, cluster, plan, profile: str = "torch") -> list[Collective
         raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)}")
     dt = dtypes(profile, plan)
     arr = _num._is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq)
-    out = (_tp(model, cluster, plan, profile, dt, arr) + _pp(model, cluster, plan, dt, arr)
-           + _dp(model, cluster, plan, profile, dt, arr))
+    # (one plan: a group of one rank makes no calls, and its entries would be dropped below)
+    out = ((_tp(model, cluster, plan, profile, dt, arr) if arr or plan.tp > 1 else [])
+           + (_pp(model, cluster, plan, dt, arr) if arr or plan.pp > 1 else [])
+           + (_dp(model, cluster, plan, profile, dt, arr) if arr or plan.dp > 1 else []))
     if profile == "torch":
         out += _engine(model, cluster, plan, dt, arr)
     return out if arr else [c for c in out if c.count > 0]

@@ -61,10 +61,11 @@ def memo(fn):
     tables: dict = {}  # (scalar arguments, array positions) -> [keys, names, values]
 
     def wrapper(*args):
-        pos = tuple(i for i, a in enumerate(args) if getattr(a, "shape", None))
-        if not pos:
+        if not _is_array(*args):
             return cached(*args)
         import numpy as np
+
+        pos = tuple(i for i, a in enumerate(args) if getattr(a, "shape", None))
 
         cols = [args[i] for i in pos]
         shape = cols[0].shape

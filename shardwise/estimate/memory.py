@@ -75,12 +75,11 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
     if vec:
         return _peak_arrays(moments, plan, mem)
     detail = _peak(moments)
-    for key, value in detail.items():
-        field = FIELDS[key.split(".", 1)[0]]
-        setattr(mem, field, getattr(mem, field) + value)
+    fields, starts = _field_runs(tuple(detail))
+    values = list(detail.values())
+    for f, a, b in zip(fields, starts, starts[1:] + (len(values),)):
+        setattr(mem, f, int(sum(values[a:b])))
     mem.detail = {k: int(v) for k, v in detail.items() if v}
-    for f in FIELDS.values():
-        setattr(mem, f, int(getattr(mem, f)))
     return mem
 
 
@@ -354,8 +353,13 @@ class _Blend(NamedTuple):
 
 def _split(items: dict) -> tuple[dict, dict]:
     """(activations, persistent pipeline buffers) of rank_activations' items."""
-    return ({k: v for k, v in items.items() if k.startswith("act.")},
-            {k: v for k, v in items.items() if k.startswith("buffers.")})
+    activations, buffers = {}, {}
+    for k, v in items.items():
+        if k.startswith("act."):
+            activations[k] = v
+        elif k.startswith("buffers."):
+            buffers[k] = v
+    return activations, buffers
 
 
 @memo

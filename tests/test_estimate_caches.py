@@ -80,3 +80,10 @@ def test_one_stage_is_both_first_and_last(profile, model):
                 last = memory(m, cluster, plan, profile, attention=attention, stage="last")
                 worst = memory(m, cluster, plan, profile, attention=attention)
                 assert first.to_dict() == last.to_dict() == worst.to_dict(), (profile, zero, kw, attention)
+
+
+def test_memo_refuses_non_integers_rather_than_truncate():
+    g = memo(lambda model, a: {"x": a / 2})
+    assert g("m", 3) == {"x": 1.5}  # one plan: the function itself
+    with pytest.raises(TypeError, match="int64"):
+        g("m", np.array([3, 4]))

@@ -66,7 +66,6 @@ def memo(fn):
         import numpy as np
 
         pos = tuple(i for i, a in enumerate(args) if getattr(a, "shape", None))
-
         cols = [args[i] for i in pos]
         shape = cols[0].shape
         if any(c.shape != shape for c in cols):
@@ -103,7 +102,10 @@ def memo(fn):
                     call[i] = v
                 results.append(cached(*call))
             names = table[1] if table is not None else tuple(results[0])
-            block = np.array([[r[k] for r in results] for k in names], dtype=np.int64).reshape(len(names), -1)
+            rows = [[r[k] for r in results] for k in names]
+            if not all(isinstance(v, (int, np.integer)) for row in rows for v in row):
+                raise TypeError(f"memo keeps int64 tables: {fn.__name__} returned a non-integer")
+            block = np.array(rows, dtype=np.int64).reshape(len(names), -1)
             if table is not None:
                 new, block = np.concatenate([table[0], new]), np.concatenate([table[2], block], axis=1)
             order = np.argsort(new, kind="stable")

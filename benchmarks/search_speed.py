@@ -84,7 +84,8 @@ def main() -> None:
         t = r["tally"]
         warm, cold = statistics.median(r["warm"]), statistics.median(r["cold"])
         print(f"{label}\n"
-              f"  {t.enumerated:,} enumerated, {t.legal:,} legal, {t.estimated:,} estimated, {t.timed:,} fit and timed\n"
+              f"  {t.enumerated:,} enumerated, {t.legal:,} legal, {t.estimated:,} estimated, "
+              f"{t.timed:,} fit and timed\n"
               f"  vectorized pass, warm: {warm * 1e3:6.1f} ms = {t.enumerated / warm:9,.0f} plans/s, "
               f"{t.estimated / warm:9,.0f} estimated plans/s\n"
               f"  vectorized pass, cold: {cold * 1e3:6.1f} ms = {t.enumerated / cold:9,.0f} plans/s, "

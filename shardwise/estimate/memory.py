@@ -310,9 +310,11 @@ def _torch(model, plan, last: bool, attention: str) -> list[dict]:
     mask = plan.dp > 1
     if mask.all() or not mask.any():  # one engine for every plan: the other's items are all 0
         if mask.all():
-            a, b = _torch_fsdp(model, plan, last, attention), align(_moment_names(_torch_local, model, plan, last, attention))
+            a = _torch_fsdp(model, plan, last, attention)
+            b = align(_moment_names(_torch_local, model, plan, last, attention))
         else:
-            a, b = align(_torch_local(model, plan, last, attention)), _moment_names(_torch_fsdp, model, plan, last, attention)
+            a = align(_torch_local(model, plan, last, attention))
+            b = _moment_names(_torch_fsdp, model, plan, last, attention)
         return [{**dict.fromkeys(names, 0), **x} for x, names in zip(a, b)]
     a, b = _torch_fsdp(model, plan, last, attention), _torch_local(model, plan, last, attention)
     return [_Blend(mask, x, y) for x, y in zip(a, align(b))]

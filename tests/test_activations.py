@@ -212,6 +212,22 @@ def test_pipeline_buffers_and_stage_output():
 
 
 # ---- torch cross-check: what autograd really saves ------------------------------------------
+def _saved_storages(module, seen: dict):
+    """A saved_tensors_hooks context that records {storage: bytes} of every distinct storage
+    autograd saves for backward, the module's parameters excluded."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
 def _saved_bytes(spec, b, s, *, kernel="flash", selective=False, full=False, autocast=False):
     """Bytes of distinct storages the run tier's Block saves for backward (parameters excluded)."""
     import torch
@@ -222,19 +238,11 @@ def _saved_bytes(spec, b, s, *, kernel="flash", selective=False, full=False, aut
     torch.manual_seed(0)
     block = Block(spec).train()
     block.attention.recompute_core, block.recompute = selective, full
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     x = torch.randn(b, s, spec.hidden, requires_grad=True)
     seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
     backend = SDPBackend.MATH if kernel == "math" else SDPBackend.FLASH_ATTENTION
     cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
-    with sdpa_kernel(backend), cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with sdpa_kernel(backend), cast, _saved_storages(block, seen):
         block(x)
     return sum(seen.values())
 
@@ -292,18 +300,10 @@ def test_whole_model_saved_tensors(spec):
 
     torch.manual_seed(0)
     model = Transformer(spec).train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tokens = torch.randint(0, spec.vocab, (b, s + 1))
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:]
     seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _saved_storages(model, seen):
         F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
     plan = Plan(dp=1, mbs=b, gbs=b, seq=s, precision="fp32")
     items = rank_activations(spec, plan, last=True, layout="torch", attention="flash", autocast=False, act=4,

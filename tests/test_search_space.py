@@ -10,16 +10,7 @@ import pytest
 from shardwise import Plan, ShardwiseError, preset
 from shardwise.search.space import Space, check_fixed
 from shardwise.spec.plan import violation
-
-
-def _plans(space: Space) -> list[Plan]:
-    """Every generated candidate as a scalar Plan."""
-    out = []
-    for fam in space.families():
-        grid = space.grid(fam["sp"], fam["schedule"])
-        for var in space.variants():
-            out += [space.scalar(grid, fam | var, i) for i in range(len(grid["dp"]))]
-    return out
+from test_search import generated as _plans  # every candidate as a scalar Plan, in generation order
 
 
 def _key(p: Plan) -> tuple:

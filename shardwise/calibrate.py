@@ -16,9 +16,12 @@ rank's share of them). Measured:
                  on relative error, so `a` and `B` are the figures that make the estimate's
                  formulas reproduce this machine (link_efficiency 1: B is already achieved)
     memory_gib   CUDA: the device's memory; CPU: the memory available now, split over the ranks
-    block_overhead_us (with a run config) the host's fixed time per block per micro-batch: the
-                 model at a few tokens with 1 and 5 blocks, the difference per block less its FLOPs;
-                 the step efficiency is then measured with that time taken out
+    efficiency   (with a run config) a whole training step's FLOP/s at the config's shapes over the
+                 matmul figure, with the step's fixed host time taken out (the model at a few
+                 tokens with 1 and 5 blocks: the time per block and the rest)
+    host_us      the engines' host time per block, micro-batch and step (calibrate_host.py): each
+                 engine trains the config's model (default: DEFAULT_PROBE_MODEL) at a probe size
+                 with the run tier's own Engine; what the estimate predicts is taken out
 The network table carries the same link figures: every rank is on this one machine.
 """
 from __future__ import annotations
@@ -38,7 +41,9 @@ MIN_SECONDS = 0.05  # time each point for at least this long per round (more cal
 ROUNDS = 3
 STANDARD_DIMS = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 STANDARD_TOKENS = {"cpu": 512, "cuda": 8192}
-OVERHEAD_SEQ, OVERHEAD_BLOCKS = 8, 4  # the host-overhead benchmark: 8 tokens, 1 vs 5 blocks
+OVERHEAD_SEQ, OVERHEAD_BLOCKS = 8, 4  # the efficiency's host time: 8 tokens, 1 vs 5 blocks
+# the host probe's model without a run config: Llama's architecture at laptop size (examples/tiny-llama.toml)
+DEFAULT_PROBE_MODEL = {"preset": "llama-2-7b", "layers": 1, "hidden": 128, "heads": 4, "vocab": 256}
 
 
 @dataclass
@@ -61,7 +66,9 @@ class Result:
     efficiency: float = 0.0  # a whole training step's FLOP/s over the matmul figure (with a run config)
     efficiency_dtype: str = ""
     efficiency_model: str = ""
-    block_overhead_us: float = 0.0  # host time per block per micro-batch beyond its FLOPs (with a run config)
+    host_us: dict = field(default_factory=dict)  # engine -> {block, microbatch, step} us (calibrate_host.py)
+    host_model: str = ""
+    notes: list[str] = field(default_factory=list)
 
     def toml(self) -> str:
         tf = ", ".join(f"{k} = {v:.4g}" for k, v in self.tflops.items())
@@ -82,7 +89,8 @@ class Result:
             "link_efficiency = 1.0",
             f"gpus_per_node = {self.nproc}",
             "price_per_hour = 0.0",
-            f"block_overhead_us = {self.block_overhead_us:.4g}",
+            f"# engines' host time in us beyond FLOPs and collectives, {self.host_model or 'not measured'}",
+            f"host_us = {{ {host_toml(self.host_us)} }}",
             f'source = "{src}"',
             "",
             f"[network.{self.name}]",
@@ -101,6 +109,12 @@ class Result:
             f'source = "forward + backward of {self.efficiency_model}, timed on every rank at once"',
             "",
         ] if self.efficiency else []))
+
+
+def host_toml(host: dict) -> str:
+    """{engine: {term: us}} as the inside of an inline TOML table (quoted keys: tp-sp has a dash)."""
+    return ", ".join(f'"{e}" = {{ ' + ", ".join(f"{t} = {v:.4g}" for t, v in terms.items()) + " }"
+                     for e, terms in host.items())
 
 
 # ---- shapes -------------------------------------------------------------------------------------
@@ -313,30 +327,28 @@ def _step_seconds(local, mbs: int, seq: int, precision: str, device, min_s: floa
     return _timed(run, device, min_s)
 
 
-def block_overhead_s(spec, plan, device, rate: float, min_s: float = MIN_SECONDS) -> float:
-    """Host seconds of one block's forward + backward beyond its FLOPs: the tp-local model with 1
-    and 1 + OVERHEAD_BLOCKS blocks, timed on OVERHEAD_SEQ tokens (FLOPs next to nothing), the
-    difference per block less that block's FLOPs at the measured matmul rate (FLOP/s)."""
-    from shardwise.estimate.time import layer_forward_flops_per_token
-
+def fixed_host_s(spec, plan, device, min_s: float = MIN_SECONDS) -> tuple[float, float]:
+    """(per block, the rest): host seconds of a plain forward + backward beyond its FLOPs, from
+    the tp-local model with 1 and 1 + OVERHEAD_BLOCKS blocks timed on OVERHEAD_SEQ tokens (FLOPs
+    next to nothing: t = rest + blocks * per block)."""
     seq = min(OVERHEAD_SEQ, plan.seq)
-    t = [_step_seconds(_tp_local(spec, plan.tp, layers=n), 1, seq, plan.precision, device, min_s)
-         for n in (1, 1 + OVERHEAD_BLOCKS)]
-    flops = 3 * layer_forward_flops_per_token(_tp_local(spec, plan.tp), seq) * seq
-    return max(0.0, (t[1] - t[0]) / OVERHEAD_BLOCKS - flops / rate)
+    t1, t2 = (_step_seconds(_tp_local(spec, plan.tp, layers=n), 1, seq, plan.precision, device, min_s)
+              for n in (1, 1 + OVERHEAD_BLOCKS))
+    block = max(0.0, (t2 - t1) / OVERHEAD_BLOCKS)
+    return block, max(0.0, t1 - block)
 
 
-def step_tflops(spec, plan, device, min_s: float = MIN_SECONDS, overhead_s: float = 0.0) -> float:
+def step_tflops(spec, plan, device, min_s: float = MIN_SECONDS, host_s: tuple[float, float] = (0.0, 0.0)) -> float:
     """Achieved TFLOP/s of a training step's forward + backward of the reference model as one
     tensor-parallel rank computes it (its q/k/v, FFN and vocabulary divided by tp), at the plan's
     micro-batch, sequence and precision; FLOPs counted as the estimate counts them (time.py).
-    overhead_s: each block's fixed host time (block_overhead_s), taken out of the step first, as
-    the estimate adds it back."""
+    host_s: (per block, the rest) of fixed_host_s, taken out of the step first: the estimate adds
+    the engines' host time (host_us) on its own."""
     from shardwise.estimate.time import forward_flops_per_token
 
     local = _tp_local(spec, plan.tp)
     t = _step_seconds(local, plan.mbs, plan.seq, plan.precision, device, min_s)
-    busy = max(t - local.layers * overhead_s, 0.05 * t)  # the overhead is measured apart: never all of it
+    busy = max(t - local.layers * host_s[0] - host_s[1], 0.05 * t)  # measured apart: never all of it
     flops = 3 * forward_flops_per_token(local, plan.seq) * plan.mbs * plan.seq
     return flops / busy / 1e12
 
@@ -377,10 +389,9 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
         from shardwise.estimate.time import PEAK_DTYPE
 
         spec, plan = ModelSpec(**model[0]), Plan(**model[1])
-        rate = out["tflops"].get(PEAK_DTYPE[plan.precision], out["tflops"]["fp32"]) * 1e12
-        out["block_overhead_s"] = _mean_over_ranks(block_overhead_s(spec, plan, device, rate, min_s), device)
-        out["step_tflops"] = _mean_over_ranks(step_tflops(spec, plan, device, min_s, out["block_overhead_s"]),
-                                              device)
+        host = tuple(_mean_over_ranks(x, device) for x in fixed_host_s(spec, plan, device, min_s))
+        out["step_tflops"] = _mean_over_ranks(step_tflops(spec, plan, device, min_s, host), device)
+    out["host_us"], out["host_notes"], out["host_model"] = _host_probe(out, n, device, model, quick)
     if device.type == "cuda":
         out["memory"] = torch.cuda.get_device_properties(device).total_memory
         out["device_name"] = torch.cuda.get_device_name(device)
@@ -390,6 +401,38 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
                              f"{torch.get_num_threads()} thread(s) per rank"
     out["backend"] = dist.get_backend() if dist.is_initialized() else ("nccl" if device.type == "cuda" else "gloo")
     return out
+
+
+def _host_probe(out: dict, n: int, device, model, quick: bool) -> tuple[dict, list[str], str]:
+    """The engines' host time (calibrate_host.py), on the cluster these figures describe."""
+    from shardwise import calibrate_host as ch
+    from shardwise.spec.hardware import GPU, Cluster, Network
+    from shardwise.spec.model import ModelSpec, load_model
+
+    if model is not None:
+        spec, precision = ModelSpec(**model[0]), model[1]["precision"]
+        eff = min(1.0, out["step_tflops"] / out["tflops"].get(_peak_dtype(precision), out["tflops"]["fp32"]))
+    else:
+        d = dict(DEFAULT_PROBE_MODEL)
+        spec = load_model(d.pop("preset")).scaled(**d)
+        precision, eff = ("bf16-mixed" if device.type == "cuda" else "fp32"), 1.0
+    a, bw = fit_link(out["samples"], n)[:2] if out["samples"] else (0.0, out["hbm_gbps"] * 1e9)
+    gpu = GPU(name="probe", memory_gib=max(out.get("memory", 2**30) / 2**30, 1.0), tflops=out["tflops"],
+              hbm_gbps=out["hbm_gbps"], link="", link_gbps=bw / 1e9, link_latency_us=a * 1e6, link_efficiency=1.0,
+              gpus_per_node=n)
+    net = Network(name="probe", gbits=bw * 8 / 1e9, latency_us=a * 1e6, efficiency=1.0)
+    cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=net)
+    if quick:
+        ch.STEPS, ch.WARMUP = 4, 2
+    host, notes = ch.measure(spec, precision, cluster, eff, device, n)
+    return host, notes, (f"each engine's Engine trained {spec.name} ({precision}) at {ch.PROBE_SEQ} tokens per "
+                         f"micro-batch on {n} rank(s)")
+
+
+def _peak_dtype(precision: str) -> str:
+    from shardwise.estimate.time import PEAK_DTYPE
+
+    return PEAK_DTYPE[precision]
 
 
 def _mean_over_ranks(x: float, device) -> float:
@@ -465,7 +508,8 @@ def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, sh
     return Result(name=(name or f"this-{device_kind}").lower(), device=device_kind, backend=out["backend"],
                   nproc=nproc, tflops=out["tflops"], hbm_gbps=out["hbm_gbps"], memory_gib=out["memory"] / 2**30,
                   latency_us=a * 1e6, gbps=bw / 1e9, link_samples=samples, fit_error=errs, shapes=shapes_text,
-                  device_name=out["device_name"], **_efficiency(out, model))
+                  device_name=out["device_name"], host_us=out["host_us"], host_model=out["host_model"],
+                  notes=out["host_notes"], **_efficiency(out, model))
 
 
 def _efficiency(out: dict, model) -> dict:
@@ -478,7 +522,6 @@ def _efficiency(out: dict, model) -> dict:
     if dtype not in out["tflops"]:
         return {}
     return {"efficiency": min(1.0, out["step_tflops"] / out["tflops"][dtype]), "efficiency_dtype": dtype,
-            "block_overhead_us": out.get("block_overhead_s", 0.0) * 1e6,
             "efficiency_model": f"{spec.name} as one tp={plan.tp} rank (mbs {plan.mbs}, seq {plan.seq}, "
                                 f"{plan.precision})"}
 
@@ -522,9 +565,11 @@ def print_result(r: Result, out: str, console=None) -> None:
     c.print("matmul  " + ", ".join(f"{k} {v * 1e3:,.1f} GFLOP/s" for k, v in r.tflops.items())
             + f" per rank at {r.shapes}", highlight=False)
     c.print(f"memory  {r.hbm_gbps:,.1f} GB/s copy bandwidth, {r.memory_gib:,.2f} GiB per rank", highlight=False)
-    if r.block_overhead_us:
-        c.print(f"host    {r.block_overhead_us:,.0f} us per block per micro-batch (forward + backward) beyond "
-                "its FLOPs", highlight=False)
+    for eng, terms in r.host_us.items():
+        c.print(f"host    {eng:<6} " + ", ".join(f"{v:,.0f} us per {t}" for t, v in terms.items())
+                + " beyond FLOPs and collectives", highlight=False)
+    for note in r.notes:
+        c.print(f"note    {note}", highlight=False)
     if r.efficiency:
         c.print(f"step    {r.efficiency:.3f} of the {r.efficiency_dtype} matmul rate in a training step of "
                 f"{r.efficiency_model} (use --efficiency {r.efficiency:.3f} with `shardwise estimate`)",

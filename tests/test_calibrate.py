@@ -73,14 +73,15 @@ def test_model_shapes_are_six_n_d():
 def test_hardware_file_round_trips(tmp_path):
     r = Result(name="box", device="cpu", backend="gloo", nproc=4, tflops={"fp32": 0.0214, "bf16": 0.05},
                hbm_gbps=12.5, memory_gib=5.25, latency_us=250.0, gbps=1.25, shapes="s", device_name="x86",
-               block_overhead_us=850.0)
+               host_us={"dp": {"block": 850.0, "microbatch": 120.0, "step": 3000.0},
+                        "tp-sp": {"block": 41000.0, "microbatch": 0.0, "step": 12.5}})
     f = tmp_path / "box.toml"
     f.write_text(r.toml())
     g = load_gpu("box", str(f))
     assert g.tflops == {"fp32": 0.0214, "bf16": 0.05}
     assert (g.memory_gib, g.hbm_gbps, g.link_gbps, g.link_latency_us, g.link_efficiency, g.gpus_per_node) == \
         (5.25, 12.5, 1.25, 250.0, 1.0, 4)
-    assert g.block_overhead_us == 850.0
+    assert g.host_us == r.host_us
     n = load_network("box", str(f))
     assert (n.gbits, n.latency_us, n.efficiency) == (10.0, 250.0, 1.0)  # 1.25 GB/s = 10 Gbit/s
     # the estimate tier builds a cluster from it: 4 ranks fit the "node"
@@ -96,6 +97,10 @@ def test_one_rank_calibration_writes_a_usable_file(tmp_path):
     f = tmp_path / "solo.toml"
     f.write_text(r.toml())
     assert load_gpu("solo", str(f)).tflops["fp32"] == pytest.approx(r.tflops["fp32"], rel=1e-3)
+    # one rank shows one engine, the plain one, trained for real: three terms, none negative
+    assert list(r.host_us) == ["dp"] and set(r.host_us["dp"]) == {"block", "microbatch", "step"}
+    assert min(r.host_us["dp"].values()) >= 0 and r.host_us["dp"]["block"] > 0
+    assert load_gpu("solo", str(f)).host_us.keys() == r.host_us.keys()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -111,23 +116,18 @@ def test_bad_input_is_one_line(argv, message, capsys, tmp_path, monkeypatch):
     assert message in err and "\n" not in err
 
 
-def test_block_overhead_is_the_per_block_difference(monkeypatch):
-    # timings made up: 1 block 2 ms, 5 blocks 6 ms -> 1 ms a block; its FLOPs at the tiny llama's
-    # 8 tokens (per token 2 * (64*64*4 + 3*64*128) + 4*8*64 = 83,968; x 3 x 8 = 2,015,232 FLOPs) at
-    # 2.015232e9 FLOP/s take another 1 ms -> 0 host overhead; at 2.015232e10 FLOP/s 0.1 ms -> 0.9 ms
+def test_fixed_host_time_is_taken_out_of_the_efficiency(monkeypatch):
+    # timings made up: 1 block 2 ms, 5 blocks 6 ms -> 1 ms a block and 1 ms of the rest; a 10 ms
+    # step of the 2-layer model then spends 10 - 2 * 1 - 1 = 7 ms on its FLOPs
     import torch
 
     from shardwise import calibrate as cal
-    from shardwise.estimate.time import layer_forward_flops_per_token
 
     spec = ModelSpec(name="t", layers=2, hidden=64, heads=4, vocab=128, ffn_hidden=128)
-    assert 3 * layer_forward_flops_per_token(spec, 8) * 8 == 3 * 83_968 * 8 == 2_015_232
     monkeypatch.setattr(cal, "_step_seconds", lambda local, *a: 1e-3 + 1e-3 * local.layers)
     plan = Plan(dp=1, mbs=2, gbs=2, seq=32)
-    assert cal.block_overhead_s(spec, plan, torch.device("cpu"), 2.015232e9) == pytest.approx(0.0, abs=1e-15)
-    assert cal.block_overhead_s(spec, plan, torch.device("cpu"), 2.015232e10) == pytest.approx(0.9e-3)
-    # the step's efficiency is then measured with the blocks' host time taken out
+    assert cal.fixed_host_s(spec, plan, torch.device("cpu")) == pytest.approx((1e-3, 1e-3))
     monkeypatch.setattr(cal, "_step_seconds", lambda local, *a: 10e-3)
     full = cal.step_tflops(spec, plan, torch.device("cpu"))
-    less = cal.step_tflops(spec, plan, torch.device("cpu"), overhead_s=2e-3)  # 10 - 2 * 2 = 6 ms busy
-    assert less == pytest.approx(full * 10 / 6)
+    less = cal.step_tflops(spec, plan, torch.device("cpu"), host_s=(1e-3, 1e-3))
+    assert less == pytest.approx(full * 10 / 7)

@@ -111,21 +111,22 @@ def test_step_hand_worked():
     assert t.mfu < DEFAULT_EFFICIENCY  # the optimizer step is time without model FLOPs
 
 
-def test_block_overhead_hand_worked():
-    # 1 ms of host time per block per micro-batch (a calibrated CPU). pp = 2 of 2 layers, 4
-    # micro-batches: the busiest stage runs 1 block x 4 micro-batches = 4 ms more compute, and the
-    # bubble (1/4 of the pipelined work) 1 ms more: 5 ms in all
+def test_host_time_hand_worked():
+    # a calibrated CPU: 1 ms per block per micro-batch, 2 ms per step (estimate/host.py). pp = 2 of
+    # 2 layers, 4 micro-batches: the busiest stage runs 1 block x 4 micro-batches = 4 ms more
+    # pipelined work, the bubble (1/4 of the pipelined work) 1 ms more; the step term, 2 ms, is not
+    # pipelined: 7 ms in all
     import dataclasses
 
-    slow = dataclasses.replace(GPU_T, block_overhead_us=1000.0)
+    slow = dataclasses.replace(GPU_T, host_us={"dp": {"block": 1000.0, "microbatch": 0.0, "step": 2000.0}})
     base, plan = run(TOY, 2, pp=2, gbs=4, mbs=1, seq=512)
     c = collectives(TOY, cluster(2), plan)
     t = step_time(TOY, cluster(2, slow), plan, c)
-    assert base.detail["overhead_s"] == 0  # catalog GPUs: 0
-    assert t.detail["overhead_s"] == pytest.approx(4 * 1 * 1e-3)
-    assert t.compute_s - base.compute_s == pytest.approx(4e-3)
+    assert base.detail["overhead_s"] == 0  # catalog GPUs: none
+    assert t.detail["overhead_s"] == pytest.approx(4e-3 + 2e-3)
+    assert t.compute_s - base.compute_s == pytest.approx(6e-3)
     assert t.bubble_s - base.bubble_s == pytest.approx(1e-3)
-    assert t.step_s - base.step_s == pytest.approx(5e-3)
+    assert t.step_s - base.step_s == pytest.approx(7e-3)
 
 
 def test_recompute_flops():

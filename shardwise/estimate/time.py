@@ -32,8 +32,9 @@ Exposed communication (what the step waits for):
   CPU's own optimizer arithmetic is taken to run alongside the transfers.
 Bubble: (p-1)/(v*m) x (the rank's pipelined work: compute, TP and p2p of all micro-batches), i.e.
 the idle fraction bubble_fraction(p, m, v) of the step's pipelined part (pipeline.py).
-Host overhead: a fixed time per block per micro-batch (GPU.block_overhead_us, measured by
-`shardwise calibrate`: on a CPU, Python and the dispatcher dominate tiny models; 0 for catalog GPUs).
+Host overhead: the engines' time beyond FLOPs and collectives, per block and micro-batch (pipelined)
+and per step (GPU.host_us, measured by `shardwise calibrate`, combined in host.py: on a CPU, Python,
+the dispatcher and DTensor dominate tiny models; 0 for catalog GPUs).
 step = compute (forward + backward + recompute + overhead + optimizer) + exposed communication + bubble.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from shardwise.breakdown import Time
 from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import maximum, where
 from shardwise.estimate.comm import dtypes, rank0_param_numel
+from shardwise.estimate.host import host_seconds
 from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal
 
 DEFAULT_EFFICIENCY = 0.5
@@ -124,8 +126,8 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     t_r = stage_rc / plan.tp / rate
     t_b = 2 * t_f
     forward_s, backward_s, recompute_s = m * t_f, m * t_b, m * t_r
-    # the host's fixed cost of each block's forward + backward per micro-batch (0 on catalog GPUs)
-    overhead_s = m * (model.layers // plan.pp) * gpu.block_overhead_us * 1e-6
+    # the engines' host time (0 on catalog GPUs): blocks and micro-batches are pipelined work
+    overhead_s, host_step_s = host_seconds(gpu, plan, model.layers)
 
     shard = rank0_param_numel(model, plan)
     if plan.zero >= 1:
@@ -158,7 +160,7 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         gathers_behind = where(plan.pp > 1, t_f, forward_s)  # ZeRO-2 under a pipeline gathers once
         dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"], gathers_behind) + _excess(t["dp_reduce"], t_b + t_r)
 
-    compute_s = forward_s + backward_s + recompute_s + overhead_s + optimizer_s
+    compute_s = forward_s + backward_s + recompute_s + overhead_s + host_step_s + optimizer_s
     pipelined = forward_s + backward_s + recompute_s + overhead_s + tp_s + pp_s
     bubble_s = bubble_over_ideal(plan.pp, m, plan.vpp, plan.schedule) * pipelined
     comm_exposed_s = tp_s + pp_s + dp_exposed + other_s + offload_s
@@ -170,7 +172,8 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     out = Time(compute_s=compute_s, comm_exposed_s=comm_exposed_s, bubble_s=bubble_s, step_s=step_s,
                tokens_per_s=tokens_step / step_s, mfu=flops / (step_s * plan.world * peak), flops_per_step=flops,
                detail={"forward_s": forward_s, "backward_s": backward_s, "recompute_s": recompute_s,
-                       "overhead_s": overhead_s, "optimizer_s": optimizer_s, "offload_s": offload_s, "tp_comm_s": tp_s, "pp_comm_s": pp_s,
+                       "overhead_s": overhead_s + host_step_s, "optimizer_s": optimizer_s, "offload_s": offload_s,
+                       "tp_comm_s": tp_s, "pp_comm_s": pp_s,
                        "dp_comm_s": dp_s, "dp_exposed_s": dp_exposed, "other_comm_s": other_s,
                        "bubble_fraction": bubble_fraction(plan.pp, m, plan.vpp, plan.schedule),
                        "efficiency": eff, "peak_tflops": peak / 1e12, "hardware_flops_per_step": hw_flops})

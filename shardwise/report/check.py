@@ -207,7 +207,11 @@ def compare(est, stages: dict, ranks: list[dict], plan, *, calibrated: bool) -> 
     rows.append(Row("time", str(slow), "step time", t.step_s, m.step_s, "s", TOL["time"] if calibrated else None,
                     "" if calibrated else "not judged: give a calibrated --hardware file (shardwise calibrate)"))
     for k, label in (("forward_s", "forward"), ("backward_s", "backward"), ("optimizer_s", "optimizer")):
-        rows.append(Row("time", str(slow), label, t.detail.get(k), m.detail.get(k), "s", None))
+        rows.append(Row("time", str(slow), label, t.detail.get(k), m.detail.get(k), "s", None,
+                        "predicted: FLOPs (or bytes) only; the engines' host time is its own row"))
+    if t.detail.get("overhead_s"):
+        rows.append(Row("time", str(slow), "host (engines)", t.detail["overhead_s"], None, "s", None,
+                        "calibrated host_us; measured inside forward, backward and optimizer"))
     rows.append(Row("time", str(slow), "comm wait", t.comm_exposed_s, m.comm_exposed_s, "s", None,
                     "measured as the Python-visible waits; DDP's end-of-backward wait is inside backward"))
     if plan.pp > 1:

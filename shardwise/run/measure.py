@@ -24,6 +24,7 @@ perf_counter calls per step); the recorder and MemTracker run on `detail` steps 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -463,12 +464,12 @@ class Meter:
 
     def measurement(self, tokens_per_step: int = 0, skip: int = 1) -> Measurement:
         """This rank's Measurement: the last detail step's memory and collectives; the time of the
-        plain steps after the first `skip` (warm-up), or of every step if there are no others."""
+        plain steps after the first `skip` (warm-up), or of every step if there are no others:
+        each figure the median over those steps (a shared machine's spikes do not decide it)."""
         timed = [r for r in self.records if not r.detail and r.step >= skip] or \
                 [r for r in self.records if r.step >= skip] or self.records
-        n = max(1, len(timed))
-        mean = lambda f: sum(getattr(r, f) for r in timed) / n  # noqa: E731
-        step_s, fwd, opt, wait = mean("step_s"), mean("forward_s"), mean("optimizer_s"), mean("comm_wait_s")
+        med = lambda f: statistics.median(getattr(r, f) for r in timed)  # noqa: E731
+        step_s, fwd, opt, wait = med("step_s"), med("forward_s"), med("optimizer_s"), med("comm_wait_s")
         s = self.states
         states = s.get("params", 0) + s.get("grads", 0) + s.get("optimizer", 0)
         mem = Memory(params=s.get("params", 0), grads=s.get("grads", 0), optimizer=s.get("optimizer", 0),

@@ -16,6 +16,9 @@ from shardwise.errors import ShardwiseError, closest
 _CAT = Path(__file__).with_name("catalog")
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 GIB = 1024**3
+# the engines and terms of GPU.host_us (what estimate/host.py combines; calibrate measures them)
+HOST_ENGINES = ("dp", "zero2", "zero3", "tp", "tp-sp", "pp")
+HOST_TERMS = ("block", "microbatch", "step")
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,9 @@ class GPU:
     link_efficiency: float = 0.8  # achieved / nominal bus bandwidth for large collectives
     gpus_per_node: int = 8  # the usual server
     price_per_hour: float = 0.0  # USD per GPU-hour, a typical cloud on-demand figure
-    # host time of one transformer block's forward + backward per micro-batch beyond its FLOPs
-    # (Python, dispatcher, autograd), measured by `shardwise calibrate`; 0 in the catalog: on a
-    # GPU the host queues kernels ahead of the device, which the FLOPs keep busy
-    block_overhead_us: float = 0.0
+    # host time beyond FLOPs and collectives per engine, {engine: {term: us}} (estimate/host.py),
+    # measured by `shardwise calibrate`; empty in the catalog: a GPU's host runs ahead of it
+    host_us: dict = field(default_factory=dict)
     source: str = ""
 
     @property
@@ -140,6 +142,22 @@ def _check_field(name: str, typ: str, v, where: str) -> None:
                 raise ShardwiseError(f"{where}: tflops has unknown dtype {dt!r}; {closest(dt, DTYPES)}")
             if not isinstance(x, (int, float)) or isinstance(x, bool) or x <= 0:
                 raise ShardwiseError(f"{where}: tflops.{dt} must be a positive number, got {x!r}")
+    elif name == "host_us":
+        if not isinstance(v, dict):
+            raise ShardwiseError(f"{where}: host_us must be a table of engine = {{ block = us, microbatch = us, "
+                                 f"step = us }}, got {v!r}")
+        for eng, terms in v.items():
+            if eng not in HOST_ENGINES:
+                raise ShardwiseError(f"{where}: host_us has unknown engine {eng!r}; {closest(eng, HOST_ENGINES)}")
+            if not isinstance(terms, dict):
+                raise ShardwiseError(f"{where}: host_us.{eng} must be {{ block = us, microbatch = us, step = us }}, "
+                                     f"got {terms!r}")
+            for t, x in terms.items():
+                if t not in HOST_TERMS:
+                    raise ShardwiseError(f"{where}: host_us.{eng} has unknown term {t!r}; {closest(t, HOST_TERMS)}")
+                if not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0:
+                    raise ShardwiseError(f"{where}: host_us.{eng}.{t} must be a number of microseconds >= 0, "
+                                         f"got {x!r}")
 
 
 def gpus() -> dict[str, GPU]:

@@ -1,0 +1,120 @@
+"""The engines' host overhead (GPU.host_us, estimate/host.py), measured by `shardwise calibrate`.
+
+Each engine (dp, zero2, zero3, tp, tp-sp, pp) trains a few steps of the model at a probe size
+(PROBE_SEQ tokens per micro-batch: FLOPs and message bytes next to nothing) with the run tier's
+own Engine, at three points: (1 block per stage, m0 micro-batches), (1 + EXTRA blocks, m0),
+(1 block, 2 * m0), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
+predicts for each point (FLOPs, every collective at the fitted link, the bubble; no host time)
+is taken out; the rest is solved exactly for the three terms of estimate/host.py:
+
+    rest = (1 + bubble) * (m * blocks * block + m * microbatch) + step
+
+so the estimate with these terms reproduces the probe points, and at a plan's real size it
+adds FLOPs and message bytes by its own formulas. A term that the noise makes negative is 0.
+The probe plans use every rank: dp = n; tp = 2 and pp = 2 with dp = n / 2 (n even).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+PROBE_SEQ = 8
+EXTRA = {"pp": 2}  # blocks per stage added at the second point (default 4: a pipeline doubles each)
+EXTRA_DEFAULT = 4
+STEPS, WARMUP = 8, 3
+
+
+def probe_plans(n: int, spec) -> dict[str, dict]:
+    """engine -> Plan fields of its probe on n ranks (engines n ranks cannot show are left out)."""
+    out = {"dp": {"dp": n}}
+    if n > 1:
+        out |= {"zero2": {"dp": n, "zero": 2}, "zero3": {"dp": n, "zero": 3}}
+    if n % 2 == 0:
+        if spec.heads % 2 == 0 and spec.kv_heads % 2 == 0:
+            out |= {"tp": {"dp": n // 2, "tp": 2}, "tp-sp": {"dp": n // 2, "tp": 2, "sp": True}}
+        out["pp"] = {"dp": n // 2, "pp": 2}
+    return out
+
+
+def probe_points(fields: dict) -> list[tuple[int, int]]:
+    """(blocks per stage, micro-batches) of the three probe points."""
+    m0 = fields.get("pp", 1)
+    extra = EXTRA_DEFAULT if m0 == 1 else EXTRA["pp"]
+    return [(1, m0), (1 + extra, m0), (1, 2 * m0)]
+
+
+def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]:
+    """points: (blocks per stage, micro-batches, bubble over ideal, rest seconds) x 3 ->
+    {block, microbatch, step} in microseconds, each >= 0 (Cramer's rule on the 3x3 system)."""
+    rows = [((1 + b) * m * k, (1 + b) * m, 1.0) for k, m, b, _ in points]
+    y = [r for *_, r in points]
+
+    def det(a):
+        return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+                + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
+
+    d = det(rows)
+    if d == 0:
+        raise ValueError("probe points do not determine the three terms")
+    terms = []
+    for j in range(3):
+        a = [list(r) for r in rows]
+        for i in range(3):
+            a[i][j] = y[i]
+        terms.append(det(a) / d)
+    return {t: max(0.0, v) * 1e6 for t, v in zip(("block", "microbatch", "step"), terms)}
+
+
+def _step_seconds(spec, plan, device) -> float:
+    """Median seconds of a training step of the Engine (every rank together; the slowest rank)."""
+    import torch
+    import torch.distributed as dist
+
+    from shardwise.run.engine import Engine
+
+    eng = Engine(spec, plan, device=device, seed=0, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1), generator=g).to(device)
+    times = []
+    for i in range(WARMUP + STEPS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if dist.is_initialized():
+            dist.barrier()
+        t0 = time.perf_counter()
+        eng.train_step(tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(times[WARMUP:])], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    del eng
+    return float(t.item())
+
+
+def measure(spec, precision: str, cluster, efficiency: float, device, n: int) -> tuple[dict, list[str]]:
+    """({engine: {term: us}}, notes) on this rank's group of n ranks (every rank calls it)."""
+    from shardwise.errors import ShardwiseError
+    from shardwise.estimate import estimate
+    from shardwise.estimate.pipeline import bubble_over_ideal
+    from shardwise.spec.plan import Plan
+
+    out, notes = {}, []
+    for engine, fields in probe_plans(n, spec).items():
+        pts = []
+        try:
+            for blocks, m in probe_points(fields):
+                pp = fields.get("pp", 1)
+                local = dataclasses.replace(spec, layers=blocks * pp, published_params=0)
+                plan = Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m, precision=precision).resolve(local, n)
+                seen = _step_seconds(local, plan, device)
+                predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
+                pts.append((blocks, m, bubble_over_ideal(pp, m, 1, plan.schedule) if pp > 1 else 0.0,
+                            seen - predicted))
+        except ShardwiseError as e:  # the run tier refuses this engine for this model: leave it out
+            notes.append(f"{engine}: not measured ({e})")
+            continue
+        out[engine] = solve_terms(pts)
+    return out, notes

@@ -1,0 +1,66 @@
+"""The engines' host-time probe (shardwise/calibrate_host.py): its plans and points, the exact
+solve for the three terms, worked by hand, and a real probe of every engine on 2 ranks."""
+import pytest
+
+from shardwise import calibrate_host as ch
+from shardwise.spec.model import ModelSpec
+from _dist import run_ranks
+
+SPEC = ModelSpec(name="t", layers=1, hidden=64, heads=4, vocab=128, ffn_hidden=128)
+
+
+def test_probe_plans_use_every_rank():
+    assert ch.probe_plans(1, SPEC) == {"dp": {"dp": 1}}
+    four = ch.probe_plans(4, SPEC)
+    assert list(four) == ["dp", "zero2", "zero3", "tp", "tp-sp", "pp"]
+    assert four["tp-sp"] == {"dp": 2, "tp": 2, "sp": True} and four["pp"] == {"dp": 2, "pp": 2}
+    # 3 ranks: no even split for tp or pp
+    assert list(ch.probe_plans(3, SPEC)) == ["dp", "zero2", "zero3"]
+    # 3 heads cannot be split over 2 tensor-parallel ranks
+    odd = ModelSpec(name="o", layers=1, hidden=96, heads=3, vocab=128, ffn_hidden=128)
+    assert "tp" not in ch.probe_plans(2, odd) and "pp" in ch.probe_plans(2, odd)
+
+
+def test_probe_points():
+    # (blocks per stage, micro-batches): a pipeline needs a micro-batch per stage
+    assert ch.probe_points({"dp": 4}) == [(1, 1), (5, 1), (1, 2)]
+    assert ch.probe_points({"dp": 2, "pp": 2}) == [(1, 2), (3, 2), (1, 4)]
+
+
+def test_solve_recovers_the_terms_hand_worked():
+    # block 2 ms, microbatch 0.5 ms, step 3 ms; rest = (1 + bubble) * (m*k*block + m*microbatch) + step
+    # no pipeline: (1,1): 2 + 0.5 + 3 = 5.5 ms; (5,1): 10 + 0.5 + 3 = 13.5 ms; (1,2): 4 + 1 + 3 = 8 ms
+    got = ch.solve_terms([(1, 1, 0.0, 5.5e-3), (5, 1, 0.0, 13.5e-3), (1, 2, 0.0, 8e-3)])
+    assert got == pytest.approx({"block": 2000.0, "microbatch": 500.0, "step": 3000.0})
+    # pp 2: bubble (p-1)/m = 1/2 at m = 2, 1/4 at m = 4
+    # (1,2): 1.5 * (4 + 1) + 3 = 10.5 ms; (3,2): 1.5 * (12 + 1) + 3 = 22.5 ms; (1,4): 1.25 * (8 + 2) + 3 = 15.5 ms
+    got = ch.solve_terms([(1, 2, 0.5, 10.5e-3), (3, 2, 0.5, 22.5e-3), (1, 4, 0.25, 15.5e-3)])
+    assert got == pytest.approx({"block": 2000.0, "microbatch": 500.0, "step": 3000.0})
+
+
+def test_noise_that_makes_a_term_negative_gives_0():
+    # the second micro-batch cost less than nothing: microbatch solves to -1 ms, reported as 0
+    # (1,1): 2 - 1 + 3 = 4 ms; (5,1): 10 - 1 + 3 = 12 ms; (1,2): 4 - 2 + 3 = 5 ms
+    got = ch.solve_terms([(1, 1, 0.0, 4e-3), (5, 1, 0.0, 12e-3), (1, 2, 0.0, 5e-3)])
+    assert got == pytest.approx({"block": 2000.0, "microbatch": 0.0, "step": 3000.0})
+
+
+def _probe():
+    import torch
+
+    from shardwise.spec.hardware import GPU, Cluster, Network
+
+    ch.STEPS, ch.WARMUP = 3, 1
+    gpu = GPU(name="p", memory_gib=4, tflops={"fp32": 0.03}, hbm_gbps=8, link="", link_gbps=1,
+              link_latency_us=300, link_efficiency=1.0, gpus_per_node=2)
+    cluster = Cluster(gpu=gpu, gpus=2, gpus_per_node=2, network=Network(name="p", gbits=8, latency_us=300))
+    return ch.measure(SPEC, "fp32", cluster, 1.0, torch.device("cpu"), 2)
+
+
+def test_every_engine_is_probed_on_2_ranks():
+    host, notes = run_ranks(_probe, 2, timeout=300)[0]
+    assert notes == []
+    assert list(host) == ["dp", "zero2", "zero3", "tp", "tp-sp", "pp"]
+    assert all(set(t) == {"block", "microbatch", "step"} and min(t.values()) >= 0 for t in host.values())
+    # FSDP2's hooks and DTensor's dispatch cost a CPU many times a plain block's Python
+    assert host["zero3"]["block"] > host["dp"]["block"] and host["tp"]["block"] > host["dp"]["block"]

@@ -42,6 +42,7 @@ ROUNDS = 3
 STANDARD_DIMS = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 STANDARD_TOKENS = {"cpu": 512, "cuda": 8192}
 OVERHEAD_SEQ, OVERHEAD_BLOCKS = 8, 4  # the efficiency's host time: 8 tokens, 1 vs 5 blocks
+EFFICIENCY_ROUNDS = 15  # calls of each of the efficiency's three models, taking turns
 # the host probe's model without a run config: Llama's architecture at laptop size (examples/tiny-llama.toml)
 DEFAULT_PROBE_MODEL = {"preset": "llama-2-7b", "layers": 1, "hidden": 128, "heads": 4, "vocab": 256}
 
@@ -302,8 +303,8 @@ def _tp_local(spec, tp: int, **change):
                                **change)
 
 
-def _step_seconds(local, mbs: int, seq: int, precision: str, device, min_s: float) -> float:
-    """Seconds of one forward + backward (loss included) of `local` on mbs x seq tokens."""
+def _step_fn(local, mbs: int, seq: int, precision: str, device):
+    """One forward + backward (loss included) of `local` on mbs x seq tokens, as a callable."""
     import torch
     import torch.nn.functional as F
 
@@ -324,33 +325,57 @@ def _step_seconds(local, mbs: int, seq: int, precision: str, device, min_s: floa
         for p in model.parameters():
             p.grad = None
 
-    return _timed(run, device, min_s)
+    return run
 
 
-def fixed_host_s(spec, plan, device, min_s: float = MIN_SECONDS) -> tuple[float, float]:
-    """(per block, the rest): host seconds of a plain forward + backward beyond its FLOPs, from
-    the tp-local model with 1 and 1 + OVERHEAD_BLOCKS blocks timed on OVERHEAD_SEQ tokens (FLOPs
-    next to nothing: t = rest + blocks * per block)."""
-    seq = min(OVERHEAD_SEQ, plan.seq)
-    t1, t2 = (_step_seconds(_tp_local(spec, plan.tp, layers=n), 1, seq, plan.precision, device, min_s)
-              for n in (1, 1 + OVERHEAD_BLOCKS))
-    block = max(0.0, (t2 - t1) / OVERHEAD_BLOCKS)
-    return block, max(0.0, t1 - block)
+def _timed_together(fns, device, rounds: int) -> list[float]:
+    """Median seconds of one call of each fn, the slowest rank's. The fns take turns call by call,
+    so a burst of other work on a shared machine lands on all of them alike."""
+    import torch
+    import torch.distributed as dist
+
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            _barrier(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(x) for x in times], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
 
-def step_tflops(spec, plan, device, min_s: float = MIN_SECONDS, host_s: tuple[float, float] = (0.0, 0.0)) -> float:
+def split_plain(t_one: float, t_more: float, t_real: float, layers: int, flops: float) -> tuple[float, float, float]:
+    """(host seconds per block, the rest's host seconds, TFLOP/s) of a plain forward + backward:
+    t_one and t_more are the model with 1 and 1 + OVERHEAD_BLOCKS blocks at OVERHEAD_SEQ tokens
+    (FLOPs next to nothing: t = rest + blocks * per block), t_real the `layers`-block model at
+    the plan's shapes doing `flops`; its host time is taken out before dividing (the estimate adds
+    the engines' host time, host_us, on its own), never all of it."""
+    block = max(0.0, (t_more - t_one) / OVERHEAD_BLOCKS)
+    rest = max(0.0, t_one - block)
+    busy = max(t_real - layers * block - rest, 0.05 * t_real)
+    return block, rest, flops / busy / 1e12
+
+
+def step_tflops(spec, plan, device, rounds: int) -> float:
     """Achieved TFLOP/s of a training step's forward + backward of the reference model as one
     tensor-parallel rank computes it (its q/k/v, FFN and vocabulary divided by tp), at the plan's
-    micro-batch, sequence and precision; FLOPs counted as the estimate counts them (time.py).
-    host_s: (per block, the rest) of fixed_host_s, taken out of the step first: the estimate adds
-    the engines' host time (host_us) on its own."""
+    micro-batch, sequence and precision, FLOPs counted as the estimate counts them (time.py),
+    with the step's host time taken out (split_plain)."""
     from shardwise.estimate.time import forward_flops_per_token
 
     local = _tp_local(spec, plan.tp)
-    t = _step_seconds(local, plan.mbs, plan.seq, plan.precision, device, min_s)
-    busy = max(t - local.layers * host_s[0] - host_s[1], 0.05 * t)  # measured apart: never all of it
+    seq = min(OVERHEAD_SEQ, plan.seq)
+    fns = [_step_fn(_tp_local(spec, plan.tp, layers=n), 1, seq, plan.precision, device)
+           for n in (1, 1 + OVERHEAD_BLOCKS)] + [_step_fn(local, plan.mbs, plan.seq, plan.precision, device)]
+    t_one, t_more, t_real = _timed_together(fns, device, rounds)
     flops = 3 * forward_flops_per_token(local, plan.seq) * plan.mbs * plan.seq
-    return flops / busy / 1e12
+    return split_plain(t_one, t_more, t_real, local.layers, flops)[2]
 
 
 def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: bool, model=None) -> dict:
@@ -389,8 +414,7 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
         from shardwise.estimate.time import PEAK_DTYPE
 
         spec, plan = ModelSpec(**model[0]), Plan(**model[1])
-        host = tuple(_mean_over_ranks(x, device) for x in fixed_host_s(spec, plan, device, min_s))
-        out["step_tflops"] = _mean_over_ranks(step_tflops(spec, plan, device, min_s, host), device)
+        out["step_tflops"] = step_tflops(spec, plan, device, EFFICIENCY_ROUNDS // (3 if quick else 1))
     out["host_us"], out["host_notes"], out["host_model"] = _host_probe(out, n, device, model, quick)
     if device.type == "cuda":
         out["memory"] = torch.cuda.get_device_properties(device).total_memory

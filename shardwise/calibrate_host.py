@@ -3,7 +3,7 @@
 Each engine (dp, zero2, zero3, tp, tp-sp, pp) trains a few steps of the model at a probe size
 (PROBE_SEQ tokens per micro-batch: FLOPs and message bytes next to nothing) with the run tier's
 own Engine, at three points: (1 block per stage, m0 micro-batches), (1 + EXTRA blocks, m0),
-(1 block, 2 * m0), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
+(1 block, 3 * m0), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
 predicts for each point (FLOPs, every collective at the fitted link, the bubble; no host time)
 is taken out; the rest is solved exactly for the three terms of estimate/host.py:
 
@@ -41,7 +41,7 @@ def probe_points(fields: dict) -> list[tuple[int, int]]:
     """(blocks per stage, micro-batches) of the three probe points."""
     m0 = fields.get("pp", 1)
     extra = EXTRA_DEFAULT if m0 == 1 else EXTRA["pp"]
-    return [(1, m0), (1 + extra, m0), (1, 2 * m0)]
+    return [(1, m0), (1 + extra, m0), (1, 3 * m0)]
 
 
 def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]:
@@ -66,32 +66,38 @@ def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]
     return {t: max(0.0, v) * 1e6 for t, v in zip(("block", "microbatch", "step"), terms)}
 
 
-def _step_seconds(spec, plan, device) -> float:
-    """Median seconds of a training step of the Engine (every rank together; the slowest rank)."""
+def _step_seconds(cases: list, device) -> list[float]:
+    """Median seconds of a training step of the Engine of each (ModelSpec, Plan), every rank
+    together, the slowest rank's. The cases take turns step by step, so a burst of other work on
+    a shared machine lands on all of them alike instead of on one point of the solve."""
     import torch
     import torch.distributed as dist
 
     from shardwise.run.engine import Engine
 
-    eng = Engine(spec, plan, device=device, seed=0, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1), generator=g).to(device)
-    times = []
+    runs = []
+    for spec, plan in cases:
+        eng = Engine(spec, plan, device=device, seed=0, lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        runs.append((eng, torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1),
+                                        generator=g).to(device)))
+    times: list[list[float]] = [[] for _ in runs]
     for i in range(WARMUP + STEPS):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if dist.is_initialized():
-            dist.barrier()
-        t0 = time.perf_counter()
-        eng.train_step(tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times[WARMUP:])], dtype=torch.float64, device=device)
+        for k, (eng, tokens) in enumerate(runs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if dist.is_initialized():
+                dist.barrier()
+            t0 = time.perf_counter()
+            eng.train_step(tokens)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= WARMUP:
+                times[k].append(time.perf_counter() - t0)
+    t = torch.tensor([statistics.median(ts) for ts in times], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    del eng
-    return float(t.item())
+    return t.tolist()
 
 
 def measure(spec, precision: str, cluster, efficiency: float, device, n: int) -> tuple[dict, list[str]]:
@@ -103,18 +109,19 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int) ->
 
     out, notes = {}, []
     for engine, fields in probe_plans(n, spec).items():
-        pts = []
+        pp = fields.get("pp", 1)
+        cases, pts = [], []
         try:
             for blocks, m in probe_points(fields):
-                pp = fields.get("pp", 1)
                 local = dataclasses.replace(spec, layers=blocks * pp, published_params=0)
                 plan = Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m, precision=precision).resolve(local, n)
-                seen = _step_seconds(local, plan, device)
-                predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
-                pts.append((blocks, m, bubble_over_ideal(pp, m, 1, plan.schedule) if pp > 1 else 0.0,
-                            seen - predicted))
+                cases.append((local, plan))
+            seen = _step_seconds(cases, device)
         except ShardwiseError as e:  # the run tier refuses this engine for this model: leave it out
             notes.append(f"{engine}: not measured ({e})")
             continue
+        for (blocks, m), (local, plan), t in zip(probe_points(fields), cases, seen):
+            predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
+            pts.append((blocks, m, bubble_over_ideal(pp, m, 1, plan.schedule) if pp > 1 else 0.0, t - predicted))
         out[engine] = solve_terms(pts)
     return out, notes

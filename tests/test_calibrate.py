@@ -116,18 +116,13 @@ def test_bad_input_is_one_line(argv, message, capsys, tmp_path, monkeypatch):
     assert message in err and "\n" not in err
 
 
-def test_fixed_host_time_is_taken_out_of_the_efficiency(monkeypatch):
+def test_plain_step_host_time_is_taken_out_of_the_efficiency():
     # timings made up: 1 block 2 ms, 5 blocks 6 ms -> 1 ms a block and 1 ms of the rest; a 10 ms
-    # step of the 2-layer model then spends 10 - 2 * 1 - 1 = 7 ms on its FLOPs
-    import torch
+    # step of the 2-layer model doing 7e9 FLOPs spends 10 - 2 * 1 - 1 = 7 ms on them: 1 TFLOP/s
+    from shardwise.calibrate import split_plain
 
-    from shardwise import calibrate as cal
-
-    spec = ModelSpec(name="t", layers=2, hidden=64, heads=4, vocab=128, ffn_hidden=128)
-    monkeypatch.setattr(cal, "_step_seconds", lambda local, *a: 1e-3 + 1e-3 * local.layers)
-    plan = Plan(dp=1, mbs=2, gbs=2, seq=32)
-    assert cal.fixed_host_s(spec, plan, torch.device("cpu")) == pytest.approx((1e-3, 1e-3))
-    monkeypatch.setattr(cal, "_step_seconds", lambda local, *a: 10e-3)
-    full = cal.step_tflops(spec, plan, torch.device("cpu"))
-    less = cal.step_tflops(spec, plan, torch.device("cpu"), host_s=(1e-3, 1e-3))
-    assert less == pytest.approx(full * 10 / 7)
+    assert split_plain(2e-3, 6e-3, 10e-3, 2, 7e9) == pytest.approx((1e-3, 1e-3, 1.0))
+    # noise that makes more blocks faster: no host time per block, all of the 1-block time is the rest
+    assert split_plain(2e-3, 1.5e-3, 10e-3, 2, 8e9) == pytest.approx((0.0, 2e-3, 1.0))
+    # host time never takes the whole step: at least 5% of it is left to the FLOPs
+    assert split_plain(2e-3, 22e-3, 10e-3, 2, 5e8) == pytest.approx((5e-3, 0.0, 1.0))

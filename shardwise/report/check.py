@@ -261,14 +261,26 @@ def check(cfg, device: str, cluster, *, calibrated: bool, efficiency: float | No
                              f"its buckets, and a measured one), got {cfg.train.steps}; pass --steps {MIN_STEPS} "
                              "or more")
     est, stages = predict(cfg.model, cfg.plan, cluster, device, efficiency)
+    load = _load()
     ranks = run_measured(cfg, device)
     rows, notes = compare(est, stages, ranks, cfg.plan, calibrated=calibrated)
+    if load is not None:  # step time is this machine's only when nothing else ran on it
+        notes.append(f"load average {load:.1f} on {os.cpu_count()} cores before the run"
+                     + (": the machine was busy, the measured time is not the run's alone"
+                        if device == "cpu" and load > 0.5 * (os.cpu_count() or 1) else ""))
     if any(r.section == "comm" and r.item != "none" for r in rows):
         notes.append("message bytes are the API-level sizes (the full buffer for all-gather / reduce-scatter)"
                      + ("; gloo runs a reduce-scatter as an all-reduce of the full buffer" if device == "cpu"
                         else ""))
     return Report(config=cfg.path, plan=cfg.plan, model=cfg.model, device=device, hardware=cluster.gpu.name,
                   calibrated=calibrated, rows=rows, notes=notes, ranks=ranks)
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on this platform
+        return None
 
 
 # ---- output ------------------------------------------------------------------------------------------

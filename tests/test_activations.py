@@ -123,7 +123,29 @@ def test_torch_sequence_parallel_keeps_gathered_inputs_whole():
     assert got == (16_384 + 17_169 + 512) * 4096
 
 
+def test_cpu_rms_norm_is_a_composite():
+    # on the CPU each rms_norm saves its input in fp32, rstd and the fp32 normalized tensor: per
+    # norm and token 4h + 4 + 4h against CUDA's res*h + 4. Llama-2-7B, bf16 (res 2), b=1, s=4096:
+    # per layer 2 norms * (8h - 2h) = 12h = 49,152 bytes per token more -> + 201,326,592
+    # (631,799,808 of test_llama2_7b_fsdp_bf16_layer -> 833,126,400)
+    inv = block_inventory(LLAMA2, "torch", "flash", device="cpu")
+    got = inventory_bytes(inv, b=1, s=4096, tp=1, sp=False, act=2, res=2, layout="torch")
+    assert got == 631_799_808 + 201_326_592 == 833_126_400
+    # LayerNorm is one kernel on both devices; the CPU's keeps mean and rstd in the input's dtype:
+    # GPT-2 124M (h 768), bf16: 2 norms * 2 statistics * (4 - 2) = 8 bytes per token less; in fp32
+    # the same bytes
+    gpt = preset("gpt2-124m")
+    size = lambda device, nbytes: inventory_bytes(  # noqa: E731
+        block_inventory(gpt, "torch", "flash", device=device), b=1, s=1024, tp=1, sp=False, act=nbytes, res=nbytes,
+        layout="torch")
+    assert size("cuda", 2) - size("cpu", 2) == 8 * 1024
+    assert size("cuda", 4) == size("cpu", 4)
+
+
 def test_bad_kernel_is_one_line():
+    with pytest.raises(ShardwiseError, match="cuda or cpu") as e:
+        block_inventory(LLAMA2, "torch", "flash", device="tpu")
+    assert "\n" not in str(e.value)
     with pytest.raises(ShardwiseError, match="flash"):
         block_inventory(LLAMA2, "torch", "sdpa")
     with pytest.raises(ShardwiseError, match="layout"):
@@ -195,20 +217,57 @@ def test_pipeline_buffers_and_stage_output():
     x = 33_554_432
     kw = dict(layout="torch", attention="flash", autocast=False, act=2, res=2, vocab=LLAMA2.vocab)
     first = rank_activations(LLAMA2, plan, last=False, **kw)
-    # rank 0: 4 micro-batches in flight through 8 layers; it keeps each one's output for the send
+    # rank 0 at its last 1F1B backward (B4): 4 micro-batches in flight through 8 layers, each one's
+    # output kept for the send; and micro-batch 2's: Schedule1F1B's warm-up fired the sends of F0,
+    # F1, F2 one at a time and keeps the last one's work until the 1F1B loop ends (B2 is done)
     assert first["act.layers"] == 4 * 8 * 631_799_808
-    assert first["act.stage_output"] == 4 * x
+    assert first["act.stage_output"] == 5 * x
+    assert first["act.stage_input_grad"] == 0  # stage 0 sends no gradient back
     assert first["buffers.pp_grad_recv"] == 8 * x  # one gradient buffer per micro-batch
     assert first["buffers.pp_act_recv"] == 0
     assert first["act.logits"] == 0
     last = rank_activations(LLAMA2, plan, last=True, **kw)
-    # the last rank: 1 in flight; of its 8 receive buffers one is that micro-batch's input,
-    # already in act.layers as the first block's saved input
+    # the last rank at B7: 1 in flight; of its 8 receive buffers one is that micro-batch's input,
+    # already in act.layers as the first block's saved input; B6's input gradient, held by its
+    # send ops until B7's are made
     assert last["act.layers"] == 8 * 631_799_808
     assert last["buffers.pp_act_recv"] == 7 * x
     assert last["buffers.pp_grad_recv"] == 0
     assert last["act.stage_output"] == 0
+    assert last["act.stage_input_grad"] == 1 * x
     assert last["act.logits"] == 1 * 4096 * 32_000 * 2
+
+
+def test_interleaved_rank_items_hand_worked():
+    # examples/tiny-llama.toml (h 128, 4 heads, ffn 512, vocab 256, 4 layers) with tp = 2, pp = 2,
+    # interleaved v = 2, m = 4 micro-batches of 4 x 64, fp32: 1 layer per virtual stage; one
+    # residual tensor X = 4 * 64 * 128 * 4 = 131,072 bytes. A layer per micro-batch on a tp rank
+    # (T = 256 tokens; q/k/v, out, logsumexp and the FFN halved): norm inputs 2 * 512 T, rstd
+    # 2 * 4 T, the q/k/v input and the w1/w3 input 2 * 512 T, q, k, v 3 * 256 T, logsumexp 2 heads
+    # * 4 T, out 256 T, SwiGLU 4 * 256 * 4 T, rotary cos/sin 2 * 32 * 4 * 64: 7,232 T + 16,384 =
+    # 1,855,488; on the CPU each rms_norm also keeps its fp32 normalized tensor: + 2 * 512 T =
+    # 2,117,632. Rank 0 (stages 0 and 2) at B1 of stage 0 (pipeline.backwards: its last 1F1B one):
+    # 5 chunks in flight (3 of stage 0), all 8 outputs alive, 2 input gradients held (B0', B1' of
+    # stage 2), stage 2's 4 receive buffers of which 2 hold in-flight inputs.
+    plan = Plan(dp=1, tp=2, pp=2, mbs=4, gbs=16, seq=64, schedule="interleaved", vpp=2, precision="fp32")
+    m = preset("llama-2-7b").scaled(layers=4, hidden=128, heads=4, vocab=256)
+    assert m.ffn_hidden == 512
+    kw = dict(layout="torch", attention="flash", autocast=False, act=4, res=4, vocab=256)
+    x = 131_072
+    first = rank_activations(m, plan, last=False, **kw)
+    assert first["act.layers"] == 5 * 1_855_488
+    assert rank_activations(m, plan, last=False, device="cpu", **kw)["act.layers"] == 5 * 2_117_632
+    assert (first["act.embedding"], first["act.stage_output"], first["act.stage_input_grad"]) == (3 * 256 * 8, 8 * x,
+                                                                                                  2 * x)
+    assert (first["buffers.pp_act_recv"], first["buffers.pp_grad_recv"]) == (2 * x, 8 * x)
+    # rank 1 (stages 1 and 3) at B3 of stage 3, the loss's: chunks 2, 3 of stage 1 and 3 of
+    # stage 3 in flight, stage 1's 4 outputs alive, 5 input gradients held (B0' B1' B0 B1 B2');
+    # 8 receive buffers, 3 holding in-flight inputs; one micro-batch's head
+    last = rank_activations(m, plan, last=True, **kw)
+    assert last["act.layers"] == 3 * 1_855_488
+    assert (last["act.stage_output"], last["act.stage_input_grad"]) == (4 * x, 5 * x)
+    assert (last["buffers.pp_act_recv"], last["buffers.pp_grad_recv"]) == (5 * x, 4 * x)
+    assert last["act.logits"] == 256 * 256 * 4 and last["act.loss_backward"] == 256 * 256 * 8
 
 
 # ---- torch cross-check: what autograd really saves ------------------------------------------
@@ -228,7 +287,7 @@ def _saved_storages(module, seen: dict):
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-def _saved_bytes(spec, b, s, *, kernel="flash", selective=False, full=False, autocast=False):
+def _saved_bytes(spec, b, s, *, kernel="flash", selective=False, full=False, autocast=False, bf16=False):
     """Bytes of distinct storages the run tier's Block saves for backward (parameters excluded)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -236,9 +295,10 @@ def _saved_bytes(spec, b, s, *, kernel="flash", selective=False, full=False, aut
     from shardwise.run.model import Block
 
     torch.manual_seed(0)
-    block = Block(spec).train()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    block = Block(spec).train().to(dtype)
     block.attention.recompute_core, block.recompute = selective, full
-    x = torch.randn(b, s, spec.hidden, requires_grad=True)
+    x = torch.randn(b, s, spec.hidden, requires_grad=True, dtype=dtype)
     seen = {}
     backend = SDPBackend.MATH if kernel == "math" else SDPBackend.FLASH_ATTENTION
     cast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
@@ -263,11 +323,23 @@ def _cpu_rmsnorm_extra(spec):
 @pytest.mark.parametrize("kernel", ["flash", "math"])
 @pytest.mark.parametrize("selective", [False, True])
 def test_inventory_equals_saved_tensors_fp32(spec, kernel, selective):
-    """Exact: the inventory is what autograd saves (fp32, no dropout, CPU kernels; the one known
-    CPU/CUDA difference is rms_norm's normalized tensor)."""
-    inv = block_inventory(spec, "torch", kernel, selective)
+    """Exact: the CPU inventory is what autograd saves (fp32, no dropout, CPU kernels), and CUDA's
+    differs by rms_norm's normalized tensor only."""
+    inv = block_inventory(spec, "torch", kernel, selective, device="cpu")
     want = inventory_bytes(inv, b=b, s=s, tp=1, sp=False, act=4, res=4, layout="torch")
-    assert _saved_bytes(spec, b, s, kernel=kernel, selective=selective) == want + _cpu_rmsnorm_extra(spec)
+    assert _saved_bytes(spec, b, s, kernel=kernel, selective=selective) == want
+    cuda = inventory_bytes(block_inventory(spec, "torch", kernel, selective), b=b, s=s, tp=1, sp=False, act=4, res=4,
+                           layout="torch")
+    assert want - cuda == _cpu_rmsnorm_extra(spec)
+
+
+@pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT], ids=["llama", "gpt"])
+def test_inventory_equals_saved_tensors_bf16(spec):
+    """Pure bf16 on the CPU: bf16 activations, fp32 logsumexp and norm statistics, and rms_norm's
+    fp32 copy of its input and fp32 normalized tensor (the bf16 input itself is not kept)."""
+    inv = block_inventory(spec, "torch", "flash", device="cpu")
+    want = inventory_bytes(inv, b=b, s=s, tp=1, sp=False, act=2, res=2, layout="torch")
+    assert _saved_bytes(spec, b, s, bf16=True) == want
 
 
 @pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT], ids=["llama", "gpt"])
@@ -280,19 +352,18 @@ def test_inventory_under_autocast(spec):
     """bf16 autocast over fp32 weights: fp32 residual, one bf16 copy of the norm output per
     Linear, plus each Linear's bf16 weight cast (memory.py's params.autocast_copy; biases' casts
     are not saved)."""
-    inv = block_inventory(spec, "torch", "flash", autocast=True)
+    inv = block_inventory(spec, "torch", "flash", autocast=True, device="cpu")
     want = inventory_bytes(inv, b=b, s=s, tp=1, sp=False, act=2, res=4, layout="torch")
     weights = sum(o * i for _, (o, *rest) in spec.layer_param_shapes() for i in rest)  # the 2-D ones
-    assert _saved_bytes(spec, b, s, autocast=True) == want + 2 * weights + _cpu_rmsnorm_extra(spec)
+    assert _saved_bytes(spec, b, s, autocast=True) == want + 2 * weights
 
 
 @pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT.scaled(tied_embeddings=True)], ids=["llama", "gpt"])
 def test_whole_model_saved_tensors(spec):
     """Embedding, blocks, final norm, output and F.cross_entropy(logits.float()) as run/engine.py
-    computes them, against the first (= last) rank's activation items. Exact, apart from: the
-    logits (kept by the caller, not saved by autograd) and the loss's backward temporaries (not
-    saved tensors), CPU rms_norm's normalized copies (one per norm, 2L + 1), and nll_loss's
-    4-byte total_weight scalar."""
+    computes them, against the first (= last) rank's activation items on the CPU. Exact, apart
+    from: the logits (kept by the caller, not saved by autograd) and the loss's backward
+    temporaries (not saved tensors), and nll_loss's 4-byte total_weight scalar."""
     import torch
     import torch.nn.functional as F
 
@@ -307,10 +378,15 @@ def test_whole_model_saved_tensors(spec):
         F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
     plan = Plan(dp=1, mbs=b, gbs=b, seq=s, precision="fp32")
     items = rank_activations(spec, plan, last=True, layout="torch", attention="flash", autocast=False, act=4,
-                             res=4, vocab=spec.vocab)
-    want = sum(v for k, v in items.items() if k.startswith("act.") and k not in ("act.logits", "act.loss_backward", "act.block_backward"))
+                             res=4, vocab=spec.vocab, device="cpu")
+    unsaved = ("act.logits", "act.loss_backward", "act.block_backward")
+    want = sum(v for k, v in items.items() if k.startswith("act.") and k not in unsaved)
+    assert sum(seen.values()) == want + 4
+    # CUDA's fused rms_norm: one fp32 [b, s, h] less per norm, 2L + 1 of them
+    cuda = rank_activations(spec, plan, last=True, layout="torch", attention="flash", autocast=False, act=4,
+                            res=4, vocab=spec.vocab)
     rms = (2 * spec.layers + 1) * b * s * spec.hidden * 4 if spec.norm == "rmsnorm" else 0
-    assert sum(seen.values()) == want + rms + 4
+    assert sum(items.values()) - sum(cuda.values()) == rms
 
 
 # ---- the transient inside one block's backward --------------------------------------------------

@@ -282,23 +282,106 @@ def test_pipeline_fsdp_keeps_blocks_gathered():
     assert "buffers.zero3_gather" not in z3
 
 
+def test_pipeline_first_backward_has_no_gradients():
+    # TINY, pp = 2, 1F1B, m = 2 micro-batches of 1 x T tokens, fp32, first stage (tok_embeddings
+    # 256 + layer 0 656 = 912 elements: params 3,648, AdamW 7,296, gradients 3,648). Schedule1F1B
+    # runs F0 F1 B0 B1 there (warm-up min(m, p) = 2 = m): at B0 two micro-batches are in flight and
+    # no gradient exists yet; at B1 one is, with every gradient of the stage. Per micro-batch: the
+    # layer 528 T + rotary 32 T (norm inputs 2 * 32, rstd 2 * 4, q/k/v and w1/w3 inputs 2 * 32,
+    # q, k, v 96, logsumexp 8, out 32, SwiGLU 4 * 16 * 4 = 256 per token), token ids 8 T, its output
+    # 32 T; two gradient receive buffers 2 * 32 T; the block's backward max(2 * 64 T, 64 T + 512).
+    c = make_cluster("h100-80gb", 2)
+    plan = lambda seq: Plan(pp=2, mbs=1, gbs=2, seq=seq, precision="fp32").resolve(TINY, 2)  # noqa: E731
+    # T = 8: B0 = 2 * 4,480 + 2 * 64 + 2 * 256 + 512 + 1,024 + 3,648 + 7,296 = 22,080; B1 = 4,480 +
+    # 64 + 256 + 512 + 1,024 + 3,648 + 3,648 + 7,296 = 20,928: B0, without gradients
+    e = memory(TINY, c, plan(8), stage="first")
+    assert e.total - OVERHEAD == 22_080 and e.grads == 0 and e.detail["act.layers"] == 2 * 4_480
+    # T = 5: B0 = 2 * 2,800 + 2 * 40 + 2 * 160 + 320 + 832 + 10,944 = 18,096; B1 = 2,800 + 40 + 160 +
+    # 320 + 832 + 3,648 + 10,944 = 18,744; the step 3,648 * 2 + 7,296 + 3,584 (foreach sqrt(v) over
+    # the matrices) + 320 = 18,496: B1
+    e = memory(TINY, c, plan(5), stage="first")
+    assert e.total - OVERHEAD == 18_744 and e.detail["grads.accumulated"] == 3_648
+    assert e.detail["act.layers"] == 2_800
+
+
+def test_vocab_parallel_embedding_gradient_is_whole_during_the_backward():
+    # tp = 2 without DDP: DTensor's embedding backward gives every tp rank the whole table's
+    # gradient (Replicate; run/engine._align_grads slices it at the step). TINY at tp = 2 holds
+    # 128 + 2 * 336 + 8 + 128 = 936 elements (per layer: norms 16, wq/wk/wv/wo 4 * 32, w1/w3 2 * 64,
+    # w2 64); with 2 micro-batches the first one's gradients exist at the second's backward, the
+    # embedding's 32 x 8 = 256 rows whole: 4 * (936 + 128) = 4,256
+    assert est(TINY, 2, tp=2, mbs=1, gbs=2, seq=8, precision="fp32").detail["grads.accumulated"] == 4_256
+    # tied: the output's column-parallel gradient comes first and keeps the shard: 4 * 808
+    tied = TINY.scaled(tied_embeddings=True)
+    assert est(tied, 2, tp=2, mbs=1, gbs=2, seq=8, precision="fp32").detail["grads.accumulated"] == 4 * 808
+    # DDP's DTensor path hands back the local shard's gradient: 4 * 936
+    assert est(TINY, 4, dp=2, tp=2, mbs=1, gbs=4, seq=8, precision="fp32").detail["grads.accumulated"] == 3_744
+    # at the optimizer step the gradients are the shards again
+    at_step = memory(TINY, make_cluster("h100-80gb", 2), Plan(tp=2, mbs=1, gbs=2, seq=8, precision="fp32"
+                                                               ).resolve(TINY, 2), at="step")
+    assert at_step.grads == 4 * 936
+
+
+def test_cpu_kernels():
+    # device="cpu": rms_norm's composite keeps an fp32 input and an fp32 normalized tensor. TINY on
+    # one GPU, T = 256 tokens: fp32, 2 layers * 2 norms * 256 * 8 * 4 = 32,768 more in the layers
+    # and 256 * 8 * 4 = 8,192 in the final norm; pure bf16, (4 - 2 + 4) * 8 = 48 bytes per norm
+    # and token: 49,152 and 12,288
+    for precision, layers, final in (("fp32", 32_768, 8_192), ("bf16", 49_152, 12_288)):
+        plan = Plan(mbs=1, gbs=1, seq=256, precision=precision).resolve(TINY, 1)
+        cuda, cpu = (memory(TINY, make_cluster("h100-80gb", 1), plan, device=d).detail for d in ("cuda", "cpu"))
+        assert cpu["act.layers"] - cuda["act.layers"] == layers
+        assert cpu["act.final_norm"] - cuda["act.final_norm"] == final
+
+
+def test_interleaved_ranks_measured():
+    # `shardwise check examples/tiny-llama.toml --nproc 4 --tp 2 --pp 2 --schedule interleaved
+    # --vpp 2` on the CPU. Rank 0 (stages 0 and 2) at B1 of stage 0 (its last 1F1B backward):
+    #   params 4 * 279,040 = 1,116,160 (tok_embeddings 128 x 128 + 2 layers of 131,328), AdamW
+    #   2,232,320, gradients 4 * (279,040 + 16,384) = 1,181,696 (the embedding's whole),
+    #   5 chunks of a layer 5 * 2,117,632 = 10,588,160 (test_interleaved_rank_items_hand_worked),
+    #   token ids 3 * 2,048 = 6,144, the block's backward 2 * 256 * 256 * 4 = 524,288,
+    #   8 outputs 1,048,576, 2 input gradients held 262,144, 2 idle activation receive buffers
+    #   262,144, 8 gradient receive buffers 1,048,576: 18,270,208.
+    # Measured (MemTracker): 17,748,172 = 18,270,208 - 4 gradient receive buffers no op of the
+    # measured step touched (MemTracker sees a storage when an op makes a tensor of it) + 8,320 of
+    # the caller's [16, 65] int64 batch - 6,144 + 76 of AdamW's step counters: exact.
+    # Rank 2 (stages 1 and 3) at B3 of stage 3: 14,623,744; measured 14,367,972 = that - 2
+    # untouched gradient buffers (262,144) + 8,320 - 2,048 (no targets copy) + 80 + 20 (scalars).
+    m = preset("llama-2-7b").scaled(layers=4, hidden=128, heads=4, vocab=256)
+    plan = Plan(tp=2, pp=2, mbs=4, gbs=16, seq=64, schedule="interleaved", vpp=2, precision="fp32").resolve(m, 4)
+    first, last = (memory(m, make_cluster("h100-80gb", 4), plan, stage=s, device="cpu") for s in ("first", "last"))
+    assert first.total - OVERHEAD == 18_270_208
+    assert (first.detail["grads.accumulated"], first.detail["act.stage_output"],
+            first.detail["act.stage_input_grad"]) == (1_181_696, 1_048_576, 262_144)
+    assert last.total - OVERHEAD == 14_623_744
+    assert 17_748_172 == 18_270_208 - 4 * 131_072 + 8_320 - 6_144 + 76
+    assert 14_367_972 == 14_623_744 - 2 * 131_072 + 8_320 - 2_048 + 80 + 20
+
+
 # ---- one code path for one plan or many ----------------------------------------------------
 PLANS = [dict(dp=8, tp=1, pp=1, mbs=1, gbs=64, seq=4096), dict(dp=4, tp=2, pp=1, mbs=2, gbs=64, seq=2048),
          dict(dp=2, tp=2, pp=2, mbs=1, gbs=16, seq=4096), dict(dp=1, tp=8, pp=1, mbs=1, gbs=4, seq=4096),
-         dict(dp=1, tp=2, pp=4, mbs=2, gbs=32, seq=1024)]
+         dict(dp=1, tp=2, pp=4, mbs=2, gbs=32, seq=1024), dict(dp=2, tp=1, pp=4, mbs=1, gbs=8, seq=4096),
+         dict(dp=1, tp=4, pp=2, mbs=1, gbs=2, seq=512)]
 
 
 @pytest.mark.parametrize("profile", ["torch", "zero-paper", "megatron", "deepspeed"])
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
-def test_array_plan_equals_scalar_plans(profile, zero):
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "interleaved"])
+def test_array_plan_equals_scalar_plans(profile, zero, schedule):
     m, cluster = preset("llama-3.1-8b"), make_cluster("h100-80gb", 8)
-    arrays = {k: np.array([p[k] for p in PLANS]) for k in PLANS[0]}
-    batch = memory(m, cluster, Plan(zero=zero, **arrays), profile)
-    for i, p in enumerate(PLANS):
-        one = memory(m, cluster, Plan(zero=zero, **p), profile)
-        for f in FIELDS:
-            assert int(getattr(batch, f)[i]) == getattr(one, f), (profile, zero, p, f)
-        assert {k: int(v[i]) for k, v in batch.detail.items() if v[i]} == one.detail
+    plans = [p for p in PLANS if p["pp"] > 1 and (p["gbs"] // (p["dp"] * p["mbs"])) % p["pp"] == 0] \
+        if schedule == "interleaved" else PLANS
+    kw = dict(schedule=schedule, vpp=2 if schedule == "interleaved" else 1)
+    arrays = {k: np.array([p[k] for p in plans]) for k in plans[0]}
+    for device in ("cuda", "cpu"):
+        batch = memory(m, cluster, Plan(zero=zero, **kw, **arrays), profile, device=device)
+        for i, p in enumerate(plans):
+            one = memory(m, cluster, Plan(zero=zero, **kw, **p), profile, device=device)
+            for f in FIELDS:
+                assert int(getattr(batch, f)[i]) == getattr(one, f), (profile, zero, p, f)
+            assert {k: int(v[i]) for k, v in batch.detail.items() if v[i]} == one.detail
 
 
 def test_scalar_estimate_is_fast():
@@ -321,5 +404,8 @@ def test_bad_inputs_are_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(ShardwiseError, match="attention"):
         memory(m, c, p, attention="xformers")
+    with pytest.raises(ShardwiseError, match="device") as e:
+        memory(m, c, p, device="tpu")
+    assert "\n" not in str(e.value)
     with pytest.raises(ShardwiseError, match="megatron"):
         memory(m, c, Plan(zero=3, mbs=1, seq=8, offload="params").resolve(m, 4), "megatron")

@@ -138,3 +138,163 @@ def test_bad_input():
         bubble_fraction(4, 8, 1, "zb")
     with pytest.raises(ShardwiseError, match="multiple of pp=4"):
         timeline(4, 6, 2, "interleaved")
+
+
+# ---- what a rank holds at each backward (the memory estimate's moments) ------------------------
+def _held_at_each_backward(p, m, v, schedule, rank):
+    """Walk the rank's torch order and return, for each of its backwards (in order), what it finds
+    alive, as a Backward. What the schedules keep of their sends is written out from their code
+    (torch/distributed/pipelining/schedules.py): ScheduleGPipe and ScheduleInterleaved1F1B wait
+    on every send at the end of the step and keep the works until then; Schedule1F1B keeps the
+    works or ops of a few sends in loop variables, replayed here line by line."""
+    from shardwise.estimate.pipeline import Backward
+
+    top, last_stage = v - 1, p * v - 1
+    stage = lambda c: c * p + rank  # noqa: E731 (global stage of the rank's virtual stage c)
+    live, backwarded, sent_out, sent_grad, graded, out = set(), set(), set(), set(), set(), []
+
+    def record(mb, c, held_out=(), held_grad=()):
+        outputs = {(i, d) for i, d in live if stage(d) != last_stage} | set(held_out)
+        out.append(Backward(len(out), len(live), sum(1 for _, d in live if stage(d) == 0),
+                            sum(1 for _, d in live if stage(d) == last_stage), len(outputs), len(held_grad),
+                            len(graded), int(stage(c) == last_stage)))
+
+    def forward(mb, c):
+        live.add((mb, c))
+
+    def backward(mb, c):
+        live.discard((mb, c))
+        backwarded.add((mb, c))
+        graded.add(c)
+
+    if schedule != "1f1b":  # every send held until the step ends
+        for kind, mb, c in rank_order(p, m, v, schedule, rank):
+            if kind == "F":
+                forward(mb, c)
+                if stage(c) != last_stage:
+                    sent_out.add((mb, c))
+            else:
+                record(mb, c, sent_out, sent_grad)
+                backward(mb, c)
+                if stage(c) != 0:
+                    sent_grad.add((mb, c))
+        return out
+    # Schedule1F1B._step_microbatches: send_work / fwd_sends / bwd_sends hold what they were
+    # given until reassigned; the last stage sends no outputs, the first no gradients
+    outs = lambda i: [(i, 0)] if rank != p - 1 else []  # noqa: E731
+    grads = lambda i: [(i, 0)] if rank != 0 else []  # noqa: E731
+    warm = min(m, p - rank)
+    send_work, fwd_sends, bwd_sends, f, b = [], [], [], 0, 0
+    for _ in range(warm):
+        forward(f, 0)
+        fwd_sends = outs(f)
+        if f != warm - 1:
+            send_work = fwd_sends
+        f += 1
+    while True:
+        record(b, 0, send_work + fwd_sends, bwd_sends)
+        backward(b, 0)
+        bwd_sends = grads(b)
+        b += 1
+        if f == m:
+            break
+        forward(f, 0)
+        fwd_sends = outs(f)
+        f += 1
+    send_work = bwd_sends
+    while b < m:
+        record(b, 0, fwd_sends, send_work + bwd_sends)
+        backward(b, 0)
+        bwd_sends = send_work = grads(b)
+        b += 1
+    return out
+
+
+MOMENT_CASES = [("gpipe", 2, 4, 1), ("gpipe", 4, 3, 1), ("gpipe", 3, 1, 1), ("1f1b", 2, 4, 1), ("1f1b", 4, 8, 1),
+                ("1f1b", 4, 2, 1), ("1f1b", 4, 5, 1), ("1f1b", 3, 3, 1), ("interleaved", 2, 4, 2),
+                ("interleaved", 2, 2, 2), ("interleaved", 4, 4, 3), ("interleaved", 4, 8, 2),
+                ("interleaved", 2, 2, 4), ("interleaved", 3, 6, 3)]
+
+
+@pytest.mark.parametrize("schedule,p,m,v", MOMENT_CASES)
+def test_backwards_are_what_the_rank_holds_there(schedule, p, m, v):
+    """Each moment backwards() returns is what the walk of the rank's order finds at that backward
+    (the one-backward grad_sent counts of 1F1B aside, compared as sets there: equal)."""
+    from shardwise.estimate.pipeline import backwards
+
+    for last in (False, True):
+        walk = _held_at_each_backward(p, m, v, schedule, p - 1 if last else 0)
+        assert len(walk) == v * m
+        for b in backwards(p, m, v, schedule, last):
+            assert b == walk[b.index], (last, b, walk[b.index])
+
+
+@pytest.mark.parametrize("schedule,p,m,v", MOMENT_CASES)
+def test_the_peak_is_at_one_of_the_moments(schedule, p, m, v):
+    """For any sizes, the largest of the rank's backwards is one of the four moments. The sizes as
+    activations.rank_activations prices a moment, x a residual tensor [b, s, h]: a chunk's saved
+    tensors at least 2x (a block saves its input and its first norm's output); a receive buffer x,
+    one per micro-batch and virtual stage above global stage 0, so each chunk in flight on stage 0
+    leaves one more buffer idle: x + its token ids (at most x); held outputs and input gradients x
+    each; the head's tensors, gradients and the loss's transient any."""
+    from shardwise.estimate.pipeline import backwards
+
+    rng = np.random.default_rng(0)
+    for last in (False, True):
+        walk = _held_at_each_backward(p, m, v, schedule, p - 1 if last else 0)
+        moments = backwards(p, m, v, schedule, last)
+        for _ in range(200):
+            x = rng.uniform(0, 1)
+            chunk, first = 2 * x + rng.uniform(0, 5), x + rng.uniform(0, x)
+            head, grads, embed, head_grads, loss = rng.uniform(0, 5, 5)
+
+            def held(b):
+                return ((chunk - x) * b.chunks + first * b.first + head * b.head + x * (b.outputs + b.grads_sent)
+                        + grads * b.grad_chunks + embed * (b.grad_chunks >= v) * (not last)
+                        + head_grads * (b.grad_chunks >= 1) * last + loss * b.loss)
+
+            assert max(held(b) for b in moments) == pytest.approx(max(held(b) for b in walk), abs=0, rel=1e-12)
+
+
+def test_backwards_hand_worked():
+    from shardwise.estimate.pipeline import Backward, backwards
+
+    # interleaved, p = 2, v = 2, m = 4 (`shardwise check`'s tiny-llama tp2 pp2 interleaved). Rank 0
+    # runs F0 F1 F0' F1' F2 B0' F3 B1' F2' B0 F3' B1 | B2' B3' B2 B3 (' = its virtual stage 1):
+    # its last 1F1B backward is B1 (k = 3, K = 8 - 5 chunks): 5 chunks in flight (1, 2, 3 on stage
+    # 0, 2', 3'), all 8 outputs alive (in flight or held by their sends), the input gradients of
+    # B0' and B1' held, both virtual stages' gradients made.
+    assert set(backwards(2, 4, 2, "interleaved", last=False)) == {
+        Backward(index=3, chunks=5, first=3, head=0, outputs=8, grads_sent=2, grad_chunks=2, loss=0)}
+    # rank 1 (stages 1 and 3): F0 F1 F0' B0' F1' B1' F2 B0 F3 B1 F2' B2' F3' B3' | B2 B3: at B3'
+    # (k = 5) chunks 2, 3 and 3' in flight, 4 outputs of stage 1, the input gradients of
+    # B0' B1' B0 B1 B2' held; B3' is the loss's
+    assert set(backwards(2, 4, 2, "interleaved", last=True)) == {
+        Backward(index=5, chunks=3, first=0, head=1, outputs=4, grads_sent=5, grad_chunks=2, loss=1)}
+    # 1F1B, p = 2, m = 4, rank 0: F0 F1 B0 F2 B1 F3 B2 B3. At B2 (k = K = 2): 2 in flight, and the
+    # output of micro-batch 0, whose send the warm-up fired last, still held: 3 outputs
+    assert set(backwards(2, 4, 1, "1f1b", last=False)) == {
+        Backward(index=2, chunks=2, first=2, head=0, outputs=3, grads_sent=0, grad_chunks=1, loss=0)}
+    # GPipe, p = 2, m = 4, last rank: B0 with all 4 micro-batches' logits and no gradients yet, or
+    # B1 with 3, every gradient made and B0's input gradient held
+    assert backwards(2, 4, 1, "gpipe", last=True)[:2] == (
+        Backward(index=0, chunks=4, first=0, head=4, outputs=0, grads_sent=0, grad_chunks=0, loss=1),
+        Backward(index=1, chunks=3, first=0, head=3, outputs=0, grads_sent=1, grad_chunks=1, loss=1))
+    # no pipeline: one micro-batch, the earlier ones' gradients
+    assert set(backwards(1, 4, 1, "1f1b")) == {Backward(3, 1, 1, 1, 0, 0, 1, 1)}
+    assert set(backwards(1, 1, 1, "1f1b")) == {Backward(0, 1, 1, 1, 0, 0, 0, 1)}
+
+
+def test_backwards_arrays_match_scalars():
+    from shardwise.estimate.pipeline import backwards
+
+    p, m, v = np.array([2, 4, 2, 1, 4]), np.array([4, 8, 2, 4, 4]), np.array([2, 2, 2, 1, 3])
+    for schedule in ("gpipe", "1f1b", "interleaved"):
+        vv = v if schedule == "interleaved" else np.ones_like(v)
+        keep = p > 1 if schedule == "interleaved" else p > 0
+        for last in (False, True, np.array([False, True, True, False, True])):
+            got = backwards(p[keep], m[keep], vv[keep], schedule, last if isinstance(last, bool) else last[keep])
+            lasts = [last] * int(keep.sum()) if isinstance(last, bool) else list(last[keep])
+            for i, (a, b, c, l) in enumerate(zip(p[keep], m[keep], vv[keep], lasts)):
+                want = backwards(int(a), int(b), int(c), schedule, bool(l))
+                assert [tuple(int(f[i]) for f in moment) for moment in got] == [tuple(w) for w in want]

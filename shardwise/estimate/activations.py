@@ -9,7 +9,10 @@ of a GPT block with dropout and materialized attention: s*b*h*(34 + 5*a*s/h) byt
 Two layouts:
 - `torch`: the run tier's reference model (run/model.py) on PyTorch's kernels:
   * norms save their input and fp32 statistics (CUDA's fused rms_norm: rstd; layer_norm: mean
-    and rstd). (On the CPU, rms_norm is a composite that also saves the normalized tensor.)
+    and rstd). On the CPU (device="cpu") rms_norm is a composite of ATen ops: it saves its input
+    in fp32 (an fp32 copy of a bf16 input), rstd, and the fp32 normalized tensor the weight's
+    gradient reads; layer_norm is one kernel on both, keeping mean and rstd in fp32 on CUDA and
+    in the input's dtype on the CPU.
   * autocast (DDP / ZeRO-1 / TP / PP mixed precision) keeps the residual stream in fp32 (the
     embedding runs in fp32, bf16 branch + fp32 residual = fp32) and casts the fp32 norm output
     to bf16 once per consuming Linear: wq, wk and wv each save their own copy.
@@ -35,10 +38,12 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate._num import maximum, minimum, where
+from shardwise.estimate import pipeline
+from shardwise.estimate._num import maximum, where
 
 ATTENTION = ("flash", "math")
 LAYOUTS = ("torch", "megatron")
+DEVICES = ("cuda", "cpu")  # where the torch layout's kernels run (rms_norm differs)
 DTYPE_BYTES = {"fp32": 4, "mask": 1, "int64": 8}  # plus "act" and "res", set by the precision
 
 
@@ -66,7 +71,9 @@ class Saved:
     core: bool = False
 
 
-def _check(layout: str, attention: str) -> None:
+def _check(layout: str, attention: str, device: str = "cuda") -> None:
+    if device not in DEVICES:
+        raise ShardwiseError(f"unknown device {device!r}; use cuda or cpu (whose kernels' saved tensors are counted)")
     if layout not in LAYOUTS:
         raise ShardwiseError(f"unknown activation layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if attention not in ATTENTION:
@@ -76,24 +83,30 @@ def _check(layout: str, attention: str) -> None:
 
 @lru_cache(maxsize=256)
 def block_inventory(model, layout: str = "torch", attention: str = "flash", selective: bool = False,
-                    autocast: bool = False) -> tuple[Saved, ...]:
+                    autocast: bool = False, device: str = "cuda") -> tuple[Saved, ...]:
     """Every tensor one transformer block saves, without full recompute.
 
     selective: the attention core is checkpointed, keeping only its inputs q, k, v.
     autocast: torch layout under torch.autocast (one bf16 copy of the norm output per Linear).
+    device: torch layout, where the kernels run: "cpu" has the composite rms_norm.
     """
-    _check(layout, attention)
+    _check(layout, attention, device)
     torch_ = layout == "torch"
     autocast = autocast and torch_
     h, a, f = model.hidden, model.heads, model.ffn_hidden
     stats = 1 if model.norm == "rmsnorm" else 2  # rstd; or mean and rstd
+    cpu = torch_ and device == "cpu"
+    composite = cpu and model.norm == "rmsnorm"
     drop = model.dropout > 0
     math = attention == "math"
     inv: list[Saved] = []
 
     def norm(prefix: str) -> None:
-        inv.append(Saved(f"{prefix}.input", h, "res", "seq"))
-        inv.append(Saved(f"{prefix}.stats", stats, "fp32", "seq"))
+        inv.append(Saved(f"{prefix}.input", h, "fp32" if composite else "res", "seq"))
+        # CPU's layer_norm keeps mean and rstd in the input's dtype, CUDA's in fp32
+        inv.append(Saved(f"{prefix}.stats", stats, "res" if cpu and not composite else "fp32", "seq"))
+        if composite:  # x * rstd, saved by the multiplication with the weight
+            inv.append(Saved(f"{prefix}.normalized", h, "fp32", "seq"))
 
     def linear_inputs(prefix: str, names: tuple[str, ...], width: int = h) -> None:
         if autocast:  # autocast casts the fp32 input once per Linear; each keeps its copy
@@ -225,24 +238,25 @@ def inventory_bytes(inv: tuple[Saved, ...], *, b, s, tp, sp: bool, act, res, lay
 
 
 @lru_cache(maxsize=1024)
-def _block_terms(model, layout: str, attention: str, selective: bool, autocast: bool, sp: bool, act, res) -> _Terms:
-    return _terms(block_inventory(model, layout, attention, selective, autocast), sp, act, res, layout)
+def _block_terms(model, layout: str, attention: str, selective: bool, autocast: bool, sp: bool, act, res,
+                 device: str = "cuda") -> _Terms:
+    return _terms(block_inventory(model, layout, attention, selective, autocast, device), sp, act, res, layout)
 
 
-def layer_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act, res):
+def layer_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act, res, device: str = "cuda"):
     """(kept per layer per micro-batch, extra held once while one block is recomputed)."""
     bs = plan.mbs * plan.seq
     rows = plan.mbs * (plan.seq // plan.tp) if plan.sp else bs
-    return _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows)
+    return _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device)
 
 
-def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows):
+def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device="cuda"):
     kw = dict(b=plan.mbs, s=plan.seq, tp=plan.tp, bs=bs, rows=rows)
     if plan.recompute == "full":  # torch.utils.checkpoint around each block keeps its input only
         kept = rows * (model.hidden * res)
-        whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res), **kw)
+        whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
         return kept, whole - kept
-    terms = _block_terms(model, layout, attention, plan.recompute == "selective", autocast, plan.sp, act, res)
+    terms = _block_terms(model, layout, attention, plan.recompute == "selective", autocast, plan.sp, act, res, device)
     return _evaluate(terms, **kw), 0
 
 
@@ -279,56 +293,46 @@ def _if(last, a, b):
     return where(last, a, b)
 
 
+def backwards(plan, last: bool):
+    """The backwards of the first (last=False) or last pipeline rank at which its peak can fall,
+    what each finds alive (estimate/pipeline.py: backwards, in torch.distributed.pipelining's
+    orders); without a pipeline, the one micro-batch of each backward."""
+    return pipeline.backwards(plan.pp, plan.grad_accum, plan.vpp, plan.schedule, last)
+
+
 def inflight(plan, last: bool):
-    """(chunks, chunks_on_first_stage, head_microbatches) at the peak of the first (last=False) or
-    last pipeline rank, in torch.distributed.pipelining's orders (see estimate/pipeline.py).
+    """(chunks, first-stage micro-batches, head micro-batches) in flight at the rank's last 1F1B
+    backward, the first of backwards(): its most chunks in flight (pipeline.inflight_microbatches).
 
     A chunk is one micro-batch through one of the rank's virtual stages (L / (pp*vpp) layers;
     vpp = 1 unless interleaved). gpipe: all m micro-batches. 1f1b (Schedule1F1B): rank r runs
-    min(m, pp - r) forwards before its first backward and then alternates B, F: peak min(m, pp-r).
+    min(m, pp - r) forwards before its first backward and then alternates B, F: min(m, pp-r).
     interleaved (ScheduleInterleaved1F1B): warm-up w = (v-1)*pp + 2*(pp-1-r) chunk forwards, then
-    F before B: peak min(w+1, v*m) chunks, depth first in rounds of pp micro-batches per virtual
-    stage (so the first c*pp + min(rem, pp) of them are on virtual stage 0). On rank 0 that is
-    (v+1)*pp - 1 chunks = pp*(1 + (pp-1)/(pp*v)) micro-batches of the rank's layers, Korthikanti
-    et al. 2022's interleaved factor. The last stage holds one micro-batch's logits at a time
-    (1F1B and interleaved run its F then its B at once); GPipe holds all m.
-    Without a pipeline (pp = 1) one micro-batch is in flight.
+    F before B: min(w+1, v*m) chunks. On rank 0 that is (v+1)*pp - 1 chunks = pp*(1 + (pp-1)/(pp*v))
+    micro-batches of the rank's layers, Korthikanti et al. 2022's interleaved factor. The last
+    stage holds one micro-batch's logits at a time (1F1B and interleaved run its F then its B at
+    once); GPipe holds all m. Without a pipeline (pp = 1) one micro-batch is in flight.
     """
-    pp, m = plan.pp, plan.grad_accum
-    r = _if(last, pp - 1, 0)
-    interleaved = plan.schedule == "interleaved"
-    v = plan.vpp if interleaved else 1
-    if plan.schedule == "gpipe":
-        chunks = m + 0 * pp
-    elif plan.schedule == "1f1b":
-        chunks = minimum(pp - r, m)
-    else:
-        chunks = minimum((v - 1) * pp + 2 * (pp - 1 - r) + 1, v * m)
-    # with v = 1, (c // p) * p + min(c % p, p) is c itself
-    first_stage = (chunks // (pp * v)) * pp + minimum(chunks % (pp * v), pp) if interleaved else chunks
-    head = m + 0 * pp if plan.schedule == "gpipe" else 1 + 0 * pp
-    piped = pp > 1  # no pipeline: one micro-batch at a time
-    return (where(piped, chunks, 1), where(piped, first_stage, 1), where(piped, head, 1))
+    b = backwards(plan, last)[0]
+    return b.chunks, b.first, b.head
 
 
 def rank_activations(model, plan, *, last: bool, layout: str, attention: str, autocast: bool, act, res,
-                     vocab: int, flight=None) -> dict:
+                     vocab: int, flight=None, device: str = "cuda") -> dict:
     """Activation items (and the pipeline's receive buffers) of the first or last pipeline rank
-    at its peak, by name. `vocab` is the logits' width on this rank (padded/sharded by layout);
-    `flight`: inflight(plan, last), when the caller has it already."""
-    pp, m, tp, sp = plan.pp, plan.grad_accum, plan.tp, plan.sp
+    at one of its backwards, by name. `vocab` is the logits' width on this rank (padded/sharded by
+    layout); `flight`: one of backwards(plan, last) (default: the first, the most chunks in flight);
+    `device`: where the torch layout's kernels run."""
+    pp, tp, sp = plan.pp, plan.tp, plan.sp
     b, s, h = plan.mbs, plan.seq, model.hidden
     v = plan.vpp if plan.schedule == "interleaved" else 1
-    chunks, first_stage_chunks, head_mbs = flight or inflight(plan, last)
+    f = flight if flight is not None else backwards(plan, last)[0]
+    chunks, embed_mbs, head_mbs = f.chunks, f.first, f.head
     pipelined = where(pp > 1, 1, 0)
-    holds_first = _if(last, 1 - pipelined, 1)  # the rank holds global stage 0
-    holds_last = _if(last, 1, 1 - pipelined)
-    embed_mbs = first_stage_chunks if last is False else first_stage_chunks * holds_first
-    head_mbs = head_mbs if last is True else head_mbs * holds_last
     bs = b * s  # rows of a [b, s] tensor
     rows = b * (s // tp) if sp else bs  # rows of the residual stream, sequence-sharded with sp
 
-    kept, rebuilt = _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows)
+    kept, rebuilt = _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device)
     layers_per_chunk = model.layers // (pp * v)
     x = rows * (h * res)  # one residual-stream tensor [b, s(/tp), h]
     out = {"act.layers": chunks * layers_per_chunk * kept, "act.recompute": rebuilt}
@@ -353,13 +357,17 @@ def rank_activations(model, plan, *, last: bool, layout: str, attention: str, au
         # casts the gradient back to the compute dtype.
         logits, saved_fp32 = 0 * b, bs * (vocab * 4)
         backward = bs * (vocab * (act if act != 4 else 0))
+    # the final norm saves what a block's norms save (block_inventory)
     stats = 1 if model.norm == "rmsnorm" else 2
-    out["act.final_norm"] = head_mbs * (rows * (h * res + stats * DTYPE_BYTES["fp32"]))
+    norm, stat = h * res, DTYPE_BYTES["fp32"]
+    if layout == "torch" and device == "cpu":
+        norm, stat = (h * 8, stat) if model.norm == "rmsnorm" else (norm, res)
+    out["act.final_norm"] = head_mbs * (rows * (norm + stats * stat))
     out["act.head_input"] = head_mbs * head_in
     out["act.logits"] = head_mbs * logits
     out["act.loss_fp32"] = head_mbs * saved_fp32
     out["act.targets"] = head_mbs * (bs * 8)  # the loss saves the flattened int64 targets (a copy)
-    out["act.loss_backward"] = holds_last * backward
+    out["act.loss_backward"] = f.loss * backward
     if layout == "torch":
         # the blocks' backward runs after the loss's temporaries are freed: the rank's transient
         # is the larger of the two (the excess of the block's is counted here)
@@ -368,14 +376,28 @@ def rank_activations(model, plan, *, last: bool, layout: str, attention: str, au
 
     if layout == "torch":
         # torch.distributed.pipelining: a non-last stage keeps its output for each in-flight
-        # micro-batch (fwd_cache); every non-first stage has a receive buffer per micro-batch for
-        # activations and every non-last one per micro-batch for gradients, allocated once and
-        # kept (PipelineStage._setup_forward_recv_info / _create_grad_recv_info). A receive
-        # buffer holding an in-flight micro-batch's input is counted as that block's saved input.
-        receiving_chunks = chunks - embed_mbs
-        out["act.stage_output"] = pipelined * (chunks - head_mbs) * x
-        act_buffers = (v - holds_first) * m - receiving_chunks
-        grad_buffers = (v - holds_last) * m
-        out["buffers.pp_act_recv"] = pipelined * act_buffers * x
-        out["buffers.pp_grad_recv"] = pipelined * grad_buffers * x
+        # micro-batch (fwd_cache), and the schedule keeps what it sent (pipeline.backwards): the
+        # outputs and the input gradients (the stage input's, sent back) its send works hold.
+        # Every non-first stage has a receive buffer per micro-batch for activations and every
+        # non-last one per micro-batch for gradients, allocated once and kept
+        # (PipelineStage._setup_forward_recv_info / _create_grad_recv_info). A receive buffer
+        # holding an in-flight micro-batch's input is counted as that block's saved input.
+        out["act.stage_output"] = pipelined * f.outputs * x
+        out["act.stage_input_grad"] = pipelined * f.grads_sent * x
+        out.update(recv_buffers(model, plan, last=last, res=res, receiving=chunks - embed_mbs))
     return out
+
+
+def recv_buffers(model, plan, *, last: bool, res, receiving=0) -> dict:
+    """torch.distributed.pipelining's receive buffers on the first or last pipeline rank: one per
+    micro-batch and virtual stage for the activations (every non-first stage) and for the
+    gradients (every non-last stage), [mbs, seq(/tp with sp), hidden] in the residual dtype.
+    `receiving`: chunks in flight whose input is in a buffer (counted with their block)."""
+    v = plan.vpp if plan.schedule == "interleaved" else 1
+    pipelined = where(plan.pp > 1, 1, 0)
+    x = plan.mbs * (plan.seq // plan.tp if plan.sp else plan.seq) * (model.hidden * res)
+    holds_first = _if(last, 1 - pipelined, 1)
+    holds_last = _if(last, 1, 1 - pipelined)
+    m = plan.grad_accum
+    return {"buffers.pp_act_recv": pipelined * ((v - holds_first) * m - receiving) * x,
+            "buffers.pp_grad_recv": pipelined * (v - holds_last) * m * x}

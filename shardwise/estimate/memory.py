@@ -6,17 +6,21 @@ ranks are candidates, the first pipeline stage (embeddings, the most micro-batch
 and the last (the output head, the logits and the fp32 loss); with pp = 1 they are one. For the
 `torch` profile each rank is examined at the moments its peak can fall on, and the breakdown is
 that of the largest:
-  A. the backward of the last micro-batch in flight begins: every saved activation is alive,
-     with the loss's backward temporaries, FSDP's gathered parameters and one block's
-     gradient reduce-scatter (counted together: conservative by at most the smaller of them;
-     FSDP2's A is two moments, the loss's backward and the first block's);
+  A. a backward begins: every saved activation of the micro-batches in flight is alive, with
+     the loss's backward temporaries, FSDP's gathered parameters and one block's gradient
+     reduce-scatter (counted together: conservative by at most the smaller of them; FSDP2's A is
+     two moments, the loss's backward and the first block's). Without a pipeline, the last
+     micro-batch's; with one, each backward of pipeline.backwards (the rank's last 1F1B one,
+     and where a virtual stage's gradients first appear), with the gradients made by then and
+     the outputs and input gradients the schedule still holds for its sends;
   B. (FSDP) the end of the backward: the root's (embeddings, output) gradient reduce-scatter,
      or with a pipeline, every group's deferred one;
   C. the optimizer step: activations freed, the step's scratch memory allocated.
 Gradients are counted where they exist: the run tier sets .grad = None after each step, so a
-plain model's gradients appear during the backward, DDP's buckets are allocated for good, and
-FSDP's sharded gradients exist once reduce-scattered. The other profiles are accounting models
-(their papers' tables) and count every model state at once, at moment A.
+plain model's gradients appear during the backward (a pipeline stage's with its first), DDP's
+buckets are allocated for good, and FSDP's sharded gradients exist once reduce-scattered. The
+other profiles are accounting models (their papers' tables) and count every model state at once,
+at moment A.
 
 Numeric plan fields may be numpy arrays; then every field of the Memory is an array too.
 """
@@ -42,7 +46,7 @@ FIELDS = {"params": "params", "grads": "grads", "optimizer": "optimizer", "act":
 
 
 def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "flash",
-           stage: str = "worst", at: str = "peak") -> Memory:
+           stage: str = "worst", at: str = "peak", device: str = "cuda") -> Memory:
     """Bytes on the worst rank at its peak, by field, with named sub-items in `detail`.
 
     attention: "flash" (SDPA's flash / memory-efficient kernels, CUDA's default: no s*s scores
@@ -51,9 +55,11 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
     (`shardwise check` holds each stage's ranks against its own estimate).
     at: "peak" (the largest moment) or "step" (moment C, the optimizer step: the model states a
     rank holds when it steps, which `shardwise check` measures; torch profile only).
+    device: where the torch profile's kernels run, "cuda" or "cpu" (`shardwise check` on a CPU):
+    CPU's rms_norm is a composite that saves more (activations.block_inventory).
     """
     check_profile(profile)
-    acts._check("torch", attention)
+    acts._check("torch", attention, device)
     if profile == "megatron" and plan.offload == "params":
         raise ShardwiseError("the megatron profile has no parameter offload; use --profile torch or "
                              "deepspeed, or --offload optimizer")
@@ -68,10 +74,10 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
     mem = Memory(capacity=cluster.gpu.memory_bytes)
     if vec and len(lasts) == 2:  # array plans: both ranks in one pass, the plans twice over
         both, last = _both_stages(plan)
-        return _peak_arrays(_moments(model, both, last, profile, attention, at), plan, mem, stages=2)
+        return _peak_arrays(_moments(model, both, last, profile, attention, at, device), plan, mem, stages=2)
     moments = []
     for last in lasts:
-        moments += _moments(model, plan, last, profile, attention, at)
+        moments += _moments(model, plan, last, profile, attention, at, device)
     if vec:
         return _peak_arrays(moments, plan, mem)
     detail = _peak(moments)
@@ -83,10 +89,10 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
     return mem
 
 
-def _moments(model, plan, last, profile: str, attention: str, at: str) -> list:
+def _moments(model, plan, last, profile: str, attention: str, at: str, device: str = "cuda") -> list:
     if profile != "torch":
         return [_paper(model, plan, last, profile, attention)]
-    ms = _torch(model, plan, last, attention)
+    ms = _torch(model, plan, last, attention, device)
     return ms[-1:] if at == "step" else ms  # the optimizer step is each list's last moment
 
 
@@ -298,47 +304,68 @@ def _block_sum(g, f, only=None):
     return sum(p.count * f(p) for p in g["block"] if only is None or only(p))
 
 
-def _torch(model, plan, last: bool, attention: str) -> list[dict]:
-    """Moments A, B, C (module docstring) of one rank; FSDP2 only with zero >= 2 and dp > 1
-    (run/parallelize.uses_fsdp: at dp = 1 there is nothing to shard over)."""
+def _torch(model, plan, last: bool, attention: str, device: str = "cuda") -> list[dict]:
+    """Moments A, B, C (module docstring) of one rank, A once per backward of _flights; FSDP2 only
+    with zero >= 2 and dp > 1 (run/parallelize.uses_fsdp: at dp = 1 there is nothing to shard)."""
     if plan.zero < 2:
-        return _torch_local(model, plan, last, attention)
+        return _torch_local(model, plan, last, attention, device)
     fsdp = where(plan.dp > 1, 1, 0)
     if not _is_array(fsdp):
-        return _torch_fsdp(model, plan, last, attention) if fsdp else _torch_local(model, plan, last, attention)
-    align = lambda b: b[:1] + [{}, {}] + b[1:]  # noqa: E731 (the local engines have one moment A and no B)
+        engine = _torch_fsdp if fsdp else _torch_local
+        return engine(model, plan, last, attention, device)
     mask = plan.dp > 1
     if mask.all() or not mask.any():  # one engine for every plan: the other's items are all 0
         if mask.all():
-            a = _torch_fsdp(model, plan, last, attention)
-            b = align(_moment_names(_torch_local, model, plan, last, attention))
+            a = _torch_fsdp(model, plan, last, attention, device)
+            b = _align(_moment_names(_torch_local, model, plan, last, attention, device))
         else:
-            a = align(_torch_local(model, plan, last, attention))
-            b = _moment_names(_torch_fsdp, model, plan, last, attention)
+            a = _align(_torch_local(model, plan, last, attention, device))
+            b = _moment_names(_torch_fsdp, model, plan, last, attention, device)
         return [{**dict.fromkeys(names, 0), **x} for x, names in zip(a, b)]
-    a, b = _torch_fsdp(model, plan, last, attention), _torch_local(model, plan, last, attention)
-    return [_Blend(mask, x, y) for x, y in zip(a, align(b))]
+    a, b = _torch_fsdp(model, plan, last, attention, device), _torch_local(model, plan, last, attention, device)
+    return [_Blend(mask, x, y) for x, y in zip(a, _align(b))]
+
+
+def _align(local: list) -> list:
+    """The local engines' moments (one A per backward, then C) placed as FSDP2's (two A moments
+    per backward, B, C): empty where the local engines have no such moment."""
+    return [x for a in local[:-1] for x in (a, {})] + [{}, local[-1]]
+
+
+def _flights(plan, last):
+    """The backwards at which the rank's peak can fall (activations.backwards): one without a
+    pipeline, where they are the same; a scalar plan's distinct ones (array plans keep all four,
+    so that every plan has the same moments)."""
+    flights = acts.backwards(plan, last)
+    if _one_stage(plan.pp):
+        return flights[:1]
+    if _is_array(plan.dp, plan.pp, plan.mbs, plan.gbs, plan.vpp, last):
+        return flights
+    return tuple(dict.fromkeys(flights))
 
 
 _NAMES: dict = {}
 
 
-def _moment_names(engine, model, plan, last: bool, attention: str) -> list[tuple]:
+def _moment_names(engine, model, plan, last: bool, attention: str, device: str = "cuda") -> list[tuple]:
     """The item names of each moment `engine` (_torch_fsdp, _torch_local) gives an array plan.
     Formulas never branch on numeric fields (_num), so the names depend on the categorical ones
-    only: found once, from a scalar plan made of the array plan's first element."""
+    only, and on whether any plan is pipelined (the number of backwards, _flights): found once,
+    from a one-plan array of one of its elements (a pipelined one if there is one)."""
     import numpy as np
 
-    last = bool(np.ravel(last)[0])  # (both stages at once: the stage changes values, not names)
+    last = np.ravel(last)[:1]  # (both stages at once: the stage changes values, not names)
     key = (engine, model, plan.zero, plan.schedule, plan.recompute, plan.sp, plan.precision, plan.optimizer,
-           plan.offload, last, attention)
+           plan.offload, bool(last[0]), attention, device, _one_stage(plan.pp))
     names = _NAMES.get(key)
     if names is None:
-        one = plan.replace(**{f: int(np.ravel(getattr(plan, f))[0]) for f in ("dp", "tp", "pp", "mbs", "gbs", "vpp",
-                                                                              "seq")})
+        fields = ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq")
+        values = [np.ravel(v) for v in np.broadcast_arrays(*(np.asarray(getattr(plan, f)) for f in fields))]
+        i = 0 if key[-1] else int(np.argmax(values[2] > 1))
+        one = plan.replace(**{f: v[i:i + 1] for f, v in zip(fields, values)})
         if len(_NAMES) >= 1024:
             _NAMES.clear()
-        names = _NAMES[key] = [tuple(m) for m in engine(model, one, last, attention)]
+        names = _NAMES[key] = [tuple(m) for m in engine(model, one, last, attention, device)]
     return names
 
 
@@ -367,7 +394,8 @@ def _split(items: dict) -> tuple[dict, dict]:
 @memo
 def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last):
     """Parameter sums for the local engines: elements, optimizer bytes and step scratch of the
-    worst dp rank, and the Linear elements autocast copies."""
+    worst dp rank, the Linear elements autocast copies, and the elements whose gradients appear
+    with each part's first backward: one block's, the embeddings', the head's."""
     g, sb = _groups(model), state_bytes("torch", precision)
     st = _stage_of(model, pp, last)
     numel = lambda p: _numel(_local(p, tp))  # noqa: E731
@@ -390,13 +418,32 @@ def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last):
         states, temp = where(ddp, z_states, states), where(ddp, z_temp, temp)
     block_linear = _block_sum(g, numel, only=lambda p: p.linear)
     out = g["tied"][0] if model.tied_embeddings else [p for p in g["head"] if p.linear][0]
+    embed = st.embed * sum(p.count * numel(p) for p in g["embed"])
+    # DTensor's embedding backward under vocab-parallel TP gives the whole table's gradient,
+    # Replicate, on every tp rank (run/engine._align_grads slices it at the step); DDP's path
+    # hands back the local shard's. A tied table's gradient takes the output's Shard layout.
+    # So without DDP each untied table (the token one on a pipeline's first stage too, where
+    # the output is on the last) holds its full rows during the backward.
+    untied = lambda p: p.vocab is False or not model.tied_embeddings or pp > 1  # noqa: E731
+    replicated = sum(p.count * (_numel(p.shape) - numel(p)) for p in g["embed"] if untied(p))
+    embed_grad = embed + st.embed * where((dp == 1) & (tp > 1), replicated, 0)
     return {"n": n, "states": states, "temp": temp, "block_linear": block_linear, "out_linear": numel(out),
-            "head": st.head}
+            "head": st.head, "block": _block_sum(g, numel), "embed_grad": embed_grad,
+            "head_grad": st.head * sum(p.count * numel(p) for p in g["head"]) + st.tied * numel(out)}
 
 
-def _torch_local(model, plan, last: bool, attention: str) -> list[dict]:
+def _grads_present(flight, v, layers_per_chunk: int, block, embed, head):
+    """Elements (or bytes) of the gradients that exist at a backward: the virtual stages'
+    (top down) whose first backward is done; the head's with its own (the last rank's top
+    virtual stage), the embeddings' with the bottom one's (the first rank's virtual stage 0)."""
+    g = flight.grad_chunks
+    return g * layers_per_chunk * block + where(g >= v, embed, 0) + where(g >= 1, head, 0)
+
+
+def _torch_local(model, plan, last: bool, attention: str, device: str = "cuda") -> list[dict]:
     """DDP (zero 0), DDP + ZeroRedundancyOptimizer (zero 1), or no data-parallel wrapper (dp = 1),
-    each with TP and/or PP. Mixed precision: fp32 parameters under torch.autocast."""
+    each with TP and/or PP. Mixed precision: fp32 parameters under torch.autocast.
+    One moment A per backward of _flights, then C."""
     sb = state_bytes("torch", plan.precision)
     mixed = is_mixed(plan.precision)
     c = compute_bytes(plan.precision)
@@ -405,26 +452,31 @@ def _torch_local(model, plan, last: bool, attention: str) -> list[dict]:
     if plan.offload == "optimizer":  # on the CPU, and stepped there
         states, temp = 0, 0
     ddp = where(plan.dp > 1, 1, 0)
-    flight = acts.inflight(plan, last)
-    activations, buffers = _split(acts.rank_activations(
-        model, plan, last=last, layout="torch", attention=attention, autocast=mixed, act=c,
-        res=4 if mixed else c, vocab=model.vocab, flight=flight))
-    persistent = {"params.local": sb.param * n, "optimizer.states": states, "grads.ddp_buckets": ddp * sb.grad * n,
-                  **OVERHEAD, **buffers}
-    a = {**persistent, **activations}
-    # fresh .grad tensors of the earlier micro-batches (the run tier sets .grad = None each step,
-    # so DDP copies them into its buckets only in the synchronizing backward)
-    a["grads.accumulated"] = where(plan.grad_accum > 1, 1, 0) * sb.grad * n
-    if mixed:
-        # autocast's low-precision weight copies: run/model.py enters autocast per forward call,
-        # so each micro-batch in flight holds the casts its graph saved (every Linear's weight);
-        # with full recompute the blocks' casts are remade one block at a time
-        chunks, _, head_mbs = flight
-        v = plan.vpp if plan.schedule == "interleaved" else 1
-        blocks = 1 if plan.recompute == "full" else chunks * (model.layers // (plan.pp * v))
-        a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + head_mbs * z["head"] * z["out_linear"])
+    v = plan.vpp if plan.schedule == "interleaved" else 1
+    per_chunk = model.layers // (plan.pp * v)
+    kw = dict(last=last, layout="torch", attention=attention, autocast=mixed, act=c, res=4 if mixed else c,
+              vocab=model.vocab, device=device)
+    moments = []
+    for f in _flights(plan, last):
+        activations, buffers = _split(acts.rank_activations(model, plan, flight=f, **kw))
+        persistent = {"params.local": sb.param * n, "optimizer.states": states,
+                      "grads.ddp_buckets": ddp * sb.grad * n, **OVERHEAD, **buffers}
+        a = {**persistent, **activations}
+        # fresh .grad tensors of the earlier micro-batches, of the parts whose backward has run
+        # (the run tier sets .grad = None each step, so DDP copies them into its buckets only in
+        # the synchronizing backward)
+        a["grads.accumulated"] = sb.grad * _grads_present(f, v, per_chunk, z["block"], z["embed_grad"], z["head_grad"])
+        if mixed:
+            # autocast's low-precision weight copies: run/model.py enters autocast per forward call,
+            # so each micro-batch in flight holds the casts its graph saved (every Linear's weight);
+            # with full recompute the blocks' casts are remade one block at a time
+            blocks = 1 if plan.recompute == "full" else f.chunks * per_chunk
+            a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + f.head * z["head"] * z["out_linear"])
+        moments.append(a)
+    # C: every receive buffer waits for the next step, none holding an input
+    persistent.update(acts.recv_buffers(model, plan, last=last, res=kw["res"]))
     c_ = {**persistent, "grads.local": (1 - ddp) * sb.grad * n, "buffers.optimizer_step": temp}
-    return [a, c_]
+    return moments + [c_]
 
 
 @memo
@@ -448,14 +500,15 @@ def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last):
         temp = step_temp_bytes("adamw", maximum(matrices, s - matrices), sb, foreach=True)
     else:
         temp = step_temp_bytes(optimizer, st.max(g, lambda p: _numel(shard(p))), sb, foreach=False)
+    u_embed = st.embed * sum(p.count * padded(p) for p in g["embed"])
     return {"s": s, "u_all": u_all, "u_block": u_block, "u_root": u_all - st.layers * u_block, "u_head": u_head,
-            "states": states, "temp": temp}
+            "u_embed": u_embed, "states": states, "temp": temp}
 
 
-def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
+def _torch_fsdp(model, plan, last: bool, attention: str, device: str = "cuda") -> list[dict]:
     """FSDP2 (zero 2/3 over dp > 1). Each parameter is a dim-0 shard padded to ceil(dim0/dp) rows;
     with mixed precision the fp32 shard is the master, all-gathered in bf16 (param_dtype) and
-    reduce-scattered in fp32 (reduce_dtype)."""
+    reduce-scattered in fp32 (reduce_dtype). Two moments A per backward of _flights, B, C."""
     sb = state_bytes("torch", plan.precision)
     mixed = is_mixed(plan.precision)
     c = compute_bytes(plan.precision)
@@ -468,43 +521,55 @@ def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
     offload = plan.offload == "params"  # CPUOffloadPolicy: shards, gradients and the step on the CPU
     cpu_step = plan.offload != "none"  # the optimizer states (and so its step) on the CPU
     sharded_grads = 0 if offload else rb * s
-    flight = acts.inflight(plan, last)
-    activations, buffers = _split(acts.rank_activations(
-        model, plan, last=last, layout="torch", attention=attention, autocast=False, act=c, res=c,
-        vocab=model.vocab, flight=flight))
-    persistent = {"params.sharded": 0 if offload else sb.param * s, "optimizer.states": 0 if cpu_step else z["states"],
-                  **OVERHEAD, **buffers}
+    v = plan.vpp if plan.schedule == "interleaved" else 1
+    per_chunk = model.layers // (plan.pp * v)
+    kw = dict(last=last, layout="torch", attention=attention, autocast=False, act=c, res=c, vocab=model.vocab,
+              device=device)
+    moments = []
+    for f in _flights(plan, last):
+        activations, buffers = _split(acts.rank_activations(model, plan, flight=f, **kw))
+        persistent = {"params.sharded": 0 if offload else sb.param * s,
+                      "optimizer.states": 0 if cpu_step else z["states"], **OVERHEAD, **buffers}
 
-    # A. With a pipeline, torch.distributed.pipelining keeps FSDP from resharding after backward
-    # and from reduce-scattering before the last micro-batch (backward_maybe_with_nosync): every
-    # block ends up unsharded and every gradient accumulates unsharded in fp32
-    # (FSDPParam.to_accumulated_grad_if_needed). ZeRO-2 accumulates the same way by itself.
-    a = {**persistent, **activations}
-    if plan.zero == 2:
-        a["params.unsharded"] = pb * u_all
-        accumulating = accumulated
-    else:
-        # the root group (embeddings, final norm, output) is gathered again as the backward
-        # begins and stays so until its reduce-scatter at the end
-        a["params.unsharded"] = pb * where(pipelined, u_all, u_root)
-        a["buffers.zero3_gather"] = (1 - pipelined) * 2 * pb * u_block  # the block in use + the prefetched one
-        a["grads.sharded"] = (1 - pipelined) * accumulated * sharded_grads  # reduce-scattered every micro-batch
-        accumulating = accumulated * pipelined
-    a["grads.unsharded_accumulated"] = accumulating * rb * u_all
-    a["grads.head_unsharded"] = pb * z["u_head"]
-    # one block's gradients in the compute dtype and its fp32 reduce-scatter input (FSDP keeps one
-    # reduce-scatter input in flight); with a pipeline only the cast into the fp32 accumulator
-    a["buffers.reduce_scatter"] = u_block * (pb + (1 - pipelined) * rb)
-    # A is two moments: the loss's backward (its temporaries; no block gathered or reduced yet) and
-    # the first block's backward (its gathered parameters, gradients and reduce-scatter input, its
-    # own transient), once the loss's temporaries and one micro-batch's saved head tensors are
-    # freed (the caller, or the pipeline, still holds that micro-batch's logits)
-    a_loss = {**a, "buffers.zero3_gather": 0, "buffers.reduce_scatter": 0, "act.block_backward": 0}
-    head_mbs = maximum(flight[2], 1)
-    a_block = {**a, "act.loss_backward": 0,
-               "act.block_backward": acts.block_backward_bytes(model, plan, act=c, autocast=False)}
-    for k in ("act.final_norm", "act.head_input", "act.loss_fp32", "act.targets"):
-        a_block[k] = a[k] - a[k] // head_mbs
+        # A. With a pipeline, torch.distributed.pipelining keeps FSDP from resharding after
+        # backward and from reduce-scattering before the last micro-batch
+        # (backward_maybe_with_nosync): every block ends up unsharded and every gradient
+        # accumulates unsharded in fp32 (FSDPParam.to_accumulated_grad_if_needed), each part's
+        # from its first backward on. ZeRO-2 accumulates the same way by itself.
+        a = {**persistent, **activations}
+        if plan.zero == 2:
+            a["params.unsharded"] = pb * u_all
+            accumulating = accumulated
+        else:
+            # the root group (embeddings, final norm, output) is gathered again as the backward
+            # begins and stays so until its reduce-scatter at the end
+            a["params.unsharded"] = pb * where(pipelined, u_all, u_root)
+            a["buffers.zero3_gather"] = (1 - pipelined) * 2 * pb * u_block  # the block in use + the prefetched one
+            a["grads.sharded"] = (1 - pipelined) * accumulated * sharded_grads  # reduce-scattered every micro-batch
+            accumulating = accumulated * pipelined
+        head = u_root - z["u_embed"]  # the final norm and output (the last rank's root)
+        a["grads.unsharded_accumulated"] = accumulating * rb * _grads_present(f, v, per_chunk, u_block, z["u_embed"],
+                                                                               head)
+        a["grads.head_unsharded"] = pb * z["u_head"]
+        # one block's gradients in the compute dtype and its fp32 reduce-scatter input (FSDP keeps
+        # one reduce-scatter input in flight); with a pipeline only the cast into the fp32
+        # accumulator
+        a["buffers.reduce_scatter"] = u_block * (pb + (1 - pipelined) * rb)
+        # A is two moments: the loss's backward (its temporaries; no block gathered or reduced
+        # yet) and the first block's backward (its gathered parameters, gradients and
+        # reduce-scatter input, its own transient), once the loss's temporaries and one
+        # micro-batch's saved head tensors are freed (the caller, or the pipeline, still holds
+        # that micro-batch's logits)
+        a_loss = {**a, "buffers.zero3_gather": 0, "buffers.reduce_scatter": 0, "act.block_backward": 0}
+        a_block = {**a, "act.loss_backward": 0,
+                   "act.block_backward": acts.block_backward_bytes(model, plan, act=c, autocast=False)}
+        head_mbs = maximum(f.head, 1)
+        for k in ("act.final_norm", "act.head_input", "act.loss_fp32", "act.targets"):
+            a_block[k] = a[k] - f.loss * (a[k] // head_mbs)
+        moments += [a_loss, a_block]
+
+    # B and C: every receive buffer waits for the next step, none holding an input
+    persistent.update(acts.recv_buffers(model, plan, last=last, res=c))
 
     # B. The end of the backward: the root's reduce-scatter; with a pipeline each group's in turn
     b = {**persistent, "grads.sharded": sharded_grads,
@@ -514,7 +579,7 @@ def _torch_fsdp(model, plan, last: bool, attention: str) -> list[dict]:
 
     # C. The optimizer step on the shards
     cc = {**persistent, "grads.sharded": sharded_grads, "buffers.optimizer_step": 0 if cpu_step else z["temp"]}
-    return [a_loss, a_block, b, cc]
+    return moments + [b, cc]
 
 
 # ---- ZeroRedundancyOptimizer's partition -------------------------------------------------------
@@ -638,14 +703,16 @@ def _paper(model, plan, last: bool, profile: str, attention: str) -> dict:
 
 
 def saved_activations(model, plan, profile: str = "torch", *, attention: str = "flash") -> int:
-    """Activation bytes on the worst rank at moment A (every saved tensor alive), whether or not
-    that moment is the rank's overall peak: on one GPU the optimizer step often is, and then
-    memory().activations is 0. For a resolved scalar plan. (The lecture's '~2 bytes/param'.)"""
+    """Activation bytes on the worst rank at its moment A with the most (every saved tensor
+    alive), whether or not that moment is the rank's overall peak: on one GPU the optimizer step
+    often is, and then memory().activations is 0. For a resolved scalar plan. (The lecture's
+    '~2 bytes/param'.)"""
     check_profile(profile)
     acts._check("torch", attention)
     worst = 0
     for last in (False, True):
-        a = _torch(model, plan, last, attention)[0] if profile == "torch" else _paper(model, plan, last, profile,
-                                                                                    attention)
-        worst = max(worst, sum(v for k, v in a.items() if k.startswith("act.")))
+        ms = _torch(model, plan, last, attention) if profile == "torch" else [_paper(model, plan, last, profile,
+                                                                                     attention)]
+        for a in ms:
+            worst = max(worst, sum(v for k, v in a.items() if k.startswith("act.")))
     return int(worst)

@@ -19,10 +19,11 @@ the schedule is a scalar string. timeline() is for one scalar plan (it draws a c
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate._num import minimum
+from shardwise.estimate._num import _is_array, ceil_div, maximum, minimum, where
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 F_SLOTS, B_SLOTS = 1, 2
@@ -75,6 +76,95 @@ def inflight_microbatches(pp, m, vpp=1, schedule: str = "1f1b", stage=0):
         return minimum(pp - stage, m)
     warmup = (vpp - 1) * pp + 2 * (pp - 1 - stage)
     return minimum(warmup + 1, vpp * m) / vpp
+
+
+class Backward(NamedTuple):
+    """What one rank holds when one of its backwards begins (counts; the memory estimate prices
+    them). All forwards of the step are done at every moment backwards() returns."""
+
+    index: object  # which of the rank's backwards (0-based, in its own order)
+    chunks: object  # chunks (micro-batches through one virtual stage) whose activations are saved
+    first: object  # of them, micro-batches through global stage 0 (the embedding's)
+    head: object  # micro-batches through the last global stage (logits, loss) still saved
+    outputs: object  # stage outputs alive: in flight, or sent and still held by the schedule
+    grads_sent: object  # input gradients sent back and still held by the schedule
+    grad_chunks: object  # virtual stages whose parameters have gradients by now (top down)
+    loss: object  # 1 where this backward is the last global stage's (the loss's backward runs in it)
+
+
+def backwards(pp, m, vpp=1, schedule: str = "1f1b", last=False) -> tuple[Backward, ...]:
+    """The backwards of the first (last=False) or last pipeline rank that can hold its peak, in
+    torch.distributed.pipelining's orders (rank_order) and with what its schedules keep alive.
+
+    Every chunk's forward is done by then; backward k (0-based, the rank's own order) finds
+    min(c, v*m - k) chunks in flight, c = inflight's peak chunks (c in flight from the first
+    backward through the last 1F1B one, k = K = v*m - c; one fewer per backward after that).
+    Backwards run in rounds of p per virtual stage, top down (v-1, v-2, ..., 0, v-1, ...).
+    What a schedule keeps of what it sent (measured on gloo; NCCL keeps a send's tensor until
+    its work is waited too):
+      gpipe (ScheduleGPipe): every send's work until the step ends: all outputs, all input grads;
+      1f1b (Schedule1F1B): the input gradient of the previous backward (its send ops), and while
+        backwards alternate with forwards, the output of micro-batch c-2 (the warm-up's last
+        fired send, waited but kept);
+      interleaved (ScheduleInterleaved1F1B): every send's work until the step ends.
+    Memory grows through the 1F1B phase (same chunks, more gradients and held sends) and falls
+    by a chunk per backward after it, except where a virtual stage's gradients first appear
+    (after backward j*p, j = 0..v-1): at those points it is linear in j but for the last one on
+    the first rank (the embedding's gradients appear with it, virtual stage 0 sends nothing). So
+    the peak is at k = K, or at the first point after K, the last but one or the last: the four
+    moments returned (the same moment more than once where they coincide). Without a pipeline
+    (pp = 1): one micro-batch, gradients of the earlier ones when m > 1, four times."""
+    if _is_array(pp, m, vpp, last):
+        return _backwards(pp, m, vpp, schedule, last)
+    return _backwards_cached(pp, m, vpp, schedule, bool(last))
+
+
+def _backwards(pp, m, vpp, schedule, last):
+    """backwards() for any arguments (the cached scalar path calls it too)."""
+    _check(schedule)
+    v = chunks_per_rank(vpp, schedule)
+    p = pp
+    r = where(last, p - 1, 0 * p)
+    holds_first, holds_last = where(r == 0, 1, 0), where(r == p - 1, 1, 0)
+    total = v * m
+    if schedule == "gpipe":
+        c = m + 0 * p
+    elif schedule == "1f1b":
+        c = minimum(p - r, m)
+    else:
+        c = minimum((v - 1) * p + 2 * (p - 1 - r) + 1, total)
+    big_k = total - c
+    nxt = ceil_div(big_k, p)  # the first point j*p + 1 after K
+    ks = (big_k, where(nxt <= v - 1, nxt * p + 1, big_k), maximum((v - 2) * p + 1, big_k),
+          maximum((v - 1) * p + 1, big_k))
+    piped = p > 1
+    out = []
+    for k in ks:
+        k = minimum(k, total - 1)
+        chunks = minimum(c, total - k)
+        cycle, pos = k // (v * p), k % (v * p)
+        done_top = cycle * p + minimum(pos, p)  # backwards finished on virtual stage v-1
+        done_bottom = cycle * p + maximum(pos - (v - 1) * p, 0)  # ... and on virtual stage 0
+        first = holds_first * (m - done_bottom)
+        head = holds_last * (m - done_top)
+        if schedule == "1f1b":
+            # rank r's warm-up fires the sends of micro-batches 0 .. c-2 one at a time and keeps
+            # the last fired one's work through the 1B1F loop (backwards 0 .. K)
+            kept = where((c >= 2) & (k >= c - 1) & (k <= big_k), 1, 0)
+            outputs = (1 - holds_last) * (chunks + kept)
+            grads_sent = (1 - holds_first) * minimum(k, 1)
+        else:
+            outputs = (v - holds_last) * m
+            grads_sent = k - holds_first * done_bottom
+        grad_chunks = minimum(v, ceil_div(k, p))
+        loss = holds_last * where((k // p) % v == 0, 1, 0)
+        one = (m - 1, 1, holds_first, holds_last, 0, 0, where(m > 1, 1, 0), holds_last)
+        out.append(Backward(*(where(piped, a, b) for a, b in
+                              zip((k, chunks, first, head, outputs, grads_sent, grad_chunks, loss), one))))
+    return tuple(out)
+
+
+_backwards_cached = lru_cache(maxsize=4096)(_backwards)
 
 
 class Slot(NamedTuple):

@@ -323,28 +323,47 @@ def rank_activations(model, plan, *, last: bool, layout: str, attention: str, au
     at one of its backwards, by name. `vocab` is the logits' width on this rank (padded/sharded by
     layout); `flight`: one of backwards(plan, last) (default: the first, the most chunks in flight);
     `device`: where the torch layout's kernels run."""
+    sizes = rank_sizes(model, plan, last=last, layout=layout, attention=attention, autocast=autocast, act=act,
+                       res=res, vocab=vocab, device=device)
+    return priced(sizes, flight if flight is not None else backwards(plan, last)[0])
+
+
+class RankSizes(NamedTuple):
+    """Bytes per unit of what a rank holds at a backward (priced() multiplies them by a
+    backward's counts): computed once per rank, priced once per backward."""
+
+    torch: bool  # the torch layout (pipeline buffers, the block's backward transient)
+    chunk: object  # one chunk's saved tensors (its layers, per micro-batch)
+    recompute: object  # held once while one block is recomputed
+    embedding: object  # per micro-batch through global stage 0
+    head: dict  # per micro-batch through the last global stage, by item
+    loss_backward: object  # the loss's backward temporaries
+    block_backward: object  # the transient inside one block's backward
+    x: object  # one residual-stream tensor: a stage output, an input gradient, a receive buffer
+    act_recv: object  # activation receive buffers of the rank (bytes), none holding an input
+    grad_recv: object  # gradient receive buffers (bytes)
+
+
+def rank_sizes(model, plan, *, last: bool, layout: str, attention: str, autocast: bool, act, res, vocab: int,
+               device: str = "cuda") -> RankSizes:
+    """RankSizes of the first or last pipeline rank (rank_activations' arguments)."""
     pp, tp, sp = plan.pp, plan.tp, plan.sp
     b, s, h = plan.mbs, plan.seq, model.hidden
     v = plan.vpp if plan.schedule == "interleaved" else 1
-    f = flight if flight is not None else backwards(plan, last)[0]
-    chunks, embed_mbs, head_mbs = f.chunks, f.first, f.head
-    pipelined = where(pp > 1, 1, 0)
     bs = b * s  # rows of a [b, s] tensor
     rows = b * (s // tp) if sp else bs  # rows of the residual stream, sequence-sharded with sp
+    torch_ = layout == "torch"
 
     kept, rebuilt = _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device)
-    layers_per_chunk = model.layers // (pp * v)
     x = rows * (h * res)  # one residual-stream tensor [b, s(/tp), h]
-    out = {"act.layers": chunks * layers_per_chunk * kept, "act.recompute": rebuilt}
 
     emb = bs * 8 + s * 8 if model.positions == "learned" else bs * 8  # token (and position) ids
     if model.dropout > 0:
         emb = emb + rows * h * DTYPE_BYTES["mask"]  # embedding dropout mask
-    out["act.embedding"] = embed_mbs * emb
 
     # the head: final norm, the output projection's input, logits, the fp32 loss
     head_in = (rows if _seq_split("gather", sp, layout) else bs) * (h * act)
-    if layout == "torch":
+    if torch_:
         # run/model.py's output is column-parallel with the full logits gathered on every tp
         # rank; the loss is F.cross_entropy(logits.float()): the caller (or the pipeline's
         # forward cache) keeps the logits, log_softmax saves its fp32 output, and the backward
@@ -360,44 +379,40 @@ def rank_activations(model, plan, *, last: bool, layout: str, attention: str, au
     # the final norm saves what a block's norms save (block_inventory)
     stats = 1 if model.norm == "rmsnorm" else 2
     norm, stat = h * res, DTYPE_BYTES["fp32"]
-    if layout == "torch" and device == "cpu":
+    if torch_ and device == "cpu":
         norm, stat = (h * 8, stat) if model.norm == "rmsnorm" else (norm, res)
-    out["act.final_norm"] = head_mbs * (rows * (norm + stats * stat))
-    out["act.head_input"] = head_mbs * head_in
-    out["act.logits"] = head_mbs * logits
-    out["act.loss_fp32"] = head_mbs * saved_fp32
-    out["act.targets"] = head_mbs * (bs * 8)  # the loss saves the flattened int64 targets (a copy)
-    out["act.loss_backward"] = f.loss * backward
-    if layout == "torch":
-        # the blocks' backward runs after the loss's temporaries are freed: the rank's transient
-        # is the larger of the two (the excess of the block's is counted here)
-        out["act.block_backward"] = maximum(block_backward_bytes(model, plan, act=act, autocast=autocast)
-                                            - out["act.loss_backward"], 0)
+    head = {"act.final_norm": rows * (norm + stats * stat), "act.head_input": head_in, "act.logits": logits,
+            "act.loss_fp32": saved_fp32,
+            "act.targets": bs * 8}  # the loss saves the flattened int64 targets (a copy)
 
-    if layout == "torch":
-        # torch.distributed.pipelining: a non-last stage keeps its output for each in-flight
-        # micro-batch (fwd_cache), and the schedule keeps what it sent (pipeline.backwards): the
-        # outputs and the input gradients (the stage input's, sent back) its send works hold.
-        # Every non-first stage has a receive buffer per micro-batch for activations and every
-        # non-last one per micro-batch for gradients, allocated once and kept
-        # (PipelineStage._setup_forward_recv_info / _create_grad_recv_info). A receive buffer
-        # holding an in-flight micro-batch's input is counted as that block's saved input.
-        out["act.stage_output"] = pipelined * f.outputs * x
-        out["act.stage_input_grad"] = pipelined * f.grads_sent * x
-        out.update(recv_buffers(model, plan, last=last, res=res, receiving=chunks - embed_mbs))
-    return out
-
-
-def recv_buffers(model, plan, *, last: bool, res, receiving=0) -> dict:
-    """torch.distributed.pipelining's receive buffers on the first or last pipeline rank: one per
-    micro-batch and virtual stage for the activations (every non-first stage) and for the
-    gradients (every non-last stage), [mbs, seq(/tp with sp), hidden] in the residual dtype.
-    `receiving`: chunks in flight whose input is in a buffer (counted with their block)."""
-    v = plan.vpp if plan.schedule == "interleaved" else 1
-    pipelined = where(plan.pp > 1, 1, 0)
-    x = plan.mbs * (plan.seq // plan.tp if plan.sp else plan.seq) * (model.hidden * res)
+    # torch.distributed.pipelining: every non-first stage has a receive buffer per micro-batch
+    # for activations and every non-last one per micro-batch for gradients, allocated once and
+    # kept (PipelineStage._setup_forward_recv_info / _create_grad_recv_info)
+    pipelined = where(pp > 1, 1, 0)
     holds_first = _if(last, 1 - pipelined, 1)
     holds_last = _if(last, 1, 1 - pipelined)
     m = plan.grad_accum
-    return {"buffers.pp_act_recv": pipelined * ((v - holds_first) * m - receiving) * x,
-            "buffers.pp_grad_recv": pipelined * (v - holds_last) * m * x}
+    return RankSizes(torch_, (model.layers // (pp * v)) * kept, rebuilt, emb, head, backward,
+                     block_backward_bytes(model, plan, act=act, autocast=autocast) if torch_ else 0, pipelined * x,
+                     pipelined * (v - holds_first) * m * x, pipelined * (v - holds_last) * m * x)
+
+
+def priced(z: RankSizes, f) -> dict:
+    """The items of a rank at backward `f` (pipeline.Backward) from its RankSizes."""
+    out = {"act.layers": f.chunks * z.chunk, "act.recompute": z.recompute, "act.embedding": f.first * z.embedding}
+    for k, v in z.head.items():
+        out[k] = f.head * v
+    out["act.loss_backward"] = f.loss * z.loss_backward
+    if z.torch:
+        # the blocks' backward runs after the loss's temporaries are freed: the rank's transient
+        # is the larger of the two (the excess of the block's is counted here)
+        out["act.block_backward"] = maximum(z.block_backward - out["act.loss_backward"], 0)
+        # a non-last stage keeps its output for each in-flight micro-batch (fwd_cache), and the
+        # schedule keeps what it sent (pipeline.backwards): the outputs and the input gradients
+        # (the stage input's, sent back) its send works hold. A receive buffer holding an
+        # in-flight micro-batch's input is counted as that block's saved input.
+        out["act.stage_output"] = f.outputs * z.x
+        out["act.stage_input_grad"] = f.grads_sent * z.x
+        out["buffers.pp_act_recv"] = z.act_recv - (f.chunks - f.first) * z.x
+        out["buffers.pp_grad_recv"] = z.grad_recv
+    return out

@@ -454,11 +454,11 @@ def _torch_local(model, plan, last: bool, attention: str, device: str = "cuda") 
     ddp = where(plan.dp > 1, 1, 0)
     v = plan.vpp if plan.schedule == "interleaved" else 1
     per_chunk = model.layers // (plan.pp * v)
-    kw = dict(last=last, layout="torch", attention=attention, autocast=mixed, act=c, res=4 if mixed else c,
-              vocab=model.vocab, device=device)
+    sizes = acts.rank_sizes(model, plan, last=last, layout="torch", attention=attention, autocast=mixed, act=c,
+                            res=4 if mixed else c, vocab=model.vocab, device=device)
     moments = []
     for f in _flights(plan, last):
-        activations, buffers = _split(acts.rank_activations(model, plan, flight=f, **kw))
+        activations, buffers = _split(acts.priced(sizes, f))
         persistent = {"params.local": sb.param * n, "optimizer.states": states,
                       "grads.ddp_buckets": ddp * sb.grad * n, **OVERHEAD, **buffers}
         a = {**persistent, **activations}
@@ -474,7 +474,7 @@ def _torch_local(model, plan, last: bool, attention: str, device: str = "cuda") 
             a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + f.head * z["head"] * z["out_linear"])
         moments.append(a)
     # C: every receive buffer waits for the next step, none holding an input
-    persistent.update(acts.recv_buffers(model, plan, last=last, res=kw["res"]))
+    persistent.update({"buffers.pp_act_recv": sizes.act_recv, "buffers.pp_grad_recv": sizes.grad_recv})
     c_ = {**persistent, "grads.local": (1 - ddp) * sb.grad * n, "buffers.optimizer_step": temp}
     return moments + [c_]
 
@@ -523,11 +523,11 @@ def _torch_fsdp(model, plan, last: bool, attention: str, device: str = "cuda") -
     sharded_grads = 0 if offload else rb * s
     v = plan.vpp if plan.schedule == "interleaved" else 1
     per_chunk = model.layers // (plan.pp * v)
-    kw = dict(last=last, layout="torch", attention=attention, autocast=False, act=c, res=c, vocab=model.vocab,
-              device=device)
+    sizes = acts.rank_sizes(model, plan, last=last, layout="torch", attention=attention, autocast=False, act=c,
+                            res=c, vocab=model.vocab, device=device)
     moments = []
     for f in _flights(plan, last):
-        activations, buffers = _split(acts.rank_activations(model, plan, flight=f, **kw))
+        activations, buffers = _split(acts.priced(sizes, f))
         persistent = {"params.sharded": 0 if offload else sb.param * s,
                       "optimizer.states": 0 if cpu_step else z["states"], **OVERHEAD, **buffers}
 
@@ -561,15 +561,14 @@ def _torch_fsdp(model, plan, last: bool, attention: str, device: str = "cuda") -
         # micro-batch's saved head tensors are freed (the caller, or the pipeline, still holds
         # that micro-batch's logits)
         a_loss = {**a, "buffers.zero3_gather": 0, "buffers.reduce_scatter": 0, "act.block_backward": 0}
-        a_block = {**a, "act.loss_backward": 0,
-                   "act.block_backward": acts.block_backward_bytes(model, plan, act=c, autocast=False)}
+        a_block = {**a, "act.loss_backward": 0, "act.block_backward": sizes.block_backward}
         head_mbs = maximum(f.head, 1)
         for k in ("act.final_norm", "act.head_input", "act.loss_fp32", "act.targets"):
             a_block[k] = a[k] - f.loss * (a[k] // head_mbs)
         moments += [a_loss, a_block]
 
     # B and C: every receive buffer waits for the next step, none holding an input
-    persistent.update(acts.recv_buffers(model, plan, last=last, res=c))
+    persistent.update({"buffers.pp_act_recv": sizes.act_recv, "buffers.pp_grad_recv": sizes.grad_recv})
 
     # B. The end of the backward: the root's reduce-scatter; with a pipeline each group's in turn
     b = {**persistent, "grads.sharded": sharded_grads,

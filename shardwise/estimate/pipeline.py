@@ -23,7 +23,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate._num import _is_array, ceil_div, maximum, minimum, where
+from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, minimum, where
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 F_SLOTS, B_SLOTS = 1, 2
@@ -114,13 +114,20 @@ def backwards(pp, m, vpp=1, schedule: str = "1f1b", last=False) -> tuple[Backwar
     the peak is at k = K, or at the first point after K, the last but one or the last: the four
     moments returned (the same moment more than once where they coincide). Without a pipeline
     (pp = 1): one micro-batch, gradients of the earlier ones when m > 1, four times."""
-    if _is_array(pp, m, vpp, last):
-        return _backwards(pp, m, vpp, schedule, last)
-    return _backwards_cached(pp, m, vpp, schedule, bool(last))
+    if _is_array(pp, m, vpp, last):  # a search's plans share a few (pp, m, vpp): a table of them
+        t = _table(pp, m, vpp, schedule, last)
+        return tuple(Backward(*(t[f"{i}.{f}"] for f in Backward._fields)) for i in range(4))
+    return _cached(int(pp), int(m), int(vpp), schedule, bool(last))
+
+
+@memo
+def _table(pp, m, vpp, schedule, last):
+    return {f"{i}.{f}": int(getattr(b, f)) for i, b in enumerate(_cached(pp, m, vpp, schedule, bool(last)))
+            for f in Backward._fields}
 
 
 def _backwards(pp, m, vpp, schedule, last):
-    """backwards() for any arguments (the cached scalar path calls it too)."""
+    """backwards() of scalars."""
     _check(schedule)
     v = chunks_per_rank(vpp, schedule)
     p = pp
@@ -164,7 +171,7 @@ def _backwards(pp, m, vpp, schedule, last):
     return tuple(out)
 
 
-_backwards_cached = lru_cache(maxsize=4096)(_backwards)
+_cached = lru_cache(maxsize=4096)(_backwards)
 
 
 class Slot(NamedTuple):

@@ -232,7 +232,7 @@ def test_backwards_are_what_the_rank_holds_there(schedule, p, m, v):
 @pytest.mark.parametrize("schedule,p,m,v", MOMENT_CASES)
 def test_the_peak_is_at_one_of_the_moments(schedule, p, m, v):
     """For any sizes, the largest of the rank's backwards is one of the four moments. The sizes as
-    activations.rank_activations prices a moment, x a residual tensor [b, s, h]: a chunk's saved
+    activations.priced prices a moment, x a residual tensor [b, s, h]: a chunk's saved
     tensors at least 2x (a block saves its input and its first norm's output); a receive buffer x,
     one per micro-batch and virtual stage above global stage 0, so each chunk in flight on stage 0
     leaves one more buffer idle: x + its token ids (at most x); held outputs and input gradients x

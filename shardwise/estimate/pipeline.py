@@ -108,12 +108,13 @@ def backwards(pp, m, vpp=1, schedule: str = "1f1b", last=False) -> tuple[Backwar
         fired send, waited but kept);
       interleaved (ScheduleInterleaved1F1B): every send's work until the step ends.
     Memory grows through the 1F1B phase (same chunks, more gradients and held sends) and falls
-    by a chunk per backward after it, except where a virtual stage's gradients first appear
-    (after backward j*p, j = 0..v-1): at those points it is linear in j but for the last one on
-    the first rank (the embedding's gradients appear with it, virtual stage 0 sends nothing). So
-    the peak is at k = K, or at the first point after K, the last but one or the last: the four
-    moments returned (the same moment more than once where they coincide). Without a pipeline
-    (pp = 1): one micro-batch, gradients of the earlier ones when m > 1, four times."""
+    by a chunk per backward after it, except where a virtual stage's gradients first appear (at
+    backward j*p + 1, j = 0..v-1, its first backward done): at those points it is linear in j but
+    for the last one on the first rank (the embedding's gradients appear with it, and virtual
+    stage 0 sends nothing back). So the peak is at k = K, or at the first such point after K, the
+    last but one or the last: the four moments returned (one moment more than once where they
+    coincide). Without a pipeline (pp = 1): one micro-batch, with the gradients of the earlier
+    ones when m > 1, four times."""
     if _is_array(pp, m, vpp, last):  # a search's plans share a few (pp, m, vpp): a table of them
         t = _table(pp, m, vpp, schedule, last)
         return tuple(Backward(*(t[f"{i}.{f}"] for f in Backward._fields)) for i in range(4))

@@ -304,6 +304,24 @@ def test_pipeline_first_backward_has_no_gradients():
     assert e.detail["act.layers"] == 2_800
 
 
+def test_loss_backward_and_block_backward_are_two_moments():
+    # One GPU, fp32, T = 256 tokens, TINY with an 8-token vocabulary (1,448 parameters: params
+    # 5,792, AdamW 11,584). Saved: 2 layers * (528 + 32) * 256 = 286,720 (test_pipeline_first_...:
+    # 528 per token, rotary 32 per position), token ids 8 T = 2,048, the caller's logits 4 * 8 T =
+    # 8,192; the head's final norm 36 T = 9,216, output input 32 T = 8,192, fp32 log-probs 8,192,
+    # targets 2,048. The loss's backward adds 8 * 8 T = 16,384: 358,368. The first block's backward
+    # comes once those four head tensors and the loss's temporaries are freed, adding
+    # max(2 * T * 16 * 4, T * 16 * 4 + 16 * 8 * 4) = 32,768: 347,104, the smaller
+    e = est(TINY.scaled(vocab=8), 1, mbs=1, gbs=1, seq=256, precision="fp32")
+    assert e.total - OVERHEAD == 358_368
+    assert e.detail["act.loss_backward"] == 16_384 and "act.block_backward" not in e.detail
+    # a 64-wide FFN (3,752 parameters: 15,008 + 30,016; layers 2 * (1,296 + 32) * 256 = 679,936):
+    # the block's max(2 * T * 64 * 4, ...) = 131,072 over the head-free rest wins: 866,272
+    e = est(TINY.scaled(vocab=8, ffn_hidden=64), 1, mbs=1, gbs=1, seq=256, precision="fp32")
+    assert e.total - OVERHEAD == 15_008 + 30_016 + 679_936 + 2_048 + 8_192 + 131_072 == 866_272
+    assert "act.loss_backward" not in e.detail and "act.final_norm" not in e.detail
+
+
 def test_vocab_parallel_embedding_gradient_is_whole_during_the_backward():
     # tp = 2 without DDP: DTensor's embedding backward gives every tp rank the whole table's
     # gradient (Replicate; run/engine._align_grads slices it at the step). TINY at tp = 2 holds

@@ -327,9 +327,9 @@ def _torch(model, plan, last: bool, attention: str, device: str = "cuda") -> lis
 
 
 def _align(local: list) -> list:
-    """The local engines' moments (one A per backward, then C) placed as FSDP2's (two A moments
-    per backward, B, C): empty where the local engines have no such moment."""
-    return [x for a in local[:-1] for x in (a, {})] + [{}, local[-1]]
+    """The local engines' moments (A's two per backward, then C) placed as FSDP2's (A's, B, C):
+    empty where the local engines have no such moment (B)."""
+    return local[:-1] + [{}, local[-1]]
 
 
 def _flights(plan, last):
@@ -440,10 +440,26 @@ def _grads_present(flight, v, layers_per_chunk: int, block, embed, head):
     return g * layers_per_chunk * block + where(g >= v, embed, 0) + where(g >= 1, head, 0)
 
 
+def _loss_and_block(a: dict, f, sizes, head_copy=0) -> list[dict]:
+    """Moment A as two: the loss's backward (its temporaries) and the first block's (its own
+    transient, activations.block_backward_bytes), once the loss's temporaries and one
+    micro-batch's saved head tensors (and its autocast copy of the output weight) are freed (the
+    caller, or the pipeline, still holds that micro-batch's logits). A backward without the loss
+    (a pipeline stage's other than the last global one) is the block's moment only."""
+    a_loss = {**a, "act.block_backward": 0}
+    a_block = {**a, "act.loss_backward": 0, "act.block_backward": sizes.block_backward}
+    head_mbs = maximum(f.head, 1)
+    for k in ("act.final_norm", "act.head_input", "act.loss_fp32", "act.targets"):
+        a_block[k] = a[k] - f.loss * (a[k] // head_mbs)
+    if "params.autocast_copy" in a:
+        a_block["params.autocast_copy"] = a["params.autocast_copy"] - f.loss * head_copy
+    return [a_loss, a_block]
+
+
 def _torch_local(model, plan, last: bool, attention: str, device: str = "cuda") -> list[dict]:
     """DDP (zero 0), DDP + ZeroRedundancyOptimizer (zero 1), or no data-parallel wrapper (dp = 1),
     each with TP and/or PP. Mixed precision: fp32 parameters under torch.autocast.
-    One moment A per backward of _flights, then C."""
+    Two moments A per backward of _flights (_loss_and_block), then C."""
     sb = state_bytes("torch", plan.precision)
     mixed = is_mixed(plan.precision)
     c = compute_bytes(plan.precision)
@@ -472,7 +488,7 @@ def _torch_local(model, plan, last: bool, attention: str, device: str = "cuda") 
             # with full recompute the blocks' casts are remade one block at a time
             blocks = 1 if plan.recompute == "full" else f.chunks * per_chunk
             a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + f.head * z["head"] * z["out_linear"])
-        moments.append(a)
+        moments += _loss_and_block(a, f, sizes, head_copy=2 * z["head"] * z["out_linear"] if mixed else 0)
     # C: every receive buffer waits for the next step, none holding an input
     persistent.update({"buffers.pp_act_recv": sizes.act_recv, "buffers.pp_grad_recv": sizes.grad_recv})
     c_ = {**persistent, "grads.local": (1 - ddp) * sb.grad * n, "buffers.optimizer_step": temp}
@@ -555,16 +571,9 @@ def _torch_fsdp(model, plan, last: bool, attention: str, device: str = "cuda") -
         # one reduce-scatter input in flight); with a pipeline only the cast into the fp32
         # accumulator
         a["buffers.reduce_scatter"] = u_block * (pb + (1 - pipelined) * rb)
-        # A is two moments: the loss's backward (its temporaries; no block gathered or reduced
-        # yet) and the first block's backward (its gathered parameters, gradients and
-        # reduce-scatter input, its own transient), once the loss's temporaries and one
-        # micro-batch's saved head tensors are freed (the caller, or the pipeline, still holds
-        # that micro-batch's logits)
-        a_loss = {**a, "buffers.zero3_gather": 0, "buffers.reduce_scatter": 0, "act.block_backward": 0}
-        a_block = {**a, "act.loss_backward": 0, "act.block_backward": sizes.block_backward}
-        head_mbs = maximum(f.head, 1)
-        for k in ("act.final_norm", "act.head_input", "act.loss_fp32", "act.targets"):
-            a_block[k] = a[k] - f.loss * (a[k] // head_mbs)
+        # the loss's backward: no block gathered or reduced yet
+        a_loss, a_block = _loss_and_block(a, f, sizes)
+        a_loss.update({"buffers.zero3_gather": 0, "buffers.reduce_scatter": 0})
         moments += [a_loss, a_block]
 
     # B and C: every receive buffer waits for the next step, none holding an input

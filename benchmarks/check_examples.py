@@ -3,7 +3,9 @@
 For each example in examples/ and each plan: predict (torch profile), run with measurement on,
 compare. Prints, per plan, the peak-memory error of each judged rank, the largest model-state
 error, whether every collective matched exactly, and with --time the step-time error against a
-hardware file calibrated for that config and plan (`shardwise calibrate`).
+hardware file calibrated once per config on this many ranks (`shardwise calibrate --config`:
+matmuls at the config's shapes, every engine's host time), as a user would: calibrate, then
+check any plan.
 
     python benchmarks/check_examples.py                       # 2 ranks, the plans below
     python benchmarks/check_examples.py --nproc 4 --plans "dp=2 tp=2" "dp=2 pp=2" "tp=2 pp=2"
@@ -42,7 +44,7 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--configs", nargs="*", default=sorted(str(f) for f in (ROOT / "examples").glob("*.toml")))
     p.add_argument("--plans", nargs="*", default=None)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--time", action="store_true", help="calibrate for each config and plan, judge step time")
     a = p.parse_args()
 
@@ -59,6 +61,7 @@ def main() -> int:
     passed = total = 0
     with tempfile.TemporaryDirectory() as tmp:
         for path in a.configs:
+            cal = None
             for text in plans:
                 ov = _overrides(text) | {("train", "steps"): (a.steps, "benchmark"),
                                          ("train", "nproc"): (a.nproc, "benchmark")}
@@ -66,11 +69,17 @@ def main() -> int:
                 try:
                     cfg = config.load(path, ov)
                     cluster, eff = make_cluster("h100-80gb", a.nproc), None
-                    if a.time:
-                        cal = calibrate(a.nproc, "cpu", name="bench", shapes=model_shapes(cfg.model, cfg.plan),
-                                        shapes_text="the model", model=(cfg.model, cfg.plan))
+                    if a.time and cal is None:
+                        base = config.load(path, {("train", "nproc"): (a.nproc, "benchmark")})
+                        load = os.getloadavg()[0]
+                        cal = calibrate(a.nproc, "cpu", name="bench", shapes=model_shapes(base.model, base.plan),
+                                        shapes_text="the model", model=(base.model, base.plan))
                         hw = Path(tmp) / "bench.toml"
                         hw.write_text(cal.toml())
+                        print(f"calibrated {Path(path).name} on {a.nproc} ranks (load average {load:.1f} before): "
+                              f"efficiency {cal.efficiency:.2f}, host us per block "
+                              + ", ".join(f"{e} {t['block']:,.0f}" for e, t in cal.host_us.items()), flush=True)
+                    if a.time:
                         cluster, eff = make_cluster("bench", a.nproc, None, "bench", str(hw)), cal.efficiency or 1.0
                     rep = check(cfg, "cpu", cluster, calibrated=a.time, efficiency=eff)
                 except ShardwiseError as e:

@@ -1,6 +1,6 @@
 """The engines' host overhead (GPU.host_us, estimate/host.py), measured by `shardwise calibrate`.
 
-Each engine (dp, zero2, zero3, tp, tp-sp, pp) trains a few steps of the model at a probe size
+Each engine (dp, zero1, zero2, zero3, tp, tp-sp, pp) trains a few steps of the model at a probe size
 (PROBE_SEQ tokens per micro-batch: FLOPs and message bytes next to nothing) with the run tier's
 own Engine, at three points: (1 block per stage, m0 micro-batches), (1 + EXTRA blocks, m0),
 (1 block, 3 * m0), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
@@ -22,18 +22,22 @@ import time
 PROBE_SEQ = 8
 EXTRA = {"pp": 2}  # blocks per stage added at the second point (default 4: a pipeline doubles each)
 EXTRA_DEFAULT = 4
-STEPS, WARMUP = 8, 3
+STEPS, WARMUP = 12, 3
 
 
-def probe_plans(n: int, spec) -> dict[str, dict]:
-    """engine -> Plan fields of its probe on n ranks (engines n ranks cannot show are left out)."""
-    out = {"dp": {"dp": n}}
+def probe_plans(n: int, spec) -> dict[str, list[dict]]:
+    """engine -> the Plan fields its probe may use on n ranks, in order of preference (the run
+    tier refuses some for some models: DDP + TP cannot hold tied embeddings, so tp = n with dp = 1
+    is next); engines n ranks cannot show at all are left out."""
+    out = {"dp": [{"dp": n}]}
     if n > 1:
-        out |= {"zero2": {"dp": n, "zero": 2}, "zero3": {"dp": n, "zero": 3}}
+        out |= {f"zero{z}": [{"dp": n, "zero": z}] for z in (1, 2, 3)}
+    tps = [t for t in dict.fromkeys((2, n)) if t > 1 and n % t == 0 and spec.heads % t == 0 and spec.kv_heads % t == 0]
+    if tps:
+        out["tp"] = [{"dp": n // t, "tp": t} for t in tps]
+        out["tp-sp"] = [{"dp": n // t, "tp": t, "sp": True} for t in tps]
     if n % 2 == 0:
-        if spec.heads % 2 == 0 and spec.kv_heads % 2 == 0:
-            out |= {"tp": {"dp": n // 2, "tp": 2}, "tp-sp": {"dp": n // 2, "tp": 2, "sp": True}}
-        out["pp"] = {"dp": n // 2, "pp": 2}
+        out["pp"] = [{"dp": n // 2, "pp": 2}]
     return out
 
 
@@ -108,20 +112,28 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int) ->
     from shardwise.spec.plan import Plan
 
     out, notes = {}, []
-    for engine, fields in probe_plans(n, spec).items():
-        pp = fields.get("pp", 1)
-        cases, pts = [], []
-        try:
-            for blocks, m in probe_points(fields):
-                local = dataclasses.replace(spec, layers=blocks * pp, published_params=0)
-                plan = Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m, precision=precision).resolve(local, n)
-                cases.append((local, plan))
-            seen = _step_seconds(cases, device)
-        except ShardwiseError as e:  # the run tier refuses this engine for this model: leave it out
-            notes.append(f"{engine}: not measured ({e})")
-            continue
-        for (blocks, m), (local, plan), t in zip(probe_points(fields), cases, seen):
-            predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
-            pts.append((blocks, m, bubble_over_ideal(pp, m, 1, plan.schedule) if pp > 1 else 0.0, t - predicted))
-        out[engine] = solve_terms(pts)
+    for engine, candidates in probe_plans(n, spec).items():
+        refused = ""
+        for fields in candidates:
+            pp = fields.get("pp", 1)
+            cases = []
+            try:
+                for blocks, m in probe_points(fields):
+                    local = dataclasses.replace(spec, layers=blocks * pp, published_params=0)
+                    plan = Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m,
+                                precision=precision).resolve(local, n)
+                    cases.append((local, plan))
+                seen = _step_seconds(cases, device)  # every rank refuses alike, before any collective
+            except ShardwiseError as e:  # the run tier refuses this probe for this model: the next one
+                refused = str(e)
+                continue
+            pts = []
+            for (blocks, m), (local, plan), t in zip(probe_points(fields), cases, seen):
+                predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
+                pts.append((blocks, m, bubble_over_ideal(pp, m, 1, plan.schedule) if pp > 1 else 0.0,
+                            t - predicted))
+            out[engine] = solve_terms(pts)
+            break
+        else:
+            notes.append(f"{engine}: not measured ({refused})")
     return out, notes

@@ -10,12 +10,15 @@ SPEC = ModelSpec(name="t", layers=1, hidden=64, heads=4, vocab=128, ffn_hidden=1
 
 
 def test_probe_plans_use_every_rank():
-    assert ch.probe_plans(1, SPEC) == {"dp": {"dp": 1}}
+    assert ch.probe_plans(1, SPEC) == {"dp": [{"dp": 1}]}
     four = ch.probe_plans(4, SPEC)
-    assert list(four) == ["dp", "zero2", "zero3", "tp", "tp-sp", "pp"]
-    assert four["tp-sp"] == {"dp": 2, "tp": 2, "sp": True} and four["pp"] == {"dp": 2, "pp": 2}
-    # 3 ranks: no even split for tp or pp
-    assert list(ch.probe_plans(3, SPEC)) == ["dp", "zero2", "zero3"]
+    assert list(four) == ["dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp"]
+    # tp 2 beside dp 2 first; tp 4 alone next (DDP + TP cannot hold tied embeddings)
+    assert four["tp-sp"] == [{"dp": 2, "tp": 2, "sp": True}, {"dp": 1, "tp": 4, "sp": True}]
+    assert four["pp"] == [{"dp": 2, "pp": 2}]
+    assert ch.probe_plans(2, SPEC)["tp"] == [{"dp": 1, "tp": 2}]
+    # 3 ranks: tp 3 does not divide 4 heads, and no even split for pp
+    assert list(ch.probe_plans(3, SPEC)) == ["dp", "zero1", "zero2", "zero3"]
     # 3 heads cannot be split over 2 tensor-parallel ranks
     odd = ModelSpec(name="o", layers=1, hidden=96, heads=3, vocab=128, ffn_hidden=128)
     assert "tp" not in ch.probe_plans(2, odd) and "pp" in ch.probe_plans(2, odd)
@@ -60,7 +63,7 @@ def _probe():
 def test_every_engine_is_probed_on_2_ranks():
     host, notes = run_ranks(_probe, 2, timeout=300)[0]
     assert notes == []
-    assert list(host) == ["dp", "zero2", "zero3", "tp", "tp-sp", "pp"]
+    assert list(host) == ["dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp"]
     assert all(set(t) == {"block", "microbatch", "step"} and min(t.values()) >= 0 for t in host.values())
     # FSDP2's hooks and DTensor's dispatch cost a CPU many times a plain block's Python
     assert host["zero3"]["block"] > host["dp"]["block"] and host["tp"]["block"] > host["dp"]["block"]

@@ -203,3 +203,20 @@ def test_check_on_cuda_one_gpu(capsys):
     out = json.loads(capsys.readouterr().out)
     peak = next(r for r in out["rows"] if r["item"] == "peak memory")
     assert code == 0 and out["passed"], (peak, [r for r in out["rows"] if r["ok"] is False])
+
+
+def test_step_time_is_judged_only_against_a_calibration_for_as_many_ranks():
+    import dataclasses
+
+    from shardwise.report.check_cli import _judges_time
+    from shardwise.spec.hardware import load_gpu
+
+    plain = dataclasses.replace(load_gpu("h100-80gb"), gpus_per_node=4)
+    cal = dataclasses.replace(plain, host_us={"dp": {"block": 1.0, "microbatch": 0.0, "step": 0.0}})
+    assert _judges_time(None, cal, 4, "cpu") == (False, "")  # no file: shown, not judged, no note
+    ok, why = _judges_time("a.toml", plain, 4, "cpu")  # a hand-written file: no engines' host time
+    assert not ok and "has no host_us" in why
+    ok, why = _judges_time("a.toml", cal, 2, "cpu")  # 4 ranks calibrated, 2 run: a rank's share differs
+    assert not ok and "calibrated on 4 rank(s)" in why and "--nproc 2" in why
+    assert _judges_time("a.toml", cal, 4, "cpu") == (True, "")
+    assert _judges_time("a.toml", cal, 2, "cuda") == (True, "")  # one GPU per rank: nothing shared

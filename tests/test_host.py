@@ -13,6 +13,7 @@ from shardwise.spec.plan import Plan
 HOST = {"dp": {"block": 1000.0, "microbatch": 200.0, "step": 3000.0},
         "tp": {"block": 4000.0, "microbatch": 500.0, "step": 3500.0},
         "zero3": {"block": 2500.0, "microbatch": 200.0, "step": 2000.0},
+        "zero1": {"block": 1000.0, "microbatch": 200.0, "step": 9000.0},
         "pp": {"block": 1500.0, "microbatch": 900.0, "step": 3000.0}}
 G = GPU(name="cpu", memory_gib=8, tflops={"fp32": 0.03}, hbm_gbps=8, link="gloo", link_gbps=1, host_us=HOST)
 
@@ -25,6 +26,8 @@ def test_terms_stack_per_engine_hand_worked():
     assert host_terms(G, Plan(dp=2, tp=2, zero=3)) == {"block": 5500.0, "microbatch": 500.0, "step": 2500.0}
     # sequence parallel not calibrated apart: taken as tp
     assert host_terms(G, Plan(dp=2, tp=2, sp=True)) == host_terms(G, Plan(dp=2, tp=2))
+    # ZeRO-1: DDP's blocks, ZeroRedundancyOptimizer's own step
+    assert host_terms(G, Plan(dp=4, zero=1)) == {"block": 1000.0, "microbatch": 200.0, "step": 9000.0}
     # ZeRO-2 not calibrated: no difference from dp
     assert host_terms(G, Plan(dp=4, zero=2)) == HOST["dp"]
 

@@ -7,8 +7,8 @@ sharding propagation, FSDP2's hooks and the pipeline schedule's bookkeeping are 
     block       each transformer block's forward + backward, per micro-batch
     microbatch  each micro-batch's fixed work (embedding, output layer, loss; a schedule's actions)
     step        once per step (gradient norm, clipping, the optimizer's Python loop)
-for the engines (HOST_ENGINES): "dp" (one process, or DDP; ZeRO-1 adds only its optimizer step),
-"zero2"/"zero3" (FSDP2), "tp" and "tp-sp" (DTensor), "pp" (torch.distributed.pipelining).
+for the engines (HOST_ENGINES): "dp" (one process, or DDP), "zero1" (DDP with
+ZeroRedundancyOptimizer), "zero2"/"zero3" (FSDP2), "tp" and "tp-sp" (DTensor), "pp" (torch.distributed.pipelining).
 A plan's terms are dp's plus, for each other engine the plan uses, (that engine's - dp's): the
 engines stack as `parallelize` applies them. Under a pipeline the block and micro-batch terms
 are pipelined work (the bubble stretches them); the step term is not.
@@ -27,7 +27,7 @@ def host_terms(gpu, plan) -> dict:
     for t in HOST_TERMS:
         b = base.get(t, 0.0)
         v = b
-        if plan.zero >= 2 and f"zero{plan.zero}" in h:
+        if plan.zero >= 1 and f"zero{plan.zero}" in h:
             v = v + h[f"zero{plan.zero}"].get(t, 0.0) - b
         tp_kind = "tp-sp" if plan.sp and "tp-sp" in h else "tp"  # sequence parallel measured apart, or as tp
         if tp_kind in h:

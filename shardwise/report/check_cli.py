@@ -100,6 +100,21 @@ def _calibrated_efficiency(path: str, gpu: str) -> float:
     return float(e)
 
 
+def _judges_time(hardware: str | None, gpu, nproc: int, device: str) -> tuple[bool, str]:
+    """Step time is judged against a file `shardwise calibrate` wrote (it has the engines' host
+    time) for as many local ranks as this run has: CPU ranks share the cores, so a rank's matmul
+    rate and host time depend on how many run at once."""
+    if not hardware:
+        return False, ""
+    if not gpu.host_us:
+        return False, (f"step time not judged: {hardware} [gpu.{gpu.name}] has no host_us (the engines' host time); "
+                       "write it with `shardwise calibrate`")
+    if device == "cpu" and gpu.gpus_per_node != nproc:
+        return False, (f"step time not judged: {hardware} was calibrated on {gpu.gpus_per_node} rank(s), this run has "
+                       f"{nproc} sharing the same cores; run `shardwise calibrate --nproc {nproc}`")
+    return True, ""
+
+
 def cmd_check(a: argparse.Namespace) -> int:
     from shardwise.report import check as ck
     from shardwise.run import config, launch
@@ -119,7 +134,10 @@ def cmd_check(a: argparse.Namespace) -> int:
     efficiency = a.efficiency
     if efficiency is None and a.hardware:
         efficiency = _calibrated_efficiency(a.hardware, gpu)
-    rep = ck.check(cfg, device, cluster, calibrated=bool(a.hardware), efficiency=efficiency)
+    calibrated, why = _judges_time(a.hardware, cluster.gpu, cfg.train.nproc, device)
+    rep = ck.check(cfg, device, cluster, calibrated=calibrated, efficiency=efficiency)
+    if why:
+        rep.notes.append(why)
     if a.figure:
         ck.figure(rep, a.figure)
     if a.json:

@@ -17,7 +17,7 @@ _CAT = Path(__file__).with_name("catalog")
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 GIB = 1024**3
 # the engines and terms of GPU.host_us (what estimate/host.py combines; calibrate measures them)
-HOST_ENGINES = ("dp", "zero2", "zero3", "tp", "tp-sp", "pp")
+HOST_ENGINES = ("dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp")
 HOST_TERMS = ("block", "microbatch", "step")
 
 

@@ -5,7 +5,8 @@ Each engine (dp, zero1, zero2, zero3, tp, tp-sp, pp) trains a few steps of the m
 own Engine, at three points: (1 block per stage, m0 micro-batches), (1 + EXTRA blocks, m0),
 (1 block, 3 * m0), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
 predicts for each point (FLOPs, every collective at the fitted link, the bubble; no host time)
-is taken out; the rest is solved exactly for the three terms of estimate/host.py:
+is taken out; the rest is solved exactly for the three terms of estimate/host.py (ZeRO-1, DDP's
+blocks with ZeroRedundancyOptimizer, for its step term alone):
 
     rest = (1 + bubble) * (m * blocks * block + m * microbatch) + step
 
@@ -70,6 +71,14 @@ def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]
     return {t: max(0.0, v) * 1e6 for t, v in zip(("block", "microbatch", "step"), terms)}
 
 
+def solve_step(points: list[tuple[int, int, float, float]], known: dict[str, float]) -> dict[str, float]:
+    """The step term alone, with block and microbatch known (us): the mean over the points of
+    rest - (1 + bubble) * (m * blocks * block + m * microbatch), >= 0."""
+    b, mb = known["block"] * 1e-6, known["microbatch"] * 1e-6
+    step = sum(r - (1 + bub) * (m * k * b + m * mb) for k, m, bub, r in points) / len(points)
+    return {"block": known["block"], "microbatch": known["microbatch"], "step": max(0.0, step) * 1e6}
+
+
 def _step_seconds(cases: list, device) -> list[float]:
     """Median seconds of a training step of the Engine of each (ModelSpec, Plan), every rank
     together, the slowest rank's. The cases take turns step by step, so a burst of other work on
@@ -132,7 +141,8 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int) ->
                 predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
                 pts.append((blocks, m, bubble_over_ideal(pp, m, 1, plan.schedule) if pp > 1 else 0.0,
                             t - predicted))
-            out[engine] = solve_terms(pts)
+            # ZeRO-1 is DDP's blocks with another optimizer: only its step term is its own
+            out[engine] = solve_step(pts, out["dp"]) if engine == "zero1" and "dp" in out else solve_terms(pts)
             break
         else:
             notes.append(f"{engine}: not measured ({refused})")

@@ -126,3 +126,12 @@ def test_plain_step_host_time_is_taken_out_of_the_efficiency():
     assert split_plain(2e-3, 1.5e-3, 10e-3, 2, 8e9) == pytest.approx((0.0, 2e-3, 1.0))
     # host time never takes the whole step: at least 5% of it is left to the FLOPs
     assert split_plain(2e-3, 22e-3, 10e-3, 2, 5e8) == pytest.approx((5e-3, 0.0, 1.0))
+
+
+def test_a_step_faster_than_the_matmuls_raises_the_dtype_figure():
+    from shardwise.calibrate import raise_to_step
+
+    # the step reached 0.05 TFLOP/s, the matmul benchmark 0.04: fp32 becomes 0.05 (efficiency 1)
+    assert raise_to_step({"fp32": 0.04, "bf16": 0.06}, "fp32", 0.05) == ({"fp32": 0.05, "bf16": 0.06}, True)
+    # slower than the matmuls: unchanged (the efficiency is the fraction)
+    assert raise_to_step({"fp32": 0.04}, "fp32", 0.03) == ({"fp32": 0.04}, False)

@@ -48,6 +48,14 @@ def test_noise_that_makes_a_term_negative_gives_0():
     assert got == pytest.approx({"block": 2000.0, "microbatch": 0.0, "step": 3000.0})
 
 
+def test_zero1_takes_dps_blocks_and_solves_its_step():
+    # dp: block 2 ms, microbatch 0.5 ms. ZeRO-1 points with a 9 ms step: (1,1): 2 + 0.5 + 9 = 11.5 ms;
+    # (5,1): 10 + 0.5 + 9 = 19.5 ms; (1,3): 6 + 1.5 + 9 = 16.5 ms; one point 0.3 ms noisier: mean step 9.1 ms
+    dp = {"block": 2000.0, "microbatch": 500.0, "step": 3000.0}
+    got = ch.solve_step([(1, 1, 0.0, 11.5e-3), (5, 1, 0.0, 19.5e-3), (1, 3, 0.0, 16.8e-3)], dp)
+    assert got == pytest.approx({"block": 2000.0, "microbatch": 500.0, "step": 9100.0})
+
+
 def _probe():
     import torch
 

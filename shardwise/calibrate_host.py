@@ -27,9 +27,9 @@ STEPS, WARMUP = 12, 3
 
 
 def probe_plans(n: int, spec) -> dict[str, list[dict]]:
-    """engine -> the Plan fields its probe may use on n ranks, in order of preference (the run
-    tier refuses some for some models: DDP + TP cannot hold tied embeddings, so tp = n with dp = 1
-    is next); engines n ranks cannot show at all are left out."""
+    """engine -> the Plan fields its probe may use on n ranks, in order of preference (tp 2
+    beside dp first, as plans mostly use it; tp = n alone if the run tier refuses that for the
+    model); engines n ranks cannot show at all are left out."""
     out = {"dp": [{"dp": n}]}
     if n > 1:
         out |= {f"zero{z}": [{"dp": n, "zero": z}] for z in (1, 2, 3)}
@@ -113,8 +113,10 @@ def _step_seconds(cases: list, device) -> list[float]:
     return t.tolist()
 
 
-def measure(spec, precision: str, cluster, efficiency: float, device, n: int) -> tuple[dict, list[str]]:
-    """({engine: {term: us}}, notes) on this rank's group of n ranks (every rank calls it)."""
+def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
+            engines: tuple[str, ...] | None = None) -> tuple[dict, list[str]]:
+    """({engine: {term: us}}, notes) on this rank's group of n ranks (every rank calls it);
+    `engines`: only these (default all that n ranks can show)."""
     from shardwise.errors import ShardwiseError
     from shardwise.estimate import estimate
     from shardwise.estimate.pipeline import bubble_over_ideal
@@ -122,13 +124,18 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int) ->
 
     out, notes = {}, []
     for engine, candidates in probe_plans(n, spec).items():
+        if engines is not None and engine not in engines:
+            continue
         refused = ""
         for fields in candidates:
             pp = fields.get("pp", 1)
+            # DDP + TP cannot hold tied embeddings; tying moves no block's host time: untie them
+            untie = spec.tied_embeddings and fields.get("tp", 1) > 1 and fields["dp"] > 1
             cases = []
             try:
                 for blocks, m in probe_points(fields):
-                    local = dataclasses.replace(spec, layers=blocks * pp, published_params=0)
+                    local = dataclasses.replace(spec, layers=blocks * pp, published_params=0,
+                                                tied_embeddings=spec.tied_embeddings and not untie)
                     plan = Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m,
                                 precision=precision).resolve(local, n)
                     cases.append((local, plan))

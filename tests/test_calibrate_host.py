@@ -13,7 +13,7 @@ def test_probe_plans_use_every_rank():
     assert ch.probe_plans(1, SPEC) == {"dp": [{"dp": 1}]}
     four = ch.probe_plans(4, SPEC)
     assert list(four) == ["dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp"]
-    # tp 2 beside dp 2 first; tp 4 alone next (DDP + TP cannot hold tied embeddings)
+    # tp 2 beside dp 2 first, tp 4 alone if the run tier refuses it
     assert four["tp-sp"] == [{"dp": 2, "tp": 2, "sp": True}, {"dp": 1, "tp": 4, "sp": True}]
     assert four["pp"] == [{"dp": 2, "pp": 2}]
     assert ch.probe_plans(2, SPEC)["tp"] == [{"dp": 1, "tp": 2}]
@@ -56,16 +56,18 @@ def test_zero1_takes_dps_blocks_and_solves_its_step():
     assert got == pytest.approx({"block": 2000.0, "microbatch": 500.0, "step": 9100.0})
 
 
-def _probe():
+def _probe(spec=SPEC, engines=None):
     import torch
+    import torch.distributed as dist
 
     from shardwise.spec.hardware import GPU, Cluster, Network
 
+    n = dist.get_world_size()
     ch.STEPS, ch.WARMUP = 3, 1
     gpu = GPU(name="p", memory_gib=4, tflops={"fp32": 0.03}, hbm_gbps=8, link="", link_gbps=1,
-              link_latency_us=300, link_efficiency=1.0, gpus_per_node=2)
-    cluster = Cluster(gpu=gpu, gpus=2, gpus_per_node=2, network=Network(name="p", gbits=8, latency_us=300))
-    return ch.measure(SPEC, "fp32", cluster, 1.0, torch.device("cpu"), 2)
+              link_latency_us=300, link_efficiency=1.0, gpus_per_node=n)
+    cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=Network(name="p", gbits=8, latency_us=300))
+    return ch.measure(spec, "fp32", cluster, 1.0, torch.device("cpu"), n, engines)
 
 
 def test_every_engine_is_probed_on_2_ranks():
@@ -75,3 +77,14 @@ def test_every_engine_is_probed_on_2_ranks():
     assert all(set(t) == {"block", "microbatch", "step"} and min(t.values()) >= 0 for t in host.values())
     # FSDP2's hooks and DTensor's dispatch cost a CPU many times a plain block's Python
     assert host["zero3"]["block"] > host["dp"]["block"] and host["tp"]["block"] > host["dp"]["block"]
+
+
+def test_tied_embeddings_are_untied_for_the_tp_probe_beside_dp():
+    # DDP + TP cannot hold tied embeddings (the run tier refuses dp 2 x tp 2 for GPT-2); the probe
+    # unties them, which moves no block's host time, and so measures tp 2 beside dp 2 as plans use it
+    # 2 heads: tp 4 is no fallback, so only the untied tp 2 x dp 2 probe can succeed
+    tied = ModelSpec(name="g", layers=1, hidden=64, heads=2, vocab=128, ffn_hidden=256, ffn_kind="gelu",
+                     tied_embeddings=True)
+    assert ch.probe_plans(4, tied)["tp"] == [{"dp": 2, "tp": 2}]
+    host, notes = run_ranks(_probe, 4, tied, ("tp",), timeout=300)[0]
+    assert notes == [] and list(host) == ["tp"] and host["tp"]["block"] > 0

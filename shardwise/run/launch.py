@@ -109,8 +109,10 @@ def _elastic(cfg: RunConfig, device: str) -> int:
 
 
 # ---- a worker -----------------------------------------------------------------------------------
-def worker(cfg: RunConfig, device: str) -> int:
-    """One rank under torchrun (env:// rendezvous: RANK, WORLD_SIZE, MASTER_ADDR/PORT are set)."""
+def worker(cfg: RunConfig, device: str, teardown: bool = True) -> int:
+    """One rank under torchrun (env:// rendezvous: RANK, WORLD_SIZE, MASTER_ADDR/PORT are set).
+    teardown=False: leave the process group to the process's exit after a finished run (the
+    worker processes `shardwise run` starts end with os._exit, see __main__)."""
     import torch
     import torch.distributed as dist
 
@@ -124,13 +126,15 @@ def worker(cfg: RunConfig, device: str) -> int:
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # do not oversubscribe (torchrun sets 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     rdist.init_distributed(dev, cfg.train.timeout_s)
+    finished = False
     try:
         train(cfg, dev)
         # every rank is done before any tears its connections down: a gloo peer whose
         # connection closes under it can abort ("terminate called without an active exception")
         dist.barrier()
+        finished = True
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and (teardown or not finished):
             dist.destroy_process_group()
     return 0
 
@@ -138,11 +142,17 @@ def worker(cfg: RunConfig, device: str) -> int:
 def _worker_main(payload: str) -> int:
     d = json.loads(payload)
     try:
-        return worker(RunConfig.from_dict(d["config"]), d["device"])
+        return worker(RunConfig.from_dict(d["config"]), d["device"], teardown=False)
     except ShardwiseError as e:
         sys.stderr.write(f"shardwise: error: {e}\n")
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1]))
+    code = _worker_main(sys.argv[1])
+    # a finished run's files are written and closed. Exit without C++ teardown: gloo's process
+    # group (FSDP2's streams of work) has aborted a finished rank now and then on its way out
+    # ("terminate called without an active exception", SIGABRT), failing a run that succeeded
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

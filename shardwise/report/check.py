@@ -10,7 +10,8 @@ What is compared, and the tolerance each verdict uses (the README states the sam
     peak memory    within 10% on the stage's worst rank: tensor bytes (the estimate's CUDA context
                    is left out: the allocator does not count it, and a CPU has none); SDPA's CPU
                    kernel is a flash kernel, as on CUDA, so no s*s scores are kept either way
-    step time      within 25% when the hardware is a calibrated file (`shardwise calibrate`);
+    step time      the median timed step within 25% when the hardware is a file `shardwise
+                   calibrate` wrote for as many local ranks (it has the engines' host time);
                    otherwise shown, not judged
 The first and the last pipeline stage are compared with the estimate of that stage; middle
 stages (pp > 2) and the last stage's collectives are shown, not judged (the estimate does not

@@ -92,6 +92,7 @@ class Result:
             f"link_latency_us = {self.latency_us:.4g}",
             "link_efficiency = 1.0",
             f"gpus_per_node = {self.nproc}",
+            f"oversubscription = {oversubscription(self.device, self.nproc):.4g}",
             "price_per_hour = 0.0",
             f"# engines' host time in us beyond FLOPs and collectives, {self.host_model or 'not measured'}",
             f"host_us = {{ {host_toml(self.host_us)} }}",
@@ -431,6 +432,11 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
     return out
 
 
+def oversubscription(device: str, n: int) -> float:
+    """Local ranks per core on a CPU (at least 1); 1 on CUDA, a device per rank."""
+    return max(1.0, n / (os.cpu_count() or 1)) if device == "cpu" else 1.0
+
+
 def raise_to_step(tflops: dict, dtype: str, step: float) -> tuple[dict, bool]:
     """When a training step's matmuls beat the standalone benchmark (on a CPU its weights stay in
     cache across a step), the dtype's figure becomes the step's rate: the estimate's compute time
@@ -456,7 +462,7 @@ def _host_probe(out: dict, n: int, device, model, quick: bool) -> tuple[dict, li
     a, bw = fit_link(out["samples"], n)[:2] if out["samples"] else (0.0, out["hbm_gbps"] * 1e9)
     gpu = GPU(name="probe", memory_gib=max(out.get("memory", 2**30) / 2**30, 1.0), tflops=out["tflops"],
               hbm_gbps=out["hbm_gbps"], link="", link_gbps=bw / 1e9, link_latency_us=a * 1e6, link_efficiency=1.0,
-              gpus_per_node=n)
+              gpus_per_node=n, oversubscription=oversubscription(device.type, n))
     net = Network(name="probe", gbits=bw * 8 / 1e9, latency_us=a * 1e6, efficiency=1.0)
     cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=net)
     if quick:

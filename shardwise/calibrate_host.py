@@ -120,6 +120,7 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
     from shardwise.errors import ShardwiseError
     from shardwise.estimate import estimate
     from shardwise.estimate.pipeline import bubble_over_ideal
+    from shardwise.estimate.time import bubble_speedup
     from shardwise.spec.plan import Plan
 
     out, notes = {}, []
@@ -146,7 +147,8 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             pts = []
             for (blocks, m), (local, plan), t in zip(probe_points(fields), cases, seen):
                 predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
-                pts.append((blocks, m, bubble_over_ideal(pp, m, 1, plan.schedule) if pp > 1 else 0.0,
+                bub = bubble_over_ideal(pp, m, 1, plan.schedule) / bubble_speedup(cluster.gpu, pp) if pp > 1 else 0.0
+                pts.append((blocks, m, bub,
                             t - predicted))
             # ZeRO-1 is DDP's blocks with another optimizer: only its step term is its own
             out[engine] = solve_step(pts, out["dp"]) if engine == "zero1" and "dp" in out else solve_terms(pts)

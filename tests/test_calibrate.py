@@ -2,6 +2,8 @@
 writes (read back by the estimate tier), one real (quick, one-rank) calibration, and bad input."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from shardwise.calibrate import Result, calibrate, fit_link, model_shapes, model_terms
@@ -82,6 +84,8 @@ def test_hardware_file_round_trips(tmp_path):
     assert (g.memory_gib, g.hbm_gbps, g.link_gbps, g.link_latency_us, g.link_efficiency, g.gpus_per_node) == \
         (5.25, 12.5, 1.25, 250.0, 1.0, 4)
     assert g.host_us == r.host_us
+    # 4 ranks: on a CPU, ranks per core (at least 1); the same figure the estimate's bubble reads
+    assert g.oversubscription == pytest.approx(max(1.0, 4 / (os.cpu_count() or 1)), rel=1e-3)
     n = load_network("box", str(f))
     assert (n.gbits, n.latency_us, n.efficiency) == (10.0, 250.0, 1.0)  # 1.25 GB/s = 10 Gbit/s
     # the estimate tier builds a cluster from it: 4 ranks fit the "node"

@@ -129,6 +129,24 @@ def test_host_time_hand_worked():
     assert t.step_s - base.step_s == pytest.approx(7e-3)
 
 
+def test_bubble_on_an_oversubscribed_cpu():
+    # 4 ranks on 2 cores (oversubscription 2): while a stage idles in its bubble its core serves
+    # the busy ranks. pp 2: one stage of 2 idle frees half the ranks -> the bubble runs min(2, 2/1)
+    # = 2x faster; pp 4 (4 layers): one of 4 idle -> min(2, 4/3) = 4/3x
+    import dataclasses
+
+    from shardwise.estimate.time import bubble_speedup
+
+    cpu = dataclasses.replace(GPU_T, oversubscription=2.0)
+    assert (bubble_speedup(GPU_T, 2), bubble_speedup(cpu, 2), bubble_speedup(cpu, 4)) == (1.0, 2.0, 4 / 3)
+    assert bubble_speedup(cpu, 1) == 1.0  # no pipeline, no bubble to speed up
+    base, plan = run(TOY, 2, pp=2, gbs=4, mbs=1, seq=512)
+    c = collectives(TOY, cluster(2), plan)
+    t = step_time(TOY, cluster(2, cpu), plan, c)
+    assert base.bubble_s > 0 and t.bubble_s == pytest.approx(base.bubble_s / 2)
+    assert t.step_s == pytest.approx(base.step_s - base.bubble_s / 2)
+
+
 def test_recompute_flops():
     base, _ = run(TOY, 1, gbs=4, mbs=2, seq=512)
     full, _ = run(TOY, 1, gbs=4, mbs=2, seq=512, recompute="full")

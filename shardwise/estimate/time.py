@@ -31,7 +31,8 @@ Exposed communication (what the step waits for):
 - offload: PCIe traffic of the shard (gradients down, parameters up) at PCIE_GBPS, exposed; the
   CPU's own optimizer arithmetic is taken to run alongside the transfers.
 Bubble: (p-1)/(v*m) x (the rank's pipelined work: compute, TP and p2p of all micro-batches), i.e.
-the idle fraction bubble_fraction(p, m, v) of the step's pipelined part (pipeline.py).
+the idle fraction bubble_fraction(p, m, v) of the step's pipelined part (pipeline.py); on a CPU
+with more ranks than cores, divided by bubble_speedup (an idle stage's cores serve the busy ranks).
 Host overhead: the engines' time beyond FLOPs and collectives, per block and micro-batch (pipelined)
 and per step (GPU.host_us, measured by `shardwise calibrate`, combined in host.py: on a CPU, Python,
 the dispatcher and DTensor dominate tiny models; 0 for catalog GPUs).
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 from shardwise.breakdown import Time
 from shardwise.errors import ShardwiseError
-from shardwise.estimate._num import maximum, where
+from shardwise.estimate._num import maximum, minimum, where
 from shardwise.estimate.comm import dtypes, rank0_param_numel
 from shardwise.estimate.host import host_seconds
 from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal
@@ -162,7 +163,7 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
 
     compute_s = forward_s + backward_s + recompute_s + overhead_s + host_step_s + optimizer_s
     pipelined = forward_s + backward_s + recompute_s + overhead_s + tp_s + pp_s
-    bubble_s = bubble_over_ideal(plan.pp, m, plan.vpp, plan.schedule) * pipelined
+    bubble_s = bubble_over_ideal(plan.pp, m, plan.vpp, plan.schedule) * pipelined / bubble_speedup(gpu, plan.pp)
     comm_exposed_s = tp_s + pp_s + dp_exposed + other_s + offload_s
     step_s = compute_s + comm_exposed_s + bubble_s
 
@@ -184,6 +185,13 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         out.gpu_hours = train_s / 3600 * plan.world
         out.cost_usd = out.gpu_hours * (gpu.price_per_hour if price is None else price)
     return out
+
+
+def bubble_speedup(gpu, pp):
+    """How much faster the busy ranks run while a stage idles in the bubble: 1 with a device per
+    rank; on a CPU with more ranks than cores, the idle stage's cores go to the others, up to the
+    oversubscription and at most pp / (pp - 1) (one stage of pp idle frees 1/pp of the ranks)."""
+    return minimum(maximum(gpu.oversubscription, 1.0), pp / maximum(pp - 1, 1))
 
 
 def _excess(comm_s, budget):

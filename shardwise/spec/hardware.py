@@ -36,6 +36,9 @@ class GPU:
     # host time beyond FLOPs and collectives per engine, {engine: {term: us}} (estimate/host.py),
     # measured by `shardwise calibrate`; empty in the catalog: a GPU's host runs ahead of it
     host_us: dict = field(default_factory=dict)
+    # local ranks per CPU core when calibrated (CPU only; 1 = a device per rank): a pipeline stage
+    # idle in its bubble gives its share of the cores to the busy ranks (time.bubble_speedup)
+    oversubscription: float = 1.0
     source: str = ""
 
     @property

@@ -21,8 +21,8 @@ import statistics
 import time
 
 PROBE_SEQ = 8
-EXTRA = {"pp": 2}  # blocks per stage added at the second point (default 4: a pipeline doubles each)
-EXTRA_DEFAULT = 4
+EXTRA = {"pp": 4}  # blocks per stage added at the second point (default 8: a pipeline doubles each)
+EXTRA_DEFAULT = 8
 STEPS, WARMUP = 12, 3
 
 

@@ -26,8 +26,8 @@ def test_probe_plans_use_every_rank():
 
 def test_probe_points():
     # (blocks per stage, micro-batches): a pipeline needs a micro-batch per stage
-    assert ch.probe_points({"dp": 4}) == [(1, 1), (5, 1), (1, 3)]
-    assert ch.probe_points({"dp": 2, "pp": 2}) == [(1, 2), (3, 2), (1, 6)]
+    assert ch.probe_points({"dp": 4}) == [(1, 1), (9, 1), (1, 3)]
+    assert ch.probe_points({"dp": 2, "pp": 2}) == [(1, 2), (5, 2), (1, 6)]
 
 
 def test_solve_recovers_the_terms_hand_worked():

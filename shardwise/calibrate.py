@@ -332,14 +332,16 @@ def _step_fn(local, mbs: int, seq: int, precision: str, device):
     return run
 
 
-def _timed_together(fns, device, rounds: int) -> list[float]:
-    """Median seconds of one call of each fn, the slowest rank's. The fns take turns call by call,
-    so a burst of other work on a shared machine lands on all of them alike."""
+def _timed_together(fns, device, rounds: int, warmup: int = 1) -> list[float]:
+    """Median seconds of one call of each fn over `rounds` after `warmup` calls, the slowest
+    rank's. The fns take turns call by call, so a burst of other work on a shared machine lands
+    on all of them alike."""
     import torch
     import torch.distributed as dist
 
-    for fn in fns:
-        fn()
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for k, fn in enumerate(fns):
@@ -419,7 +421,10 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
 
         spec, plan = ModelSpec(**model[0]), Plan(**model[1])
         out["step_tflops"] = step_tflops(spec, plan, device, EFFICIENCY_ROUNDS // (3 if quick else 1))
-        out["tflops"], out["raised"] = raise_to_step(out["tflops"], PEAK_DTYPE[plan.precision], out["step_tflops"])
+        dtype = PEAK_DTYPE[plan.precision]
+        out["tflops"], out["raised"] = raise_to_step(out["tflops"], dtype, out["step_tflops"])
+        if dtype in out["tflops"]:
+            out["efficiency"] = min(1.0, out["step_tflops"] / out["tflops"][dtype])
     out["host_us"], out["host_notes"], out["host_model"] = _host_probe(out, n, device, model, quick)
     if device.type == "cuda":
         out["memory"] = torch.cuda.get_device_properties(device).total_memory
@@ -454,28 +459,21 @@ def _host_probe(out: dict, n: int, device, model, quick: bool) -> tuple[dict, li
 
     if model is not None:
         spec, precision = ModelSpec(**model[0]), model[1]["precision"]
-        eff = min(1.0, out["step_tflops"] / out["tflops"].get(_peak_dtype(precision), out["tflops"]["fp32"]))
     else:
         d = dict(DEFAULT_PROBE_MODEL)
         spec = load_model(d.pop("preset")).scaled(**d)
-        precision, eff = ("bf16-mixed" if device.type == "cuda" else "fp32"), 1.0
+        precision = "bf16-mixed" if device.type == "cuda" else "fp32"
+    eff = out.get("efficiency", 1.0)  # what `shardwise check` uses: the file's efficiency, else 1
     a, bw = fit_link(out["samples"], n)[:2] if out["samples"] else (0.0, out["hbm_gbps"] * 1e9)
     gpu = GPU(name="probe", memory_gib=max(out.get("memory", 2**30) / 2**30, 1.0), tflops=out["tflops"],
               hbm_gbps=out["hbm_gbps"], link="", link_gbps=bw / 1e9, link_latency_us=a * 1e6, link_efficiency=1.0,
               gpus_per_node=n, oversubscription=oversubscription(device.type, n))
     net = Network(name="probe", gbits=bw * 8 / 1e9, latency_us=a * 1e6, efficiency=1.0)
     cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=net)
-    if quick:
-        ch.STEPS, ch.WARMUP = 4, 2
-    host, notes = ch.measure(spec, precision, cluster, eff, device, n)
+    steps, warmup = (4, 2) if quick else (ch.STEPS, ch.WARMUP)
+    host, notes = ch.measure(spec, precision, cluster, eff, device, n, steps=steps, warmup=warmup)
     return host, notes, (f"each engine's Engine trained {spec.name} ({precision}) at {ch.PROBE_SEQ} tokens per "
                          f"micro-batch on {n} rank(s)")
-
-
-def _peak_dtype(precision: str) -> str:
-    from shardwise.estimate.time import PEAK_DTYPE
-
-    return PEAK_DTYPE[precision]
 
 
 def _mean_over_ranks(x: float, device) -> float:
@@ -556,15 +554,12 @@ def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, sh
 
 
 def _efficiency(out: dict, model) -> dict:
-    if model is None or "step_tflops" not in out:
+    if model is None or "efficiency" not in out:
         return {}
     from shardwise.estimate.time import PEAK_DTYPE
 
     spec, plan = model
-    dtype = PEAK_DTYPE[plan.precision]
-    if dtype not in out["tflops"]:
-        return {}
-    return {"efficiency": min(1.0, out["step_tflops"] / out["tflops"][dtype]), "efficiency_dtype": dtype,
+    return {"efficiency": out["efficiency"], "efficiency_dtype": PEAK_DTYPE[plan.precision],
             "efficiency_model": f"{spec.name} as one tp={plan.tp} rank (mbs {plan.mbs}, seq {plan.seq}, "
                                 f"{plan.precision})"}
 

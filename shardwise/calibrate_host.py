@@ -12,13 +12,13 @@ blocks with ZeroRedundancyOptimizer, for its step term alone):
 
 so the estimate with these terms reproduces the probe points, and at a plan's real size it
 adds FLOPs and message bytes by its own formulas. A term that the noise makes negative is 0.
-The probe plans use every rank: dp = n; tp = 2 and pp = 2 with dp = n / 2 (n even).
+The probe plans use every rank (probe_plans).
 """
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
+
+from shardwise.spec.hardware import HOST_TERMS
 
 PROBE_SEQ = 8
 EXTRA = {"pp": 4}  # blocks per stage added at the second point (default 8: a pipeline doubles each)
@@ -51,24 +51,12 @@ def probe_points(fields: dict) -> list[tuple[int, int]]:
 
 def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]:
     """points: (blocks per stage, micro-batches, bubble over ideal, rest seconds) x 3 ->
-    {block, microbatch, step} in microseconds, each >= 0 (Cramer's rule on the 3x3 system)."""
+    {block, microbatch, step} in microseconds, each >= 0 (the 3x3 system solved exactly)."""
+    import numpy as np
+
     rows = [((1 + b) * m * k, (1 + b) * m, 1.0) for k, m, b, _ in points]
-    y = [r for *_, r in points]
-
-    def det(a):
-        return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
-                + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
-
-    d = det(rows)
-    if d == 0:
-        raise ValueError("probe points do not determine the three terms")
-    terms = []
-    for j in range(3):
-        a = [list(r) for r in rows]
-        for i in range(3):
-            a[i][j] = y[i]
-        terms.append(det(a) / d)
-    return {t: max(0.0, v) * 1e6 for t, v in zip(("block", "microbatch", "step"), terms)}
+    terms = np.linalg.solve(np.array(rows), np.array([r for *_, r in points]))
+    return {t: max(0.0, float(v)) * 1e6 for t, v in zip(HOST_TERMS, terms)}
 
 
 def solve_step(points: list[tuple[int, int, float, float]], known: dict[str, float]) -> dict[str, float]:
@@ -79,44 +67,28 @@ def solve_step(points: list[tuple[int, int, float, float]], known: dict[str, flo
     return {"block": known["block"], "microbatch": known["microbatch"], "step": max(0.0, step) * 1e6}
 
 
-def _step_seconds(cases: list, device) -> list[float]:
+def _step_seconds(cases: list, device, steps: int, warmup: int) -> list[float]:
     """Median seconds of a training step of the Engine of each (ModelSpec, Plan), every rank
-    together, the slowest rank's. The cases take turns step by step, so a burst of other work on
-    a shared machine lands on all of them alike instead of on one point of the solve."""
+    together, the slowest rank's; the cases take turns step by step (calibrate._timed_together)."""
     import torch
-    import torch.distributed as dist
 
+    from shardwise.calibrate import _timed_together
     from shardwise.run.engine import Engine
 
-    runs = []
+    fns = []
     for spec, plan in cases:
         eng = Engine(spec, plan, device=device, seed=0, lr=1e-4)
         g = torch.Generator().manual_seed(0)
-        runs.append((eng, torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1),
-                                        generator=g).to(device)))
-    times: list[list[float]] = [[] for _ in runs]
-    for i in range(WARMUP + STEPS):
-        for k, (eng, tokens) in enumerate(runs):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if dist.is_initialized():
-                dist.barrier()
-            t0 = time.perf_counter()
-            eng.train_step(tokens)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= WARMUP:
-                times[k].append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(ts) for ts in times], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
+        tokens = torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1), generator=g).to(device)
+        fns.append(lambda eng=eng, tokens=tokens: eng.train_step(tokens))
+    return _timed_together(fns, device, steps, warmup)
 
 
 def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
-            engines: tuple[str, ...] | None = None) -> tuple[dict, list[str]]:
+            engines: tuple[str, ...] | None = None, steps: int = STEPS, warmup: int = WARMUP) -> tuple[dict, list[str]]:
     """({engine: {term: us}}, notes) on this rank's group of n ranks (every rank calls it);
-    `engines`: only these (default all that n ranks can show)."""
+    `engines`: only these (default all that n ranks can show); each point timed over `steps`
+    steps after `warmup`."""
     from shardwise.errors import ShardwiseError
     from shardwise.estimate import estimate
     from shardwise.estimate.pipeline import bubble_over_ideal
@@ -132,24 +104,23 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             pp = fields.get("pp", 1)
             # DDP + TP cannot hold tied embeddings; tying moves no block's host time: untie them
             untie = spec.tied_embeddings and fields.get("tp", 1) > 1 and fields["dp"] > 1
-            cases = []
+            points, cases = probe_points(fields), []
             try:
-                for blocks, m in probe_points(fields):
+                for blocks, m in points:
                     local = dataclasses.replace(spec, layers=blocks * pp, published_params=0,
                                                 tied_embeddings=spec.tied_embeddings and not untie)
                     plan = Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m,
                                 precision=precision).resolve(local, n)
                     cases.append((local, plan))
-                seen = _step_seconds(cases, device)  # every rank refuses alike, before any collective
+                seen = _step_seconds(cases, device, steps, warmup)  # every rank refuses alike, before any collective
             except ShardwiseError as e:  # the run tier refuses this probe for this model: the next one
                 refused = str(e)
                 continue
             pts = []
-            for (blocks, m), (local, plan), t in zip(probe_points(fields), cases, seen):
+            for (blocks, m), (local, plan), t in zip(points, cases, seen):
                 predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
                 bub = bubble_over_ideal(pp, m, 1, plan.schedule) / bubble_speedup(cluster.gpu, pp) if pp > 1 else 0.0
-                pts.append((blocks, m, bub,
-                            t - predicted))
+                pts.append((blocks, m, bub, t - predicted))
             # ZeRO-1 is DDP's blocks with another optimizer: only its step term is its own
             out[engine] = solve_step(pts, out["dp"]) if engine == "zero1" and "dp" in out else solve_terms(pts)
             break

@@ -63,11 +63,10 @@ def _probe(spec=SPEC, engines=None):
     from shardwise.spec.hardware import GPU, Cluster, Network
 
     n = dist.get_world_size()
-    ch.STEPS, ch.WARMUP = 3, 1
     gpu = GPU(name="p", memory_gib=4, tflops={"fp32": 0.03}, hbm_gbps=8, link="", link_gbps=1,
               link_latency_us=300, link_efficiency=1.0, gpus_per_node=n)
     cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=Network(name="p", gbits=8, latency_us=300))
-    return ch.measure(spec, "fp32", cluster, 1.0, torch.device("cpu"), n, engines)
+    return ch.measure(spec, "fp32", cluster, 1.0, torch.device("cpu"), n, engines, steps=3, warmup=1)
 
 
 def test_every_engine_is_probed_on_2_ranks():

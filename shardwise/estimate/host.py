@@ -16,7 +16,7 @@ are pipelined work (the bubble stretches them); the step term is not.
 from __future__ import annotations
 
 from shardwise.estimate._num import maximum, where
-from shardwise.spec.hardware import HOST_ENGINES, HOST_TERMS  # noqa: F401 (re-exported)
+from shardwise.spec.hardware import HOST_TERMS
 
 
 def host_terms(gpu, plan) -> dict:

@@ -140,11 +140,7 @@ def _check_field(name: str, typ: str, v, where: str) -> None:
         if not isinstance(v, dict) or not v:
             raise ShardwiseError(f"{where}: tflops must be a table of dtype = dense TFLOP/s, "
                                  f"e.g. {{ bf16 = 989.4 }}, got {v!r}")
-        for dt, x in v.items():
-            if dt not in DTYPES:
-                raise ShardwiseError(f"{where}: tflops has unknown dtype {dt!r}; {closest(dt, DTYPES)}")
-            if not isinstance(x, (int, float)) or isinstance(x, bool) or x <= 0:
-                raise ShardwiseError(f"{where}: tflops.{dt} must be a positive number, got {x!r}")
+        _named_numbers(v, where, "tflops", "dtype", DTYPES, "a positive number", lambda x: x > 0)
     elif name == "host_us":
         if not isinstance(v, dict):
             raise ShardwiseError(f"{where}: host_us must be a table of engine = {{ block = us, microbatch = us, "
@@ -155,12 +151,17 @@ def _check_field(name: str, typ: str, v, where: str) -> None:
             if not isinstance(terms, dict):
                 raise ShardwiseError(f"{where}: host_us.{eng} must be {{ block = us, microbatch = us, step = us }}, "
                                      f"got {terms!r}")
-            for t, x in terms.items():
-                if t not in HOST_TERMS:
-                    raise ShardwiseError(f"{where}: host_us.{eng} has unknown term {t!r}; {closest(t, HOST_TERMS)}")
-                if not isinstance(x, (int, float)) or isinstance(x, bool) or x < 0:
-                    raise ShardwiseError(f"{where}: host_us.{eng}.{t} must be a number of microseconds >= 0, "
-                                         f"got {x!r}")
+            _named_numbers(terms, where, f"host_us.{eng}", "term", HOST_TERMS, "a number of microseconds >= 0",
+                           lambda x: x >= 0)
+
+
+def _named_numbers(table: dict, where: str, name: str, noun: str, keys, what: str, ok) -> None:
+    """Every key of `table` one of `keys`, every value a number that passes `ok` (one-line errors)."""
+    for k, x in table.items():
+        if k not in keys:
+            raise ShardwiseError(f"{where}: {name} has unknown {noun} {k!r}; {closest(k, keys)}")
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not ok(x):
+            raise ShardwiseError(f"{where}: {name}.{k} must be {what}, got {x!r}")
 
 
 def gpus() -> dict[str, GPU]:

@@ -67,35 +67,34 @@ def solve_step(points: list[tuple[int, int, float, float]], known: dict[str, flo
     return {"block": known["block"], "microbatch": known["microbatch"], "step": max(0.0, step) * 1e6}
 
 
-def _step_seconds(cases: list, device, steps: int, warmup: int) -> list[float]:
-    """Median seconds of a training step of the Engine of each (ModelSpec, Plan), every rank
-    together, the slowest rank's; the cases take turns step by step (calibrate._timed_together)."""
+def _train_fn(spec, plan, device):
+    """One training step of the run tier's Engine for (spec, plan) on fixed tokens, as a callable
+    (building the Engine raises ShardwiseError where the run tier refuses the plan)."""
     import torch
 
-    from shardwise.calibrate import _timed_together
     from shardwise.run.engine import Engine
 
-    fns = []
-    for spec, plan in cases:
-        eng = Engine(spec, plan, device=device, seed=0, lr=1e-4)
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1), generator=g).to(device)
-        fns.append(lambda eng=eng, tokens=tokens: eng.train_step(tokens))
-    return _timed_together(fns, device, steps, warmup)
+    eng = Engine(spec, plan, device=device, seed=0, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1), generator=g).to(device)
+    return lambda: eng.train_step(tokens)
 
 
 def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             engines: tuple[str, ...] | None = None, steps: int = STEPS, warmup: int = WARMUP) -> tuple[dict, list[str]]:
     """({engine: {term: us}}, notes) on this rank's group of n ranks (every rank calls it);
     `engines`: only these (default all that n ranks can show); each point timed over `steps`
-    steps after `warmup`."""
+    steps after `warmup`. Every engine's points take turns step by step in one loop
+    (calibrate._timed_together), so a slow spell on a shared machine lands on all of them alike and
+    the median over steps leaves it out, rather than inflating the one engine it hit."""
+    from shardwise.calibrate import _timed_together
     from shardwise.errors import ShardwiseError
     from shardwise.estimate import estimate
     from shardwise.estimate.pipeline import bubble_over_ideal
     from shardwise.estimate.time import bubble_speedup
     from shardwise.spec.plan import Plan
 
-    out, notes = {}, []
+    built, notes = [], []  # (engine, fields, [(blocks, m, local spec, plan)], [step fn])
     for engine, candidates in probe_plans(n, spec).items():
         if engines is not None and engine not in engines:
             continue
@@ -104,26 +103,30 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             pp = fields.get("pp", 1)
             # DDP + TP cannot hold tied embeddings; tying moves no block's host time: untie them
             untie = spec.tied_embeddings and fields.get("tp", 1) > 1 and fields["dp"] > 1
-            points, cases = probe_points(fields), []
+            cases, fns = [], []
             try:
-                for blocks, m in points:
+                for blocks, m in probe_points(fields):
                     local = dataclasses.replace(spec, layers=blocks * pp, published_params=0,
                                                 tied_embeddings=spec.tied_embeddings and not untie)
                     plan = Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m,
                                 precision=precision).resolve(local, n)
-                    cases.append((local, plan))
-                seen = _step_seconds(cases, device, steps, warmup)  # every rank refuses alike, before any collective
+                    fns.append(_train_fn(local, plan, device))  # every rank refuses alike, before any collective
+                    cases.append((blocks, m, local, plan))
             except ShardwiseError as e:  # the run tier refuses this probe for this model: the next one
                 refused = str(e)
                 continue
-            pts = []
-            for (blocks, m), (local, plan), t in zip(points, cases, seen):
-                predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
-                bub = bubble_over_ideal(pp, m, 1, plan.schedule) / bubble_speedup(cluster.gpu, pp) if pp > 1 else 0.0
-                pts.append((blocks, m, bub, t - predicted))
-            # ZeRO-1 is DDP's blocks with another optimizer: only its step term is its own
-            out[engine] = solve_step(pts, out["dp"]) if engine == "zero1" and "dp" in out else solve_terms(pts)
+            built.append((engine, fields, cases, fns))
             break
         else:
             notes.append(f"{engine}: not measured ({refused})")
+    seen = iter(_timed_together([f for *_, fns in built for f in fns], device, steps, warmup))
+    out = {}
+    for engine, fields, cases, _ in built:
+        pp, pts = fields.get("pp", 1), []
+        for blocks, m, local, plan in cases:
+            predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
+            bub = bubble_over_ideal(pp, m, 1, plan.schedule) / bubble_speedup(cluster.gpu, pp) if pp > 1 else 0.0
+            pts.append((blocks, m, bub, next(seen) - predicted))
+        # ZeRO-1 is DDP's blocks with another optimizer: only its step term is its own
+        out[engine] = solve_step(pts, out["dp"]) if engine == "zero1" and "dp" in out else solve_terms(pts)
     return out, notes

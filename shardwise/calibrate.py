@@ -14,7 +14,9 @@ rank's share of them). Measured:
                  at message sizes from 4 KiB up; the estimate's own cost model (estimate/comm.py,
                  time = latency steps * a + bytes moved / B) is fitted to them by least squares
                  on relative error, so `a` and `B` are the figures that make the estimate's
-                 formulas reproduce this machine (link_efficiency 1: B is already achieved)
+                 formulas reproduce this machine (link_efficiency 1: B is already achieved);
+                 once over all of them (link_gbps, link_latency_us) and once per kind
+                 (link_kinds: gloo's collectives differ by several times at one size)
     memory_gib   CUDA: the device's memory; CPU: the memory available now, split over the ranks
     efficiency   (with a run config) a whole training step's FLOP/s at the config's shapes over the
                  matmul figure, with the step's fixed host time taken out (the model at a few
@@ -33,12 +35,11 @@ import time
 from dataclasses import dataclass, field
 
 from shardwise.errors import ShardwiseError
-
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "broadcast", "send")
+from shardwise.spec.hardware import LINK_KINDS as KINDS  # every collective is timed and fitted
 CPU_SIZES = tuple(4 * 1024 * 4**i for i in range(7))  # 4 KiB .. 16 MiB
 GPU_SIZES = tuple(64 * 1024 * 4**i for i in range(8))  # 64 KiB .. 1 GiB
 MIN_SECONDS = 0.05  # time each point for at least this long per round (more calls for small ones)
-ROUNDS = 3
+ROUNDS = 5  # the median of 5: a collective on a shared machine is often 2x off in one round
 STANDARD_DIMS = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 STANDARD_TOKENS = {"cpu": 512, "cuda": 8192}
 OVERHEAD_SEQ, OVERHEAD_BLOCKS = 8, 4  # the efficiency's host time: 8 tokens, 1 vs 5 blocks
@@ -62,6 +63,8 @@ class Result:
     gbps: float
     link_samples: list[tuple[str, int, float]] = field(default_factory=list)  # (kind, bytes, seconds)
     fit_error: dict[str, float] = field(default_factory=dict)  # kind -> mean |relative error| of the fit
+    # kind -> (latency s, bytes/s, mean |relative error|) of its own fit (fit_kinds)
+    kinds: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     shapes: str = ""
     device_name: str = ""
     efficiency: float = 0.0  # a whole training step's FLOP/s over the matmul figure (with a run config)
@@ -75,11 +78,13 @@ class Result:
     def toml(self) -> str:
         tf = ", ".join(f"{k} = {v:.4g}" for k, v in self.tflops.items())
         errs = ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.fit_error.items())
+        own = ", ".join(f"{k} {100 * e:.0f}%" for k, (_, _, e) in self.kinds.items())
         raised = (f"; {self.efficiency_dtype} raised to the training step's rate, which beat the matmuls"
                   if self.tflops_raised else "")
         src = (f"shardwise calibrate on {time.strftime('%Y-%m-%d')}: {self.nproc} rank(s) of {self.device_name} "
                f"({self.backend}); matmul at {self.shapes}; link fitted to {len(self.link_samples)} timed "
-               f"collectives (mean fit error by kind: {errs or 'n/a, one rank'}){raised}")
+               f"collectives (mean fit error by kind: {errs or 'n/a, one rank'}; each kind fitted alone "
+               f"(link_kinds): {own or 'n/a'}){raised}")
         link = f"{self.backend} among {self.nproc} local rank(s), measured"
         return "\n".join([
             f"# written by `shardwise calibrate`: this machine as {self.nproc} rank(s) see it",
@@ -91,6 +96,7 @@ class Result:
             f"link_gbps = {self.gbps:.4g}",
             f"link_latency_us = {self.latency_us:.4g}",
             "link_efficiency = 1.0",
+            f"link_kinds = {{ {kinds_toml(self.kinds, 'gbps', 1e-9)} }}",
             f"gpus_per_node = {self.nproc}",
             f"oversubscription = {oversubscription(self.device, self.nproc):.4g}",
             "price_per_hour = 0.0",
@@ -102,6 +108,7 @@ class Result:
             f"gbits = {self.gbps * 8:.4g}",
             f"latency_us = {self.latency_us:.4g}",
             "efficiency = 1.0",
+            f"kinds = {{ {kinds_toml(self.kinds, 'gbits', 8e-9)} }}",
             f'source = "{link}; the same figures as the gpu table: every rank is on this machine"',
             "",
         ] + ([
@@ -114,6 +121,13 @@ class Result:
             f'source = "forward + backward of {self.efficiency_model}, timed on every rank at once"',
             "",
         ] if self.efficiency else []))
+
+
+def kinds_toml(kinds: dict, rate: str, scale: float) -> str:
+    """{kind: (latency s, bytes/s, error)} as the inside of an inline TOML table of
+    kind = { latency_us, <rate> = bytes/s * scale } (GPU.link_kinds in GB/s, Network.kinds in Gbit/s)."""
+    return ", ".join(f'"{k}" = {{ latency_us = {a * 1e6:.4g}, {rate} = {b * scale:.4g} }}'
+                     for k, (a, b, _) in kinds.items())
 
 
 def host_toml(host: dict) -> str:
@@ -287,6 +301,15 @@ def fit_link(samples: list[tuple[str, int, float]], n: int) -> tuple[float, floa
     for (k, _, t), ((cl, cb), _) in zip(samples, rows):
         errs.setdefault(k, []).append(abs(cl * a + cb * inv_b - t) / t)
     return a, 1.0 / inv_b, {k: statistics.fmean(v) for k, v in errs.items()}
+
+
+def fit_kinds(samples: list[tuple[str, int, float]], n: int) -> dict[str, tuple[float, float, float]]:
+    """fit_link on each kind's samples alone: {kind: (a seconds, B bytes/s, mean |relative error|)}."""
+    out = {}
+    for kind in dict.fromkeys(k for k, _, _ in samples):
+        a, b, errs = fit_link([s for s in samples if s[0] == kind], n)
+        out[kind] = (a, b, errs[kind])
+    return out
 
 
 # ---- one rank ------------------------------------------------------------------------------------
@@ -465,10 +488,13 @@ def _host_probe(out: dict, n: int, device, model, quick: bool) -> tuple[dict, li
         precision = "bf16-mixed" if device.type == "cuda" else "fp32"
     eff = out.get("efficiency", 1.0)  # what `shardwise check` uses: the file's efficiency, else 1
     a, bw = fit_link(out["samples"], n)[:2] if out["samples"] else (0.0, out["hbm_gbps"] * 1e9)
+    kinds = fit_kinds(out["samples"], n)
     gpu = GPU(name="probe", memory_gib=max(out.get("memory", 2**30) / 2**30, 1.0), tflops=out["tflops"],
               hbm_gbps=out["hbm_gbps"], link="", link_gbps=bw / 1e9, link_latency_us=a * 1e6, link_efficiency=1.0,
+              link_kinds={k: {"latency_us": ka * 1e6, "gbps": kb / 1e9} for k, (ka, kb, _) in kinds.items()},
               gpus_per_node=n, oversubscription=oversubscription(device.type, n))
-    net = Network(name="probe", gbits=bw * 8 / 1e9, latency_us=a * 1e6, efficiency=1.0)
+    net = Network(name="probe", gbits=bw * 8 / 1e9, latency_us=a * 1e6, efficiency=1.0,
+                  kinds={k: {"latency_us": ka * 1e6, "gbits": kb * 8 / 1e9} for k, (ka, kb, _) in kinds.items()})
     cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=net)
     steps, warmup = (4, 2) if quick else (ch.STEPS, ch.WARMUP)
     host, notes = ch.measure(spec, precision, cluster, eff, device, n, steps=steps, warmup=warmup)
@@ -546,9 +572,11 @@ def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, sh
         a, bw, errs = fit_link(samples, nproc)
     else:  # one rank: no link to measure; the memory copy bandwidth is what a self-copy costs
         a, bw, errs = 0.0, out["hbm_gbps"] * 1e9, {}
+    kinds = fit_kinds(samples, nproc)
     return Result(name=(name or f"this-{device_kind}").lower(), device=device_kind, backend=out["backend"],
                   nproc=nproc, tflops=out["tflops"], hbm_gbps=out["hbm_gbps"], memory_gib=out["memory"] / 2**30,
-                  latency_us=a * 1e6, gbps=bw / 1e9, link_samples=samples, fit_error=errs, shapes=shapes_text,
+                  latency_us=a * 1e6, gbps=bw / 1e9, link_samples=samples, fit_error=errs, kinds=kinds,
+                  shapes=shapes_text,
                   device_name=out["device_name"], host_us=out["host_us"], host_model=out["host_model"],
                   notes=out["host_notes"], tflops_raised=bool(out.get("raised")), **_efficiency(out, model))
 
@@ -613,16 +641,22 @@ def print_result(r: Result, out: str, console=None) -> None:
                 f"{r.efficiency_model} (use --efficiency {r.efficiency:.3f} with `shardwise estimate`)",
                 highlight=False)
     if r.link_samples:
-        c.print(f"link    latency {r.latency_us:,.1f} us per step, bandwidth {r.gbps:,.3f} GB/s (fitted)",
-                highlight=False)
-        t = Table(title="collectives: measured vs the fitted model", show_lines=False)
-        for col in ("kind", "message", "measured", "model", "error"):
+        c.print(f"link    latency {r.latency_us:,.1f} us per step, bandwidth {r.gbps:,.3f} GB/s (fitted to every "
+                "kind; the kinds' own fits below are what the estimate uses)", highlight=False)
+        for kind, (ka, kb, _) in r.kinds.items():
+            c.print(f"link    {kind:<14} latency {ka * 1e6:,.1f} us per step, bandwidth {kb / 1e9:,.3f} GB/s",
+                    highlight=False)
+        t = Table(title="collectives: measured vs the model fitted to every kind, and to each kind alone",
+                  show_lines=False)
+        for col in ("kind", "message", "measured", "one fit", "error", "own fit", "error "):
             t.add_column(col, justify="right" if col != "kind" else "left")
-        a, inv_b = r.latency_us * 1e-6, 1 / (r.gbps * 1e9)
         for kind, b, s in r.link_samples:
             cl, cb = model_terms(kind, r.nproc, b)
-            m = cl * a + cb * inv_b
-            t.add_row(kind, _size(b), f"{s * 1e6:,.0f} us", f"{m * 1e6:,.0f} us", f"{100 * (m - s) / s:+.0f}%")
+            one = cl * r.latency_us * 1e-6 + cb / (r.gbps * 1e9)
+            ka, kb, _ = r.kinds[kind]
+            own = cl * ka + cb / kb
+            t.add_row(kind, _size(b), f"{s * 1e6:,.0f} us", f"{one * 1e6:,.0f} us", f"{100 * (one - s) / s:+.0f}%",
+                      f"{own * 1e6:,.0f} us", f"{100 * (own - s) / s:+.0f}%")
         c.print(t)
     c.print(f"wrote {out}: use it as `--hardware {out} --gpu {r.name} --network {r.name}`", highlight=False)
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from shardwise.calibrate import Result, calibrate, fit_link, model_shapes, model_terms
+from shardwise.calibrate import Result, calibrate, fit_kinds, fit_link, model_shapes, model_terms
 from shardwise.cli import main
 from shardwise.spec.hardware import load_gpu, load_network, make_cluster
 from shardwise.spec.model import ModelSpec
@@ -40,6 +40,25 @@ def test_fit_recovers_latency_and_bandwidth_exactly():
     assert fa == pytest.approx(a, rel=1e-9)
     assert fbw == pytest.approx(bw, rel=1e-9)
     assert max(errs.values()) < 1e-9
+
+
+def test_each_kind_fitted_alone_recovers_its_own_figures():
+    # gloo on a CPU: all-reduce 500 us a step at 1 GB/s, send 100 us at 4 GB/s. One latency and
+    # bandwidth cannot reproduce both; each kind's own fit does, exactly. E.g. a send of 1 MiB:
+    # 1 step * 100 us + 1,048,576 B / 4e9 B/s = 100 + 262.144 = 362.144 us
+    figs = {"all-reduce": (500e-6, 1e9), "send": (100e-6, 4e9)}
+    samples = []
+    for kind, (a, bw) in figs.items():
+        for b in (4096, 65536, MIB, 16 * MIB):
+            cl, cb = model_terms(kind, 4, b)
+            samples.append((kind, b, cl * a + cb / bw))
+    assert samples[6][2] == pytest.approx(362.144e-6, rel=1e-12)
+    assert max(fit_link(samples, 4)[2].values()) > 0.2  # one fit for both misses by more than 20%
+    own = fit_kinds(samples, 4)
+    assert list(own) == ["all-reduce", "send"]
+    for kind, (a, bw) in figs.items():
+        fa, fbw, err = own[kind]
+        assert fa == pytest.approx(a, rel=1e-9) and fbw == pytest.approx(bw, rel=1e-9) and err < 1e-9
 
 
 def test_fit_keeps_latency_non_negative():
@@ -76,7 +95,8 @@ def test_hardware_file_round_trips(tmp_path):
     r = Result(name="box", device="cpu", backend="gloo", nproc=4, tflops={"fp32": 0.0214, "bf16": 0.05},
                hbm_gbps=12.5, memory_gib=5.25, latency_us=250.0, gbps=1.25, shapes="s", device_name="x86",
                host_us={"dp": {"block": 850.0, "microbatch": 120.0, "step": 3000.0},
-                        "tp-sp": {"block": 41000.0, "microbatch": 0.0, "step": 12.5}})
+                        "tp-sp": {"block": 41000.0, "microbatch": 0.0, "step": 12.5}},
+               kinds={"all-reduce": (1.5e-3, 0.5e9, 0.02), "send": (2e-4, 2e9, 0.1)})
     f = tmp_path / "box.toml"
     f.write_text(r.toml())
     g = load_gpu("box", str(f))
@@ -88,6 +108,9 @@ def test_hardware_file_round_trips(tmp_path):
     assert g.oversubscription == pytest.approx(max(1.0, 4 / (os.cpu_count() or 1)), rel=1e-3)
     n = load_network("box", str(f))
     assert (n.gbits, n.latency_us, n.efficiency) == (10.0, 250.0, 1.0)  # 1.25 GB/s = 10 Gbit/s
+    # each kind's own fit, in each table's units: 0.5 GB/s = 4 Gbit/s, 2 GB/s = 16 Gbit/s
+    assert g.link_kinds == {"all-reduce": {"latency_us": 1500.0, "gbps": 0.5}, "send": {"latency_us": 200.0, "gbps": 2.0}}
+    assert n.kinds == {"all-reduce": {"latency_us": 1500.0, "gbits": 4.0}, "send": {"latency_us": 200.0, "gbits": 16.0}}
     # the estimate tier builds a cluster from it: 4 ranks fit the "node"
     c = make_cluster("box", 4, None, "box", str(f))
     assert c.nodes == 1 and c.gpu.peak_flops("fp32") == pytest.approx(0.0214e12)

@@ -82,6 +82,28 @@ def test_latency_bandwidth_time():
     assert seconds("send", 2, 1, 10**9, bw, lat) == pytest.approx(3e-6 + 1e9 / 360e9)
 
 
+def test_a_kind_with_its_own_figures():
+    # a calibrated machine: all-gather 40 us a step at 12.5 GB/s inside the node, send 3 us at
+    # 200 Gbit/s = 25 GB/s over the network; every other kind keeps the link's figures
+    import dataclasses
+
+    g = dataclasses.replace(GPU_T, link_kinds={"all-gather": {"latency_us": 40.0, "gbps": 12.5}})
+    n = dataclasses.replace(NET_T, kinds={"send": {"latency_us": 3.0, "gbits": 200.0}})
+    c = Cluster(gpu=g, gpus=16, gpus_per_node=8, network=n)
+    # all-gather of 8 MB among 8 in a node, 2 calls: 2 * 7 steps * 40 us + 7/8 * 8e6 / (12.5e9 * 0.8)
+    # = 560 us + 7e6 / 10e9 s = 560 + 700 = 1,260 us
+    assert make(c, "all-gather", "dp", 8, 1, 2, "x", total=8 * 10**6).seconds == pytest.approx(1260e-6)
+    # a reduce-scatter of the same keeps NVLink's 3 us and 360 GB/s: 2 * 7 * 3 us + 7e6 / 360e9
+    assert make(c, "reduce-scatter", "dp", 8, 1, 2, "x", total=8 * 10**6).seconds == \
+        pytest.approx(42e-6 + 7e6 / 360e9)
+    # pipeline hops across nodes (stride 8): a send and a recv of 1 MB each take 3 us + 1e6 / (25e9 * 0.8)
+    # = 3 + 50 = 53 us (a recv is timed as the send it waits for)
+    for kind in ("send", "recv"):
+        assert make(c, kind, "pp", 2, 8, 1, "x", per_call=10**6).seconds == pytest.approx(53e-6)
+    # the same send inside the node: the GPU has no send figure, NVLink's: 3 us + 1e6 / 360e9
+    assert make(c, "send", "pp", 2, 1, 1, "x", per_call=10**6).seconds == pytest.approx(3e-6 + 1e6 / 360e9)
+
+
 def test_make_sizes_and_size_one_groups():
     c = cluster(8)
     e = make(c, "all-reduce", "dp", 8, 1, 4, "x", per_call=1000)

@@ -158,6 +158,15 @@ def test_hardware_file_adds_and_overrides(tmp_path):
     assert load_gpu("a100-80gb", str(p)).name == "a100-80gb"  # the rest of the catalog still there
 
 
+def test_hardware_file_gives_collectives_their_own_figures(tmp_path):
+    p = tmp_path / "hw.toml"
+    p.write_text(GOOD.replace('source = "our lab\'s L40S"', 'link_kinds = { "all-gather" = { latency_us = 40, '
+                              'gbps = 12.5 } }')
+                 + 'kinds = { send = { latency_us = 3, gbits = 200 } }\n')
+    assert load_gpu("my-gpu", str(p)).link_kinds == {"all-gather": {"latency_us": 40, "gbps": 12.5}}
+    assert load_network("our-fabric", str(p)).kinds == {"send": {"latency_us": 3, "gbits": 200}}
+
+
 BAD = {
     "not toml": ("[gpu.x\nmemory_gib = 1", "not valid TOML"),
     "unknown field": ('[gpu.x]\nmemroy_gib = 80', "unknown field 'memroy_gib'; did you mean memory_gib"),
@@ -173,6 +182,18 @@ BAD = {
     "tflops not a table": ('[gpu.x]\nmemory_gib = 80\ntflops = 989\nhbm_gbps = 1\nlink = "x"\n'
                            'link_gbps = 1', "tflops must be a table"),
     "typo'd table": ('[gpus.x]\nmemory_gib = 80', "'gpus' is not a .* table; did you mean gpu"),
+    "kinds not a table": ('[network.x]\ngbits = 100\nlatency_us = 5\nkinds = 3', "kinds must be a table like"),
+    "unknown kind": ('[network.x]\ngbits = 100\nlatency_us = 5\nkinds = { allreduce = { latency_us = 1, gbits = 1 } }',
+                     "kinds has unknown collective 'allreduce'; did you mean all-reduce"),
+    "kind's rate in GPU units": ('[network.x]\ngbits = 100\nlatency_us = 5\n'
+                                 'kinds = { send = { latency_us = 1, gbps = 1 } }',
+                                 r"kinds.send must be \{ latency_us = us, gbits = rate \}"),
+    "kind's zero rate": ('[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\n'
+                         'link_gbps = 1\nlink_kinds = { broadcast = { latency_us = 5, gbps = 0 } }',
+                         "link_kinds.broadcast.gbps must be positive, got 0"),
+    "kind's negative latency": ('[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\n'
+                                'link_gbps = 1\nlink_kinds = { send = { latency_us = -5, gbps = 1 } }',
+                                "link_kinds.send.latency_us must be a number >= 0"),
 }
 
 

@@ -10,7 +10,9 @@ efficiency) and per-step latency a:
                      forwards all S, so a rank sends (N-1)/N * S on average; time (N-1)*a + S/B
     send / recv      S over one hop: time a + S/B (a recv sends nothing: wire_bytes 0)
 Tiny messages at large N pay 2(N-1)*a here, where NCCL would switch to a tree: an overestimate
-of latency only, and only for the loss/grad-norm all-reduce.
+of latency only, and only for the loss/grad-norm all-reduce. A hardware file from `shardwise
+calibrate` gives each kind its own a and B (GPU.link_kinds, Network.kinds), fitted to that
+collective's timings on the real backend; the catalog gives one a and B for all.
 
 The link is the one the group spans (contract item 1, mesh (pp, dp, tp), tp innermost): a group
 of size s and stride t lies inside one node iff s*t <= GPUs per node; tp has stride 1, dp stride
@@ -324,11 +326,15 @@ def wire_bytes(kind: str, n, total):
     raise ValueError(f"unknown collective kind {kind!r}")
 
 
-def link(cluster, size, stride, arr: bool | None = None):
-    """(inside one node?, bytes/s achieved, latency s per step) for a group of `size` ranks `stride` apart."""
+def link(cluster, size, stride, arr: bool | None = None, kind: str | None = None):
+    """(inside one node?, bytes/s achieved, latency s per step) for a group of `size` ranks `stride`
+    apart; with `kind`, that collective's own figures where the hardware has them (GPU.link_kinds,
+    Network.kinds: `shardwise calibrate` fits each; a recv is timed as a send)."""
     g, net = cluster.gpu, cluster.network
-    fast = (g.link_gbps * 1e9 * g.link_efficiency, g.link_latency_us * 1e-6)
-    slow = (net.gbytes_per_s * 1e9 * net.efficiency, net.latency_us * 1e-6)
+    k = "send" if kind == "recv" else kind
+    gk, nk = g.link_kinds.get(k, {}), net.kinds.get(k, {})
+    fast = (gk.get("gbps", g.link_gbps) * 1e9 * g.link_efficiency, gk.get("latency_us", g.link_latency_us) * 1e-6)
+    slow = (nk.get("gbits", net.gbits) / 8 * 1e9 * net.efficiency, nk.get("latency_us", net.latency_us) * 1e-6)
     intra = size * stride <= cluster.node_size
     if not (_num._is_array(intra) if arr is None else arr):  # one plan: plain Python (runs ~20 times per estimate)
         return (intra,) + (fast if intra else slow)
@@ -347,8 +353,8 @@ class _Net(NamedTuple):
     n: object
     multi: object  # n > 1: a group of one rank makes no calls
     intra: object
-    bw: object
-    lat: object
+    bw: dict  # kind -> bytes/s achieved (link(): the kind's own figure where the hardware has one)
+    lat: dict  # kind -> latency s per step
     name: object  # "intra-node" | "network"
     steps: dict  # kind -> latency steps of one call (_LAT_STEPS) = its wire factor (n-1 or 2(n-1))
 
@@ -359,7 +365,12 @@ def group_net(cluster, n, stride, arr: bool) -> _Net:
     one, ring = 1 + 0 * n, n - 1
     steps = {"all-reduce": 2 * ring, "all-gather": ring, "reduce-scatter": ring, "broadcast": ring, "send": one,
              "recv": one}
-    return _Net(n, n > 1, intra, bw, lat, name, steps)
+    if cluster.gpu.link_kinds or cluster.network.kinds:
+        figs = {k: link(cluster, n, stride, arr, k)[1:] for k in steps}
+        bws, lats = {k: f[0] for k, f in figs.items()}, {k: f[1] for k, f in figs.items()}
+    else:  # one latency and bandwidth for every kind (the catalog)
+        bws, lats = dict.fromkeys(steps, bw), dict.fromkeys(steps, lat)
+    return _Net(n, n > 1, intra, bws, lats, name, steps)
 
 
 def make(cluster, kind: str, group: str, n, stride, count, what: str, *, per_call=None, total=None,
@@ -386,7 +397,7 @@ def make(cluster, kind: str, group: str, n, stride, count, what: str, *, per_cal
     wire = total if kind == "send" else 0 * total if kind == "recv" else steps * total // n
     moved = total if kind in ("broadcast", "send", "recv") else wire
     return Collective(kind=kind, group=group, ranks=n, bytes=total // calls, count=count, wire_bytes=wire,
-                      seconds=count * steps * net.lat + moved / net.bw, what=what, link=net.name,
+                      seconds=count * steps * net.lat[kind] + moved / net.bw[kind], what=what, link=net.name,
                       overlapped=overlapped, sizes=sizes)
 
 

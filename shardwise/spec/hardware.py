@@ -19,6 +19,10 @@ GIB = 1024**3
 # the engines and terms of GPU.host_us (what estimate/host.py combines; calibrate measures them)
 HOST_ENGINES = ("dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp")
 HOST_TERMS = ("block", "microbatch", "step")
+# collectives a hardware file may give their own latency and bandwidth (`shardwise calibrate` fits
+# each: on a shared-memory CPU gloo's all-reduce, all-gather, reduce-scatter, broadcast and send
+# differ by 3-5x at one size, which no single latency and bandwidth fits); a recv is timed as a send
+LINK_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "broadcast", "send")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class GPU:
     link_gbps: float  # intra-node bandwidth per GPU per direction, GB/s
     link_latency_us: float = 3.0
     link_efficiency: float = 0.8  # achieved / nominal bus bandwidth for large collectives
+    # {kind: {latency_us, gbps}} measured per collective (LINK_KINDS); other kinds use the two above
+    link_kinds: dict = field(default_factory=dict)
     gpus_per_node: int = 8  # the usual server
     price_per_hour: float = 0.0  # USD per GPU-hour, a typical cloud on-demand figure
     # host time beyond FLOPs and collectives per engine, {engine: {term: us}} (estimate/host.py),
@@ -59,6 +65,7 @@ class Network:
     gbits: float  # per GPU per direction, Gbit/s (one NIC per GPU in the usual rail design)
     latency_us: float
     efficiency: float = 0.8
+    kinds: dict = field(default_factory=dict)  # {kind: {latency_us, gbits}} per collective, as GPU.link_kinds
     source: str = ""
 
     @property
@@ -153,6 +160,22 @@ def _check_field(name: str, typ: str, v, where: str) -> None:
                                      f"got {terms!r}")
             _named_numbers(terms, where, f"host_us.{eng}", "term", HOST_TERMS, "a number of microseconds >= 0",
                            lambda x: x >= 0)
+    elif name in ("link_kinds", "kinds"):
+        rate = "gbps" if name == "link_kinds" else "gbits"
+        if not isinstance(v, dict):
+            raise ShardwiseError(f'{where}: {name} must be a table like {{ "all-reduce" = {{ latency_us = us, '
+                                 f"{rate} = rate }}, ... }}, got {v!r}")
+        for kind, figs in v.items():
+            if kind not in LINK_KINDS:
+                raise ShardwiseError(f"{where}: {name} has unknown collective {kind!r}; {closest(kind, LINK_KINDS)}")
+            if not isinstance(figs, dict) or set(figs) != {"latency_us", rate}:
+                raise ShardwiseError(f"{where}: {name}.{kind} must be {{ latency_us = us, {rate} = rate }}, "
+                                     f"got {figs!r}")
+            # a latency may be 0 (fitted away); a rate is a divisor
+            _named_numbers(figs, where, f"{name}.{kind}", "figure", ("latency_us", rate),
+                           "a number >= 0 (latency) or > 0 (rate)", lambda x: x >= 0)
+            if figs[rate] == 0:
+                raise ShardwiseError(f"{where}: {name}.{kind}.{rate} must be positive, got 0")
 
 
 def _named_numbers(table: dict, where: str, name: str, noun: str, keys, what: str, ok) -> None:

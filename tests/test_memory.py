@@ -178,15 +178,57 @@ def test_fsdp_padding_by_hand():
     e = est(m, 4, zero=3, mbs=1, seq=8, precision="fp32")
     assert e.detail["params.sharded"] == 4 * 474
     assert e.detail["optimizer.states"] == 8 * 474
-    # ZeRO-3 at the start of the backward (fp32, so gathered parameters are 4 bytes):
-    #   the root (embeddings, final norm, output) stays gathered: 4 * 4 * (72 + 2 + 72) = 2,336
-    #   the block in use and the prefetched one: 2 * 4 * (4 * 164) = 5,248
+    # ZeRO-3's peak: the first block's backward begins (fp32, so gathered parameters are 4 bytes;
+    # T = 8 tokens, one micro-batch):
+    #   the root (embeddings, final norm, output) gathered again: 4 * 4 * (72 + 2 + 72) = 2,336,
+    #   and block 1 in use: 4 * 4 * 164 = 2,624; params.unsharded 4,960
+    #   block 0 prefetched, in its all-gather output: 2,624
     #   the head's unsharded gradients (output + final norm): 4 * 4 * (72 + 2) = 1,184
-    #   one block's gradients + its reduce-scatter input: 4 * 164 * (4 + 4) = 5,248
-    assert e.detail["params.unsharded"] == 2_336
-    assert e.detail["buffers.zero3_gather"] == 5_248
+    #   no reduce-scatter input yet (block 1's comes at the end of its backward)
+    #   SwiGLU's product backward next to w2's kept gradient: 2 * 8 * 16 * 4 + 16 * 8 * 4 = 1,536
+    #   saved: 2 layers * 560 * 8 = 8,960 (test_pipeline_first_backward_has_no_gradients), token
+    #   ids 8 * 8 = 64, the caller's logits 4 * 33 * 8 = 1,056
+    # 1,896 + 3,792 + 4,960 + 2,624 + 1,184 + 1,536 + 8,960 + 64 + 1,056 = 26,072
+    assert e.detail["params.unsharded"] == 4_960
+    assert e.detail["buffers.all_gather"] == 2_624
     assert e.detail["grads.head_unsharded"] == 1_184
-    assert e.detail["buffers.reduce_scatter"] == 5_248
+    assert e.detail["act.block_backward"] == 1_536
+    assert "buffers.reduce_scatter" not in e.detail and "grads.sharded" not in e.detail
+    assert e.total - OVERHEAD == 26_072
+
+
+def test_fsdp2_moments_by_hand():
+    # TINY with vocab 33 over dp = 4, fp32, one token per micro-batch: the activations are small
+    # against the buffers (shards and padding as test_fsdp_padding_by_hand: P = one block gathered,
+    # 4 * 4 * 164 = 2,624; the root 2,336; sharded parameters 1,896, AdamW 3,792; one layer's
+    # saved tensors 560, token ids 8, logits 4 * 33 = 132)
+    m = TINY.scaled(vocab=33)
+    # ZeRO-3, one micro-batch: the second block's backward ends (block 0, the last). Block 1's
+    # reduce-scatter input waits for block 0's post-backward: 2,624; block 0's gradients 2,624;
+    # block 1's sharded gradients 4 * 164 = 656; gathered: the root and block 0, 4,960, none
+    # prefetched below block 0; the head's gradients 1,184; no layer's saved tensors left:
+    # 1,896 + 3,792 + 2,624 + 2,624 + 656 + 4,960 + 1,184 + 8 + 132 = 17,876
+    e = est(m, 4, zero=3, mbs=1, gbs=4, seq=1, precision="fp32")
+    assert e.detail["buffers.reduce_scatter"] == 2_624 and e.detail["grads.block_unsharded"] == 2_624
+    assert e.detail["grads.sharded"] == 656 and "act.layers" not in e.detail
+    assert e.total - OVERHEAD == 17_876
+    # ZeRO-2, two micro-batches: the second's forward copies block 1 out. Every block was
+    # resharded after the first backward, so block 0 is gathered again, block 1's unsharded
+    # parameters are filled from its all-gather output while block 0's output is still held
+    # (FSDPParamGroup.wait_for_unshard drops it on return): gathered 2,336 + 2 * 2,624 = 7,584,
+    # all-gather outputs 2 * 2,624 = 5,248; the first micro-batch's gradients, unsharded, 7,584;
+    # block 0's saved tensors 560 and the token ids 8; the caller still holds the first
+    # micro-batch's logits 132: 1,896 + 3,792 + 7,584 + 5,248 + 7,584 + 560 + 8 + 132 = 26,804
+    e = est(m, 4, zero=2, mbs=1, gbs=8, seq=1, precision="fp32")
+    assert e.detail["buffers.all_gather"] == 5_248 and e.detail["act.logits_previous"] == 132
+    assert e.total - OVERHEAD == 26_804
+    # ... and with 8 tokens the forward's end: both layers saved 8,960, ids 64, the final norm
+    # 36 * 8 = 288, the output's input 32 * 8 = 256, the logits 1,056 and the first micro-batch's
+    # 1,056; block 1's all-gather output kept until the root's forward ends: 2,624:
+    # 1,896 + 3,792 + 7,584 + 2,624 + 7,584 + 8,960 + 64 + 288 + 256 + 2 * 1,056 = 35,160
+    e = est(m, 4, zero=2, mbs=1, gbs=8, seq=8, precision="fp32")
+    assert e.detail["buffers.all_gather"] == 2_624 and "act.loss_fp32" not in e.detail
+    assert e.total - OVERHEAD == 35_160
 
 
 def test_zero2_accumulates_unsharded_fp32_gradients():

@@ -260,7 +260,7 @@ def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, d
     return _evaluate(terms, **kw), 0
 
 
-def block_backward_bytes(model, plan, *, act, autocast: bool):
+def block_backward_bytes(model, plan, *, act, autocast: bool, grads_kept: bool = False):
     """The transient inside one block's backward (torch layout), over its saved activations: the
     MLP's activation gradients and one weight gradient, T = mbs*seq tokens, f = the FFN width
     on this rank (ffn_hidden / tp), on the run tier's block (MemTracker, run/model.py):
@@ -271,17 +271,30 @@ def block_backward_bytes(model, plan, *, act, autocast: bool):
         w1's weight gradient [f, h]: +T*f + f*h.
     The weight gradient is a fresh tensor accumulated into .grad (or copied into a bucket) and
     freed: in the parameter's gradient dtype, under autocast its bf16 product and the fp32 cast
-    (act + 4 bytes). The attention's gradients are [T, h]-sized and smaller where f >= h."""
-    if model.is_moe:  # the routed tokens' expert MLPs, each token through top_k of them
-        f, width = model.expert_ffn_hidden // plan.tp, model.top_k * model.expert_ffn_hidden // plan.tp
-    else:
-        f = width = model.ffn_hidden // plan.tp
+    (act + 4 bytes). The attention's gradients are [T, h]-sized and smaller where f >= h.
+    grads_kept: each weight gradient stays until the block's backward ends (FSDP2: it is the
+    unsharded parameter's .grad until the block's reduce-scatter). SwiGLU's product backward then
+    runs next to w2's gradient [f, h], made just before: 2*T*f + f*h; its later weight gradients
+    come as its saved tensors go (w3's: 2*f*h - T*f over the block's start), which the end of
+    the block's backward bounds (memory.py). GELU's da comes next to w2's gradient already
+    (T*f + f*h); at T < h its later moments, weight gradients accumulating as the MLP's tensors
+    are freed, go above it (by 69,632 bytes, 17%, for h = 128, f = 512, T = 64, fp32)."""
+    f, width = _ffn_widths(model, plan.tp)
     tokens = plan.mbs * plan.seq
     grads = tokens * width * act
     weight = f * model.hidden * (act + (4 if autocast else 0))
     if model.ffn_kind == "swiglu":
+        if grads_kept:
+            return 2 * grads + f * model.hidden * act
         return maximum(2 * grads, grads + weight)
     return grads + weight
+
+
+def _ffn_widths(model, tp):
+    """(one MLP's FFN width on this rank, the FFN width a token passes through on this rank)."""
+    if model.is_moe:  # the routed tokens' expert MLPs, each token through top_k of them
+        return model.expert_ffn_hidden // tp, model.top_k * model.expert_ffn_hidden // tp
+    return model.ffn_hidden // tp, model.ffn_hidden // tp
 
 
 # ---- the pipeline: micro-batches in flight ------------------------------------------------
@@ -334,11 +347,13 @@ class RankSizes(NamedTuple):
 
     torch: bool  # the torch layout (pipeline buffers, the block's backward transient)
     chunk: object  # one chunk's saved tensors (its layers, per micro-batch)
+    layer: object  # one layer's saved tensors (per micro-batch)
     recompute: object  # held once while one block is recomputed
     embedding: object  # per micro-batch through global stage 0
     head: dict  # per micro-batch through the last global stage, by item
     loss_backward: object  # the loss's backward temporaries
     block_backward: object  # the transient inside one block's backward
+    block_backward_kept: object  # the same where weight gradients stay (FSDP2's unsharded ones)
     x: object  # one residual-stream tensor: a stage output, an input gradient, a receive buffer
     act_recv: object  # activation receive buffers of the rank (bytes), none holding an input
     grad_recv: object  # gradient receive buffers (bytes)
@@ -392,8 +407,10 @@ def rank_sizes(model, plan, *, last: bool, layout: str, attention: str, autocast
     holds_first = _if(last, 1 - pipelined, 1)
     holds_last = _if(last, 1, 1 - pipelined)
     m = plan.grad_accum
-    return RankSizes(torch_, (model.layers // (pp * v)) * kept, rebuilt, emb, head, backward,
-                     block_backward_bytes(model, plan, act=act, autocast=autocast) if torch_ else 0, pipelined * x,
+    return RankSizes(torch_, (model.layers // (pp * v)) * kept, kept, rebuilt, emb, head, backward,
+                     block_backward_bytes(model, plan, act=act, autocast=autocast) if torch_ else 0,
+                     block_backward_bytes(model, plan, act=act, autocast=autocast, grads_kept=True) if torch_ else 0,
+                     pipelined * x,
                      pipelined * (v - holds_first) * m * x, pipelined * (v - holds_last) * m * x)
 
 

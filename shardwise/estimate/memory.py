@@ -6,13 +6,14 @@ ranks are candidates, the first pipeline stage (embeddings, the most micro-batch
 and the last (the output head, the logits and the fp32 loss); with pp = 1 they are one. For the
 `torch` profile each rank is examined at the moments its peak can fall on, and the breakdown is
 that of the largest:
-  A. a backward begins: every saved activation of the micro-batches in flight is alive, with
-     the loss's backward temporaries, FSDP's gathered parameters and one block's gradient
-     reduce-scatter (counted together: conservative by at most the smaller of them; FSDP2's A is
-     two moments, the loss's backward and the first block's). Without a pipeline, the last
-     micro-batch's; with one, each backward of pipeline.backwards (the rank's last 1F1B one,
-     and where a virtual stage's gradients first appear), with the gradients made by then and
-     the outputs and input gradients the schedule still holds for its sends;
+  A. a backward begins: every saved activation of the micro-batches in flight is alive, as two
+     moments, the loss's backward (its temporaries) and the first block's (its transient).
+     Without a pipeline, the last micro-batch's; with one, each backward of pipeline.backwards
+     (the rank's last 1F1B one, and where a virtual stage's gradients first appear), with the
+     gradients made by then and the outputs and input gradients the schedule still holds for
+     its sends. FSDP2 without a pipeline has its own moments (_fsdp_alone): the forward's
+     all-gathers, the loss's backward, the first and second blocks' backwards at their start
+     and end, the root's gradients, each with the buffers FSDP2 holds right then;
   B. (FSDP) the end of the backward: the root's (embeddings, output) gradient reduce-scatter,
      or with a pipeline, every group's deferred one;
   C. the optimizer step: activations freed, the step's scratch memory allocated.
@@ -29,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from heapq import heapify, heapreplace
+from itertools import zip_longest
 from typing import NamedTuple
 
 from shardwise.breakdown import Memory
@@ -126,10 +128,31 @@ def _peak(moments: list[dict]) -> dict:
     return {k: best.get(k, 0) for k in keys}
 
 
-def _fill(rows, index: dict, items: dict) -> None:
+def _fill(rows, index: dict, items) -> None:
+    """Write a moment's items into its rows (zeros): a dict, or a _Blend of two, element by element."""
+    if isinstance(items, _Blend):
+        import numpy as np
+
+        if not items.b:  # a moment of some plans only
+            _fill(rows, index, items.a)
+            rows[:, ~items.fsdp] = 0
+        elif not items.a:
+            _fill(rows, index, items.b)
+            rows[:, items.fsdp] = 0
+        else:
+            _fill(rows, index, items.a)
+            other = np.zeros_like(rows)
+            _fill(other, index, items.b)
+            np.copyto(rows, other, where=~items.fsdp)
+        return
     for k, v in items.items():
         if type(v) is not int or v:  # rows start at 0
             rows[index[k]] = v
+
+
+def _names(m) -> set:
+    """The item names of a moment (a dict, or a _Blend of two)."""
+    return _names(m.a) | _names(m.b) if isinstance(m, _Blend) else set(m)
 
 
 def _peak_arrays(moments: list[dict], plan, mem: Memory, stages: int = 1) -> Memory:
@@ -139,17 +162,11 @@ def _peak_arrays(moments: list[dict], plan, mem: Memory, stages: int = 1) -> Mem
     import numpy as np
 
     shape = np.broadcast(*(np.asarray(getattr(plan, f)) for f in ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq"))).shape
-    keys = sorted({k for m in moments for d in (m[1:] if isinstance(m, _Blend) else (m,)) for k in d})
+    keys = sorted(set().union(*(_names(m) for m in moments)))
     index = {k: j for j, k in enumerate(keys)}
     table = np.zeros((len(moments), len(keys)) + ((2,) if stages == 2 else ()) + shape, dtype=np.int64)
     for i, m in enumerate(moments):
-        if isinstance(m, _Blend):
-            other = np.zeros_like(table[i])
-            _fill(table[i], index, m.a)
-            _fill(other, index, m.b)
-            np.copyto(table[i], other, where=~m.fsdp)
-        else:
-            _fill(table[i], index, m)
+        _fill(table[i], index, m)
     flat = table.reshape(len(moments), len(keys), stages, -1)  # [moment, item, stage, plan]
     totals = flat.sum(axis=1).transpose(1, 0, 2).reshape(stages * len(moments), -1)  # the first stage's first
     pick = totals.argmax(axis=0)  # argmax: the first of equal totals
@@ -317,19 +334,26 @@ def _torch(model, plan, last: bool, attention: str, device: str = "cuda") -> lis
     if mask.all() or not mask.any():  # one engine for every plan: the other's items are all 0
         if mask.all():
             a = _torch_fsdp(model, plan, last, attention, device)
-            b = _align(_moment_names(_torch_local, model, plan, last, attention, device))
+            b = _align(_moment_names(_torch_local, model, plan, last, attention, device), len(a))
         else:
-            a = _align(_torch_local(model, plan, last, attention, device))
             b = _moment_names(_torch_fsdp, model, plan, last, attention, device)
-        return [{**dict.fromkeys(names, 0), **x} for x, names in zip(a, b)]
+            a = _align(_torch_local(model, plan, last, attention, device), len(b))
+        return [_with_names(x, names) for x, names in zip(a, b)]
     a, b = _torch_fsdp(model, plan, last, attention, device), _torch_local(model, plan, last, attention, device)
-    return [_Blend(mask, x, y) for x, y in zip(a, _align(b))]
+    return [_Blend(mask, x, y) for x, y in zip(a, _align(b, len(a)))]
 
 
-def _align(local: list) -> list:
-    """The local engines' moments (A's two per backward, then C) placed as FSDP2's (A's, B, C):
-    empty where the local engines have no such moment (B)."""
-    return local[:-1] + [{}, local[-1]]
+def _with_names(m, names):
+    """A moment with every name in `names` among its items (0 where it has none)."""
+    if isinstance(m, _Blend):
+        return _Blend(m.fsdp, _with_names(m.a, names), m.b)
+    return {**dict.fromkeys(names, 0), **m}
+
+
+def _align(local: list, n: int) -> list:
+    """The local engines' moments (A's two per backward, then C) as many as FSDP2's (n): empty
+    ones where the local engines have none (FSDP2's forward and end-of-backward moments), C last."""
+    return local[:-1] + [{}] * (n - len(local)) + [local[-1]]
 
 
 def _flights(plan, last):
@@ -365,7 +389,7 @@ def _moment_names(engine, model, plan, last: bool, attention: str, device: str =
         one = plan.replace(**{f: v[i:i + 1] for f, v in zip(fields, values)})
         if len(_NAMES) >= 1024:
             _NAMES.clear()
-        names = _NAMES[key] = [tuple(m) for m in engine(model, one, last, attention, device)]
+        names = _NAMES[key] = [tuple(sorted(_names(m))) for m in engine(model, one, last, attention, device)]
     return names
 
 
@@ -373,11 +397,13 @@ _moment_names.cache_clear = _NAMES.clear
 
 
 class _Blend(NamedTuple):
-    """A moment of array plans that mix dp > 1 (FSDP2's items) and dp = 1 (the local engines')."""
+    """A moment of array plans taking a's items where `fsdp` holds and b's elsewhere: plans that mix
+    dp > 1 (FSDP2's items) and dp = 1 (the local engines'), or FSDP2's with and without a pipeline
+    (a moment of one, empty for the other). a and b are dicts or _Blends."""
 
     fsdp: object  # bool array
-    a: dict
-    b: dict
+    a: object
+    b: object
 
 
 def _split(items: dict) -> tuple[dict, dict]:
@@ -497,8 +523,9 @@ def _torch_local(model, plan, last: bool, attention: str, device: str = "cuda") 
 
 @memo
 def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last):
-    """Parameter sums under FSDP2: shard elements (padded), unsharded (padded) elements of the
-    stage, one block, the root and the head, optimizer bytes and step scratch on rank 0."""
+    """Parameter sums under FSDP2: shard elements (padded) of the stage and of one block, unsharded
+    (padded) elements of the stage, one block, the root, the head and the tied output, optimizer
+    bytes and step scratch on rank 0."""
     g, sb = _groups(model), state_bytes("torch", precision)
     st = _stage_of(model, pp, last)
     shard = lambda p: _fsdp_shard(_local(p, tp), dp)  # noqa: E731
@@ -517,77 +544,169 @@ def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last):
     else:
         temp = step_temp_bytes(optimizer, st.max(g, lambda p: _numel(shard(p))), sb, foreach=False)
     u_embed = st.embed * sum(p.count * padded(p) for p in g["embed"])
-    return {"s": s, "u_all": u_all, "u_block": u_block, "u_root": u_all - st.layers * u_block, "u_head": u_head,
-            "u_embed": u_embed, "states": states, "temp": temp}
+    return {"s": s, "s_block": _block_sum(g, lambda p: _numel(shard(p))), "u_all": u_all, "u_block": u_block,
+            "u_root": u_all - st.layers * u_block, "u_head": u_head,
+            "u_tied": st.head * padded(out) if model.tied_embeddings else 0, "u_embed": u_embed,
+            "states": states, "temp": temp}
 
 
 def _torch_fsdp(model, plan, last: bool, attention: str, device: str = "cuda") -> list[dict]:
     """FSDP2 (zero 2/3 over dp > 1). Each parameter is a dim-0 shard padded to ceil(dim0/dp) rows;
     with mixed precision the fp32 shard is the master, all-gathered in bf16 (param_dtype) and
-    reduce-scattered in fp32 (reduce_dtype). Two moments A per backward of _flights, B, C."""
+    reduce-scattered in fp32 (reduce_dtype). With a pipeline two moments A per backward of
+    _flights (_fsdp_pipelined); without, the step's moments of _fsdp_alone; then B, C. Array
+    plans that mix both get both, each zero where the other applies."""
     sb = state_bytes("torch", plan.precision)
     mixed = is_mixed(plan.precision)
     c = compute_bytes(plan.precision)
     pb = 2 if mixed else sb.param  # unsharded (all-gathered) parameters and their gradients
     rb = 4 if mixed else sb.grad  # reduce-scatter dtype = the sharded gradients' dtype
     z = _fsdp_sizes(model, plan.precision, plan.optimizer, plan.tp, plan.dp, plan.pp, last)
-    s, u_all, u_block, u_root = z["s"], z["u_all"], z["u_block"], z["u_root"]
     pipelined = where(plan.pp > 1, 1, 0)
+    vec = _is_array(pipelined)
     accumulated = where(plan.grad_accum > 1, 1, 0)
     offload = plan.offload == "params"  # CPUOffloadPolicy: shards, gradients and the step on the CPU
     cpu_step = plan.offload != "none"  # the optimizer states (and so its step) on the CPU
-    sharded_grads = 0 if offload else rb * s
-    v = plan.vpp if plan.schedule == "interleaved" else 1
-    per_chunk = model.layers // (plan.pp * v)
+    sharded_grads = 0 if offload else rb * z["s"]
     sizes = acts.rank_sizes(model, plan, last=last, layout="torch", attention=attention, autocast=False, act=c,
                             res=c, vocab=model.vocab, device=device)
-    moments = []
-    for f in _flights(plan, last):
+    piped, alone = [], []
+    for i, f in enumerate(_flights(plan, last)):
         activations, buffers = _split(acts.priced(sizes, f))
-        persistent = {"params.sharded": 0 if offload else sb.param * s,
+        persistent = {"params.sharded": 0 if offload else sb.param * z["s"],
                       "optimizer.states": 0 if cpu_step else z["states"], **OVERHEAD, **buffers}
-
-        # A. With a pipeline, torch.distributed.pipelining keeps FSDP from resharding after
-        # backward and from reduce-scattering before the last micro-batch
-        # (backward_maybe_with_nosync): every block ends up unsharded and every gradient
-        # accumulates unsharded in fp32 (FSDPParam.to_accumulated_grad_if_needed), each part's
-        # from its first backward on. ZeRO-2 accumulates the same way by itself.
         a = {**persistent, **activations}
-        if plan.zero == 2:
-            a["params.unsharded"] = pb * u_all
-            accumulating = accumulated
-        else:
-            # the root group (embeddings, final norm, output) is gathered again as the backward
-            # begins and stays so until its reduce-scatter at the end
-            a["params.unsharded"] = pb * where(pipelined, u_all, u_root)
-            a["buffers.zero3_gather"] = (1 - pipelined) * 2 * pb * u_block  # the block in use + the prefetched one
-            a["grads.sharded"] = (1 - pipelined) * accumulated * sharded_grads  # reduce-scattered every micro-batch
-            accumulating = accumulated * pipelined
-        head = u_root - z["u_embed"]  # the final norm and output (the last rank's root)
-        a["grads.unsharded_accumulated"] = accumulating * rb * _grads_present(f, v, per_chunk, u_block, z["u_embed"],
-                                                                               head)
-        a["grads.head_unsharded"] = pb * z["u_head"]
-        # one block's gradients in the compute dtype and its fp32 reduce-scatter input (FSDP keeps
-        # one reduce-scatter input in flight); with a pipeline only the cast into the fp32
-        # accumulator
-        a["buffers.reduce_scatter"] = u_block * (pb + (1 - pipelined) * rb)
-        # the loss's backward: no block gathered or reduced yet
-        a_loss, a_block = _loss_and_block(a, f, sizes)
-        a_loss.update({"buffers.zero3_gather": 0, "buffers.reduce_scatter": 0})
-        moments += [a_loss, a_block]
+        if vec or pipelined:
+            piped += _fsdp_pipelined(model, plan, a, f, sizes, z, pb, rb, accumulated)
+        if (vec or not pipelined) and i == 0:  # without a pipeline every backward is this one
+            alone = _fsdp_alone(model, plan, a, f, sizes, z, pb, rb, accumulated, 0 if offload else rb)
+    if vec:  # array plans: each moment of a pipelined plan shares its place with one of a plan without
+        moments = [_Blend(pipelined == 1, x, y) for x, y in zip_longest(piped, alone, fillvalue={})]
+    else:
+        moments = piped + alone
 
     # B and C: every receive buffer waits for the next step, none holding an input
     persistent.update({"buffers.pp_act_recv": sizes.act_recv, "buffers.pp_grad_recv": sizes.grad_recv})
 
-    # B. The end of the backward: the root's reduce-scatter; with a pipeline each group's in turn
+    # B. The end of the backward: the root's reduce-scatter (its reshard, then its gradients
+    # copied into the reduce-scatter input, the block's input before it freed); with a pipeline
+    # each group's in turn
+    z2_accumulated = accumulated if plan.zero == 2 else 0  # the root's gradients are the accumulated ones
     b = {**persistent, "grads.sharded": sharded_grads,
-         "buffers.root_reduce_scatter": (1 - pipelined) * u_root * (pb + rb),
-         "grads.unsharded_accumulated": pipelined * rb * u_all,
-         "buffers.reduce_scatter": pipelined * rb * maximum(u_root, u_block)}
+         "grads.unsharded_accumulated": pipelined * rb * z["u_all"] + (1 - pipelined) * z2_accumulated * rb * z["u_root"],
+         "grads.root_unsharded": (1 - pipelined) * (1 - z2_accumulated) * pb * z["u_root"],
+         "buffers.root_reduce_scatter": (1 - pipelined) * rb * z["u_root"],
+         "buffers.reduce_scatter": pipelined * rb * maximum(z["u_root"], z["u_block"])}
 
     # C. The optimizer step on the shards
     cc = {**persistent, "grads.sharded": sharded_grads, "buffers.optimizer_step": 0 if cpu_step else z["temp"]}
     return moments + [b, cc]
+
+
+def _fsdp_pipelined(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated) -> list[dict]:
+    """Moment A as two (_loss_and_block) under torch.distributed.pipelining, which keeps FSDP from
+    resharding after backward and from reduce-scattering before the last micro-batch
+    (backward_maybe_with_nosync): every block ends up unsharded and every gradient accumulates
+    unsharded in fp32 (FSDPParam.to_accumulated_grad_if_needed), each part's from its first
+    backward on."""
+    v = plan.vpp if plan.schedule == "interleaved" else 1
+    a = dict(a)
+    a["params.unsharded"] = pb * z["u_all"]
+    head = z["u_root"] - z["u_embed"]  # the final norm and output (the last rank's root)
+    a["grads.unsharded_accumulated"] = accumulated * rb * _grads_present(f, v, model.layers // (plan.pp * v),
+                                                                         z["u_block"], z["u_embed"], head)
+    a["grads.head_unsharded"] = pb * z["u_head"]
+    a["buffers.reduce_scatter"] = pb * z["u_block"]  # one block's gradients, cast into the fp32 accumulator
+    a_loss, a_block = _loss_and_block(a, f, sizes)
+    a_loss["buffers.reduce_scatter"] = 0  # the loss's backward: no block reduced yet
+    return [a_loss, a_block]
+
+
+def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sharded_rb) -> list[dict]:
+    """FSDP2 without a pipeline: the moments of the step's last micro-batch (it holds what the
+    earlier ones leave: the sharded gradients of ZeRO-3, the accumulated unsharded ones of ZeRO-2),
+    from PyTorch 2.13's _fully_shard, measured item by item with MemTracker (tests/test_check.py).
+
+    The run tier's fully_shard(reshard_after_forward=zero == 3) on each block and on the root
+    (embeddings, final norm, output; reshard_after_forward set explicitly, so the root reshards
+    after forward too), reshard_after_backward left on: every group frees its unsharded
+    parameters after its backward, and ZeRO-2 gathers every block again in the next forward.
+    FSDP2 holds three kinds of buffer, P = one block's unsharded parameters (param dtype):
+      all-gather outputs: the flat buffer a group is gathered into, copied out into its unsharded
+        parameters. In the forward the last one is kept until the next group's copy-out returns
+        (FSDPParamGroup.wait_for_unshard: `prev_all_gather_state` is dropped on return), so at a
+        copy-out the previous group's, the group's own and its unsharded parameters are alive,
+        and the last block's until the root's forward ends (FSDPState._post_forward). In the
+        backward a group's pre-backward prefetches the group before it (ZeRO-3): its output
+        waits there through the whole block's backward.
+      unsharded gradients: the group's, made by its backward, kept until its reduce-scatter
+        (ZeRO-2 accumulating in fp32: added into the accumulated ones in place, nothing new).
+      reduce-scatter inputs (reduce dtype, padded): each is kept until the next group's
+        post-backward (reduce_scatter_max_input_buffers = 1), so from the second block on the
+        block above's is alive through a block's backward.
+    None of this depends on the device: FSDP2 keeps these references itself rather than by
+    record_stream, so a CUDA caching allocator (max_memory_allocated) and MemTracker on the CPU
+    see the same lifetimes; only the all-gather and reduce-scatter run on other streams.
+
+    The moments, L = the rank's layers, X = one layer's saved tensors:
+      forward: block 0's copy-out (the root's buffer and unsharded parameters, block 0's two),
+        block L-1's (three buffers), the forward's end (the logits made, block L-1's buffer);
+        the caller still holds the previous micro-batch's logits until the forward returns
+        (run/engine._accumulate rebinds `logits` then);
+      the loss's backward (ZeRO-3: the root is resharded);
+      ZeRO-3: the root gathered again (its pre-backward, on the logits' gradient);
+      the first block's backward begins (its transient, weight gradients kept) and ends (its
+        saved tensors freed, its gradients all made); the second block's, with the first's
+        reduce-scatter input; later blocks hold less: fewer saved tensors, the same buffers;
+      the root's gradients made, before its post-backward (block 0's reduce-scatter input).
+    """
+    z3 = plan.zero == 3
+    layers = model.layers
+    P, R, Pr = pb * z["u_block"], rb * z["u_block"], pb * z["u_root"]
+    # ZeRO-2 accumulating at the parameters' dtype: the micro-batch's gradients are added into
+    # the accumulated .grad in place (AccumulateGrad) and freed; otherwise they stay as made
+    inplace = accumulated if not z3 and pb == rb else 0
+    fresh = 1 - inplace
+    transient = fresh * sizes.block_backward_kept + inplace * sizes.block_backward
+    X = sizes.layer
+
+    def grads(k):
+        """Gradients once k groups are reduce-scattered in this micro-batch."""
+        sharded = sharded_rb * (z["s"] * accumulated + k * z["s_block"] * (1 - accumulated) if z3
+                                else k * z["s_block"])
+        return {"grads.sharded": sharded,
+                "grads.unsharded_accumulated": 0 if z3 else accumulated * rb * (z["u_all"] - k * z["u_block"])}
+
+    base = {**{k: v for k, v in a.items() if not k.startswith("act.")},
+            **dict.fromkeys((k for k in a if k.startswith("act.")), 0)}
+    logits = a["act.logits"]
+    fwd = {**base, **grads(0), "act.embedding": a["act.embedding"], "act.logits_previous": accumulated * logits}
+    blocks_kept = 0 if z3 else layers * P  # ZeRO-2 keeps every block gathered until its backward
+    out = [
+        {**fwd, "params.unsharded": Pr + P, "buffers.all_gather": Pr + P},  # block 0's copy-out
+        {**fwd, "act.layers": (layers - 1) * X, "params.unsharded": Pr + (P if z3 else blocks_kept),
+         "buffers.all_gather": (2 if layers > 1 else 1) * P + (0 if layers > 1 else Pr)},  # block L-1's
+        {**fwd, **{k: a[k] for k in ("act.layers", "act.final_norm", "act.head_input", "act.logits")},
+         "params.unsharded": Pr + blocks_kept, "buffers.all_gather": P},  # the forward's end
+        {**a, **grads(0), "act.block_backward": 0, "params.unsharded": 0 if z3 else Pr + blocks_kept},  # the loss's
+    ]
+    if z3:  # the root gathered again: the logits' gradient (compute dtype) made, the loss's freed
+        out.append({**a, **grads(0), "act.loss_fp32": 0, "act.targets": 0, "act.loss_backward": 0,
+                    "act.block_backward": 0, "act.logits_grad": f.loss * logits, "params.unsharded": Pr,
+                    "buffers.all_gather": Pr})
+    head_grads = pb * (fresh * z["u_head"] + inplace * z["u_tied"])  # a tied one waits in AccumulateGrad
+    for k in range(min(layers, 2)):  # the first and second block of the backward
+        start = {**_loss_and_block(a, f, sizes)[1], **grads(k), "act.block_backward": transient,
+                 "act.layers": a["act.layers"] - k * X, "grads.head_unsharded": head_grads,
+                 "params.unsharded": Pr + (P if z3 else (layers - k) * P),
+                 "buffers.all_gather": P if z3 and layers - 1 - k >= 1 else 0,  # the block below, prefetched
+                 "buffers.reduce_scatter": R if k else 0}  # the block above's
+        end = {**start, "act.layers": start["act.layers"] - X, "act.block_backward": 0, "act.recompute": 0,
+               "grads.block_unsharded": fresh * P}
+        out += [start, end]
+    out.append({**base, **grads(layers), "act.logits": logits, "params.unsharded": Pr, "buffers.reduce_scatter": R,
+                "grads.root_unsharded": fresh * Pr})  # the root's gradients made
+    return out
 
 
 # ---- ZeroRedundancyOptimizer's partition -------------------------------------------------------

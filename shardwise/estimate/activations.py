@@ -355,6 +355,7 @@ class RankSizes(NamedTuple):
     block_backward: object  # the transient inside one block's backward
     block_backward_kept: object  # the same where weight gradients stay (FSDP2's unsharded ones)
     x: object  # one residual-stream tensor: a stage output, an input gradient, a receive buffer
+    top_grad: object  # the gradient the head hands the top block (a residual-stream tensor)
     act_recv: object  # activation receive buffers of the rank (bytes), none holding an input
     grad_recv: object  # gradient receive buffers (bytes)
 
@@ -410,7 +411,7 @@ def rank_sizes(model, plan, *, last: bool, layout: str, attention: str, autocast
     return RankSizes(torch_, (model.layers // (pp * v)) * kept, kept, rebuilt, emb, head, backward,
                      block_backward_bytes(model, plan, act=act, autocast=autocast) if torch_ else 0,
                      block_backward_bytes(model, plan, act=act, autocast=autocast, grads_kept=True) if torch_ else 0,
-                     pipelined * x,
+                     pipelined * x, x if torch_ else 0,
                      pipelined * (v - holds_first) * m * x, pipelined * (v - holds_last) * m * x)
 
 

@@ -468,12 +468,14 @@ def _grads_present(flight, v, layers_per_chunk: int, block, embed, head):
 
 def _loss_and_block(a: dict, f, sizes, head_copy=0) -> list[dict]:
     """Moment A as two: the loss's backward (its temporaries) and the first block's (its own
-    transient, activations.block_backward_bytes), once the loss's temporaries and one
-    micro-batch's saved head tensors (and its autocast copy of the output weight) are freed (the
-    caller, or the pipeline, still holds that micro-batch's logits). A backward without the loss
-    (a pipeline stage's other than the last global one) is the block's moment only."""
+    transient, activations.block_backward_bytes, next to the gradient the head handed it), once
+    the loss's temporaries and one micro-batch's saved head tensors (and its autocast copy of the
+    output weight) are freed (the caller, or the pipeline, still holds that micro-batch's
+    logits). A backward without the loss (a pipeline stage's other than the last global one) is
+    the block's moment only, its output's gradient in a receive buffer."""
     a_loss = {**a, "act.block_backward": 0}
-    a_block = {**a, "act.loss_backward": 0, "act.block_backward": sizes.block_backward}
+    a_block = {**a, "act.loss_backward": 0, "act.block_backward": sizes.block_backward,
+               "act.block_output_grad": f.loss * sizes.top_grad}
     head_mbs = maximum(f.head, 1)
     for k in ("act.final_norm", "act.head_input", "act.loss_fp32", "act.targets"):
         a_block[k] = a[k] - f.loss * (a[k] // head_mbs)
@@ -655,8 +657,9 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
         (run/engine._accumulate rebinds `logits` then);
       the loss's backward (ZeRO-3: the root is resharded);
       ZeRO-3: the root gathered again (its pre-backward, on the logits' gradient);
-      the first block's backward begins (its transient, weight gradients kept) and ends (its
-        saved tensors freed, its gradients all made); the second block's, with the first's
+      the first block's backward begins (its transient, weight gradients kept, next to the
+        gradient the head handed it) and ends (its saved tensors freed, its gradients all made,
+        its input's gradient in place of its output's); the second block's, with the first's
         reduce-scatter input; later blocks hold less: fewer saved tensors, the same buffers;
       the root's gradients made, before its post-backward (block 0's reduce-scatter input).
     """

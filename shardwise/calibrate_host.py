@@ -2,17 +2,19 @@
 
 Each engine (dp, zero1, zero2, zero3, tp, tp-sp, pp) trains a few steps of the model at a probe size
 (PROBE_SEQ tokens per micro-batch: FLOPs and message bytes next to nothing) with the run tier's
-own Engine, at three points: (1 block per stage, m0 micro-batches), (1 + EXTRA blocks, m0),
-(1 block, 3 * m0), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
+own Engine, at four points, the corners of (1 or 1 + EXTRA blocks per stage) x (m0 or 3 * m0
+micro-batches), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
 predicts for each point (FLOPs, every collective at the fitted link, the bubble; no host time)
-is taken out; the rest is solved exactly for the three terms of estimate/host.py (ZeRO-1, DDP's
-blocks with ZeroRedundancyOptimizer, for its step term alone):
+is taken out; the rest is solved exactly for the four terms of estimate/host.py:
 
-    rest = (1 + bubble) * (m * blocks * block + m * microbatch) + step
+    rest = (1 + bubble) * (m * blocks * block + m * microbatch) + blocks * block_step + step
 
 so the estimate with these terms reproduces the probe points, and at a plan's real size it
-adds FLOPs and message bytes by its own formulas. A term that the noise makes negative is 0.
-The probe plans use every rank (probe_plans).
+adds FLOPs and message bytes by its own formulas. (Three points cannot tell a block's work per
+micro-batch from its share of the once-per-step work: the optimizer's Python loop over its
+parameters, ZeRO-1's broadcast of each; a plan with more micro-batches than the probe then
+multiplied the latter too. The fourth corner separates them.) A term that the noise makes
+negative is 0. The probe plans use every rank (probe_plans).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from shardwise.spec.hardware import HOST_TERMS
 PROBE_SEQ = 8
 EXTRA = {"pp": 4}  # blocks per stage added at the second point (default 8: a pipeline doubles each)
 EXTRA_DEFAULT = 8
-STEPS, WARMUP = 12, 3
+STEPS, WARMUP = 10, 2
 
 
 def probe_plans(n: int, spec) -> dict[str, list[dict]]:
@@ -43,28 +45,20 @@ def probe_plans(n: int, spec) -> dict[str, list[dict]]:
 
 
 def probe_points(fields: dict) -> list[tuple[int, int]]:
-    """(blocks per stage, micro-batches) of the three probe points."""
+    """(blocks per stage, micro-batches) of the four probe points."""
     m0 = fields.get("pp", 1)
     extra = EXTRA_DEFAULT if m0 == 1 else EXTRA["pp"]
-    return [(1, m0), (1 + extra, m0), (1, 3 * m0)]
+    return [(1, m0), (1 + extra, m0), (1, 3 * m0), (1 + extra, 3 * m0)]
 
 
 def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]:
-    """points: (blocks per stage, micro-batches, bubble over ideal, rest seconds) x 3 ->
-    {block, microbatch, step} in microseconds, each >= 0 (the 3x3 system solved exactly)."""
+    """points: (blocks per stage, micro-batches, bubble over ideal, rest seconds) x 4 ->
+    {block, microbatch, block_step, step} in microseconds, each >= 0 (the 4x4 system solved exactly)."""
     import numpy as np
 
-    rows = [((1 + b) * m * k, (1 + b) * m, 1.0) for k, m, b, _ in points]
+    rows = [((1 + b) * m * k, (1 + b) * m, k, 1.0) for k, m, b, _ in points]
     terms = np.linalg.solve(np.array(rows), np.array([r for *_, r in points]))
     return {t: max(0.0, float(v)) * 1e6 for t, v in zip(HOST_TERMS, terms)}
-
-
-def solve_step(points: list[tuple[int, int, float, float]], known: dict[str, float]) -> dict[str, float]:
-    """The step term alone, with block and microbatch known (us): the mean over the points of
-    rest - (1 + bubble) * (m * blocks * block + m * microbatch), >= 0."""
-    b, mb = known["block"] * 1e-6, known["microbatch"] * 1e-6
-    step = sum(r - (1 + bub) * (m * k * b + m * mb) for k, m, bub, r in points) / len(points)
-    return {"block": known["block"], "microbatch": known["microbatch"], "step": max(0.0, step) * 1e6}
 
 
 def _train_fn(spec, plan, device):
@@ -127,6 +121,5 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
             bub = bubble_over_ideal(pp, m, 1, plan.schedule) / bubble_speedup(cluster.gpu, pp) if pp > 1 else 0.0
             pts.append((blocks, m, bub, next(seen) - predicted))
-        # ZeRO-1 is DDP's blocks with another optimizer: only its step term is its own
-        out[engine] = solve_step(pts, out["dp"]) if engine == "zero1" and "dp" in out else solve_terms(pts)
+        out[engine] = solve_terms(pts)
     return out, notes

@@ -18,7 +18,7 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 GIB = 1024**3
 # the engines and terms of GPU.host_us (what estimate/host.py combines; calibrate measures them)
 HOST_ENGINES = ("dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp")
-HOST_TERMS = ("block", "microbatch", "step")
+HOST_TERMS = ("block", "microbatch", "block_step", "step")
 # collectives a hardware file may give their own latency and bandwidth (`shardwise calibrate` fits
 # each: on a shared-memory CPU gloo's all-reduce, all-gather, reduce-scatter, broadcast and send
 # differ by 3-5x at one size, which no single latency and bandwidth fits); a recv is timed as a send

@@ -21,8 +21,7 @@ rank's share of them). Measured:
     efficiency   (with a run config) a whole training step's FLOP/s at the config's shapes over the
                  matmul figure, with the step's fixed host time taken out (the model at a few
                  tokens with 1 and 5 blocks: the time per block and the rest)
-    host_us      the engines' host time per block and micro-batch, per block and step, and per
-                 step (calibrate_host.py): each
+    host_us      the engines' host time per block, micro-batch and step (calibrate_host.py): each
                  engine trains the config's model (default: DEFAULT_PROBE_MODEL) at a probe size
                  with the run tier's own Engine; what the estimate predicts is taken out
 The network table carries the same link figures: every rank is on this one machine.
@@ -66,6 +65,7 @@ class Result:
     fit_error: dict[str, float] = field(default_factory=dict)  # kind -> mean |relative error| of the fit
     # kind -> (latency s, bytes/s, mean |relative error|) of its own fit (fit_kinds)
     kinds: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    overlap: float = 1.0  # the fraction of an async collective that hid behind matmuls (overlap_fraction)
     shapes: str = ""
     device_name: str = ""
     efficiency: float = 0.0  # a whole training step's FLOP/s over the matmul figure (with a run config)
@@ -100,6 +100,8 @@ class Result:
             f"link_kinds = {{ {kinds_toml(self.kinds, 'gbps', 1e-9)} }}",
             f"gpus_per_node = {self.nproc}",
             f"oversubscription = {oversubscription(self.device, self.nproc):.4g}",
+            "# the fraction of an overlapped collective (DDP's, FSDP2's) that hid behind matmuls beside it",
+            f"overlap = {self.overlap:.3f}",
             "price_per_hour = 0.0",
             f"# engines' host time in us beyond FLOPs and collectives, {self.host_model or 'not measured'}",
             f"host_us = {{ {host_toml(self.host_us)} }}",
@@ -266,6 +268,54 @@ def collective_seconds(kind: str, nbytes: int, device, min_s: float = MIN_SECOND
     else:
         raise ValueError(kind)
     return _timed(fn, device, min_s)
+
+
+OVERLAP_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}  # an FSDP2 block's all-gather, a DDP bucket
+OVERLAP_KINDS = ("all-gather", "all-reduce")  # FSDP2's prefetch, DDP's bucket all-reduce in backward
+
+
+def overlap_from(t_compute: float, t_comm: float, t_both: float) -> float:
+    """The fraction of the shorter of compute and a collective that hid behind the other when both
+    ran at once: (t_compute + t_comm - t_both) / min(t_compute, t_comm), in [0, 1]."""
+    short = min(t_compute, t_comm)
+    return 0.0 if short <= 0 else min(1.0, max(0.0, (t_compute + t_comm - t_both) / short))
+
+
+def overlap_fraction(kind: str, shapes, dtype, device, min_s: float = MIN_SECONDS) -> float:
+    """How much of an asynchronous collective (kind, OVERLAP_BYTES) hides behind matmuls at the
+    model's shapes issued right after it, as DDP and FSDP2 issue theirs: the matmuls are repeated
+    to last about as long as the collective alone, then timed alone, and both at once."""
+    import torch
+    import torch.distributed as dist
+
+    n = dist.get_world_size()
+    elems = OVERLAP_BYTES[device.type] // 4 // n * n
+    full = torch.ones(elems, dtype=torch.float32, device=device)
+    part = torch.ones(elems // n, dtype=torch.float32, device=device)
+    issue = (lambda: dist.all_reduce(full, async_op=True)) if kind == "all-reduce" else \
+        (lambda: dist.all_gather_into_tensor(full, part, async_op=True))
+    mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, nn, device=device, dtype=dtype))
+            for m, k, nn in shapes]
+
+    def matmuls():
+        for a, b in mats:
+            torch.mm(a, b)
+
+    t_comm = _timed(lambda: issue().wait(), device, min_s)
+    reps = torch.tensor([max(1, round(t_comm / _timed(matmuls, device, min_s)))], device=device)
+    dist.all_reduce(reps, op=dist.ReduceOp.MAX)  # the same work on every rank
+    reps = int(reps.item())
+
+    def compute():
+        for _ in range(reps):
+            matmuls()
+
+    def both():
+        w = issue()
+        compute()
+        w.wait()
+
+    return overlap_from(_timed(compute, device, min_s), t_comm, _timed(both, device, min_s))
 
 
 # ---- the fit ------------------------------------------------------------------------------------
@@ -437,6 +487,12 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
             for b in sizes:
                 samples.append((kind, b, collective_seconds(kind, b, device, min_s)))
     out["samples"] = samples
+    if n > 1:  # the model's dtype where a run config gives it, else fp32 (a CPU's, and the safe one)
+        from shardwise.estimate.time import PEAK_DTYPE
+
+        name = PEAK_DTYPE[model[1]["precision"]] if model is not None else "fp32"
+        dt = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        out["overlap"] = statistics.fmean(overlap_fraction(k, shapes, dt, device, min_s) for k in OVERLAP_KINDS)
     if model is not None:
         from shardwise.spec.model import ModelSpec
         from shardwise.spec.plan import Plan
@@ -493,7 +549,7 @@ def _host_probe(out: dict, n: int, device, model, quick: bool) -> tuple[dict, li
     gpu = GPU(name="probe", memory_gib=max(out.get("memory", 2**30) / 2**30, 1.0), tflops=out["tflops"],
               hbm_gbps=out["hbm_gbps"], link="", link_gbps=bw / 1e9, link_latency_us=a * 1e6, link_efficiency=1.0,
               link_kinds={k: {"latency_us": ka * 1e6, "gbps": kb / 1e9} for k, (ka, kb, _) in kinds.items()},
-              gpus_per_node=n, oversubscription=oversubscription(device.type, n))
+              gpus_per_node=n, oversubscription=oversubscription(device.type, n), overlap=out.get("overlap", 1.0))
     net = Network(name="probe", gbits=bw * 8 / 1e9, latency_us=a * 1e6, efficiency=1.0,
                   kinds={k: {"latency_us": ka * 1e6, "gbits": kb * 8 / 1e9} for k, (ka, kb, _) in kinds.items()})
     cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=net)
@@ -577,6 +633,7 @@ def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, sh
     return Result(name=(name or f"this-{device_kind}").lower(), device=device_kind, backend=out["backend"],
                   nproc=nproc, tflops=out["tflops"], hbm_gbps=out["hbm_gbps"], memory_gib=out["memory"] / 2**30,
                   latency_us=a * 1e6, gbps=bw / 1e9, link_samples=samples, fit_error=errs, kinds=kinds,
+                  overlap=out.get("overlap", 1.0),
                   shapes=shapes_text,
                   device_name=out["device_name"], host_us=out["host_us"], host_model=out["host_model"],
                   notes=out["host_notes"], tflops_raised=bool(out.get("raised")), **_efficiency(out, model))
@@ -644,6 +701,8 @@ def print_result(r: Result, out: str, console=None) -> None:
     if r.link_samples:
         c.print(f"link    latency {r.latency_us:,.1f} us per step, bandwidth {r.gbps:,.3f} GB/s (fitted to every "
                 "kind; the kinds' own fits below are what the estimate uses)", highlight=False)
+        c.print(f"overlap {r.overlap:.2f} of an asynchronous {' / '.join(OVERLAP_KINDS)} of "
+                f"{_size(OVERLAP_BYTES[r.device])} hid behind matmuls running beside it", highlight=False)
         for kind, (ka, kb, _) in r.kinds.items():
             c.print(f"link    {kind:<14} latency {ka * 1e6:,.1f} us per step, bandwidth {kb / 1e9:,.3f} GB/s",
                     highlight=False)

@@ -2,19 +2,17 @@
 
 Each engine (dp, zero1, zero2, zero3, tp, tp-sp, pp) trains a few steps of the model at a probe size
 (PROBE_SEQ tokens per micro-batch: FLOPs and message bytes next to nothing) with the run tier's
-own Engine, at four points, the corners of (1 or 1 + EXTRA blocks per stage) x (m0 or 3 * m0
-micro-batches), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
+own Engine, at three points: (1 block per stage, m0 micro-batches), (1 + EXTRA blocks, m0),
+(1 block, 3 * m0), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
 predicts for each point (FLOPs, every collective at the fitted link, the bubble; no host time)
-is taken out; the rest is solved exactly for the four terms of estimate/host.py:
+is taken out; the rest is solved exactly for the three terms of estimate/host.py (ZeRO-1, DDP's
+blocks with ZeroRedundancyOptimizer, for its step term alone):
 
-    rest = (1 + bubble) * (m * blocks * block + m * microbatch) + blocks * block_step + step
+    rest = (1 + bubble) * (m * blocks * block + m * microbatch) + step
 
 so the estimate with these terms reproduces the probe points, and at a plan's real size it
-adds FLOPs and message bytes by its own formulas. (Three points cannot tell a block's work per
-micro-batch from its share of the once-per-step work: the optimizer's Python loop over its
-parameters, ZeRO-1's broadcast of each; a plan with more micro-batches than the probe then
-multiplied the latter too. The fourth corner separates them.) A term that the noise makes
-negative is 0. The probe plans use every rank (probe_plans).
+adds FLOPs and message bytes by its own formulas. A term that the noise makes negative is 0.
+The probe plans use every rank (probe_plans).
 """
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ from shardwise.spec.hardware import HOST_TERMS
 PROBE_SEQ = 8
 EXTRA = {"pp": 4}  # blocks per stage added at the second point (default 8: a pipeline doubles each)
 EXTRA_DEFAULT = 8
-STEPS, WARMUP = 10, 2
+STEPS, WARMUP = 12, 3
 
 
 def probe_plans(n: int, spec) -> dict[str, list[dict]]:
@@ -45,50 +43,59 @@ def probe_plans(n: int, spec) -> dict[str, list[dict]]:
 
 
 def probe_points(fields: dict) -> list[tuple[int, int]]:
-    """(blocks per stage, micro-batches) of the four probe points."""
+    """(blocks per stage, micro-batches) of the three probe points."""
     m0 = fields.get("pp", 1)
     extra = EXTRA_DEFAULT if m0 == 1 else EXTRA["pp"]
-    return [(1, m0), (1 + extra, m0), (1, 3 * m0), (1 + extra, 3 * m0)]
+    return [(1, m0), (1 + extra, m0), (1, 3 * m0)]
 
 
 def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]:
-    """points: (blocks per stage, micro-batches, bubble over ideal, rest seconds) x 4 ->
-    {block, microbatch, block_step, step} in microseconds, each >= 0 (the 4x4 system solved exactly)."""
+    """points: (blocks per stage, micro-batches, bubble over ideal, rest seconds) x 3 ->
+    {block, microbatch, step} in microseconds, each >= 0 (the 3x3 system solved exactly)."""
     import numpy as np
 
-    rows = [((1 + b) * m * k, (1 + b) * m, k, 1.0) for k, m, b, _ in points]
+    rows = [((1 + b) * m * k, (1 + b) * m, 1.0) for k, m, b, _ in points]
     terms = np.linalg.solve(np.array(rows), np.array([r for *_, r in points]))
     return {t: max(0.0, float(v)) * 1e6 for t, v in zip(HOST_TERMS, terms)}
 
 
-def _train_fn(spec, plan, device):
-    """One training step of the run tier's Engine for (spec, plan) on fixed tokens, as a callable
-    (building the Engine raises ShardwiseError where the run tier refuses the plan)."""
+def solve_step(points: list[tuple[int, int, float, float]], known: dict[str, float]) -> dict[str, float]:
+    """The step term alone, with block and microbatch known (us): the mean over the points of
+    rest - (1 + bubble) * (m * blocks * block + m * microbatch), >= 0."""
+    b, mb = known["block"] * 1e-6, known["microbatch"] * 1e-6
+    step = sum(r - (1 + bub) * (m * k * b + m * mb) for k, m, bub, r in points) / len(points)
+    return {"block": known["block"], "microbatch": known["microbatch"], "step": max(0.0, step) * 1e6}
+
+
+def _step_seconds(cases: list, device, steps: int, warmup: int) -> list[float]:
+    """Median seconds of a training step of the Engine of each (ModelSpec, Plan), every rank
+    together, the slowest rank's; the cases take turns step by step (calibrate._timed_together)."""
     import torch
 
+    from shardwise.calibrate import _timed_together
     from shardwise.run.engine import Engine
 
-    eng = Engine(spec, plan, device=device, seed=0, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1), generator=g).to(device)
-    return lambda: eng.train_step(tokens)
+    fns = []
+    for spec, plan in cases:
+        eng = Engine(spec, plan, device=device, seed=0, lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1), generator=g).to(device)
+        fns.append(lambda eng=eng, tokens=tokens: eng.train_step(tokens))
+    return _timed_together(fns, device, steps, warmup)
 
 
 def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             engines: tuple[str, ...] | None = None, steps: int = STEPS, warmup: int = WARMUP) -> tuple[dict, list[str]]:
     """({engine: {term: us}}, notes) on this rank's group of n ranks (every rank calls it);
     `engines`: only these (default all that n ranks can show); each point timed over `steps`
-    steps after `warmup`. Every engine's points take turns step by step in one loop
-    (calibrate._timed_together), so a slow spell on a shared machine lands on all of them alike and
-    the median over steps leaves it out, rather than inflating the one engine it hit."""
-    from shardwise.calibrate import _timed_together
+    steps after `warmup`."""
     from shardwise.errors import ShardwiseError
     from shardwise.estimate import estimate
     from shardwise.estimate.pipeline import bubble_over_ideal
     from shardwise.estimate.time import bubble_speedup
     from shardwise.spec.plan import Plan
 
-    built, notes = [], []  # (engine, fields, [(blocks, m, local spec, plan)], [step fn])
+    out, notes = {}, []
     for engine, candidates in probe_plans(n, spec).items():
         if engines is not None and engine not in engines:
             continue
@@ -97,29 +104,26 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             pp = fields.get("pp", 1)
             # DDP + TP cannot hold tied embeddings; tying moves no block's host time: untie them
             untie = spec.tied_embeddings and fields.get("tp", 1) > 1 and fields["dp"] > 1
-            cases, fns = [], []
+            points, cases = probe_points(fields), []
             try:
-                for blocks, m in probe_points(fields):
+                for blocks, m in points:
                     local = dataclasses.replace(spec, layers=blocks * pp, published_params=0,
                                                 tied_embeddings=spec.tied_embeddings and not untie)
                     plan = Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m,
                                 precision=precision).resolve(local, n)
-                    fns.append(_train_fn(local, plan, device))  # every rank refuses alike, before any collective
-                    cases.append((blocks, m, local, plan))
+                    cases.append((local, plan))
+                seen = _step_seconds(cases, device, steps, warmup)  # every rank refuses alike, before any collective
             except ShardwiseError as e:  # the run tier refuses this probe for this model: the next one
                 refused = str(e)
                 continue
-            built.append((engine, fields, cases, fns))
+            pts = []
+            for (blocks, m), (local, plan), t in zip(points, cases, seen):
+                predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
+                bub = bubble_over_ideal(pp, m, 1, plan.schedule) / bubble_speedup(cluster.gpu, pp) if pp > 1 else 0.0
+                pts.append((blocks, m, bub, t - predicted))
+            # ZeRO-1 is DDP's blocks with another optimizer: only its step term is its own
+            out[engine] = solve_step(pts, out["dp"]) if engine == "zero1" and "dp" in out else solve_terms(pts)
             break
         else:
             notes.append(f"{engine}: not measured ({refused})")
-    seen = iter(_timed_together([f for *_, fns in built for f in fns], device, steps, warmup))
-    out = {}
-    for engine, fields, cases, _ in built:
-        pp, pts = fields.get("pp", 1), []
-        for blocks, m, local, plan in cases:
-            predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
-            bub = bubble_over_ideal(pp, m, 1, plan.schedule) / bubble_speedup(cluster.gpu, pp) if pp > 1 else 0.0
-            pts.append((blocks, m, bub, next(seen) - predicted))
-        out[engine] = solve_terms(pts)
     return out, notes

@@ -76,6 +76,17 @@ def test_fit_keeps_latency_non_negative():
     assert 90e-6 < a2 < 110e-6 and bw2 == pytest.approx(1e9, rel=0.05)
 
 
+def test_overlap_is_what_running_both_at_once_saved():
+    from shardwise.calibrate import overlap_from
+
+    # matmuls 10 ms alone, a collective 6 ms alone: 16 ms one after the other
+    assert overlap_from(10e-3, 6e-3, 12e-3) == pytest.approx(4 / 6)  # 4 of the collective's 6 ms hid
+    assert overlap_from(10e-3, 6e-3, 10e-3) == 1.0  # all of it: the step is the matmuls' alone
+    assert overlap_from(10e-3, 6e-3, 16e-3) == 0.0  # none: serial
+    # noise either side stays a fraction: slower than serial is 0, faster than the longer one is 1
+    assert overlap_from(10e-3, 6e-3, 18e-3) == 0.0 and overlap_from(10e-3, 6e-3, 9e-3) == 1.0
+
+
 def test_model_shapes_are_six_n_d():
     # tiny Llama: h 64, 4 heads of 16 (q 64), 2 KV heads (kv 32), SwiGLU ffn 128, vocab 128;
     # T = mbs 2 * seq 32 = 64 tokens. Linear weights (in x out): q 64x64, k 64x32, v 64x32, o 64x64,
@@ -96,7 +107,7 @@ def test_hardware_file_round_trips(tmp_path):
                hbm_gbps=12.5, memory_gib=5.25, latency_us=250.0, gbps=1.25, shapes="s", device_name="x86",
                host_us={"dp": {"block": 850.0, "microbatch": 120.0, "step": 3000.0},
                         "tp-sp": {"block": 41000.0, "microbatch": 0.0, "step": 12.5}},
-               kinds={"all-reduce": (1.5e-3, 0.5e9, 0.02), "send": (2e-4, 2e9, 0.1)})
+               kinds={"all-reduce": (1.5e-3, 0.5e9, 0.02), "send": (2e-4, 2e9, 0.1)}, overlap=0.35)
     f = tmp_path / "box.toml"
     f.write_text(r.toml())
     g = load_gpu("box", str(f))
@@ -104,6 +115,7 @@ def test_hardware_file_round_trips(tmp_path):
     assert (g.memory_gib, g.hbm_gbps, g.link_gbps, g.link_latency_us, g.link_efficiency, g.gpus_per_node) == \
         (5.25, 12.5, 1.25, 250.0, 1.0, 4)
     assert g.host_us == r.host_us
+    assert g.overlap == 0.35
     # 4 ranks: on a CPU, ranks per core (at least 1); the same figure the estimate's bubble reads
     assert g.oversubscription == pytest.approx(max(1.0, 4 / (os.cpu_count() or 1)), rel=1e-3)
     n = load_network("box", str(f))
@@ -124,8 +136,8 @@ def test_one_rank_calibration_writes_a_usable_file(tmp_path):
     f = tmp_path / "solo.toml"
     f.write_text(r.toml())
     assert load_gpu("solo", str(f)).tflops["fp32"] == pytest.approx(r.tflops["fp32"], rel=1e-3)
-    # one rank shows one engine, the plain one, trained for real: four terms, none negative
-    assert list(r.host_us) == ["dp"] and set(r.host_us["dp"]) == {"block", "microbatch", "block_step", "step"}
+    # one rank shows one engine, the plain one, trained for real: three terms, none negative
+    assert list(r.host_us) == ["dp"] and set(r.host_us["dp"]) == {"block", "microbatch", "step"}
     # (quick timings on a busy CI machine can put one term at 0; host time there is, in all)
     assert min(r.host_us["dp"].values()) >= 0 and sum(r.host_us["dp"].values()) > 0
     assert load_gpu("solo", str(f)).host_us.keys() == r.host_us.keys()

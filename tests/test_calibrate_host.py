@@ -1,5 +1,5 @@
 """The engines' host-time probe (shardwise/calibrate_host.py): its plans and points, the exact
-solve for the four terms, worked by hand, and a real probe of every engine on 2 ranks."""
+solve for the three terms, worked by hand, and a real probe of every engine on 2 ranks."""
 import pytest
 
 from shardwise import calibrate_host as ch
@@ -25,41 +25,35 @@ def test_probe_plans_use_every_rank():
 
 
 def test_probe_points():
-    # (blocks per stage, micro-batches): the corners of 1 or 9 blocks x 1 or 3 micro-batches;
-    # a pipeline needs a micro-batch per stage (and doubles each stage's blocks with 4 more)
-    assert ch.probe_points({"dp": 4}) == [(1, 1), (9, 1), (1, 3), (9, 3)]
-    assert ch.probe_points({"dp": 2, "pp": 2}) == [(1, 2), (5, 2), (1, 6), (5, 6)]
+    # (blocks per stage, micro-batches): a pipeline needs a micro-batch per stage
+    assert ch.probe_points({"dp": 4}) == [(1, 1), (9, 1), (1, 3)]
+    assert ch.probe_points({"dp": 2, "pp": 2}) == [(1, 2), (5, 2), (1, 6)]
 
 
 def test_solve_recovers_the_terms_hand_worked():
-    # block 2 ms, microbatch 0.5 ms, block_step 1 ms, step 3 ms;
-    # rest = (1 + bubble) * (m*k*block + m*microbatch) + k*block_step + step
-    # no pipeline: (1,1): 2 + 0.5 + 1 + 3 = 6.5 ms; (5,1): 10 + 0.5 + 5 + 3 = 18.5 ms;
-    #              (1,2): 4 + 1 + 1 + 3 = 9 ms;     (5,2): 20 + 1 + 5 + 3 = 29 ms
-    want = {"block": 2000.0, "microbatch": 500.0, "block_step": 1000.0, "step": 3000.0}
-    got = ch.solve_terms([(1, 1, 0.0, 6.5e-3), (5, 1, 0.0, 18.5e-3), (1, 2, 0.0, 9e-3), (5, 2, 0.0, 29e-3)])
-    assert got == pytest.approx(want)
-    # pp 2: bubble (p-1)/m = 1/2 at m = 2, 1/4 at m = 4; the step terms are not stretched
-    # (1,2): 1.5 * (4 + 1) + 1 + 3 = 11.5 ms;   (3,2): 1.5 * (12 + 1) + 3 + 3 = 25.5 ms;
-    # (1,4): 1.25 * (8 + 2) + 1 + 3 = 16.5 ms;  (3,4): 1.25 * (24 + 2) + 3 + 3 = 38.5 ms
-    got = ch.solve_terms([(1, 2, 0.5, 11.5e-3), (3, 2, 0.5, 25.5e-3), (1, 4, 0.25, 16.5e-3), (3, 4, 0.25, 38.5e-3)])
-    assert got == pytest.approx(want)
-
-
-def test_three_points_would_charge_the_step_work_to_every_micro_batch():
-    # the same machine solved with block_step forced into block (the old three-term model): the
-    # block term from (1,1) and (5,1) alone is (18.5 - 6.5) / 4 = 3 ms, which at 4 micro-batches
-    # and 4 blocks charges 4 * 4 * 3 = 48 ms where the machine spends 4 * 4 * 2 + 4 * 1 = 36 ms;
-    # the fourth corner tells the two apart
-    got = ch.solve_terms([(1, 1, 0.0, 6.5e-3), (5, 1, 0.0, 18.5e-3), (1, 2, 0.0, 9e-3), (5, 2, 0.0, 29e-3)])
-    assert 4 * 4 * got["block"] + 4 * got["block_step"] == pytest.approx(36_000.0)
+    # block 2 ms, microbatch 0.5 ms, step 3 ms; rest = (1 + bubble) * (m*k*block + m*microbatch) + step
+    # no pipeline: (1,1): 2 + 0.5 + 3 = 5.5 ms; (5,1): 10 + 0.5 + 3 = 13.5 ms; (1,2): 4 + 1 + 3 = 8 ms
+    got = ch.solve_terms([(1, 1, 0.0, 5.5e-3), (5, 1, 0.0, 13.5e-3), (1, 2, 0.0, 8e-3)])
+    assert got == pytest.approx({"block": 2000.0, "microbatch": 500.0, "step": 3000.0})
+    # pp 2: bubble (p-1)/m = 1/2 at m = 2, 1/4 at m = 4
+    # (1,2): 1.5 * (4 + 1) + 3 = 10.5 ms; (3,2): 1.5 * (12 + 1) + 3 = 22.5 ms; (1,4): 1.25 * (8 + 2) + 3 = 15.5 ms
+    got = ch.solve_terms([(1, 2, 0.5, 10.5e-3), (3, 2, 0.5, 22.5e-3), (1, 4, 0.25, 15.5e-3)])
+    assert got == pytest.approx({"block": 2000.0, "microbatch": 500.0, "step": 3000.0})
 
 
 def test_noise_that_makes_a_term_negative_gives_0():
-    # the extra micro-batches cost less than nothing: microbatch solves to -1 ms, reported as 0
-    # (1,1): 2 - 1 + 0 + 3 = 4 ms; (5,1): 10 - 1 + 3 = 12 ms; (1,2): 4 - 2 + 3 = 5 ms; (5,2): 20 - 2 + 3 = 21 ms
-    got = ch.solve_terms([(1, 1, 0.0, 4e-3), (5, 1, 0.0, 12e-3), (1, 2, 0.0, 5e-3), (5, 2, 0.0, 21e-3)])
-    assert got == pytest.approx({"block": 2000.0, "microbatch": 0.0, "block_step": 0.0, "step": 3000.0})
+    # the second micro-batch cost less than nothing: microbatch solves to -1 ms, reported as 0
+    # (1,1): 2 - 1 + 3 = 4 ms; (5,1): 10 - 1 + 3 = 12 ms; (1,2): 4 - 2 + 3 = 5 ms
+    got = ch.solve_terms([(1, 1, 0.0, 4e-3), (5, 1, 0.0, 12e-3), (1, 2, 0.0, 5e-3)])
+    assert got == pytest.approx({"block": 2000.0, "microbatch": 0.0, "step": 3000.0})
+
+
+def test_zero1_takes_dps_blocks_and_solves_its_step():
+    # dp: block 2 ms, microbatch 0.5 ms. ZeRO-1 points with a 9 ms step: (1,1): 2 + 0.5 + 9 = 11.5 ms;
+    # (5,1): 10 + 0.5 + 9 = 19.5 ms; (1,3): 6 + 1.5 + 9 = 16.5 ms; one point 0.3 ms noisier: mean step 9.1 ms
+    dp = {"block": 2000.0, "microbatch": 500.0, "step": 3000.0}
+    got = ch.solve_step([(1, 1, 0.0, 11.5e-3), (5, 1, 0.0, 19.5e-3), (1, 3, 0.0, 16.8e-3)], dp)
+    assert got == pytest.approx({"block": 2000.0, "microbatch": 500.0, "step": 9100.0})
 
 
 def _probe(spec=SPEC, engines=None):
@@ -79,8 +73,7 @@ def test_every_engine_is_probed_on_2_ranks():
     host, notes = run_ranks(_probe, 2, timeout=300)[0]
     assert notes == []
     assert list(host) == ["dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp"]
-    assert all(set(t) == {"block", "microbatch", "block_step", "step"} and min(t.values()) >= 0
-               for t in host.values())
+    assert all(set(t) == {"block", "microbatch", "step"} and min(t.values()) >= 0 for t in host.values())
     # FSDP2's hooks and DTensor's dispatch cost a CPU many times a plain block's Python
     assert host["zero3"]["block"] > host["dp"]["block"] and host["tp"]["block"] > host["dp"]["block"]
 

@@ -207,6 +207,27 @@ def test_overlap_rules():
     assert t.detail["dp_exposed_s"] == pytest.approx(0.5)
 
 
+def test_a_measured_overlap_hides_only_its_fraction():
+    import dataclasses
+
+    plan = Plan(dp=8, gbs=16, mbs=1, seq=512).resolve(TOY, 8)  # 2 micro-batches
+    cl = cluster(8)
+    half = dataclasses.replace(cl, gpu=dataclasses.replace(cl.gpu, overlap=0.5))
+    t_b = step_time(TOY, cl, plan, []).detail["backward_s"] / 2
+    # an all-reduce half as long as the last backward: overlap 1 hides it all; overlap 0.5 hides
+    # half of it (0.5 * t_b/2), the other half is exposed: t_b/4
+    ar = [_coll("all-reduce", "dp", t_b / 2, True)]
+    assert step_time(TOY, cl, plan, ar).detail["dp_exposed_s"] == 0
+    assert step_time(TOY, half, plan, ar).detail["dp_exposed_s"] == pytest.approx(t_b / 4)
+    # longer than the backward by 0.5 s: the part beside the backward (t_b) hides by half,
+    # exposed 0.5 + t_b / 2
+    ar = [_coll("all-reduce", "dp", t_b + 0.5, True)]
+    assert step_time(TOY, half, plan, ar).detail["dp_exposed_s"] == pytest.approx(0.5 + t_b / 2)
+    # overlap 0 (a CPU whose cores the math fills): every overlapped collective is exposed
+    none = dataclasses.replace(cl, gpu=dataclasses.replace(cl.gpu, overlap=0.0))
+    assert step_time(TOY, none, plan, ar).detail["dp_exposed_s"] == pytest.approx(t_b + 0.5)
+
+
 def test_optimizer_bytes():
     # read param + grad, write param, read + write each state
     assert optimizer_bytes_per_param("bf16-mixed", "adamw") == 4 + 4 + 4 + 2 * 2 * 4 == 28

@@ -24,7 +24,8 @@ Exposed communication (what the step waits for):
 - tensor parallel: every TP collective sits between two matmuls that need it: all exposed.
 - pipeline: torch's schedules wait for each batched send/recv before computing: all exposed.
 - data parallel: an overlapped collective hides behind the compute it runs alongside, up to that
-  compute's length: gradient all-reduce / reduce-scatter once per step behind the last
+  compute's length, times GPU.overlap (1 in the catalog; measured by `shardwise calibrate`: on a
+  CPU, gloo's threads take cycles from the math they run beside): gradient all-reduce / reduce-scatter once per step behind the last
   micro-batch's backward; per-micro-batch gathers behind the forwards (ZeRO-2); ZeRO-3's gathers
   and reduce-scatters behind the whole forward + backward. Not overlapped (ZeroRedundancyOptimizer
   broadcasts, the paper's post-step all-gather, the engine's loss all-reduce): all exposed.
@@ -155,11 +156,12 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
             sub = "dp_exposed" if not c.overlapped else "dp_gather" if c.kind == "all-gather" else "dp_reduce"
             t[sub] = t[sub] + c.seconds
     tp_s, pp_s, other_s, dp_s = t["tp"], t["pp"], t["other"], t["dp"]
+    f = gpu.overlap
     if plan.zero == 3:
-        dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"] + t["dp_reduce"], forward_s + backward_s + recompute_s)
+        dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"] + t["dp_reduce"], forward_s + backward_s + recompute_s, f)
     else:
         gathers_behind = where(plan.pp > 1, t_f, forward_s)  # ZeRO-2 under a pipeline gathers once
-        dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"], gathers_behind) + _excess(t["dp_reduce"], t_b + t_r)
+        dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"], gathers_behind, f) + _excess(t["dp_reduce"], t_b + t_r, f)
 
     compute_s = forward_s + backward_s + recompute_s + overhead_s + host_step_s + optimizer_s
     pipelined = forward_s + backward_s + recompute_s + overhead_s + tp_s + pp_s
@@ -194,9 +196,10 @@ def bubble_speedup(gpu, pp):
     return minimum(maximum(gpu.oversubscription, 1.0), pp / maximum(pp - 1, 1))
 
 
-def _excess(comm_s, budget):
-    """What of an overlapped collective's time sticks out past the compute it overlaps."""
-    return maximum(comm_s - budget, 0.0)
+def _excess(comm_s, budget, overlap=1.0):
+    """What of an overlapped collective's time is exposed: all but the `overlap` fraction of the part
+    that runs alongside compute (min(comm, budget)); overlap 1: what sticks out past the compute."""
+    return comm_s - overlap * minimum(comm_s, budget)
 
 
 def _offload_bytes(plan, comm, shard):

@@ -18,7 +18,7 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 GIB = 1024**3
 # the engines and terms of GPU.host_us (what estimate/host.py combines; calibrate measures them)
 HOST_ENGINES = ("dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp")
-HOST_TERMS = ("block", "microbatch", "block_step", "step")
+HOST_TERMS = ("block", "microbatch", "step")
 # collectives a hardware file may give their own latency and bandwidth (`shardwise calibrate` fits
 # each: on a shared-memory CPU gloo's all-reduce, all-gather, reduce-scatter, broadcast and send
 # differ by 3-5x at one size, which no single latency and bandwidth fits); a recv is timed as a send
@@ -45,6 +45,11 @@ class GPU:
     # local ranks per CPU core when calibrated (CPU only; 1 = a device per rank): a pipeline stage
     # idle in its bubble gives its share of the cores to the busy ranks (time.bubble_speedup)
     oversubscription: float = 1.0
+    # the fraction of an overlapped collective's time that hides behind compute running alongside it
+    # (DDP's bucket all-reduce in backward, FSDP2's prefetched all-gathers): 1 in the catalog (a
+    # GPU's copy engines and NCCL's kernels run beside the math); `shardwise calibrate` measures it
+    # (on a CPU gloo's threads compete with the math for the same cores)
+    overlap: float = 1.0
     source: str = ""
 
     @property
@@ -126,6 +131,7 @@ def _build(cls, name: str, d: dict, where: str):
 # sizes and rates that a later division needs non-zero; efficiencies are fractions of nominal
 _POSITIVE = {"memory_gib", "hbm_gbps", "link_gbps", "gpus_per_node", "gbits"}
 _FRACTIONS = {"link_efficiency", "efficiency"}
+_UNIT = {"overlap"}  # fractions that may be 0
 
 
 def _check_field(name: str, typ: str, v, where: str) -> None:
@@ -141,6 +147,9 @@ def _check_field(name: str, typ: str, v, where: str) -> None:
             raise ShardwiseError(f"{where}: {name} must be positive, got 0")
         if name in _FRACTIONS and not 0 < v <= 1:
             raise ShardwiseError(f"{where}: {name} is a fraction of nominal bandwidth in (0, 1], got {v}")
+        if name in _UNIT and not 0 <= v <= 1:
+            raise ShardwiseError(f"{where}: {name} is the fraction of a collective that hides behind compute, "
+                                 f"in [0, 1], got {v}")
     elif typ == "str" and not isinstance(v, str):
         raise ShardwiseError(f"{where}: {name} must be a string, got {v!r}")
     elif name == "tflops":

@@ -40,6 +40,7 @@ CPU_SIZES = tuple(4 * 1024 * 4**i for i in range(7))  # 4 KiB .. 16 MiB
 GPU_SIZES = tuple(64 * 1024 * 4**i for i in range(8))  # 64 KiB .. 1 GiB
 MIN_SECONDS = 0.05  # time each point for at least this long per round (more calls for small ones)
 ROUNDS = 5  # the median of 5: a collective on a shared machine is often 2x off in one round
+TORCH_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # tf32: fp32 tensors
 STANDARD_DIMS = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 STANDARD_TOKENS = {"cpu": 512, "cuda": 8192}
 OVERHEAD_SEQ, OVERHEAD_BLOCKS = 8, 4  # the efficiency's host time: 8 tokens, 1 vs 5 blocks
@@ -465,6 +466,8 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
     import torch
     import torch.distributed as dist
 
+    from shardwise.estimate.time import PEAK_DTYPE
+
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_kind == "cuda" \
         else torch.device("cpu")
     if device.type == "cuda":
@@ -473,7 +476,7 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
     out: dict = {"tflops": {}}
     min_s = MIN_SECONDS / 5 if quick else MIN_SECONDS
     for name in dtypes:
-        dt = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        dt = getattr(torch, TORCH_DTYPES[name])
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
         out["tflops"][name] = _mean_over_ranks(matmul_tflops(shapes, dt, device, min_s), device)
@@ -488,16 +491,12 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
                 samples.append((kind, b, collective_seconds(kind, b, device, min_s)))
     out["samples"] = samples
     if n > 1:  # the model's dtype where a run config gives it, else fp32 (a CPU's, and the safe one)
-        from shardwise.estimate.time import PEAK_DTYPE
-
         name = PEAK_DTYPE[model[1]["precision"]] if model is not None else "fp32"
-        dt = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+        dt = getattr(torch, TORCH_DTYPES[name])
         out["overlap"] = statistics.fmean(overlap_fraction(k, shapes, dt, device, min_s) for k in OVERLAP_KINDS)
     if model is not None:
         from shardwise.spec.model import ModelSpec
         from shardwise.spec.plan import Plan
-
-        from shardwise.estimate.time import PEAK_DTYPE
 
         spec, plan = ModelSpec(**model[0]), Plan(**model[1])
         out["step_tflops"] = step_tflops(spec, plan, device, EFFICIENCY_ROUNDS // (3 if quick else 1))

@@ -184,7 +184,7 @@ BAD = {
     "typo'd table": ('[gpus.x]\nmemory_gib = 80', "'gpus' is not a .* table; did you mean gpu"),
     "overlap": ('[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\nlink_gbps = 1\n'
                 'overlap = 1.5', r"overlap is the fraction of a collective that hides behind compute, in \[0, 1\]"),
-    "kinds not a table": ('[network.x]\ngbits = 100\nlatency_us = 5\nkinds = 3', "kinds must be a table like"),
+    "kinds not a table": ('[network.x]\ngbits = 100\nlatency_us = 5\nkinds = 3', r"kinds must be a table of collective = \{ latency_us = us, gbits = rate \}"),
     "unknown kind": ('[network.x]\ngbits = 100\nlatency_us = 5\nkinds = { allreduce = { latency_us = 1, gbits = 1 } }',
                      "kinds has unknown collective 'allreduce'; did you mean all-reduce"),
     "kind's rate in GPU units": ('[network.x]\ngbits = 100\nlatency_us = 5\n'

@@ -158,33 +158,33 @@ def _check_field(name: str, typ: str, v, where: str) -> None:
                                  f"e.g. {{ bf16 = 989.4 }}, got {v!r}")
         _named_numbers(v, where, "tflops", "dtype", DTYPES, "a positive number", lambda x: x > 0)
     elif name == "host_us":
-        if not isinstance(v, dict):
-            raise ShardwiseError(f"{where}: host_us must be a table of engine = {{ block = us, microbatch = us, "
-                                 f"step = us }}, got {v!r}")
-        for eng, terms in v.items():
-            if eng not in HOST_ENGINES:
-                raise ShardwiseError(f"{where}: host_us has unknown engine {eng!r}; {closest(eng, HOST_ENGINES)}")
-            if not isinstance(terms, dict):
-                raise ShardwiseError(f"{where}: host_us.{eng} must be {{ block = us, microbatch = us, step = us }}, "
-                                     f"got {terms!r}")
+        shape = "{ block = us, microbatch = us, step = us }"
+        for eng, terms in _tables(v, where, name, "engine", HOST_ENGINES, shape):
             _named_numbers(terms, where, f"host_us.{eng}", "term", HOST_TERMS, "a number of microseconds >= 0",
                            lambda x: x >= 0)
     elif name in ("link_kinds", "kinds"):
         rate = "gbps" if name == "link_kinds" else "gbits"
-        if not isinstance(v, dict):
-            raise ShardwiseError(f'{where}: {name} must be a table like {{ "all-reduce" = {{ latency_us = us, '
-                                 f"{rate} = rate }}, ... }}, got {v!r}")
-        for kind, figs in v.items():
-            if kind not in LINK_KINDS:
-                raise ShardwiseError(f"{where}: {name} has unknown collective {kind!r}; {closest(kind, LINK_KINDS)}")
-            if not isinstance(figs, dict) or set(figs) != {"latency_us", rate}:
-                raise ShardwiseError(f"{where}: {name}.{kind} must be {{ latency_us = us, {rate} = rate }}, "
-                                     f"got {figs!r}")
+        shape = f"{{ latency_us = us, {rate} = rate }}"
+        for kind, figs in _tables(v, where, name, "collective", LINK_KINDS, shape):
+            if set(figs) != {"latency_us", rate}:
+                raise ShardwiseError(f"{where}: {name}.{kind} must be {shape}, got {figs!r}")
             # a latency may be 0 (fitted away); a rate is a divisor
             _named_numbers(figs, where, f"{name}.{kind}", "figure", ("latency_us", rate),
                            "a number >= 0 (latency) or > 0 (rate)", lambda x: x >= 0)
             if figs[rate] == 0:
                 raise ShardwiseError(f"{where}: {name}.{kind}.{rate} must be positive, got 0")
+
+
+def _tables(v, where: str, name: str, noun: str, keys, shape: str) -> list[tuple[str, dict]]:
+    """`v` a table of `noun` = `shape` tables, every `noun` one of `keys` (one-line errors): its items."""
+    if not isinstance(v, dict):
+        raise ShardwiseError(f"{where}: {name} must be a table of {noun} = {shape}, got {v!r}")
+    for k, inner in v.items():
+        if k not in keys:
+            raise ShardwiseError(f"{where}: {name} has unknown {noun} {k!r}; {closest(k, keys)}")
+        if not isinstance(inner, dict):
+            raise ShardwiseError(f"{where}: {name}.{k} must be {shape}, got {inner!r}")
+    return list(v.items())
 
 
 def _named_numbers(table: dict, where: str, name: str, noun: str, keys, what: str, ok) -> None:

@@ -44,7 +44,8 @@ TORCH_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16"
 STANDARD_DIMS = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 STANDARD_TOKENS = {"cpu": 512, "cuda": 8192}
 OVERHEAD_SEQ, OVERHEAD_BLOCKS = 8, 4  # the efficiency's host time: 8 tokens, 1 vs 5 blocks
-EFFICIENCY_ROUNDS = 15  # calls of each of the efficiency's three models, taking turns
+EFFICIENCY_ROUNDS = 15  # calls of each of the efficiency's three models, taking turns, per chunk: one chunk
+# before the matmuls, one after the collectives, one after the overlap (StepSampler)
 # the host probe's model without a run config: Llama's architecture at laptop size (examples/tiny-llama.toml)
 DEFAULT_PROBE_MODEL = {"preset": "llama-2-7b", "layers": 1, "hidden": 128, "heads": 4, "vocab": 256}
 
@@ -407,13 +408,10 @@ def _step_fn(local, mbs: int, seq: int, precision: str, device):
     return run
 
 
-def _timed_together(fns, device, rounds: int, warmup: int = 1) -> list[float]:
-    """Median seconds of one call of each fn over `rounds` after `warmup` calls, the slowest
-    rank's. The fns take turns call by call, so a burst of other work on a shared machine lands
-    on all of them alike."""
-    import torch
-    import torch.distributed as dist
-
+def _samples_together(fns, device, rounds: int, warmup: int = 1) -> list[list[float]]:
+    """This rank's seconds of each call of each fn over `rounds` after `warmup` calls. The fns
+    take turns call by call, so a burst of other work on a shared machine lands on all of them
+    alike; every call starts on every rank together."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -425,10 +423,24 @@ def _timed_together(fns, device, rounds: int, warmup: int = 1) -> list[float]:
             fn()
             _sync(device)
             times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def _slowest_median(times: list[list[float]], device) -> list[float]:
+    """The median of each fn's samples, the slowest rank's (as in a step, the slowest rank counts)."""
+    import torch
+    import torch.distributed as dist
+
     t = torch.tensor([statistics.median(x) for x in times], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def _timed_together(fns, device, rounds: int, warmup: int = 1) -> list[float]:
+    """Median seconds of one call of each fn over `rounds` after `warmup` calls, the slowest
+    rank's, the fns taking turns (_samples_together)."""
+    return _slowest_median(_samples_together(fns, device, rounds, warmup), device)
 
 
 def split_plain(t_one: float, t_more: float, t_real: float, layers: int, flops: float) -> tuple[float, float, float]:
@@ -443,20 +455,33 @@ def split_plain(t_one: float, t_more: float, t_real: float, layers: int, flops: 
     return block, rest, flops / busy / 1e12
 
 
-def step_tflops(spec, plan, device, rounds: int) -> float:
+class StepSampler:
     """Achieved TFLOP/s of a training step's forward + backward of the reference model as one
     tensor-parallel rank computes it (its q/k/v, FFN and vocabulary divided by tp), at the plan's
     micro-batch, sequence and precision, FLOPs counted as the estimate counts them (time.py),
-    with the step's host time taken out (split_plain)."""
-    from shardwise.estimate.time import forward_flops_per_token
+    with the step's host time taken out (split_plain). Sampled in chunks spread over the whole
+    calibration (`sample`), the median of them all: on a shared machine a burst of other work
+    lasting a second would otherwise decide the one figure a step's compute time rests on (three
+    calibrations minutes apart gave efficiency 0.95, 1.0 and 0.46 with one 0.5 s chunk)."""
 
-    local = _tp_local(spec, plan.tp)
-    seq = min(OVERHEAD_SEQ, plan.seq)
-    fns = [_step_fn(_tp_local(spec, plan.tp, layers=n), 1, seq, plan.precision, device)
-           for n in (1, 1 + OVERHEAD_BLOCKS)] + [_step_fn(local, plan.mbs, plan.seq, plan.precision, device)]
-    t_one, t_more, t_real = _timed_together(fns, device, rounds)
-    flops = 3 * forward_flops_per_token(local, plan.seq) * plan.mbs * plan.seq
-    return split_plain(t_one, t_more, t_real, local.layers, flops)[2]
+    def __init__(self, spec, plan, device):
+        from shardwise.estimate.time import forward_flops_per_token
+
+        local = _tp_local(spec, plan.tp)
+        seq = min(OVERHEAD_SEQ, plan.seq)
+        self.fns = [_step_fn(_tp_local(spec, plan.tp, layers=n), 1, seq, plan.precision, device)
+                    for n in (1, 1 + OVERHEAD_BLOCKS)] + [_step_fn(local, plan.mbs, plan.seq, plan.precision, device)]
+        self.flops = 3 * forward_flops_per_token(local, plan.seq) * plan.mbs * plan.seq
+        self.layers, self.device = local.layers, device
+        self.times: list[list[float]] = [[] for _ in self.fns]
+
+    def sample(self, rounds: int) -> None:
+        for k, x in enumerate(_samples_together(self.fns, self.device, rounds)):
+            self.times[k] += x
+
+    def tflops(self) -> float:
+        t_one, t_more, t_real = _slowest_median(self.times, self.device)
+        return split_plain(t_one, t_more, t_real, self.layers, self.flops)[2]
 
 
 def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: bool, model=None) -> dict:
@@ -475,6 +500,14 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
     n = dist.get_world_size() if dist.is_initialized() else 1
     out: dict = {"tflops": {}}
     min_s = MIN_SECONDS / 5 if quick else MIN_SECONDS
+    step, rounds = None, EFFICIENCY_ROUNDS // (3 if quick else 1)
+    if model is not None:
+        from shardwise.spec.model import ModelSpec
+        from shardwise.spec.plan import Plan
+
+        spec, plan = ModelSpec(**model[0]), Plan(**model[1])
+        step = StepSampler(spec, plan, device)
+        step.sample(rounds)
     for name in dtypes:
         dt = getattr(torch, TORCH_DTYPES[name])
         if device.type == "cuda":
@@ -490,16 +523,15 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
             for b in sizes:
                 samples.append((kind, b, collective_seconds(kind, b, device, min_s)))
     out["samples"] = samples
+    if step is not None:
+        step.sample(rounds)
     if n > 1:  # the model's dtype where a run config gives it, else fp32 (a CPU's, and the safe one)
         name = PEAK_DTYPE[model[1]["precision"]] if model is not None else "fp32"
         dt = getattr(torch, TORCH_DTYPES[name])
         out["overlap"] = statistics.fmean(overlap_fraction(k, shapes, dt, device, min_s) for k in OVERLAP_KINDS)
-    if model is not None:
-        from shardwise.spec.model import ModelSpec
-        from shardwise.spec.plan import Plan
-
-        spec, plan = ModelSpec(**model[0]), Plan(**model[1])
-        out["step_tflops"] = step_tflops(spec, plan, device, EFFICIENCY_ROUNDS // (3 if quick else 1))
+    if step is not None:
+        step.sample(rounds)
+        out["step_tflops"] = step.tflops()
         dtype = PEAK_DTYPE[plan.precision]
         out["tflops"], out["raised"] = raise_to_step(out["tflops"], dtype, out["step_tflops"])
         if dtype in out["tflops"]:
@@ -552,8 +584,8 @@ def _host_probe(out: dict, n: int, device, model, quick: bool) -> tuple[dict, li
     net = Network(name="probe", gbits=bw * 8 / 1e9, latency_us=a * 1e6, efficiency=1.0,
                   kinds={k: {"latency_us": ka * 1e6, "gbits": kb * 8 / 1e9} for k, (ka, kb, _) in kinds.items()})
     cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=net)
-    steps, warmup = (4, 2) if quick else (ch.STEPS, ch.WARMUP)
-    host, notes = ch.measure(spec, precision, cluster, eff, device, n, steps=steps, warmup=warmup)
+    steps, warmup, passes = (4, 2, 1) if quick else (ch.STEPS, ch.WARMUP, ch.PASSES)
+    host, notes = ch.measure(spec, precision, cluster, eff, device, n, steps=steps, warmup=warmup, passes=passes)
     return host, notes, (f"each engine's Engine trained {spec.name} ({precision}) at {ch.PROBE_SEQ} tokens per "
                          f"micro-batch on {n} rank(s)")
 

@@ -6,7 +6,7 @@ own Engine, at three points: (1 block per stage, m0 micro-batches), (1 + EXTRA b
 (1 block, 3 * m0), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
 predicts for each point (FLOPs, every collective at the fitted link, the bubble; no host time)
 is taken out; the rest is solved exactly for the three terms of estimate/host.py (ZeRO-1, DDP's
-blocks with ZeroRedundancyOptimizer, for its step term alone):
+blocks with ZeroRedundancyOptimizer, for its step term alone, timed step by step beside DDP):
 
     rest = (1 + bubble) * (m * blocks * block + m * microbatch) + step
 
@@ -23,7 +23,7 @@ from shardwise.spec.hardware import HOST_TERMS
 PROBE_SEQ = 8
 EXTRA = {"pp": 4}  # blocks per stage added at the second point (default 8: a pipeline doubles each)
 EXTRA_DEFAULT = 8
-STEPS, WARMUP = 12, 3
+STEPS, WARMUP, PASSES = 8, 3, 2  # 16 timed steps of each point, in two passes over the engines
 
 
 def probe_plans(n: int, spec) -> dict[str, list[dict]]:
@@ -67,12 +67,11 @@ def solve_step(points: list[tuple[int, int, float, float]], known: dict[str, flo
     return {"block": known["block"], "microbatch": known["microbatch"], "step": max(0.0, step) * 1e6}
 
 
-def _step_seconds(cases: list, device, steps: int, warmup: int) -> list[float]:
-    """Median seconds of a training step of the Engine of each (ModelSpec, Plan), every rank
-    together, the slowest rank's; the cases take turns step by step (calibrate._timed_together)."""
+def _step_fns(cases: list, device) -> list:
+    """A training step of the run tier's Engine of each (ModelSpec, Plan), as callables (raises
+    ShardwiseError where the run tier refuses the plan: every rank alike, before any collective)."""
     import torch
 
-    from shardwise.calibrate import _timed_together
     from shardwise.run.engine import Engine
 
     fns = []
@@ -81,49 +80,77 @@ def _step_seconds(cases: list, device, steps: int, warmup: int) -> list[float]:
         g = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, spec.vocab, (plan.gbs // eng.plan.dp, plan.seq + 1), generator=g).to(device)
         fns.append(lambda eng=eng, tokens=tokens: eng.train_step(tokens))
-    return _timed_together(fns, device, steps, warmup)
+    return fns
 
 
 def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
-            engines: tuple[str, ...] | None = None, steps: int = STEPS, warmup: int = WARMUP) -> tuple[dict, list[str]]:
+            engines: tuple[str, ...] | None = None, steps: int = STEPS, warmup: int = WARMUP,
+            passes: int = PASSES) -> tuple[dict, list[str]]:
     """({engine: {term: us}}, notes) on this rank's group of n ranks (every rank calls it);
-    `engines`: only these (default all that n ranks can show); each point timed over `steps`
-    steps after `warmup`."""
+    `engines`: only these (default all that n ranks can show). Every engine's points are timed
+    `steps` steps in each of `passes` passes over the engines (after `warmup` steps in the
+    first), the median of all: a burst of other work on a shared machine lands in one pass of
+    one engine, not in all of an engine's figures."""
+    from shardwise.calibrate import _samples_together, _slowest_median
     from shardwise.errors import ShardwiseError
     from shardwise.estimate import estimate
     from shardwise.estimate.pipeline import bubble_over_ideal
     from shardwise.estimate.time import bubble_speedup
-    from shardwise.spec.plan import Plan
 
-    out, notes = {}, []
-    for engine, candidates in probe_plans(n, spec).items():
-        if engines is not None and engine not in engines:
-            continue
+    plans = probe_plans(n, spec)
+    wanted = [e for e in plans if engines is None or e in engines]
+    groups, notes = [], []  # (engines timed together, fields, points, cases, fns)
+    for engine in wanted:
+        if engine == "zero1" and "dp" in wanted:
+            continue  # timed beside DDP's steps (below)
         refused = ""
-        for fields in candidates:
-            pp = fields.get("pp", 1)
-            # DDP + TP cannot hold tied embeddings; tying moves no block's host time: untie them
-            untie = spec.tied_embeddings and fields.get("tp", 1) > 1 and fields["dp"] > 1
-            points, cases = probe_points(fields), []
+        for fields in plans[engine]:
+            points = probe_points(fields)
             try:
-                for blocks, m in points:
-                    local = dataclasses.replace(spec, layers=blocks * pp, published_params=0,
-                                                tied_embeddings=spec.tied_embeddings and not untie)
-                    plan = Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m,
-                                precision=precision).resolve(local, n)
-                    cases.append((local, plan))
-                seen = _step_seconds(cases, device, steps, warmup)  # every rank refuses alike, before any collective
+                cases = _cases(spec, fields, points, precision, n)
+                members = [(engine, fields, cases)]
+                if engine == "dp" and "zero1" in wanted:
+                    # ZeRO-1's step term is a difference from DDP's steps: timed step by step beside
+                    # them, the machine's drift between two engines' turns does not enter it
+                    z1 = plans["zero1"][0]
+                    members.append(("zero1", z1, _cases(spec, z1, points, precision, n)))
+                fns = [f for _, _, c in members for f in _step_fns(c, device)]
             except ShardwiseError as e:  # the run tier refuses this probe for this model: the next one
                 refused = str(e)
                 continue
-            pts = []
-            for (blocks, m), (local, plan), t in zip(points, cases, seen):
+            groups.append((members, points, fns, [[] for _ in fns]))
+            break
+        else:
+            notes.append(f"{engine}: not measured ({refused})")
+    for k in range(passes):
+        for _, _, fns, times in groups:
+            for t, x in zip(times, _samples_together(fns, device, steps, warmup if k == 0 else 1)):
+                t += x
+    out = {}
+    for members, points, _, times in groups:
+        seen = _slowest_median(times, device)
+        for i, (engine, fields, cases) in enumerate(members):
+            pp, pts = fields.get("pp", 1), []
+            for (blocks, m), (local, plan), t in zip(points, cases, seen[i * len(points):]):
                 predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
                 bub = bubble_over_ideal(pp, m, 1, plan.schedule) / bubble_speedup(cluster.gpu, pp) if pp > 1 else 0.0
                 pts.append((blocks, m, bub, t - predicted))
             # ZeRO-1 is DDP's blocks with another optimizer: only its step term is its own
             out[engine] = solve_step(pts, out["dp"]) if engine == "zero1" and "dp" in out else solve_terms(pts)
-            break
-        else:
-            notes.append(f"{engine}: not measured ({refused})")
     return out, notes
+
+
+def _cases(spec, fields: dict, points, precision: str, n: int) -> list:
+    """(ModelSpec, Plan) of each probe point of one engine's probe plan `fields`."""
+    from shardwise.spec.plan import Plan
+
+    pp = fields.get("pp", 1)
+    # DDP + TP cannot hold tied embeddings; tying moves no block's host time: untie them
+    untie = spec.tied_embeddings and fields.get("tp", 1) > 1 and fields["dp"] > 1
+    cases = []
+    for blocks, m in points:
+        local = dataclasses.replace(spec, layers=blocks * pp, published_params=0,
+                                    tied_embeddings=spec.tied_embeddings and not untie)
+        cases.append((local, Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m,
+                                  precision=precision).resolve(local, n)))
+    return cases

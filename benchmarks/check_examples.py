@@ -23,6 +23,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from shardwise.report.check_cli import DEFAULT_STEPS  # noqa: E402
+
 PLANS = {2: ("dp=2", "dp=2 zero=1", "dp=2 zero=2", "dp=2 zero=3", "tp=2", "tp=2 sp=true", "pp=2 schedule=\"gpipe\"",
              "pp=2"),
          4: ("dp=2 tp=2", "dp=2 tp=2 sp=true", "dp=2 tp=2 zero=3", "dp=2 pp=2", "tp=2 pp=2",
@@ -44,7 +47,7 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--configs", nargs="*", default=sorted(str(f) for f in (ROOT / "examples").glob("*.toml")))
     p.add_argument("--plans", nargs="*", default=None)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps per check (default {DEFAULT_STEPS}, as `check`)")
     p.add_argument("--time", action="store_true", help="calibrate for each config and plan, judge step time")
     a = p.parse_args()
 

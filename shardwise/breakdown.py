@@ -59,7 +59,7 @@ class Collective:
     what: str = ""  # e.g. "gradient all-reduce", "ZeRO-3 parameter gather (forward)"
     link: str = ""  # "intra-node" | "network"
     overlapped: bool = False  # can hide behind compute (bucketed grads, prefetched gathers)
-    # message bytes -> calls when the calls differ in size (DDP buckets, per-parameter broadcasts);
+    # message bytes -> calls when the calls differ in size (DDP buckets, ZeRO-1's per-owner broadcasts);
     # `bytes` is then their mean. Empty: every call is `bytes`.
     sizes: dict = field(default_factory=dict)
 

@@ -20,8 +20,8 @@ tp, pp stride dp*tp, the whole world stride 1.
 
 Profiles (what differs is a small table of dtypes and which collectives; one code path):
 - torch: exactly the engines `shardwise run` uses (run/parallelize.py, run/engine.py):
-  DDP gradient all-reduce in its real buckets; ZeroRedundancyOptimizer's per-parameter
-  broadcasts after the step; FSDP2 all-gathers and reduce-scatters per fully_shard group with
+  DDP gradient all-reduce in its real buckets; ZeroRedundancyOptimizer's broadcast of each
+  owner's bucket after the step (parameters_as_bucket_view); FSDP2 all-gathers and reduce-scatters per fully_shard group with
   padded shards; DTensor TP collectives as the contract's layout issues them (checked against
   PyTorch 2.13 with a dispatch-mode log on a fake process group); the engine's own all-reduces.
 - zero-paper: Rajbhandari et al. 2020, §7: 16-bit gradients and parameters; DDP one all-reduce;
@@ -145,8 +145,7 @@ def _groups(params) -> tuple:
 @lru_cache(maxsize=None)
 def _inventory(model) -> dict:
     first, last = _root_params(model)
-    return {"block": _groups(_block_params(model)), "first": _groups(first), "last": _groups(last),
-            "n_block": len(_block_params(model)), "n_first": len(first), "n_last": len(last)}
+    return {"block": _groups(_block_params(model)), "first": _groups(first), "last": _groups(last)}
 
 
 def _sum(groups, fn, *args):
@@ -183,11 +182,6 @@ def _fsdp_numels(model, tp, dp, pp):
     inv = _inventory(model)
     root = _sum(inv["first"], fsdp_numel, tp, dp) + (1 if pp == 1 else 0) * _sum(inv["last"], fsdp_numel, tp, dp)
     return {"block": _sum(inv["block"], fsdp_numel, tp, dp), "root": root}
-
-
-def rank0_param_tensors(model, plan):
-    inv = _inventory(model)
-    return _layers_on_rank0(model, plan) * inv["n_block"] + inv["n_first"] + _has_head(plan) * inv["n_last"]
 
 
 # ---- DDP buckets -------------------------------------------------------------------------------
@@ -269,19 +263,16 @@ def _ddp_calls(model, tp, pp, chunks, nbytes, sp):
     return {"calls": sum(n for _, n in _ddp_sizes(model, int(tp), int(pp), int(chunks), nbytes, sp))}
 
 
-@lru_cache(maxsize=4096)
-def _param_sizes(model, tp: int, pp: int, nbytes: int) -> tuple[tuple[int, int], ...]:
-    inv, acc = _inventory(model), {}
-    for part, times in (("block", model.layers // pp), ("first", 1), ("last", int(pp == 1))):
-        for style, shape, count in inv[part]:
-            b = local_numel(style, shape, tp) * nbytes
-            acc[b] = acc.get(b, 0) + count * times
-    return tuple((b, n) for b, n in acc.items() if n)
+def zero1_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
+    """Scalar plans: bytes -> how many of the dp ranks' ZeroRedundancyOptimizer buckets have that
+    size (memory.zero1_bucket_numels; a rank given no parameter broadcasts a one-element fp32 bucket)."""
+    from shardwise.estimate.memory import zero1_bucket_numels
 
-
-def rank0_param_sizes(model, plan, nbytes: int) -> dict[int, int]:
-    """Scalar plans: bytes -> how many of rank 0's parameters (tp-local pieces) have that size."""
-    return dict(_param_sizes(model, int(plan.tp), int(plan.pp), nbytes))
+    acc: dict[int, int] = {}
+    for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1):
+        b = numel * nbytes if numel else 4
+        acc[b] = acc.get(b, 0) + 1
+    return acc
 
 
 # ---- dtypes ------------------------------------------------------------------------------------
@@ -556,9 +547,11 @@ def _dp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
             out = [c("all-reduce", "gradients (DDP buckets: 1 MiB first, then 25 MiB)", buckets, True,
                      total=psi * dt["grad"], sizes=None if arr else ddp_bucket_sizes(model, plan, dt["grad"]))]
             if plan.zero == 1:
+                # parameters_as_bucket_view (run/engine.py): one flat bucket per owner, not one call per parameter
+                sizes = None if arr else zero1_bucket_sizes(model, plan, dt["P"])
                 out.append(c("broadcast", "updated parameters from their ZeroRedundancyOptimizer owners, "
-                              "one per parameter", rank0_param_tensors(model, plan), False, total=psi * dt["P"],
-                             sizes=None if arr else rank0_param_sizes(model, plan, dt["P"])))
+                              "one bucket per owner", n, False,
+                             total=psi * dt["P"] if arr else sum(b * k for b, k in sizes.items()), sizes=sizes))
             return out
         # FSDP2: one all-gather and one reduce-scatter per fully_shard group (each block; the root
         # holds the embeddings, and without pipelining also the final norm and output)

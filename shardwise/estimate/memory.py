@@ -760,13 +760,12 @@ def _zero1_items(model, tp: int, pp: int, last: bool, optimizer: str, sb) -> tup
 
 
 @lru_cache(maxsize=4096)
-def _zero1_worst(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb) -> tuple[int, int]:
-    """(optimizer bytes, step scratch bytes) of the dp rank ZeroRedundancyOptimizer loads most.
-
-    Its partition (_partition_parameters): for each parameter group in order (run/engine.py:
-    matrices with weight decay, then vectors), parameters sorted by numel, largest first (a stable
-    sort), each to the rank with the smallest total so far (the first such rank). Under DDP the
-    parameters are local TP shards. The local optimizer then steps only its own parameters."""
+def _zero1_assign(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb) -> tuple:
+    """ZeroRedundancyOptimizer's partition (_partition_parameters): for each parameter group in
+    order (run/engine.py: matrices with weight decay, then vectors), parameters sorted by numel,
+    largest first (a stable sort), each to the rank with the smallest total so far (the first
+    such rank). Under DDP the parameters are local TP shards. Returns, per dp rank, (optimizer
+    bytes, [numel per group], its largest parameter's numel)."""
     heap = [(0, r) for r in range(dp)]
     heapify(heap)
     states, numel_by_group, largest = [0] * dp, [[0, 0] for _ in range(dp)], [0] * dp
@@ -778,12 +777,28 @@ def _zero1_worst(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, s
             numel_by_group[r][group] += n
             if n > largest[r]:
                 largest[r] = n
-    worst = max(range(dp), key=lambda r: (states[r], -r))
+    return tuple((states[r], tuple(numel_by_group[r]), largest[r]) for r in range(dp))
+
+
+def zero1_bucket_numels(model, dp: int, tp: int, pp: int, last: bool) -> tuple[int, ...]:
+    """Elements of each dp rank's ZeroRedundancyOptimizer bucket (parameters_as_bucket_view: one
+    flat tensor per rank holding the parameters it steps, broadcast from it after the step). The
+    partition weighs numel alone: any optimizer gives the same."""
+    return tuple(sum(g) for _, g, _ in _zero1_assign(model, dp, tp, pp, last, "sgd", state_bytes("torch", "fp32")))
+
+
+@lru_cache(maxsize=4096)
+def _zero1_worst(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb) -> tuple[int, int]:
+    """(optimizer bytes, step scratch bytes) of the dp rank ZeroRedundancyOptimizer loads most
+    (_zero1_assign); its local optimizer steps only its own parameters."""
+    ranks = _zero1_assign(model, dp, tp, pp, last, optimizer, sb)
+    worst = max(range(dp), key=lambda r: (ranks[r][0], -r))
+    states, numel_by_group, largest = ranks[worst]
     if optimizer == "adamw":  # DDP's local shards are plain tensors: foreach
-        temp = step_temp_bytes("adamw", max(numel_by_group[worst]), sb, foreach=True)
+        temp = step_temp_bytes("adamw", max(numel_by_group), sb, foreach=True)
     else:
-        temp = step_temp_bytes(optimizer, largest[worst], sb, foreach=False)
-    return int(states[worst]), int(temp)
+        temp = step_temp_bytes(optimizer, largest, sb, foreach=False)
+    return int(states), int(temp)
 
 
 # ---- the accounting profiles: zero-paper, deepspeed, megatron ------------------------------------

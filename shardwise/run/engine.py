@@ -141,7 +141,10 @@ class Engine:
         if self.plan.zero == 1 and self.plan.dp > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
-            return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=self.mesh.get_group("dp"), **kw)
+            # parameters_as_bucket_view: each owner broadcasts its parameters as one flat bucket after
+            # the step, not one call per parameter (52 calls of ~0.4 ms each on gloo for tiny GPT-2)
+            return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=self.mesh.get_group("dp"),
+                                           parameters_as_bucket_view=True, **kw)
         return cls(groups, **kw)
 
     def _pipeline_schedule(self):

@@ -95,7 +95,7 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
     from shardwise.errors import ShardwiseError
     from shardwise.estimate import estimate
     from shardwise.estimate.pipeline import bubble_over_ideal
-    from shardwise.estimate.time import bubble_speedup
+    from shardwise.estimate.time import exposed_bubble
 
     plans = probe_plans(n, spec)
     wanted = [e for e in plans if engines is None or e in engines]
@@ -133,7 +133,7 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             pp, pts = fields.get("pp", 1), []
             for (blocks, m), (local, plan), t in zip(points, cases, seen[i * len(points):]):
                 predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
-                bub = bubble_over_ideal(pp, m, 1, plan.schedule) / bubble_speedup(cluster.gpu, pp) if pp > 1 else 0.0
+                bub = exposed_bubble(cluster.gpu, bubble_over_ideal(pp, m, 1, plan.schedule)) if pp > 1 else 0.0
                 pts.append((blocks, m, bub, t - predicted))
             # ZeRO-1 is DDP's blocks with another optimizer: only its step term is its own
             out[engine] = solve_step(pts, out["dp"]) if engine == "zero1" and "dp" in out else solve_terms(pts)

@@ -130,21 +130,32 @@ def test_host_time_hand_worked():
 
 
 def test_bubble_on_an_oversubscribed_cpu():
-    # 4 ranks on 2 cores (oversubscription 2): while a stage idles in its bubble its core serves
-    # the busy ranks. pp 2: one stage of 2 idle frees half the ranks -> the bubble runs min(2, 2/1)
-    # = 2x faster; pp 4 (4 layers): one of 4 idle -> min(2, 4/3) = 4/3x
+    # 4 ranks on 2 cores (oversubscription s = 2): the pipelined work W was timed with every rank
+    # busy on half a core. The step is the longer of the cores' total work (W) and the schedule's
+    # critical path with a whole core per rank ((1 + over_ideal) W / s); the bubble is the excess.
+    #   pp 2, m 2 (over_ideal 1/2):  max(1, 1.5 / 2) - 1 = 0      (the idle stage's cores are used)
+    #   pp 4, m 1 (over_ideal 3):    max(1, 4 / 2) - 1 = 1        (4x the work on the path, 2x faster)
+    #   s = 1.5, over_ideal 1:       max(1, 2 / 1.5) - 1 = 1/3
+    #   a device per rank (s = 1):   max(1, 1 + b) - 1 = b        (all of it)
     import dataclasses
 
-    from shardwise.estimate.time import bubble_speedup
+    from shardwise.estimate.time import exposed_bubble
 
     cpu = dataclasses.replace(GPU_T, oversubscription=2.0)
-    assert (bubble_speedup(GPU_T, 2), bubble_speedup(cpu, 2), bubble_speedup(cpu, 4)) == (1.0, 2.0, 4 / 3)
-    assert bubble_speedup(cpu, 1) == 1.0  # no pipeline, no bubble to speed up
+    assert (exposed_bubble(cpu, 0.5), exposed_bubble(cpu, 3.0)) == (0.0, 1.0)
+    assert exposed_bubble(dataclasses.replace(GPU_T, oversubscription=1.5), 1.0) == pytest.approx(1 / 3)
+    assert exposed_bubble(GPU_T, 0.5) == 0.5 and exposed_bubble(GPU_T, 0.0) == 0.0
+    # pp 2, gbs 4, mbs 1: m = 4, over_ideal 1/4 -> no bubble on 2 ranks per core, all of it on a GPU
     base, plan = run(TOY, 2, pp=2, gbs=4, mbs=1, seq=512)
     c = collectives(TOY, cluster(2), plan)
     t = step_time(TOY, cluster(2, cpu), plan, c)
-    assert base.bubble_s > 0 and t.bubble_s == pytest.approx(base.bubble_s / 2)
-    assert t.step_s == pytest.approx(base.step_s - base.bubble_s / 2)
+    assert base.bubble_s > 0 and t.bubble_s == 0
+    assert t.step_s == pytest.approx(base.step_s - base.bubble_s)
+    # pp 2, gbs 1: m = 1, over_ideal 1 -> max(1, 2 / 2) - 1 = 0 as well; s = 1.5: a third of W
+    one, plan1 = run(TOY, 2, pp=2, gbs=1, mbs=1, seq=512)
+    c1 = collectives(TOY, cluster(2), plan1)
+    t15 = step_time(TOY, cluster(2, dataclasses.replace(GPU_T, oversubscription=1.5)), plan1, c1)
+    assert t15.bubble_s == pytest.approx(one.bubble_s / 3)
 
 
 def test_recompute_flops():

@@ -33,7 +33,7 @@ Exposed communication (what the step waits for):
   CPU's own optimizer arithmetic is taken to run alongside the transfers.
 Bubble: (p-1)/(v*m) x (the rank's pipelined work: compute, TP and p2p of all micro-batches), i.e.
 the idle fraction bubble_fraction(p, m, v) of the step's pipelined part (pipeline.py); on a CPU
-with more ranks than cores, divided by bubble_speedup (an idle stage's cores serve the busy ranks).
+with more ranks than cores, what of it the idle stages' cores cannot fill (exposed_bubble).
 Host overhead: the engines' time beyond FLOPs and collectives, per block and micro-batch (pipelined)
 and per step (GPU.host_us, measured by `shardwise calibrate`, combined in host.py: on a CPU, Python,
 the dispatcher and DTensor dominate tiny models; 0 for catalog GPUs).
@@ -165,7 +165,7 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
 
     compute_s = forward_s + backward_s + recompute_s + overhead_s + host_step_s + optimizer_s
     pipelined = forward_s + backward_s + recompute_s + overhead_s + tp_s + pp_s
-    bubble_s = bubble_over_ideal(plan.pp, m, plan.vpp, plan.schedule) * pipelined / bubble_speedup(gpu, plan.pp)
+    bubble_s = exposed_bubble(gpu, bubble_over_ideal(plan.pp, m, plan.vpp, plan.schedule)) * pipelined
     comm_exposed_s = tp_s + pp_s + dp_exposed + other_s + offload_s
     step_s = compute_s + comm_exposed_s + bubble_s
 
@@ -189,11 +189,16 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     return out
 
 
-def bubble_speedup(gpu, pp):
-    """How much faster the busy ranks run while a stage idles in the bubble: 1 with a device per
-    rank; on a CPU with more ranks than cores, the idle stage's cores go to the others, up to the
-    oversubscription and at most pp / (pp - 1) (one stage of pp idle frees 1/pp of the ranks)."""
-    return minimum(maximum(gpu.oversubscription, 1.0), pp / maximum(pp - 1, 1))
+def exposed_bubble(gpu, over_ideal):
+    """The bubble, as a fraction of the pipelined work, that lengthens the step: all of it
+    (over_ideal) with a device per rank. On a CPU with s = ranks per core > 1 the pipelined work
+    was timed with every rank busy, each on 1/s of a core; an idle stage's cores go to the busy
+    ranks, so the step is the longer of the cores' total work (1, the pipelined work itself) and
+    the schedule's critical path with a whole core per rank, s times faster: (1 + over_ideal) / s.
+    max(1, (1 + over_ideal) / s) - 1: 4 ranks on 2 cores, pp 2 with 2 micro-batches (over_ideal
+    1/2): 0, the bubble is filled (it was +15-38% over measured when charged at all)."""
+    s = maximum(gpu.oversubscription, 1.0)
+    return maximum((1 + over_ideal) / s, 1.0) - 1.0
 
 
 def _excess(comm_s, budget, overlap=1.0):

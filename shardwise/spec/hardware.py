@@ -43,7 +43,7 @@ class GPU:
     # measured by `shardwise calibrate`; empty in the catalog: a GPU's host runs ahead of it
     host_us: dict = field(default_factory=dict)
     # local ranks per CPU core when calibrated (CPU only; 1 = a device per rank): a pipeline stage
-    # idle in its bubble gives its share of the cores to the busy ranks (time.bubble_speedup)
+    # idle in its bubble gives its share of the cores to the busy ranks (time.exposed_bubble)
     oversubscription: float = 1.0
     # the fraction of an overlapped collective's time that hides behind compute running alongside it
     # (DDP's bucket all-reduce in backward, FSDP2's prefetched all-gathers): 1 in the catalog (a

@@ -99,7 +99,7 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
 
     plans = probe_plans(n, spec)
     wanted = [e for e in plans if engines is None or e in engines]
-    groups, notes = [], []  # (engines timed together, fields, points, cases, fns)
+    groups, notes = [], []  # ([(engine, fields, cases)] timed together, points, fns, samples per fn)
     for engine in wanted:
         if engine == "zero1" and "dp" in wanted:
             continue  # timed beside DDP's steps (below)

@@ -21,9 +21,10 @@ tp, pp stride dp*tp, the whole world stride 1.
 Profiles (what differs is a small table of dtypes and which collectives; one code path):
 - torch: exactly the engines `shardwise run` uses (run/parallelize.py, run/engine.py):
   DDP gradient all-reduce in its real buckets; ZeroRedundancyOptimizer's broadcast of each
-  owner's bucket after the step (parameters_as_bucket_view); FSDP2 all-gathers and reduce-scatters per fully_shard group with
-  padded shards; DTensor TP collectives as the contract's layout issues them (checked against
-  PyTorch 2.13 with a dispatch-mode log on a fake process group); the engine's own all-reduces.
+  owner's bucket after the step (parameters_as_bucket_view); FSDP2 all-gathers and
+  reduce-scatters per fully_shard group with padded shards; DTensor TP collectives as the
+  contract's layout issues them (checked against PyTorch 2.13 with a dispatch-mode log on a fake
+  process group); the engine's own all-reduces.
 - zero-paper: Rajbhandari et al. 2020, §7: 16-bit gradients and parameters; DDP one all-reduce;
   ZeRO-1/2 a reduce-scatter of gradients and an all-gather of parameters (the same volume as the
   all-reduce); ZeRO-3 an all-gather in forward, another in backward and a reduce-scatter (1.5x).

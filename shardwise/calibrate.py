@@ -437,12 +437,6 @@ def _slowest_median(times: list[list[float]], device) -> list[float]:
     return t.tolist()
 
 
-def _timed_together(fns, device, rounds: int, warmup: int = 1) -> list[float]:
-    """Median seconds of one call of each fn over `rounds` after `warmup` calls, the slowest
-    rank's, the fns taking turns (_samples_together)."""
-    return _slowest_median(_samples_together(fns, device, rounds, warmup), device)
-
-
 def split_plain(t_one: float, t_more: float, t_real: float, layers: int, flops: float) -> tuple[float, float, float]:
     """(host seconds per block, the rest's host seconds, TFLOP/s) of a plain forward + backward:
     t_one and t_more are the model with 1 and 1 + OVERHEAD_BLOCKS blocks at OVERHEAD_SEQ tokens

@@ -25,10 +25,11 @@ Exposed communication (what the step waits for):
 - pipeline: torch's schedules wait for each batched send/recv before computing: all exposed.
 - data parallel: an overlapped collective hides behind the compute it runs alongside, up to that
   compute's length, times GPU.overlap (1 in the catalog; measured by `shardwise calibrate`: on a
-  CPU, gloo's threads take cycles from the math they run beside): gradient all-reduce / reduce-scatter once per step behind the last
-  micro-batch's backward; per-micro-batch gathers behind the forwards (ZeRO-2); ZeRO-3's gathers
-  and reduce-scatters behind the whole forward + backward. Not overlapped (ZeroRedundancyOptimizer
-  broadcasts, the paper's post-step all-gather, the engine's loss all-reduce): all exposed.
+  CPU, gloo's threads take cycles from the math they run beside): gradient all-reduce /
+  reduce-scatter once per step behind the last micro-batch's backward; per-micro-batch gathers
+  behind the forwards (ZeRO-2); ZeRO-3's gathers and reduce-scatters behind the whole forward +
+  backward. Not overlapped (ZeroRedundancyOptimizer's bucket broadcasts, the paper's post-step
+  all-gather, the engine's loss all-reduce): all exposed.
 - offload: PCIe traffic of the shard (gradients down, parameters up) at PCIE_GBPS, exposed; the
   CPU's own optimizer arithmetic is taken to run alongside the transfers.
 Bubble: (p-1)/(v*m) x (the rank's pipelined work: compute, TP and p2p of all micro-batches), i.e.

@@ -23,7 +23,10 @@ from shardwise.spec.hardware import HOST_TERMS
 PROBE_SEQ = 8
 EXTRA = {"pp": 4}  # blocks per stage added at the second point (default 8: a pipeline doubles each)
 EXTRA_DEFAULT = 8
-STEPS, WARMUP, PASSES = 8, 3, 2  # 16 timed steps of each point, in two passes over the engines
+# 16 timed steps of each point, in four passes over the engines: a slow spell of a shared machine
+# that lands on one pass holds a quarter of an engine's samples and barely moves their median
+# (with two passes of 8 it held half of them)
+STEPS, WARMUP, PASSES = 4, 3, 4
 
 
 def probe_plans(n: int, spec) -> dict[str, list[dict]]:

@@ -98,6 +98,8 @@ def main() -> int:
                 if a.time:
                     t = next(r for r in rep.rows if r.item == "step time")
                     line += f" {t.predicted * 1e3:>6.0f} / {t.measured * 1e3:>4.0f} ms {100 * t.error:>+6.1f}%"
+                    d = next(r for r in rep.ranks if str(r["rank"]) == t.ranks)["measurement"]["time"]["detail"]
+                    line += f"  (steps {d['step_s_q1'] * 1e3:.0f}-{d['step_s_q3'] * 1e3:.0f})"  # the middle half
                 total += 1
                 passed += rep.passed
                 print(line + ("" if rep.passed else "  FAILED"), flush=True)

@@ -68,7 +68,8 @@ def _perfect_run(est, stages, plan) -> list[dict]:
     out = []
     for r in range(plan.world):
         mem = Memory(params=step.params, grads=step.grads, optimizer=step.optimizer, detail={"peak": peak.total})
-        m = Measurement(memory=mem, comm=comm, time=Time(step_s=0.1), rank=r)
+        m = Measurement(memory=mem, comm=comm, time=Time(step_s=0.1, detail={"step_s_q1": 0.09, "step_s_q3": 0.12}),
+                        rank=r)
         out.append({"rank": r, "coords": {"pp": 0, "dp": r, "tp": 0}, "peak_source": "",
                     "measurement": measurement_to_dict(m)})
     return out
@@ -81,6 +82,9 @@ def test_compare_passes_a_perfect_measurement_and_flags_each_kind_of_miss():
     rows, _ = compare(est, stages, ranks, cfg.plan, calibrated=False)
     judged = [r for r in rows if r.ok is not None]
     assert judged and all(r.ok for r in judged)
+    # the step time row gives the measured steps' spread beside the median
+    step = next(r for r in rows if r.item == "step time")
+    assert step.note.startswith("the middle half of the timed steps took 90.0-120.0 ms; not judged")
     assert {r.section for r in judged} == {"memory", "comm"}  # time is not judged without calibration
     # ZeroRedundancyOptimizer broadcasts each owner's bucket (2 calls, 1 per rank): sizes exact
     assert sum(r.measured for r in rows if r.section == "comm" and r.item.startswith("broadcast")) == 2

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from _dist import run_ranks
-from shardwise.run.measure import (Call, Clock, PeakMemory, model_state_bytes, ring_bytes, summarize)
+from shardwise.run.measure import (Call, Clock, PeakMemory, model_state_bytes, quartiles, ring_bytes, summarize)
 
 F32 = 4
 
@@ -291,3 +291,13 @@ def test_work_wait_is_restored():
     with clock.timing_waits():
         assert c10d.Work.wait is not before
     assert c10d.Work.wait is before
+
+
+def test_quartiles_of_the_timed_steps_hand_worked():
+    # exclusive method: the k-th quartile of n sorted steps sits at position (n + 1) * k / 4.
+    # 8 steps of 10..80 ms: q1 at 2.25 -> 20 + 0.25 * 10 = 22.5 ms; q3 at 6.75 -> 60 + 0.75 * 10 = 67.5 ms
+    steps = [0.07, 0.01, 0.03, 0.08, 0.02, 0.05, 0.04, 0.06]
+    assert quartiles(steps) == pytest.approx((0.0225, 0.0675))
+    # one slow step of four: the median stays 10 ms, the third quartile shows the spike
+    assert quartiles([0.01, 0.01, 0.01, 0.5]) == pytest.approx((0.01, 0.3775))  # q3 at 3.75: 0.01 + 0.75 * 0.49
+    assert quartiles([0.02]) == (0.02, 0.02) and quartiles([]) == (0.0, 0.0)

@@ -206,8 +206,11 @@ def compare(est, stages: dict, ranks: list[dict], plan, *, calibrated: bool) -> 
     slow = max(meas, key=lambda r: meas[r].time.step_s)
     m = meas[slow].time
     t = est.time
+    spread = (f"the middle half of the timed steps took {m.detail['step_s_q1'] * 1e3:,.1f}-"
+              f"{m.detail['step_s_q3'] * 1e3:,.1f} ms" if "step_s_q1" in m.detail else "")
     rows.append(Row("time", str(slow), "step time", t.step_s, m.step_s, "s", TOL["time"] if calibrated else None,
-                    "" if calibrated else "not judged: give a calibrated --hardware file (shardwise calibrate)"))
+                    "; ".join(x for x in (spread, "" if calibrated else "not judged: give a calibrated --hardware "
+                                          "file (shardwise calibrate)") if x)))
     for k, label in (("forward_s", "forward"), ("backward_s", "backward"), ("optimizer_s", "optimizer")):
         rows.append(Row("time", str(slow), label, t.detail.get(k), m.detail.get(k), "s", None,
                         "predicted: FLOPs (or bytes) only; the engines' host time is its own row"))

@@ -382,6 +382,15 @@ class Clock:
         self.handles = []
 
 
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    """(first, third) quartile of the timed steps (statistics.quantiles, exclusive method): the
+    middle half of the steps lies between them, a shared machine's spread beside the median."""
+    if len(xs) < 2:
+        return (xs[0], xs[0]) if xs else (0.0, 0.0)
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
 @dataclass
 class StepRecord:
     step: int
@@ -470,6 +479,7 @@ class Meter:
                 [r for r in self.records if r.step >= skip] or self.records
         med = lambda f: statistics.median(getattr(r, f) for r in timed)  # noqa: E731
         step_s, fwd, opt, wait = med("step_s"), med("forward_s"), med("optimizer_s"), med("comm_wait_s")
+        q1, q3 = quartiles([r.step_s for r in timed])
         s = self.states
         states = s.get("params", 0) + s.get("grads", 0) + s.get("optimizer", 0)
         mem = Memory(params=s.get("params", 0), grads=s.get("grads", 0), optimizer=s.get("optimizer", 0),
@@ -478,7 +488,8 @@ class Meter:
         t = Time(compute_s=max(0.0, step_s - wait), comm_exposed_s=wait, step_s=step_s,
                  tokens_per_s=tokens_per_step / step_s if step_s > 0 else 0.0,
                  detail={"forward_s": fwd, "backward_s": max(0.0, step_s - fwd - opt - wait),
-                         "optimizer_s": opt, "comm_wait_s": wait, "steps_timed": len(timed)})
+                         "optimizer_s": opt, "comm_wait_s": wait, "steps_timed": len(timed),
+                         "step_s_q1": q1, "step_s_q3": q3})
         return Measurement(memory=mem, comm=summarize(self.calls), time=t, source="run",
                            rank=dist.get_rank() if dist.is_initialized() else 0)
 

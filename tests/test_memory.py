@@ -219,18 +219,21 @@ def test_fsdp2_moments_by_hand():
     # parameters are filled from its all-gather output while block 0's output is still held
     # (FSDPParamGroup.wait_for_unshard drops it on return): gathered 2,336 + 2 * 2,624 = 7,584,
     # all-gather outputs 2 * 2,624 = 5,248; the first micro-batch's gradients, unsharded, 7,584;
-    # block 0's saved tensors 560 and the token ids 8; the caller still holds the first
-    # micro-batch's logits 132: 1,896 + 3,792 + 7,584 + 5,248 + 7,584 + 560 + 8 + 132 = 26,804
+    # block 0's saved tensors 560 and the token ids 8 (run/engine._accumulate dropped the first
+    # micro-batch's logits before this forward): 1,896 + 3,792 + 7,584 + 5,248 + 7,584 + 560 + 8
+    # = 26,672
     e = est(m, 4, zero=2, mbs=1, gbs=8, seq=1, precision="fp32")
-    assert e.detail["buffers.all_gather"] == 5_248 and e.detail["act.logits_previous"] == 132
-    assert e.total - OVERHEAD == 26_804
-    # ... and with 8 tokens the forward's end: both layers saved 8,960, ids 64, the final norm
-    # 36 * 8 = 288, the output's input 32 * 8 = 256, the logits 1,056 and the first micro-batch's
-    # 1,056; block 1's all-gather output kept until the root's forward ends: 2,624:
-    # 1,896 + 3,792 + 7,584 + 2,624 + 7,584 + 8,960 + 64 + 288 + 256 + 2 * 1,056 = 35,160
+    assert e.detail["buffers.all_gather"] == 5_248 and "act.logits_previous" not in e.detail
+    assert e.total - OVERHEAD == 26_672
+    # ... and with 8 tokens the loss's backward: every block still gathered 7,584, no all-gather
+    # output left; both layers saved 8,960, ids 64, the final norm 36 * 8 = 288, the output's
+    # input 32 * 8 = 256, the logits 1,056, the fp32 log-probs 1,056, the loss's backward two fp32
+    # [8, 33] 2,112, the targets 64 (the forward's end, 34,104, is now below it: the first
+    # micro-batch's logits are gone):
+    # 1,896 + 3,792 + 7,584 + 7,584 + 8,960 + 64 + 288 + 256 + 1,056 + 1,056 + 2,112 + 64 = 34,712
     e = est(m, 4, zero=2, mbs=1, gbs=8, seq=8, precision="fp32")
-    assert e.detail["buffers.all_gather"] == 2_624 and "act.loss_fp32" not in e.detail
-    assert e.total - OVERHEAD == 35_160
+    assert "buffers.all_gather" not in e.detail and e.detail["act.loss_backward"] == 2_112
+    assert e.total - OVERHEAD == 34_712
 
 
 def test_zero2_accumulates_unsharded_fp32_gradients():

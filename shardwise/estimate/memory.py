@@ -652,9 +652,8 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
 
     The moments, L = the rank's layers, X = one layer's saved tensors:
       forward: block 0's copy-out (the root's buffer and unsharded parameters, block 0's two),
-        block L-1's (three buffers), the forward's end (the logits made, block L-1's buffer);
-        the caller still holds the previous micro-batch's logits until the forward returns
-        (run/engine._accumulate rebinds `logits` then);
+        block L-1's (three buffers), the forward's end (the logits made, block L-1's buffer;
+        run/engine._accumulate drops the previous micro-batch's logits before this forward);
       the loss's backward (ZeRO-3: the root is resharded);
       ZeRO-3: the root gathered again (its pre-backward, on the logits' gradient);
       the first block's backward begins (its transient, weight gradients kept, next to the
@@ -683,7 +682,7 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
     base = {**{k: v for k, v in a.items() if not k.startswith("act.")},
             **dict.fromkeys((k for k in a if k.startswith("act.")), 0)}
     logits = a["act.logits"]
-    fwd = {**base, **grads(0), "act.embedding": a["act.embedding"], "act.logits_previous": accumulated * logits}
+    fwd = {**base, **grads(0), "act.embedding": a["act.embedding"]}
     blocks_kept = 0 if z3 else layers * P  # ZeRO-2 keeps every block gathered until its backward
     out = [
         {**fwd, "params.unsharded": Pr + P, "buffers.all_gather": Pr + P},  # block 0's copy-out

@@ -262,6 +262,9 @@ class Engine:
                 loss = self._loss(logits, y[i * mbs:(i + 1) * mbs]) / ga
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
+            # let this micro-batch's logits go now, not when the next forward returns and rebinds
+            # them: the next forward's peak would hold them (a batch x seq x vocab tensor)
+            del logits, loss
         return total
 
     def _sync(self, module: Transformer, model: nn.Module, last: bool):

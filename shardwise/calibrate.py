@@ -21,8 +21,8 @@ rank's share of them). Measured:
     efficiency   (with a run config) a whole training step's FLOP/s at the config's shapes over the
                  matmul figure, with the step's fixed host time taken out (the model at a few
                  tokens with 1 and 5 blocks: the time per block and the rest)
-    host_us      the engines' host time per block, micro-batch and step (calibrate_host.py): each
-                 engine trains the config's model (default: DEFAULT_PROBE_MODEL) at a probe size
+    host_us      the engines' host time per block, micro-batch and step (calibrate_host.py; on
+                 one rank also each block's share of the step's work): each engine trains the config's model (default: DEFAULT_PROBE_MODEL) at a probe size
                  with the run tier's own Engine; what the estimate predicts is taken out
 The network table carries the same link figures: every rank is on this one machine.
 """
@@ -73,7 +73,7 @@ class Result:
     efficiency: float = 0.0  # a whole training step's FLOP/s over the matmul figure (with a run config)
     efficiency_dtype: str = ""
     efficiency_model: str = ""
-    host_us: dict = field(default_factory=dict)  # engine -> {block, microbatch, step} us (calibrate_host.py)
+    host_us: dict = field(default_factory=dict)  # engine -> {block, microbatch, [block_step,] step} us (calibrate_host.py)
     tflops_raised: bool = False  # the efficiency dtype's figure is the training step's own (it beat the matmuls)
     host_model: str = ""
     notes: list[str] = field(default_factory=list)

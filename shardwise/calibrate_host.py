@@ -8,11 +8,21 @@ predicts for each point (FLOPs, every collective at the fitted link, the bubble;
 is taken out; the rest is solved exactly for the three terms of estimate/host.py (ZeRO-1, DDP's
 blocks with ZeroRedundancyOptimizer, for its step term alone, timed step by step beside DDP):
 
-    rest = (1 + bubble) * (m * blocks * block + m * microbatch) + step
+    rest = (1 + bubble) * (m * blocks * block + m * microbatch) + blocks * block_step + step
 
-so the estimate with these terms reproduces the probe points, and at a plan's real size it
-adds FLOPs and message bytes by its own formulas. A term that the noise makes negative is 0.
-The probe plans use every rank (probe_plans).
+with block_step = 0, so the estimate with these terms reproduces the probe points, and at a
+plan's real size it adds FLOPs and message bytes by its own formulas. A term that the noise
+makes negative is 0. The probe plans use every rank (probe_plans).
+
+Three points cannot tell a block's work per micro-batch from its share of the once-per-step work
+(the optimizer's and the clipping's loops over its parameters): the block term holds both, and a
+plan with more micro-batches than the probe is charged the second once per micro-batch. On one
+rank a fourth point, (1 + EXTRA blocks, 3 * m0), separates them (block_step): there one process
+was over-predicted by 17% on average without it (seven full runs of benchmarks/check_examples.py,
+README). On several ranks the three points stay: with the fourth, the real-size multi-rank
+plans came out 5-6% under on average, ZeRO-2/3 by up to 20% (a cost of the real shapes on
+several ranks, gloo's threads beside the math, that an 8-token probe cannot see and the three
+points' per-micro-batch charge happens to cover; README, "Tried and not kept").
 """
 from __future__ import annotations
 
@@ -45,21 +55,24 @@ def probe_plans(n: int, spec) -> dict[str, list[dict]]:
     return out
 
 
-def probe_points(fields: dict) -> list[tuple[int, int]]:
-    """(blocks per stage, micro-batches) of the three probe points."""
+def probe_points(fields: dict, one_rank: bool = False) -> list[tuple[int, int]]:
+    """(blocks per stage, micro-batches) of the probe points: three, and on one rank the fourth
+    corner (module docstring)."""
     m0 = fields.get("pp", 1)
     extra = EXTRA_DEFAULT if m0 == 1 else EXTRA["pp"]
-    return [(1, m0), (1 + extra, m0), (1, 3 * m0)]
+    return [(1, m0), (1 + extra, m0), (1, 3 * m0)] + ([(1 + extra, 3 * m0)] if one_rank else [])
 
 
 def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]:
-    """points: (blocks per stage, micro-batches, bubble over ideal, rest seconds) x 3 ->
-    {block, microbatch, step} in microseconds, each >= 0 (the 3x3 system solved exactly)."""
+    """points: (blocks per stage, micro-batches, bubble over ideal, rest seconds) x 3 or 4 ->
+    {block, microbatch, step} in microseconds, and block_step from four points, each >= 0 (the
+    system solved exactly)."""
     import numpy as np
 
-    rows = [((1 + b) * m * k, (1 + b) * m, 1.0) for k, m, b, _ in points]
+    names = HOST_TERMS if len(points) == 4 else tuple(t for t in HOST_TERMS if t != "block_step")
+    rows = [((1 + b) * m * k, (1 + b) * m) + ((k,) if len(points) == 4 else ()) + (1.0,) for k, m, b, _ in points]
     terms = np.linalg.solve(np.array(rows), np.array([r for *_, r in points]))
-    return {t: max(0.0, float(v)) * 1e6 for t, v in zip(HOST_TERMS, terms)}
+    return {t: max(0.0, float(v)) * 1e6 for t, v in zip(names, terms)}
 
 
 def solve_step(points: list[tuple[int, int, float, float]], known: dict[str, float]) -> dict[str, float]:
@@ -108,7 +121,7 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             continue  # timed beside DDP's steps (below)
         refused = ""
         for fields in plans[engine]:
-            points = probe_points(fields)
+            points = probe_points(fields, one_rank=n == 1)
             try:
                 cases = _cases(spec, fields, points, precision, n)
                 members = [(engine, fields, cases)]

@@ -28,6 +28,8 @@ def test_probe_points():
     # (blocks per stage, micro-batches): a pipeline needs a micro-batch per stage
     assert ch.probe_points({"dp": 4}) == [(1, 1), (9, 1), (1, 3)]
     assert ch.probe_points({"dp": 2, "pp": 2}) == [(1, 2), (5, 2), (1, 6)]
+    # one rank: the fourth corner
+    assert ch.probe_points({"dp": 1}, one_rank=True) == [(1, 1), (9, 1), (1, 3), (9, 3)]
 
 
 def test_solve_recovers_the_terms_hand_worked():
@@ -39,6 +41,19 @@ def test_solve_recovers_the_terms_hand_worked():
     # (1,2): 1.5 * (4 + 1) + 3 = 10.5 ms; (3,2): 1.5 * (12 + 1) + 3 = 22.5 ms; (1,4): 1.25 * (8 + 2) + 3 = 15.5 ms
     got = ch.solve_terms([(1, 2, 0.5, 10.5e-3), (3, 2, 0.5, 22.5e-3), (1, 4, 0.25, 15.5e-3)])
     assert got == pytest.approx({"block": 2000.0, "microbatch": 500.0, "step": 3000.0})
+
+
+def test_four_points_separate_a_blocks_step_work_hand_worked():
+    # block 0.9 ms per micro-batch, microbatch 0.2 ms, block_step 1 ms, step 3 ms;
+    # rest = m*k*block + m*microbatch + k*block_step + step (one rank, no pipeline):
+    # (1,1): 0.9 + 0.2 + 1 + 3 = 5.1 ms; (9,1): 8.1 + 0.2 + 9 + 3 = 20.3 ms;
+    # (1,3): 2.7 + 0.6 + 1 + 3 = 7.3 ms; (9,3): 24.3 + 0.6 + 9 + 3 = 36.9 ms
+    pts = [(1, 1, 0.0, 5.1e-3), (9, 1, 0.0, 20.3e-3), (1, 3, 0.0, 7.3e-3), (9, 3, 0.0, 36.9e-3)]
+    got = ch.solve_terms(pts)
+    assert got == pytest.approx({"block": 900.0, "microbatch": 200.0, "block_step": 1000.0, "step": 3000.0})
+    # the first three alone: block (20.3 - 5.1) / 8 = 1.9 ms, both kinds of a block's work in one
+    # term; microbatch (7.3 - 5.1) / 2 - 1.9 = -0.8 ms, given as 0; step 5.1 - 1.9 + 0.8 = 4 ms
+    assert ch.solve_terms(pts[:3]) == pytest.approx({"block": 1900.0, "microbatch": 0.0, "step": 4000.0})
 
 
 def test_noise_that_makes_a_term_negative_gives_0():

@@ -3,15 +3,17 @@
 On a GPU the host queues kernels ahead of the device and the FLOPs keep it busy: 0 for every
 catalog GPU. On a CPU (and for tiny models anywhere) Python, the dispatcher, autograd, DTensor's
 sharding propagation, FSDP2's hooks and the pipeline schedule's bookkeeping are most of a step.
-`shardwise calibrate` measures it per engine as three terms (GPU.host_us, microseconds):
+`shardwise calibrate` measures it per engine as three or four terms (GPU.host_us, microseconds):
     block       each transformer block's forward + backward, per micro-batch
     microbatch  each micro-batch's fixed work (embedding, output layer, loss; a schedule's actions)
-    step        once per step (gradient norm, clipping, the optimizer's Python loop)
+    block_step  each block's share of the once-per-step work (the optimizer's and the clipping's
+                loops over its parameters); measured on one rank only, 0 otherwise (calibrate_host.py)
+    step        the rest of the once-per-step work (gradient norm, the step's bookkeeping)
 for the engines (HOST_ENGINES): "dp" (one process, or DDP), "zero1" (DDP with
 ZeroRedundancyOptimizer), "zero2"/"zero3" (FSDP2), "tp" and "tp-sp" (DTensor), "pp" (torch.distributed.pipelining).
 A plan's terms are dp's plus, for each other engine the plan uses, (that engine's - dp's): the
 engines stack as `parallelize` applies them. Under a pipeline the block and micro-batch terms
-are pipelined work (the bubble stretches them); the step term is not.
+are pipelined work (the bubble stretches them); the step terms are not.
 """
 from __future__ import annotations
 
@@ -41,10 +43,11 @@ def host_terms(gpu, plan) -> dict:
 
 
 def host_seconds(gpu, plan, layers: int) -> tuple:
-    """(pipelined seconds: blocks and micro-batches of the busiest stage, step seconds)."""
+    """(pipelined seconds: blocks and micro-batches of the busiest stage, step seconds: its
+    blocks' share and the rest)."""
     if not gpu.host_us:
         return 0.0 * plan.grad_accum, 0.0
     t = host_terms(gpu, plan)
-    m = plan.grad_accum
-    pipelined = m * (layers // plan.pp) * t["block"] + m * t["microbatch"]
-    return pipelined * 1e-6, t["step"] * 1e-6
+    m, blocks = plan.grad_accum, layers // plan.pp
+    pipelined = m * blocks * t["block"] + m * t["microbatch"]
+    return pipelined * 1e-6, (blocks * t["block_step"] + t["step"]) * 1e-6

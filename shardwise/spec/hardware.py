@@ -18,7 +18,7 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
 GIB = 1024**3
 # the engines and terms of GPU.host_us (what estimate/host.py combines; calibrate measures them)
 HOST_ENGINES = ("dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp")
-HOST_TERMS = ("block", "microbatch", "step")
+HOST_TERMS = ("block", "microbatch", "block_step", "step")  # block_step: one rank's probe only (calibrate_host.py)
 # collectives a hardware file may give their own latency and bandwidth (`shardwise calibrate` fits
 # each: on a shared-memory CPU gloo's all-reduce, all-gather, reduce-scatter, broadcast and send
 # differ by 3-5x at one size, which no single latency and bandwidth fits); a recv is timed as a send
@@ -158,7 +158,7 @@ def _check_field(name: str, typ: str, v, where: str) -> None:
                                  f"e.g. {{ bf16 = 989.4 }}, got {v!r}")
         _named_numbers(v, where, "tflops", "dtype", DTYPES, "a positive number", lambda x: x > 0)
     elif name == "host_us":
-        shape = "{ block = us, microbatch = us, step = us }"
+        shape = "{ block = us, microbatch = us, step = us } (block_step = us optional)"
         for eng, terms in _tables(v, where, name, "engine", HOST_ENGINES, shape):
             _named_numbers(terms, where, f"host_us.{eng}", "term", HOST_TERMS, "a number of microseconds >= 0",
                            lambda x: x >= 0)

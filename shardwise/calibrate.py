@@ -714,8 +714,10 @@ def print_result(r: Result, out: str, console=None) -> None:
     c.print("matmul  " + ", ".join(f"{k} {v * 1e3:,.1f} GFLOP/s" for k, v in r.tflops.items())
             + f" per rank at {r.shapes}", highlight=False)
     c.print(f"memory  {r.hbm_gbps:,.1f} GB/s copy bandwidth, {r.memory_gib:,.2f} GiB per rank", highlight=False)
+    per = {"block": "block per micro-batch", "microbatch": "micro-batch", "block_step": "block per step",
+           "step": "step"}
     for eng, terms in r.host_us.items():
-        c.print(f"host    {eng:<6} " + ", ".join(f"{v:,.0f} us per {t}" for t, v in terms.items())
+        c.print(f"host    {eng:<6} " + ", ".join(f"{v:,.0f} us per {per[t]}" for t, v in terms.items())
                 + " beyond FLOPs and collectives", highlight=False)
     for note in r.notes:
         c.print(f"note    {note}", highlight=False)

@@ -11,8 +11,9 @@ blocks with ZeroRedundancyOptimizer, for its step term alone, timed step by step
     rest = (1 + bubble) * (m * blocks * block + m * microbatch) + blocks * block_step + step
 
 with block_step = 0, so the estimate with these terms reproduces the probe points, and at a
-plan's real size it adds FLOPs and message bytes by its own formulas. A term that the noise
-makes negative is 0. The probe plans use every rank (probe_plans).
+plan's real size it adds FLOPs and message bytes by its own formulas. Where a term comes out
+negative, the non-negative terms that fit the points best are taken (solve_terms). The probe
+plans use every rank (probe_plans).
 
 Three points cannot tell a block's work per micro-batch from its share of the once-per-step work
 (the optimizer's and the clipping's loops over its parameters): the block term holds both, and a
@@ -65,14 +66,31 @@ def probe_points(fields: dict, one_rank: bool = False) -> list[tuple[int, int]]:
 
 def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]:
     """points: (blocks per stage, micro-batches, bubble over ideal, rest seconds) x 3 or 4 ->
-    {block, microbatch, step} in microseconds, and block_step from four points, each >= 0 (the
-    system solved exactly)."""
+    {block, microbatch, step} in microseconds, and block_step from four points: the system solved
+    exactly where every term comes out >= 0, else the non-negative terms that fit the points best
+    (least squares). Zeroing a negative term and keeping the others as solved beside it would
+    miss every point by it: a micro-batch term of -4 ms (ZeRO-2 here: its blocks' once-per-step
+    work makes the block term larger than a micro-batch's share) set to 0 added 4 ms per
+    micro-batch to every plan's prediction."""
+    import itertools
+
     import numpy as np
 
     names = HOST_TERMS if len(points) == 4 else tuple(t for t in HOST_TERMS if t != "block_step")
-    rows = [((1 + b) * m * k, (1 + b) * m) + ((k,) if len(points) == 4 else ()) + (1.0,) for k, m, b, _ in points]
-    terms = np.linalg.solve(np.array(rows), np.array([r for *_, r in points]))
-    return {t: max(0.0, float(v)) * 1e6 for t, v in zip(names, terms)}
+    a = np.array([((1 + b) * m * k, (1 + b) * m) + ((k,) if len(points) == 4 else ()) + (1.0,)
+                  for k, m, b, _ in points])
+    y = np.array([r for *_, r in points])
+    best = (float(y @ y), np.zeros(len(names)))  # every term 0
+    for keep in itertools.product((True, False), repeat=len(names)):  # each set of terms left free
+        free = [i for i, f in enumerate(keep) if f]
+        if not free:
+            continue
+        x = np.zeros(len(names))
+        x[free] = np.linalg.lstsq(a[:, free], y, rcond=None)[0]
+        miss = float((a @ x - y) @ (a @ x - y))
+        if x.min() >= 0 and miss < best[0] - 1e-18:
+            best = (miss, x)
+    return {t: float(v) * 1e6 for t, v in zip(names, best[1])}
 
 
 def solve_step(points: list[tuple[int, int, float, float]], known: dict[str, float]) -> dict[str, float]:

@@ -51,16 +51,24 @@ def test_four_points_separate_a_blocks_step_work_hand_worked():
     pts = [(1, 1, 0.0, 5.1e-3), (9, 1, 0.0, 20.3e-3), (1, 3, 0.0, 7.3e-3), (9, 3, 0.0, 36.9e-3)]
     got = ch.solve_terms(pts)
     assert got == pytest.approx({"block": 900.0, "microbatch": 200.0, "block_step": 1000.0, "step": 3000.0})
-    # the first three alone: block (20.3 - 5.1) / 8 = 1.9 ms, both kinds of a block's work in one
-    # term; microbatch (7.3 - 5.1) / 2 - 1.9 = -0.8 ms, given as 0; step 5.1 - 1.9 + 0.8 = 4 ms
-    assert ch.solve_terms(pts[:3]) == pytest.approx({"block": 1900.0, "microbatch": 0.0, "step": 4000.0})
+    # the first three alone: exactly, block (20.3 - 5.1) / 8 = 1.9 ms, both kinds of a block's
+    # work in one term, and microbatch (7.3 - 5.1) / 2 - 1.9 = -0.8 ms < 0. Without it the best
+    # line through (m*k, rest) = (1, 5.1), (9, 20.3), (3, 7.3) ms: mean x 13/3, mean y 10.9;
+    # Sxx = 11.11 + 21.78 + 1.78 = 34.67, Sxy = 19.33 + 43.87 + 4.8 = 68.0: block 68 / 34.67 =
+    # 1.9615 ms, step 10.9 - 1.9615 * 13/3 = 2.4 ms
+    assert ch.solve_terms(pts[:3]) == pytest.approx({"block": 1961.538, "microbatch": 0.0, "step": 2400.0})
 
 
-def test_noise_that_makes_a_term_negative_gives_0():
-    # the second micro-batch cost less than nothing: microbatch solves to -1 ms, reported as 0
-    # (1,1): 2 - 1 + 3 = 4 ms; (5,1): 10 - 1 + 3 = 12 ms; (1,2): 4 - 2 + 3 = 5 ms
-    got = ch.solve_terms([(1, 1, 0.0, 4e-3), (5, 1, 0.0, 12e-3), (1, 2, 0.0, 5e-3)])
+def test_a_negative_term_gives_the_best_non_negative_fit():
+    # rest = 2 ms * m*k + 3 ms, missed by (0.3, 0.1, -0.4) ms at (1,1), (9,1), (1,3): a miss that
+    # sums to 0 and is orthogonal to m*k = (1, 9, 3) (0.3 + 0.9 - 1.2 = 0), so 2 and 3 ms are the
+    # best line through the points: 5.3, 21.1 and 8.6 ms. Solved exactly, microbatch comes out
+    # (8.6 - 5.3) / 2 - (21.1 - 5.3) / 8 = 1.65 - 1.975 = -0.325 ms; without it, the line
+    got = ch.solve_terms([(1, 1, 0.0, 5.3e-3), (9, 1, 0.0, 21.1e-3), (1, 3, 0.0, 8.6e-3)])
     assert got == pytest.approx({"block": 2000.0, "microbatch": 0.0, "step": 3000.0})
+    # (zeroing the -0.325 ms and keeping block 1.975 ms, step 5.3 - 1.975 + 0.325 = 3.65 ms would
+    # put the 9-block point at 17.775 + 3.65 = 21.4 ms and a 4-block, 4-micro-batch plan at
+    # 31.6 + 3.65 = 35.25 ms against the line's 32 + 3 = 35 ms)
 
 
 def test_zero1_takes_dps_blocks_and_solves_its_step():

@@ -22,8 +22,9 @@ rank's share of them). Measured:
                  matmul figure, with the step's fixed host time taken out (the model at a few
                  tokens with 1 and 5 blocks: the time per block and the rest)
     host_us      the engines' host time per block, micro-batch and step (calibrate_host.py; on
-                 one rank also each block's share of the step's work): each engine trains the config's model (default: DEFAULT_PROBE_MODEL) at a probe size
-                 with the run tier's own Engine; what the estimate predicts is taken out
+                 one rank also each block's share of the step's work): each engine trains the
+                 config's model (default: DEFAULT_PROBE_MODEL) at a probe size with the run
+                 tier's own Engine; what the estimate predicts is taken out
 The network table carries the same link figures: every rank is on this one machine.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each engine (dp, zero1, zero2, zero3, tp, tp-sp, pp) trains a few steps of the m
 own Engine, at three points: (1 block per stage, m0 micro-batches), (1 + EXTRA blocks, m0),
 (1 block, 3 * m0), m0 = pp (a pipeline needs a micro-batch per stage). What the estimate already
 predicts for each point (FLOPs, every collective at the fitted link, the bubble; no host time)
-is taken out; the rest is solved exactly for the three terms of estimate/host.py (ZeRO-1, DDP's
+is taken out; the rest is solved for the three terms of estimate/host.py (ZeRO-1, DDP's
 blocks with ZeroRedundancyOptimizer, for its step term alone, timed step by step beside DDP):
 
     rest = (1 + bubble) * (m * blocks * block + m * microbatch) + blocks * block_step + step

@@ -76,9 +76,10 @@ def solve_terms(points: list[tuple[int, int, float, float]]) -> dict[str, float]
 
     import numpy as np
 
-    names = HOST_TERMS if len(points) == 4 else tuple(t for t in HOST_TERMS if t != "block_step")
-    a = np.array([((1 + b) * m * k, (1 + b) * m) + ((k,) if len(points) == 4 else ()) + (1.0,)
-                  for k, m, b, _ in points])
+    # one column per HOST_TERMS entry, in its order; three points leave block_step's out
+    full = np.array([((1 + b) * m * k, (1 + b) * m, k, 1.0) for k, m, b, _ in points])
+    cols = [i for i, t in enumerate(HOST_TERMS) if len(points) == 4 or t != "block_step"]
+    names, a = [HOST_TERMS[i] for i in cols], full[:, cols]
     y = np.array([r for *_, r in points])
     best = (float(y @ y), np.zeros(len(names)))  # every term 0
     for keep in itertools.product((True, False), repeat=len(names)):  # each set of terms left free

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from shardwise.report.check_cli import DEFAULT_STEPS  # noqa: E402
+from shardwise.cli.check import DEFAULT_STEPS  # noqa: E402
 
 PLANS = {2: ("dp=2", "dp=2 zero=1", "dp=2 zero=2", "dp=2 zero=3", "tp=2", "tp=2 sp=true", "pp=2 schedule=\"gpipe\"",
              "pp=2"),
@@ -51,9 +51,9 @@ def main() -> int:
     p.add_argument("--time", action="store_true", help="calibrate for each config and plan, judge step time")
     a = p.parse_args()
 
-    from shardwise.calibrate import calibrate, model_shapes
+    from shardwise.check.calibrate import calibrate, model_shapes
     from shardwise.errors import ShardwiseError
-    from shardwise.report.check import check
+    from shardwise.check.compare import check
     from shardwise.run import config
     from shardwise.spec.hardware import make_cluster
 

@@ -6,7 +6,8 @@ import pytest
 from shardwise.errors import ShardwiseError
 from shardwise.estimate.activations import (block_backward_bytes, block_inventory, inflight, inventory_bytes,
                                             layer_bytes, rank_activations)
-from shardwise.spec.model import ModelSpec, preset
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
 
 # GPT-3 175B with dropout, the model of Korthikanti et al. 2022 ("Reducing Activation

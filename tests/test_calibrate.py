@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from shardwise.calibrate import Result, calibrate, fit_kinds, fit_link, model_shapes, model_terms
+from shardwise.check.calibrate import Result, calibrate, fit_kinds, fit_link, model_shapes, model_terms
 from shardwise.cli import main
 from shardwise.spec.hardware import load_gpu, load_network, make_cluster
 from shardwise.spec.model import ModelSpec
@@ -77,7 +77,7 @@ def test_fit_keeps_latency_non_negative():
 
 
 def test_overlap_is_what_running_both_at_once_saved():
-    from shardwise.calibrate import overlap_from
+    from shardwise.check.calibrate import overlap_from
 
     # matmuls 10 ms alone, a collective 6 ms alone: 16 ms one after the other
     assert overlap_from(10e-3, 6e-3, 12e-3) == pytest.approx(4 / 6)  # 4 of the collective's 6 ms hid
@@ -160,7 +160,7 @@ def test_bad_input_is_one_line(argv, message, capsys, tmp_path, monkeypatch):
 def test_plain_step_host_time_is_taken_out_of_the_efficiency():
     # timings made up: 1 block 2 ms, 5 blocks 6 ms -> 1 ms a block and 1 ms of the rest; a 10 ms
     # step of the 2-layer model doing 7e9 FLOPs spends 10 - 2 * 1 - 1 = 7 ms on them: 1 TFLOP/s
-    from shardwise.calibrate import split_plain
+    from shardwise.check.calibrate import split_plain
 
     assert split_plain(2e-3, 6e-3, 10e-3, 2, 7e9) == pytest.approx((1e-3, 1e-3, 1.0))
     # noise that makes more blocks faster: no host time per block, all of the 1-block time is the rest
@@ -170,7 +170,7 @@ def test_plain_step_host_time_is_taken_out_of_the_efficiency():
 
 
 def test_a_step_faster_than_the_matmuls_raises_the_dtype_figure():
-    from shardwise.calibrate import raise_to_step
+    from shardwise.check.calibrate import raise_to_step
 
     # the step reached 0.05 TFLOP/s, the matmul benchmark 0.04: fp32 becomes 0.05 (efficiency 1)
     assert raise_to_step({"fp32": 0.04, "bf16": 0.06}, "fp32", 0.05) == ({"fp32": 0.05, "bf16": 0.06}, True)

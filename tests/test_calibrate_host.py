@@ -2,7 +2,7 @@
 solve for the three terms, worked by hand, and a real probe of every engine on 2 ranks."""
 import pytest
 
-from shardwise import calibrate_host as ch
+from shardwise.check import host_probe as ch
 from shardwise.spec.model import ModelSpec
 from _dist import run_ranks
 

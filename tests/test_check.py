@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from _dist import run_ranks
-from shardwise.breakdown import Collective
+from shardwise.spec.breakdown import Collective
 from shardwise.cli import main
-from shardwise.report.check import MIN_STEPS, TOL, Row, call_counts, canonical_group, compare, predict
+from shardwise.check.compare import MIN_STEPS, TOL, Row, call_counts, canonical_group, compare, predict
 from shardwise.run import config
 from shardwise.run.parallelize import uses_fsdp
 from shardwise.spec.hardware import make_cluster
@@ -60,7 +60,7 @@ def test_call_counts_expand_exact_sizes():
 
 def _perfect_run(est, stages, plan) -> list[dict]:
     """Measurements that equal the prediction, for each rank of a dp-only plan."""
-    from shardwise.breakdown import Measurement, Memory, Time
+    from shardwise.spec.breakdown import Measurement, Memory, Time
     from shardwise.run.measure import measurement_to_dict
 
     step, peak = stages["first"]
@@ -220,7 +220,7 @@ def test_check_on_cuda_one_gpu(capsys):
 def test_step_time_is_judged_only_against_a_calibration_for_as_many_ranks():
     import dataclasses
 
-    from shardwise.report.check_cli import _judges_time
+    from shardwise.cli.check import _judges_time
     from shardwise.spec.hardware import load_gpu
 
     plain = dataclasses.replace(load_gpu("h100-80gb"), gpus_per_node=4)

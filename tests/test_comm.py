@@ -10,7 +10,7 @@ from shardwise.estimate.comm import (DDP_BUCKET, DDP_FIRST_BUCKET, PROFILES, buc
                                      lecture_comm_bytes, lecture_comm_ms, link, make, seconds, wire_bytes)
 from shardwise.estimate.pipeline import rank_order
 from shardwise.spec.hardware import GPU, Cluster, Network
-from shardwise.spec.model import preset
+from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
 
 # Round numbers, so the arithmetic below can be done by hand: 450 GB/s NVLink at 80%, 3 us a

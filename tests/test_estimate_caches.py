@@ -7,7 +7,7 @@ import pytest
 from shardwise.estimate._num import memo, per_unique
 from shardwise.estimate.memory import memory
 from shardwise.spec.hardware import make_cluster
-from shardwise.spec.model import preset
+from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from shardwise.errors import ShardwiseError
 from shardwise.spec.hf import SUPPORTED, from_hf_config
-from shardwise.spec.model import load_model, preset
+from shardwise.spec.presets import load_model, preset
 
 DATA = Path(__file__).parent / "data" / "hf"
 

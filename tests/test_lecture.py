@@ -21,7 +21,7 @@ from shardwise.estimate.memory import saved_activations
 from shardwise.report import figures, html
 from shardwise.report.lecture import Lecture, Settings, choose, common, part_key, render_figures, why
 from shardwise.search.core import Options, fewest_gpus, run_search
-from shardwise.spec.model import load_model
+from shardwise.spec.presets import load_model
 
 PSI_7B = 6_738_415_616  # llama-7b's parameter count (derived; = the published count)
 GIB = 1024**3

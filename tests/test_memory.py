@@ -9,7 +9,8 @@ from shardwise.estimate.memory import memory, stage_param_shapes
 from shardwise.estimate.profiles import (CUDA_CONTEXT_BYTES, GB, GIB, StateBytes, megatron_bytes_per_param,
                                          optimizer_bytes, zero_paper_bytes)
 from shardwise.spec.hardware import make_cluster
-from shardwise.spec.model import ModelSpec, preset
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
 
 FIELDS = ("params", "grads", "optimizer", "activations", "buffers", "overhead")

@@ -3,7 +3,8 @@ matters, and every bad specification is one ShardwiseError line."""
 import pytest
 
 from shardwise.errors import ShardwiseError
-from shardwise.spec.model import ModelSpec, default_ffn_hidden, load_model, preset, presets
+from shardwise.spec.model import ModelSpec, default_ffn_hidden
+from shardwise.spec.presets import load_model, preset, presets
 
 REQUIRED = ("gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1.5b", "gpt-3-175b", "llama-7b", "llama-13b",
             "llama-65b", "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b",

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from shardwise import cli
-from shardwise.run import command, launch
+from shardwise.cli import run as command
+from shardwise.run import launch
 from shardwise.run.config import OptimConfig, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,7 @@ def test_registering_run_imports_no_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "from shardwise.cli import build_parser\n"
             f"a = build_parser().parse_args(['run', {LLAMA!r}, '--tp', '2'])\n"
-            "assert a.func.__module__ == 'shardwise.run.command' and a.tp == 2\n"
+            "assert a.func.__module__ == 'shardwise.cli.run' and a.tp == 2\n"
             "import shardwise.run.config, shardwise.run.data\n")
     subprocess.run([sys.executable, "-c", code], check=True, env=env(), timeout=120)
 

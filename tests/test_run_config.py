@@ -7,7 +7,7 @@ import pytest
 
 from shardwise.errors import ShardwiseError
 from shardwise.run import config as C
-from shardwise.spec.model import preset
+from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from shardwise.errors import ShardwiseError
 from shardwise.run.model import INIT_STD, apply_rotary, build, initial_value, rotary
 from shardwise.run.parallelize import check_supported, split_pipeline
-from shardwise.spec.model import ModelSpec, preset
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
 
 LLAMA = ModelSpec(name="tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, vocab=128, ffn_hidden=128)

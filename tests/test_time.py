@@ -5,14 +5,15 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from shardwise.breakdown import Collective
+from shardwise.spec.breakdown import Collective
 from shardwise.errors import ShardwiseError
 from shardwise.estimate.comm import collectives
 from shardwise.estimate.time import (DEFAULT_EFFICIENCY, PCIE_GBPS, forward_flops_per_token,
                                      layer_forward_flops_per_token, matmul_weights, model_flops_per_token,
                                      optimizer_bytes_per_param, step_time)
 from shardwise.spec.hardware import GPU, Cluster, Network
-from shardwise.spec.model import ModelSpec, preset
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
 
 GPU_T = GPU(name="test-gpu", memory_gib=80, tflops={"bf16": 100.0, "fp16": 100.0, "fp32": 10.0}, hbm_gbps=1000,

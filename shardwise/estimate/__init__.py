@@ -4,11 +4,17 @@ Pure Python (numpy only inside the vectorized search); never imports torch.
 """
 from __future__ import annotations
 
-from shardwise.breakdown import Estimate
+from shardwise.spec.breakdown import Estimate
 from shardwise.errors import ShardwiseError
 from shardwise.spec.hardware import Cluster
-from shardwise.spec.model import ModelSpec, load_model
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.presets import load_model
 from shardwise.spec.plan import Plan
+from shardwise.errors import closest
+from shardwise.estimate.comm import collectives
+from shardwise.estimate.memory import memory
+from shardwise.estimate.time import step_time
+from shardwise.spec.plan import engine_violation
 
 PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
 RULE_OF_THUMB_BYTES_PER_PARAM = 18  # the lecture: 2 + 2 + 12 model states + "~2" activations
@@ -22,12 +28,8 @@ def estimate(model: ModelSpec | str, cluster: Cluster, plan: Plan | None = None,
     `efficiency` is the fraction of peak FLOP/s the matmuls reach (default: see time.py).
     `tokens` (a training budget) and `price` ($/GPU-hour) add days, GPU-hours and cost.
     """
-    from shardwise.estimate.comm import collectives
-    from shardwise.estimate.memory import memory
-    from shardwise.estimate.time import step_time
 
     if profile not in PROFILES:
-        from shardwise.errors import closest
 
         raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)}")
     model = load_model(model)
@@ -45,7 +47,6 @@ def _notes(model, cluster, plan, profile) -> list[str]:
     if model.estimated:
         notes.append(f"{model.name}'s dimensions are a public estimate, not a published architecture.")
     if profile == "torch":
-        from shardwise.spec.plan import engine_violation
 
         why = engine_violation(plan, model)
         if why:

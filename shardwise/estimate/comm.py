@@ -44,11 +44,13 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import NamedTuple
 
-from shardwise.breakdown import Collective
+from shardwise.spec.breakdown import Collective
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import _num
 from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.pipeline import chunks_per_rank
+from shardwise.errors import closest
+from shardwise.estimate.memory import zero1_bucket_numels
 
 PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
 MIB = 1024 * 1024
@@ -267,7 +269,6 @@ def _ddp_calls(model, tp, pp, chunks, nbytes, sp):
 def zero1_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
     """Scalar plans: bytes -> how many of the dp ranks' ZeroRedundancyOptimizer buckets have that
     size (memory.zero1_bucket_numels; a rank given no parameter broadcasts a one-element fp32 bucket)."""
-    from shardwise.estimate.memory import zero1_bucket_numels
 
     acc: dict[int, int] = {}
     for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1):
@@ -397,7 +398,6 @@ def make(cluster, kind: str, group: str, n, stride, count, what: str, *, per_cal
 def collectives(model, cluster, plan, profile: str = "torch") -> list[Collective]:
     """Every collective of one training step on rank 0."""
     if profile not in PROFILES:
-        from shardwise.errors import closest
 
         raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)}")
     dt = dtypes(profile, plan)

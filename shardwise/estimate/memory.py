@@ -33,7 +33,7 @@ from heapq import heapify, heapreplace
 from itertools import zip_longest
 from typing import NamedTuple
 
-from shardwise.breakdown import Memory
+from shardwise.spec.breakdown import Memory
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import activations as acts
 from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, minimum, where

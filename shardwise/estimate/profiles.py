@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import ceil_div, where
+from shardwise.errors import closest
 
 PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
 GB = 10**9  # the ZeRO paper's GB (its 120 GB for 16 x 7.5e9 bytes is decimal; GiB would give 111.8)
@@ -87,7 +88,6 @@ _TABLES["deepspeed"] = _TABLES["zero-paper"]
 
 def check_profile(profile: str) -> None:
     if profile not in PROFILES:
-        from shardwise.errors import closest
 
         raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)} "
                              f"(one of {', '.join(PROFILES)})")

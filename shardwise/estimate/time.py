@@ -42,7 +42,7 @@ step = compute (forward + backward + recompute + overhead + optimizer) + exposed
 """
 from __future__ import annotations
 
-from shardwise.breakdown import Time
+from shardwise.spec.breakdown import Time
 from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import maximum, minimum, where
 from shardwise.estimate.comm import dtypes, rank0_param_numel

@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from shardwise.breakdown import Estimate
+from shardwise.spec.breakdown import Estimate
 
 GIB = 1024**3
 

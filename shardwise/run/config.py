@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError, closest
-from shardwise.spec.model import ModelSpec, load_model, spec_from_dict
+from shardwise.spec.model import ModelSpec, spec_from_dict
+from shardwise.spec.presets import load_model
 from shardwise.spec.plan import Plan
+from shardwise.run.data import open_source
 
 SOURCES = ("synthetic", "tokens", "text")
 DEVICES = ("auto", "cpu", "cuda")
@@ -196,7 +198,6 @@ def load(path: str, overrides: Overrides | None = None, world: int | None = None
         raise ShardwiseError(f"{where('data', 'branch')}: {data.branch} successors per token but the vocab is "
                              f"{model.vocab}; use a branch below the vocab")
     if data.source != "synthetic":  # the file exists, is long enough, holds tokens below the vocab
-        from shardwise.run.data import open_source
 
         open_source(data, model, plan)
     return RunConfig(model, plan, data, optim, dataclasses.replace(train, nproc=nproc), str(path))

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from shardwise.breakdown import Collective, Measurement, Memory, Time
+from shardwise.spec.breakdown import Collective, Measurement, Memory, Time
 
 # op name (namespace::name, overload dropped) -> our kind
 KINDS = {

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from shardwise.run import dist as rdist
 from shardwise.run.config import RunConfig
 from shardwise.run.data import open_source
+from shardwise.run.engine import Engine
+from shardwise.run.measure import Meter
 
 # hidden test hook: make one rank raise at the start of one step (tests/test_run_failures.py)
 FAIL_RANK, FAIL_STEP = "SHARDWISE_FAIL_RANK", "SHARDWISE_FAIL_STEP"
@@ -44,7 +46,6 @@ def _fail_step() -> int | None:
 def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
     """Train cfg.train.steps steps; return the summary (on every rank; the logging rank's is
     the one with the losses). Several ranks: the default process group is initialized."""
-    from shardwise.run.engine import Engine
 
     spec, plan, o, t = cfg.model, cfg.plan, cfg.optim, cfg.train
     torch.manual_seed(t.seed)
@@ -62,7 +63,6 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
     # `shardwise check`: measure every step, in detail (collectives, memory) the last one
     meter = None
     if t.measure:
-        from shardwise.run.measure import Meter
 
         meter = Meter(engine)
     fail_at = _fail_step()

@@ -11,7 +11,14 @@ from shardwise.errors import ShardwiseError
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SCHEDULES, SEARCHED, Space, Spaces, check_fixed
 from shardwise.search.vectorized import Nearest, Tally, evaluate
 from shardwise.spec.hardware import GIB, Cluster
-from shardwise.spec.model import load_model
+from shardwise.spec.presets import load_model
+from shardwise.estimate import estimate
+from shardwise.estimate.profiles import optimizer_bytes, state_bytes
+from shardwise.search.explain import gib
+from shardwise.search.vectorized import offloaded_bytes
+from shardwise.spec.hardware import gpus
+from shardwise.spec.plan import Plan
+from shardwise.spec.plan import RULES, Plan
 
 # GPU memory a plan must leave free, as a share of capacity. The estimate already counts the CUDA
 # context and every buffer the engines allocate; this margin is for what a closed-form estimate
@@ -181,8 +188,6 @@ def capacity_bound(model, cluster: Cluster, fixed: dict, opts: Options) -> int:
     the plan: every plan keeps each parameter's stored copy and its optimizer state at least once,
     on some GPU or (offloaded) in its node's CPU memory. From the profile's own bytes per
     parameter (shardwise.estimate.profiles), e.g. 4 + 8 = 12 for AdamW under `torch` bf16-mixed."""
-    from shardwise.estimate.profiles import optimizer_bytes, state_bytes
-    from shardwise.spec.plan import Plan
 
     base = Plan(**{k: v for k, v in fixed.items() if k in ("precision", "optimizer")})
     sb = state_bytes(opts.profile, base.precision)
@@ -293,7 +298,6 @@ def _order(table: Table, rank: str) -> np.ndarray:
 
 
 def _estimate(model, cluster, plan, opts: Options):
-    from shardwise.estimate import estimate
 
     return estimate(model, cluster, plan, opts.profile, efficiency=opts.efficiency, tokens=opts.tokens,
                     price=opts.price)
@@ -326,7 +330,6 @@ def _no_legal_plan(model, cluster, fixed: dict, tally: Tally) -> str:
         return f"no legal plan: {tally.examples[counts.most_common(1)[0][0]]}"
     if "options" in tally.examples:  # every group's options contradict each other
         return f"no legal plan: {tally.examples['options']}"
-    from shardwise.spec.plan import RULES, Plan
 
     # nothing was generated: the pinned dp/tp/pp cannot multiply into the GPU count. Name a rule
     # the pinned values break on their own (tp vs heads, ...) before the GPU count itself.
@@ -342,7 +345,6 @@ def _no_legal_plan(model, cluster, fixed: dict, tally: Tally) -> str:
 def _impossible(res: SearchResult, held: dict, least: float) -> str:
     """One line for a model that no plan fits on this cluster, whatever the search may choose:
     the closest plan, a sound lower bound on the GPUs it needs, and a larger GPU that fits."""
-    from shardwise.search.explain import gib
 
     m, cl, c = res.model, res.cluster, res.closest
     usable = (1 - res.headroom) * c.memory.capacity
@@ -352,7 +354,6 @@ def _impossible(res: SearchResult, held: dict, least: float) -> str:
     if bigger:
         need.append(f"{cl.gpus}x {bigger.name} ({bigger.memory_gib:g} GiB) would fit it")
     if c.memory.total <= usable:  # it fits the GPU: the offloaded states overflow the host memory
-        from shardwise.search.vectorized import offloaded_bytes
 
         host = offloaded_bytes(m, cl, c.plan, res.opts.profile) * min(cl.gpus, cl.gpus_per_node)
         why = (f"fits in GPU memory ({gib(c.memory.total)} of {gib(usable)}) but offloads {gib(host)} per node, "
@@ -369,7 +370,6 @@ def larger_gpu(model, cluster: Cluster, fixed: dict, opts: Options, least: float
     count, node size and network), or None. A plan's needs do not depend on the GPU's memory, so
     what fits on one GPU fits on any with more (a property test holds this): bisect the catalog by
     memory, skipping GPUs below `least` (the least memory any plan needs)."""
-    from shardwise.spec.hardware import gpus
 
     budget = lambda g: (1 - opts.headroom) * g.memory_bytes  # noqa: E731
     cands = sorted((g for g in gpus().values() if g.memory_gib > cluster.gpu.memory_gib and budget(g) >= least),
@@ -387,7 +387,6 @@ def larger_gpu(model, cluster: Cluster, fixed: dict, opts: Options, least: float
 
 def what_it_would_take(res: SearchResult) -> list[str]:
     """For a nothing-fits answer: each change that would make a plan fit, with the best such plan."""
-    from shardwise.search.explain import gib
 
     o, m, cl, c = res.opts, res.model, res.cluster, res.closest
     kw = dict(profile=o.profile, headroom=o.headroom, host_memory_gib=o.host_memory_gib, efficiency=o.efficiency,

@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shardwise.spec.plan import ENGINE_RULES, RULES
+from shardwise.estimate.comm import collectives
+from shardwise.estimate.memory import memory
+from shardwise.estimate.time import step_time
+from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
 
 CATEGORICAL = ("zero", "sp", "schedule", "recompute", "offload")
 
@@ -86,8 +90,6 @@ def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency
     time=False: memory only (the --min-gpus scan asks "does anything fit?");
     stop_at_first_fit: return as soon as one plan fits (with time=False).
     """
-    from shardwise.estimate.comm import collectives
-    from shardwise.estimate.time import step_time
 
     model = space.model
     tally, nearest, out = Tally(), Nearest(), []
@@ -188,7 +190,6 @@ def _legal(space, grid, cats, tally, rules=RULES) -> np.ndarray | None:
 
 def _memory(space, cluster, grid, cats, idx, profile: str):
     """(total bytes per GPU, capacity, the Memory) of the elements idx."""
-    from shardwise.estimate.memory import memory
 
     mem = memory(space.model, cluster, space.plan(grid, cats, idx), profile)
     return _arr(mem.total, len(idx), np.int64), mem.capacity, mem
@@ -208,7 +209,6 @@ def offloaded_bytes(model, cluster, plan, profile: str, n: int | None = None, me
     """Model-state bytes per GPU that offload moves to the CPU: what the same plan without offload
     keeps on the GPU in parameters, gradients and optimizer states, less what it still keeps.
     Derived from the memory estimate itself. n: the array length (None for a scalar plan)."""
-    from shardwise.estimate.memory import memory
 
     if plan.offload == "none":
         return 0 if n is None else np.zeros(n, dtype=np.int64)
@@ -221,7 +221,6 @@ def offloaded_bytes(model, cluster, plan, profile: str, n: int | None = None, me
 
 def _lighter_fits(fitted: dict, var: dict, n: int) -> np.ndarray:
     """Where a strictly lighter (recompute, offload) variant of the same plan fits."""
-    from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
 
     r, o = RECOMPUTE_ORDER.index(var["recompute"]), OFFLOAD_ORDER.index(var["offload"])
     acc = np.zeros(n, dtype=bool)

@@ -15,6 +15,9 @@ from pathlib import Path
 
 from shardwise.errors import ShardwiseError, closest
 from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
+from shardwise.report import figures
+from shardwise.spec.hardware import make_cluster
+from shardwise.spec.presets import load_model
 
 PARTS = ("why", "strategies", "zero", "comm", "choose")
 TITLES = {"why": "Why distributed training", "strategies": "Parallelism strategies", "zero": "ZeRO",
@@ -56,8 +59,6 @@ class Lecture:
     that quotes another (part 5's takeaways quote parts 1, 3 and 4) does not compute it twice."""
 
     def __init__(self, settings: Settings | None = None):
-        from shardwise.spec.hardware import make_cluster
-        from shardwise.spec.model import load_model
 
         self.settings = s = settings or Settings()
         if s.seq <= 0 or s.mbs <= 0:
@@ -86,7 +87,6 @@ def render_figures(sections: list[Section], out_dir: Path | None, formats=("png"
 
     Returns ({stem: [paths]}, {stem: svg element}).
     """
-    from shardwise.report import figures
 
     paths: dict[str, list[Path]] = {}
     svgs: dict[str, str] = {}

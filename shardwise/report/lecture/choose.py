@@ -11,7 +11,10 @@ from shardwise.estimate import estimate
 from shardwise.report.lecture.common import GB, base_plan, fmt_gb, fmt_gib, gib, seq_for
 from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
 from shardwise.spec.hardware import make_cluster
-from shardwise.spec.model import load_model
+from shardwise.spec.presets import load_model
+from shardwise.report import figures
+from shardwise.search.core import DEFAULT_HEADROOM, Options, fewest_gpus, run_search
+from shardwise.search.explain import why_winner
 
 SCENARIOS = (("gpt2-1.5b", "rtx-4090", 4), ("llama-7b", "a100-80gb", 8), ("llama-2-70b", "a100-80gb", 8))
 STAGES = ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")
@@ -66,8 +69,6 @@ def build(lec) -> Section:
 
 
 def _scenario(model, cluster, lec) -> dict:
-    from shardwise.search.core import DEFAULT_HEADROOM, Options, fewest_gpus, run_search
-    from shardwise.search.explain import why_winner
 
     seq = seq_for(model, lec.settings.seq)
     title = f"{model.name} on {cluster.gpus}x {cluster.gpu.name}"
@@ -152,7 +153,6 @@ def _bar(label, e, usable, pick) -> dict:
 
 
 def _draw(panels):
-    from shardwise.report import figures
 
     return figures.scenario_memory(
         panels, "The lecture's scenarios: what fits, and what the search picks",

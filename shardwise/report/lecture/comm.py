@@ -8,6 +8,7 @@ from shardwise.estimate import estimate
 from shardwise.report.lecture.common import GB, fmt_gb, fmt_ms, plan_words, strategy_plans
 from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
 from shardwise.spec.hardware import Cluster
+from shardwise.report import figures
 
 ZERO = {"DDP": 0, "ZeRO-1": 1, "ZeRO-2": 2, "ZeRO-3": 3}
 ZERO_PAPER = "Rajbhandari et al. 2020, 'ZeRO: Memory Optimizations Toward Training Trillion Parameter Models', sec. 7"
@@ -95,7 +96,6 @@ def _degrees(plan) -> str:
 
 
 def _draw(model, cluster, plans, data):
-    from shardwise.report import figures
 
     names = list(plans)
     lec_gb = [data[n]["lecture_bytes"] / GB if n in ZERO else None for n in names]

@@ -7,6 +7,7 @@ from shardwise.estimate import estimate
 from shardwise.estimate import pipeline as pl
 from shardwise.report.lecture.common import SEQS_PER_GPU, fmt_gb, fmt_gib, fmt_ms, plan_words, strategy_plans
 from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
+from shardwise.report import figures
 
 # what each strategy splits and when to reach for it: the textbook facts the numbers illustrate
 WHAT = {
@@ -119,7 +120,6 @@ def _schedules():
 
 
 def _draw_diagrams(model):
-    from shardwise.report import figures
 
     return figures.parallelism_diagrams(4, model.layers, model.name,
                                         "Colours: parameters, gradients, optimizer states (as in every figure). "
@@ -128,7 +128,6 @@ def _draw_diagrams(model):
 
 
 def _draw_schedules(panels):
-    from shardwise.report import figures
 
     return figures.pipeline_schedules(
         panels, f"Pipeline schedules: {PP_DEMO} stages, {M_DEMO} micro-batches",

@@ -12,7 +12,10 @@ from shardwise.estimate import estimate
 from shardwise.report.lecture.common import GB, GIB, base_plan, fmt_count, fmt_gib, gib, plan_words, seq_for
 from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
 from shardwise.spec.hardware import GPU, load_gpu, make_cluster
-from shardwise.spec.model import load_model
+from shardwise.spec.presets import load_model
+from shardwise.estimate.memory import saved_activations
+from shardwise.report import figures
+from shardwise.search.core import DEFAULT_HEADROOM, Options, fewest_gpus
 
 LECTURE_MODELS = ("gpt2-1.5b", "gpt-3-175b", "llama-7b", "llama-2-70b", "gpt-4-est")
 LECTURE_GPUS = ("rtx-4090", "a100-40gb", "a100-80gb", "h100-80gb")
@@ -25,8 +28,6 @@ SEARCH_LIMIT = 512
 
 
 def build(lec) -> Section:
-    from shardwise.estimate.memory import saved_activations
-    from shardwise.search.core import DEFAULT_HEADROOM, Options, fewest_gpus
 
     gpu = lec.cluster.gpu
     names = list(LECTURE_MODELS)
@@ -104,7 +105,6 @@ def _capacity_lines(gpus: list[GPU], cluster) -> list[tuple[str, float]]:
 
 
 def _draw(models, data, capacities, lec):
-    from shardwise.report import figures
 
     names = [m.name for m in models]
     d = [data[n] for n in names]

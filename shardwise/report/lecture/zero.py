@@ -7,6 +7,7 @@ from __future__ import annotations
 from shardwise.estimate import estimate
 from shardwise.report.lecture.common import base_plan, fmt_gib, gib, plan_words
 from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
+from shardwise.report import figures
 
 STAGES = ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")
 PROFILES = ("zero-paper", "torch")
@@ -59,7 +60,6 @@ def build(lec) -> Section:
 
 
 def _draw(model, cluster, data, lec):
-    from shardwise.report import figures
 
     def panel(prof):
         return {s: {k: gib(data[prof][s][k]) for k in ITEMS + ("activations",)} for s in STAGES}

@@ -12,6 +12,11 @@ import json
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError
+from shardwise import __version__
+from shardwise.report.html import page
+from shardwise.report.lecture import PARTS, Lecture, Settings, part_key, render_figures
+from shardwise.report.lecture.terminal import print_section
+from shardwise.report.tables import make_console
 
 DEFAULT_OUT = "shardwise-lecture"
 
@@ -44,7 +49,6 @@ def register(sub) -> None:
 
 
 def cmd_lecture(a: argparse.Namespace) -> int:
-    from shardwise.report.lecture import PARTS, Lecture, Settings, part_key, render_figures
 
     keys = list(dict.fromkeys(part_key(p) for p in a.part)) if a.part else list(PARTS)
     formats = tuple(f.strip().lower() for f in a.formats.split(",") if f.strip())
@@ -68,8 +72,6 @@ def cmd_lecture(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(_to_json(sections, paths, a.html), indent=2))
         return 0
-    from shardwise.report.lecture.terminal import print_section
-    from shardwise.report.tables import make_console
 
     c = make_console()
     for s in sections:
@@ -82,8 +84,6 @@ def cmd_lecture(a: argparse.Namespace) -> int:
 
 
 def _write_html(path: Path, lec, sections, svgs) -> None:
-    from shardwise import __version__
-    from shardwise.report.html import page
 
     s = lec.settings
     sub = (f"Lecture 14 (Distributed Training), every number computed by shardwise {__version__}: "

@@ -7,7 +7,8 @@ import re
 
 from shardwise.errors import ShardwiseError
 from shardwise.spec.hardware import Cluster, make_cluster
-from shardwise.spec.model import ModelSpec, load_model
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.presets import load_model
 from shardwise.spec.plan import OFFLOAD, OPTIMIZERS, PRECISIONS, RECOMPUTE, SCHEDULES, Plan
 
 # model dimensions that may be given (or overridden) on the command line

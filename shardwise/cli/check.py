@@ -12,14 +12,18 @@ import argparse
 import json
 
 from shardwise.errors import ShardwiseError
+from shardwise.check import compare as ck
+from shardwise.cli import args as ca
+from shardwise.cli.run import OPTIM_FLAGS, TRAIN_FLAGS
+from shardwise.cli.run import overrides_from_args
+from shardwise.run import config, launch
+from shardwise.spec import hardware as hw
 
 DEFAULT_STEPS = 20  # warm-up, DDP's bucket rebuild, 18 timed steps (their median), the measured last one:
 # the median of 8 moved by 15% from run to run on a shared CPU
 
 
 def register(sub) -> None:
-    from shardwise import cli_args as ca
-    from shardwise.run.command import OPTIM_FLAGS, TRAIN_FLAGS
 
     s = sub.add_parser("check", help="predict a plan, run it with measurement, and compare item by item",
                        description="Estimate the plan (torch profile) for the run's own model and devices, train a "
@@ -72,7 +76,6 @@ def register(sub) -> None:
 
 
 def _cluster(a, nproc: int, device: str):
-    from shardwise.spec import hardware as hw
 
     gpu, network = a.gpu, a.network
     if a.hardware:
@@ -117,9 +120,6 @@ def _judges_time(hardware: str | None, gpu, nproc: int, device: str) -> tuple[bo
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-    from shardwise.report import check as ck
-    from shardwise.run import config, launch
-    from shardwise.run.command import overrides_from_args
 
     try:
         import torch  # noqa: F401
@@ -153,7 +153,7 @@ def cmd_check(a: argparse.Namespace) -> int:
 def cmd_calibrate(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from shardwise import calibrate as cal
+    from shardwise.check import calibrate as cal
 
     try:
         import torch

@@ -29,7 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 
+from shardwise.check import timing
 from shardwise.spec.hardware import HOST_TERMS
+from shardwise.errors import ShardwiseError
+from shardwise.estimate import estimate
+from shardwise.estimate.pipeline import bubble_over_ideal
+from shardwise.estimate.time import exposed_bubble
+from shardwise.spec.plan import Plan
+from shardwise.run.engine import Engine
 
 PROBE_SEQ = 8
 EXTRA = {"pp": 4}  # blocks per stage added at the second point (default 8: a pipeline doubles each)
@@ -107,7 +114,6 @@ def _step_fns(cases: list, device) -> list:
     ShardwiseError where the run tier refuses the plan: every rank alike, before any collective)."""
     import torch
 
-    from shardwise.run.engine import Engine
 
     fns = []
     for spec, plan in cases:
@@ -126,11 +132,6 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
     `steps` steps in each of `passes` passes over the engines (after `warmup` steps in the
     first), the median of all: a burst of other work on a shared machine lands in one pass of
     one engine, not in all of an engine's figures."""
-    from shardwise.calibrate import _samples_together, _slowest_median
-    from shardwise.errors import ShardwiseError
-    from shardwise.estimate import estimate
-    from shardwise.estimate.pipeline import bubble_over_ideal
-    from shardwise.estimate.time import exposed_bubble
 
     plans = probe_plans(n, spec)
     wanted = [e for e in plans if engines is None or e in engines]
@@ -159,11 +160,11 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
             notes.append(f"{engine}: not measured ({refused})")
     for k in range(passes):
         for _, _, fns, times in groups:
-            for t, x in zip(times, _samples_together(fns, device, steps, warmup if k == 0 else 1)):
+            for t, x in zip(times, timing.samples_together(fns, device, steps, warmup if k == 0 else 1)):
                 t += x
     out = {}
     for members, points, _, times in groups:
-        seen = _slowest_median(times, device)
+        seen = timing.slowest_median(times, device)
         for i, (engine, fields, cases) in enumerate(members):
             pp, pts = fields.get("pp", 1), []
             for (blocks, m), (local, plan), t in zip(points, cases, seen[i * len(points):]):
@@ -177,7 +178,6 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
 
 def _cases(spec, fields: dict, points, precision: str, n: int) -> list:
     """(ModelSpec, Plan) of each probe point of one engine's probe plan `fields`."""
-    from shardwise.spec.plan import Plan
 
     pp = fields.get("pp", 1)
     # DDP + TP cannot hold tied embeddings; tying moves no block's host time: untie them

@@ -35,12 +35,23 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from shardwise.check import timing
+from shardwise.check.timing import MIN_SECONDS
 from shardwise.errors import ShardwiseError
 from shardwise.spec.hardware import LINK_KINDS as KINDS  # every collective is timed and fitted
+from shardwise.estimate.comm import seconds
+from shardwise.estimate.time import PEAK_DTYPE
+from shardwise.estimate.time import forward_flops_per_token
+from shardwise.run.config import load
+from shardwise.spec.hardware import GPU, Cluster, Network
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.presets import load_model
+from shardwise.spec.plan import Plan
+from shardwise.run.model import build
+from shardwise.check import host_probe as ch
 CPU_SIZES = tuple(4 * 1024 * 4**i for i in range(7))  # 4 KiB .. 16 MiB
 GPU_SIZES = tuple(64 * 1024 * 4**i for i in range(8))  # 64 KiB .. 1 GiB
-MIN_SECONDS = 0.05  # time each point for at least this long per round (more calls for small ones)
-ROUNDS = 5  # the median of 5: a collective on a shared machine is often 2x off in one round
 TORCH_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # tf32: fp32 tensors
 STANDARD_DIMS = {"cpu": (256, 512, 1024), "cuda": (2048, 4096, 8192)}
 STANDARD_TOKENS = {"cpu": 512, "cuda": 8192}
@@ -168,51 +179,10 @@ def standard_shapes(device: str) -> list[tuple[int, int, int]]:
 
 
 # ---- benchmarks (run on every rank at once) -------------------------------------------------------
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
-def _barrier(device):
-    import torch.distributed as dist
-
-    _sync(device)
-    if dist.is_initialized():
-        dist.barrier()
 
 
-def _timed(fn, device, min_s: float = MIN_SECONDS) -> float:
-    """Seconds per call of fn(): one warm-up, then ROUNDS rounds of enough calls to fill min_s, the
-    median round; every rank starts each round together and the slowest rank's time is the
-    answer (as in a step, the slowest rank counts)."""
-    import torch
-    import torch.distributed as dist
-
-    fn()
-    _barrier(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    one = max(time.perf_counter() - t0, 1e-7)
-    reps = max(2, min(1000, int(min_s / one)))
-    if dist.is_initialized():  # the same number of calls everywhere, or the collectives would deadlock
-        r = torch.tensor([reps], dtype=torch.int64, device=device)
-        dist.all_reduce(r, op=dist.ReduceOp.MAX)
-        reps = int(r.item())
-    rounds = []
-    for _ in range(ROUNDS):  # the median of a few rounds: a busy machine's spikes do not decide it
-        _barrier(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        _sync(device)
-        rounds.append((time.perf_counter() - t0) / reps)
-    dt = torch.tensor([statistics.median(rounds)], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-    return float(dt.item())
 
 
 def matmul_tflops(shapes, dtype, device, min_s: float = MIN_SECONDS) -> float:
@@ -227,7 +197,7 @@ def matmul_tflops(shapes, dtype, device, min_s: float = MIN_SECONDS) -> float:
         for a, b in mats:
             torch.mm(a, b)
 
-    return flops / _timed(run, device, min_s) / 1e12
+    return flops / timing.timed(run, device, min_s) / 1e12
 
 
 def copy_gbps(device, nbytes: int, min_s: float = MIN_SECONDS) -> float:
@@ -236,7 +206,7 @@ def copy_gbps(device, nbytes: int, min_s: float = MIN_SECONDS) -> float:
 
     a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     b = torch.empty_like(a)
-    return 2 * nbytes / _timed(lambda: b.copy_(a), device, min_s) / 1e9
+    return 2 * nbytes / timing.timed(lambda: b.copy_(a), device, min_s) / 1e9
 
 
 def collective_seconds(kind: str, nbytes: int, device, min_s: float = MIN_SECONDS) -> float:
@@ -270,7 +240,7 @@ def collective_seconds(kind: str, nbytes: int, device, min_s: float = MIN_SECOND
                 dist.recv(full, peer)
     else:
         raise ValueError(kind)
-    return _timed(fn, device, min_s)
+    return timing.timed(fn, device, min_s)
 
 
 OVERLAP_BYTES = {"cpu": 4 * 2**20, "cuda": 256 * 2**20}  # an FSDP2 block's all-gather, a DDP bucket
@@ -304,8 +274,8 @@ def overlap_fraction(kind: str, shapes, dtype, device, min_s: float = MIN_SECOND
         for a, b in mats:
             torch.mm(a, b)
 
-    t_comm = _timed(lambda: issue().wait(), device, min_s)
-    reps = torch.tensor([max(1, round(t_comm / _timed(matmuls, device, min_s)))], device=device)
+    t_comm = timing.timed(lambda: issue().wait(), device, min_s)
+    reps = torch.tensor([max(1, round(t_comm / timing.timed(matmuls, device, min_s)))], device=device)
     dist.all_reduce(reps, op=dist.ReduceOp.MAX)  # the same work on every rank
     reps = int(reps.item())
 
@@ -318,7 +288,7 @@ def overlap_fraction(kind: str, shapes, dtype, device, min_s: float = MIN_SECOND
         compute()
         w.wait()
 
-    return overlap_from(_timed(compute, device, min_s), t_comm, _timed(both, device, min_s))
+    return overlap_from(timing.timed(compute, device, min_s), t_comm, timing.timed(both, device, min_s))
 
 
 # ---- the fit ------------------------------------------------------------------------------------
@@ -326,7 +296,6 @@ def model_terms(kind: str, n: int, nbytes: int) -> tuple[float, float]:
     """(latency coefficient, bytes coefficient) of the estimate's time for one call:
     seconds = c_lat * a + c_bytes / B. Read off estimate/comm.py's own `seconds` (linear in a
     and 1/B), so the fit and the estimate use one model."""
-    from shardwise.estimate.comm import seconds
 
     c_lat = seconds(kind, n, 1, nbytes, math.inf, 1.0)
     c_bytes = seconds(kind, n, 1, nbytes, 1.0, 0.0)
@@ -389,7 +358,6 @@ def _step_fn(local, mbs: int, seq: int, precision: str, device):
     import torch
     import torch.nn.functional as F
 
-    from shardwise.run.model import build
 
     model = build(local, device, seed=0)
     if precision == "bf16":
@@ -409,33 +377,8 @@ def _step_fn(local, mbs: int, seq: int, precision: str, device):
     return run
 
 
-def _samples_together(fns, device, rounds: int, warmup: int = 1) -> list[list[float]]:
-    """This rank's seconds of each call of each fn over `rounds` after `warmup` calls. The fns
-    take turns call by call, so a burst of other work on a shared machine lands on all of them
-    alike; every call starts on every rank together."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for k, fn in enumerate(fns):
-            _barrier(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
-def _slowest_median(times: list[list[float]], device) -> list[float]:
-    """The median of each fn's samples, the slowest rank's (as in a step, the slowest rank counts)."""
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([statistics.median(x) for x in times], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 def split_plain(t_one: float, t_more: float, t_real: float, layers: int, flops: float) -> tuple[float, float, float]:
@@ -460,7 +403,6 @@ class StepSampler:
     calibrations minutes apart gave efficiency 0.95, 1.0 and 0.46 with one 0.5 s chunk)."""
 
     def __init__(self, spec, plan, device):
-        from shardwise.estimate.time import forward_flops_per_token
 
         local = _tp_local(spec, plan.tp)
         seq = min(OVERHEAD_SEQ, plan.seq)
@@ -471,11 +413,11 @@ class StepSampler:
         self.times: list[list[float]] = [[] for _ in self.fns]
 
     def sample(self, rounds: int) -> None:
-        for k, x in enumerate(_samples_together(self.fns, self.device, rounds)):
+        for k, x in enumerate(timing.samples_together(self.fns, self.device, rounds)):
             self.times[k] += x
 
     def tflops(self) -> float:
-        t_one, t_more, t_real = _slowest_median(self.times, self.device)
+        t_one, t_more, t_real = timing.slowest_median(self.times, self.device)
         return split_plain(t_one, t_more, t_real, self.layers, self.flops)[2]
 
 
@@ -486,7 +428,6 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
     import torch
     import torch.distributed as dist
 
-    from shardwise.estimate.time import PEAK_DTYPE
 
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_kind == "cuda" \
         else torch.device("cpu")
@@ -497,8 +438,6 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
     min_s = MIN_SECONDS / 5 if quick else MIN_SECONDS
     step, rounds = None, EFFICIENCY_ROUNDS // (3 if quick else 1)
     if model is not None:
-        from shardwise.spec.model import ModelSpec
-        from shardwise.spec.plan import Plan
 
         spec, plan = ModelSpec(**model[0]), Plan(**model[1])
         step = StepSampler(spec, plan, device)
@@ -559,9 +498,6 @@ def raise_to_step(tflops: dict, dtype: str, step: float) -> tuple[dict, bool]:
 
 def _host_probe(out: dict, n: int, device, model, quick: bool) -> tuple[dict, list[str], str]:
     """The engines' host time (calibrate_host.py), on the cluster these figures describe."""
-    from shardwise import calibrate_host as ch
-    from shardwise.spec.hardware import GPU, Cluster, Network
-    from shardwise.spec.model import ModelSpec, load_model
 
     if model is not None:
         spec, precision = ModelSpec(**model[0]), model[1]["precision"]
@@ -668,7 +604,6 @@ def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, sh
 def _efficiency(out: dict, model) -> dict:
     if model is None or "efficiency" not in out:
         return {}
-    from shardwise.estimate.time import PEAK_DTYPE
 
     spec, plan = model
     return {"efficiency": out["efficiency"], "efficiency_dtype": PEAK_DTYPE[plan.precision],
@@ -698,7 +633,6 @@ def _launch(nproc: int, args: tuple) -> dict:
 
 def from_config(path: str, overrides=None) -> tuple[list, str, tuple]:
     """(matmul shapes, their description, (ModelSpec, Plan)) of a run config."""
-    from shardwise.run.config import load
 
     cfg = load(path, overrides)
     p = cfg.plan

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError
+from shardwise.estimate import estimate
+from shardwise.estimate.memory import memory
+from shardwise.run import launch
 
 TOL = {"comm": 0.0, "states": 0.01, "peak": 0.10, "time": 0.25}
 MIN_STEPS = 3  # a warm-up step, the step in which DDP rebuilds its buckets, and a measured one
@@ -131,8 +134,6 @@ def predict(model, plan, cluster, device: str, efficiency: float | None = None):
     """(estimate, {stage: (Memory at the optimizer step, Memory at the peak)}) for the run's own
     plan, first and (pipelined) last stage. The model states are compared at the optimizer step,
     where the run measures them; the peak is the peak."""
-    from shardwise.estimate import estimate
-    from shardwise.estimate.memory import memory
 
     est = estimate(model, cluster, plan, "torch", efficiency=efficiency)
     stages = {}
@@ -244,7 +245,6 @@ def run_measured(cfg, device: str) -> list[dict]:
     """Train cfg with measurement on; every rank's measurement (run/measure.Meter.write)."""
     import dataclasses
 
-    from shardwise.run import launch
 
     with tempfile.TemporaryDirectory(prefix="shardwise-check-") as tmp:
         path = str(Path(tmp) / "measure.json")

@@ -9,11 +9,14 @@ import argparse
 import json
 
 from shardwise.errors import ShardwiseError
+from shardwise.cli import args as ca
+from shardwise.report.search import print_search
+from shardwise.search.core import DEFAULT_HEADROOM, RANKS
+from shardwise.search.core import MAX_GPUS, Options, fewest_gpus, run_search, what_it_would_take
+from shardwise.search.explain import why_lines
 
 
 def register(sub) -> None:
-    from shardwise import cli_args as ca
-    from shardwise.search.core import DEFAULT_HEADROOM, RANKS
 
     p = sub.add_parser("plan", help="search every legal parallel plan, rank by throughput, explain the choice",
                        description="Enumerate every legal dp x tp x pp x ZeRO x micro-batch x schedule x recompute "
@@ -55,8 +58,6 @@ def _fraction(text: str) -> float:
 
 
 def cmd_plan(a) -> int:
-    from shardwise import cli_args as ca
-    from shardwise.search.core import MAX_GPUS, Options, fewest_gpus, run_search, what_it_would_take
 
     model = ca.model_from_args(a)
     fixed = ca.plan_fields_from_args(a)
@@ -82,7 +83,6 @@ def cmd_plan(a) -> int:
     if a.json:
         print(json.dumps(to_json(res, advice, found), indent=2))
     else:
-        from shardwise.search.report import print_search
 
         print_search(res, advice, found)
     return 0 if res.fits else 1
@@ -91,7 +91,6 @@ def cmd_plan(a) -> int:
 def to_json(res, advice: list[str], min_gpus: int | None = None) -> dict:
     """The search as JSON: the ranked Estimates (Estimate.to_dict(), plus rank and why), what was
     searched and rejected, and for nothing-fits the closest plan and what would make one fit."""
-    from shardwise.search.explain import why_lines
 
     why = why_lines(res)
     t = res.tally

@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 
 from shardwise.errors import ShardwiseError
+from shardwise.cli import args as ca
+from shardwise.run import config, launch
+from shardwise.run.config import parse_set
 
 # command-line flag -> (table, field); every other field is reachable with --set TABLE.FIELD=VALUE
 TRAIN_FLAGS = {"nproc": int, "steps": int, "seed": int, "log_every": int, "device": str, "metrics": str}
@@ -15,7 +18,6 @@ OPTIM_FLAGS = {"lr": float}
 
 
 def register(sub) -> None:
-    from shardwise import cli_args as ca
 
     s = sub.add_parser("run", help="train with a plan on PyTorch's distributed engines (spawns the ranks with "
                                    "torchrun, or runs as one rank under torchrun)",
@@ -46,8 +48,6 @@ def register(sub) -> None:
 
 def overrides_from_args(a: argparse.Namespace) -> dict:
     """(table, field) -> (value, where): --set first, then the dedicated flags (more specific)."""
-    from shardwise import cli_args as ca
-    from shardwise.run.config import parse_set
 
     out = {}
     for item in a.set:
@@ -70,7 +70,6 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from shardwise.run import config, launch
 
     # the config first: its mistakes are reported in a blink, before torch is even imported
     cfg = config.load(a.config, overrides_from_args(a), world=launch.torchrun_world())

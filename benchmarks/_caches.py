@@ -1,11 +1,11 @@
 """Shared by the speed benchmarks: empty the estimate tier's caches (to time a first, cold call)
 and say how busy the machine is (CPU seconds on a shared machine still move with its load)."""
+
 from __future__ import annotations
 
 import importlib
 import os
 import pkgutil
-
 
 
 def clear_estimate_caches() -> None:

@@ -14,6 +14,7 @@ check any plan.
 Not a unit test (tests/test_check.py is): step time on a shared CPU moves with whatever else
 runs, so its figures are printed with the machine's load average.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from shardwise.cli.check import DEFAULT_STEPS  # noqa: E402
 
-PLANS = {2: ("dp=2", "dp=2 zero=1", "dp=2 zero=2", "dp=2 zero=3", "tp=2", "tp=2 sp=true", "pp=2 schedule=\"gpipe\"",
-             "pp=2"),
-         4: ("dp=2 tp=2", "dp=2 tp=2 sp=true", "dp=2 tp=2 zero=3", "dp=2 pp=2", "tp=2 pp=2",
-             "tp=2 pp=2 schedule=\"interleaved\" vpp=2")}
+PLANS = {
+    2: ("dp=2", "dp=2 zero=1", "dp=2 zero=2", "dp=2 zero=3", "tp=2", "tp=2 sp=true", 'pp=2 schedule="gpipe"', "pp=2"),
+    4: (
+        "dp=2 tp=2",
+        "dp=2 tp=2 sp=true",
+        "dp=2 tp=2 zero=3",
+        "dp=2 pp=2",
+        "tp=2 pp=2",
+        'tp=2 pp=2 schedule="interleaved" vpp=2',
+    ),
+}
 
 
 def _overrides(text: str) -> dict:
@@ -47,27 +55,33 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--configs", nargs="*", default=sorted(str(f) for f in (ROOT / "examples").glob("*.toml")))
     p.add_argument("--plans", nargs="*", default=None)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps per check (default {DEFAULT_STEPS}, as `check`)")
+    p.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"steps per check (default {DEFAULT_STEPS}, as `check`)"
+    )
     p.add_argument("--time", action="store_true", help="calibrate for each config and plan, judge step time")
     a = p.parse_args()
 
     from shardwise.check.calibrate import calibrate, model_shapes
-    from shardwise.errors import ShardwiseError
     from shardwise.check.compare import check
+    from shardwise.errors import ShardwiseError
     from shardwise.run import config
     from shardwise.spec.hardware import make_cluster
 
     plans = a.plans or PLANS.get(a.nproc, ("",))
     print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}; {a.nproc} ranks, {a.steps} steps")
-    print(f"{'config':<11} {'plan':<32} {'peak error by judged rank':<30} {'states':>7} {'comm':>6}"
-          + (f" {'step time':>22}" if a.time else ""))
+    print(
+        f"{'config':<11} {'plan':<32} {'peak error by judged rank':<30} {'states':>7} {'comm':>6}"
+        + (f" {'step time':>22}" if a.time else "")
+    )
     passed = total = 0
     with tempfile.TemporaryDirectory() as tmp:
         for path in a.configs:
             cal = None
             for text in plans:
-                ov = _overrides(text) | {("train", "steps"): (a.steps, "benchmark"),
-                                         ("train", "nproc"): (a.nproc, "benchmark")}
+                ov = _overrides(text) | {
+                    ("train", "steps"): (a.steps, "benchmark"),
+                    ("train", "nproc"): (a.nproc, "benchmark"),
+                }
                 name = Path(path).stem.removeprefix("tiny-")
                 try:
                     cfg = config.load(path, ov)
@@ -75,13 +89,22 @@ def main() -> int:
                     if a.time and cal is None:
                         base = config.load(path, {("train", "nproc"): (a.nproc, "benchmark")})
                         load = os.getloadavg()[0]
-                        cal = calibrate(a.nproc, "cpu", name="bench", shapes=model_shapes(base.model, base.plan),
-                                        shapes_text="the model", model=(base.model, base.plan))
+                        cal = calibrate(
+                            a.nproc,
+                            "cpu",
+                            name="bench",
+                            shapes=model_shapes(base.model, base.plan),
+                            shapes_text="the model",
+                            model=(base.model, base.plan),
+                        )
                         hw = Path(tmp) / "bench.toml"
                         hw.write_text(cal.toml())
-                        print(f"calibrated {Path(path).name} on {a.nproc} ranks (load average {load:.1f} before): "
-                              f"efficiency {cal.efficiency:.2f}, host us per block "
-                              + ", ".join(f"{e} {t['block']:,.0f}" for e, t in cal.host_us.items()), flush=True)
+                        print(
+                            f"calibrated {Path(path).name} on {a.nproc} ranks (load average {load:.1f} before): "
+                            f"efficiency {cal.efficiency:.2f}, host us per block "
+                            + ", ".join(f"{e} {t['block']:,.0f}" for e, t in cal.host_us.items()),
+                            flush=True,
+                        )
                     if a.time:
                         cluster, eff = make_cluster("bench", a.nproc, None, "bench", str(hw)), cal.efficiency or 1.0
                     rep = check(cfg, "cpu", cluster, calibrated=a.time, efficiency=eff)
@@ -90,11 +113,14 @@ def main() -> int:
                     continue
                 judged = rep.judged
                 peak = [f"{r.ranks}:{100 * r.error:+.1f}%" for r in judged if r.item == "peak memory"]
-                states = max((abs(r.error) for r in judged if r.section == "memory" and r.item != "peak memory"),
-                             default=0.0)
+                states = max(
+                    (abs(r.error) for r in judged if r.section == "memory" and r.item != "peak memory"), default=0.0
+                )
                 comm = [r for r in judged if r.section == "comm"]
-                line = (f"{name:<11} {cfg.plan.short():<32} {' '.join(peak):<30} "
-                        f"{100 * states:>6.2f}% {'exact' if all(r.ok for r in comm) else 'MISS':>6}")
+                line = (
+                    f"{name:<11} {cfg.plan.short():<32} {' '.join(peak):<30} "
+                    f"{100 * states:>6.2f}% {'exact' if all(r.ok for r in comm) else 'MISS':>6}"
+                )
                 if a.time:
                     t = next(r for r in rep.rows if r.item == "step time")
                     line += f" {t.predicted * 1e3:>6.0f} / {t.measured * 1e3:>4.0f} ms {100 * t.error:>+6.1f}%"

@@ -13,6 +13,7 @@ the wall clock and by the process's CPU time. The runs alternate (A B B A ...) s
 machine's load hits both alike; the medians are compared. Exit code 1 if the overhead >= 3%
 by the chosen clock (--clock).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,8 @@ def bare_loop(cfg: RunConfig, skip: int) -> dict:
         x, y = tokens[:, :-1], tokens[:, 1:]
         total = 0.0
         for i in range(ga):
-            logits = model(x[i * mbs:(i + 1) * mbs])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y[i * mbs:(i + 1) * mbs].flatten()) / ga
+            logits = model(x[i * mbs : (i + 1) * mbs])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y[i * mbs : (i + 1) * mbs].flatten()) / ga
             loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -106,8 +107,12 @@ def main() -> int:
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the timing")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="which clock decides pass/fail: wall (a quiet machine), cpu (a shared one; use --threads 1)")
+    ap.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="which clock decides pass/fail: wall (a quiet machine), cpu (a shared one; use --threads 1)",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="TABLE.FIELD=VALUE")
     a = ap.parse_args()
     if a.threads:
@@ -117,26 +122,37 @@ def main() -> int:
         key, value = parse_set(item)
         ov[key] = (value, f"--set {item}")
     cfg = load(a.config, ov)
-    print(f"{cfg.model.name}: {cfg.model.params:,} params, {cfg.plan.short()}, gbs {cfg.plan.gbs} x seq "
-          f"{cfg.plan.seq}, {a.steps} steps ({a.skip} warm-up), {a.repeats} repeats, {torch.get_num_threads()} "
-          "threads, CPU")
+    print(
+        f"{cfg.model.name}: {cfg.model.params:,} params, {cfg.plan.short()}, gbs {cfg.plan.gbs} x seq "
+        f"{cfg.plan.seq}, {a.steps} steps ({a.skip} warm-up), {a.repeats} repeats, {torch.get_num_threads()} "
+        "threads, CPU"
+    )
     sw, bare = [], []
     for r in range(a.repeats):
         order = (shardwise_loop, bare_loop) if r % 2 == 0 else (bare_loop, shardwise_loop)
         for fn in order:
             (sw if fn is shardwise_loop else bare).append(fn(cfg, a.skip))
-        print("  repeat %d: " % (r + 1) + "   ".join(
-            f"{c}: shardwise {sw[-1][c]:,.0f} tok/s, bare {bare[-1][c]:,.0f} tok/s, ratio {sw[-1][c] / bare[-1][c]:.4f}"
-            for c in ("wall", "cpu")))
+        print(
+            f"  repeat {r + 1}: "
+            + "   ".join(
+                f"{c}: shardwise {sw[-1][c]:,.0f} tok/s, bare {bare[-1][c]:,.0f} tok/s, "
+                f"ratio {sw[-1][c] / bare[-1][c]:.4f}"
+                for c in ("wall", "cpu")
+            )
+        )
     verdict = {}
     for c in ("wall", "cpu"):
         ms, mb = statistics.median(x[c] for x in sw), statistics.median(x[c] for x in bare)
         verdict[c] = 1 - ms / mb
-        print(f"median ({c} clock): shardwise {ms:,.0f} tok/s, bare {mb:,.0f} tok/s; throughput ratio {ms / mb:.4f}, "
-              f"overhead {verdict[c] * 100:+.2f}%")
+        print(
+            f"median ({c} clock): shardwise {ms:,.0f} tok/s, bare {mb:,.0f} tok/s; throughput ratio {ms / mb:.4f}, "
+            f"overhead {verdict[c] * 100:+.2f}%"
+        )
     ok = verdict[a.clock] < LIMIT
-    print(f"overhead by the {a.clock} clock {verdict[a.clock] * 100:+.2f}% (limit {LIMIT * 100:.0f}%): "
-          f"{'PASS' if ok else 'FAIL'}")
+    print(
+        f"overhead by the {a.clock} clock {verdict[a.clock] * 100:+.2f}% (limit {LIMIT * 100:.0f}%): "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
     return 0 if ok else 1
 
 

@@ -19,6 +19,7 @@ the machine runs), the median over --runs; wall-clock is printed beside the whol
 inventories) already hold this model, as in a sweep over clusters; "cold": emptied first and the
 ModelSpec built afresh, as for the first search of a model.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,23 +27,26 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core: numpy's elementwise ops are single-threaded anyway
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import statistics
+import time
 
-from _caches import clear_estimate_caches, machine  # noqa: E402
+from _caches import clear_estimate_caches, machine
 
-from shardwise import make_cluster, preset  # noqa: E402
-from shardwise.search.core import Options, fitting_space, run_search  # noqa: E402
+from shardwise import make_cluster, preset
+from shardwise.search.core import Options, fitting_space, run_search
 
 CASES = [  # (label, model, gpu, gpus, pinned)
-    ("issue 3: llama-3.1-405b, 16,384x h100, seq 8192, all open (gbs: the search's default)", "llama-3.1-405b",
-     "h100-80gb", 16384, {"seq": 8192}),
-    ("llama-3.1-70b, 1,024x h100, seq 8192, gbs 2048", "llama-3.1-70b", "h100-80gb", 1024,
-     {"seq": 8192, "gbs": 2048}),
-    ("gpt-3-175b, 1,536x a100, gbs 1536 (pp can be 3, 6, 12, ...)", "gpt-3-175b", "a100-80gb", 1536,
-     {"gbs": 1536}),
+    (
+        "issue 3: llama-3.1-405b, 16,384x h100, seq 8192, all open (gbs: the search's default)",
+        "llama-3.1-405b",
+        "h100-80gb",
+        16384,
+        {"seq": 8192},
+    ),
+    ("llama-3.1-70b, 1,024x h100, seq 8192, gbs 2048", "llama-3.1-70b", "h100-80gb", 1024, {"seq": 8192, "gbs": 2048}),
+    ("gpt-3-175b, 1,536x a100, gbs 1536 (pp can be 3, 6, 12, ...)", "gpt-3-175b", "a100-80gb", 1536, {"gbs": 1536}),
     ("llama-2-7b, 8x a100, default gbs 2048 (many micro-batch sizes)", "llama-2-7b", "a100-80gb", 8, {}),
 ]
 
@@ -83,15 +87,17 @@ def main() -> None:
         r = bench(m, make_cluster(g, n), fixed, a.runs)
         t = r["tally"]
         warm, cold = statistics.median(r["warm"]), statistics.median(r["cold"])
-        print(f"{label}\n"
-              f"  {t.enumerated:,} enumerated, {t.legal:,} legal, {t.estimated:,} estimated, "
-              f"{t.timed:,} fit and timed\n"
-              f"  vectorized pass, warm: {warm * 1e3:6.1f} ms = {t.enumerated / warm:9,.0f} plans/s, "
-              f"{t.estimated / warm:9,.0f} estimated plans/s\n"
-              f"  vectorized pass, cold: {cold * 1e3:6.1f} ms = {t.enumerated / cold:9,.0f} plans/s, "
-              f"{t.estimated / cold:9,.0f} estimated plans/s\n"
-              f"  whole search (top 10 estimated one by one): {statistics.median(r['cpu']):.3f} s CPU "
-              f"(wall {statistics.median(r['wall']):.3f} s)")
+        print(
+            f"{label}\n"
+            f"  {t.enumerated:,} enumerated, {t.legal:,} legal, {t.estimated:,} estimated, "
+            f"{t.timed:,} fit and timed\n"
+            f"  vectorized pass, warm: {warm * 1e3:6.1f} ms = {t.enumerated / warm:9,.0f} plans/s, "
+            f"{t.estimated / warm:9,.0f} estimated plans/s\n"
+            f"  vectorized pass, cold: {cold * 1e3:6.1f} ms = {t.enumerated / cold:9,.0f} plans/s, "
+            f"{t.estimated / cold:9,.0f} estimated plans/s\n"
+            f"  whole search (top 10 estimated one by one): {statistics.median(r['cpu']):.3f} s CPU "
+            f"(wall {statistics.median(r['wall']):.3f} s)"
+        )
 
 
 if __name__ == "__main__":

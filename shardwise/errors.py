@@ -4,6 +4,7 @@ Anything a user can get wrong (a name, a file, a number, an impossible plan) rai
 ShardwiseError with one line that says what is wrong and what to do. The CLI prints it
 without a traceback and exits with code 2.
 """
+
 from __future__ import annotations
 
 import difflib

@@ -7,6 +7,7 @@ way it does in production (shardwise.run.dist.init_distributed). A rank that rai
 call with its traceback; a job that runs past `timeout` is killed and fails it too, so a hang
 never blocks CI.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,7 +15,8 @@ import pickle
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -26,8 +28,14 @@ def free_port() -> int:
 
 
 def _worker(fn, args, rank, world, port, queue, device_kind):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # N ranks on a few cores: no oversubscription
     import torch
     import torch.distributed as dist
@@ -40,7 +48,7 @@ def _worker(fn, args, rank, world, port, queue, device_kind):
         # pickled here, not by the queue: torch's queue would pass tensors through shared memory,
         # which dies with this process before the parent reads it
         queue.put((rank, "ok", pickle.dumps(fn(*args))))
-    except BaseException:  # noqa: BLE001 (report everything to the parent)
+    except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
@@ -58,8 +66,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args, timeout: float = 150.0,
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, args, r, world, port, queue, device), daemon=True)
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(fn, args, r, world, port, queue, device), daemon=True) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -68,8 +77,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args, timeout: float = 150.0,
         while len(results) < world:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RankFailed(f"{world}-rank job timed out after {timeout:.0f}s "
-                                 f"(ranks done: {sorted(results)})")
+                raise RankFailed(f"{world}-rank job timed out after {timeout:.0f}s (ranks done: {sorted(results)})")
             try:
                 rank, status, payload = queue.get(timeout=min(left, 1.0))
             except Exception:  # queue.Empty: check for ranks that died without reporting
@@ -77,8 +85,9 @@ def run_ranks(fn: Callable[..., Any], world: int, *args, timeout: float = 150.0,
                 if dead and queue.empty():
                     time.sleep(0.5)  # a rank may have put its result just before exiting
                     if queue.empty():
-                        raise RankFailed(f"rank(s) {dead} died without a result "
-                                         f"(exit codes {[procs[r].exitcode for r in dead]})") from None
+                        raise RankFailed(
+                            f"rank(s) {dead} died without a result (exit codes {[procs[r].exitcode for r in dead]})"
+                        ) from None
                 continue
             if status == "error":
                 raise RankFailed(f"rank {rank} raised:\n{payload}")

@@ -1,14 +1,21 @@
 """The activation inventory: Korthikanti et al. 2022's formulas as special cases, hand-worked
 Llama examples, the pipeline's micro-batches in flight, and a torch cross-check: the tensors the
 run tier's reference block really saves, counted with saved_tensors_hooks."""
+
 import pytest
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate.activations import (block_backward_bytes, block_inventory, inflight, inventory_bytes,
-                                            layer_bytes, rank_activations)
+from shardwise.estimate.activations import (
+    block_backward_bytes,
+    block_inventory,
+    inflight,
+    inventory_bytes,
+    layer_bytes,
+    rank_activations,
+)
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
+from shardwise.spec.presets import preset
 
 # GPT-3 175B with dropout, the model of Korthikanti et al. 2022 ("Reducing Activation
 # Recomputation in Large Transformer Models", Sec. 4): a = 96 heads, h = 12288, s = 2048, b = 1
@@ -57,8 +64,9 @@ def test_korthikanti_full_recompute():
     kept, rebuilt = layer_bytes(GPT3, plan, layout="megatron", attention="math", autocast=False, act=2, res=2)
     assert kept == 2 * SBH == 50_331_648
     assert kept + rebuilt == gpt_layer()
-    kept_sp, _ = layer_bytes(GPT3, plan.replace(tp=T, sp=True), layout="megatron", attention="math",
-                             autocast=False, act=2, res=2)
+    kept_sp, _ = layer_bytes(
+        GPT3, plan.replace(tp=T, sp=True), layout="megatron", attention="math", autocast=False, act=2, res=2
+    )
     assert kept_sp == 2 * SBH // T == 6_291_456
 
 
@@ -105,7 +113,7 @@ def test_llama2_7b_autocast_layer():
 def test_gqa_kv_width():
     # Llama-3.1-8B: 32 query heads, 8 KV heads, head_dim 128: kv_dim 1024 vs q_dim 4096.
     m = preset("llama-3.1-8b")
-    width = lambda inv: {s.name: s.width for s in inv}  # noqa: E731
+    width = lambda inv: {s.name: s.width for s in inv}
     # the run model repeats K/V to the query heads before SDPA: saved at 4096 ...
     assert width(block_inventory(m, "torch", "flash"))["attention.k"] == 4096
     # ... unless the core is recomputed, which keeps only its (unrepeated) inputs
@@ -136,9 +144,16 @@ def test_cpu_rms_norm_is_a_composite():
     # GPT-2 124M (h 768), bf16: 2 norms * 2 statistics * (4 - 2) = 8 bytes per token less; in fp32
     # the same bytes
     gpt = preset("gpt2-124m")
-    size = lambda device, nbytes: inventory_bytes(  # noqa: E731
-        block_inventory(gpt, "torch", "flash", device=device), b=1, s=1024, tp=1, sp=False, act=nbytes, res=nbytes,
-        layout="torch")
+    size = lambda device, nbytes: inventory_bytes(
+        block_inventory(gpt, "torch", "flash", device=device),
+        b=1,
+        s=1024,
+        tp=1,
+        sp=False,
+        act=nbytes,
+        res=nbytes,
+        layout="torch",
+    )
     assert size("cuda", 2) - size("cpu", 2) == 8 * 1024
     assert size("cuda", 4) == size("cpu", 4)
 
@@ -169,9 +184,17 @@ def _simulated_peak(pp, m, v, schedule, rank):
     return peak, peak_first
 
 
-@pytest.mark.parametrize("schedule,pp,m,v", [("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 2, 1),
-                                             ("interleaved", 4, 8, 2), ("interleaved", 2, 8, 4),
-                                             ("interleaved", 4, 4, 3)])
+@pytest.mark.parametrize(
+    "schedule,pp,m,v",
+    [
+        ("gpipe", 4, 8, 1),
+        ("1f1b", 4, 8, 1),
+        ("1f1b", 4, 2, 1),
+        ("interleaved", 4, 8, 2),
+        ("interleaved", 2, 8, 4),
+        ("interleaved", 4, 4, 3),
+    ],
+)
 def test_inflight_matches_torch_order(schedule, pp, m, v):
     plan = Plan(dp=1, pp=pp, gbs=m, mbs=1, schedule=schedule, vpp=v)
     for last in (False, True):
@@ -199,8 +222,9 @@ def test_head_items_torch():
     #   logits kept by the caller: b*s*V*2 = 262,144,000; log_softmax's fp32 output: 524,288,000;
     #   the backward's two fp32 [b*s, V] gradients: 1,048,576,000.
     plan = Plan(dp=8, tp=1, pp=1, mbs=1, gbs=8, seq=4096)
-    items = rank_activations(LLAMA2, plan, last=True, layout="torch", attention="flash", autocast=False,
-                             act=2, res=2, vocab=LLAMA2.vocab)
+    items = rank_activations(
+        LLAMA2, plan, last=True, layout="torch", attention="flash", autocast=False, act=2, res=2, vocab=LLAMA2.vocab
+    )
     assert items["act.logits"] == 262_144_000
     assert items["act.loss_fp32"] == 524_288_000
     assert items["act.loss_backward"] == 1_048_576_000
@@ -258,8 +282,11 @@ def test_interleaved_rank_items_hand_worked():
     first = rank_activations(m, plan, last=False, **kw)
     assert first["act.layers"] == 5 * 1_855_488
     assert rank_activations(m, plan, last=False, device="cpu", **kw)["act.layers"] == 5 * 2_117_632
-    assert (first["act.embedding"], first["act.stage_output"], first["act.stage_input_grad"]) == (3 * 256 * 8, 8 * x,
-                                                                                                  2 * x)
+    assert (first["act.embedding"], first["act.stage_output"], first["act.stage_input_grad"]) == (
+        3 * 256 * 8,
+        8 * x,
+        2 * x,
+    )
     assert (first["buffers.pp_act_recv"], first["buffers.pp_grad_recv"]) == (2 * x, 8 * x)
     # rank 1 (stages 1 and 3) at B3 of stage 3, the loss's: chunks 2, 3 of stage 1 and 3 of
     # stage 3 in flight, stage 1's 4 outputs alive, 5 input gradients held (B0' B1' B0 B1 B2');
@@ -309,8 +336,20 @@ def _saved_bytes(spec, b, s, *, kernel="flash", selective=False, full=False, aut
 
 
 TINY_LLAMA = ModelSpec(name="t", layers=2, hidden=64, heads=8, kv_heads=2, vocab=128, ffn_hidden=96)
-TINY_GPT = ModelSpec(name="g", layers=2, hidden=64, heads=4, vocab=128, ffn_kind="gelu", norm="layernorm",
-                     positions="learned", max_seq=64, qkv_bias=True, out_bias=True, mlp_bias=True)
+TINY_GPT = ModelSpec(
+    name="g",
+    layers=2,
+    hidden=64,
+    heads=4,
+    vocab=128,
+    ffn_kind="gelu",
+    norm="layernorm",
+    positions="learned",
+    max_seq=64,
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+)
 b, s = 2, 16
 
 
@@ -329,8 +368,9 @@ def test_inventory_equals_saved_tensors_fp32(spec, kernel, selective):
     inv = block_inventory(spec, "torch", kernel, selective, device="cpu")
     want = inventory_bytes(inv, b=b, s=s, tp=1, sp=False, act=4, res=4, layout="torch")
     assert _saved_bytes(spec, b, s, kernel=kernel, selective=selective) == want
-    cuda = inventory_bytes(block_inventory(spec, "torch", kernel, selective), b=b, s=s, tp=1, sp=False, act=4, res=4,
-                           layout="torch")
+    cuda = inventory_bytes(
+        block_inventory(spec, "torch", kernel, selective), b=b, s=s, tp=1, sp=False, act=4, res=4, layout="torch"
+    )
     assert want - cuda == _cpu_rmsnorm_extra(spec)
 
 
@@ -378,22 +418,46 @@ def test_whole_model_saved_tensors(spec):
     with _saved_storages(model, seen):
         F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
     plan = Plan(dp=1, mbs=b, gbs=b, seq=s, precision="fp32")
-    items = rank_activations(spec, plan, last=True, layout="torch", attention="flash", autocast=False, act=4,
-                             res=4, vocab=spec.vocab, device="cpu")
+    items = rank_activations(
+        spec,
+        plan,
+        last=True,
+        layout="torch",
+        attention="flash",
+        autocast=False,
+        act=4,
+        res=4,
+        vocab=spec.vocab,
+        device="cpu",
+    )
     unsaved = ("act.logits", "act.loss_backward", "act.block_backward")
     want = sum(v for k, v in items.items() if k.startswith("act.") and k not in unsaved)
     assert sum(seen.values()) == want + 4
     # CUDA's fused rms_norm: one fp32 [b, s, h] less per norm, 2L + 1 of them
-    cuda = rank_activations(spec, plan, last=True, layout="torch", attention="flash", autocast=False, act=4,
-                            res=4, vocab=spec.vocab)
+    cuda = rank_activations(
+        spec, plan, last=True, layout="torch", attention="flash", autocast=False, act=4, res=4, vocab=spec.vocab
+    )
     rms = (2 * spec.layers + 1) * b * s * spec.hidden * 4 if spec.norm == "rmsnorm" else 0
     assert sum(items.values()) - sum(cuda.values()) == rms
 
 
 # ---- the transient inside one block's backward --------------------------------------------------
 MID_LLAMA = ModelSpec(name="l", layers=1, hidden=128, heads=4, vocab=256, ffn_hidden=512)  # the examples' block
-MID_GPT = ModelSpec(name="g", layers=1, hidden=128, heads=4, vocab=256, ffn_hidden=512, ffn_kind="gelu",
-                    norm="layernorm", positions="learned", max_seq=64, qkv_bias=True, out_bias=True, mlp_bias=True)
+MID_GPT = ModelSpec(
+    name="g",
+    layers=1,
+    hidden=128,
+    heads=4,
+    vocab=256,
+    ffn_hidden=512,
+    ffn_kind="gelu",
+    norm="layernorm",
+    positions="learned",
+    max_seq=64,
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+)
 
 
 def test_block_backward_hand_worked():
@@ -433,9 +497,18 @@ def test_block_backward_is_the_larger_of_it_and_the_loss_backward():
     assert first["act.loss_backward"] == 0 and first["act.block_backward"] == 1_048_576
 
 
-@pytest.mark.parametrize("spec, mbs, kept", [(MID_LLAMA, 1, False), (MID_LLAMA, 4, False), (MID_GPT, 1, False),
-                                              (MID_GPT, 4, False), (MID_LLAMA, 1, True), (MID_LLAMA, 4, True),
-                                              (MID_GPT, 4, True)])
+@pytest.mark.parametrize(
+    "spec, mbs, kept",
+    [
+        (MID_LLAMA, 1, False),
+        (MID_LLAMA, 4, False),
+        (MID_GPT, 1, False),
+        (MID_GPT, 4, False),
+        (MID_LLAMA, 1, True),
+        (MID_LLAMA, 4, True),
+        (MID_GPT, 4, True),
+    ],
+)
 def test_block_backward_equals_measured(spec, mbs, kept):
     """The run tier's block, its gradients already accumulated (the last micro-batch of a step;
     kept: none yet, so each weight gradient made stays as .grad, as FSDP2's unsharded gradients

@@ -1,5 +1,6 @@
 """`shardwise calibrate`: the fit of the estimate's cost model, the shapes, the hardware file it
 writes (read back by the estimate tier), one real (quick, one-rank) calibration, and bad input."""
+
 from __future__ import annotations
 
 import os
@@ -65,8 +66,10 @@ def test_fit_keeps_latency_non_negative():
     # a link with no latency at all but a small negative timing error on the tiny messages: the
     # unconstrained fit would give a < 0; the fit keeps a = 0 and fits the bandwidth alone
     # (1 GB/s: an all-reduce of 1 MiB over 4 moves 1,572,864 B, 1,572.864 us)
-    samples = [("all-reduce", b, model_terms("all-reduce", 4, b)[1] / 1e9 * (0.9 if b < 65536 else 1.0))
-               for b in (4096, 16384, 65536, MIB, 16 * MIB)]
+    samples = [
+        ("all-reduce", b, model_terms("all-reduce", 4, b)[1] / 1e9 * (0.9 if b < 65536 else 1.0))
+        for b in (4096, 16384, 65536, MIB, 16 * MIB)
+    ]
     a, bw, errs = fit_link(samples, 4)
     assert a == 0.0
     assert bw == pytest.approx(1e9, rel=0.05)
@@ -103,17 +106,37 @@ def test_model_shapes_are_six_n_d():
 
 
 def test_hardware_file_round_trips(tmp_path):
-    r = Result(name="box", device="cpu", backend="gloo", nproc=4, tflops={"fp32": 0.0214, "bf16": 0.05},
-               hbm_gbps=12.5, memory_gib=5.25, latency_us=250.0, gbps=1.25, shapes="s", device_name="x86",
-               host_us={"dp": {"block": 850.0, "microbatch": 120.0, "step": 3000.0},
-                        "tp-sp": {"block": 41000.0, "microbatch": 0.0, "step": 12.5}},
-               kinds={"all-reduce": (1.5e-3, 0.5e9, 0.02), "send": (2e-4, 2e9, 0.1)}, overlap=0.35)
+    r = Result(
+        name="box",
+        device="cpu",
+        backend="gloo",
+        nproc=4,
+        tflops={"fp32": 0.0214, "bf16": 0.05},
+        hbm_gbps=12.5,
+        memory_gib=5.25,
+        latency_us=250.0,
+        gbps=1.25,
+        shapes="s",
+        device_name="x86",
+        host_us={
+            "dp": {"block": 850.0, "microbatch": 120.0, "step": 3000.0},
+            "tp-sp": {"block": 41000.0, "microbatch": 0.0, "step": 12.5},
+        },
+        kinds={"all-reduce": (1.5e-3, 0.5e9, 0.02), "send": (2e-4, 2e9, 0.1)},
+        overlap=0.35,
+    )
     f = tmp_path / "box.toml"
     f.write_text(r.toml())
     g = load_gpu("box", str(f))
     assert g.tflops == {"fp32": 0.0214, "bf16": 0.05}
-    assert (g.memory_gib, g.hbm_gbps, g.link_gbps, g.link_latency_us, g.link_efficiency, g.gpus_per_node) == \
-        (5.25, 12.5, 1.25, 250.0, 1.0, 4)
+    assert (g.memory_gib, g.hbm_gbps, g.link_gbps, g.link_latency_us, g.link_efficiency, g.gpus_per_node) == (
+        5.25,
+        12.5,
+        1.25,
+        250.0,
+        1.0,
+        4,
+    )
     assert g.host_us == r.host_us
     assert g.overlap == 0.35
     # 4 ranks: on a CPU, ranks per core (at least 1); the same figure the estimate's bubble reads
@@ -121,7 +144,10 @@ def test_hardware_file_round_trips(tmp_path):
     n = load_network("box", str(f))
     assert (n.gbits, n.latency_us, n.efficiency) == (10.0, 250.0, 1.0)  # 1.25 GB/s = 10 Gbit/s
     # each kind's own fit, in each table's units: 0.5 GB/s = 4 Gbit/s, 2 GB/s = 16 Gbit/s
-    assert g.link_kinds == {"all-reduce": {"latency_us": 1500.0, "gbps": 0.5}, "send": {"latency_us": 200.0, "gbps": 2.0}}
+    assert g.link_kinds == {
+        "all-reduce": {"latency_us": 1500.0, "gbps": 0.5},
+        "send": {"latency_us": 200.0, "gbps": 2.0},
+    }
     assert n.kinds == {"all-reduce": {"latency_us": 1500.0, "gbits": 4.0}, "send": {"latency_us": 200.0, "gbits": 16.0}}
     # the estimate tier builds a cluster from it: 4 ranks fit the "node"
     c = make_cluster("box", 4, None, "box", str(f))
@@ -144,12 +170,15 @@ def test_one_rank_calibration_writes_a_usable_file(tmp_path):
     assert load_gpu("solo", str(f)).host_us["dp"] == pytest.approx(r.host_us["dp"], rel=1e-3, abs=1e-9)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["calibrate", "--out", "x.txt"], "as .toml"),
-    (["calibrate", "--out", "/no/such/dir/x.toml"], "does not exist"),
-    (["calibrate", "--out", "x.toml", "--nproc", "0"], "--nproc must be a positive integer"),
-    (["calibrate", "--out", "x.toml", "--name", "a b"], "--name"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["calibrate", "--out", "x.txt"], "as .toml"),
+        (["calibrate", "--out", "/no/such/dir/x.toml"], "does not exist"),
+        (["calibrate", "--out", "x.toml", "--nproc", "0"], "--nproc must be a positive integer"),
+        (["calibrate", "--out", "x.toml", "--name", "a b"], "--name"),
+    ],
+)
 def test_bad_input_is_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2

@@ -1,10 +1,11 @@
 """The engines' host-time probe (shardwise/calibrate_host.py): its plans and points, the exact
 solve for the three terms, worked by hand, and a real probe of every engine on 2 ranks."""
+
 import pytest
+from _dist import run_ranks
 
 from shardwise.check import host_probe as ch
 from shardwise.spec.model import ModelSpec
-from _dist import run_ranks
 
 SPEC = ModelSpec(name="t", layers=1, hidden=64, heads=4, vocab=128, ffn_hidden=128)
 
@@ -86,8 +87,17 @@ def _probe(spec=SPEC, engines=None):
     from shardwise.spec.hardware import GPU, Cluster, Network
 
     n = dist.get_world_size()
-    gpu = GPU(name="p", memory_gib=4, tflops={"fp32": 0.03}, hbm_gbps=8, link="", link_gbps=1,
-              link_latency_us=300, link_efficiency=1.0, gpus_per_node=n)
+    gpu = GPU(
+        name="p",
+        memory_gib=4,
+        tflops={"fp32": 0.03},
+        hbm_gbps=8,
+        link="",
+        link_gbps=1,
+        link_latency_us=300,
+        link_efficiency=1.0,
+        gpus_per_node=n,
+    )
     cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=Network(name="p", gbits=8, latency_us=300))
     return ch.measure(spec, "fp32", cluster, 1.0, torch.device("cpu"), n, engines, steps=3, warmup=1)
 
@@ -105,8 +115,9 @@ def test_tied_embeddings_are_untied_for_the_tp_probe_beside_dp():
     # DDP + TP cannot hold tied embeddings (the run tier refuses dp 2 x tp 2 for GPT-2); the probe
     # unties them, which moves no block's host time, and so measures tp 2 beside dp 2 as plans use it
     # 2 heads: tp 4 is no fallback, so only the untied tp 2 x dp 2 probe can succeed
-    tied = ModelSpec(name="g", layers=1, hidden=64, heads=2, vocab=128, ffn_hidden=256, ffn_kind="gelu",
-                     tied_embeddings=True)
+    tied = ModelSpec(
+        name="g", layers=1, hidden=64, heads=2, vocab=128, ffn_hidden=256, ffn_kind="gelu", tied_embeddings=True
+    )
     assert ch.probe_plans(4, tied)["tp"] == [{"dp": 2, "tp": 2}]
     host, notes = run_ranks(_probe, 4, tied, ("tp",), timeout=300)[0]
     assert notes == [] and list(host) == ["tp"] and sum(host["tp"].values()) > 0

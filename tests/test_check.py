@@ -6,19 +6,20 @@ against real measured runs of every engine (CPU, gloo, world sizes 2 and 4):
 and one `shardwise check` of an example config end to end through the CLI.
 Several plans run inside one spawned group (process start-up is most of the cost on CPU).
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-
 from _dist import run_ranks
-from shardwise.spec.breakdown import Collective
-from shardwise.cli import main
+
 from shardwise.check.compare import MIN_STEPS, TOL, Row, call_counts, canonical_group, compare, predict
+from shardwise.cli import main
 from shardwise.run import config
 from shardwise.run.parallelize import uses_fsdp
+from shardwise.spec.breakdown import Collective
 from shardwise.spec.hardware import make_cluster
 from shardwise.spec.plan import Plan
 
@@ -54,24 +55,29 @@ def test_call_counts_expand_exact_sizes():
     # two DDP buckets of 100 B and one of 400 B: `bytes` is their mean (200), `sizes` the truth
     c = Collective("all-reduce", "dp", 2, 200, 3, 600, 0.0, sizes={100: 2, 400: 1})
     plain = Collective("broadcast", "dp", 2, 8, 5, 40, 0.0)
-    assert call_counts([c, plain], Plan(dp=2)) == {("all-reduce", "dp", 100): 2, ("all-reduce", "dp", 400): 1,
-                                                   ("broadcast", "dp", 8): 5}
+    assert call_counts([c, plain], Plan(dp=2)) == {
+        ("all-reduce", "dp", 100): 2,
+        ("all-reduce", "dp", 400): 1,
+        ("broadcast", "dp", 8): 5,
+    }
 
 
 def _perfect_run(est, stages, plan) -> list[dict]:
     """Measurements that equal the prediction, for each rank of a dp-only plan."""
-    from shardwise.spec.breakdown import Measurement, Memory, Time
     from shardwise.run.measure import measurement_to_dict
+    from shardwise.spec.breakdown import Measurement, Memory, Time
 
     step, peak = stages["first"]
     comm = [Collective(k, g, plan.dp, b, n, 0, 0.0) for (k, g, b), n in call_counts(est.comm, plan).items()]
     out = []
     for r in range(plan.world):
         mem = Memory(params=step.params, grads=step.grads, optimizer=step.optimizer, detail={"peak": peak.total})
-        m = Measurement(memory=mem, comm=comm, time=Time(step_s=0.1, detail={"step_s_q1": 0.09, "step_s_q3": 0.12}),
-                        rank=r)
-        out.append({"rank": r, "coords": {"pp": 0, "dp": r, "tp": 0}, "peak_source": "",
-                    "measurement": measurement_to_dict(m)})
+        m = Measurement(
+            memory=mem, comm=comm, time=Time(step_s=0.1, detail={"step_s_q1": 0.09, "step_s_q3": 0.12}), rank=r
+        )
+        out.append(
+            {"rank": r, "coords": {"pp": 0, "dp": r, "tp": 0}, "peak_source": "", "measurement": measurement_to_dict(m)}
+        )
     return out
 
 
@@ -105,10 +111,13 @@ def test_check_refuses_too_few_steps_before_running(capsys):
     assert f"at least {MIN_STEPS} steps" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--efficiency", "1.5"], "--efficiency must be in (0, 1]"),
-    (["--hardware", "missing.toml"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--efficiency", "1.5"], "--efficiency must be in (0, 1]"),
+        (["--hardware", "missing.toml"], "does not exist"),
+    ],
+)
 def test_check_bad_flags_are_one_line(extra, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["check", LLAMA, "--nproc", "2", *extra]) == 2
@@ -118,8 +127,12 @@ def test_check_bad_flags_are_one_line(extra, message, capsys, tmp_path, monkeypa
 
 def test_hardware_file_with_two_gpus_needs_a_choice(capsys, tmp_path):
     f = tmp_path / "two.toml"
-    f.write_text("".join(f'[gpu.{n}]\nmemory_gib = 1\ntflops = {{ fp32 = 1.0 }}\nhbm_gbps = 1\nlink = "x"\n'
-                         f"link_gbps = 1\n\n" for n in ("a", "b")))
+    f.write_text(
+        "".join(
+            f'[gpu.{n}]\nmemory_gib = 1\ntflops = {{ fp32 = 1.0 }}\nhbm_gbps = 1\nlink = "x"\nlink_gbps = 1\n\n'
+            for n in ("a", "b")
+        )
+    )
     assert main(["check", LLAMA, "--nproc", "2", "--hardware", str(f)]) == 2
     assert "pick one with --gpu" in capsys.readouterr().err
 
@@ -144,7 +157,7 @@ def _measure_plans(cfgs: list) -> list[list[dict] | None]:
         for step in range(STEPS):
             batch = torch.randint(0, cfg.model.vocab, (plan.gbs, plan.seq + 1), generator=g)
             with meter.step(step, detail=step == STEPS - 1):
-                eng.train_step(batch[eng.dp_rank * per:(eng.dp_rank + 1) * per])
+                eng.train_step(batch[eng.dp_rank * per : (eng.dp_rank + 1) * per])
         ranks = meter.gather(plan.gbs * plan.seq)
         meter.close()
         out.append(ranks if dist.get_rank() == 0 else None)
@@ -177,16 +190,36 @@ def _hold(cfgs, world):
 
 
 def test_torch_profile_matches_measured_runs_on_2_ranks():
-    _hold([_cfg(LLAMA, 2, zero=0), _cfg(LLAMA, 2, zero=1), _cfg(LLAMA, 2, zero=2), _cfg(LLAMA, 2, zero=3),
-           _cfg(LLAMA, 2, tp=2), _cfg(LLAMA, 2, tp=2, sp=True), _cfg(LLAMA, 2, pp=2, schedule="gpipe"),
-           _cfg(LLAMA, 2, pp=2, schedule="1f1b"),
-           # GPT-2: biases, LayerNorm, learned positions, tied embeddings (across the pipeline too)
-           _cfg(GPT2, 2, zero=1), _cfg(GPT2, 2, zero=3), _cfg(GPT2, 2, tp=2, sp=True), _cfg(GPT2, 2, pp=2)], 2)
+    _hold(
+        [
+            _cfg(LLAMA, 2, zero=0),
+            _cfg(LLAMA, 2, zero=1),
+            _cfg(LLAMA, 2, zero=2),
+            _cfg(LLAMA, 2, zero=3),
+            _cfg(LLAMA, 2, tp=2),
+            _cfg(LLAMA, 2, tp=2, sp=True),
+            _cfg(LLAMA, 2, pp=2, schedule="gpipe"),
+            _cfg(LLAMA, 2, pp=2, schedule="1f1b"),
+            # GPT-2: biases, LayerNorm, learned positions, tied embeddings (across the pipeline too)
+            _cfg(GPT2, 2, zero=1),
+            _cfg(GPT2, 2, zero=3),
+            _cfg(GPT2, 2, tp=2, sp=True),
+            _cfg(GPT2, 2, pp=2),
+        ],
+        2,
+    )
 
 
 def test_torch_profile_matches_measured_runs_on_4_ranks():
-    _hold([_cfg(LLAMA, 4, dp=2, tp=2), _cfg(LLAMA, 4, dp=2, tp=2, sp=True, zero=1), _cfg(LLAMA, 4, dp=2, pp=2),
-           _cfg(LLAMA, 4, dp=2, tp=2, zero=3)], 4)
+    _hold(
+        [
+            _cfg(LLAMA, 4, dp=2, tp=2),
+            _cfg(LLAMA, 4, dp=2, tp=2, sp=True, zero=1),
+            _cfg(LLAMA, 4, dp=2, pp=2),
+            _cfg(LLAMA, 4, dp=2, tp=2, zero=3),
+        ],
+        4,
+    )
 
 
 def test_torch_profile_pipeline_mixes_on_4_ranks():

@@ -1,5 +1,6 @@
 """The `shardwise` command line: every subcommand's help, the estimate JSON contract, and bad
 input as one line on stderr with exit code 2 (no traceback)."""
+
 import json
 import subprocess
 import sys
@@ -24,15 +25,41 @@ def test_every_subcommand_has_help(cmd, capsys):
 
 
 def test_estimate_json_contract(capsys):
-    code = main(["estimate", "llama-2-70b", "--gpu", "h100-80gb", "--gpus", "64", "--tp", "8", "--pp", "2",
-                 "--zero", "1", "--mbs", "1", "--gbs", "512", "--seq", "4096", "--sp", "--recompute", "selective",
-                 "--tokens", "2T", "--price", "2.5", "--json"])
+    code = main(
+        [
+            "estimate",
+            "llama-2-70b",
+            "--gpu",
+            "h100-80gb",
+            "--gpus",
+            "64",
+            "--tp",
+            "8",
+            "--pp",
+            "2",
+            "--zero",
+            "1",
+            "--mbs",
+            "1",
+            "--gbs",
+            "512",
+            "--seq",
+            "4096",
+            "--sp",
+            "--recompute",
+            "selective",
+            "--tokens",
+            "2T",
+            "--price",
+            "2.5",
+            "--json",
+        ]
+    )
     d = json.loads(capsys.readouterr().out)
     mem = d["memory"]
     for k in ("params", "grads", "optimizer", "activations", "buffers", "overhead", "total", "capacity"):
         assert isinstance(mem[k], int) and mem[k] >= 0, k
-    assert mem["total"] == sum(mem[k] for k in ("params", "grads", "optimizer", "activations", "buffers",
-                                                "overhead"))
+    assert mem["total"] == sum(mem[k] for k in ("params", "grads", "optimizer", "activations", "buffers", "overhead"))
     assert mem["capacity"] == 80 * 2**30
     assert mem["fits"] == (mem["total"] <= mem["capacity"])
     assert code == (0 if mem["fits"] else 1)
@@ -66,8 +93,23 @@ def test_estimate_tables_and_derived_dp(capsys):
 
 
 def test_custom_dimensions_and_preset_overrides(capsys):
-    main(["estimate", "custom", "--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "100", "--gpus", "1",
-          "--json"])
+    main(
+        [
+            "estimate",
+            "custom",
+            "--layers",
+            "2",
+            "--hidden",
+            "64",
+            "--heads",
+            "4",
+            "--vocab",
+            "100",
+            "--gpus",
+            "1",
+            "--json",
+        ]
+    )
     d = json.loads(capsys.readouterr().out)
     # swiglu default ffn for h=64: 256*ceil(int(8*64/3)/256) = 256*ceil(170/256) = 256
     # per layer 4*64*64 (attn) + 3*64*256 (mlp) + 2*64 (norms) = 16384 + 49152 + 128 = 65664
@@ -77,26 +119,29 @@ def test_custom_dimensions_and_preset_overrides(capsys):
     assert json.loads(capsys.readouterr().out)["model"]["layers"] == 2
 
 
-@pytest.mark.parametrize("args, words", [
-    (["estimate", "llama-2-7c"], "unknown model 'llama-2-7c'; did you mean"),
-    (["estimate", "llama-2-7b", "--gpu", "h100"], "unknown GPU 'h100'; did you mean"),
-    (["estimate", "llama-2-7b", "--network", "infiniband"], "unknown network 'infiniband'"),
-    (["estimate", "llama-2-7b", "--gpus", "0"], "--gpus must be a positive integer"),
-    (["estimate", "llama-2-7b", "--gpus", "-8"], "--gpus must be a positive integer"),
-    (["estimate", "llama-2-7b", "--gpus", "24", "--tp", "3"], "tp=3 must divide the attention heads"),
-    (["estimate", "llama-2-7b", "--tp", "3"], "tp*pp = 3 does not divide 8 GPUs"),
-    (["estimate", "llama-2-7b", "--mbs", "0"], "mbs must be a positive integer"),
-    (["estimate", "llama-2-7b", "--seq", "-1"], "seq must be a positive integer"),
-    (["estimate", "llama-2-7b", "--tokens", "lots"], "not a count"),
-    (["estimate", "llama-2-7b", "--efficiency", "1.5"], "--efficiency must be in (0, 1]"),
-    (["estimate", "llama-2-7b", "--price", "-1"], "--price must not be negative"),
-    (["estimate", "llama-2-7b", "--gpus", "12", "--gpus-per-node", "8"], "not a whole number of 8-GPU nodes"),
-    (["estimate", "custom", "--layers", "2"], "a custom model needs --hidden"),
-    (["estimate", "llama-2-7b", "--hidden", "100"], "hidden 100 is not divisible by heads 32"),
-    (["estimate", "missing.json"], "model file 'missing.json' does not exist"),
-    (["estimate", "llama-2-7b", "--bogus"], "unrecognized arguments: --bogus"),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["estimate", "llama-2-7c"], "unknown model 'llama-2-7c'; did you mean"),
+        (["estimate", "llama-2-7b", "--gpu", "h100"], "unknown GPU 'h100'; did you mean"),
+        (["estimate", "llama-2-7b", "--network", "infiniband"], "unknown network 'infiniband'"),
+        (["estimate", "llama-2-7b", "--gpus", "0"], "--gpus must be a positive integer"),
+        (["estimate", "llama-2-7b", "--gpus", "-8"], "--gpus must be a positive integer"),
+        (["estimate", "llama-2-7b", "--gpus", "24", "--tp", "3"], "tp=3 must divide the attention heads"),
+        (["estimate", "llama-2-7b", "--tp", "3"], "tp*pp = 3 does not divide 8 GPUs"),
+        (["estimate", "llama-2-7b", "--mbs", "0"], "mbs must be a positive integer"),
+        (["estimate", "llama-2-7b", "--seq", "-1"], "seq must be a positive integer"),
+        (["estimate", "llama-2-7b", "--tokens", "lots"], "not a count"),
+        (["estimate", "llama-2-7b", "--efficiency", "1.5"], "--efficiency must be in (0, 1]"),
+        (["estimate", "llama-2-7b", "--price", "-1"], "--price must not be negative"),
+        (["estimate", "llama-2-7b", "--gpus", "12", "--gpus-per-node", "8"], "not a whole number of 8-GPU nodes"),
+        (["estimate", "custom", "--layers", "2"], "a custom model needs --hidden"),
+        (["estimate", "llama-2-7b", "--hidden", "100"], "hidden 100 is not divisible by heads 32"),
+        (["estimate", "missing.json"], "model file 'missing.json' does not exist"),
+        (["estimate", "llama-2-7b", "--bogus"], "unrecognized arguments: --bogus"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, words, capsys):
     code = None
     try:
@@ -115,8 +160,18 @@ def test_malformed_config_json_names_the_file(tmp_path):
     code, out, err = run("estimate", str(bad))
     assert code == 2 and out == ""
     assert str(bad) in err and err.count("\n") == 1 and "Traceback" not in err
-    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": -4096, "num_hidden_layers": 2,
-                               "num_attention_heads": 32, "vocab_size": 100, "intermediate_size": 64}))
+    bad.write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": -4096,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 32,
+                "vocab_size": 100,
+                "intermediate_size": 64,
+            }
+        )
+    )
     code, out, err = run("estimate", str(bad))
     assert code == 2 and "hidden_size" in err and err.count("\n") == 1
 

@@ -1,23 +1,45 @@
 """The communication estimate: ring volumes, link choice, latency-bandwidth time, and every
 collective of a step for named models and plans, worked by hand."""
+
 import time
 
 import numpy as np
 import pytest
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate.comm import (DDP_BUCKET, DDP_FIRST_BUCKET, PROFILES, bucket_sizes, collectives, ddp_ready_sizes,
-                                     lecture_comm_bytes, lecture_comm_ms, link, make, seconds, wire_bytes)
+from shardwise.estimate.comm import (
+    DDP_BUCKET,
+    DDP_FIRST_BUCKET,
+    PROFILES,
+    bucket_sizes,
+    collectives,
+    ddp_ready_sizes,
+    lecture_comm_bytes,
+    lecture_comm_ms,
+    link,
+    make,
+    seconds,
+    wire_bytes,
+)
 from shardwise.estimate.pipeline import rank_order
 from shardwise.spec.hardware import GPU, Cluster, Network
-from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
+from shardwise.spec.presets import preset
 
 # Round numbers, so the arithmetic below can be done by hand: 450 GB/s NVLink at 80%, 3 us a
 # ring step; 400 Gbit/s = 50 GB/s per GPU at 80%, 10 us a step; 8 GPUs a node.
-GPU_T = GPU(name="test-gpu", memory_gib=80, tflops={"bf16": 1000.0, "fp16": 1000.0, "fp32": 50.0},
-            hbm_gbps=4000, link="NVLink", link_gbps=450, link_latency_us=3.0, link_efficiency=0.8,
-            gpus_per_node=8, price_per_hour=2.0)
+GPU_T = GPU(
+    name="test-gpu",
+    memory_gib=80,
+    tflops={"bf16": 1000.0, "fp16": 1000.0, "fp32": 50.0},
+    hbm_gbps=4000,
+    link="NVLink",
+    link_gbps=450,
+    link_latency_us=3.0,
+    link_efficiency=0.8,
+    gpus_per_node=8,
+    price_per_hour=2.0,
+)
 NET_T = Network(name="test-net", gbits=400, latency_us=10.0, efficiency=0.8)
 LLAMA = preset("llama-2-7b")  # 6,738,415,616 params; a block is 202,383,360; vocab 32000, hidden 4096, ffn 11008
 
@@ -94,8 +116,7 @@ def test_a_kind_with_its_own_figures():
     # = 560 us + 7e6 / 10e9 s = 560 + 700 = 1,260 us
     assert make(c, "all-gather", "dp", 8, 1, 2, "x", total=8 * 10**6).seconds == pytest.approx(1260e-6)
     # a reduce-scatter of the same keeps NVLink's 3 us and 360 GB/s: 2 * 7 * 3 us + 7e6 / 360e9
-    assert make(c, "reduce-scatter", "dp", 8, 1, 2, "x", total=8 * 10**6).seconds == \
-        pytest.approx(42e-6 + 7e6 / 360e9)
+    assert make(c, "reduce-scatter", "dp", 8, 1, 2, "x", total=8 * 10**6).seconds == pytest.approx(42e-6 + 7e6 / 360e9)
     # pipeline hops across nodes (stride 8): a send and a recv of 1 MB each take 3 us + 1e6 / (25e9 * 0.8)
     # = 3 + 50 = 53 us (a recv is timed as the send it waits for)
     for kind in ("send", "recv"):
@@ -151,12 +172,16 @@ def test_ddp_buckets_match_torchs_assignment():
     torch = pytest.importorskip("torch")
     import torch.distributed as dist
 
-    for model, tp in [(preset("tiny-llama").scaled(hidden=512, heads=8, kv_heads=2, vocab=3000), 1),
-                      (preset("gpt2-124m").scaled(layers=3), 1), (preset("llama-3.2-1b").scaled(layers=2), 2)]:
+    for model, tp in [
+        (preset("tiny-llama").scaled(hidden=512, heads=8, kv_heads=2, vocab=3000), 1),
+        (preset("gpt2-124m").scaled(layers=3), 1),
+        (preset("llama-3.2-1b").scaled(layers=2), 2),
+    ]:
         sizes = ddp_ready_sizes(model, tp, model.layers, True, True, 4)
         tensors = [torch.empty(s // 4, dtype=torch.float32, device="meta") for s in sizes]
-        idx, _ = dist._compute_bucket_assignment_by_size(tensors, [DDP_FIRST_BUCKET, DDP_BUCKET], [False] * len(tensors),
-                                                         list(range(len(tensors))))
+        idx, _ = dist._compute_bucket_assignment_by_size(
+            tensors, [DDP_FIRST_BUCKET, DDP_BUCKET], [False] * len(tensors), list(range(len(tensors)))
+        )
         theirs = [sum(sizes[i] for i in b) for b in idx]
         assert bucket_sizes(sizes) == theirs
 
@@ -269,8 +294,10 @@ def test_tp_torch_is_megatron_per_layer():
 def test_tp_sequence_parallel_hand_worked():
     cs = comm(LLAMA, 8, tp=8, sp=True, seq=4096)
     act = 4096 * 4096
-    assert (find(cs, "sequence shards to block inputs").bytes, find(cs, "sequence shards to block inputs").count) == \
-        (act * 4, 64)
+    assert (find(cs, "sequence shards to block inputs").bytes, find(cs, "sequence shards to block inputs").count) == (
+        act * 4,
+        64,
+    )
     assert find(cs, "block outputs (wo, w2) to sequence").count == 64
     assert find(cs, "block input gradients to sequence").count == 64
     assert find(cs, "block output gradients").count == 64
@@ -303,7 +330,7 @@ def test_megatron_sp_moves_what_the_all_reduce_moves():
     # AG + RS of S move 2 * (N-1)/N * S, the same as one all-reduce of S (Korthikanti et al. 2022, sec. 4.2.2)
     plain = comm(LLAMA, 8, "megatron", tp=8, seq=4096)
     sp = comm(LLAMA, 8, "megatron", tp=8, seq=4096, sp=True)
-    block = lambda cs: sum(c.wire_bytes for w, c in cs.items() if "block" in w)  # noqa: E731
+    block = lambda cs: sum(c.wire_bytes for w, c in cs.items() if "block" in w)
     assert block(plain) == block(sp)
     assert find(plain, "cross-entropy").count == 3
 
@@ -340,8 +367,10 @@ def test_tied_embeddings_under_a_pipeline():
 # ---- profiles -------------------------------------------------------------------------------------------
 def test_design_same_volume_and_zero3_one_and_a_half():
     """DESIGN.md: DDP and ZeRO-1/2 move the same volume; ZeRO-3 moves 1.5x (zero-paper profile)."""
-    vol = {z: sum(c.wire_bytes for c in comm(LLAMA, 8, "zero-paper", dp=8, zero=z, seq=4096).values()
-                  if c.group == "dp") for z in range(4)}
+    vol = {
+        z: sum(c.wire_bytes for c in comm(LLAMA, 8, "zero-paper", dp=8, zero=z, seq=4096).values() if c.group == "dp")
+        for z in range(4)
+    }
     # DDP: all-reduce of 2*Psi bytes = 2 * 7/8 * 13,476,831,232 = 23,584,454,656 per rank
     assert vol[0] == 23_584_454_656
     assert vol[0] == vol[1] == vol[2]
@@ -370,8 +399,11 @@ def test_lecture_numbers_next_to_ours():
     assert [round(lecture_comm_ms(p, s), 6) for s in range(4)] == [560.0, 560.0, 280.0, 840.0]
     # ours (zero-paper, bytes a rank sends, ring): DDP 2*(7/8)*14 GB = 24.5 GB; ZeRO-2 reduce-scatter +
     # all-gather = also 24.5 GB (the lecture's 14 GB is half the paper's 2*Psi); ZeRO-3 36.75 GB
-    ours = {0: wire_bytes("all-reduce", 8, 14e9), 2: 2 * wire_bytes("reduce-scatter", 8, 14e9),
-            3: 3 * wire_bytes("all-gather", 8, 14e9)}
+    ours = {
+        0: wire_bytes("all-reduce", 8, 14e9),
+        2: 2 * wire_bytes("reduce-scatter", 8, 14e9),
+        3: 3 * wire_bytes("all-gather", 8, 14e9),
+    }
     assert ours == {0: 24.5e9, 2: 24.5e9, 3: 36.75e9}
     assert ours[0] / lecture_comm_bytes(p, 0) == pytest.approx(7 / 8)  # its missing (N-1)/N
     assert ours[2] / lecture_comm_bytes(p, 2) == pytest.approx(7 / 4)  # and its halved ZeRO-2
@@ -380,19 +412,31 @@ def test_lecture_numbers_next_to_ours():
 
 
 # ---- one path for one plan or many -------------------------------------------------------------------
-ARRAY_CASES = [dict(zero=z, sp=sp, schedule=s, recompute=r, precision=pr)
-               for z in (0, 1, 2, 3) for sp in (False, True) for s in ("1f1b", "interleaved")
-               for r, pr in (("none", "bf16-mixed"), ("full", "fp32"))]
+ARRAY_CASES = [
+    dict(zero=z, sp=sp, schedule=s, recompute=r, precision=pr)
+    for z in (0, 1, 2, 3)
+    for sp in (False, True)
+    for s in ("1f1b", "interleaved")
+    for r, pr in (("none", "bf16-mixed"), ("full", "fp32"))
+]
 
 
 @pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("cats", ARRAY_CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_array_plan_matches_scalar_plans(profile, cats):
     model, gpus = preset("tiny-llama"), 16  # 4 layers, 8 heads / 4 KV heads, 256 vocab
-    rows = [(dp, tp, pp, mbs, v) for tp in (1, 2, 4) for pp in (1, 2, 4) for mbs in (1, 2) for v in (1, 2)
-            for dp in [gpus // (tp * pp)]
-            if (cats["schedule"] == "interleaved") == (v > 1) and pp * v <= 4 and (pp > 1 or v == 1)
-            and (tp > 1 or not cats["sp"])]
+    rows = [
+        (dp, tp, pp, mbs, v)
+        for tp in (1, 2, 4)
+        for pp in (1, 2, 4)
+        for mbs in (1, 2)
+        for v in (1, 2)
+        for dp in [gpus // (tp * pp)]
+        if (cats["schedule"] == "interleaved") == (v > 1)
+        and pp * v <= 4
+        and (pp > 1 or v == 1)
+        and (tp > 1 or not cats["sp"])
+    ]
     cl = Cluster(gpu=GPU_T, gpus=gpus, gpus_per_node=4, network=NET_T)  # 4-GPU nodes: some groups span
     gbs = 64
     arr = np.array(rows, dtype=np.int64).T
@@ -404,8 +448,12 @@ def test_array_plan_matches_scalar_plans(profile, cats):
         live = [c for c in got if c.count[i] > 0]
         assert [(c.kind, c.group, c.what) for c in live] == [(c.kind, c.group, c.what) for c in want]
         for a, b in zip(live, want):
-            assert (int(a.ranks[i] if np.ndim(a.ranks) else a.ranks), int(a.bytes[i]), int(a.count[i]),
-                    int(a.wire_bytes[i])) == (b.ranks, b.bytes, b.count, b.wire_bytes)
+            assert (
+                int(a.ranks[i] if np.ndim(a.ranks) else a.ranks),
+                int(a.bytes[i]),
+                int(a.count[i]),
+                int(a.wire_bytes[i]),
+            ) == (b.ranks, b.bytes, b.count, b.wire_bytes)
             assert float(a.seconds[i]) == pytest.approx(b.seconds, rel=1e-12)
             assert str(np.asarray(a.link)[i] if np.ndim(a.link) else a.link) == b.link
 

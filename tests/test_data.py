@@ -1,5 +1,6 @@
 """Training data: the Markov chain's entropy rate (hand-worked), determinism and dp slicing
 of every source, windows of the file sources, and their one-line file errors. No torch."""
+
 import math
 
 import numpy as np
@@ -75,9 +76,11 @@ def sources(tmp_path):
     (np.arange(5000) % 1000).astype(np.uint16).tofile(tok)
     txt = tmp_path / "text.txt"
     txt.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 40)
-    return [D.SyntheticSource(256, 4, gbs=8, seq=32, seed=3),
-            D.FileSource(str(tok), "tokens", vocab=1000, gbs=8, seq=32, seed=3),
-            D.FileSource(str(txt), "text", vocab=256, gbs=8, seq=32, seed=3)]
+    return [
+        D.SyntheticSource(256, 4, gbs=8, seq=32, seed=3),
+        D.FileSource(str(tok), "tokens", vocab=1000, gbs=8, seq=32, seed=3),
+        D.FileSource(str(txt), "text", vocab=256, gbs=8, seq=32, seed=3),
+    ]
 
 
 def test_same_global_batch_whatever_the_world_size(tmp_path):

@@ -9,14 +9,15 @@ Several plans run inside one spawned group (process start-up is most of the cost
 Mixed precision runs on CPU too (autocast, FSDP2's MixedPrecisionPolicy, pure bf16); the GPU
 tests at the end (NCCL, one GPU each) are skipped without CUDA.
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from _dist import run_ranks
+
 from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan
 
@@ -33,9 +34,21 @@ PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-5
 TENSOR_RTOL = 1e-5
 
 LLAMA = ModelSpec(name="tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, vocab=128, ffn_hidden=128)
-GPT2 = ModelSpec(name="tiny-gpt2", layers=4, hidden=64, heads=4, vocab=128, ffn_kind="gelu", norm="layernorm",
-                 positions="learned", max_seq=32, tied_embeddings=True, qkv_bias=True, out_bias=True,
-                 mlp_bias=True)
+GPT2 = ModelSpec(
+    name="tiny-gpt2",
+    layers=4,
+    hidden=64,
+    heads=4,
+    vocab=128,
+    ffn_kind="gelu",
+    norm="layernorm",
+    positions="learned",
+    max_seq=32,
+    tied_embeddings=True,
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+)
 # softmax(q.(k + b)) = softmax(q.k) per query: the key bias's exact gradient is zero, so what
 # it holds after training is rounding noise amplified by Adam, different for every summation
 # order. It is checked for staying at noise level instead of elementwise.
@@ -60,7 +73,7 @@ def train(spec: ModelSpec, plan: Plan, device: str = "cpu") -> tuple[list[float]
     per = eng.plan.gbs // eng.dp_size
     losses, norms = [], []
     for step in range(STEPS):
-        stats = eng.train_step(data[step, eng.dp_rank * per:(eng.dp_rank + 1) * per])
+        stats = eng.train_step(data[step, eng.dp_rank * per : (eng.dp_rank + 1) * per])
         losses.append(stats.loss)
         norms.append(stats.grad_norm)
     state = eng.state_dict_full()
@@ -98,17 +111,28 @@ def assert_same_training(spec: ModelSpec, plan: Plan, got: tuple) -> None:
     ref_losses, ref_norms, ref_state = reference(spec, plan.optimizer)
     losses, norms, state = got
     name = plan.short()
-    torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64), torch.tensor(ref_losses, dtype=torch.float64),
-                               rtol=LOSS_RTOL, atol=0, msg=lambda m: f"{name}: losses differ\n{m}")
-    torch.testing.assert_close(torch.tensor(norms, dtype=torch.float64), torch.tensor(ref_norms, dtype=torch.float64),
-                               rtol=1e-4, atol=0, msg=lambda m: f"{name}: grad norms differ\n{m}")
+    torch.testing.assert_close(
+        torch.tensor(losses, dtype=torch.float64),
+        torch.tensor(ref_losses, dtype=torch.float64),
+        rtol=LOSS_RTOL,
+        atol=0,
+        msg=lambda m: f"{name}: losses differ\n{m}",
+    )
+    torch.testing.assert_close(
+        torch.tensor(norms, dtype=torch.float64),
+        torch.tensor(ref_norms, dtype=torch.float64),
+        rtol=1e-4,
+        atol=0,
+        msg=lambda m: f"{name}: grad norms differ\n{m}",
+    )
     assert list(state) == list(ref_state), f"{name}: parameter names differ"
     for k in ref_state:
         if k.endswith(ZERO_GRADIENT):
             assert state[k].abs().max() < NOISE_LEVEL and ref_state[k].abs().max() < NOISE_LEVEL, k
             continue
-        torch.testing.assert_close(state[k], ref_state[k], rtol=PARAM_RTOL, atol=PARAM_ATOL,
-                                   msg=lambda m: f"{name}: final {k} differs\n{m}")
+        torch.testing.assert_close(
+            state[k], ref_state[k], rtol=PARAM_RTOL, atol=PARAM_ATOL, msg=lambda m: f"{name}: final {k} differs\n{m}"
+        )
         rel = float((state[k] - ref_state[k]).norm() / ref_state[k].norm())
         assert rel < TENSOR_RTOL, f"{name}: final {k} differs by {rel:.2e} of its norm"
 
@@ -129,32 +153,49 @@ def train_all(items: list[tuple[ModelSpec, Plan]]) -> list[tuple]:
 # (starting ranks is most of the cost here); each plan is then its own test.
 PLANS: dict[int, list[tuple[ModelSpec, dict]]] = {
     2: [  # every engine alone
-        (LLAMA, dict(dp=2, zero=0)), (LLAMA, dict(dp=2, zero=1)), (LLAMA, dict(dp=2, zero=2)),
-        (LLAMA, dict(dp=2, zero=3)), (LLAMA, dict(tp=2)), (LLAMA, dict(tp=2, sp=True)),
-        (LLAMA, dict(pp=2, schedule="gpipe")), (LLAMA, dict(pp=2, schedule="1f1b")),
+        (LLAMA, dict(dp=2, zero=0)),
+        (LLAMA, dict(dp=2, zero=1)),
+        (LLAMA, dict(dp=2, zero=2)),
+        (LLAMA, dict(dp=2, zero=3)),
+        (LLAMA, dict(tp=2)),
+        (LLAMA, dict(tp=2, sp=True)),
+        (LLAMA, dict(pp=2, schedule="gpipe")),
+        (LLAMA, dict(pp=2, schedule="1f1b")),
         (LLAMA, dict(pp=2, schedule="interleaved", vpp=2)),
         # recompute on top of FSDP, TP+SP and PP
         (LLAMA, dict(dp=2, zero=3, recompute="full")),
-        (LLAMA, dict(tp=2, sp=True, recompute="selective")), (LLAMA, dict(pp=2, recompute="full")),
+        (LLAMA, dict(tp=2, sp=True, recompute="selective")),
+        (LLAMA, dict(pp=2, recompute="full")),
         # other optimizers (Adafactor needs whole parameters: see test_refusals)
-        (LLAMA, dict(tp=2, sp=True, optimizer="sgd")), (LLAMA, dict(dp=2, zero=3, optimizer="sgd")),
-        (LLAMA, dict(dp=2, zero=1, optimizer="adafactor")), (LLAMA, dict(pp=2, optimizer="adafactor")),
+        (LLAMA, dict(tp=2, sp=True, optimizer="sgd")),
+        (LLAMA, dict(dp=2, zero=3, optimizer="sgd")),
+        (LLAMA, dict(dp=2, zero=1, optimizer="adafactor")),
+        (LLAMA, dict(pp=2, optimizer="adafactor")),
         # GPT-2 style: biases, LayerNorm, learned positions (position-parallel under TP+SP) and
         # the tied embedding (across pipeline stages: summed gradients of the two copies)
-        (GPT2, dict(dp=2)), (GPT2, dict(tp=2)), (GPT2, dict(tp=2, sp=True)),
-        (GPT2, dict(pp=2)), (GPT2, dict(pp=2, schedule="interleaved", vpp=2)),
+        (GPT2, dict(dp=2)),
+        (GPT2, dict(tp=2)),
+        (GPT2, dict(tp=2, sp=True)),
+        (GPT2, dict(pp=2)),
+        (GPT2, dict(pp=2, schedule="interleaved", vpp=2)),
     ],
     4: [  # the mixes
-        (LLAMA, dict(dp=2, tp=2)), (LLAMA, dict(dp=2, tp=2, zero=1, sp=True)),
+        (LLAMA, dict(dp=2, tp=2)),
+        (LLAMA, dict(dp=2, tp=2, zero=1, sp=True)),
         (LLAMA, dict(dp=2, tp=2, zero=3, sp=True)),
-        (LLAMA, dict(dp=2, pp=2)), (LLAMA, dict(dp=2, pp=2, zero=1, schedule="gpipe")),
+        (LLAMA, dict(dp=2, pp=2)),
+        (LLAMA, dict(dp=2, pp=2, zero=1, schedule="gpipe")),
         (LLAMA, dict(dp=2, pp=2, zero=3, schedule="interleaved", vpp=2)),
-        (LLAMA, dict(tp=2, pp=2, sp=True)), (LLAMA, dict(tp=2, pp=2, schedule="interleaved", vpp=2)),
-        (GPT2, dict(dp=2, tp=2, zero=2, sp=True)), (GPT2, dict(dp=2, pp=2, zero=1)), (GPT2, dict(dp=2, pp=2, zero=3)),
+        (LLAMA, dict(tp=2, pp=2, sp=True)),
+        (LLAMA, dict(tp=2, pp=2, schedule="interleaved", vpp=2)),
+        (GPT2, dict(dp=2, tp=2, zero=2, sp=True)),
+        (GPT2, dict(dp=2, pp=2, zero=1)),
+        (GPT2, dict(dp=2, pp=2, zero=3)),
         (GPT2, dict(tp=2, pp=2, sp=True)),
     ],
     8: [  # all three at once: DDP + TP path with ZeRO-1, and FSDP2 on the 2-D dp x tp mesh, per stage
-        (LLAMA, dict(dp=2, tp=2, pp=2, zero=1, sp=True)), (LLAMA, dict(dp=2, tp=2, pp=2, zero=3)),
+        (LLAMA, dict(dp=2, tp=2, pp=2, zero=1, sp=True)),
+        (LLAMA, dict(dp=2, tp=2, pp=2, zero=3)),
     ],
 }
 
@@ -192,9 +233,13 @@ def test_eight_ranks():
 
 
 # ---- mixed precision: the GPU code paths, run on CPU ---------------------------------------------
-MIXED = [dict(dp=2, precision="bf16-mixed"), dict(dp=2, zero=3, precision="bf16-mixed"),
-         dict(pp=2, precision="bf16-mixed"), dict(tp=2, sp=True, precision="bf16-mixed"),
-         dict(dp=2, precision="bf16")]
+MIXED = [
+    dict(dp=2, precision="bf16-mixed"),
+    dict(dp=2, zero=3, precision="bf16-mixed"),
+    dict(pp=2, precision="bf16-mixed"),
+    dict(tp=2, sp=True, precision="bf16-mixed"),
+    dict(dp=2, precision="bf16"),
+]
 
 
 def train_mixed(items, device="cpu"):

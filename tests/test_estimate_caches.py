@@ -1,14 +1,15 @@
 """The estimate tier's caches and shortcuts change no number: a memoized formula gives on arrays
 exactly what it gives element by element and runs once per distinct combination, and the
 single-stage shortcut (pp = 1: the first pipeline stage's rank is the last's) holds."""
+
 import numpy as np
 import pytest
 
 from shardwise.estimate._num import memo, per_unique
 from shardwise.estimate.memory import memory
 from shardwise.spec.hardware import make_cluster
-from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
+from shardwise.spec.presets import preset
 
 
 def counted(fn):
@@ -61,7 +62,10 @@ def test_per_unique_structures():
     f, calls = counted(lambda a, b: (a + b, a * b))
     s, p = per_unique(f, np.array([1, 2, 1]), np.array([3, 3, 3]))
     assert s.tolist() == [4, 5, 4] and p.tolist() == [3, 6, 3] and len(calls) == 2
-    assert per_unique(lambda a: a * 2, np.array([5, 5]), ).tolist() == [10, 10]
+    assert per_unique(
+        lambda a: a * 2,
+        np.array([5, 5]),
+    ).tolist() == [10, 10]
 
 
 # ---- pp = 1: memory() examines one rank, the first stage's, and it is the last stage's too -------
@@ -70,8 +74,13 @@ def test_per_unique_structures():
 def test_one_stage_is_both_first_and_last(profile, model):
     m, cluster = preset(model), make_cluster("h100-80gb", 8)
     for zero in range(4):
-        for kw in (dict(tp=1), dict(tp=2, sp=True, recompute="selective"), dict(tp=8, recompute="full"),
-                   dict(tp=1, precision="fp32", optimizer="adafactor"), dict(tp=2, precision="bf16", mbs=2, gbs=64)):
+        for kw in (
+            dict(tp=1),
+            dict(tp=2, sp=True, recompute="selective"),
+            dict(tp=8, recompute="full"),
+            dict(tp=1, precision="fp32", optimizer="adafactor"),
+            dict(tp=2, precision="bf16", mbs=2, gbs=64),
+        ):
             if kw.get("tp", 1) > 1 and m.kv_heads % kw["tp"]:
                 continue
             plan = Plan(zero=zero, seq=1024, **kw).resolve(m, 8)

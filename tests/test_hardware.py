@@ -1,14 +1,25 @@
 """The GPU and network catalogs, the Cluster arithmetic, and user hardware files."""
+
 import pytest
 
 from shardwise.errors import ShardwiseError
 from shardwise.spec import hardware as hw
 from shardwise.spec.hardware import DTYPES, GIB, Cluster, load_gpu, load_network, make_cluster
 
-GPUS = ("rtx-4090", "v100-32gb", "a100-40gb", "a100-80gb", "h100-80gb", "h100-pcie", "h200", "b200",
-        "mi300x", "l4", "t4")
-NETWORKS = ("ib-hdr", "ib-ndr", "roce-100g", "roce-200g", "roce-400g", "ethernet-10g", "ethernet-25g",
-            "ethernet-100g")
+GPUS = (
+    "rtx-4090",
+    "v100-32gb",
+    "a100-40gb",
+    "a100-80gb",
+    "h100-80gb",
+    "h100-pcie",
+    "h200",
+    "b200",
+    "mi300x",
+    "l4",
+    "t4",
+)
+NETWORKS = ("ib-hdr", "ib-ndr", "roce-100g", "roce-200g", "roce-400g", "ethernet-10g", "ethernet-25g", "ethernet-100g")
 
 
 def test_catalogs_hold_every_required_entry():
@@ -160,42 +171,63 @@ def test_hardware_file_adds_and_overrides(tmp_path):
 
 def test_hardware_file_gives_collectives_their_own_figures(tmp_path):
     p = tmp_path / "hw.toml"
-    p.write_text(GOOD.replace('source = "our lab\'s L40S"', 'link_kinds = { "all-gather" = { latency_us = 40, '
-                              'gbps = 12.5 } }')
-                 + 'kinds = { send = { latency_us = 3, gbits = 200 } }\n')
+    p.write_text(
+        GOOD.replace('source = "our lab\'s L40S"', 'link_kinds = { "all-gather" = { latency_us = 40, gbps = 12.5 } }')
+        + "kinds = { send = { latency_us = 3, gbits = 200 } }\n"
+    )
     assert load_gpu("my-gpu", str(p)).link_kinds == {"all-gather": {"latency_us": 40, "gbps": 12.5}}
     assert load_network("our-fabric", str(p)).kinds == {"send": {"latency_us": 3, "gbits": 200}}
 
 
 BAD = {
     "not toml": ("[gpu.x\nmemory_gib = 1", "not valid TOML"),
-    "unknown field": ('[gpu.x]\nmemroy_gib = 80', "unknown field 'memroy_gib'; did you mean memory_gib"),
-    "missing field": ('[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nlink = "x"\nlink_gbps = 1',
-                      "missing 1 required positional argument: 'hbm_gbps'"),
-    "negative": ('[network.x]\ngbits = -100\nlatency_us = 5', "gbits must not be negative, got -100"),
-    "zero": ('[network.x]\ngbits = 0\nlatency_us = 5', "gbits must be positive"),
+    "unknown field": ("[gpu.x]\nmemroy_gib = 80", "unknown field 'memroy_gib'; did you mean memory_gib"),
+    "missing field": (
+        '[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nlink = "x"\nlink_gbps = 1',
+        "missing 1 required positional argument: 'hbm_gbps'",
+    ),
+    "negative": ("[network.x]\ngbits = -100\nlatency_us = 5", "gbits must not be negative, got -100"),
+    "zero": ("[network.x]\ngbits = 0\nlatency_us = 5", "gbits must be positive"),
     "string number": ('[network.x]\ngbits = "100"\nlatency_us = 5', "gbits must be a number, got '100'"),
-    "efficiency": ('[network.x]\ngbits = 100\nlatency_us = 5\nefficiency = 80',
-                   r"efficiency is a fraction of nominal bandwidth in \(0, 1\], got 80"),
-    "bad dtype": ('[gpu.x]\nmemory_gib = 80\ntflops = { bfloat16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\n'
-                  'link_gbps = 1', "tflops has unknown dtype 'bfloat16'"),
-    "tflops not a table": ('[gpu.x]\nmemory_gib = 80\ntflops = 989\nhbm_gbps = 1\nlink = "x"\n'
-                           'link_gbps = 1', "tflops must be a table"),
-    "typo'd table": ('[gpus.x]\nmemory_gib = 80', "'gpus' is not a .* table; did you mean gpu"),
-    "overlap": ('[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\nlink_gbps = 1\n'
-                'overlap = 1.5', r"overlap is the fraction of a collective that hides behind compute, in \[0, 1\]"),
-    "kinds not a table": ('[network.x]\ngbits = 100\nlatency_us = 5\nkinds = 3', r"kinds must be a table of collective = \{ latency_us = us, gbits = rate \}"),
-    "unknown kind": ('[network.x]\ngbits = 100\nlatency_us = 5\nkinds = { allreduce = { latency_us = 1, gbits = 1 } }',
-                     "kinds has unknown collective 'allreduce'; did you mean all-reduce"),
-    "kind's rate in GPU units": ('[network.x]\ngbits = 100\nlatency_us = 5\n'
-                                 'kinds = { send = { latency_us = 1, gbps = 1 } }',
-                                 r"kinds.send must be \{ latency_us = us, gbits = rate \}"),
-    "kind's zero rate": ('[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\n'
-                         'link_gbps = 1\nlink_kinds = { broadcast = { latency_us = 5, gbps = 0 } }',
-                         "link_kinds.broadcast.gbps must be positive, got 0"),
-    "kind's negative latency": ('[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\n'
-                                'link_gbps = 1\nlink_kinds = { send = { latency_us = -5, gbps = 1 } }',
-                                "link_kinds.send.latency_us must be a number >= 0"),
+    "efficiency": (
+        "[network.x]\ngbits = 100\nlatency_us = 5\nefficiency = 80",
+        r"efficiency is a fraction of nominal bandwidth in \(0, 1\], got 80",
+    ),
+    "bad dtype": (
+        '[gpu.x]\nmemory_gib = 80\ntflops = { bfloat16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\nlink_gbps = 1',
+        "tflops has unknown dtype 'bfloat16'",
+    ),
+    "tflops not a table": (
+        '[gpu.x]\nmemory_gib = 80\ntflops = 989\nhbm_gbps = 1\nlink = "x"\nlink_gbps = 1',
+        "tflops must be a table",
+    ),
+    "typo'd table": ("[gpus.x]\nmemory_gib = 80", "'gpus' is not a .* table; did you mean gpu"),
+    "overlap": (
+        '[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\nlink_gbps = 1\noverlap = 1.5',
+        r"overlap is the fraction of a collective that hides behind compute, in \[0, 1\]",
+    ),
+    "kinds not a table": (
+        "[network.x]\ngbits = 100\nlatency_us = 5\nkinds = 3",
+        r"kinds must be a table of collective = \{ latency_us = us, gbits = rate \}",
+    ),
+    "unknown kind": (
+        "[network.x]\ngbits = 100\nlatency_us = 5\nkinds = { allreduce = { latency_us = 1, gbits = 1 } }",
+        "kinds has unknown collective 'allreduce'; did you mean all-reduce",
+    ),
+    "kind's rate in GPU units": (
+        "[network.x]\ngbits = 100\nlatency_us = 5\nkinds = { send = { latency_us = 1, gbps = 1 } }",
+        r"kinds.send must be \{ latency_us = us, gbits = rate \}",
+    ),
+    "kind's zero rate": (
+        '[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\n'
+        "link_gbps = 1\nlink_kinds = { broadcast = { latency_us = 5, gbps = 0 } }",
+        "link_kinds.broadcast.gbps must be positive, got 0",
+    ),
+    "kind's negative latency": (
+        '[gpu.x]\nmemory_gib = 80\ntflops = { bf16 = 1.0 }\nhbm_gbps = 1\nlink = "x"\n'
+        "link_gbps = 1\nlink_kinds = { send = { latency_us = -5, gbps = 1 } }",
+        "link_kinds.send.latency_us must be a number >= 0",
+    ),
 }
 
 

@@ -7,6 +7,7 @@ Qwen2.5-7B-Instruct were checked field for field against copies quoted in public
 pythia-160m was typed from the hub and its count fields (hidden 768, intermediate 3072, 12 layers,
 12 heads, vocab 50304, untied, max positions 2048) checked against the same kind of copies.
 """
+
 import json
 from pathlib import Path
 
@@ -94,22 +95,61 @@ def test_qwen2_has_bias_on_qkv_only():
 # kept here): (config, published count)
 INLINE = {
     # microsoft/Phi-3-mini-4k-instruct: fused qkv_proj / gate_up_proj, 3,821,079,552 (HF metadata)
-    "phi-3-mini": (dict(model_type="phi3", hidden_size=3072, intermediate_size=8192,
-                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                        vocab_size=32064, tie_word_embeddings=False), 3_821_079_552),
+    "phi-3-mini": (
+        dict(
+            model_type="phi3",
+            hidden_size=3072,
+            intermediate_size=8192,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            tie_word_embeddings=False,
+        ),
+        3_821_079_552,
+    ),
     # google/gemma-7b: head_dim 256 (16 heads * 256 = 4096 != hidden 3072), tied, 8,537,680,896
-    "gemma-7b": (dict(model_type="gemma", hidden_size=3072, intermediate_size=24576,
-                      num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=16,
-                      head_dim=256, vocab_size=256000), 8_537_680_896),
+    "gemma-7b": (
+        dict(
+            model_type="gemma",
+            hidden_size=3072,
+            intermediate_size=24576,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            head_dim=256,
+            vocab_size=256000,
+        ),
+        8_537_680_896,
+    ),
     # google/gemma-2b: multi-query (1 KV head), 2,506,172,416
-    "gemma-2b": (dict(model_type="gemma", hidden_size=2048, intermediate_size=16384,
-                      num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
-                      head_dim=256, vocab_size=256000), 2_506_172_416),
+    "gemma-2b": (
+        dict(
+            model_type="gemma",
+            hidden_size=2048,
+            intermediate_size=16384,
+            num_hidden_layers=18,
+            num_attention_heads=8,
+            num_key_value_heads=1,
+            head_dim=256,
+            vocab_size=256000,
+        ),
+        2_506_172_416,
+    ),
     # EleutherAI/gpt-neox-20b: 20,554,567,680 (model card)
-    "gpt-neox-20b": (dict(model_type="gpt_neox", hidden_size=6144, intermediate_size=24576,
-                          num_hidden_layers=44, num_attention_heads=64, vocab_size=50432,
-                          max_position_embeddings=2048, tie_word_embeddings=False),
-                     20_554_567_680),
+    "gpt-neox-20b": (
+        dict(
+            model_type="gpt_neox",
+            hidden_size=6144,
+            intermediate_size=24576,
+            num_hidden_layers=44,
+            num_attention_heads=64,
+            vocab_size=50432,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+        ),
+        20_554_567_680,
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """The engines' host time (estimate/host.py): how a plan's terms stack from the calibrated
 engines, worked by hand, and the same formula over the search's arrays."""
+
 import dataclasses
 
 import numpy as np
@@ -10,11 +11,13 @@ from shardwise.estimate.host import host_seconds, host_terms
 from shardwise.spec.hardware import GPU, _build
 from shardwise.spec.plan import Plan
 
-HOST = {"dp": {"block": 1000.0, "microbatch": 200.0, "step": 3000.0},
-        "tp": {"block": 4000.0, "microbatch": 500.0, "step": 3500.0},
-        "zero3": {"block": 2500.0, "microbatch": 200.0, "step": 2000.0},
-        "zero1": {"block": 1000.0, "microbatch": 200.0, "step": 9000.0},
-        "pp": {"block": 1500.0, "microbatch": 900.0, "step": 3000.0}}
+HOST = {
+    "dp": {"block": 1000.0, "microbatch": 200.0, "step": 3000.0},
+    "tp": {"block": 4000.0, "microbatch": 500.0, "step": 3500.0},
+    "zero3": {"block": 2500.0, "microbatch": 200.0, "step": 2000.0},
+    "zero1": {"block": 1000.0, "microbatch": 200.0, "step": 9000.0},
+    "pp": {"block": 1500.0, "microbatch": 900.0, "step": 3000.0},
+}
 Z = {"block_step": 0.0}  # measured on one rank only (calibrate_host.py): absent here
 G = GPU(name="cpu", memory_gib=8, tflops={"fp32": 0.03}, hbm_gbps=8, link="gloo", link_gbps=1, host_us=HOST)
 
@@ -46,17 +49,23 @@ def test_one_ranks_block_step_is_charged_once_per_step_hand_worked():
     # 4 layers, 4 micro-batches: pipelined 4 * 4 * 900 + 4 * 200 = 15,200 us; step 4 * 1000 +
     # 3000 = 7,000 us (three points would have charged block 1,900 us: 4 * 4 * 1,900 + 800 =
     # 31,200 us, 12,000 more than 15,200 + 4 * 1000)
-    g = dataclasses.replace(G, host_us={"dp": {"block": 900.0, "microbatch": 200.0, "block_step": 1000.0,
-                                               "step": 3000.0}})
+    g = dataclasses.replace(
+        G, host_us={"dp": {"block": 900.0, "microbatch": 200.0, "block_step": 1000.0, "step": 3000.0}}
+    )
     plan = Plan(dp=1, mbs=1, gbs=4)
     assert host_seconds(g, plan, 4) == pytest.approx((15_200e-6, 7_000e-6))
 
 
 def test_terms_never_go_negative():
     # an engine measured faster than dp makes a difference below 0; the sum is floored at 0
-    g = dataclasses.replace(G, host_us={"dp": {"block": 100.0, "microbatch": 0.0, "step": 0.0},
-                                        "tp": {"block": 0.0, "microbatch": 0.0, "step": 0.0},
-                                        "pp": {"block": 0.0, "microbatch": 0.0, "step": 0.0}})
+    g = dataclasses.replace(
+        G,
+        host_us={
+            "dp": {"block": 100.0, "microbatch": 0.0, "step": 0.0},
+            "tp": {"block": 0.0, "microbatch": 0.0, "step": 0.0},
+            "pp": {"block": 0.0, "microbatch": 0.0, "step": 0.0},
+        },
+    )
     assert host_terms(g, Plan(dp=1, tp=2, pp=2)) == {"block": 0.0, "microbatch": 0.0, "step": 0.0} | Z
 
 
@@ -74,13 +83,16 @@ def test_arrays_give_each_plan_its_scalar_terms():
         assert all(arr[t][i] == pytest.approx(one[t]) for t in one)
 
 
-@pytest.mark.parametrize("host, message", [
-    ({"ddp": {"block": 1}}, "unknown engine 'ddp'"),
-    ({"dp": {"blocks": 1}}, "unknown term 'blocks'"),
-    ({"dp": {"block": -1}}, "must be a number of microseconds >= 0"),
-    ({"dp": 5}, "host_us.dp must be"),
-    ([1], "host_us must be a table"),
-])
+@pytest.mark.parametrize(
+    "host, message",
+    [
+        ({"ddp": {"block": 1}}, "unknown engine 'ddp'"),
+        ({"dp": {"blocks": 1}}, "unknown term 'blocks'"),
+        ({"dp": {"block": -1}}, "must be a number of microseconds >= 0"),
+        ({"dp": 5}, "host_us.dp must be"),
+        ([1], "host_us must be a table"),
+    ],
+)
 def test_bad_host_tables_are_one_line(host, message):
     d = {"memory_gib": 8, "tflops": {"fp32": 0.03}, "hbm_gbps": 8, "link": "gloo", "link_gbps": 1, "host_us": host}
     with pytest.raises(ShardwiseError, match=message) as e:

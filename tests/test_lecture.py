@@ -5,6 +5,7 @@ written and non-trivial, the HTML page renders offline, and bad input is one lin
 The lecture is computed once per module (the search runs in parts 1 and 5); part 1 is restricted
 to three of its five models to keep the file fast (gpt-3 and llama-2-70b only add search time).
 """
+
 from __future__ import annotations
 
 import json
@@ -45,16 +46,25 @@ def rendered(lec, tmp_path_factory):
 
 # ---- the parts and their keys -----------------------------------------------------------------
 def test_part_keys():
-    assert [part_key(k) for k in ("1", "strategies", "ZeRO", "4", "choose")] == \
-        ["why", "strategies", "zero", "comm", "choose"]
+    assert [part_key(k) for k in ("1", "strategies", "ZeRO", "4", "choose")] == [
+        "why",
+        "strategies",
+        "zero",
+        "comm",
+        "choose",
+    ]
     for bad in ("0", "6", "zer0x", ""):
         with pytest.raises(ShardwiseError, match="unknown lecture part"):
             part_key(bad)
 
 
 def test_default_setting_is_the_lectures(lec):
-    assert (lec.model.name, lec.cluster.gpus, lec.cluster.gpu.name, lec.cluster.network.gbits) == \
-        ("llama-7b", 8, "a100-80gb", 400)
+    assert (lec.model.name, lec.cluster.gpus, lec.cluster.gpu.name, lec.cluster.network.gbits) == (
+        "llama-7b",
+        8,
+        "a100-80gb",
+        400,
+    )
     assert lec.model.params == PSI_7B
     assert not Settings().customized and Settings(gpus=64).customized
 
@@ -84,8 +94,9 @@ def test_why_fewest_gpus_is_the_search(lec):
     d = lec.section("why").data["models"]
     for name in ("gpt2-1.5b", "llama-7b", "tiny-llama"):
         seq = d[name]["seq"]
-        full = fewest_gpus(name, make_cluster("a100-80gb", 1, None, "ib-ndr"), {"seq": seq, "offload": "none"},
-                           Options())
+        full = fewest_gpus(
+            name, make_cluster("a100-80gb", 1, None, "ib-ndr"), {"seq": seq, "offload": "none"}, Options()
+        )
         assert d[name]["fewest_gpus"] == full
         assert d[name]["lower_bound"] <= full
     # llama-7b: 16 bytes/param of torch-profile model states (fp32 weights, grads, Adam moments) = 100.4 GiB
@@ -111,8 +122,9 @@ def test_saved_activations_when_the_step_is_the_peak():
     eight = estimate("llama-7b", make_cluster("a100-80gb", 8), Plan())
     assert one.memory.activations == 0
     assert eight.memory.activations > 0
-    assert saved_activations(one.model, one.plan) == eight.memory.activations == \
-        saved_activations(eight.model, eight.plan)
+    assert (
+        saved_activations(one.model, one.plan) == eight.memory.activations == saved_activations(eight.model, eight.plan)
+    )
 
 
 # ---- part 2 -----------------------------------------------------------------------------------
@@ -125,8 +137,11 @@ def test_strategies_are_the_estimate(lec):
     for name, plan in plans.items():
         e = estimate(lec.model, lec.cluster, plan, "torch")
         d = s.data[name]
-        assert (d["memory_total"], d["wire_bytes"], d["tokens_per_s"]) == \
-            (e.memory.total, e.comm_wire_bytes, e.time.tokens_per_s)
+        assert (d["memory_total"], d["wire_bytes"], d["tokens_per_s"]) == (
+            e.memory.total,
+            e.comm_wire_bytes,
+            e.time.tokens_per_s,
+        )
     names = [r[0] for r in s.tables[0].rows]
     assert names == list(plans)
     assert [r[0] for r in s.tables[1].rows] == list(plans) + ["CP"]  # context parallel: described, not estimated
@@ -152,18 +167,28 @@ def test_zero_is_the_estimate_and_the_papers_formulas(lec):
         for z, stage in enumerate(("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")):
             m = estimate(lec.model, lec.cluster, Plan(zero=z), prof).memory
             row = d[prof][stage]
-            assert (row["params"], row["grads"], row["optimizer"], row["activations"], row["total"]) == \
-                (m.params, m.grads, m.optimizer, m.activations, m.total)
+            assert (row["params"], row["grads"], row["optimizer"], row["activations"], row["total"]) == (
+                m.params,
+                m.grads,
+                m.optimizer,
+                m.activations,
+                m.total,
+            )
     # the ZeRO paper / the lecture, Psi = 6,738,415,616, N = 8 (Psi/8 = 842,301,952 exactly):
     # DDP 16 Psi; ZeRO-1 4 Psi + 12 Psi/8 = 5.5 Psi; ZeRO-2 2 Psi + 14 Psi/8 = 3.75 Psi; ZeRO-3 16 Psi/8 = 2 Psi
     paper = {s: d["zero-paper"][s]["states"] for s in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")}
-    assert paper == {"DDP": 107_814_649_856, "ZeRO-1": 37_061_285_888, "ZeRO-2": 25_269_058_560,
-                     "ZeRO-3": 13_476_831_232}
+    assert paper == {
+        "DDP": 107_814_649_856,
+        "ZeRO-1": 37_061_285_888,
+        "ZeRO-2": 25_269_058_560,
+        "ZeRO-3": 13_476_831_232,
+    }
     takeaways = [n.text for n in lec.section("zero").notes if n.kind == "takeaway"]
     assert any("8.0x" in t and "(zero-paper profile)" in t for t in takeaways)
     t = d["torch"]
-    assert any(common.fmt_gib(t["DDP"]["states"]) in x and common.fmt_gib(t["ZeRO-3"]["states"]) in x
-               for x in takeaways)
+    assert any(
+        common.fmt_gib(t["DDP"]["states"]) in x and common.fmt_gib(t["ZeRO-3"]["states"]) in x for x in takeaways
+    )
 
 
 def test_zero_for_any_model_and_gpu_count():
@@ -179,14 +204,19 @@ def test_comm_lecture_paper_and_torch_volumes(lec):
     d = lec.section("comm").data
     psi = PSI_7B
     # the lecture: DDP and ZeRO-1 2 * 2 * Psi bytes, ZeRO-2 2 * Psi, ZeRO-3 2 * Psi + 2 * 2 * Psi
-    assert [d[s]["lecture_bytes"] for s in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")] == [4 * psi, 4 * psi, 2 * psi,
-                                                                                       6 * psi]
+    assert [d[s]["lecture_bytes"] for s in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")] == [
+        4 * psi,
+        4 * psi,
+        2 * psi,
+        6 * psi,
+    ]
     # its time: 4 Psi bytes * 8 bits / 400 Gbit/s = 0.539 s for DDP
     assert d["DDP"]["lecture_s"] == pytest.approx(4 * psi * 8 / 400e9)
     # the ZeRO paper, ring, N = 8: all-reduce of 2 Psi bytes sends 2 * 7/8 * 2 Psi = 3.5 Psi per GPU;
     # ZeRO-1/2 reduce-scatter + all-gather the same; ZeRO-3 1.5x = 5.25 Psi
-    assert [d[s]["paper_bytes"] for s in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")] == \
-        [int(3.5 * psi)] * 3 + [int(5.25 * psi)]
+    assert [d[s]["paper_bytes"] for s in ("DDP", "ZeRO-1", "ZeRO-2", "ZeRO-3")] == [int(3.5 * psi)] * 3 + [
+        int(5.25 * psi)
+    ]
     for name, z in (("DDP", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3)):
         assert d[name]["lecture_bytes"] == cm.lecture_comm_bytes(psi, z)
         e = estimate(lec.model, lec.cluster, Plan(dp=8, zero=z, gbs=8), "torch")
@@ -277,9 +307,11 @@ def test_html_page_is_self_contained(lec, rendered):
 
 
 def test_inline_svg_prefixes_ids():
-    svg = ('<?xml version="1.0"?>\n<!DOCTYPE svg>\n<svg width="10pt" height="5pt" viewBox="0 0 10 5">'
-           '<metadata>x</metadata><defs><clipPath id="c1"/></defs><g clip-path="url(#c1)"><use xlink:href="#g"/>'
-           '</g></svg>')
+    svg = (
+        '<?xml version="1.0"?>\n<!DOCTYPE svg>\n<svg width="10pt" height="5pt" viewBox="0 0 10 5">'
+        '<metadata>x</metadata><defs><clipPath id="c1"/></defs><g clip-path="url(#c1)"><use xlink:href="#g"/>'
+        "</g></svg>"
+    )
     out = figures.inline_svg(svg, "p1f0")
     assert out.startswith("<svg") and "<metadata>" not in out
     assert 'id="p1f0-c1"' in out and "url(#p1f0-c1)" in out and 'xlink:href="#p1f0-g"' in out
@@ -289,8 +321,23 @@ def test_inline_svg_prefixes_ids():
 # ---- the command line ------------------------------------------------------------------------------
 def test_cli_part_figures_and_html(tmp_path, capsys):
     out, page = tmp_path / "figs", tmp_path / "report.html"
-    rc = main(["lecture", "--part", "zero", "--model", "llama-2-7b", "--gpus", "16", "--out", str(out), "--html",
-               str(page), "--dpi", "30"])
+    rc = main(
+        [
+            "lecture",
+            "--part",
+            "zero",
+            "--model",
+            "llama-2-7b",
+            "--gpus",
+            "16",
+            "--out",
+            str(out),
+            "--html",
+            str(page),
+            "--dpi",
+            "30",
+        ]
+    )
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["3-zero-memory.png", "3-zero-memory.svg"]
     text = page.read_text()
@@ -314,16 +361,19 @@ def test_cli_unwritable_out_is_one_line(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "cannot write figures" in err
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--part", "nine"], "unknown lecture part"),
-    (["--model", "gpt-5-secret"], "unknown model"),
-    (["--gpu", "a100-90gb"], "unknown GPU"),
-    (["--network", "carrier-pigeon"], "unknown network"),
-    (["--gpus", "0"], "--gpus"),
-    (["--seq", "0"], "--seq"),
-    (["--dpi", "5"], "--dpi"),
-    (["--formats", "gif"], "figure format"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--part", "nine"], "unknown lecture part"),
+        (["--model", "gpt-5-secret"], "unknown model"),
+        (["--gpu", "a100-90gb"], "unknown GPU"),
+        (["--network", "carrier-pigeon"], "unknown network"),
+        (["--gpus", "0"], "--gpus"),
+        (["--seq", "0"], "--seq"),
+        (["--dpi", "5"], "--dpi"),
+        (["--formats", "gif"], "figure format"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(argv, needle, capsys, tmp_path):
     rc = main(["lecture", "--out", str(tmp_path / "f"), *argv])
     err = capsys.readouterr().err

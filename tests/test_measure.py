@@ -4,14 +4,15 @@ programs whose collectives and memory are worked out by hand below.
 One spawned 2-rank gloo group runs every distributed case (spawning costs seconds on CPU);
 the memory tracker and the model-state walk are also checked in this process.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from _dist import run_ranks
 from torch import nn
 
-from _dist import run_ranks
-from shardwise.run.measure import (Call, Clock, PeakMemory, model_state_bytes, quartiles, ring_bytes, summarize)
+from shardwise.run.measure import Call, Clock, PeakMemory, model_state_bytes, quartiles, ring_bytes, summarize
 
 F32 = 4
 
@@ -39,10 +40,14 @@ def _ranks_main() -> dict:
     x = torch.randn(4, 100, generator=torch.Generator().manual_seed(rank))
 
     torch.manual_seed(0)
-    ddp = DDP(nn.Sequential(nn.Linear(100, 300), nn.Linear(300, 7)), process_group=mesh["dp"].get_group(),
-              gradient_as_bucket_view=True)
-    zero = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=torch.optim.AdamW,
-                                   process_group=mesh["dp"].get_group())
+    ddp = DDP(
+        nn.Sequential(nn.Linear(100, 300), nn.Linear(300, 7)),
+        process_group=mesh["dp"].get_group(),
+        gradient_as_bucket_view=True,
+    )
+    zero = ZeroRedundancyOptimizer(
+        ddp.parameters(), optimizer_class=torch.optim.AdamW, process_group=mesh["dp"].get_group()
+    )
     for step in range(3):
         with CollectiveRecorder(names) as rec:
             ddp(x).sum().backward()
@@ -88,9 +93,21 @@ def _tp_blocks() -> dict:
     mesh = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("pp", "dp", "tp"))
     names = GroupNames(mesh)
     llama = ModelSpec(name="l", layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, ffn_hidden=128)
-    gpt2 = ModelSpec(name="g", layers=2, hidden=64, heads=4, vocab=128, ffn_kind="gelu", norm="layernorm",
-                     positions="learned", max_seq=32, tied_embeddings=True, qkv_bias=True, out_bias=True,
-                     mlp_bias=True)
+    gpt2 = ModelSpec(
+        name="g",
+        layers=2,
+        hidden=64,
+        heads=4,
+        vocab=128,
+        ffn_kind="gelu",
+        norm="layernorm",
+        positions="learned",
+        max_seq=32,
+        tied_embeddings=True,
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+    )
     out = {}
     for key, spec, sp in (("tp_llama", llama, False), ("tp_llama_sp", llama, True), ("tp_gpt2", gpt2, False)):
         model = build(spec)
@@ -116,8 +133,13 @@ def test_ddp_steady_state_is_one_bucket_all_reduce(ranks):
     # = 129,628 bytes, under DDP's 1 MiB first bucket: one all-reduce of 129,628 B per step.
     # ZeroRedundancyOptimizer broadcasts each parameter from its owner after the step:
     # 300*100*4 = 120,000, 7*300*4 = 8,400, 300*4 = 1,200 and 7*4 = 28 bytes.
-    want = {("all-reduce", "dp", 129_628): 1, ("broadcast", "dp", 120_000): 1, ("broadcast", "dp", 8_400): 1,
-            ("broadcast", "dp", 1_200): 1, ("broadcast", "dp", 28): 1}
+    want = {
+        ("all-reduce", "dp", 129_628): 1,
+        ("broadcast", "dp", 120_000): 1,
+        ("broadcast", "dp", 8_400): 1,
+        ("broadcast", "dp", 1_200): 1,
+        ("broadcast", "dp", 28): 1,
+    }
     for r in ranks:
         assert _calls(r["ddp0"][0]) == want
         assert _calls(r["ddp2"][0]) == want
@@ -148,8 +170,12 @@ def test_fsdp2_collectives_are_padded_groups(ranks):
     # The root, Linear(301, 7): weight 8*301 = 2,408 + bias 8 = 2,416 elements = 9,664 B.
     # ZeRO-3: the block is gathered for the forward and again for the backward; the root stays
     # gathered between them; one reduce-scatter of each group's full gradient buffer.
-    want = {("all-gather", "dp", 9_664): 1, ("all-gather", "dp", 122_008): 2,
-            ("reduce-scatter", "dp", 122_008): 1, ("reduce-scatter", "dp", 9_664): 1}
+    want = {
+        ("all-gather", "dp", 9_664): 1,
+        ("all-gather", "dp", 122_008): 2,
+        ("reduce-scatter", "dp", 122_008): 1,
+        ("reduce-scatter", "dp", 9_664): 1,
+    }
     for r in ranks:
         assert _calls(r["fsdp1"][0]) == want
 
@@ -194,7 +220,8 @@ def test_tp_blocks_communicate_like_megatron(ranks):
         #   backward 2*2 + 1 (output projection) = 5 reduce-scatters; 2*2 + 1 (embedding) = 5 all-gathers
         assert tuple(_calls(c) for c in r["tp_llama_sp"]) == (
             {("all-gather", "tp", 8_192): 5, ("reduce-scatter", "tp", 8_192): 5, ("all-gather", "tp", 16_384): 1},
-            {("all-gather", "tp", 8_192): 5, ("reduce-scatter", "tp", 8_192): 5})
+            {("all-gather", "tp", 8_192): 5, ("reduce-scatter", "tp", 8_192): 5},
+        )
 
 
 # ---- in this process ------------------------------------------------------------------------------

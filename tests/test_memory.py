@@ -1,17 +1,24 @@
 """The memory estimate: the ZeRO paper's figures, Megatron's table, hand-worked DDP / ZeRO-1/2/3 /
 TP / PP examples per profile, ZeroRedundancyOptimizer's greedy partition, FSDP2's padding, the
 optimizer-state formulas, and array plans equal to scalar plans."""
+
 import numpy as np
 import pytest
 
 from shardwise.errors import ShardwiseError
 from shardwise.estimate.memory import memory, stage_param_shapes
-from shardwise.estimate.profiles import (CUDA_CONTEXT_BYTES, GB, GIB, StateBytes, megatron_bytes_per_param,
-                                         optimizer_bytes, zero_paper_bytes)
+from shardwise.estimate.profiles import (
+    CUDA_CONTEXT_BYTES,
+    StateBytes,
+    megatron_bytes_per_param,
+    optimizer_bytes,
+    zero_paper_bytes,
+)
 from shardwise.spec.hardware import make_cluster
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
+from shardwise.spec.presets import preset
+from shardwise.units import GB, GIB
 
 FIELDS = ("params", "grads", "optimizer", "activations", "buffers", "overhead")
 OVERHEAD = CUDA_CONTEXT_BYTES
@@ -39,8 +46,7 @@ def test_zero_paper_profile_on_gpt2():
     # 2 Psi = 248,879,616; 12 Psi = 1,493,277,696; /4 -> 373,319,424 and 62,219,904
     m = preset("gpt2-124m")
     assert m.params == 124_439_808
-    states = lambda zero: (lambda e: (e.params, e.grads, e.optimizer))(  # noqa: E731
-        est(m, 4, "zero-paper", zero=zero, seq=1024))
+    states = lambda zero: (lambda e: (e.params, e.grads, e.optimizer))(est(m, 4, "zero-paper", zero=zero, seq=1024))
     assert states(0) == (248_879_616, 248_879_616, 1_493_277_696)
     assert states(1) == (248_879_616, 248_879_616, 373_319_424)
     assert states(2) == (248_879_616, 62_219_904, 373_319_424)
@@ -141,10 +147,20 @@ def test_torch_ddp_bf16_mixed_by_hand():
     # the loss's int64 targets 64.
     e = est(TINY, 4, zero=0, mbs=1, seq=8)
     assert e.detail == {
-        "params.local": 7_328, "grads.ddp_buckets": 7_328, "optimizer.states": 14_656,
-        "params.autocast_copy": 3_072, "act.layers": 5_888, "act.embedding": 64, "act.final_norm": 288,
-        "act.head_input": 128, "act.logits": 512, "act.loss_fp32": 1_024, "act.loss_backward": 2_048,
-        "act.targets": 64, "overhead.cuda_context": OVERHEAD}
+        "params.local": 7_328,
+        "grads.ddp_buckets": 7_328,
+        "optimizer.states": 14_656,
+        "params.autocast_copy": 3_072,
+        "act.layers": 5_888,
+        "act.embedding": 64,
+        "act.final_norm": 288,
+        "act.head_input": 128,
+        "act.logits": 512,
+        "act.loss_fp32": 1_024,
+        "act.loss_backward": 2_048,
+        "act.targets": 64,
+        "overhead.cuda_context": OVERHEAD,
+    }
     assert e.total == 42_400 + OVERHEAD
     assert e.capacity == 80 * GIB and e.fits
 
@@ -153,8 +169,13 @@ def test_optimizer_step_moment_ddp():
     # at="step" (what `shardwise check` measures): the same rank when it steps: activations and
     # autocast copies are gone, foreach AdamW's scratch over the 1,792 matrix elements is there
     m = memory(TINY, make_cluster("h100-80gb", 4), Plan(mbs=1, seq=8).resolve(TINY, 4), at="step")
-    assert m.detail == {"params.local": 7_328, "grads.ddp_buckets": 7_328, "optimizer.states": 14_656,
-                        "buffers.optimizer_step": 7_168, "overhead.cuda_context": OVERHEAD}
+    assert m.detail == {
+        "params.local": 7_328,
+        "grads.ddp_buckets": 7_328,
+        "optimizer.states": 14_656,
+        "buffers.optimizer_step": 7_168,
+        "overhead.cuda_context": OVERHEAD,
+    }
 
 
 def test_torch_zero1_greedy_partition_by_hand():
@@ -253,8 +274,13 @@ def test_optimizer_step_can_be_the_peak():
     # fp32 params 4 * 1,832 + their gradients 7,328 + AdamW 14,656 + foreach AdamW's sqrt(v)
     # scratch over the matrices (1,832 - 5 vectors of 8 = 1,792 elements) 4 * 1,792 = 7,168
     e = est(TINY, 1, mbs=1, seq=1, precision="fp32")
-    assert e.detail == {"params.local": 7_328, "grads.local": 7_328, "optimizer.states": 14_656,
-                        "buffers.optimizer_step": 7_168, "overhead.cuda_context": OVERHEAD}
+    assert e.detail == {
+        "params.local": 7_328,
+        "grads.local": 7_328,
+        "optimizer.states": 14_656,
+        "buffers.optimizer_step": 7_168,
+        "overhead.cuda_context": OVERHEAD,
+    }
     assert e.activations == 0
     # a long sequence moves the peak to the backward, where a lone GPU has no gradients yet
     long = est(TINY, 1, mbs=1, seq=256, precision="fp32")
@@ -339,7 +365,7 @@ def test_pipeline_first_backward_has_no_gradients():
     # q, k, v 96, logsumexp 8, out 32, SwiGLU 4 * 16 * 4 = 256 per token), token ids 8 T, its output
     # 32 T; two gradient receive buffers 2 * 32 T; the block's backward max(2 * 64 T, 64 T + 512).
     c = make_cluster("h100-80gb", 2)
-    plan = lambda seq: Plan(pp=2, mbs=1, gbs=2, seq=seq, precision="fp32").resolve(TINY, 2)  # noqa: E731
+    plan = lambda seq: Plan(pp=2, mbs=1, gbs=2, seq=seq, precision="fp32").resolve(TINY, 2)
     # T = 8: B0 = 2 * 4,480 + 2 * 64 + 2 * 256 + 512 + 1,024 + 3,648 + 7,296 = 22,080; B1 = 4,480 +
     # 64 + 256 + 512 + 1,024 + 3,648 + 3,648 + 7,296 = 20,928: B0, without gradients
     e = memory(TINY, c, plan(8), stage="first")
@@ -385,8 +411,12 @@ def test_vocab_parallel_embedding_gradient_is_whole_during_the_backward():
     # DDP's DTensor path hands back the local shard's gradient: 4 * 936
     assert est(TINY, 4, dp=2, tp=2, mbs=1, gbs=4, seq=8, precision="fp32").detail["grads.accumulated"] == 3_744
     # at the optimizer step the gradients are the shards again
-    at_step = memory(TINY, make_cluster("h100-80gb", 2), Plan(tp=2, mbs=1, gbs=2, seq=8, precision="fp32"
-                                                               ).resolve(TINY, 2), at="step")
+    at_step = memory(
+        TINY,
+        make_cluster("h100-80gb", 2),
+        Plan(tp=2, mbs=1, gbs=2, seq=8, precision="fp32").resolve(TINY, 2),
+        at="step",
+    )
     assert at_step.grads == 4 * 936
 
 
@@ -420,18 +450,26 @@ def test_interleaved_ranks_measured():
     plan = Plan(tp=2, pp=2, mbs=4, gbs=16, seq=64, schedule="interleaved", vpp=2, precision="fp32").resolve(m, 4)
     first, last = (memory(m, make_cluster("h100-80gb", 4), plan, stage=s, device="cpu") for s in ("first", "last"))
     assert first.total - OVERHEAD == 18_270_208
-    assert (first.detail["grads.accumulated"], first.detail["act.stage_output"],
-            first.detail["act.stage_input_grad"]) == (1_181_696, 1_048_576, 262_144)
+    assert (
+        first.detail["grads.accumulated"],
+        first.detail["act.stage_output"],
+        first.detail["act.stage_input_grad"],
+    ) == (1_181_696, 1_048_576, 262_144)
     assert last.total - OVERHEAD == 14_623_744
     assert 17_748_172 == 18_270_208 - 4 * 131_072 + 8_320 - 6_144 + 76
     assert 14_367_972 == 14_623_744 - 2 * 131_072 + 8_320 - 2_048 + 80 + 20
 
 
 # ---- one code path for one plan or many ----------------------------------------------------
-PLANS = [dict(dp=8, tp=1, pp=1, mbs=1, gbs=64, seq=4096), dict(dp=4, tp=2, pp=1, mbs=2, gbs=64, seq=2048),
-         dict(dp=2, tp=2, pp=2, mbs=1, gbs=16, seq=4096), dict(dp=1, tp=8, pp=1, mbs=1, gbs=4, seq=4096),
-         dict(dp=1, tp=2, pp=4, mbs=2, gbs=32, seq=1024), dict(dp=2, tp=1, pp=4, mbs=1, gbs=8, seq=4096),
-         dict(dp=1, tp=4, pp=2, mbs=1, gbs=2, seq=512)]
+PLANS = [
+    dict(dp=8, tp=1, pp=1, mbs=1, gbs=64, seq=4096),
+    dict(dp=4, tp=2, pp=1, mbs=2, gbs=64, seq=2048),
+    dict(dp=2, tp=2, pp=2, mbs=1, gbs=16, seq=4096),
+    dict(dp=1, tp=8, pp=1, mbs=1, gbs=4, seq=4096),
+    dict(dp=1, tp=2, pp=4, mbs=2, gbs=32, seq=1024),
+    dict(dp=2, tp=1, pp=4, mbs=1, gbs=8, seq=4096),
+    dict(dp=1, tp=4, pp=2, mbs=1, gbs=2, seq=512),
+]
 
 
 @pytest.mark.parametrize("profile", ["torch", "zero-paper", "megatron", "deepspeed"])
@@ -439,8 +477,11 @@ PLANS = [dict(dp=8, tp=1, pp=1, mbs=1, gbs=64, seq=4096), dict(dp=4, tp=2, pp=1,
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "interleaved"])
 def test_array_plan_equals_scalar_plans(profile, zero, schedule):
     m, cluster = preset("llama-3.1-8b"), make_cluster("h100-80gb", 8)
-    plans = [p for p in PLANS if p["pp"] > 1 and (p["gbs"] // (p["dp"] * p["mbs"])) % p["pp"] == 0] \
-        if schedule == "interleaved" else PLANS
+    plans = (
+        [p for p in PLANS if p["pp"] > 1 and (p["gbs"] // (p["dp"] * p["mbs"])) % p["pp"] == 0]
+        if schedule == "interleaved"
+        else PLANS
+    )
     kw = dict(schedule=schedule, vpp=2 if schedule == "interleaved" else 1)
     arrays = {k: np.array([p[k] for p in plans]) for k in plans[0]}
     for device in ("cuda", "cpu"):

@@ -1,14 +1,33 @@
 """ModelSpec presets: derived parameter counts equal the published ones exactly, by hand where it
 matters, and every bad specification is one ShardwiseError line."""
+
 import pytest
 
 from shardwise.errors import ShardwiseError
 from shardwise.spec.model import ModelSpec, default_ffn_hidden
 from shardwise.spec.presets import load_model, preset, presets
 
-REQUIRED = ("gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1.5b", "gpt-3-175b", "llama-7b", "llama-13b",
-            "llama-65b", "llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3.1-8b", "llama-3.1-70b",
-            "llama-3.1-405b", "mistral-7b", "mixtral-8x7b", "qwen2.5-7b", "qwen2.5-72b", "gpt-4-est")
+REQUIRED = (
+    "gpt2-124m",
+    "gpt2-355m",
+    "gpt2-774m",
+    "gpt2-1.5b",
+    "gpt-3-175b",
+    "llama-7b",
+    "llama-13b",
+    "llama-65b",
+    "llama-2-7b",
+    "llama-2-13b",
+    "llama-2-70b",
+    "llama-3.1-8b",
+    "llama-3.1-70b",
+    "llama-3.1-405b",
+    "mistral-7b",
+    "mixtral-8x7b",
+    "qwen2.5-7b",
+    "qwen2.5-72b",
+    "gpt-4-est",
+)
 ALL = presets()
 WITH_COUNT = sorted(k for k, m in ALL.items() if m.published_params)
 
@@ -57,8 +76,13 @@ def test_llama_2_7b_by_hand():
     m = preset("llama-2-7b")
     assert m.layer_counts == {"attention": 67_108_864, "mlp": 135_266_304, "router": 0, "norms": 8_192}
     assert m.layer_params == 202_383_360
-    assert m.counts == {"embedding": 131_072_000, "positions": 0, "layers": 6_476_267_520,
-                        "final_norm": 4_096, "lm_head": 131_072_000}
+    assert m.counts == {
+        "embedding": 131_072_000,
+        "positions": 0,
+        "layers": 6_476_267_520,
+        "final_norm": 4_096,
+        "lm_head": 131_072_000,
+    }
     assert m.params == 6_738_415_616
 
 
@@ -75,8 +99,13 @@ def test_gpt2_124m_by_hand():
     # 38,597,376 + 786,432 + 85,054,464 + 1,536   = 124,439,808
     m = preset("gpt2-124m")
     assert m.layer_counts == {"attention": 2_362_368, "mlp": 4_722_432, "router": 0, "norms": 3_072}
-    assert m.counts == {"embedding": 38_597_376, "positions": 786_432, "layers": 85_054_464,
-                        "final_norm": 1_536, "lm_head": 0}
+    assert m.counts == {
+        "embedding": 38_597_376,
+        "positions": 786_432,
+        "layers": 85_054_464,
+        "final_norm": 1_536,
+        "lm_head": 0,
+    }
     assert m.params == 124_439_808
 
 
@@ -92,8 +121,7 @@ def test_mixtral_8x7b_by_hand_and_active_params():
     # active: each token uses 2 of 8 experts, so 6 * 176,160,768 * 32 = 33,822,867,456 sit idle
     # 46,702,792,704 - 33,822,867,456                          = 12,879,925,248 (Mistral AI: "12.9B")
     m = preset("mixtral-8x7b")
-    assert m.layer_counts == {"attention": 41_943_040, "mlp": 1_409_286_144, "router": 32_768,
-                              "norms": 8_192}
+    assert m.layer_counts == {"attention": 41_943_040, "mlp": 1_409_286_144, "router": 32_768, "norms": 8_192}
     assert m.params == 46_702_792_704
     assert m.active_params == 12_879_925_248
     assert round(m.active_params / 1e9, 1) == 12.9

@@ -1,17 +1,26 @@
 """The pipeline schedule model: bubble fractions, micro-batches in flight, and the unit-time
 timeline that must reproduce both, in torch.distributed.pipelining's own order."""
+
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate.pipeline import (bubble_fraction, bubble_over_ideal, idle_fraction, inflight_microbatches,
-                                         rank_order, timeline)
+from shardwise.estimate.pipeline import (
+    bubble_fraction,
+    bubble_over_ideal,
+    idle_fraction,
+    inflight_microbatches,
+    rank_order,
+    timeline,
+)
 
-CASES = [("gpipe", p, m, 1) for p in (1, 2, 4) for m in (1, 3, 8)] + \
-        [("1f1b", p, m, 1) for p in (1, 2, 3, 4, 8) for m in (1, 2, 5, 8, 16)] + \
-        [("interleaved", p, m, v) for p in (2, 4) for m in (p, 2 * p, 4 * p) for v in (2, 3, 4)]
+CASES = (
+    [("gpipe", p, m, 1) for p in (1, 2, 4) for m in (1, 3, 8)]
+    + [("1f1b", p, m, 1) for p in (1, 2, 3, 4, 8) for m in (1, 2, 5, 8, 16)]
+    + [("interleaved", p, m, v) for p in (2, 4) for m in (p, 2 * p, 4 * p) for v in (2, 3, 4)]
+)
 
 
 def test_bubble_fraction_hand_worked():
@@ -92,7 +101,8 @@ def test_inflight_matches_the_timeline(schedule, p, m, v):
             held += 1 if kind == "F" else -1
             peak = max(peak, held)
         assert peak / (v if schedule == "interleaved" else 1) == pytest.approx(
-            inflight_microbatches(p, m, v, schedule, stage=r))
+            inflight_microbatches(p, m, v, schedule, stage=r)
+        )
 
 
 def test_rank_order_is_torchs():
@@ -106,18 +116,45 @@ def test_rank_order_is_torchs():
         sched.number_of_rounds = max(1, m // p)
         sched.microbatches_per_round = m // sched.number_of_rounds
         for r in range(p):
-            theirs = [("F" if a.computation_type == _ComputationType.FORWARD else "B", a.microbatch_index,
-                       a.stage_index // p) for a in sched._calculate_single_rank_operations(r) if a is not None]
+            theirs = [
+                ("F" if a.computation_type == _ComputationType.FORWARD else "B", a.microbatch_index, a.stage_index // p)
+                for a in sched._calculate_single_rank_operations(r)
+                if a is not None
+            ]
             assert rank_order(p, m, v, "interleaved", r) == theirs
     del torch
 
 
 def test_1f1b_order_hand_worked():
     # torch's Schedule1F1B on stage 0 of 4 with 6 micro-batches: 4 warm-up forwards, then 1B1F, then drain
-    assert [f"{k}{i}" for k, i, _ in rank_order(4, 6, 1, "1f1b", 0)] == \
-        ["F0", "F1", "F2", "F3", "B0", "F4", "B1", "F5", "B2", "B3", "B4", "B5"]
-    assert [f"{k}{i}" for k, i, _ in rank_order(4, 6, 1, "1f1b", 3)] == \
-        ["F0", "B0", "F1", "B1", "F2", "B2", "F3", "B3", "F4", "B4", "F5", "B5"]
+    assert [f"{k}{i}" for k, i, _ in rank_order(4, 6, 1, "1f1b", 0)] == [
+        "F0",
+        "F1",
+        "F2",
+        "F3",
+        "B0",
+        "F4",
+        "B1",
+        "F5",
+        "B2",
+        "B3",
+        "B4",
+        "B5",
+    ]
+    assert [f"{k}{i}" for k, i, _ in rank_order(4, 6, 1, "1f1b", 3)] == [
+        "F0",
+        "B0",
+        "F1",
+        "B1",
+        "F2",
+        "B2",
+        "F3",
+        "B3",
+        "F4",
+        "B4",
+        "F5",
+        "B5",
+    ]
 
 
 def test_arrays_match_scalars():
@@ -149,15 +186,24 @@ def _held_at_each_backward(p, m, v, schedule, rank):
     works or ops of a few sends in loop variables, replayed here line by line."""
     from shardwise.estimate.pipeline import Backward
 
-    top, last_stage = v - 1, p * v - 1
-    stage = lambda c: c * p + rank  # noqa: E731 (global stage of the rank's virtual stage c)
+    last_stage = p * v - 1
+    stage = lambda c: c * p + rank
     live, backwarded, sent_out, sent_grad, graded, out = set(), set(), set(), set(), set(), []
 
     def record(mb, c, held_out=(), held_grad=()):
         outputs = {(i, d) for i, d in live if stage(d) != last_stage} | set(held_out)
-        out.append(Backward(len(out), len(live), sum(1 for _, d in live if stage(d) == 0),
-                            sum(1 for _, d in live if stage(d) == last_stage), len(outputs), len(held_grad),
-                            len(graded), int(stage(c) == last_stage)))
+        out.append(
+            Backward(
+                len(out),
+                len(live),
+                sum(1 for _, d in live if stage(d) == 0),
+                sum(1 for _, d in live if stage(d) == last_stage),
+                len(outputs),
+                len(held_grad),
+                len(graded),
+                int(stage(c) == last_stage),
+            )
+        )
 
     def forward(mb, c):
         live.add((mb, c))
@@ -181,8 +227,8 @@ def _held_at_each_backward(p, m, v, schedule, rank):
         return out
     # Schedule1F1B._step_microbatches: send_work / fwd_sends / bwd_sends hold what they were
     # given until reassigned; the last stage sends no outputs, the first no gradients
-    outs = lambda i: [(i, 0)] if rank != p - 1 else []  # noqa: E731
-    grads = lambda i: [(i, 0)] if rank != 0 else []  # noqa: E731
+    outs = lambda i: [(i, 0)] if rank != p - 1 else []
+    grads = lambda i: [(i, 0)] if rank != 0 else []
     warm = min(m, p - rank)
     send_work, fwd_sends, bwd_sends, f, b = [], [], [], 0, 0
     for _ in range(warm):
@@ -210,10 +256,22 @@ def _held_at_each_backward(p, m, v, schedule, rank):
     return out
 
 
-MOMENT_CASES = [("gpipe", 2, 4, 1), ("gpipe", 4, 3, 1), ("gpipe", 3, 1, 1), ("1f1b", 2, 4, 1), ("1f1b", 4, 8, 1),
-                ("1f1b", 4, 2, 1), ("1f1b", 4, 5, 1), ("1f1b", 3, 3, 1), ("interleaved", 2, 4, 2),
-                ("interleaved", 2, 2, 2), ("interleaved", 4, 4, 3), ("interleaved", 4, 8, 2),
-                ("interleaved", 2, 2, 4), ("interleaved", 3, 6, 3)]
+MOMENT_CASES = [
+    ("gpipe", 2, 4, 1),
+    ("gpipe", 4, 3, 1),
+    ("gpipe", 3, 1, 1),
+    ("1f1b", 2, 4, 1),
+    ("1f1b", 4, 8, 1),
+    ("1f1b", 4, 2, 1),
+    ("1f1b", 4, 5, 1),
+    ("1f1b", 3, 3, 1),
+    ("interleaved", 2, 4, 2),
+    ("interleaved", 2, 2, 2),
+    ("interleaved", 4, 4, 3),
+    ("interleaved", 4, 8, 2),
+    ("interleaved", 2, 2, 4),
+    ("interleaved", 3, 6, 3),
+]
 
 
 @pytest.mark.parametrize("schedule,p,m,v", MOMENT_CASES)
@@ -249,9 +307,16 @@ def test_the_peak_is_at_one_of_the_moments(schedule, p, m, v):
             head, grads, embed, head_grads, loss = rng.uniform(0, 5, 5)
 
             def held(b):
-                return ((chunk - x) * b.chunks + first * b.first + head * b.head + x * (b.outputs + b.grads_sent)
-                        + grads * b.grad_chunks + embed * (b.grad_chunks >= v) * (not last)
-                        + head_grads * (b.grad_chunks >= 1) * last + loss * b.loss)
+                return (
+                    (chunk - x) * b.chunks
+                    + first * b.first
+                    + head * b.head
+                    + x * (b.outputs + b.grads_sent)
+                    + grads * b.grad_chunks
+                    + embed * (b.grad_chunks >= v) * (not last)
+                    + head_grads * (b.grad_chunks >= 1) * last
+                    + loss * b.loss
+                )
 
             assert max(held(b) for b in moments) == pytest.approx(max(held(b) for b in walk), abs=0, rel=1e-12)
 
@@ -265,21 +330,25 @@ def test_backwards_hand_worked():
     # 0, 2', 3'), all 8 outputs alive (in flight or held by their sends), the input gradients of
     # B0' and B1' held, both virtual stages' gradients made.
     assert set(backwards(2, 4, 2, "interleaved", last=False)) == {
-        Backward(index=3, chunks=5, first=3, head=0, outputs=8, grads_sent=2, grad_chunks=2, loss=0)}
+        Backward(index=3, chunks=5, first=3, head=0, outputs=8, grads_sent=2, grad_chunks=2, loss=0)
+    }
     # rank 1 (stages 1 and 3): F0 F1 F0' B0' F1' B1' F2 B0 F3 B1 F2' B2' F3' B3' | B2 B3: at B3'
     # (k = 5) chunks 2, 3 and 3' in flight, 4 outputs of stage 1, the input gradients of
     # B0' B1' B0 B1 B2' held; B3' is the loss's
     assert set(backwards(2, 4, 2, "interleaved", last=True)) == {
-        Backward(index=5, chunks=3, first=0, head=1, outputs=4, grads_sent=5, grad_chunks=2, loss=1)}
+        Backward(index=5, chunks=3, first=0, head=1, outputs=4, grads_sent=5, grad_chunks=2, loss=1)
+    }
     # 1F1B, p = 2, m = 4, rank 0: F0 F1 B0 F2 B1 F3 B2 B3. At B2 (k = K = 2): 2 in flight, and the
     # output of micro-batch 0, whose send the warm-up fired last, still held: 3 outputs
     assert set(backwards(2, 4, 1, "1f1b", last=False)) == {
-        Backward(index=2, chunks=2, first=2, head=0, outputs=3, grads_sent=0, grad_chunks=1, loss=0)}
+        Backward(index=2, chunks=2, first=2, head=0, outputs=3, grads_sent=0, grad_chunks=1, loss=0)
+    }
     # GPipe, p = 2, m = 4, last rank: B0 with all 4 micro-batches' logits and no gradients yet, or
     # B1 with 3, every gradient made and B0's input gradient held
     assert backwards(2, 4, 1, "gpipe", last=True)[:2] == (
         Backward(index=0, chunks=4, first=0, head=4, outputs=0, grads_sent=0, grad_chunks=0, loss=1),
-        Backward(index=1, chunks=3, first=0, head=3, outputs=0, grads_sent=1, grad_chunks=1, loss=1))
+        Backward(index=1, chunks=3, first=0, head=3, outputs=0, grads_sent=1, grad_chunks=1, loss=1),
+    )
     # no pipeline: one micro-batch, the earlier ones' gradients
     assert set(backwards(1, 4, 1, "1f1b")) == {Backward(3, 1, 1, 1, 0, 0, 1, 1)}
     assert set(backwards(1, 1, 1, "1f1b")) == {Backward(0, 1, 1, 1, 0, 0, 0, 1)}

@@ -1,4 +1,5 @@
 """Plan: derivation of dp / gbs / grad_accum, and every validation rule's one-line refusal."""
+
 import pytest
 
 from shardwise import Plan, ShardwiseError, preset
@@ -18,21 +19,24 @@ def test_dp_and_gbs_are_derived():
     assert (q.dp, q.gbs, q.grad_accum) == (8, 16, 1)
 
 
-@pytest.mark.parametrize("plan, gpus, words", [
-    (Plan(dp=3, tp=8, pp=2), 64, "dp*tp*pp = 3*8*2 = 48 but there are 64 GPUs"),
-    (Plan(tp=3), 24, "tp=3 must divide the attention heads (64) and KV heads (8)"),
-    (Plan(tp=16), 16, "tp=16 must divide the attention heads (64) and KV heads (8)"),
-    (Plan(pp=81), 81, "pp=81 is more stages than"),
-    (Plan(pp=3), 24, "pp*vpp = 3 must divide the 80 layers"),
-    (Plan(gbs=100, mbs=1), 8, "global batch 100 is not a multiple of dp*mbs = 8*1 = 8"),
-    (Plan(vpp=2, pp=2), 8, "vpp=2 needs --schedule interleaved"),
-    (Plan(schedule="interleaved"), 8, "the interleaved schedule needs pp > 1"),
-    (Plan(schedule="interleaved", pp=4, vpp=2, gbs=6, mbs=1), 8, "multiple of pp=4"),
-    (Plan(sp=True), 8, "sequence parallel (--sp) needs tp > 1"),
-    (Plan(sp=True, tp=8, seq=4095), 8, "seq=4095 must be a multiple of tp=8"),
-    (Plan(offload="optimizer"), 8, "optimizer offload needs ZeRO >= 1"),
-    (Plan(offload="params", zero=2), 8, "parameter offload needs ZeRO-3"),
-])
+@pytest.mark.parametrize(
+    "plan, gpus, words",
+    [
+        (Plan(dp=3, tp=8, pp=2), 64, "dp*tp*pp = 3*8*2 = 48 but there are 64 GPUs"),
+        (Plan(tp=3), 24, "tp=3 must divide the attention heads (64) and KV heads (8)"),
+        (Plan(tp=16), 16, "tp=16 must divide the attention heads (64) and KV heads (8)"),
+        (Plan(pp=81), 81, "pp=81 is more stages than"),
+        (Plan(pp=3), 24, "pp*vpp = 3 must divide the 80 layers"),
+        (Plan(gbs=100, mbs=1), 8, "global batch 100 is not a multiple of dp*mbs = 8*1 = 8"),
+        (Plan(vpp=2, pp=2), 8, "vpp=2 needs --schedule interleaved"),
+        (Plan(schedule="interleaved"), 8, "the interleaved schedule needs pp > 1"),
+        (Plan(schedule="interleaved", pp=4, vpp=2, gbs=6, mbs=1), 8, "multiple of pp=4"),
+        (Plan(sp=True), 8, "sequence parallel (--sp) needs tp > 1"),
+        (Plan(sp=True, tp=8, seq=4095), 8, "seq=4095 must be a multiple of tp=8"),
+        (Plan(offload="optimizer"), 8, "optimizer offload needs ZeRO >= 1"),
+        (Plan(offload="params", zero=2), 8, "parameter offload needs ZeRO-3"),
+    ],
+)
 def test_each_rule_refuses_with_one_line(plan, gpus, words):
     with pytest.raises(ShardwiseError) as e:
         plan.resolve(L2_70B, gpus)
@@ -46,16 +50,19 @@ def test_learned_positions_cap_the_sequence():
     assert Plan(seq=1024).resolve(GPT2, 1).seq == 1024
 
 
-@pytest.mark.parametrize("kw, words", [
-    ({"schedule": "1fb1"}, "unknown schedule '1fb1'; did you mean 1f1b?"),
-    ({"recompute": "ful"}, "unknown recompute 'ful'"),
-    ({"precision": "bf32"}, "unknown precision"),
-    ({"zero": 4}, "ZeRO stage must be 0, 1, 2 or 3"),
-    ({"tp": 0}, "tp must be a positive integer"),
-    ({"mbs": -1}, "mbs must be a positive integer"),
-    ({"seq": 2.5}, "seq must be a positive integer"),
-    ({"gbs": -8}, "gbs must be a non-negative integer"),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"schedule": "1fb1"}, "unknown schedule '1fb1'; did you mean 1f1b?"),
+        ({"recompute": "ful"}, "unknown recompute 'ful'"),
+        ({"precision": "bf32"}, "unknown precision"),
+        ({"zero": 4}, "ZeRO stage must be 0, 1, 2 or 3"),
+        ({"tp": 0}, "tp must be a positive integer"),
+        ({"mbs": -1}, "mbs must be a positive integer"),
+        ({"seq": 2.5}, "seq must be a positive integer"),
+        ({"gbs": -8}, "gbs must be a non-negative integer"),
+    ],
+)
 def test_bad_values_are_refused(kw, words):
     with pytest.raises(ShardwiseError, match=words.replace("?", r"\?").replace("(", r"\(")):
         Plan(**kw).resolve(L2_70B, 8)
@@ -70,9 +77,15 @@ def test_rules_work_on_arrays_like_on_scalars():
     """The search evaluates RULES on array plans; each element must match the scalar verdict."""
     np = pytest.importorskip("numpy")
     combos = [(dp, tp, pp, mbs) for dp in (1, 2, 3) for tp in (1, 2, 3, 8) for pp in (1, 2, 3) for mbs in (1, 2)]
-    arr = Plan(dp=np.array([c[0] for c in combos]), tp=np.array([c[1] for c in combos]),
-               pp=np.array([c[2] for c in combos]), mbs=np.array([c[3] for c in combos]), gbs=np.full(len(combos), 24),
-               seq=np.full(len(combos), 4096), vpp=np.ones(len(combos), dtype=int))
+    arr = Plan(
+        dp=np.array([c[0] for c in combos]),
+        tp=np.array([c[1] for c in combos]),
+        pp=np.array([c[2] for c in combos]),
+        mbs=np.array([c[3] for c in combos]),
+        gbs=np.full(len(combos), 24),
+        seq=np.full(len(combos), 4096),
+        vpp=np.ones(len(combos), dtype=int),
+    )
     for rule in RULES:
         mask = np.broadcast_to(rule.broken(arr, L2_70B, 48), (len(combos),))
         for i, (dp, tp, pp, mbs) in enumerate(combos):
@@ -90,7 +103,8 @@ def test_engine_rules_name_what_pytorch_cannot_train():
     ok = Plan(dp=8, zero=3, offload="params").resolve(m, 8)
     assert engine_violation(ok, m) is None
     assert "optimizer-only offload has no PyTorch engine" in engine_violation(
-        Plan(zero=1, offload="optimizer").resolve(m, 8), m)
+        Plan(zero=1, offload="optimizer").resolve(m, 8), m
+    )
     assert "needs dp > 1" in engine_violation(Plan(zero=3, offload="params").resolve(m, 1), m)
     assert "bitsandbytes" in engine_violation(Plan(optimizer="adam8bit").resolve(m, 8), m)
     assert "adafactor needs whole parameters" in engine_violation(Plan(optimizer="adafactor", tp=2).resolve(m, 8), m)

@@ -1,5 +1,6 @@
 """`shardwise run` end to end: flags, the learnability of the synthetic data, one rank in this
 process, two ranks through shardwise's own elastic launch and through torchrun directly."""
+
 import json
 import math
 import os
@@ -36,9 +37,32 @@ def parse(*argv):
 
 # ---- flags ---------------------------------------------------------------------------------
 def test_flags_map_to_fields_and_beat_set():
-    a = parse(LLAMA, "--nproc", "4", "--tp", "2", "--zero", "3", "--sp", "--layers", "8", "--kv-heads", "2",
-              "--lr", "1e-3", "--steps", "7", "--device", "cpu", "--metrics", "m.jsonl",
-              "--set", "plan.tp=4", "--set", "data.branch=3")
+    a = parse(
+        LLAMA,
+        "--nproc",
+        "4",
+        "--tp",
+        "2",
+        "--zero",
+        "3",
+        "--sp",
+        "--layers",
+        "8",
+        "--kv-heads",
+        "2",
+        "--lr",
+        "1e-3",
+        "--steps",
+        "7",
+        "--device",
+        "cpu",
+        "--metrics",
+        "m.jsonl",
+        "--set",
+        "plan.tp=4",
+        "--set",
+        "data.branch=3",
+    )
     ov = command.overrides_from_args(a)
     assert ov[("plan", "tp")] == (2, "--tp")  # the flag wins over --set plan.tp=4
     assert ov[("data", "branch")] == (3, "--set data.branch")
@@ -54,11 +78,13 @@ def test_flags_map_to_fields_and_beat_set():
 
 def test_registering_run_imports_no_torch():
     """`shardwise estimate` must work where torch is not installed: parsing `run` needs none."""
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "from shardwise.cli import build_parser\n"
-            f"a = build_parser().parse_args(['run', {LLAMA!r}, '--tp', '2'])\n"
-            "assert a.func.__module__ == 'shardwise.cli.run' and a.tp == 2\n"
-            "import shardwise.run.config, shardwise.run.data\n")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from shardwise.cli import build_parser\n"
+        f"a = build_parser().parse_args(['run', {LLAMA!r}, '--tp', '2'])\n"
+        "assert a.func.__module__ == 'shardwise.cli.run' and a.tp == 2\n"
+        "import shardwise.run.config, shardwise.run.data\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=env(), timeout=120)
 
 
@@ -69,8 +95,14 @@ def test_a_config_error_is_one_line_and_starts_nothing(tmp_path, monkeypatch, ca
     monkeypatch.setattr(launch, "launch", no)
     monkeypatch.setattr(launch, "worker", no)
     metrics = tmp_path / "m.jsonl"
-    for argv in (["--steps", "0"], ["--nproc", "2", "--dp", "4"], ["--set", "plan.zeroo=1"],
-                 ["--set", "optim.lr=fast"], ["--tp", "3"], ["--optimizer", "adam8bit"]):
+    for argv in (
+        ["--steps", "0"],
+        ["--nproc", "2", "--dp", "4"],
+        ["--set", "plan.zeroo=1"],
+        ["--set", "optim.lr=fast"],
+        ["--tp", "3"],
+        ["--optimizer", "adam8bit"],
+    ):
         assert cli.main(["run", LLAMA, "--metrics", str(metrics), *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("shardwise: error: ") and err.count("\n") == 1, err
@@ -111,9 +143,30 @@ def test_two_ranks_through_shardwise_launch_match_one(tmp_path):
     """`shardwise run --nproc 2` re-launches itself under the elastic agent; ZeRO-1 over 2 ranks
     sees the same global batches and must give the single process's losses (1e-5 relative)."""
     m = tmp_path / "two.jsonl"
-    r = subprocess.run([sys.executable, "-m", "shardwise", "run", LLAMA, "--nproc", "2", "--zero", "1", "--steps",
-                        "4", "--device", "cpu", "--metrics", str(m)], env=env(), cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shardwise",
+            "run",
+            LLAMA,
+            "--nproc",
+            "2",
+            "--zero",
+            "1",
+            "--steps",
+            "4",
+            "--device",
+            "cpu",
+            "--metrics",
+            str(m),
+        ],
+        env=env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "dp2 tp1 pp1 zero1" in r.stdout and "done   4 steps" in r.stdout
     two = [x["loss"] for x in records(m)]
@@ -125,9 +178,34 @@ def test_torchrun_runs_it_directly(tmp_path):
     """`torchrun -m shardwise run cfg.toml`: each process is one rank (no second launch); tensor
     parallel with sequence parallel on the GPT-2 example, the same losses as one process."""
     m = tmp_path / "tr.jsonl"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "shardwise", "run", GPT2, "--tp", "2", "--sp", "--steps", "3", "--device", "cpu",
-                        "--metrics", str(m)], env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "shardwise",
+            "run",
+            GPT2,
+            "--tp",
+            "2",
+            "--sp",
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--metrics",
+            str(m),
+        ],
+        env=env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "dp1 tp2 pp1 zero0" in r.stdout
     tp = [x["loss"] for x in records(m)]
@@ -138,8 +216,10 @@ def test_torchrun_runs_it_directly(tmp_path):
 @pytest.mark.gpu
 def test_one_gpu_bf16_mixed_learns(tmp_path):
     m = tmp_path / "gpu.jsonl"
-    assert cli.main(["run", LLAMA, "--device", "cuda", "--precision", "bf16-mixed", "--steps", "20",
-                     "--metrics", str(m)]) == 0
+    assert (
+        cli.main(["run", LLAMA, "--device", "cuda", "--precision", "bf16-mixed", "--steps", "20", "--metrics", str(m)])
+        == 0
+    )
     rec = records(m)
     assert rec[0]["peak_mem_kind"] == "cuda_max_allocated" and rec[0]["peak_mem_bytes"] > 0
     assert rec[-1]["loss"] < rec[0]["loss"] - 1.0
@@ -152,8 +232,30 @@ def test_two_gpus_nccl_fsdp2(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     m = tmp_path / "nccl.jsonl"
-    r = subprocess.run([sys.executable, "-m", "shardwise", "run", LLAMA, "--nproc", "2", "--zero", "3", "--precision",
-                        "bf16-mixed", "--device", "cuda", "--steps", "5", "--metrics", str(m)], env=env(),
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shardwise",
+            "run",
+            LLAMA,
+            "--nproc",
+            "2",
+            "--zero",
+            "3",
+            "--precision",
+            "bf16-mixed",
+            "--device",
+            "cuda",
+            "--steps",
+            "5",
+            "--metrics",
+            str(m),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "2 process(es) on cuda" in r.stdout and len(records(m)) == 5

@@ -1,5 +1,6 @@
 """The `shardwise run` config: one TOML, overrides, one-line errors naming file/table/field,
 the ModelSpec and Plan it resolves to, and the learning-rate schedule. No torch needed."""
+
 import math
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import pytest
 
 from shardwise.errors import ShardwiseError
 from shardwise.run import config as C
-from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
+from shardwise.spec.presets import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -67,8 +68,13 @@ def test_tiny_llama_example_is_llama_2_7b_scaled():
 
 def test_tiny_gpt2_example_keeps_gpt2_architecture():
     m = C.load(str(ROOT / "examples/tiny-gpt2.toml")).model
-    assert (m.ffn_kind, m.norm, m.positions, m.tied_embeddings, m.mlp_bias) == ("gelu", "layernorm", "learned",
-                                                                                 True, True)
+    assert (m.ffn_kind, m.norm, m.positions, m.tied_embeddings, m.mlp_bias) == (
+        "gelu",
+        "layernorm",
+        "learned",
+        True,
+        True,
+    )
     assert (m.max_seq, m.dropout, m.ffn_hidden) == (128, 0.0, 4 * 128)
 
 
@@ -83,10 +89,16 @@ def test_full_dimensions_and_defaults(tmp_path):
 
 def test_model_from_a_config_json(tmp_path):
     hf = tmp_path / "config.json"
-    hf.write_text('{"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, '
-                  '"num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 300}')
-    cfg = C.load(write(tmp_path, TINY.replace("layers = 4\nhidden = 128\nheads = 4\nvocab = 256",
-                                              'path = "config.json"\nlayers = 3')))
+    hf.write_text(
+        '{"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, '
+        '"num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 300}'
+    )
+    cfg = C.load(
+        write(
+            tmp_path,
+            TINY.replace("layers = 4\nhidden = 128\nheads = 4\nvocab = 256", 'path = "config.json"\nlayers = 3'),
+        )
+    )
     m = cfg.model
     # path is relative to the TOML file; the override replaces layers only
     assert (m.layers, m.hidden, m.heads, m.kv_heads, m.ffn_hidden, m.vocab) == (3, 64, 4, 2, 128, 300)
@@ -105,8 +117,16 @@ def test_nproc_derives_dp_and_round_trips(tmp_path):
 
 def test_overrides_reach_every_table(tmp_path):
     ov = {}
-    for item in ("model.hidden=256", "plan.zero=3", "plan.sp=false", "data.branch=2", "optim.betas=[0.8, 0.9]",
-                 "optim.lr=1e-3", "train.device=cpu", "train.metrics=out/m.jsonl"):
+    for item in (
+        "model.hidden=256",
+        "plan.zero=3",
+        "plan.sp=false",
+        "data.branch=2",
+        "optim.betas=[0.8, 0.9]",
+        "optim.lr=1e-3",
+        "train.device=cpu",
+        "train.metrics=out/m.jsonl",
+    ):
         key, value = C.parse_set(item)
         ov[key] = (value, f"--set {item}")
     cfg = C.load(write(tmp_path, TINY), ov)
@@ -148,27 +168,30 @@ def test_unknown_table_and_field_suggest(tmp_path):
     assert "TABLE.FIELD=VALUE" in error(C.parse_set, "tp=2")
 
 
-@pytest.mark.parametrize("edit, table, field, says", [
-    (("steps = 50", 'steps = "50"'), "train", "steps", "expected an integer"),
-    (("steps = 50", "steps = 5.5"), "train", "steps", "expected an integer"),
-    (("steps = 50", "steps = 0"), "train", "steps", "positive"),
-    (("steps = 50", "steps = -3"), "train", "steps", "positive"),
-    (("steps = 50", "log_every = 0"), "train", "log_every", "positive"),
-    (("steps = 50", 'device = "tpu"'), "train", "device", "one of auto, cpu, cuda"),
-    (("steps = 50", "timeout_s = 0"), "train", "timeout_s", "positive"),
-    (("steps = 50", "nproc = -1"), "train", "nproc", "positive"),
-    (("lr = 3e-3", "lr = 0"), "optim", "lr", "positive"),
-    (("lr = 3e-3", "lr = true"), "optim", "lr", "expected a number"),
-    (("lr = 3e-3", "lr = 3e-3\nmin_lr = 1.0"), "optim", "min_lr", "between 0 and lr"),
-    (("lr = 3e-3", "lr = 3e-3\nbetas = [0.9, 1.0]"), "optim", "betas", "[0, 1)"),
-    (("lr = 3e-3", "lr = 3e-3\nbetas = 0.9"), "optim", "betas", "list of 2 numbers"),
-    (("lr = 3e-3", "lr = 3e-3\ngrad_clip = -1"), "optim", "grad_clip", ">= 0"),
-    (("lr = 3e-3", "lr = 3e-3\nweight_decay = -0.1"), "optim", "weight_decay", "negative"),
-    (("warmup_steps = 5", "warmup_steps = -1"), "optim", "warmup_steps", "negative"),
-    (("mbs = 2", 'mbs = "two"'), "plan", "mbs", "expected an integer"),
-    (("mbs = 2", "mbs = 2\nsp = 1"), "plan", "sp", "true or false"),
-    (("hidden = 128", "hidden = 12.8"), "model", "hidden", "expected an integer"),
-])
+@pytest.mark.parametrize(
+    "edit, table, field, says",
+    [
+        (("steps = 50", 'steps = "50"'), "train", "steps", "expected an integer"),
+        (("steps = 50", "steps = 5.5"), "train", "steps", "expected an integer"),
+        (("steps = 50", "steps = 0"), "train", "steps", "positive"),
+        (("steps = 50", "steps = -3"), "train", "steps", "positive"),
+        (("steps = 50", "log_every = 0"), "train", "log_every", "positive"),
+        (("steps = 50", 'device = "tpu"'), "train", "device", "one of auto, cpu, cuda"),
+        (("steps = 50", "timeout_s = 0"), "train", "timeout_s", "positive"),
+        (("steps = 50", "nproc = -1"), "train", "nproc", "positive"),
+        (("lr = 3e-3", "lr = 0"), "optim", "lr", "positive"),
+        (("lr = 3e-3", "lr = true"), "optim", "lr", "expected a number"),
+        (("lr = 3e-3", "lr = 3e-3\nmin_lr = 1.0"), "optim", "min_lr", "between 0 and lr"),
+        (("lr = 3e-3", "lr = 3e-3\nbetas = [0.9, 1.0]"), "optim", "betas", "[0, 1)"),
+        (("lr = 3e-3", "lr = 3e-3\nbetas = 0.9"), "optim", "betas", "list of 2 numbers"),
+        (("lr = 3e-3", "lr = 3e-3\ngrad_clip = -1"), "optim", "grad_clip", ">= 0"),
+        (("lr = 3e-3", "lr = 3e-3\nweight_decay = -0.1"), "optim", "weight_decay", "negative"),
+        (("warmup_steps = 5", "warmup_steps = -1"), "optim", "warmup_steps", "negative"),
+        (("mbs = 2", 'mbs = "two"'), "plan", "mbs", "expected an integer"),
+        (("mbs = 2", "mbs = 2\nsp = 1"), "plan", "sp", "true or false"),
+        (("hidden = 128", "hidden = 12.8"), "model", "hidden", "expected an integer"),
+    ],
+)
 def test_bad_field_names_file_table_and_field(tmp_path, edit, table, field, says):
     msg = error(C.load, write(tmp_path, TINY.replace(*edit)))
     assert msg.startswith(str(tmp_path / "run.toml")) and f"[{table}]" in msg and field in msg and says in msg

@@ -1,6 +1,7 @@
 """Failure behaviour of `shardwise run`: a rank that raises ends the job in seconds, Ctrl-C ends
 every rank, and config mistakes (a world-size mismatch, a bad TOML field) are one line and
 exit code 2 before anything is spawned."""
+
 import os
 import signal
 import subprocess
@@ -57,8 +58,13 @@ def wait_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float) -> No
 # ---- before anything starts ----------------------------------------------------------------------
 def test_world_size_mismatch_exits_2_before_spawning(tmp_path):
     m = tmp_path / "m.jsonl"
-    r = subprocess.run(shardwise(LLAMA, "--nproc", "2", "--dp", "4", "--metrics", str(m)), env=env(),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        shardwise(LLAMA, "--nproc", "2", "--dp", "4", "--metrics", str(m)),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("shardwise: error: ")
     assert "dp*tp*pp = 4*1*1 = 4" in r.stderr and "2 processes" in r.stderr
@@ -81,10 +87,25 @@ def test_a_rank_that_raises_ends_the_job_within_seconds(tmp_path):
     collective timeout is set to 10 minutes, so the job ending within seconds of the failure can
     only come from the launcher watching its workers, not from a timeout."""
     m = tmp_path / "fail.jsonl"
-    r = subprocess.run(shardwise(LLAMA, "--nproc", "2", "--steps", "1000", "--device", "cpu", "--metrics", str(m),
-                                 "--set", "train.timeout_s=600"),
-                       env=env(SHARDWISE_FAIL_RANK="1", SHARDWISE_FAIL_STEP="2"), capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        shardwise(
+            LLAMA,
+            "--nproc",
+            "2",
+            "--steps",
+            "1000",
+            "--device",
+            "cpu",
+            "--metrics",
+            str(m),
+            "--set",
+            "train.timeout_s=600",
+        ),
+        env=env(SHARDWISE_FAIL_RANK="1", SHARDWISE_FAIL_STEP="2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     ended = time.time()
     assert r.returncode == 1, r.stderr
     assert "injected failure on rank 1 at step 2" in r.stderr
@@ -100,8 +121,13 @@ def test_a_rank_that_raises_ends_the_job_within_seconds(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_on_the_launcher_stops_every_rank(tmp_path):
     m = tmp_path / "sigint.jsonl"
-    p = subprocess.Popen(shardwise(LLAMA, "--nproc", "2", "--steps", "100000", "--device", "cpu", "--metrics", str(m)),
-                         env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        shardwise(LLAMA, "--nproc", "2", "--steps", "100000", "--device", "cpu", "--metrics", str(m)),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_lines(m, 2, p, timeout=240)
         workers = [pid for pid in alive_with(str(m)) if pid != p.pid]

@@ -1,6 +1,7 @@
 """The run tier's reference model and single-process engine: names and shapes are the spec's,
 the architecture does what it says (causal, GQA, rotary, tying, recompute), initialization does
 not depend on the layout, and the Engine's step is plain training."""
+
 from __future__ import annotations
 
 import math
@@ -13,12 +14,25 @@ from shardwise.errors import ShardwiseError
 from shardwise.run.model import INIT_STD, apply_rotary, build, initial_value, rotary
 from shardwise.run.parallelize import check_supported, split_pipeline
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
+from shardwise.spec.presets import preset
 
 LLAMA = ModelSpec(name="tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, vocab=128, ffn_hidden=128)
-GPT2 = ModelSpec(name="tiny-gpt2", layers=2, hidden=64, heads=4, vocab=128, ffn_kind="gelu", norm="layernorm",
-                 positions="learned", max_seq=32, tied_embeddings=True, qkv_bias=True, out_bias=True, mlp_bias=True)
+GPT2 = ModelSpec(
+    name="tiny-gpt2",
+    layers=2,
+    hidden=64,
+    heads=4,
+    vocab=128,
+    ffn_kind="gelu",
+    norm="layernorm",
+    positions="learned",
+    max_seq=32,
+    tied_embeddings=True,
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+)
 CPU = torch.device("cpu")
 
 
@@ -27,8 +41,9 @@ def names_shapes(model) -> list[tuple[str, tuple[int, ...]]]:
 
 
 # ---- names and shapes ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["gpt2-124m", "llama-2-7b", "llama-2-70b", "llama-3.1-8b", "mistral-7b",
-                                  "qwen2.5-7b", "llama-3.2-1b"])
+@pytest.mark.parametrize(
+    "name", ["gpt2-124m", "llama-2-7b", "llama-2-70b", "llama-3.1-8b", "mistral-7b", "qwen2.5-7b", "llama-3.2-1b"]
+)
 def test_full_size_presets_on_meta_match_the_spec(name):
     """At full size on the meta device (no memory): every name and shape is the spec's, in
     order, and the parameters add up to the spec's (published) count."""
@@ -98,7 +113,9 @@ def test_rotary_scores_depend_on_relative_position_only():
     cos, sin = rotary(40, 16, CPU, torch.float32)
 
     def score(m, n):
-        return float((apply_rotary(q, cos[m:m + 1], sin[m:m + 1]) * apply_rotary(k, cos[n:n + 1], sin[n:n + 1])).sum())
+        return float(
+            (apply_rotary(q, cos[m : m + 1], sin[m : m + 1]) * apply_rotary(k, cos[n : n + 1], sin[n : n + 1])).sum()
+        )
 
     assert score(7, 3) == pytest.approx(score(30, 26), rel=1e-5)
     assert score(7, 3) != pytest.approx(score(7, 5), rel=1e-3)
@@ -141,8 +158,9 @@ def test_init_does_not_depend_on_the_rest_of_the_model():
     big, small = build(LLAMA, CPU, seed=5), build(LLAMA.scaled(layers=2), CPU, seed=5)
     bp = dict(big.named_parameters())
     for n, p in small.named_parameters():
-        if not n.startswith(("layers.0.attention.wo", "layers.0.feed_forward.w2", "layers.1.attention.wo",
-                             "layers.1.feed_forward.w2")):  # their std has 1/sqrt(2L) in it
+        if not n.startswith(
+            ("layers.0.attention.wo", "layers.0.feed_forward.w2", "layers.1.attention.wo", "layers.1.feed_forward.w2")
+        ):  # their std has 1/sqrt(2L) in it
             assert torch.equal(p, bp[n]), n
 
 
@@ -160,8 +178,7 @@ def test_init_scheme():
     assert torch.equal(p["layers.1.ffn_norm.weight"], torch.ones(64))
     assert torch.equal(p["norm.bias"], torch.zeros(64))
     # the tied copy a last pipeline stage holds starts as the embedding
-    assert torch.equal(initial_value(GPT2, model.init_name("output.weight"), (128, 64), 0),
-                       p["tok_embeddings.weight"])
+    assert torch.equal(initial_value(GPT2, model.init_name("output.weight"), (128, 64), 0), p["tok_embeddings.weight"])
 
 
 def test_initial_loss_is_uniform_guess():
@@ -258,25 +275,28 @@ def test_pipeline_split_keeps_global_names():
 def test_pipeline_split_tied_last_stage_keeps_a_copy():
     model = build(GPT2)
     plan = Plan(pp=2, dp=1, mbs=1, gbs=2, seq=32)
-    (_, first), = split_pipeline(model, plan, 0)
-    (_, last), = split_pipeline(model, plan, 1)
+    ((_, first),) = split_pipeline(model, plan, 0)
+    ((_, last),) = split_pipeline(model, plan, 1)
     assert "tok_embeddings.weight" in dict(first.named_parameters())
     assert list(dict(last.named_parameters()))[-1] == "output.weight"
     assert last.tok_embeddings is None and first.output is None
 
 
 # ---- what the run tier refuses ------------------------------------------------------------------
-@pytest.mark.parametrize("spec,fields,match", [
-    (LLAMA, dict(optimizer="adam8bit"), "bitsandbytes"),
-    (LLAMA, dict(dp=2, tp=2, optimizer="adafactor"), "adafactor needs whole parameters"),
-    (LLAMA, dict(dp=2, zero=3, optimizer="adafactor"), "adafactor needs whole parameters"),
-    (LLAMA, dict(dp=2, zero=1, offload="optimizer"), "no PyTorch engine"),
-    (LLAMA, dict(dp=2, zero=3, offload="params"), "CUDA"),
-    (LLAMA, dict(dp=1, zero=3, offload="params"), "dp > 1"),
-    (LLAMA, dict(precision="fp16-mixed"), "CUDA"),
-    (GPT2, dict(dp=2, tp=2, zero=0), "ties its embeddings"),
-    (GPT2, dict(dp=2, tp=2, zero=1), "ties its embeddings"),
-])
+@pytest.mark.parametrize(
+    "spec,fields,match",
+    [
+        (LLAMA, dict(optimizer="adam8bit"), "bitsandbytes"),
+        (LLAMA, dict(dp=2, tp=2, optimizer="adafactor"), "adafactor needs whole parameters"),
+        (LLAMA, dict(dp=2, zero=3, optimizer="adafactor"), "adafactor needs whole parameters"),
+        (LLAMA, dict(dp=2, zero=1, offload="optimizer"), "no PyTorch engine"),
+        (LLAMA, dict(dp=2, zero=3, offload="params"), "CUDA"),
+        (LLAMA, dict(dp=1, zero=3, offload="params"), "dp > 1"),
+        (LLAMA, dict(precision="fp16-mixed"), "CUDA"),
+        (GPT2, dict(dp=2, tp=2, zero=0), "ties its embeddings"),
+        (GPT2, dict(dp=2, tp=2, zero=1), "ties its embeddings"),
+    ],
+)
 def test_refusals_are_one_line(spec, fields, match):
     plan = Plan(**({"dp": 1, "mbs": 1, "seq": 32, "precision": "fp32"} | fields))
     plan = plan.resolve(spec, plan.dp * plan.tp * plan.pp)
@@ -296,7 +316,9 @@ def test_tied_embeddings_with_tp_are_fine_elsewhere(fields):
 def engine(spec=LLAMA, **kw):
     from shardwise.run.engine import Engine
 
-    fields = dict(mbs=2, gbs=8, seq=32, precision="fp32") | {k: kw.pop(k) for k in list(kw) if k in Plan.__dataclass_fields__}
+    fields = dict(mbs=2, gbs=8, seq=32, precision="fp32") | {
+        k: kw.pop(k) for k in list(kw) if k in Plan.__dataclass_fields__
+    }
     return Engine(spec, Plan(**fields), device=CPU, seed=kw.pop("seed", 11), **kw)
 
 

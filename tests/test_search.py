@@ -1,5 +1,6 @@
 """The search against the plain one-plan estimate: the same plans, the same numbers, the same order;
 what it drops and why; the fewest-GPUs scan; bad requests."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,22 @@ from shardwise.search.vectorized import offloaded_bytes
 from shardwise.spec.hardware import GIB, Cluster
 from shardwise.spec.plan import engine_violation, violation
 
-FIELDS = ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq", "schedule", "vpp", "recompute", "sp", "precision",
-          "optimizer", "offload")
+FIELDS = (
+    "dp",
+    "tp",
+    "pp",
+    "zero",
+    "mbs",
+    "gbs",
+    "seq",
+    "schedule",
+    "vpp",
+    "recompute",
+    "sp",
+    "precision",
+    "optimizer",
+    "offload",
+)
 
 
 def key(p: Plan) -> tuple:
@@ -40,8 +55,12 @@ def generated(space) -> list[Plan]:
 def lighter(p: Plan) -> list[Plan]:
     """The same plan with less recompute and/or less offload (never both equal)."""
     r, o = RECOMPUTE_ORDER.index(p.recompute), OFFLOAD_ORDER.index(p.offload)
-    return [p.replace(recompute=rc, offload=off) for i, rc in enumerate(RECOMPUTE_ORDER)
-            for j, off in enumerate(OFFLOAD_ORDER) if i <= r and j <= o and (i, j) != (r, o)]
+    return [
+        p.replace(recompute=rc, offload=off)
+        for i, rc in enumerate(RECOMPUTE_ORDER)
+        for j, off in enumerate(OFFLOAD_ORDER)
+        if i <= r and j <= o and (i, j) != (r, o)
+    ]
 
 
 def brute_force(model, cluster, fixed: dict, opts: Options) -> list:
@@ -59,26 +78,36 @@ def brute_force(model, cluster, fixed: dict, opts: Options) -> list:
         host = offloaded_bytes(model, cluster, p, "torch") * space.node_size
         fits[key(p)] = e.memory.total <= (1 - opts.headroom) * e.memory.capacity and host <= opts.host_bytes(cluster)
         rows.append((n, p, e))
-    kept = [(float(rank_key(e.time.tokens_per_s, cluster.gpus, "throughput")), e.memory.total, n, key(p), e)
-            for n, p, e in rows if fits[key(p)] and not any(fits.get(key(q)) for q in lighter(p))]
+    kept = [
+        (float(rank_key(e.time.tokens_per_s, cluster.gpus, "throughput")), e.memory.total, n, key(p), e)
+        for n, p, e in rows
+        if fits[key(p)] and not any(fits.get(key(q)) for q in lighter(p))
+    ]
     kept.sort(key=lambda r: r[:3])
     return [(r[3], r[4]) for r in kept]
 
 
 # ---- the fast path is the plain estimate --------------------------------------------------------
-@pytest.mark.parametrize("case", [
-    # GPT-2 124M on 4 GPUs of 4 GiB: DDP does not fit, sharding and recompute do; offload hits a
-    # small CPU memory (--host-memory 1) on some plans
-    ("gpt2-124m", small_gpu(make_cluster("rtx-4090", 4), 4.0), {"gbs": 16, "seq": 512}, Options(host_memory_gib=1.0)),
-    # two 4-GPU nodes over Ethernet: tp inside a node, dp/pp across; pinned ZeRO-1 and sp off
-    ("tiny-llama", make_cluster("rtx-4090", 8, 4), {"gbs": 16, "seq": 64, "zero": 1, "sp": False}, Options()),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # GPT-2 124M on 4 GPUs of 4 GiB: DDP does not fit, sharding and recompute do; offload hits a
+        # small CPU memory (--host-memory 1) on some plans
+        (
+            "gpt2-124m",
+            small_gpu(make_cluster("rtx-4090", 4), 4.0),
+            {"gbs": 16, "seq": 512},
+            Options(host_memory_gib=1.0),
+        ),
+        # two 4-GPU nodes over Ethernet: tp inside a node, dp/pp across; pinned ZeRO-1 and sp off
+        ("tiny-llama", make_cluster("rtx-4090", 8, 4), {"gbs": 16, "seq": 64, "zero": 1, "sp": False}, Options()),
+    ],
+)
 def test_fast_path_ranks_exactly_as_plain_estimates(case):
     name, cluster, fixed, opts = case
     model = preset(name)
     want = brute_force(model, cluster, fixed, opts)
-    res = run_search(model, cluster, top=None, headroom=opts.headroom, host_memory_gib=opts.host_memory_gib,
-                     **fixed)
+    res = run_search(model, cluster, top=None, headroom=opts.headroom, host_memory_gib=opts.host_memory_gib, **fixed)
     assert len(want) > 5 and res.tally.fit > len(want) - 1  # a real ranking, not a trivial one
     assert [key(e.plan) for e in res.ranked] == [k for k, _ in want]
     # the vectorized numbers (the table the ranking used) equal the one-plan estimates bit for bit
@@ -123,10 +152,11 @@ def test_sampled_plans_agree_on_a_larger_search():
 def test_more_recompute_or_offload_is_never_faster():
     """Why a heavier variant of a fitting plan may go unestimated: the time model never makes it
     faster. Checked on plans of three shapes (DDP/ZeRO, TP+SP, PP) for every lighter variant."""
-    cases = [("llama-3.1-8b", make_cluster("h100-80gb", 16), Plan(tp=2, pp=2, zero=3, mbs=1, gbs=64, seq=4096,
-                                                                   sp=True)),
-             ("llama-2-7b", make_cluster("a100-80gb", 8), Plan(zero=3, mbs=2, gbs=64)),
-             ("gpt2-1.5b", make_cluster("rtx-4090", 4), Plan(pp=2, zero=1, mbs=1, gbs=64, seq=1024))]
+    cases = [
+        ("llama-3.1-8b", make_cluster("h100-80gb", 16), Plan(tp=2, pp=2, zero=3, mbs=1, gbs=64, seq=4096, sp=True)),
+        ("llama-2-7b", make_cluster("a100-80gb", 8), Plan(zero=3, mbs=2, gbs=64)),
+        ("gpt2-1.5b", make_cluster("rtx-4090", 4), Plan(pp=2, zero=1, mbs=1, gbs=64, seq=1024)),
+    ]
     checked = 0
     for name, cluster, base in cases:
         for rc in RECOMPUTE_ORDER:
@@ -158,7 +188,7 @@ def test_offloaded_bytes_come_from_the_memory_estimate():
     cluster = make_cluster("a100-80gb", 8)
     p = Plan(dp=8, zero=3, mbs=1, gbs=64, seq=2048, offload="params")
     on, off = estimate("llama-2-70b", cluster, p.replace(offload="none")), estimate("llama-2-70b", cluster, p)
-    states = lambda e: e.memory.params + e.memory.grads + e.memory.optimizer  # noqa: E731
+    states = lambda e: e.memory.params + e.memory.grads + e.memory.optimizer
     moved = offloaded_bytes(preset("llama-2-70b"), cluster, p, "torch")
     assert moved == states(on) - states(off)
     # about 16 bytes per parameter (fp32 master, fp32 gradient, two fp32 AdamW moments) / 8 ranks:
@@ -201,8 +231,12 @@ def test_fewest_gpus_fits_there_and_not_below():
     opts = Options()
     n = fewest_gpus("llama-2-70b", cl, {"offload": "none"}, opts)
     assert n is not None and n % 8 == 0 and n >= 16
-    fits = lambda g: fitting_space(preset("llama-2-70b"), Cluster(cl.gpu, g, 8, cl.network),  # noqa: E731
-                                   {"offload": "none"}, opts)[1]
+    fits = lambda g: fitting_space(
+        preset("llama-2-70b"),
+        Cluster(cl.gpu, g, 8, cl.network),
+        {"offload": "none"},
+        opts,
+    )[1]
     assert fits(n)
     assert not any(fits(g) for g in [1, 2, 4] + list(range(8, n, 8)))
 
@@ -227,8 +261,9 @@ def test_larger_gpu_is_the_smallest_catalog_gpu_that_fits():
     cl, opts, fixed = make_cluster("a100-80gb", 8), Options(), {"offload": "none"}
     got = larger_gpu(preset("llama-2-70b"), cl, fixed, opts)
     bigger = sorted((g for g in gpus().values() if g.memory_gib > 80), key=lambda g: (g.memory_gib, g.name))
-    first = next(g for g in bigger if fitting_space(preset("llama-2-70b"), dataclasses.replace(cl, gpu=g), fixed,
-                                                    opts)[1])
+    first = next(
+        g for g in bigger if fitting_space(preset("llama-2-70b"), dataclasses.replace(cl, gpu=g), fixed, opts)[1]
+    )
     assert got == first and got.memory_gib > 80
 
 
@@ -238,18 +273,21 @@ def test_fewest_gpus_below_a_node():
 
 
 # ---- bad requests: one line, ShardwiseError ---------------------------------------------------
-@pytest.mark.parametrize("kw, match", [
-    ({"tp": 3}, "tp=3 must divide the attention heads"),
-    ({"gbs": 3, "pp": 1}, "global batch 3 is not a multiple of dp\\*mbs"),  # pp=1: dp >= 16/8 = 2
-    ({"pp": 3}, "pp\\*vpp = 3 must divide the 32 layers"),
-    ({"sp": True, "tp": 1}, "sequence parallel \\(--sp\\) needs tp > 1"),
-    ({"offload": "params", "zero": 1}, "parameter offload needs ZeRO-3"),
-    ({"dp": 5}, "dp\\*tp\\*pp = 5"),
-    ({"zero": 7}, "ZeRO stage must be 0, 1, 2 or 3"),
-    ({"pipeline": 2}, "unknown plan field 'pipeline'"),
-    ({"headroom": 1.5}, "headroom must be a fraction"),
-    ({"rank": "cost"}, "ranking by cost needs a token budget"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"tp": 3}, "tp=3 must divide the attention heads"),
+        ({"gbs": 3, "pp": 1}, "global batch 3 is not a multiple of dp\\*mbs"),  # pp=1: dp >= 16/8 = 2
+        ({"pp": 3}, "pp\\*vpp = 3 must divide the 32 layers"),
+        ({"sp": True, "tp": 1}, "sequence parallel \\(--sp\\) needs tp > 1"),
+        ({"offload": "params", "zero": 1}, "parameter offload needs ZeRO-3"),
+        ({"dp": 5}, "dp\\*tp\\*pp = 5"),
+        ({"zero": 7}, "ZeRO stage must be 0, 1, 2 or 3"),
+        ({"pipeline": 2}, "unknown plan field 'pipeline'"),
+        ({"headroom": 1.5}, "headroom must be a fraction"),
+        ({"rank": "cost"}, "ranking by cost needs a token budget"),
+    ],
+)
 def test_impossible_requests_are_one_line_errors(kw, match):
     with pytest.raises(ShardwiseError, match=match) as e:
         run_search("llama-2-7b", make_cluster("h100-80gb", 16), **({"gbs": 64} | kw if "gbs" not in kw else kw))

@@ -1,5 +1,6 @@
 """Properties of the search (hypothesis): what holds for every model, cluster and pin it draws.
 Each example runs a whole search, so max_examples is small and the draws stay at small clusters."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,13 +8,12 @@ import dataclasses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardwise import estimate, make_cluster, preset
+from shardwise import estimate, make_cluster
 from shardwise.errors import ShardwiseError
 from shardwise.search.core import run_search
 from shardwise.spec.plan import violation
 
-SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 MODELS = ("gpt2-124m", "gpt2-355m", "llama-3.2-1b", "qwen2.5-0.5b")  # small enough for a laptop-sized search
 GPUS = ("rtx-4090", "a100-40gb", "l4", "h100-80gb")
 
@@ -27,8 +27,13 @@ def searched(model, cluster, **kw):
 
 
 @SETTINGS
-@given(model=st.sampled_from(MODELS), gpu=st.sampled_from(GPUS), gpus=st.sampled_from([1, 2, 4, 8, 16]),
-       seq=st.sampled_from([512, 1024, 2048]), headroom=st.sampled_from([0.0, 0.1, 0.25]))
+@given(
+    model=st.sampled_from(MODELS),
+    gpu=st.sampled_from(GPUS),
+    gpus=st.sampled_from([1, 2, 4, 8, 16]),
+    seq=st.sampled_from([512, 1024, 2048]),
+    headroom=st.sampled_from([0.0, 0.1, 0.25]),
+)
 def test_every_returned_plan_fits_and_is_legal(model, gpu, gpus, seq, headroom):
     cluster = make_cluster(gpu, gpus)
     res = searched(model, cluster, seq=seq, gbs=64, headroom=headroom, top=None)
@@ -41,8 +46,12 @@ def test_every_returned_plan_fits_and_is_legal(model, gpu, gpus, seq, headroom):
 
 
 @SETTINGS
-@given(model=st.sampled_from(MODELS), gpu=st.sampled_from(GPUS), n=st.sampled_from([1, 2, 4, 8, 16]),
-       seq=st.sampled_from([1024, 2048]))
+@given(
+    model=st.sampled_from(MODELS),
+    gpu=st.sampled_from(GPUS),
+    n=st.sampled_from([1, 2, 4, 8, 16]),
+    seq=st.sampled_from([1024, 2048]),
+)
 def test_more_gpus_never_lower_the_best_throughput(model, gpu, n, seq):
     """Precisely: the same GPU, node size (8) and network; the global batch pinned to 128
     sequences on both sides (a multiple of every dp either count can use, so no plan of N GPUs
@@ -68,8 +77,12 @@ def test_a_toy_model_is_slower_on_more_gpus():
 
 
 @SETTINGS
-@given(model=st.sampled_from(MODELS), gpu=st.sampled_from(GPUS), gpus=st.sampled_from([2, 4, 8]),
-       extra=st.sampled_from([1, 8, 40]))
+@given(
+    model=st.sampled_from(MODELS),
+    gpu=st.sampled_from(GPUS),
+    gpus=st.sampled_from([2, 4, 8]),
+    extra=st.sampled_from([1, 8, 40]),
+)
 def test_more_gpu_memory_never_unfits_a_plan(model, gpu, gpus, extra):
     """Every plan that fits on a GPU still fits on the same GPU with `extra` GiB more, and the best
     throughput there is at least as high (time does not depend on capacity)."""
@@ -85,14 +98,25 @@ def test_more_gpu_memory_never_unfits_a_plan(model, gpu, gpus, extra):
     assert more.ranked[0].time.tokens_per_s >= res.ranked[0].time.tokens_per_s
 
 
-PINS = {"tp": [1, 2, 4], "pp": [1, 2, 4], "zero": [0, 1, 2, 3], "mbs": [1, 2, 4], "recompute": ["none", "selective", "full"],
-        "sp": [False, True], "schedule": ["gpipe", "1f1b", "interleaved"], "offload": ["none", "optimizer"]}
+PINS = {
+    "tp": [1, 2, 4],
+    "pp": [1, 2, 4],
+    "zero": [0, 1, 2, 3],
+    "mbs": [1, 2, 4],
+    "recompute": ["none", "selective", "full"],
+    "sp": [False, True],
+    "schedule": ["gpipe", "1f1b", "interleaved"],
+    "offload": ["none", "optimizer"],
+}
 
 
 @SETTINGS
-@given(model=st.sampled_from(("gpt2-355m", "llama-3.2-1b")), gpus=st.sampled_from([4, 8]),
-       pins=st.dictionaries(st.sampled_from(sorted(PINS)), st.just(None), min_size=1, max_size=3),
-       data=st.data())
+@given(
+    model=st.sampled_from(("gpt2-355m", "llama-3.2-1b")),
+    gpus=st.sampled_from([4, 8]),
+    pins=st.dictionaries(st.sampled_from(sorted(PINS)), st.just(None), min_size=1, max_size=3),
+    data=st.data(),
+)
 def test_a_pinned_flag_is_respected_in_every_returned_plan(model, gpus, pins, data):
     pins = {k: data.draw(st.sampled_from(PINS[k]), label=k) for k in pins}
     res = searched(model, make_cluster("a100-80gb", gpus), gbs=64, top=None, **pins)

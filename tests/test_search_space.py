@@ -1,21 +1,39 @@
 """The search's candidate space: what is enumerated, once each, under pinned fields; the default
 global batch; pinned-field checks. (No estimate numbers here: see test_search.py.)"""
+
 from __future__ import annotations
 
 import itertools
 
 import numpy as np
 import pytest
+from test_search import generated as _plans  # every candidate as a scalar Plan, in generation order
 
 from shardwise import Plan, ShardwiseError, preset
 from shardwise.search.space import Space, check_fixed
 from shardwise.spec.plan import violation
-from test_search import generated as _plans  # every candidate as a scalar Plan, in generation order
 
 
 def _key(p: Plan) -> tuple:
-    return tuple(getattr(p, f) for f in ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq", "schedule", "vpp",
-                                         "recompute", "sp", "precision", "optimizer", "offload"))
+    return tuple(
+        getattr(p, f)
+        for f in (
+            "dp",
+            "tp",
+            "pp",
+            "zero",
+            "mbs",
+            "gbs",
+            "seq",
+            "schedule",
+            "vpp",
+            "recompute",
+            "sp",
+            "precision",
+            "optimizer",
+            "offload",
+        )
+    )
 
 
 def test_tp_stays_inside_the_node_unless_allowed():
@@ -47,22 +65,55 @@ def test_each_strategy_generated_once_and_none_missing():
     legal = {k for k, p in zip(keys, got) if violation(p, m, 4) is None}
     brute = set()
     for tp, pp, zero, mbs, sched, vpp, rc, sp, off in itertools.product(
-            [1, 2, 4], [1, 2, 4], range(4), [1, 2, 4, 8], ("gpipe", "1f1b", "interleaved"), range(1, m.layers + 1),
-            ("none", "selective", "full"), (False, True), ("none", "optimizer", "params")):
+        [1, 2, 4],
+        [1, 2, 4],
+        range(4),
+        [1, 2, 4, 8],
+        ("gpipe", "1f1b", "interleaved"),
+        range(1, m.layers + 1),
+        ("none", "selective", "full"),
+        (False, True),
+        ("none", "optimizer", "params"),
+    ):
         if 4 % (tp * pp):
             continue
-        p = Plan(dp=4 // (tp * pp), tp=tp, pp=pp, zero=zero, mbs=mbs, gbs=8, seq=64, schedule=sched, vpp=vpp,
-                 recompute=rc, sp=sp, offload=off)
-        if violation(p, m, 4) is None and not (pp == 1 and sched != "1f1b") and not (sched == "interleaved"
-                                                                                      and vpp == 1):
+        p = Plan(
+            dp=4 // (tp * pp),
+            tp=tp,
+            pp=pp,
+            zero=zero,
+            mbs=mbs,
+            gbs=8,
+            seq=64,
+            schedule=sched,
+            vpp=vpp,
+            recompute=rc,
+            sp=sp,
+            offload=off,
+        )
+        if (
+            violation(p, m, 4) is None
+            and not (pp == 1 and sched != "1f1b")
+            and not (sched == "interleaved" and vpp == 1)
+        ):
             brute.add(_key(p))
     assert legal == brute
 
 
 def test_pinned_fields_are_the_only_values():
     m = preset("llama-2-7b")
-    pins = {"tp": 2, "zero": 1, "mbs": 2, "recompute": "selective", "schedule": "interleaved", "vpp": 2,
-            "sp": True, "offload": "none", "seq": 4096, "gbs": 64}
+    pins = {
+        "tp": 2,
+        "zero": 1,
+        "mbs": 2,
+        "recompute": "selective",
+        "schedule": "interleaved",
+        "vpp": 2,
+        "sp": True,
+        "offload": "none",
+        "seq": 4096,
+        "gbs": 64,
+    }
     for p in _plans(Space(m, 16, 8, pins)):
         for k, v in pins.items():
             assert getattr(p, k) == v, k
@@ -108,13 +159,16 @@ def test_grid_arrays_are_int64_and_the_array_plan_matches_scalars():
         assert type(one.dp) is int and one.sp is True
 
 
-@pytest.mark.parametrize("fixed, match", [
-    ({"tpp": 2}, "unknown plan field 'tpp'"),
-    ({"tp": 0}, "tp must be a positive integer"),
-    ({"gbs": -4}, "gbs must be a positive integer"),
-    ({"recompute": "sometimes"}, "unknown recompute 'sometimes'"),
-    ({"zero": 4}, "ZeRO stage must be 0, 1, 2 or 3"),
-])
+@pytest.mark.parametrize(
+    "fixed, match",
+    [
+        ({"tpp": 2}, "unknown plan field 'tpp'"),
+        ({"tp": 0}, "tp must be a positive integer"),
+        ({"gbs": -4}, "gbs must be a positive integer"),
+        ({"recompute": "sometimes"}, "unknown recompute 'sometimes'"),
+        ({"zero": 4}, "ZeRO stage must be 0, 1, 2 or 3"),
+    ],
+)
 def test_bad_pins_are_one_line_errors(fixed, match):
     with pytest.raises(ShardwiseError, match=match) as e:
         check_fixed(fixed)

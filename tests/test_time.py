@@ -1,24 +1,41 @@
 """The time estimate: FLOPs against Narayanan et al. 2021, compute at an efficiency, exposed
 communication, bubble, MFU, and the days / GPU-hours / cost of a token budget, worked by hand."""
+
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from shardwise.spec.breakdown import Collective
 from shardwise.errors import ShardwiseError
 from shardwise.estimate.comm import collectives
-from shardwise.estimate.time import (DEFAULT_EFFICIENCY, PCIE_GBPS, forward_flops_per_token,
-                                     layer_forward_flops_per_token, matmul_weights, model_flops_per_token,
-                                     optimizer_bytes_per_param, step_time)
+from shardwise.estimate.time import (
+    DEFAULT_EFFICIENCY,
+    PCIE_GBPS,
+    forward_flops_per_token,
+    layer_forward_flops_per_token,
+    matmul_weights,
+    model_flops_per_token,
+    optimizer_bytes_per_param,
+    step_time,
+)
+from shardwise.spec.breakdown import Collective
 from shardwise.spec.hardware import GPU, Cluster, Network
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.presets import preset
 from shardwise.spec.plan import Plan
+from shardwise.spec.presets import preset
 
-GPU_T = GPU(name="test-gpu", memory_gib=80, tflops={"bf16": 100.0, "fp16": 100.0, "fp32": 10.0}, hbm_gbps=1000,
-            link="NVLink", link_gbps=450, link_latency_us=3.0, link_efficiency=0.8, gpus_per_node=8,
-            price_per_hour=2.0)
+GPU_T = GPU(
+    name="test-gpu",
+    memory_gib=80,
+    tflops={"bf16": 100.0, "fp16": 100.0, "fp32": 10.0},
+    hbm_gbps=1000,
+    link="NVLink",
+    link_gbps=450,
+    link_latency_us=3.0,
+    link_efficiency=0.8,
+    gpus_per_node=8,
+    price_per_hour=2.0,
+)
 NET_T = Network(name="test-net", gbits=400, latency_us=10.0, efficiency=0.8)
 # 2 layers, h = 1024, GELU 4h, vocab 1000, untied: 27,218,944 parameters
 TOY = ModelSpec(name="toy", layers=2, hidden=1024, heads=8, vocab=1000, ffn_kind="gelu", ffn_hidden=4096)
@@ -76,8 +93,16 @@ def test_gpt3_training_days_against_narayanan():
     attention scores (s/(6h) = 2.8%) and the logits' V/(16*l*h) (0.3%); ours keeps them, so we come
     out above 34 days by about that much, and no more."""
     gpt3 = preset("gpt-3-175b")
-    a100 = GPU(name="a100", memory_gib=80, tflops={"bf16": 312.0}, hbm_gbps=2039, link="NVLink 3", link_gbps=300,
-               gpus_per_node=8, price_per_hour=0.0)
+    a100 = GPU(
+        name="a100",
+        memory_gib=80,
+        tflops={"bf16": 312.0},
+        hbm_gbps=2039,
+        link="NVLink 3",
+        link_gbps=300,
+        gpus_per_node=8,
+        price_per_hour=0.0,
+    )
     cl = Cluster(gpu=a100, gpus=1024, gpus_per_node=8, network=NET_T)
     # no pipeline (no bubble), no communication: what eq. (4) assumes; ZeRO-1 so the optimizer
     # step is ~0.1% (their runs shard it too)
@@ -188,8 +213,9 @@ def test_bubble_and_pipelined_work():
 
 
 def _coll(kind, group, seconds, overlapped):
-    return Collective(kind=kind, group=group, ranks=8, bytes=1, count=1, wire_bytes=1, seconds=seconds,
-                      overlapped=overlapped)
+    return Collective(
+        kind=kind, group=group, ranks=8, bytes=1, count=1, wire_bytes=1, seconds=seconds, overlapped=overlapped
+    )
 
 
 def test_overlap_rules():
@@ -279,32 +305,52 @@ def test_efficiency_is_overridable():
     assert full.detail["efficiency"] == 1.0
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(efficiency=0), "efficiency must be"), (dict(efficiency=1.5), "efficiency must be"),
-    (dict(efficiency="high"), "efficiency must be"), (dict(tokens=-1.0), "token budget"),
-    (dict(price=-2.0), "price must be")])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(efficiency=0), "efficiency must be"),
+        (dict(efficiency=1.5), "efficiency must be"),
+        (dict(efficiency="high"), "efficiency must be"),
+        (dict(tokens=-1.0), "token budget"),
+        (dict(price=-2.0), "price must be"),
+    ],
+)
 def test_bad_input(kw, msg):
     with pytest.raises(ShardwiseError, match=msg):
         run(TOY, 1, seq=512, **kw)
 
 
 def test_gpu_without_the_dtype():
-    v100 = GPU(name="v100", memory_gib=32, tflops={"fp32": 15.7, "fp16": 125.0}, hbm_gbps=900, link="NVLink 2",
-               link_gbps=150)
+    v100 = GPU(
+        name="v100", memory_gib=32, tflops={"fp32": 15.7, "fp16": 125.0}, hbm_gbps=900, link="NVLink 2", link_gbps=150
+    )
     plan = Plan(seq=512).resolve(TOY, 1)
     with pytest.raises(ShardwiseError, match="no bf16 figure"):
         step_time(TOY, cluster(1, v100), plan, [])
     assert step_time(TOY, cluster(1, v100), plan.replace(precision="fp16-mixed"), []).step_s > 0
 
 
-@pytest.mark.parametrize("cats", [dict(zero=0), dict(zero=1, recompute="full"), dict(zero=2, sp=True),
-                                  dict(zero=3, schedule="interleaved"), dict(zero=3, offload="params"),
-                                  dict(zero=1, offload="optimizer", precision="fp32")])
+@pytest.mark.parametrize(
+    "cats",
+    [
+        dict(zero=0),
+        dict(zero=1, recompute="full"),
+        dict(zero=2, sp=True),
+        dict(zero=3, schedule="interleaved"),
+        dict(zero=3, offload="params"),
+        dict(zero=1, offload="optimizer", precision="fp32"),
+    ],
+)
 def test_array_plan_matches_scalar_plans(cats):
     model, gpus = preset("tiny-llama"), 16
-    rows = [(gpus // (tp * pp), tp, pp, mbs, v) for tp in (1, 2, 4) for pp in (1, 2) for mbs in (1, 2)
-            for v in ((1, 2) if cats.get("schedule") == "interleaved" else (1,))
-            if (tp > 1 or not cats.get("sp")) and (pp > 1 or cats.get("schedule") != "interleaved")]
+    rows = [
+        (gpus // (tp * pp), tp, pp, mbs, v)
+        for tp in (1, 2, 4)
+        for pp in (1, 2)
+        for mbs in (1, 2)
+        for v in ((1, 2) if cats.get("schedule") == "interleaved" else (1,))
+        if (tp > 1 or not cats.get("sp")) and (pp > 1 or cats.get("schedule") != "interleaved")
+    ]
     cl = Cluster(gpu=GPU_T, gpus=gpus, gpus_per_node=4, network=NET_T)
     arr = np.array(rows, dtype=np.int64).T
     plan = Plan(dp=arr[0], tp=arr[1], pp=arr[2], mbs=arr[3], vpp=arr[4], gbs=64, seq=32, **cats)
@@ -312,9 +358,19 @@ def test_array_plan_matches_scalar_plans(cats):
     for i, (dp, tp, pp, mbs, v) in enumerate(rows):
         one = Plan(dp=dp, tp=tp, pp=pp, mbs=mbs, vpp=v, gbs=64, seq=32, **cats)
         want = step_time(model, cl, one, collectives(model, cl, one), tokens=1e9)
-        for f in ("compute_s", "comm_exposed_s", "bubble_s", "step_s", "tokens_per_s", "mfu", "train_days",
-                  "gpu_hours", "cost_usd"):
-            assert float(np.broadcast_to(getattr(got, f), arr[0].shape)[i]) == pytest.approx(getattr(want, f),
-                                                                                             rel=1e-12), f
+        for f in (
+            "compute_s",
+            "comm_exposed_s",
+            "bubble_s",
+            "step_s",
+            "tokens_per_s",
+            "mfu",
+            "train_days",
+            "gpu_hours",
+            "cost_usd",
+        ):
+            assert float(np.broadcast_to(getattr(got, f), arr[0].shape)[i]) == pytest.approx(
+                getattr(want, f), rel=1e-12
+            ), f
         for k, v_ in want.detail.items():
             assert float(np.broadcast_to(got.detail[k], arr[0].shape)[i]) == pytest.approx(v_, rel=1e-12), k

@@ -27,6 +27,7 @@ rank's share of them). Measured:
                  tier's own Engine; what the estimate predicts is taken out
 The network table carries the same link figures: every rank is on this one machine.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,21 +36,20 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from shardwise.check import host_probe as ch
 from shardwise.check import timing
 from shardwise.check.timing import MIN_SECONDS
 from shardwise.errors import ShardwiseError
-from shardwise.spec.hardware import LINK_KINDS as KINDS  # every collective is timed and fitted
 from shardwise.estimate.comm import seconds
-from shardwise.estimate.time import PEAK_DTYPE
-from shardwise.estimate.time import forward_flops_per_token
+from shardwise.estimate.time import PEAK_DTYPE, forward_flops_per_token
 from shardwise.run.config import load
-from shardwise.spec.hardware import GPU, Cluster, Network
-from shardwise.spec.model import ModelSpec
-from shardwise.spec.model import ModelSpec
-from shardwise.spec.presets import load_model
-from shardwise.spec.plan import Plan
 from shardwise.run.model import build
-from shardwise.check import host_probe as ch
+from shardwise.spec.hardware import GPU, Cluster, Network
+from shardwise.spec.hardware import LINK_KINDS as KINDS  # every collective is timed and fitted
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.plan import Plan
+from shardwise.spec.presets import load_model
+
 CPU_SIZES = tuple(4 * 1024 * 4**i for i in range(7))  # 4 KiB .. 16 MiB
 GPU_SIZES = tuple(64 * 1024 * 4**i for i in range(8))  # 64 KiB .. 1 GiB
 TORCH_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # tf32: fp32 tensors
@@ -85,7 +85,9 @@ class Result:
     efficiency: float = 0.0  # a whole training step's FLOP/s over the matmul figure (with a run config)
     efficiency_dtype: str = ""
     efficiency_model: str = ""
-    host_us: dict = field(default_factory=dict)  # engine -> {block, microbatch, [block_step,] step} us (calibrate_host.py)
+    host_us: dict = field(
+        default_factory=dict
+    )  # engine -> {block, microbatch, [block_step,] step} us (calibrate_host.py)
     tflops_raised: bool = False  # the efficiency dtype's figure is the training step's own (it beat the matmuls)
     host_model: str = ""
     notes: list[str] = field(default_factory=list)
@@ -94,63 +96,77 @@ class Result:
         tf = ", ".join(f"{k} = {v:.4g}" for k, v in self.tflops.items())
         errs = ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.fit_error.items())
         own = ", ".join(f"{k} {100 * e:.0f}%" for k, (_, _, e) in self.kinds.items())
-        raised = (f"; {self.efficiency_dtype} raised to the training step's rate, which beat the matmuls"
-                  if self.tflops_raised else "")
-        src = (f"shardwise calibrate on {time.strftime('%Y-%m-%d')}: {self.nproc} rank(s) of {self.device_name} "
-               f"({self.backend}); matmul at {self.shapes}; link fitted to {len(self.link_samples)} timed "
-               f"collectives (mean fit error by kind: {errs or 'n/a, one rank'}; each kind fitted alone "
-               f"(link_kinds): {own or 'n/a'}){raised}")
+        raised = (
+            f"; {self.efficiency_dtype} raised to the training step's rate, which beat the matmuls"
+            if self.tflops_raised
+            else ""
+        )
+        src = (
+            f"shardwise calibrate on {time.strftime('%Y-%m-%d')}: {self.nproc} rank(s) of {self.device_name} "
+            f"({self.backend}); matmul at {self.shapes}; link fitted to {len(self.link_samples)} timed "
+            f"collectives (mean fit error by kind: {errs or 'n/a, one rank'}; each kind fitted alone "
+            f"(link_kinds): {own or 'n/a'}){raised}"
+        )
         link = f"{self.backend} among {self.nproc} local rank(s), measured"
-        return "\n".join([
-            f"# written by `shardwise calibrate`: this machine as {self.nproc} rank(s) see it",
-            f"[gpu.{self.name}]",
-            f"memory_gib = {self.memory_gib:.3f}",
-            f"tflops = {{ {tf} }}",
-            f"hbm_gbps = {self.hbm_gbps:.4g}",
-            f'link = "{link}"',
-            f"link_gbps = {self.gbps:.4g}",
-            f"link_latency_us = {self.latency_us:.4g}",
-            "link_efficiency = 1.0",
-            f"link_kinds = {{ {kinds_toml(self.kinds, 'gbps', 1e-9)} }}",
-            f"gpus_per_node = {self.nproc}",
-            f"oversubscription = {oversubscription(self.device, self.nproc):.4g}",
-            "# the fraction of an overlapped collective (DDP's, FSDP2's) that hid behind matmuls beside it",
-            f"overlap = {self.overlap:.3f}",
-            "price_per_hour = 0.0",
-            f"# engines' host time in us beyond FLOPs and collectives, {self.host_model or 'not measured'}",
-            f"host_us = {{ {host_toml(self.host_us)} }}",
-            f'source = "{src}"',
-            "",
-            f"[network.{self.name}]",
-            f"gbits = {self.gbps * 8:.4g}",
-            f"latency_us = {self.latency_us:.4g}",
-            "efficiency = 1.0",
-            f"kinds = {{ {kinds_toml(self.kinds, 'gbits', 8e-9)} }}",
-            f'source = "{link}; the same figures as the gpu table: every rank is on this machine"',
-            "",
-        ] + ([
-            "# read by `shardwise check` (and pass it to `shardwise estimate --efficiency`): the estimate's",
-            "# compute time is FLOPs / (tflops * efficiency); this efficiency is what a whole training step",
-            "# of the model reached (norms, attention, loss and framework overhead included) over the matmuls",
-            f"[calibration.{self.name}]",
-            f"efficiency = {self.efficiency:.4g}",
-            f'dtype = "{self.efficiency_dtype}"',
-            f'source = "forward + backward of {self.efficiency_model}, timed on every rank at once"',
-            "",
-        ] if self.efficiency else []))
+        return "\n".join(
+            [
+                f"# written by `shardwise calibrate`: this machine as {self.nproc} rank(s) see it",
+                f"[gpu.{self.name}]",
+                f"memory_gib = {self.memory_gib:.3f}",
+                f"tflops = {{ {tf} }}",
+                f"hbm_gbps = {self.hbm_gbps:.4g}",
+                f'link = "{link}"',
+                f"link_gbps = {self.gbps:.4g}",
+                f"link_latency_us = {self.latency_us:.4g}",
+                "link_efficiency = 1.0",
+                f"link_kinds = {{ {kinds_toml(self.kinds, 'gbps', 1e-9)} }}",
+                f"gpus_per_node = {self.nproc}",
+                f"oversubscription = {oversubscription(self.device, self.nproc):.4g}",
+                "# the fraction of an overlapped collective (DDP's, FSDP2's) that hid behind matmuls beside it",
+                f"overlap = {self.overlap:.3f}",
+                "price_per_hour = 0.0",
+                f"# engines' host time in us beyond FLOPs and collectives, {self.host_model or 'not measured'}",
+                f"host_us = {{ {host_toml(self.host_us)} }}",
+                f'source = "{src}"',
+                "",
+                f"[network.{self.name}]",
+                f"gbits = {self.gbps * 8:.4g}",
+                f"latency_us = {self.latency_us:.4g}",
+                "efficiency = 1.0",
+                f"kinds = {{ {kinds_toml(self.kinds, 'gbits', 8e-9)} }}",
+                f'source = "{link}; the same figures as the gpu table: every rank is on this machine"',
+                "",
+            ]
+            + (
+                [
+                    "# read by `shardwise check` (and pass it to `shardwise estimate --efficiency`): the estimate's",
+                    "# compute time is FLOPs / (tflops * efficiency); this efficiency is what a whole training step",
+                    "# of the model reached (norms, attention, loss and framework overhead included) over the matmuls",
+                    f"[calibration.{self.name}]",
+                    f"efficiency = {self.efficiency:.4g}",
+                    f'dtype = "{self.efficiency_dtype}"',
+                    f'source = "forward + backward of {self.efficiency_model}, timed on every rank at once"',
+                    "",
+                ]
+                if self.efficiency
+                else []
+            )
+        )
 
 
 def kinds_toml(kinds: dict, rate: str, scale: float) -> str:
     """{kind: (latency s, bytes/s, error)} as the inside of an inline TOML table of
     kind = { latency_us, <rate> = bytes/s * scale } (GPU.link_kinds in GB/s, Network.kinds in Gbit/s)."""
-    return ", ".join(f'"{k}" = {{ latency_us = {a * 1e6:.4g}, {rate} = {b * scale:.4g} }}'
-                     for k, (a, b, _) in kinds.items())
+    return ", ".join(
+        f'"{k}" = {{ latency_us = {a * 1e6:.4g}, {rate} = {b * scale:.4g} }}' for k, (a, b, _) in kinds.items()
+    )
 
 
 def host_toml(host: dict) -> str:
     """{engine: {term: us}} as the inside of an inline TOML table (quoted keys: tp-sp has a dash)."""
-    return ", ".join(f'"{e}" = {{ ' + ", ".join(f"{t} = {v:.4g}" for t, v in terms.items()) + " }"
-                     for e, terms in host.items())
+    return ", ".join(
+        f'"{e}" = {{ ' + ", ".join(f"{t} = {v:.4g}" for t, v in terms.items()) + " }" for e, terms in host.items()
+    )
 
 
 # ---- shapes -------------------------------------------------------------------------------------
@@ -162,8 +178,14 @@ def model_shapes(spec, plan) -> list[tuple[int, int, int]]:
     t = plan.mbs * plan.seq
     tp = plan.tp
     h, f = spec.hidden, spec.ffn_hidden
-    lin = [(h, spec.q_dim // tp), (h, spec.kv_dim // tp), (h, spec.kv_dim // tp), (spec.q_dim // tp, h),
-           (h, f // tp), (f // tp, h)]
+    lin = [
+        (h, spec.q_dim // tp),
+        (h, spec.kv_dim // tp),
+        (h, spec.kv_dim // tp),
+        (spec.q_dim // tp, h),
+        (h, f // tp),
+        (f // tp, h),
+    ]
     if spec.ffn_kind == "swiglu":
         lin.append((h, f // tp))
     lin.append((h, -(-spec.vocab // tp)))
@@ -181,16 +203,14 @@ def standard_shapes(device: str) -> list[tuple[int, int, int]]:
 # ---- benchmarks (run on every rank at once) -------------------------------------------------------
 
 
-
-
-
-
 def matmul_tflops(shapes, dtype, device, min_s: float = MIN_SECONDS) -> float:
     """Achieved TFLOP/s over the set of shapes (total FLOPs / total time), per rank."""
     import torch
 
-    mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
-            for m, k, n in shapes]
+    mats = [
+        (torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+        for m, k, n in shapes
+    ]
     flops = sum(2 * m * k * n for m, k, n in shapes)
 
     def run():
@@ -221,13 +241,13 @@ def collective_seconds(kind: str, nbytes: int, device, min_s: float = MIN_SECOND
     full = torch.ones(elems, dtype=torch.float32, device=device)
     part = torch.ones(elems // n, dtype=torch.float32, device=device)
     if kind == "all-reduce":
-        fn = lambda: dist.all_reduce(full)  # noqa: E731
+        fn = lambda: dist.all_reduce(full)
     elif kind == "all-gather":
-        fn = lambda: dist.all_gather_into_tensor(full, part)  # noqa: E731
+        fn = lambda: dist.all_gather_into_tensor(full, part)
     elif kind == "reduce-scatter":
-        fn = lambda: dist.reduce_scatter_tensor(part, full)  # noqa: E731
+        fn = lambda: dist.reduce_scatter_tensor(part, full)
     elif kind == "broadcast":
-        fn = lambda: dist.broadcast(full, 0)  # noqa: E731
+        fn = lambda: dist.broadcast(full, 0)
     elif kind == "send":
         peer = r + 1 if r % 2 == 0 else r - 1
 
@@ -265,10 +285,15 @@ def overlap_fraction(kind: str, shapes, dtype, device, min_s: float = MIN_SECOND
     elems = OVERLAP_BYTES[device.type] // 4 // n * n
     full = torch.ones(elems, dtype=torch.float32, device=device)
     part = torch.ones(elems // n, dtype=torch.float32, device=device)
-    issue = (lambda: dist.all_reduce(full, async_op=True)) if kind == "all-reduce" else \
-        (lambda: dist.all_gather_into_tensor(full, part, async_op=True))
-    mats = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, nn, device=device, dtype=dtype))
-            for m, k, nn in shapes]
+    issue = (
+        (lambda: dist.all_reduce(full, async_op=True))
+        if kind == "all-reduce"
+        else (lambda: dist.all_gather_into_tensor(full, part, async_op=True))
+    )
+    mats = [
+        (torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, nn, device=device, dtype=dtype))
+        for m, k, nn in shapes
+    ]
 
     def matmuls():
         for a, b in mats:
@@ -314,8 +339,10 @@ def fit_link(samples: list[tuple[str, int, float]], n: int) -> tuple[float, floa
     y2 = sum(cb / t for (cl, cb), t in rows)
     det = s11 * s22 - s12 * s12
     if det <= 0:
-        raise ShardwiseError("the collective timings do not determine a latency and a bandwidth; "
-                             "run calibrate again with more ranks or larger messages")
+        raise ShardwiseError(
+            "the collective timings do not determine a latency and a bandwidth; "
+            "run calibrate again with more ranks or larger messages"
+        )
     a = (y1 * s22 - y2 * s12) / det
     inv_b = (s11 * y2 - s12 * y1) / det
     if a < 0 or inv_b <= 0:  # one term is not supported by the data: fit the other alone
@@ -347,17 +374,23 @@ def _tp_local(spec, tp: int, **change):
     """The reference model as one tensor-parallel rank computes it: q/k/v, FFN and vocabulary / tp."""
     import dataclasses
 
-    return dataclasses.replace(spec, name=f"{spec.name}-tp-local", heads=spec.heads // tp,
-                               kv_heads=spec.kv_heads // tp, head_dim=spec.head_dim,
-                               ffn_hidden=spec.ffn_hidden // tp, vocab=-(-spec.vocab // tp), published_params=0,
-                               **change)
+    return dataclasses.replace(
+        spec,
+        name=f"{spec.name}-tp-local",
+        heads=spec.heads // tp,
+        kv_heads=spec.kv_heads // tp,
+        head_dim=spec.head_dim,
+        ffn_hidden=spec.ffn_hidden // tp,
+        vocab=-(-spec.vocab // tp),
+        published_params=0,
+        **change,
+    )
 
 
 def _step_fn(local, mbs: int, seq: int, precision: str, device):
     """One forward + backward (loss included) of `local` on mbs x seq tokens, as a callable."""
     import torch
     import torch.nn.functional as F
-
 
     model = build(local, device, seed=0)
     if precision == "bf16":
@@ -375,10 +408,6 @@ def _step_fn(local, mbs: int, seq: int, precision: str, device):
             p.grad = None
 
     return run
-
-
-
-
 
 
 def split_plain(t_one: float, t_more: float, t_real: float, layers: int, flops: float) -> tuple[float, float, float]:
@@ -406,8 +435,10 @@ class StepSampler:
 
         local = _tp_local(spec, plan.tp)
         seq = min(OVERHEAD_SEQ, plan.seq)
-        self.fns = [_step_fn(_tp_local(spec, plan.tp, layers=n), 1, seq, plan.precision, device)
-                    for n in (1, 1 + OVERHEAD_BLOCKS)] + [_step_fn(local, plan.mbs, plan.seq, plan.precision, device)]
+        self.fns = [
+            _step_fn(_tp_local(spec, plan.tp, layers=n), 1, seq, plan.precision, device)
+            for n in (1, 1 + OVERHEAD_BLOCKS)
+        ] + [_step_fn(local, plan.mbs, plan.seq, plan.precision, device)]
         self.flops = 3 * forward_flops_per_token(local, plan.seq) * plan.mbs * plan.seq
         self.layers, self.device = local.layers, device
         self.times: list[list[float]] = [[] for _ in self.fns]
@@ -428,9 +459,9 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
     import torch
     import torch.distributed as dist
 
-
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_kind == "cuda" \
-        else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_kind == "cuda" else torch.device("cpu")
+    )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     n = dist.get_world_size() if dist.is_initialized() else 1
@@ -438,7 +469,6 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
     min_s = MIN_SECONDS / 5 if quick else MIN_SECONDS
     step, rounds = None, EFFICIENCY_ROUNDS // (3 if quick else 1)
     if model is not None:
-
         spec, plan = ModelSpec(**model[0]), Plan(**model[1])
         step = StepSampler(spec, plan, device)
         step.sample(rounds)
@@ -476,8 +506,10 @@ def rank_main(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick
         out["device_name"] = torch.cuda.get_device_name(device)
     else:
         out["memory"] = _available_memory_bytes() // n
-        out["device_name"] = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, " \
-                             f"{torch.get_num_threads()} thread(s) per rank"
+        out["device_name"] = (
+            f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} thread(s) per rank"
+        )
     out["backend"] = dist.get_backend() if dist.is_initialized() else ("nccl" if device.type == "cuda" else "gloo")
     return out
 
@@ -508,17 +540,38 @@ def _host_probe(out: dict, n: int, device, model, quick: bool) -> tuple[dict, li
     eff = out.get("efficiency", 1.0)  # what `shardwise check` uses: the file's efficiency, else 1
     a, bw = fit_link(out["samples"], n)[:2] if out["samples"] else (0.0, out["hbm_gbps"] * 1e9)
     kinds = fit_kinds(out["samples"], n)
-    gpu = GPU(name="probe", memory_gib=max(out.get("memory", 2**30) / 2**30, 1.0), tflops=out["tflops"],
-              hbm_gbps=out["hbm_gbps"], link="", link_gbps=bw / 1e9, link_latency_us=a * 1e6, link_efficiency=1.0,
-              link_kinds={k: {"latency_us": ka * 1e6, "gbps": kb / 1e9} for k, (ka, kb, _) in kinds.items()},
-              gpus_per_node=n, oversubscription=oversubscription(device.type, n), overlap=out.get("overlap", 1.0))
-    net = Network(name="probe", gbits=bw * 8 / 1e9, latency_us=a * 1e6, efficiency=1.0,
-                  kinds={k: {"latency_us": ka * 1e6, "gbits": kb * 8 / 1e9} for k, (ka, kb, _) in kinds.items()})
+    gpu = GPU(
+        name="probe",
+        memory_gib=max(out.get("memory", 2**30) / 2**30, 1.0),
+        tflops=out["tflops"],
+        hbm_gbps=out["hbm_gbps"],
+        link="",
+        link_gbps=bw / 1e9,
+        link_latency_us=a * 1e6,
+        link_efficiency=1.0,
+        link_kinds={k: {"latency_us": ka * 1e6, "gbps": kb / 1e9} for k, (ka, kb, _) in kinds.items()},
+        gpus_per_node=n,
+        oversubscription=oversubscription(device.type, n),
+        overlap=out.get("overlap", 1.0),
+    )
+    net = Network(
+        name="probe",
+        gbits=bw * 8 / 1e9,
+        latency_us=a * 1e6,
+        efficiency=1.0,
+        kinds={k: {"latency_us": ka * 1e6, "gbits": kb * 8 / 1e9} for k, (ka, kb, _) in kinds.items()},
+    )
     cluster = Cluster(gpu=gpu, gpus=n, gpus_per_node=n, network=net)
     steps, warmup, passes = (4, 2, 1) if quick else (ch.STEPS, ch.WARMUP, ch.PASSES)
     host, notes = ch.measure(spec, precision, cluster, eff, device, n, steps=steps, warmup=warmup, passes=passes)
-    return host, notes, (f"each engine's Engine trained {spec.name} ({precision}) at {ch.PROBE_SEQ} tokens per "
-                         f"micro-batch on {n} rank(s)")
+    return (
+        host,
+        notes,
+        (
+            f"each engine's Engine trained {spec.name} ({precision}) at {ch.PROBE_SEQ} tokens per "
+            f"micro-batch on {n} rank(s)"
+        ),
+    )
 
 
 def _mean_over_ranks(x: float, device) -> float:
@@ -552,8 +605,15 @@ def _entry(device_kind: str, shapes: list, sizes: tuple, dtypes: tuple, quick: b
 
 
 # ---- the command ---------------------------------------------------------------------------------
-def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, shapes: list | None = None,
-              shapes_text: str = "", quick: bool = False, model=None) -> Result:
+def calibrate(
+    nproc: int,
+    device_kind: str = "auto",
+    name: str | None = None,
+    shapes: list | None = None,
+    shapes_text: str = "",
+    quick: bool = False,
+    model=None,
+) -> Result:
     """Start nproc local ranks, benchmark, fit; returns the Result (write it with .toml())."""
     import torch
 
@@ -565,8 +625,9 @@ def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, sh
         if not torch.cuda.is_available():
             raise ShardwiseError("--device cuda was asked for but this PyTorch sees no CUDA device; use --device cpu")
         if nproc > torch.cuda.device_count():
-            raise ShardwiseError(f"--nproc {nproc} but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                                 "one rank per GPU")
+            raise ShardwiseError(
+                f"--nproc {nproc} but this machine has {torch.cuda.device_count()} CUDA device(s); one rank per GPU"
+            )
     elif device_kind != "cpu":
         raise ShardwiseError(f"unknown device {device_kind!r}; use cpu, cuda or auto")
     shapes = shapes or standard_shapes(device_kind)
@@ -592,13 +653,28 @@ def calibrate(nproc: int, device_kind: str = "auto", name: str | None = None, sh
     else:  # one rank: no link to measure; the memory copy bandwidth is what a self-copy costs
         a, bw, errs = 0.0, out["hbm_gbps"] * 1e9, {}
     kinds = fit_kinds(samples, nproc)
-    return Result(name=(name or f"this-{device_kind}").lower(), device=device_kind, backend=out["backend"],
-                  nproc=nproc, tflops=out["tflops"], hbm_gbps=out["hbm_gbps"], memory_gib=out["memory"] / 2**30,
-                  latency_us=a * 1e6, gbps=bw / 1e9, link_samples=samples, fit_error=errs, kinds=kinds,
-                  overlap=out.get("overlap", 1.0),
-                  shapes=shapes_text,
-                  device_name=out["device_name"], host_us=out["host_us"], host_model=out["host_model"],
-                  notes=out["host_notes"], tflops_raised=bool(out.get("raised")), **_efficiency(out, model))
+    return Result(
+        name=(name or f"this-{device_kind}").lower(),
+        device=device_kind,
+        backend=out["backend"],
+        nproc=nproc,
+        tflops=out["tflops"],
+        hbm_gbps=out["hbm_gbps"],
+        memory_gib=out["memory"] / 2**30,
+        latency_us=a * 1e6,
+        gbps=bw / 1e9,
+        link_samples=samples,
+        fit_error=errs,
+        kinds=kinds,
+        overlap=out.get("overlap", 1.0),
+        shapes=shapes_text,
+        device_name=out["device_name"],
+        host_us=out["host_us"],
+        host_model=out["host_model"],
+        notes=out["host_notes"],
+        tflops_raised=bool(out.get("raised")),
+        **_efficiency(out, model),
+    )
 
 
 def _efficiency(out: dict, model) -> dict:
@@ -606,9 +682,11 @@ def _efficiency(out: dict, model) -> dict:
         return {}
 
     spec, plan = model
-    return {"efficiency": out["efficiency"], "efficiency_dtype": PEAK_DTYPE[plan.precision],
-            "efficiency_model": f"{spec.name} as one tp={plan.tp} rank (mbs {plan.mbs}, seq {plan.seq}, "
-                                f"{plan.precision})"}
+    return {
+        "efficiency": out["efficiency"],
+        "efficiency_dtype": PEAK_DTYPE[plan.precision],
+        "efficiency_model": f"{spec.name} as one tp={plan.tp} rank (mbs {plan.mbs}, seq {plan.seq}, {plan.precision})",
+    }
 
 
 def _launch(nproc: int, args: tuple) -> dict:
@@ -620,9 +698,17 @@ def _launch(nproc: int, args: tuple) -> dict:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                      rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
-                      start_method="spawn")
+    lc = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
     try:
         results = elastic_launch(lc, entrypoint=_entry)(*args)
     except ChildFailedError as e:
@@ -636,8 +722,14 @@ def from_config(path: str, overrides=None) -> tuple[list, str, tuple]:
 
     cfg = load(path, overrides)
     p = cfg.plan
-    return model_shapes(cfg.model, p), (f"{cfg.model.name}'s linear layers (mbs {p.mbs} x seq {p.seq} tokens, "
-                                         f"tp {p.tp}; forward and both backward products)"), (cfg.model, p)
+    return (
+        model_shapes(cfg.model, p),
+        (
+            f"{cfg.model.name}'s linear layers (mbs {p.mbs} x seq {p.seq} tokens, "
+            f"tp {p.tp}; forward and both backward products)"
+        ),
+        (cfg.model, p),
+    )
 
 
 def print_result(r: Result, out: str, console=None) -> None:
@@ -646,30 +738,51 @@ def print_result(r: Result, out: str, console=None) -> None:
 
     c = console or Console(soft_wrap=True)
     c.print(f"calibrated {r.nproc} rank(s) of {r.device_name} ({r.backend})", highlight=False)
-    c.print("matmul  " + ", ".join(f"{k} {v * 1e3:,.1f} GFLOP/s" for k, v in r.tflops.items())
-            + f" per rank at {r.shapes}", highlight=False)
+    c.print(
+        "matmul  " + ", ".join(f"{k} {v * 1e3:,.1f} GFLOP/s" for k, v in r.tflops.items()) + f" per rank at {r.shapes}",
+        highlight=False,
+    )
     c.print(f"memory  {r.hbm_gbps:,.1f} GB/s copy bandwidth, {r.memory_gib:,.2f} GiB per rank", highlight=False)
-    per = {"block": "block per micro-batch", "microbatch": "micro-batch", "block_step": "block per step",
-           "step": "step"}
+    per = {
+        "block": "block per micro-batch",
+        "microbatch": "micro-batch",
+        "block_step": "block per step",
+        "step": "step",
+    }
     for eng, terms in r.host_us.items():
-        c.print(f"host    {eng:<6} " + ", ".join(f"{v:,.0f} us per {per[t]}" for t, v in terms.items())
-                + " beyond FLOPs and collectives", highlight=False)
+        c.print(
+            f"host    {eng:<6} "
+            + ", ".join(f"{v:,.0f} us per {per[t]}" for t, v in terms.items())
+            + " beyond FLOPs and collectives",
+            highlight=False,
+        )
     for note in r.notes:
         c.print(f"note    {note}", highlight=False)
     if r.efficiency:
-        c.print(f"step    {r.efficiency:.3f} of the {r.efficiency_dtype} matmul rate in a training step of "
-                f"{r.efficiency_model} (use --efficiency {r.efficiency:.3f} with `shardwise estimate`)",
-                highlight=False)
+        c.print(
+            f"step    {r.efficiency:.3f} of the {r.efficiency_dtype} matmul rate in a training step of "
+            f"{r.efficiency_model} (use --efficiency {r.efficiency:.3f} with `shardwise estimate`)",
+            highlight=False,
+        )
     if r.link_samples:
-        c.print(f"link    latency {r.latency_us:,.1f} us per step, bandwidth {r.gbps:,.3f} GB/s (fitted to every "
-                "kind; the kinds' own fits below are what the estimate uses)", highlight=False)
-        c.print(f"overlap {r.overlap:.2f} of an asynchronous {' / '.join(OVERLAP_KINDS)} of "
-                f"{_size(OVERLAP_BYTES[r.device])} hid behind matmuls running beside it", highlight=False)
+        c.print(
+            f"link    latency {r.latency_us:,.1f} us per step, bandwidth {r.gbps:,.3f} GB/s (fitted to every "
+            "kind; the kinds' own fits below are what the estimate uses)",
+            highlight=False,
+        )
+        c.print(
+            f"overlap {r.overlap:.2f} of an asynchronous {' / '.join(OVERLAP_KINDS)} of "
+            f"{_size(OVERLAP_BYTES[r.device])} hid behind matmuls running beside it",
+            highlight=False,
+        )
         for kind, (ka, kb, _) in r.kinds.items():
-            c.print(f"link    {kind:<14} latency {ka * 1e6:,.1f} us per step, bandwidth {kb / 1e9:,.3f} GB/s",
-                    highlight=False)
-        t = Table(title="collectives: measured vs the model fitted to every kind, and to each kind alone",
-                  show_lines=False)
+            c.print(
+                f"link    {kind:<14} latency {ka * 1e6:,.1f} us per step, bandwidth {kb / 1e9:,.3f} GB/s",
+                highlight=False,
+            )
+        t = Table(
+            title="collectives: measured vs the model fitted to every kind, and to each kind alone", show_lines=False
+        )
         for col in ("kind", "message", "measured", "one fit", "error", "own fit", "error "):
             t.add_column(col, justify="right" if col != "kind" else "left")
         for kind, b, s in r.link_samples:
@@ -677,8 +790,15 @@ def print_result(r: Result, out: str, console=None) -> None:
             one = cl * r.latency_us * 1e-6 + cb / (r.gbps * 1e9)
             ka, kb, _ = r.kinds[kind]
             own = cl * ka + cb / kb
-            t.add_row(kind, _size(b), f"{s * 1e6:,.0f} us", f"{one * 1e6:,.0f} us", f"{100 * (one - s) / s:+.0f}%",
-                      f"{own * 1e6:,.0f} us", f"{100 * (own - s) / s:+.0f}%")
+            t.add_row(
+                kind,
+                _size(b),
+                f"{s * 1e6:,.0f} us",
+                f"{one * 1e6:,.0f} us",
+                f"{100 * (one - s) / s:+.0f}%",
+                f"{own * 1e6:,.0f} us",
+                f"{100 * (own - s) / s:+.0f}%",
+            )
         c.print(t)
     c.print(f"wrote {out}: use it as `--hardware {out} --gpu {r.name} --network {r.name}`", highlight=False)
 
@@ -688,4 +808,3 @@ def _size(b: int) -> str:
         if b >= f:
             return f"{b / f:g} {unit}"
     return f"{b} B"
-

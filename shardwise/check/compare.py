@@ -17,6 +17,7 @@ The first and the last pipeline stage are compared with the estimate of that sta
 stages (pp > 2) and the last stage's collectives are shown, not judged (the estimate does not
 model them).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,9 +71,18 @@ class Row:
 
     def to_dict(self) -> dict:
         e = self.error
-        return {"section": self.section, "ranks": self.ranks, "item": self.item, "predicted": self.predicted,
-                "measured": self.measured, "unit": self.unit, "error": None if e is None or e == float("inf") else e,
-                "tolerance": self.tolerance, "ok": self.ok, "note": self.note}
+        return {
+            "section": self.section,
+            "ranks": self.ranks,
+            "item": self.item,
+            "predicted": self.predicted,
+            "measured": self.measured,
+            "unit": self.unit,
+            "error": None if e is None or e == float("inf") else e,
+            "tolerance": self.tolerance,
+            "ok": self.ok,
+            "note": self.note,
+        }
 
 
 @dataclass
@@ -96,10 +106,19 @@ class Report:
         return all(r.ok for r in self.judged)
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "model": self.model.name, "plan": self.plan.to_dict(), "device": self.device,
-                "hardware": self.hardware, "calibrated": self.calibrated, "tolerances": dict(TOL),
-                "passed": self.passed, "rows": [r.to_dict() for r in self.rows], "notes": list(self.notes),
-                "ranks": self.ranks}
+        return {
+            "config": self.config,
+            "model": self.model.name,
+            "plan": self.plan.to_dict(),
+            "device": self.device,
+            "hardware": self.hardware,
+            "calibrated": self.calibrated,
+            "tolerances": dict(TOL),
+            "passed": self.passed,
+            "rows": [r.to_dict() for r in self.rows],
+            "notes": list(self.notes),
+            "ranks": self.ranks,
+        }
 
 
 # ---- predictions -------------------------------------------------------------------------------
@@ -138,9 +157,10 @@ def predict(model, plan, cluster, device: str, efficiency: float | None = None):
     est = estimate(model, cluster, plan, "torch", efficiency=efficiency)
     stages = {}
     for st in ("first", "last") if plan.pp > 1 else ("first",):
-        stages[st] = tuple(memory(model, cluster, est.plan, "torch", attention="flash", stage=st, at=at,
-                                  device=device)
-                           for at in ("step", "peak"))
+        stages[st] = tuple(
+            memory(model, cluster, est.plan, "torch", attention="flash", stage=st, at=at, device=device)
+            for at in ("step", "peak")
+        )
         # what is measured is tensor memory (MemTracker on CPU, the caching allocator's
         # max_memory_allocated on CUDA): the CUDA context is outside both (and absent on a CPU)
         for mem in stages[st]:
@@ -168,16 +188,22 @@ def compare(est, stages: dict, ranks: list[dict], plan, *, calibrated: bool) -> 
     stage = {r["rank"]: _stage_of(r["coords"], plan) for r in ranks}
 
     # memory: every rank's error against its stage's estimate; the verdict on the stage's worst rank
-    items = (("params", "parameters", TOL["states"]), ("grads", "gradients", TOL["states"]),
-             ("optimizer", "optimizer states", TOL["states"]))
+    items = (
+        ("params", "parameters", TOL["states"]),
+        ("grads", "gradients", TOL["states"]),
+        ("optimizer", "optimizer states", TOL["states"]),
+    )
     for st in ("first", "middle", "last"):
         members = sorted(r for r, s in stage.items() if s == st)
         if not members:
             continue
         pred = stages.get(st)
         for key, label, tol in items + (("peak", "peak memory", TOL["peak"]),):
-            value = (lambda m: m.memory.detail.get("peak", m.memory.total)) if key == "peak" else \
-                (lambda m, k=key: getattr(m.memory, k))
+            value = (
+                (lambda m: m.memory.detail.get("peak", m.memory.total))
+                if key == "peak"
+                else (lambda m, k=key: getattr(m.memory, k))
+            )
             worst = max(members, key=lambda r: (value(meas[r]), -r))
             p = None if pred is None else (pred[1].total if key == "peak" else getattr(pred[0], key))
             for r in members:
@@ -200,28 +226,90 @@ def compare(est, stages: dict, ranks: list[dict], plan, *, calibrated: bool) -> 
             rows.append(Row("comm", names, "none", 0, 0, "calls", tol, "no collectives"))
         for k in sorted(set(measured) | (set(predicted) if modeled else set()), key=lambda k: (k[1], k[0], -k[2])):
             kind, group, nbytes = k
-            rows.append(Row("comm", names, f"{kind} {group} {nbytes:,} B", predicted.get(k, 0) if modeled else None,
-                            measured.get(k, 0), "calls", tol, note))
+            rows.append(
+                Row(
+                    "comm",
+                    names,
+                    f"{kind} {group} {nbytes:,} B",
+                    predicted.get(k, 0) if modeled else None,
+                    measured.get(k, 0),
+                    "calls",
+                    tol,
+                    note,
+                )
+            )
 
     # time: the slowest rank (every rank waits for it)
     slow = max(meas, key=lambda r: meas[r].time.step_s)
     m = meas[slow].time
     t = est.time
-    spread = (f"the middle half of the timed steps took {m.detail['step_s_q1'] * 1e3:,.1f}-"
-              f"{m.detail['step_s_q3'] * 1e3:,.1f} ms" if "step_s_q1" in m.detail else "")
-    rows.append(Row("time", str(slow), "step time", t.step_s, m.step_s, "s", TOL["time"] if calibrated else None,
-                    "; ".join(x for x in (spread, "" if calibrated else "not judged: give a calibrated --hardware "
-                                          "file (shardwise calibrate)") if x)))
+    spread = (
+        f"the middle half of the timed steps took {m.detail['step_s_q1'] * 1e3:,.1f}-"
+        f"{m.detail['step_s_q3'] * 1e3:,.1f} ms"
+        if "step_s_q1" in m.detail
+        else ""
+    )
+    rows.append(
+        Row(
+            "time",
+            str(slow),
+            "step time",
+            t.step_s,
+            m.step_s,
+            "s",
+            TOL["time"] if calibrated else None,
+            "; ".join(
+                x
+                for x in (
+                    spread,
+                    "" if calibrated else "not judged: give a calibrated --hardware file (shardwise calibrate)",
+                )
+                if x
+            ),
+        )
+    )
     for k, label in (("forward_s", "forward"), ("backward_s", "backward"), ("optimizer_s", "optimizer")):
-        rows.append(Row("time", str(slow), label, t.detail.get(k), m.detail.get(k), "s", None,
-                        "predicted: FLOPs (or bytes) only; the engines' host time is its own row"))
+        rows.append(
+            Row(
+                "time",
+                str(slow),
+                label,
+                t.detail.get(k),
+                m.detail.get(k),
+                "s",
+                None,
+                "predicted: FLOPs (or bytes) only; the engines' host time is its own row",
+            )
+        )
     if t.detail.get("overhead_s"):
-        rows.append(Row("time", str(slow), "host (engines)", t.detail["overhead_s"], None, "s", None,
-                        "calibrated host_us; measured inside forward, backward and optimizer"))
-    rows.append(Row("time", str(slow), "comm wait", t.comm_exposed_s, m.comm_exposed_s, "s", None,
-                    "measured as the Python-visible waits; DDP's end-of-backward wait is inside backward"))
+        rows.append(
+            Row(
+                "time",
+                str(slow),
+                "host (engines)",
+                t.detail["overhead_s"],
+                None,
+                "s",
+                None,
+                "calibrated host_us; measured inside forward, backward and optimizer",
+            )
+        )
+    rows.append(
+        Row(
+            "time",
+            str(slow),
+            "comm wait",
+            t.comm_exposed_s,
+            m.comm_exposed_s,
+            "s",
+            None,
+            "measured as the Python-visible waits; DDP's end-of-backward wait is inside backward",
+        )
+    )
     if plan.pp > 1:
-        rows.append(Row("time", str(slow), "pipeline bubble", t.bubble_s, None, "s", None, "inside the measured phases"))
+        rows.append(
+            Row("time", str(slow), "pipeline bubble", t.bubble_s, None, "s", None, "inside the measured phases")
+        )
     return rows, notes
 
 
@@ -245,7 +333,6 @@ def run_measured(cfg, device: str) -> list[dict]:
     """Train cfg with measurement on; every rank's measurement (run/measure.Meter.write)."""
     import dataclasses
 
-
     with tempfile.TemporaryDirectory(prefix="shardwise-check-") as tmp:
         path = str(Path(tmp) / "measure.json")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, measure=path, metrics=""))
@@ -254,31 +341,49 @@ def run_measured(cfg, device: str) -> list[dict]:
         if code != 0:
             raise ShardwiseError(f"the measured run failed (exit code {code}); its error is above")
         if not Path(path).is_file():
-            raise ShardwiseError("the measured run wrote no measurements; run `shardwise run` with the same "
-                                 "arguments to see why")
+            raise ShardwiseError(
+                "the measured run wrote no measurements; run `shardwise run` with the same arguments to see why"
+            )
         return json.loads(Path(path).read_text())["ranks"]
 
 
 def check(cfg, device: str, cluster, *, calibrated: bool, efficiency: float | None = None) -> Report:
     """Predict, run, measure, compare. `cfg` is a loaded run config (its plan resolved)."""
     if cfg.train.steps < MIN_STEPS:
-        raise ShardwiseError(f"check needs at least {MIN_STEPS} steps (a warm-up, the step in which DDP rebuilds "
-                             f"its buckets, and a measured one), got {cfg.train.steps}; pass --steps {MIN_STEPS} "
-                             "or more")
+        raise ShardwiseError(
+            f"check needs at least {MIN_STEPS} steps (a warm-up, the step in which DDP rebuilds "
+            f"its buckets, and a measured one), got {cfg.train.steps}; pass --steps {MIN_STEPS} "
+            "or more"
+        )
     est, stages = predict(cfg.model, cfg.plan, cluster, device, efficiency)
     load = _load()
     ranks = run_measured(cfg, device)
     rows, notes = compare(est, stages, ranks, cfg.plan, calibrated=calibrated)
     if load is not None:  # step time is this machine's only when nothing else ran on it
-        notes.append(f"load average {load:.1f} on {os.cpu_count()} cores before the run"
-                     + (": the machine was busy, the measured time is not the run's alone"
-                        if device == "cpu" and load > 0.5 * (os.cpu_count() or 1) else ""))
+        notes.append(
+            f"load average {load:.1f} on {os.cpu_count()} cores before the run"
+            + (
+                ": the machine was busy, the measured time is not the run's alone"
+                if device == "cpu" and load > 0.5 * (os.cpu_count() or 1)
+                else ""
+            )
+        )
     if any(r.section == "comm" and r.item != "none" for r in rows):
-        notes.append("message bytes are the API-level sizes (the full buffer for all-gather / reduce-scatter)"
-                     + ("; gloo runs a reduce-scatter as an all-reduce of the full buffer" if device == "cpu"
-                        else ""))
-    return Report(config=cfg.path, plan=cfg.plan, model=cfg.model, device=device, hardware=cluster.gpu.name,
-                  calibrated=calibrated, rows=rows, notes=notes, ranks=ranks)
+        notes.append(
+            "message bytes are the API-level sizes (the full buffer for all-gather / reduce-scatter)"
+            + ("; gloo runs a reduce-scatter as an all-reduce of the full buffer" if device == "cpu" else "")
+        )
+    return Report(
+        config=cfg.path,
+        plan=cfg.plan,
+        model=cfg.model,
+        device=device,
+        hardware=cluster.gpu.name,
+        calibrated=calibrated,
+        rows=rows,
+        notes=notes,
+        ranks=ranks,
+    )
 
 
 def _load() -> float | None:
@@ -320,9 +425,12 @@ def print_report(rep: Report, console=None) -> None:
 
     c = console or Console(soft_wrap=True)
     p = rep.plan
-    c.print(f"check  {rep.model.name} ({rep.model.params:,} parameters), {p.short()}, seq {p.seq}, {p.precision}, "
-            f"{p.optimizer}; {p.world} rank(s) on {rep.device}; predicted on {rep.hardware}"
-            + ("" if rep.calibrated else " (not calibrated)"), highlight=False)
+    c.print(
+        f"check  {rep.model.name} ({rep.model.params:,} parameters), {p.short()}, seq {p.seq}, {p.precision}, "
+        f"{p.optimizer}; {p.world} rank(s) on {rep.device}; predicted on {rep.hardware}"
+        + ("" if rep.calibrated else " (not calibrated)"),
+        highlight=False,
+    )
 
     def table(title, cols):
         t = Table(title=title, title_justify="left")
@@ -332,28 +440,49 @@ def print_report(rep: Report, console=None) -> None:
 
     rows = [r for r in rep.rows if r.section == "memory"]
     if rows:
-        t = table("memory (model states at the optimizer step; tolerance 1%, peak 10%; judged on each stage's "
-                  "worst rank)", ("rank", "stage", "item", "predicted", "measured", "error", "verdict"))
+        t = table(
+            "memory (model states at the optimizer step; tolerance 1%, peak 10%; judged on each stage's worst rank)",
+            ("rank", "stage", "item", "predicted", "measured", "error", "verdict"),
+        )
         for r in rows:
-            t.add_row(r.ranks, r.note.split(",")[0].split(":")[0].replace(" stage", ""), r.item,
-                      _fmt(r.predicted, r.unit), _fmt(r.measured, r.unit), _err(r), _verdict(r))
+            t.add_row(
+                r.ranks,
+                r.note.split(",")[0].split(":")[0].replace(" stage", ""),
+                r.item,
+                _fmt(r.predicted, r.unit),
+                _fmt(r.measured, r.unit),
+                _err(r),
+                _verdict(r),
+            )
         c.print(t)
     rows = [r for r in rep.rows if r.section == "comm"]
     if rows:
-        t = table("collectives per step: calls of each message (tolerance: exact)",
-                  ("ranks", "kind", "group", "message", "predicted", "measured", "verdict"))
+        t = table(
+            "collectives per step: calls of each message (tolerance: exact)",
+            ("ranks", "kind", "group", "message", "predicted", "measured", "verdict"),
+        )
         for r in rows:
             kind, group, nbytes = (r.item.split(" ") + ["-", "-"])[:3]
-            t.add_row(r.ranks, kind, group, f"{nbytes} B" if nbytes != "-" else "-",
-                      _fmt(r.predicted, r.unit), _fmt(r.measured, r.unit), _verdict(r))
+            t.add_row(
+                r.ranks,
+                kind,
+                group,
+                f"{nbytes} B" if nbytes != "-" else "-",
+                _fmt(r.predicted, r.unit),
+                _fmt(r.measured, r.unit),
+                _verdict(r),
+            )
         c.print(t)
         if any(r.ok is None for r in rows):
-            c.print("       (shown, not judged: the estimate gives the first pipeline stage's collectives)",
-                    highlight=False)
+            c.print(
+                "       (shown, not judged: the estimate gives the first pipeline stage's collectives)", highlight=False
+            )
     rows = [r for r in rep.rows if r.section == "time"]
     if rows:
-        t = table("step time (tolerance 25% with a calibrated hardware file)",
-                  ("rank", "item", "predicted", "measured", "error", "verdict"))
+        t = table(
+            "step time (tolerance 25% with a calibrated hardware file)",
+            ("rank", "item", "predicted", "measured", "error", "verdict"),
+        )
         for r in rows:
             t.add_row(r.ranks, r.item, _fmt(r.predicted, r.unit), _fmt(r.measured, r.unit), _err(r), _verdict(r))
         c.print(t)
@@ -364,8 +493,9 @@ def print_report(rep: Report, console=None) -> None:
         c.print(f"note   {n}", highlight=False)
     bad = [r for r in rep.judged if not r.ok]
     if bad:
-        c.print(f"[bold red]FAILED[/bold red]: {len(bad)} of {len(rep.judged)} judged values are outside their "
-                "tolerance")
+        c.print(
+            f"[bold red]FAILED[/bold red]: {len(bad)} of {len(rep.judged)} judged values are outside their tolerance"
+        )
     else:
         c.print(f"[green]PASSED[/green]: all {len(rep.judged)} judged values within tolerance")
 
@@ -382,7 +512,11 @@ def figure(rep: Report, path: str) -> None:
     comm: dict[str, list[float]] = {}
     for r in rep.rows:
         if r.section == "comm" and r.ok is not None and "0" in r.ranks.split(",") and r.item != "none":
-            kind, group, nbytes = r.item.split(" ")[0], r.item.split(" ")[1], float(r.item.split(" ")[2].replace(",", ""))
+            kind, group, nbytes = (
+                r.item.split(" ")[0],
+                r.item.split(" ")[1],
+                float(r.item.split(" ")[2].replace(",", "")),
+            )
             k = f"{kind}\n{group}"
             a = comm.setdefault(k, [0.0, 0.0])
             a[0] += (r.predicted or 0) * nbytes
@@ -399,8 +533,7 @@ def figure(rep: Report, path: str) -> None:
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_ylabel(unit)
 
-    bars(axes[0], [r.item for r in mem], [r.predicted or 0 for r in mem], [r.measured or 0 for r in mem], "MiB",
-         2**20)
+    bars(axes[0], [r.item for r in mem], [r.predicted or 0 for r in mem], [r.measured or 0 for r in mem], "MiB", 2**20)
     axes[0].set_title("memory, first stage's worst rank")
     axes[0].legend(fontsize=8)
     bars(axes[1], list(comm), [v[0] for v in comm.values()], [v[1] for v in comm.values()], "MiB per step", 2**20)

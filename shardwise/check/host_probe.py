@@ -25,18 +25,19 @@ plans came out 5-6% under on average, ZeRO-2/3 by up to 20% (a cost of the real 
 several ranks, gloo's threads beside the math, that an 8-token probe cannot see and the three
 points' per-micro-batch charge happens to cover; README, "Tried and not kept").
 """
+
 from __future__ import annotations
 
 import dataclasses
 
 from shardwise.check import timing
-from shardwise.spec.hardware import HOST_TERMS
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import estimate
 from shardwise.estimate.pipeline import bubble_over_ideal
 from shardwise.estimate.time import exposed_bubble
-from shardwise.spec.plan import Plan
 from shardwise.run.engine import Engine
+from shardwise.spec.hardware import HOST_TERMS
+from shardwise.spec.plan import Plan
 
 PROBE_SEQ = 8
 EXTRA = {"pp": 4}  # blocks per stage added at the second point (default 8: a pipeline doubles each)
@@ -114,7 +115,6 @@ def _step_fns(cases: list, device) -> list:
     ShardwiseError where the run tier refuses the plan: every rank alike, before any collective)."""
     import torch
 
-
     fns = []
     for spec, plan in cases:
         eng = Engine(spec, plan, device=device, seed=0, lr=1e-4)
@@ -124,9 +124,18 @@ def _step_fns(cases: list, device) -> list:
     return fns
 
 
-def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
-            engines: tuple[str, ...] | None = None, steps: int = STEPS, warmup: int = WARMUP,
-            passes: int = PASSES) -> tuple[dict, list[str]]:
+def measure(
+    spec,
+    precision: str,
+    cluster,
+    efficiency: float,
+    device,
+    n: int,
+    engines: tuple[str, ...] | None = None,
+    steps: int = STEPS,
+    warmup: int = WARMUP,
+    passes: int = PASSES,
+) -> tuple[dict, list[str]]:
     """({engine: {term: us}}, notes) on this rank's group of n ranks (every rank calls it);
     `engines`: only these (default all that n ranks can show). Every engine's points are timed
     `steps` steps in each of `passes` passes over the engines (after `warmup` steps in the
@@ -167,7 +176,7 @@ def measure(spec, precision: str, cluster, efficiency: float, device, n: int,
         seen = timing.slowest_median(times, device)
         for i, (engine, fields, cases) in enumerate(members):
             pp, pts = fields.get("pp", 1), []
-            for (blocks, m), (local, plan), t in zip(points, cases, seen[i * len(points):]):
+            for (blocks, m), (local, plan), t in zip(points, cases, seen[i * len(points) :]):
                 predicted = estimate(local, cluster, plan, "torch", efficiency=efficiency).time.step_s
                 bub = exposed_bubble(cluster.gpu, bubble_over_ideal(pp, m, 1, plan.schedule)) if pp > 1 else 0.0
                 pts.append((blocks, m, bub, t - predicted))
@@ -184,8 +193,10 @@ def _cases(spec, fields: dict, points, precision: str, n: int) -> list:
     untie = spec.tied_embeddings and fields.get("tp", 1) > 1 and fields["dp"] > 1
     cases = []
     for blocks, m in points:
-        local = dataclasses.replace(spec, layers=blocks * pp, published_params=0,
-                                    tied_embeddings=spec.tied_embeddings and not untie)
-        cases.append((local, Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m,
-                                  precision=precision).resolve(local, n)))
+        local = dataclasses.replace(
+            spec, layers=blocks * pp, published_params=0, tied_embeddings=spec.tied_embeddings and not untie
+        )
+        cases.append(
+            (local, Plan(**fields, mbs=1, seq=PROBE_SEQ, gbs=fields["dp"] * m, precision=precision).resolve(local, n))
+        )
     return cases

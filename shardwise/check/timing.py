@@ -74,6 +74,7 @@ def samples_together(fns, device, rounds: int, warmup: int = 1) -> list[list[flo
 def slowest_median(times: list[list[float]], device) -> list[float]:
     """The median of each fn's samples, the slowest rank's (as in a step, the slowest rank counts)."""
     import torch
+
     t = torch.tensor([statistics.median(x) for x in times], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

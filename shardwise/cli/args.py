@@ -1,5 +1,6 @@
 """Command-line flags shared by every command that takes a model, a cluster and a plan
 (estimate, plan, lecture, check): one definition, so a flag means the same thing everywhere."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,23 +9,44 @@ import re
 from shardwise.errors import ShardwiseError
 from shardwise.spec.hardware import Cluster, make_cluster
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.presets import load_model
 from shardwise.spec.plan import OFFLOAD, OPTIMIZERS, PRECISIONS, RECOMPUTE, SCHEDULES, Plan
+from shardwise.spec.presets import load_model
 
 # model dimensions that may be given (or overridden) on the command line
-DIM_FLAGS = {"layers": int, "hidden": int, "heads": int, "kv_heads": int, "ffn_hidden": int, "vocab": int,
-             "max_seq": int, "experts": int, "top_k": int, "ffn_kind": str, "norm": str, "positions": str}
+DIM_FLAGS = {
+    "layers": int,
+    "hidden": int,
+    "heads": int,
+    "kv_heads": int,
+    "ffn_hidden": int,
+    "vocab": int,
+    "max_seq": int,
+    "experts": int,
+    "top_k": int,
+    "ffn_kind": str,
+    "norm": str,
+    "positions": str,
+}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a preset name (see `shardwise models`), a Hugging Face config.json, "
-                                 "a TOML/JSON file of model fields, or `custom` with the dimension flags")
+    p.add_argument(
+        "model",
+        help="a preset name (see `shardwise models`), a Hugging Face config.json, "
+        "a TOML/JSON file of model fields, or `custom` with the dimension flags",
+    )
     g = p.add_argument_group("model dimensions (override a preset, or define a `custom` model)")
     for name, typ in DIM_FLAGS.items():
-        g.add_argument("--" + name.replace("_", "-"), dest="dim_" + name, type=typ, default=None, metavar="N"
-                       if typ is int else "KIND")
-    g.add_argument("--tied", dest="dim_tied_embeddings", action="store_true", default=None,
-                   help="tie input and output embeddings")
+        g.add_argument(
+            "--" + name.replace("_", "-"),
+            dest="dim_" + name,
+            type=typ,
+            default=None,
+            metavar="N" if typ is int else "KIND",
+        )
+    g.add_argument(
+        "--tied", dest="dim_tied_embeddings", action="store_true", default=None, help="tie input and output embeddings"
+    )
 
 
 def model_from_args(a: argparse.Namespace) -> ModelSpec:
@@ -32,8 +54,9 @@ def model_from_args(a: argparse.Namespace) -> ModelSpec:
     if a.model == "custom":
         missing = [f for f in ("layers", "hidden", "heads", "vocab") if f not in dims]
         if missing:
-            raise ShardwiseError(f"a custom model needs --{missing[0].replace('_', '-')} "
-                                 "(and --layers --hidden --heads --vocab)")
+            raise ShardwiseError(
+                f"a custom model needs --{missing[0].replace('_', '-')} (and --layers --hidden --heads --vocab)"
+            )
         return ModelSpec(name="custom", **dims)
     m = load_model(a.model)
     return m.scaled(**dims) if dims else m
@@ -42,12 +65,15 @@ def model_from_args(a: argparse.Namespace) -> ModelSpec:
 def add_cluster_args(p: argparse.ArgumentParser, gpus_required: bool = False) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--gpu", default="h100-80gb", help="GPU name from `shardwise gpus` (default h100-80gb)")
-    g.add_argument("--gpus", type=int, default=None if gpus_required else 8,
-                   help="total GPU count (default 8)")
+    g.add_argument("--gpus", type=int, default=None if gpus_required else 8, help="total GPU count (default 8)")
     g.add_argument("--gpus-per-node", type=int, default=None, help="default: the GPU's usual server (8)")
     g.add_argument("--network", default=None, help="network between nodes (default ib-ndr for 8-GPU servers)")
-    g.add_argument("--hardware", default=None, metavar="FILE",
-                   help="a TOML hardware file ([gpu.NAME], [network.NAME]) that overrides the catalog")
+    g.add_argument(
+        "--hardware",
+        default=None,
+        metavar="FILE",
+        help="a TOML hardware file ([gpu.NAME], [network.NAME]) that overrides the catalog",
+    )
 
 
 def cluster_from_args(a: argparse.Namespace, gpus: int | None = None) -> Cluster:
@@ -72,15 +98,30 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g.add_argument("--schedule", default=dv("schedule"), choices=SCHEDULES, help="pipeline schedule")
     g.add_argument("--vpp", type=int, default=dv("vpp"), help="virtual stages per rank (interleaved)")
     g.add_argument("--recompute", default=dv("recompute"), choices=RECOMPUTE, help="activation recompute")
-    g.add_argument("--sp", action="store_true", default=(False if defaults else None),
-                   help="sequence parallel (needs tp > 1)")
+    g.add_argument(
+        "--sp", action="store_true", default=(False if defaults else None), help="sequence parallel (needs tp > 1)"
+    )
     g.add_argument("--precision", default=dv("precision"), choices=PRECISIONS)
     g.add_argument("--optimizer", default=dv("optimizer"), choices=OPTIMIZERS)
     g.add_argument("--offload", default=dv("offload"), choices=OFFLOAD, help="CPU offload")
 
 
-PLAN_FLAGS = ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq", "schedule", "vpp", "recompute", "sp", "precision",
-              "optimizer", "offload")
+PLAN_FLAGS = (
+    "dp",
+    "tp",
+    "pp",
+    "zero",
+    "mbs",
+    "gbs",
+    "seq",
+    "schedule",
+    "vpp",
+    "recompute",
+    "sp",
+    "precision",
+    "optimizer",
+    "offload",
+)
 
 
 def plan_fields_from_args(a: argparse.Namespace) -> dict:
@@ -94,11 +135,19 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
 
 def add_estimate_opts(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("accounting")
-    g.add_argument("--profile", default="torch", choices=("torch", "zero-paper", "megatron", "deepspeed"),
-                   help="memory accounting: torch (what `shardwise run` does), zero-paper (the ZeRO paper and "
-                        "the lecture), megatron, deepspeed")
-    g.add_argument("--efficiency", type=float, default=None,
-                   help="fraction of peak FLOP/s the matmuls reach (default in the README)")
+    g.add_argument(
+        "--profile",
+        default="torch",
+        choices=("torch", "zero-paper", "megatron", "deepspeed"),
+        help="memory accounting: torch (what `shardwise run` does), zero-paper (the ZeRO paper and "
+        "the lecture), megatron, deepspeed",
+    )
+    g.add_argument(
+        "--efficiency",
+        type=float,
+        default=None,
+        help="fraction of peak FLOP/s the matmuls reach (default in the README)",
+    )
     g.add_argument("--tokens", type=parse_count, default=0.0, help="training budget in tokens, e.g. 2T, 300B")
     g.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the catalog's)")
     g.add_argument("--json", action="store_true", help="print the JSON contract instead of tables")

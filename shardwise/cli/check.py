@@ -6,16 +6,16 @@
 Exit codes: check 0 when every judged value is within its tolerance, 1 otherwise, 2 for a user
 error. No torch is imported until a command runs.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 
-from shardwise.errors import ShardwiseError
 from shardwise.check import compare as ck
 from shardwise.cli import args as ca
-from shardwise.cli.run import OPTIM_FLAGS, TRAIN_FLAGS
-from shardwise.cli.run import overrides_from_args
+from shardwise.cli.run import OPTIM_FLAGS, TRAIN_FLAGS, overrides_from_args
+from shardwise.errors import ShardwiseError
 from shardwise.run import config, launch
 from shardwise.spec import hardware as hw
 
@@ -25,52 +25,86 @@ DEFAULT_STEPS = 20  # warm-up, DDP's bucket rebuild, 18 timed steps (their media
 
 def register(sub) -> None:
 
-    s = sub.add_parser("check", help="predict a plan, run it with measurement, and compare item by item",
-                       description="Estimate the plan (torch profile) for the run's own model and devices, train a "
-                                   "few steps with measurement on, and print predicted vs measured per rank: "
-                                   "model states, peak memory, every collective, step time. Exit 0 when all "
-                                   "verdicts pass, 1 otherwise.")
+    s = sub.add_parser(
+        "check",
+        help="predict a plan, run it with measurement, and compare item by item",
+        description="Estimate the plan (torch profile) for the run's own model and devices, train a "
+        "few steps with measurement on, and print predicted vs measured per rank: "
+        "model states, peak memory, every collective, step time. Exit 0 when all "
+        "verdicts pass, 1 otherwise.",
+    )
     s.add_argument("config", help="run config (TOML), as for `shardwise run`")
     g = s.add_argument_group("the run")
     g.add_argument("--nproc", type=int, default=None, help="processes (default: dp*tp*pp)")
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help=f"steps to run (default {DEFAULT_STEPS}; the last is measured in detail, the first is "
-                        "left out of the time)")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"steps to run (default {DEFAULT_STEPS}; the last is measured in detail, the first is "
+        "left out of the time)",
+    )
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
-    g.add_argument("--set", action="append", default=[], metavar="TABLE.FIELD=VALUE",
-                   help="override any config field (repeatable)")
+    g.add_argument(
+        "--set", action="append", default=[], metavar="TABLE.FIELD=VALUE", help="override any config field (repeatable)"
+    )
     ca.add_plan_args(s, defaults=False)
     m = s.add_argument_group("model dimensions (override the config's [model])")
     for name, typ in ca.DIM_FLAGS.items():
-        m.add_argument("--" + name.replace("_", "-"), dest="dim_" + name, type=typ, default=None,
-                       metavar="N" if typ is int else "KIND")
+        m.add_argument(
+            "--" + name.replace("_", "-"),
+            dest="dim_" + name,
+            type=typ,
+            default=None,
+            metavar="N" if typ is int else "KIND",
+        )
     h = s.add_argument_group("the prediction")
-    h.add_argument("--hardware", default=None, metavar="FILE",
-                   help="a hardware file (from `shardwise calibrate`): step time is judged only with one")
-    h.add_argument("--gpu", default=None, help="the GPU entry to predict with (default: the hardware file's only "
-                                              "one, else h100-80gb)")
+    h.add_argument(
+        "--hardware",
+        default=None,
+        metavar="FILE",
+        help="a hardware file (from `shardwise calibrate`): step time is judged only with one",
+    )
+    h.add_argument(
+        "--gpu",
+        default=None,
+        help="the GPU entry to predict with (default: the hardware file's only one, else h100-80gb)",
+    )
     h.add_argument("--network", default=None, help="the network entry (default: the GPU's name in the file)")
-    h.add_argument("--efficiency", type=float, default=None,
-                   help="fraction of the GPU's tflops a training step reaches (default: the hardware file's "
-                        "[calibration] efficiency, or 1.0; without a file the estimate's default)")
+    h.add_argument(
+        "--efficiency",
+        type=float,
+        default=None,
+        help="fraction of the GPU's tflops a training step reaches (default: the hardware file's "
+        "[calibration] efficiency, or 1.0; without a file the estimate's default)",
+    )
     o = s.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print the report as JSON")
     o.add_argument("--figure", default=None, metavar="PNG", help="write predicted vs measured bars here")
     # flags of `shardwise run` that check does not take, for its override reader
-    s.set_defaults(func=cmd_check, **{f: None for f in TRAIN_FLAGS if f not in ("nproc", "steps", "seed", "device")},
-                   **{f: None for f in OPTIM_FLAGS})
+    s.set_defaults(
+        func=cmd_check,
+        **{f: None for f in TRAIN_FLAGS if f not in ("nproc", "steps", "seed", "device")},
+        **dict.fromkeys(OPTIM_FLAGS),
+    )
 
-    c = sub.add_parser("calibrate", help="measure this machine's matmul and collective speed into a hardware file",
-                       description="Benchmark matmul throughput, memory bandwidth and every collective's latency "
-                                   "and bandwidth on N local ranks (gloo on CPU, NCCL on CUDA) and write them as a "
-                                   "hardware file for --hardware.")
+    c = sub.add_parser(
+        "calibrate",
+        help="measure this machine's matmul and collective speed into a hardware file",
+        description="Benchmark matmul throughput, memory bandwidth and every collective's latency "
+        "and bandwidth on N local ranks (gloo on CPU, NCCL on CUDA) and write them as a "
+        "hardware file for --hardware.",
+    )
     c.add_argument("--out", required=True, metavar="FILE", help="the hardware file to write (TOML)")
     c.add_argument("--nproc", type=int, default=None, help="local ranks (default: 2 on CPU, every GPU on CUDA)")
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     c.add_argument("--name", default=None, help="the [gpu.NAME] / [network.NAME] entry (default this-cpu / this-cuda)")
-    c.add_argument("--config", default=None, metavar="TOML",
-                   help="a run config: benchmark matmuls at its model's shapes (default: a standard set)")
+    c.add_argument(
+        "--config",
+        default=None,
+        metavar="TOML",
+        help="a run config: benchmark matmuls at its model's shapes (default: a standard set)",
+    )
     c.add_argument("--quick", action="store_true", help="fewer sizes, shorter timings (noisier)")
     c.set_defaults(func=cmd_calibrate)
 
@@ -82,8 +116,10 @@ def _cluster(a, nproc: int, device: str):
         entries = hw._file_entries(a.hardware, "gpu", hw.GPU)
         if gpu is None:
             if len(entries) != 1:
-                raise ShardwiseError(f"{a.hardware} has {len(entries)} [gpu.*] tables; pick one with --gpu "
-                                     f"({', '.join(sorted(entries)) or 'none'})")
+                raise ShardwiseError(
+                    f"{a.hardware} has {len(entries)} [gpu.*] tables; pick one with --gpu "
+                    f"({', '.join(sorted(entries)) or 'none'})"
+                )
             gpu = next(iter(entries))
         if network is None and gpu.lower() in hw._file_entries(a.hardware, "network", hw.Network):
             network = gpu
@@ -111,11 +147,15 @@ def _judges_time(hardware: str | None, gpu, nproc: int, device: str) -> tuple[bo
     if not hardware:
         return False, ""
     if not gpu.host_us:
-        return False, (f"step time not judged: {hardware} [gpu.{gpu.name}] has no host_us (the engines' host time); "
-                       "write it with `shardwise calibrate`")
+        return False, (
+            f"step time not judged: {hardware} [gpu.{gpu.name}] has no host_us (the engines' host time); "
+            "write it with `shardwise calibrate`"
+        )
     if device == "cpu" and gpu.gpus_per_node != nproc:
-        return False, (f"step time not judged: {hardware} was calibrated on {gpu.gpus_per_node} rank(s), this run has "
-                       f"{nproc} sharing the same cores; run `shardwise calibrate --nproc {nproc}`")
+        return False, (
+            f"step time not judged: {hardware} was calibrated on {gpu.gpus_per_node} rank(s), this run has "
+            f"{nproc} sharing the same cores; run `shardwise calibrate --nproc {nproc}`"
+        )
     return True, ""
 
 

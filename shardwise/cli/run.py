@@ -3,12 +3,13 @@
 Registered by shardwise/cli.py. Imports no torch until the command runs, so `shardwise estimate`
 works where torch is not installed.
 """
+
 from __future__ import annotations
 
 import argparse
 
-from shardwise.errors import ShardwiseError
 from shardwise.cli import args as ca
+from shardwise.errors import ShardwiseError
 from shardwise.run import config, launch
 from shardwise.run.config import parse_set
 
@@ -19,30 +20,47 @@ OPTIM_FLAGS = {"lr": float}
 
 def register(sub) -> None:
 
-    s = sub.add_parser("run", help="train with a plan on PyTorch's distributed engines (spawns the ranks with "
-                                   "torchrun, or runs as one rank under torchrun)",
-                       description="Train a model from a TOML run config with the plan's parallelism on "
-                                   "PyTorch's own engines (DDP, ZeroRedundancyOptimizer, FSDP2, DTensor, "
-                                   "pipelining). Flags override the file; --set reaches every field.")
-    s.add_argument("config", help="run config (TOML with [model] [plan] [data] [optim] [train]); see "
-                                  "examples/tiny-llama.toml")
+    s = sub.add_parser(
+        "run",
+        help="train with a plan on PyTorch's distributed engines (spawns the ranks with "
+        "torchrun, or runs as one rank under torchrun)",
+        description="Train a model from a TOML run config with the plan's parallelism on "
+        "PyTorch's own engines (DDP, ZeroRedundancyOptimizer, FSDP2, DTensor, "
+        "pipelining). Flags override the file; --set reaches every field.",
+    )
+    s.add_argument(
+        "config", help="run config (TOML with [model] [plan] [data] [optim] [train]); see examples/tiny-llama.toml"
+    )
     g = s.add_argument_group("processes and training")
-    g.add_argument("--nproc", type=int, default=None, help="processes to start on this machine "
-                                                           "(default: dp*tp*pp; ignored under torchrun)")
+    g.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes to start on this machine (default: dp*tp*pp; ignored under torchrun)",
+    )
     g.add_argument("--steps", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
     g.add_argument("--seed", type=int, default=None, help="model initialization seed")
     g.add_argument("--log-every", type=int, default=None, metavar="N", help="a progress line every N steps")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     g.add_argument("--metrics", default=None, metavar="FILE", help="write one JSON line per step here")
-    g.add_argument("--set", action="append", default=[], metavar="TABLE.FIELD=VALUE",
-                   help="override any field, e.g. --set plan.tp=2 --set model.hidden=256 --set data.source=text "
-                        "(repeatable)")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.FIELD=VALUE",
+        help="override any field, e.g. --set plan.tp=2 --set model.hidden=256 --set data.source=text (repeatable)",
+    )
     ca.add_plan_args(s, defaults=False)  # the same plan flags as `shardwise estimate`, None = "keep the file's"
     m = s.add_argument_group("model dimensions (override the config's [model])")
     for name, typ in ca.DIM_FLAGS.items():
-        m.add_argument("--" + name.replace("_", "-"), dest="dim_" + name, type=typ, default=None,
-                       metavar="N" if typ is int else "KIND")
+        m.add_argument(
+            "--" + name.replace("_", "-"),
+            dest="dim_" + name,
+            type=typ,
+            default=None,
+            metavar="N" if typ is int else "KIND",
+        )
     s.set_defaults(func=cmd_run)
 
 

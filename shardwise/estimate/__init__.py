@@ -2,26 +2,33 @@
 
 Pure Python (numpy only inside the vectorized search); never imports torch.
 """
+
 from __future__ import annotations
 
-from shardwise.spec.breakdown import Estimate
-from shardwise.errors import ShardwiseError
-from shardwise.spec.hardware import Cluster
-from shardwise.spec.model import ModelSpec
-from shardwise.spec.presets import load_model
-from shardwise.spec.plan import Plan
-from shardwise.errors import closest
+from shardwise.errors import ShardwiseError, closest
 from shardwise.estimate.comm import collectives
 from shardwise.estimate.memory import memory
 from shardwise.estimate.time import step_time
-from shardwise.spec.plan import engine_violation
+from shardwise.spec.breakdown import Estimate
+from shardwise.spec.hardware import Cluster
+from shardwise.spec.model import ModelSpec
+from shardwise.spec.plan import Plan, engine_violation
+from shardwise.spec.presets import load_model
 
 PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
 RULE_OF_THUMB_BYTES_PER_PARAM = 18  # the lecture: 2 + 2 + 12 model states + "~2" activations
 
 
-def estimate(model: ModelSpec | str, cluster: Cluster, plan: Plan | None = None, profile: str = "torch", *,
-             efficiency: float | None = None, tokens: float = 0.0, price: float | None = None) -> Estimate:
+def estimate(
+    model: ModelSpec | str,
+    cluster: Cluster,
+    plan: Plan | None = None,
+    profile: str = "torch",
+    *,
+    efficiency: float | None = None,
+    tokens: float = 0.0,
+    price: float | None = None,
+) -> Estimate:
     """Memory, every collective, and time of one training step, per rank.
 
     `plan` may leave dp (derived from the GPU count) and gbs (= dp * mbs) out.
@@ -30,16 +37,23 @@ def estimate(model: ModelSpec | str, cluster: Cluster, plan: Plan | None = None,
     """
 
     if profile not in PROFILES:
-
         raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)}")
     model = load_model(model)
     plan = (plan or Plan()).resolve(model, cluster.gpus)
     mem = memory(model, cluster, plan, profile)
     comm = collectives(model, cluster, plan, profile)
     t = step_time(model, cluster, plan, comm, efficiency=efficiency, tokens=tokens, price=price)
-    return Estimate(memory=mem, comm=comm, time=t, model=model, cluster=cluster, plan=plan, profile=profile,
-                    rule_of_thumb_bytes=RULE_OF_THUMB_BYTES_PER_PARAM * model.params,
-                    notes=_notes(model, cluster, plan, profile))
+    return Estimate(
+        memory=mem,
+        comm=comm,
+        time=t,
+        model=model,
+        cluster=cluster,
+        plan=plan,
+        profile=profile,
+        rule_of_thumb_bytes=RULE_OF_THUMB_BYTES_PER_PARAM * model.params,
+        notes=_notes(model, cluster, plan, profile),
+    )
 
 
 def _notes(model, cluster, plan, profile) -> list[str]:
@@ -47,13 +61,14 @@ def _notes(model, cluster, plan, profile) -> list[str]:
     if model.estimated:
         notes.append(f"{model.name}'s dimensions are a public estimate, not a published architecture.")
     if profile == "torch":
-
         why = engine_violation(plan, model)
         if why:
             notes.append(f"`shardwise run` cannot train this plan on PyTorch's engines: {why}.")
         if model.is_moe:
             notes.append("`shardwise run` does not build MoE models; this estimate is not checked by a run.")
     if plan.tp > cluster.node_size:
-        notes.append(f"tp={plan.tp} spans nodes ({cluster.node_size} GPUs each): its all-reduces run on "
-                     f"{cluster.network.name}, not {cluster.gpu.link}.")
+        notes.append(
+            f"tp={plan.tp} spans nodes ({cluster.node_size} GPUs each): its all-reduces run on "
+            f"{cluster.network.name}, not {cluster.gpu.link}."
+        )
     return notes

@@ -6,6 +6,7 @@ candidate plan). So formulas must not branch with `if` on dp/tp/pp/mbs/gbs/vpp/s
 math.ceil/min/max on them: use these instead. Categorical fields (zero, schedule, recompute,
 sp, precision, optimizer, offload) are always scalars and may be branched on freely.
 """
+
 from __future__ import annotations
 
 
@@ -44,7 +45,6 @@ def minimum(a, b):
 def ceil_div(a, b):
     """ceil(a / b) for non-negative integers (arrays too)."""
     return -(-a // b)
-
 
 
 def memo(fn):

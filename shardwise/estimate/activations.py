@@ -31,6 +31,7 @@ Two layouts:
 Numeric plan fields (mbs, seq, tp, pp, vpp, gbs, dp) may be numpy arrays: only arithmetic and
 the _num helpers touch them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -77,13 +78,20 @@ def _check(layout: str, attention: str, device: str = "cuda") -> None:
     if layout not in LAYOUTS:
         raise ShardwiseError(f"unknown activation layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     if attention not in ATTENTION:
-        raise ShardwiseError(f"unknown attention kernel {attention!r}; use flash (no s*s scores saved) "
-                             "or math (materialized scores)")
+        raise ShardwiseError(
+            f"unknown attention kernel {attention!r}; use flash (no s*s scores saved) or math (materialized scores)"
+        )
 
 
 @lru_cache(maxsize=256)
-def block_inventory(model, layout: str = "torch", attention: str = "flash", selective: bool = False,
-                    autocast: bool = False, device: str = "cuda") -> tuple[Saved, ...]:
+def block_inventory(
+    model,
+    layout: str = "torch",
+    attention: str = "flash",
+    selective: bool = False,
+    autocast: bool = False,
+    device: str = "cuda",
+) -> tuple[Saved, ...]:
     """Every tensor one transformer block saves, without full recompute.
 
     selective: the attention core is checkpointed, keeping only its inputs q, k, v.
@@ -159,17 +167,23 @@ def _mlp(prefix: str, kind: str, f: int, layout: str, times: int = 1) -> list[Sa
     if layout == "megatron":  # fused SwiGLU: saves the [w1|w3] output, recomputes silu
         return [Saved(f"{prefix}.w1_w3_out", times * 2 * f), Saved(f"{prefix}.w2.input", times * f)]
     # silu saves w1's output; silu(.) * w3(.) saves both factors; w2 saves the product
-    return [Saved(f"{prefix}.w1_out", times * f), Saved(f"{prefix}.silu_out", times * f),
-            Saved(f"{prefix}.w3_out", times * f), Saved(f"{prefix}.w2.input", times * f)]
+    return [
+        Saved(f"{prefix}.w1_out", times * f),
+        Saved(f"{prefix}.silu_out", times * f),
+        Saved(f"{prefix}.w3_out", times * f),
+        Saved(f"{prefix}.w2.input", times * f),
+    ]
 
 
 def _moe(model, layout: str, autocast: bool) -> list[Saved]:
     """A mixture-of-experts FFN, estimate only (the run tier builds dense models): balanced
     routing, so each token's top_k expert copies go through one expert MLP each."""
     h, k = model.hidden, model.top_k
-    out = [Saved("feed_forward.input", h, "act", "gather"),
-           Saved("feed_forward.router_probs", model.experts, "fp32", "none"),  # softmax in fp32
-           Saved("feed_forward.routed_input", k * h, "act", "gather")]  # token copies per expert
+    out = [
+        Saved("feed_forward.input", h, "act", "gather"),
+        Saved("feed_forward.router_probs", model.experts, "fp32", "none"),  # softmax in fp32
+        Saved("feed_forward.routed_input", k * h, "act", "gather"),
+    ]  # token copies per expert
     out += _mlp("feed_forward.experts", model.ffn_kind, model.expert_ffn_hidden, layout, times=k)
     if model.shared_experts:
         out += _mlp("feed_forward.shared", model.ffn_kind, model.ffn_hidden, layout, times=model.shared_experts)
@@ -207,8 +221,15 @@ def _terms(inv: tuple[Saved, ...], sp: bool, act, res, layout: str) -> _Terms:
             acc["token_seq"] += t.width * nbytes
         else:
             acc[t.per] += t.width * nbytes
-    return _Terms(acc["token"], acc["token_seq"], tuple(cut["token"].items()), acc["position"],
-                  tuple(cut["position"].items()), acc["score"], tuple(cut["score"].items()))
+    return _Terms(
+        acc["token"],
+        acc["token_seq"],
+        tuple(cut["token"].items()),
+        acc["position"],
+        tuple(cut["position"].items()),
+        acc["score"],
+        tuple(cut["score"].items()),
+    )
 
 
 def _divided(pairs: tuple, tp):
@@ -238,8 +259,9 @@ def inventory_bytes(inv: tuple[Saved, ...], *, b, s, tp, sp: bool, act, res, lay
 
 
 @lru_cache(maxsize=1024)
-def _block_terms(model, layout: str, attention: str, selective: bool, autocast: bool, sp: bool, act, res,
-                 device: str = "cuda") -> _Terms:
+def _block_terms(
+    model, layout: str, attention: str, selective: bool, autocast: bool, sp: bool, act, res, device: str = "cuda"
+) -> _Terms:
     return _terms(block_inventory(model, layout, attention, selective, autocast, device), sp, act, res, layout)
 
 
@@ -330,14 +352,36 @@ def inflight(plan, last: bool):
     return b.chunks, b.first, b.head
 
 
-def rank_activations(model, plan, *, last: bool, layout: str, attention: str, autocast: bool, act, res,
-                     vocab: int, flight=None, device: str = "cuda") -> dict:
+def rank_activations(
+    model,
+    plan,
+    *,
+    last: bool,
+    layout: str,
+    attention: str,
+    autocast: bool,
+    act,
+    res,
+    vocab: int,
+    flight=None,
+    device: str = "cuda",
+) -> dict:
     """Activation items (and the pipeline's receive buffers) of the first or last pipeline rank
     at one of its backwards, by name. `vocab` is the logits' width on this rank (padded/sharded by
     layout); `flight`: one of backwards(plan, last) (default: the first, the most chunks in flight);
     `device`: where the torch layout's kernels run."""
-    sizes = rank_sizes(model, plan, last=last, layout=layout, attention=attention, autocast=autocast, act=act,
-                       res=res, vocab=vocab, device=device)
+    sizes = rank_sizes(
+        model,
+        plan,
+        last=last,
+        layout=layout,
+        attention=attention,
+        autocast=autocast,
+        act=act,
+        res=res,
+        vocab=vocab,
+        device=device,
+    )
     return priced(sizes, flight if flight is not None else backwards(plan, last)[0])
 
 
@@ -360,8 +404,9 @@ class RankSizes(NamedTuple):
     grad_recv: object  # gradient receive buffers (bytes)
 
 
-def rank_sizes(model, plan, *, last: bool, layout: str, attention: str, autocast: bool, act, res, vocab: int,
-               device: str = "cuda") -> RankSizes:
+def rank_sizes(
+    model, plan, *, last: bool, layout: str, attention: str, autocast: bool, act, res, vocab: int, device: str = "cuda"
+) -> RankSizes:
     """RankSizes of the first or last pipeline rank (rank_activations' arguments)."""
     pp, tp, sp = plan.pp, plan.tp, plan.sp
     b, s, h = plan.mbs, plan.seq, model.hidden
@@ -397,9 +442,13 @@ def rank_sizes(model, plan, *, last: bool, layout: str, attention: str, autocast
     norm, stat = h * res, DTYPE_BYTES["fp32"]
     if torch_ and device == "cpu":
         norm, stat = (h * 8, stat) if model.norm == "rmsnorm" else (norm, res)
-    head = {"act.final_norm": rows * (norm + stats * stat), "act.head_input": head_in, "act.logits": logits,
-            "act.loss_fp32": saved_fp32,
-            "act.targets": bs * 8}  # the loss saves the flattened int64 targets (a copy)
+    head = {
+        "act.final_norm": rows * (norm + stats * stat),
+        "act.head_input": head_in,
+        "act.logits": logits,
+        "act.loss_fp32": saved_fp32,
+        "act.targets": bs * 8,
+    }  # the loss saves the flattened int64 targets (a copy)
 
     # torch.distributed.pipelining: every non-first stage has a receive buffer per micro-batch
     # for activations and every non-last one per micro-batch for gradients, allocated once and
@@ -408,11 +457,21 @@ def rank_sizes(model, plan, *, last: bool, layout: str, attention: str, autocast
     holds_first = _if(last, 1 - pipelined, 1)
     holds_last = _if(last, 1, 1 - pipelined)
     m = plan.grad_accum
-    return RankSizes(torch_, (model.layers // (pp * v)) * kept, kept, rebuilt, emb, head, backward,
-                     block_backward_bytes(model, plan, act=act, autocast=autocast) if torch_ else 0,
-                     block_backward_bytes(model, plan, act=act, autocast=autocast, grads_kept=True) if torch_ else 0,
-                     pipelined * x, x if torch_ else 0,
-                     pipelined * (v - holds_first) * m * x, pipelined * (v - holds_last) * m * x)
+    return RankSizes(
+        torch_,
+        (model.layers // (pp * v)) * kept,
+        kept,
+        rebuilt,
+        emb,
+        head,
+        backward,
+        block_backward_bytes(model, plan, act=act, autocast=autocast) if torch_ else 0,
+        block_backward_bytes(model, plan, act=act, autocast=autocast, grads_kept=True) if torch_ else 0,
+        pipelined * x,
+        x if torch_ else 0,
+        pipelined * (v - holds_first) * m * x,
+        pipelined * (v - holds_last) * m * x,
+    )
 
 
 def priced(z: RankSizes, f) -> dict:

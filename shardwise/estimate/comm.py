@@ -39,21 +39,21 @@ Numeric plan fields may be numpy arrays (the search): then every entry of the pr
 list is returned with array fields, count 0 where the group has one rank. With scalars, entries
 of size-1 groups (and other zero counts) are dropped.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import NamedTuple
 
-from shardwise.spec.breakdown import Collective
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, closest
 from shardwise.estimate import _num
 from shardwise.estimate._num import ceil_div, memo, where
-from shardwise.estimate.pipeline import chunks_per_rank
-from shardwise.errors import closest
 from shardwise.estimate.memory import zero1_bucket_numels
+from shardwise.estimate.pipeline import chunks_per_rank
+from shardwise.spec.breakdown import Collective
+from shardwise.units import MIB
 
 PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
-MIB = 1024 * 1024
 DDP_FIRST_BUCKET = 1 * MIB  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 DDP_BUCKET = 25 * MIB  # DistributedDataParallel(bucket_cap_mb=None) -> 25 MiB
 # DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py), in elements
@@ -103,7 +103,7 @@ def fsdp_numel(style: str, shape: tuple, tp, dp):
     return ceil_div(d0, dp) * dp * (local_numel(style, shape, tp) // d0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _block_params(model) -> tuple:
     """One block's (name, shape) in the order the forward uses them: registration order, except
     that each SwiGLU MLP runs w1, w3, then w2 (w2(silu(w1 x) * w3 x))."""
@@ -121,7 +121,7 @@ def _block_params(model) -> tuple:
     return tuple(ps[k[2]] for k in sorted(keys))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _root_params(model) -> tuple[tuple, tuple]:
     """(first-stage extras, last-stage extras) in forward-use order: the embeddings; the final
     norm and the output projection (absent when tied: the embedding is reused)."""
@@ -145,7 +145,7 @@ def _groups(params) -> tuple:
     return tuple((s, sh, c) for (s, sh), c in acc.items())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _inventory(model) -> dict:
     first, last = _root_params(model)
     return {"block": _groups(_block_params(model)), "first": _groups(first), "last": _groups(last)}
@@ -175,8 +175,13 @@ def rank0_param_numel(model, plan):
 @memo
 def _rank0_numel(model, tp, pp):
     inv = _inventory(model)
-    return {"numel": (model.layers // pp * _sum(inv["block"], local_numel, tp) + _sum(inv["first"], local_numel, tp)
-                      + (1 if pp == 1 else 0) * _sum(inv["last"], local_numel, tp))}
+    return {
+        "numel": (
+            model.layers // pp * _sum(inv["block"], local_numel, tp)
+            + _sum(inv["first"], local_numel, tp)
+            + (1 if pp == 1 else 0) * _sum(inv["last"], local_numel, tp)
+        )
+    }
 
 
 @memo
@@ -214,8 +219,9 @@ def _is_dtensor(name: str, sp: bool) -> bool:
     return module in _TP_MODULES or (sp and module.endswith("norm"))
 
 
-def ddp_ready_sizes(model, tp: int, layers: int, embeddings: bool, head: bool, nbytes: int,
-                    sp: bool = False) -> list[int]:
+def ddp_ready_sizes(
+    model, tp: int, layers: int, embeddings: bool, head: bool, nbytes: int, sp: bool = False
+) -> list[int]:
     """Gradient bytes of one DDP module's parameters in the order their gradients become ready,
     the order DDP rebuilds its buckets in after the first step (Reducer::rebuild_buckets).
     Without TP: the reverse of the order the forward uses them (autograd runs the latest node
@@ -226,13 +232,15 @@ def ddp_ready_sizes(model, tp: int, layers: int, embeddings: bool, head: bool, n
     registration order (measured: DDP's rebuilt_per_bucket_param_indices, tp = 2)."""
     first, last = _root_params(model)
     use = (list(first) if embeddings else []) + list(_block_params(model)) * layers + (list(last) if head else [])
-    size = lambda n, s: local_numel(tp_style(n), s, tp) * nbytes  # noqa: E731
+    size = lambda n, s: local_numel(tp_style(n), s, tp) * nbytes
     if tp == 1:
         return [size(n, s) for n, s in reversed(use)]
-    registered = (list(first) if embeddings else []) + list(model.layer_param_shapes()) * layers + \
-        (list(last) if head else [])
-    return [size(n, s) for n, s in reversed(use) if not _is_dtensor(n, sp)] + \
-        [size(n, s) for n, s in reversed(registered) if _is_dtensor(n, sp)]
+    registered = (
+        (list(first) if embeddings else []) + list(model.layer_param_shapes()) * layers + (list(last) if head else [])
+    )
+    return [size(n, s) for n, s in reversed(use) if not _is_dtensor(n, sp)] + [
+        size(n, s) for n, s in reversed(registered) if _is_dtensor(n, sp)
+    ]
 
 
 @lru_cache(maxsize=4096)
@@ -292,8 +300,7 @@ def dtypes(profile: str, plan) -> dict:
         # mixed: FSDP2 (zero 2/3 with dp > 1) computes in the 16-bit param dtype; otherwise autocast
         # keeps the residual stream in fp32 and only matmul outputs are 16-bit (contract item 6)
         resid = where(plan.dp > 1, 2, 4) if (mixed and plan.zero >= 2) else (4 if mixed else p)
-        return {"P": p, "grad": p, "gather": 2 if mixed else p, "reduce": 4 if mixed else p,
-                "resid": resid, "mm": b16}
+        return {"P": p, "grad": p, "gather": 2 if mixed else p, "reduce": 4 if mixed else p, "resid": resid, "mm": b16}
     if profile == "megatron":
         grad = 2 if prec in ("fp16-mixed", "bf16") else 4  # bf16 training reduces fp32 main grads
         return {"P": b16, "grad": grad, "gather": b16, "reduce": grad, "resid": b16, "mm": b16}
@@ -301,9 +308,14 @@ def dtypes(profile: str, plan) -> dict:
 
 
 # ---- one entry -----------------------------------------------------------------------------------
-_LAT_STEPS = {"all-reduce": lambda n: 2 * (n - 1), "all-gather": lambda n: n - 1,
-              "reduce-scatter": lambda n: n - 1, "broadcast": lambda n: n - 1,
-              "send": lambda n: 1 + 0 * n, "recv": lambda n: 1 + 0 * n}
+_LAT_STEPS = {
+    "all-reduce": lambda n: 2 * (n - 1),
+    "all-gather": lambda n: n - 1,
+    "reduce-scatter": lambda n: n - 1,
+    "broadcast": lambda n: n - 1,
+    "send": lambda n: 1 + 0 * n,
+    "recv": lambda n: 1 + 0 * n,
+}
 
 
 def wire_bytes(kind: str, n, total):
@@ -356,8 +368,14 @@ def group_net(cluster, n, stride, arr: bool) -> _Net:
     intra, bw, lat = link(cluster, n, stride, arr)
     name = where(intra, "intra-node", "network") if arr else ("intra-node" if intra else "network")
     one, ring = 1 + 0 * n, n - 1
-    steps = {"all-reduce": 2 * ring, "all-gather": ring, "reduce-scatter": ring, "broadcast": ring, "send": one,
-             "recv": one}
+    steps = {
+        "all-reduce": 2 * ring,
+        "all-gather": ring,
+        "reduce-scatter": ring,
+        "broadcast": ring,
+        "send": one,
+        "recv": one,
+    }
     if cluster.gpu.link_kinds or cluster.network.kinds:
         figs = {k: link(cluster, n, stride, arr, k)[1:] for k in steps}
         bws, lats = {k: f[0] for k, f in figs.items()}, {k: f[1] for k, f in figs.items()}
@@ -366,9 +384,22 @@ def group_net(cluster, n, stride, arr: bool) -> _Net:
     return _Net(n, n > 1, intra, bws, lats, name, steps)
 
 
-def make(cluster, kind: str, group: str, n, stride, count, what: str, *, per_call=None, total=None,
-         overlapped: bool = False, sizes: dict | None = None, arr: bool | None = None,
-         net: _Net | None = None) -> Collective:
+def make(
+    cluster,
+    kind: str,
+    group: str,
+    n,
+    stride,
+    count,
+    what: str,
+    *,
+    per_call=None,
+    total=None,
+    overlapped: bool = False,
+    sizes: dict | None = None,
+    arr: bool | None = None,
+    net: _Net | None = None,
+) -> Collective:
     """One Collective: `count` calls of `per_call` bytes, or of `total` bytes together when the
     calls differ in size (then `bytes` is their mean, total // count, and `sizes`, for scalar
     plans, the exact message bytes -> calls). `arr`: whether any argument is an array (None:
@@ -389,23 +420,34 @@ def make(cluster, kind: str, group: str, n, stride, count, what: str, *, per_cal
     # wire_bytes(): all-reduce 2(n-1)/n, all-gather, reduce-scatter and broadcast (n-1)/n of the total
     wire = total if kind == "send" else 0 * total if kind == "recv" else steps * total // n
     moved = total if kind in ("broadcast", "send", "recv") else wire
-    return Collective(kind=kind, group=group, ranks=n, bytes=total // calls, count=count, wire_bytes=wire,
-                      seconds=count * steps * net.lat[kind] + moved / net.bw[kind], what=what, link=net.name,
-                      overlapped=overlapped, sizes=sizes)
+    return Collective(
+        kind=kind,
+        group=group,
+        ranks=n,
+        bytes=total // calls,
+        count=count,
+        wire_bytes=wire,
+        seconds=count * steps * net.lat[kind] + moved / net.bw[kind],
+        what=what,
+        link=net.name,
+        overlapped=overlapped,
+        sizes=sizes,
+    )
 
 
 # ---- the step ----------------------------------------------------------------------------------
 def collectives(model, cluster, plan, profile: str = "torch") -> list[Collective]:
     """Every collective of one training step on rank 0."""
     if profile not in PROFILES:
-
         raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)}")
     dt = dtypes(profile, plan)
     arr = _num._is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq)
     # (one plan: a group of one rank makes no calls, and its entries would be dropped below)
-    out = ((_tp(model, cluster, plan, profile, dt, arr) if arr or plan.tp > 1 else [])
-           + (_pp(model, cluster, plan, dt, arr) if arr or plan.pp > 1 else [])
-           + (_dp(model, cluster, plan, profile, dt, arr) if arr or plan.dp > 1 else []))
+    out = (
+        (_tp(model, cluster, plan, profile, dt, arr) if arr or plan.tp > 1 else [])
+        + (_pp(model, cluster, plan, dt, arr) if arr or plan.pp > 1 else [])
+        + (_dp(model, cluster, plan, profile, dt, arr) if arr or plan.dp > 1 else [])
+    )
     if profile == "torch":
         out += _engine(model, cluster, plan, dt, arr)
     return out if arr else [c for c in out if c.count > 0]
@@ -434,36 +476,69 @@ def _tp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
     if not sp:
         # the attention and the FFN each take their input as one DTensor (PrepareModuleInput), so
         # q/k/v's (w1/w3's) input gradients are summed and all-reduced once: 2 a layer, Megatron's g
-        out += [c("all-reduce", "block outputs (wo, w2), forward" + (" (+ wo on recompute)" if rc else ""),
-                  act * M, (2 + replay) * layers),
-                c("all-reduce", "block input gradients (attention, FFN), backward", act * R, 2 * layers),
-                c("all-reduce", "vocab-parallel embedding output, forward", act * R, m)]
+        out += [
+            c(
+                "all-reduce",
+                "block outputs (wo, w2), forward" + (" (+ wo on recompute)" if rc else ""),
+                act * M,
+                (2 + replay) * layers,
+            ),
+            c("all-reduce", "block input gradients (attention, FFN), backward", act * R, 2 * layers),
+            c("all-reduce", "vocab-parallel embedding output, forward", act * R, m),
+        ]
         if model.positions == "learned":
             out.append(c("all-reduce", "position embedding output, forward", plan.seq * model.hidden * R, m))
-        out += [c("all-gather", "logits to every tp rank (replicated output), forward",
-                  plan.mbs * plan.seq * model.vocab * M, head),
-                c("all-reduce", "output projection input gradient, backward", act * R, head)]
+        out += [
+            c(
+                "all-gather",
+                "logits to every tp rank (replicated output), forward",
+                plan.mbs * plan.seq * model.vocab * M,
+                head,
+            ),
+            c("all-reduce", "output projection input gradient, backward", act * R, head),
+        ]
         return out
-    out += [c("all-gather", "sequence shards to block inputs (attention, FFN), forward", act * R, (2 + 2 * replay) * layers),
-            c("reduce-scatter", "block outputs (wo, w2) to sequence shards, forward", act * M, (2 + replay) * layers),
-            c("reduce-scatter", "block input gradients to sequence shards, backward", act * R, 2 * layers),
-            c("all-gather", "block output gradients, backward", act * M, 2 * layers),
-            c("reduce-scatter", "vocab-parallel embedding output to sequence shards, forward", act * R, m),
-            c("all-gather", "embedding output gradient, backward", act * R, m)]
+    out += [
+        c(
+            "all-gather",
+            "sequence shards to block inputs (attention, FFN), forward",
+            act * R,
+            (2 + 2 * replay) * layers,
+        ),
+        c("reduce-scatter", "block outputs (wo, w2) to sequence shards, forward", act * M, (2 + replay) * layers),
+        c("reduce-scatter", "block input gradients to sequence shards, backward", act * R, 2 * layers),
+        c("all-gather", "block output gradients, backward", act * M, 2 * layers),
+        c("reduce-scatter", "vocab-parallel embedding output to sequence shards, forward", act * R, m),
+        c("all-gather", "embedding output gradient, backward", act * R, m),
+    ]
     if model.positions == "learned":
         pos = plan.seq * model.hidden * R
-        out += [c("reduce-scatter", "position embedding output, forward", pos, m),
-                c("all-gather", "position embedding output gradient, backward", pos, m)]
-    out += [c("all-gather", "final norm output to the output projection, forward", act * R, head),
-            c("all-gather", "logits to every tp rank (replicated output), forward",
-              plan.mbs * plan.seq * model.vocab * M, head),
-            c("reduce-scatter", "output projection input gradient, backward", act * R, head)]
+        out += [
+            c("reduce-scatter", "position embedding output, forward", pos, m),
+            c("all-gather", "position embedding output gradient, backward", pos, m),
+        ]
+    out += [
+        c("all-gather", "final norm output to the output projection, forward", act * R, head),
+        c(
+            "all-gather",
+            "logits to every tp rank (replicated output), forward",
+            plan.mbs * plan.seq * model.vocab * M,
+            head,
+        ),
+        c("reduce-scatter", "output projection input gradient, backward", act * R, head),
+    ]
     # sequence-parallel norms see a sequence shard: their weight (and bias) gradients are
     # Partial over tp and are all-reduced when reduced (FSDP2: with each reduce-scatter; else once)
     per_norm = 2 if model.norm == "layernorm" else 1
     norms = (2 * _layers_on_rank0(model, plan) + _has_head(plan)) * per_norm
-    out.append(c("all-reduce", "sequence-parallel norm gradients (Partial over tp)",
-                 model.hidden * _norm_grad_bytes(plan, dt, m), norms * _fsdp_reduces(plan, m)))
+    out.append(
+        c(
+            "all-reduce",
+            "sequence-parallel norm gradients (Partial over tp)",
+            model.hidden * _norm_grad_bytes(plan, dt, m),
+            norms * _fsdp_reduces(plan, m),
+        )
+    )
     return out
 
 
@@ -495,21 +570,31 @@ def _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head) -> list[Collect
     """Megatron-LM: f/g operators, vocab-parallel embedding and cross-entropy (no logits gather);
     its recompute replays the whole layer forward, collectives included."""
     fwd = layers * (2 if rc else 1)
-    ce = c("all-reduce", "vocab-parallel cross-entropy (max, sum of exp, target logit), forward",
-           plan.mbs * plan.seq * 4, CE_REDUCES * head)
+    ce = c(
+        "all-reduce",
+        "vocab-parallel cross-entropy (max, sum of exp, target logit), forward",
+        plan.mbs * plan.seq * 4,
+        CE_REDUCES * head,
+    )
     if not plan.sp:
-        return [c("all-reduce", "block outputs (attention, MLP), forward", act * M, 2 * fwd),
-                c("all-reduce", "block input gradients (attention, MLP), backward", act * R, 2 * layers),
-                c("all-reduce", "vocab-parallel embedding output, forward", act * R, m),
-                c("all-reduce", "output projection input gradient, backward", act * R, head), ce]
-    return [c("all-gather", "sequence shards to block inputs (attention, MLP), forward", act * R, 2 * fwd),
-            c("reduce-scatter", "block outputs to sequence shards, forward", act * M, 2 * fwd),
-            c("reduce-scatter", "block input gradients to sequence shards, backward", act * R, 2 * layers),
-            c("all-gather", "block output gradients, backward", act * M, 2 * layers),
-            c("reduce-scatter", "vocab-parallel embedding output to sequence shards, forward", act * R, m),
-            c("all-gather", "embedding output gradient, backward", act * R, m),
-            c("all-gather", "final norm output to the output projection, forward", act * R, head),
-            c("reduce-scatter", "output projection input gradient, backward", act * R, head), ce]
+        return [
+            c("all-reduce", "block outputs (attention, MLP), forward", act * M, 2 * fwd),
+            c("all-reduce", "block input gradients (attention, MLP), backward", act * R, 2 * layers),
+            c("all-reduce", "vocab-parallel embedding output, forward", act * R, m),
+            c("all-reduce", "output projection input gradient, backward", act * R, head),
+            ce,
+        ]
+    return [
+        c("all-gather", "sequence shards to block inputs (attention, MLP), forward", act * R, 2 * fwd),
+        c("reduce-scatter", "block outputs to sequence shards, forward", act * M, 2 * fwd),
+        c("reduce-scatter", "block input gradients to sequence shards, backward", act * R, 2 * layers),
+        c("all-gather", "block output gradients, backward", act * M, 2 * layers),
+        c("reduce-scatter", "vocab-parallel embedding output to sequence shards, forward", act * R, m),
+        c("all-gather", "embedding output gradient, backward", act * R, m),
+        c("all-gather", "final norm output to the output projection, forward", act * R, head),
+        c("reduce-scatter", "output projection input gradient, backward", act * R, head),
+        ce,
+    ]
 
 
 def _pp(model, cluster, plan, dt, arr) -> list[Collective]:
@@ -528,10 +613,12 @@ def _pp(model, cluster, plan, dt, arr) -> list[Collective]:
     def c(kind, what, count):
         return make(cluster, kind, "pp", n, stride, count, what, per_call=msg, arr=arr, net=net)
 
-    return [c("send", "activations to the next stage, forward", v * m),
-            c("recv", "activation gradients from the next stage, backward", v * m),
-            c("recv", "activations from the previous stage (interleaved chunks), forward", (v - 1) * m),
-            c("send", "activation gradients to the previous stage (interleaved chunks), backward", (v - 1) * m)]
+    return [
+        c("send", "activations to the next stage, forward", v * m),
+        c("recv", "activation gradients from the next stage, backward", v * m),
+        c("recv", "activations from the previous stage (interleaved chunks), forward", (v - 1) * m),
+        c("send", "activation gradients to the previous stage (interleaved chunks), backward", (v - 1) * m),
+    ]
 
 
 def _dp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
@@ -545,14 +632,29 @@ def _dp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
     if profile == "torch":
         if plan.zero <= 1:
             buckets = ddp_buckets(model, plan, dt["grad"])
-            out = [c("all-reduce", "gradients (DDP buckets: 1 MiB first, then 25 MiB)", buckets, True,
-                     total=psi * dt["grad"], sizes=None if arr else ddp_bucket_sizes(model, plan, dt["grad"]))]
+            out = [
+                c(
+                    "all-reduce",
+                    "gradients (DDP buckets: 1 MiB first, then 25 MiB)",
+                    buckets,
+                    True,
+                    total=psi * dt["grad"],
+                    sizes=None if arr else ddp_bucket_sizes(model, plan, dt["grad"]),
+                )
+            ]
             if plan.zero == 1:
                 # parameters_as_bucket_view (run/engine.py): one flat bucket per owner, not one call per parameter
                 sizes = None if arr else zero1_bucket_sizes(model, plan, dt["P"])
-                out.append(c("broadcast", "updated parameters from their ZeroRedundancyOptimizer owners, "
-                              "one bucket per owner", n, False,
-                             total=psi * dt["P"] if arr else sum(b * k for b, k in sizes.items()), sizes=sizes))
+                out.append(
+                    c(
+                        "broadcast",
+                        "updated parameters from their ZeroRedundancyOptimizer owners, one bucket per owner",
+                        n,
+                        False,
+                        total=psi * dt["P"] if arr else sum(b * k for b, k in sizes.items()),
+                        sizes=sizes,
+                    )
+                )
             return out
         # FSDP2: one all-gather and one reduce-scatter per fully_shard group (each block; the root
         # holds the embeddings, and without pipelining also the final norm and output)
@@ -573,57 +675,106 @@ def _dp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
             gathers = where(piped, 1 + m, 2 * m)
             reduces = where(piped, 1, m)
         what_g = "parameters (16-bit)" if dt["gather"] == 2 else "parameters"
-        return [c("all-gather", f"{what_g} of each transformer block (FSDP2)", blocks * gathers, True,
-                  per_call=block * dt["gather"]),
-                c("all-gather", f"{what_g} of the root group (embeddings, norm, output) (FSDP2)", gathers, True,
-                  per_call=root * dt["gather"]),
-                c("reduce-scatter", "gradients of each transformer block (FSDP2)", blocks * reduces, True,
-                  per_call=block * dt["reduce"]),
-                c("reduce-scatter", "gradients of the root group (FSDP2)", reduces, True,
-                  per_call=root * dt["reduce"])]
+        return [
+            c(
+                "all-gather",
+                f"{what_g} of each transformer block (FSDP2)",
+                blocks * gathers,
+                True,
+                per_call=block * dt["gather"],
+            ),
+            c(
+                "all-gather",
+                f"{what_g} of the root group (embeddings, norm, output) (FSDP2)",
+                gathers,
+                True,
+                per_call=root * dt["gather"],
+            ),
+            c(
+                "reduce-scatter",
+                "gradients of each transformer block (FSDP2)",
+                blocks * reduces,
+                True,
+                per_call=block * dt["reduce"],
+            ),
+            c("reduce-scatter", "gradients of the root group (FSDP2)", reduces, True, per_call=root * dt["reduce"]),
+        ]
     g, p = psi * dt["grad"], psi * dt["gather"]
     if profile == "zero-paper":
         one = 1 + 0 * m
         if plan.zero == 0:
             return [c("all-reduce", "gradients", one, True, per_call=g)]
         if plan.zero <= 2:
-            return [c("reduce-scatter", "gradients to their owners", one, True, per_call=g),
-                    c("all-gather", "updated parameters after the step", one, False, per_call=p)]
-        return [c("all-gather", "parameters, forward", m, True, per_call=p),
-                c("all-gather", "parameters, backward", m, True, per_call=p),
-                c("reduce-scatter", "gradients", m, True, per_call=g)]
+            return [
+                c("reduce-scatter", "gradients to their owners", one, True, per_call=g),
+                c("all-gather", "updated parameters after the step", one, False, per_call=p),
+            ]
+        return [
+            c("all-gather", "parameters, forward", m, True, per_call=p),
+            c("all-gather", "parameters, backward", m, True, per_call=p),
+            c("reduce-scatter", "gradients", m, True, per_call=g),
+        ]
     if profile == "deepspeed":
         if plan.zero == 0:
-            return [c("all-reduce", "gradients (allreduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET), True,
-                      total=g)]
+            return [
+                c("all-reduce", "gradients (allreduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET), True, total=g)
+            ]
         if plan.zero <= 2:
-            return [c("reduce-scatter", "gradients (reduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET), True,
-                      total=g),
-                    c("all-gather", "updated parameters (allgather_bucket_size)",
-                      ceil_div(psi, DS_ALLGATHER_BUCKET), False, total=p)]
+            return [
+                c("reduce-scatter", "gradients (reduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET), True, total=g),
+                c(
+                    "all-gather",
+                    "updated parameters (allgather_bucket_size)",
+                    ceil_div(psi, DS_ALLGATHER_BUCKET),
+                    False,
+                    total=p,
+                ),
+            ]
         per = ceil_div(psi, DS_PREFETCH_BUCKET)
-        return [c("all-gather", "parameters, forward (stage3_prefetch_bucket_size)", per * m, True, total=p * m),
-                c("all-gather", "parameters, backward (stage3_prefetch_bucket_size)", per * m, True, total=p * m),
-                c("reduce-scatter", "gradients (reduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET) * m, True,
-                  total=g * m)]
+        return [
+            c("all-gather", "parameters, forward (stage3_prefetch_bucket_size)", per * m, True, total=p * m),
+            c("all-gather", "parameters, backward (stage3_prefetch_bucket_size)", per * m, True, total=p * m),
+            c(
+                "reduce-scatter",
+                "gradients (reduce_bucket_size)",
+                ceil_div(psi, DS_REDUCE_BUCKET) * m,
+                True,
+                total=g * m,
+            ),
+        ]
     # megatron
     bucket = _num.maximum(MEGATRON_BUCKET_MIN, MEGATRON_BUCKET_PER_DP * n)
     nb = ceil_div(psi, bucket)
     if plan.zero == 0:
         return [c("all-reduce", "main gradients (DDP buckets)", nb, True, total=g)]
     if plan.zero <= 2:
-        return [c("reduce-scatter", "main gradients (distributed optimizer buckets)", nb, True, total=g),
-                c("all-gather", "updated 16-bit parameters (distributed optimizer)", nb, False, total=p)]
-    return [c("all-gather", "parameters, forward", m, True, per_call=p),
-            c("all-gather", "parameters, backward", m, True, per_call=p),
-            c("reduce-scatter", "main gradients", m, True, per_call=g)]
+        return [
+            c("reduce-scatter", "main gradients (distributed optimizer buckets)", nb, True, total=g),
+            c("all-gather", "updated 16-bit parameters (distributed optimizer)", nb, False, total=p),
+        ]
+    return [
+        c("all-gather", "parameters, forward", m, True, per_call=p),
+        c("all-gather", "parameters, backward", m, True, per_call=p),
+        c("reduce-scatter", "main gradients", m, True, per_call=g),
+    ]
 
 
 def _engine(model, cluster, plan, dt, arr) -> list[Collective]:
     """What run/engine.py adds per step: one world all-reduce of [loss, squared grad norm], and
     with pipelining and tied embeddings the first and last stages' embedding-gradient all-reduce."""
-    out = [make(cluster, "all-reduce", "world", plan.world, 1, 1 + 0 * plan.world,
-                "loss and squared gradient norm (fp32)", per_call=LOSS_REDUCE_BYTES, arr=arr)]
+    out = [
+        make(
+            cluster,
+            "all-reduce",
+            "world",
+            plan.world,
+            1,
+            1 + 0 * plan.world,
+            "loss and squared gradient norm (fp32)",
+            per_call=LOSS_REDUCE_BYTES,
+            arr=arr,
+        )
+    ]
     if model.tied_embeddings:
         first, _ = _root_params(model)
         rows = ceil_div(model.vocab, plan.tp)
@@ -631,8 +782,19 @@ def _engine(model, cluster, plan, dt, arr) -> list[Collective]:
             rows = ceil_div(rows, plan.dp)
         grad = rows * model.hidden * dt["P"]
         tied = where(plan.pp > 1, 1, 0)
-        out.append(make(cluster, "all-reduce", "pp", where(plan.pp > 1, 2, 1), plan.dp * plan.tp, tied,
-                        "tied embedding gradient, first and last stage", per_call=grad, arr=arr))
+        out.append(
+            make(
+                cluster,
+                "all-reduce",
+                "pp",
+                where(plan.pp > 1, 2, 1),
+                plan.dp * plan.tp,
+                tied,
+                "tied embedding gradient, first and last stage",
+                per_call=grad,
+                arr=arr,
+            )
+        )
     return out
 
 

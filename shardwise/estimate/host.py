@@ -15,6 +15,7 @@ A plan's terms are dp's plus, for each other engine the plan uses, (that engine'
 engines stack as `parallelize` applies them. Under a pipeline the block and micro-batch terms
 are pipelined work (the bubble stretches them); the step terms are not.
 """
+
 from __future__ import annotations
 
 from shardwise.estimate._num import maximum, where

@@ -25,6 +25,7 @@ at moment A.
 
 Numeric plan fields may be numpy arrays; then every field of the Memory is an array too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,22 +34,49 @@ from heapq import heapify, heapreplace
 from itertools import zip_longest
 from typing import NamedTuple
 
-from shardwise.spec.breakdown import Memory
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import activations as acts
 from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, minimum, where
-from shardwise.estimate.profiles import (CUDA_CONTEXT_BYTES, DS_ALLGATHER_BUCKET, DS_MAX_LIVE_PARAMETERS,
-                                         DS_PERSISTENCE_THRESHOLD, DS_PREFETCH_BUCKET, DS_REDUCE_BUCKET,
-                                         MEGATRON_VOCAB_MULTIPLE, check_profile, compute_bytes, is_mixed,
-                                         optimizer_bytes, shard_states, state_bytes, step_temp_bytes)
+from shardwise.estimate.profiles import (
+    CUDA_CONTEXT_BYTES,
+    DS_ALLGATHER_BUCKET,
+    DS_MAX_LIVE_PARAMETERS,
+    DS_PERSISTENCE_THRESHOLD,
+    DS_PREFETCH_BUCKET,
+    DS_REDUCE_BUCKET,
+    MEGATRON_VOCAB_MULTIPLE,
+    check_profile,
+    compute_bytes,
+    is_mixed,
+    optimizer_bytes,
+    shard_states,
+    state_bytes,
+    step_temp_bytes,
+)
+from shardwise.spec.breakdown import Memory
 
 STAGES = {"worst": (False, True), "first": (False,), "last": (True,)}  # which stages' ranks to examine
-FIELDS = {"params": "params", "grads": "grads", "optimizer": "optimizer", "act": "activations",
-          "buffers": "buffers", "overhead": "overhead"}
+FIELDS = {
+    "params": "params",
+    "grads": "grads",
+    "optimizer": "optimizer",
+    "act": "activations",
+    "buffers": "buffers",
+    "overhead": "overhead",
+}
 
 
-def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "flash",
-           stage: str = "worst", at: str = "peak", device: str = "cuda") -> Memory:
+def memory(
+    model,
+    cluster,
+    plan,
+    profile: str = "torch",
+    *,
+    attention: str = "flash",
+    stage: str = "worst",
+    at: str = "peak",
+    device: str = "cuda",
+) -> Memory:
     """Bytes on the worst rank at its peak, by field, with named sub-items in `detail`.
 
     attention: "flash" (SDPA's flash / memory-efficient kernels, CUDA's default: no s*s scores
@@ -63,8 +91,9 @@ def memory(model, cluster, plan, profile: str = "torch", *, attention: str = "fl
     check_profile(profile)
     acts._check("torch", attention, device)
     if profile == "megatron" and plan.offload == "params":
-        raise ShardwiseError("the megatron profile has no parameter offload; use --profile torch or "
-                             "deepspeed, or --offload optimizer")
+        raise ShardwiseError(
+            "the megatron profile has no parameter offload; use --profile torch or deepspeed, or --offload optimizer"
+        )
     vec = _is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq)
     if stage not in STAGES:
         raise ShardwiseError(f"unknown pipeline stage {stage!r}; use one of {', '.join(STAGES)}")
@@ -222,8 +251,9 @@ def _param(name: str, shape: tuple[int, ...]) -> _Param:
     embedding = module in ("tok_embeddings", "pos_embeddings", "output")
     # autocast's cast of a weight is saved by the matmul; a bias's cast is not (addmm's backward
     # does not read the bias)
-    return _Param(shape, tp_dim, embedding, module in ("tok_embeddings", "output"),
-                  module in _MATMUL and kind == "weight")
+    return _Param(
+        shape, tp_dim, embedding, module in ("tok_embeddings", "output"), module in _MATMUL and kind == "weight"
+    )
 
 
 def _grouped(named) -> tuple[_Param, ...]:
@@ -244,8 +274,12 @@ def _groups(model) -> dict[str, tuple[_Param, ...]]:
     h = model.hidden
     embed = [(n, s) for n, s in named if n.split(".")[0] in ("tok_embeddings", "pos_embeddings")]
     head = [(n, s) for n, s in named if n.split(".")[0] in ("norm", "output")]
-    return {"embed": _grouped(embed), "block": _grouped(block), "head": _grouped(head),
-            "tied": _grouped([("output.weight", (model.vocab, h))]) if model.tied_embeddings else ()}
+    return {
+        "embed": _grouped(embed),
+        "block": _grouped(block),
+        "head": _grouped(head),
+        "tied": _grouped([("output.weight", (model.vocab, h))]) if model.tied_embeddings else (),
+    }
 
 
 def _local(p: _Param, tp, vocab_multiple: int = 1) -> tuple:
@@ -257,7 +291,7 @@ def _local(p: _Param, tp, vocab_multiple: int = 1) -> tuple:
         d = ceil_div(d, vocab_multiple * tp) * vocab_multiple
     else:
         d = ceil_div(d, tp) if p.uneven else d // tp
-    return p.shape[:p.tp_dim] + (d,) + p.shape[p.tp_dim + 1:]
+    return p.shape[: p.tp_dim] + (d,) + p.shape[p.tp_dim + 1 :]
 
 
 def _numel(shape):
@@ -379,14 +413,27 @@ def _moment_names(engine, model, plan, last: bool, attention: str, device: str =
     import numpy as np
 
     last = np.ravel(last)[:1]  # (both stages at once: the stage changes values, not names)
-    key = (engine, model, plan.zero, plan.schedule, plan.recompute, plan.sp, plan.precision, plan.optimizer,
-           plan.offload, bool(last[0]), attention, device, _one_stage(plan.pp))
+    key = (
+        engine,
+        model,
+        plan.zero,
+        plan.schedule,
+        plan.recompute,
+        plan.sp,
+        plan.precision,
+        plan.optimizer,
+        plan.offload,
+        bool(last[0]),
+        attention,
+        device,
+        _one_stage(plan.pp),
+    )
     names = _NAMES.get(key)
     if names is None:
         fields = ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq")
         values = [np.ravel(v) for v in np.broadcast_arrays(*(np.asarray(getattr(plan, f)) for f in fields))]
         i = 0 if key[-1] else int(np.argmax(values[2] > 1))
-        one = plan.replace(**{f: v[i:i + 1] for f, v in zip(fields, values)})
+        one = plan.replace(**{f: v[i : i + 1] for f, v in zip(fields, values)})
         if len(_NAMES) >= 1024:
             _NAMES.clear()
         names = _NAMES[key] = [tuple(sorted(_names(m))) for m in engine(model, one, last, attention, device)]
@@ -424,7 +471,7 @@ def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last):
     with each part's first backward: one block's, the embeddings', the head's."""
     g, sb = _groups(model), state_bytes("torch", precision)
     st = _stage_of(model, pp, last)
-    numel = lambda p: _numel(_local(p, tp))  # noqa: E731
+    numel = lambda p: _numel(_local(p, tp))
     n = st.sum(g, numel)
     states = st.sum(g, lambda p: optimizer_bytes(optimizer, _local(p, tp), sb))
     # the step's scratch: foreach unless the parameters mix DTensors and plain tensors (run/engine.py
@@ -450,12 +497,20 @@ def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last):
     # hands back the local shard's. A tied table's gradient takes the output's Shard layout.
     # So without DDP each untied table (the token one on a pipeline's first stage too, where
     # the output is on the last) holds its full rows during the backward.
-    untied = lambda p: p.vocab is False or not model.tied_embeddings or pp > 1  # noqa: E731
+    untied = lambda p: p.vocab is False or not model.tied_embeddings or pp > 1
     replicated = sum(p.count * (_numel(p.shape) - numel(p)) for p in g["embed"] if untied(p))
     embed_grad = embed + st.embed * where((dp == 1) & (tp > 1), replicated, 0)
-    return {"n": n, "states": states, "temp": temp, "block_linear": block_linear, "out_linear": numel(out),
-            "head": st.head, "block": _block_sum(g, numel), "embed_grad": embed_grad,
-            "head_grad": st.head * sum(p.count * numel(p) for p in g["head"]) + st.tied * numel(out)}
+    return {
+        "n": n,
+        "states": states,
+        "temp": temp,
+        "block_linear": block_linear,
+        "out_linear": numel(out),
+        "head": st.head,
+        "block": _block_sum(g, numel),
+        "embed_grad": embed_grad,
+        "head_grad": st.head * sum(p.count * numel(p) for p in g["head"]) + st.tied * numel(out),
+    }
 
 
 def _grads_present(flight, v, layers_per_chunk: int, block, embed, head):
@@ -474,8 +529,12 @@ def _loss_and_block(a: dict, f, sizes, head_copy=0) -> list[dict]:
     logits). A backward without the loss (a pipeline stage's other than the last global one) is
     the block's moment only, its output's gradient in a receive buffer."""
     a_loss = {**a, "act.block_backward": 0}
-    a_block = {**a, "act.loss_backward": 0, "act.block_backward": sizes.block_backward,
-               "act.block_output_grad": f.loss * sizes.top_grad}
+    a_block = {
+        **a,
+        "act.loss_backward": 0,
+        "act.block_backward": sizes.block_backward,
+        "act.block_output_grad": f.loss * sizes.top_grad,
+    }
     head_mbs = maximum(f.head, 1)
     for k in ("act.final_norm", "act.head_input", "act.loss_fp32", "act.targets"):
         a_block[k] = a[k] - f.loss * (a[k] // head_mbs)
@@ -498,13 +557,28 @@ def _torch_local(model, plan, last: bool, attention: str, device: str = "cuda") 
     ddp = where(plan.dp > 1, 1, 0)
     v = plan.vpp if plan.schedule == "interleaved" else 1
     per_chunk = model.layers // (plan.pp * v)
-    sizes = acts.rank_sizes(model, plan, last=last, layout="torch", attention=attention, autocast=mixed, act=c,
-                            res=4 if mixed else c, vocab=model.vocab, device=device)
+    sizes = acts.rank_sizes(
+        model,
+        plan,
+        last=last,
+        layout="torch",
+        attention=attention,
+        autocast=mixed,
+        act=c,
+        res=4 if mixed else c,
+        vocab=model.vocab,
+        device=device,
+    )
     moments = []
     for f in _flights(plan, last):
         activations, buffers = _split(acts.priced(sizes, f))
-        persistent = {"params.local": sb.param * n, "optimizer.states": states,
-                      "grads.ddp_buckets": ddp * sb.grad * n, **OVERHEAD, **buffers}
+        persistent = {
+            "params.local": sb.param * n,
+            "optimizer.states": states,
+            "grads.ddp_buckets": ddp * sb.grad * n,
+            **OVERHEAD,
+            **buffers,
+        }
         a = {**persistent, **activations}
         # fresh .grad tensors of the earlier micro-batches, of the parts whose backward has run
         # (the run tier sets .grad = None each step, so DDP copies them into its buckets only in
@@ -530,8 +604,8 @@ def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last):
     bytes and step scratch on rank 0."""
     g, sb = _groups(model), state_bytes("torch", precision)
     st = _stage_of(model, pp, last)
-    shard = lambda p: _fsdp_shard(_local(p, tp), dp)  # noqa: E731
-    padded = lambda p: dp * _numel(shard(p))  # noqa: E731
+    shard = lambda p: _fsdp_shard(_local(p, tp), dp)
+    padded = lambda p: dp * _numel(shard(p))
     s = st.sum(g, lambda p: _numel(shard(p)))
     u_all = st.sum(g, padded)
     u_block = _block_sum(g, padded)
@@ -546,10 +620,18 @@ def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last):
     else:
         temp = step_temp_bytes(optimizer, st.max(g, lambda p: _numel(shard(p))), sb, foreach=False)
     u_embed = st.embed * sum(p.count * padded(p) for p in g["embed"])
-    return {"s": s, "s_block": _block_sum(g, lambda p: _numel(shard(p))), "u_all": u_all, "u_block": u_block,
-            "u_root": u_all - st.layers * u_block, "u_head": u_head,
-            "u_tied": st.head * padded(out) if model.tied_embeddings else 0, "u_embed": u_embed,
-            "states": states, "temp": temp}
+    return {
+        "s": s,
+        "s_block": _block_sum(g, lambda p: _numel(shard(p))),
+        "u_all": u_all,
+        "u_block": u_block,
+        "u_root": u_all - st.layers * u_block,
+        "u_head": u_head,
+        "u_tied": st.head * padded(out) if model.tied_embeddings else 0,
+        "u_embed": u_embed,
+        "states": states,
+        "temp": temp,
+    }
 
 
 def _torch_fsdp(model, plan, last: bool, attention: str, device: str = "cuda") -> list[dict]:
@@ -570,13 +652,27 @@ def _torch_fsdp(model, plan, last: bool, attention: str, device: str = "cuda") -
     offload = plan.offload == "params"  # CPUOffloadPolicy: shards, gradients and the step on the CPU
     cpu_step = plan.offload != "none"  # the optimizer states (and so its step) on the CPU
     sharded_grads = 0 if offload else rb * z["s"]
-    sizes = acts.rank_sizes(model, plan, last=last, layout="torch", attention=attention, autocast=False, act=c,
-                            res=c, vocab=model.vocab, device=device)
+    sizes = acts.rank_sizes(
+        model,
+        plan,
+        last=last,
+        layout="torch",
+        attention=attention,
+        autocast=False,
+        act=c,
+        res=c,
+        vocab=model.vocab,
+        device=device,
+    )
     piped, alone = [], []
     for i, f in enumerate(_flights(plan, last)):
         activations, buffers = _split(acts.priced(sizes, f))
-        persistent = {"params.sharded": 0 if offload else sb.param * z["s"],
-                      "optimizer.states": 0 if cpu_step else z["states"], **OVERHEAD, **buffers}
+        persistent = {
+            "params.sharded": 0 if offload else sb.param * z["s"],
+            "optimizer.states": 0 if cpu_step else z["states"],
+            **OVERHEAD,
+            **buffers,
+        }
         a = {**persistent, **activations}
         if vec or pipelined:
             piped += _fsdp_pipelined(model, plan, a, f, sizes, z, pb, rb, accumulated)
@@ -594,11 +690,15 @@ def _torch_fsdp(model, plan, last: bool, attention: str, device: str = "cuda") -
     # copied into the reduce-scatter input, the block's input before it freed); with a pipeline
     # each group's in turn
     z2_accumulated = accumulated if plan.zero == 2 else 0  # the root's gradients are the accumulated ones
-    b = {**persistent, "grads.sharded": sharded_grads,
-         "grads.unsharded_accumulated": pipelined * rb * z["u_all"] + (1 - pipelined) * z2_accumulated * rb * z["u_root"],
-         "grads.root_unsharded": (1 - pipelined) * (1 - z2_accumulated) * pb * z["u_root"],
-         "buffers.root_reduce_scatter": (1 - pipelined) * rb * z["u_root"],
-         "buffers.reduce_scatter": pipelined * rb * maximum(z["u_root"], z["u_block"])}
+    b = {
+        **persistent,
+        "grads.sharded": sharded_grads,
+        "grads.unsharded_accumulated": pipelined * rb * z["u_all"]
+        + (1 - pipelined) * z2_accumulated * rb * z["u_root"],
+        "grads.root_unsharded": (1 - pipelined) * (1 - z2_accumulated) * pb * z["u_root"],
+        "buffers.root_reduce_scatter": (1 - pipelined) * rb * z["u_root"],
+        "buffers.reduce_scatter": pipelined * rb * maximum(z["u_root"], z["u_block"]),
+    }
 
     # C. The optimizer step on the shards
     cc = {**persistent, "grads.sharded": sharded_grads, "buffers.optimizer_step": 0 if cpu_step else z["temp"]}
@@ -615,8 +715,9 @@ def _fsdp_pipelined(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated
     a = dict(a)
     a["params.unsharded"] = pb * z["u_all"]
     head = z["u_root"] - z["u_embed"]  # the final norm and output (the last rank's root)
-    a["grads.unsharded_accumulated"] = accumulated * rb * _grads_present(f, v, model.layers // (plan.pp * v),
-                                                                         z["u_block"], z["u_embed"], head)
+    a["grads.unsharded_accumulated"] = (
+        accumulated * rb * _grads_present(f, v, model.layers // (plan.pp * v), z["u_block"], z["u_embed"], head)
+    )
     a["grads.head_unsharded"] = pb * z["u_head"]
     a["buffers.reduce_scatter"] = pb * z["u_block"]  # one block's gradients, cast into the fp32 accumulator
     a_loss, a_block = _loss_and_block(a, f, sizes)
@@ -674,40 +775,79 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
 
     def grads(k):
         """Gradients once k groups are reduce-scattered in this micro-batch."""
-        sharded = sharded_rb * (z["s"] * accumulated + k * z["s_block"] * (1 - accumulated) if z3
-                                else k * z["s_block"])
-        return {"grads.sharded": sharded,
-                "grads.unsharded_accumulated": 0 if z3 else accumulated * rb * (z["u_all"] - k * z["u_block"])}
+        sharded = sharded_rb * (z["s"] * accumulated + k * z["s_block"] * (1 - accumulated) if z3 else k * z["s_block"])
+        return {
+            "grads.sharded": sharded,
+            "grads.unsharded_accumulated": 0 if z3 else accumulated * rb * (z["u_all"] - k * z["u_block"]),
+        }
 
-    base = {**{k: v for k, v in a.items() if not k.startswith("act.")},
-            **dict.fromkeys((k for k in a if k.startswith("act.")), 0)}
+    base = {
+        **{k: v for k, v in a.items() if not k.startswith("act.")},
+        **dict.fromkeys((k for k in a if k.startswith("act.")), 0),
+    }
     logits = a["act.logits"]
     fwd = {**base, **grads(0), "act.embedding": a["act.embedding"]}
     blocks_kept = 0 if z3 else layers * P  # ZeRO-2 keeps every block gathered until its backward
     out = [
         {**fwd, "params.unsharded": Pr + P, "buffers.all_gather": Pr + P},  # block 0's copy-out
-        {**fwd, "act.layers": (layers - 1) * X, "params.unsharded": Pr + (P if z3 else blocks_kept),
-         "buffers.all_gather": (2 if layers > 1 else 1) * P + (0 if layers > 1 else Pr)},  # block L-1's
-        {**fwd, **{k: a[k] for k in ("act.layers", "act.final_norm", "act.head_input", "act.logits")},
-         "params.unsharded": Pr + blocks_kept, "buffers.all_gather": P},  # the forward's end
+        {
+            **fwd,
+            "act.layers": (layers - 1) * X,
+            "params.unsharded": Pr + (P if z3 else blocks_kept),
+            "buffers.all_gather": (2 if layers > 1 else 1) * P + (0 if layers > 1 else Pr),
+        },  # block L-1's
+        {
+            **fwd,
+            **{k: a[k] for k in ("act.layers", "act.final_norm", "act.head_input", "act.logits")},
+            "params.unsharded": Pr + blocks_kept,
+            "buffers.all_gather": P,
+        },  # the forward's end
         {**a, **grads(0), "act.block_backward": 0, "params.unsharded": 0 if z3 else Pr + blocks_kept},  # the loss's
     ]
     if z3:  # the root gathered again: the logits' gradient (compute dtype) made, the loss's freed
-        out.append({**a, **grads(0), "act.loss_fp32": 0, "act.targets": 0, "act.loss_backward": 0,
-                    "act.block_backward": 0, "act.logits_grad": f.loss * logits, "params.unsharded": Pr,
-                    "buffers.all_gather": Pr})
+        out.append(
+            {
+                **a,
+                **grads(0),
+                "act.loss_fp32": 0,
+                "act.targets": 0,
+                "act.loss_backward": 0,
+                "act.block_backward": 0,
+                "act.logits_grad": f.loss * logits,
+                "params.unsharded": Pr,
+                "buffers.all_gather": Pr,
+            }
+        )
     head_grads = pb * (fresh * z["u_head"] + inplace * z["u_tied"])  # a tied one waits in AccumulateGrad
     for k in range(min(layers, 2)):  # the first and second block of the backward
-        start = {**_loss_and_block(a, f, sizes)[1], **grads(k), "act.block_backward": transient,
-                 "act.layers": a["act.layers"] - k * X, "grads.head_unsharded": head_grads,
-                 "params.unsharded": Pr + (P if z3 else (layers - k) * P),
-                 "buffers.all_gather": P if z3 and layers - 1 - k >= 1 else 0,  # the block below, prefetched
-                 "buffers.reduce_scatter": R if k else 0}  # the block above's
-        end = {**start, "act.layers": start["act.layers"] - X, "act.block_backward": 0, "act.recompute": 0,
-               "grads.block_unsharded": fresh * P}
+        start = {
+            **_loss_and_block(a, f, sizes)[1],
+            **grads(k),
+            "act.block_backward": transient,
+            "act.layers": a["act.layers"] - k * X,
+            "grads.head_unsharded": head_grads,
+            "params.unsharded": Pr + (P if z3 else (layers - k) * P),
+            "buffers.all_gather": P if z3 and layers - 1 - k >= 1 else 0,  # the block below, prefetched
+            "buffers.reduce_scatter": R if k else 0,
+        }  # the block above's
+        end = {
+            **start,
+            "act.layers": start["act.layers"] - X,
+            "act.block_backward": 0,
+            "act.recompute": 0,
+            "grads.block_unsharded": fresh * P,
+        }
         out += [start, end]
-    out.append({**base, **grads(layers), "act.logits": logits, "params.unsharded": Pr, "buffers.reduce_scatter": R,
-                "grads.root_unsharded": fresh * Pr})  # the root's gradients made
+    out.append(
+        {
+            **base,
+            **grads(layers),
+            "act.logits": logits,
+            "params.unsharded": Pr,
+            "buffers.reduce_scatter": R,
+            "grads.root_unsharded": fresh * Pr,
+        }
+    )  # the root's gradients made
     return out
 
 
@@ -753,9 +893,13 @@ def _zero1_items(model, tp: int, pp: int, last: bool, optimizer: str, sb) -> tup
     """(numel, optimizer bytes) of the rank's parameters, per ZeroRedundancyOptimizer group
     (matrices, then vectors), each sorted by numel, largest first (a stable sort)."""
     shapes = stage_param_shapes(model, tp, pp, last)
-    return tuple(tuple((_numel(s), optimizer_bytes(optimizer, s, sb))
-                       for s in sorted((s for s in shapes if (len(s) >= 2) == matrices), key=_numel, reverse=True))
-                 for matrices in (True, False))
+    return tuple(
+        tuple(
+            (_numel(s), optimizer_bytes(optimizer, s, sb))
+            for s in sorted((s for s in shapes if (len(s) >= 2) == matrices), key=_numel, reverse=True)
+        )
+        for matrices in (True, False)
+    )
 
 
 @lru_cache(maxsize=4096)
@@ -807,11 +951,13 @@ def _paper_sizes(model, profile, optimizer, precision, tp, pp, last):
     g, sb = _groups(model), state_bytes(profile, precision)
     st = _stage_of(model, pp, last)
     mult = MEGATRON_VOCAB_MULTIPLE if profile == "megatron" else 1
-    numel = lambda p: _numel(_local(p, tp, mult))  # noqa: E731
-    return {"n": st.sum(g, numel),
-            "opt": st.sum(g, lambda p: optimizer_bytes(optimizer, _local(p, tp, mult), sb)),
-            "small": st.sum(g, lambda p: where(numel(p) <= DS_PERSISTENCE_THRESHOLD, numel(p), 0)),
-            "block": _block_sum(g, numel)}
+    numel = lambda p: _numel(_local(p, tp, mult))
+    return {
+        "n": st.sum(g, numel),
+        "opt": st.sum(g, lambda p: optimizer_bytes(optimizer, _local(p, tp, mult), sb)),
+        "small": st.sum(g, lambda p: where(numel(p) <= DS_PERSISTENCE_THRESHOLD, numel(p), 0)),
+        "block": _block_sum(g, numel),
+    }
 
 
 def _paper(model, plan, last: bool, profile: str, attention: str) -> dict:
@@ -837,12 +983,24 @@ def _paper(model, plan, last: bool, profile: str, attention: str) -> dict:
         if zero in (1, 2):
             out["buffers.ds_allgather_bucket"] = sb.param * minimum(DS_ALLGATHER_BUCKET, n)
         if zero == 3:  # the block in use and what is prefetched, capped by max_live_parameters
-            out["buffers.ds_live_params"] = sb.param * minimum(DS_MAX_LIVE_PARAMETERS,
-                                                               minimum(n, z["block"] + DS_PREFETCH_BUCKET))
+            out["buffers.ds_live_params"] = sb.param * minimum(
+                DS_MAX_LIVE_PARAMETERS, minimum(n, z["block"] + DS_PREFETCH_BUCKET)
+            )
     c = compute_bytes(plan.precision)
     mult = MEGATRON_VOCAB_MULTIPLE if profile == "megatron" else 1
-    out.update(acts.rank_activations(model, plan, last=last, layout="megatron", attention=attention,
-                                     autocast=False, act=c, res=c, vocab=ceil_div(model.vocab, mult * tp) * mult))
+    out.update(
+        acts.rank_activations(
+            model,
+            plan,
+            last=last,
+            layout="megatron",
+            attention=attention,
+            autocast=False,
+            act=c,
+            res=c,
+            vocab=ceil_div(model.vocab, mult * tp) * mult,
+        )
+    )
     return out
 
 
@@ -855,8 +1013,11 @@ def saved_activations(model, plan, profile: str = "torch", *, attention: str = "
     acts._check("torch", attention)
     worst = 0
     for last in (False, True):
-        ms = _torch(model, plan, last, attention) if profile == "torch" else [_paper(model, plan, last, profile,
-                                                                                     attention)]
+        ms = (
+            _torch(model, plan, last, attention)
+            if profile == "torch"
+            else [_paper(model, plan, last, profile, attention)]
+        )
         for a in ms:
             worst = max(worst, sum(v for k, v in a.items() if k.startswith("act.")))
     return int(worst)

@@ -17,6 +17,7 @@ takes no time here (time.py adds it).
 Numeric arguments (pp, m, vpp) may be numpy arrays in bubble_fraction and inflight_microbatches;
 the schedule is a scalar string. timeline() is for one scalar plan (it draws a chart).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -123,8 +124,11 @@ def backwards(pp, m, vpp=1, schedule: str = "1f1b", last=False) -> tuple[Backwar
 
 @memo
 def _table(pp, m, vpp, schedule, last):
-    return {f"{i}.{f}": int(getattr(b, f)) for i, b in enumerate(_cached(pp, m, vpp, schedule, bool(last)))
-            for f in Backward._fields}
+    return {
+        f"{i}.{f}": int(getattr(b, f))
+        for i, b in enumerate(_cached(pp, m, vpp, schedule, bool(last)))
+        for f in Backward._fields
+    }
 
 
 def _backwards(pp, m, vpp, schedule, last):
@@ -143,8 +147,12 @@ def _backwards(pp, m, vpp, schedule, last):
         c = minimum((v - 1) * p + 2 * (p - 1 - r) + 1, total)
     big_k = total - c
     nxt = ceil_div(big_k, p)  # the first point j*p + 1 after K
-    ks = (big_k, where(nxt <= v - 1, nxt * p + 1, big_k), maximum((v - 2) * p + 1, big_k),
-          maximum((v - 1) * p + 1, big_k))
+    ks = (
+        big_k,
+        where(nxt <= v - 1, nxt * p + 1, big_k),
+        maximum((v - 2) * p + 1, big_k),
+        maximum((v - 1) * p + 1, big_k),
+    )
     piped = p > 1
     out = []
     for k in ks:
@@ -167,8 +175,14 @@ def _backwards(pp, m, vpp, schedule, last):
         grad_chunks = minimum(v, ceil_div(k, p))
         loss = holds_last * where((k // p) % v == 0, 1, 0)
         one = (m - 1, 1, holds_first, holds_last, 0, 0, where(m > 1, 1, 0), holds_last)
-        out.append(Backward(*(where(piped, a, b) for a, b in
-                              zip((k, chunks, first, head, outputs, grads_sent, grad_chunks, loss), one))))
+        out.append(
+            Backward(
+                *(
+                    where(piped, a, b)
+                    for a, b in zip((k, chunks, first, head, outputs, grads_sent, grad_chunks, loss), one)
+                )
+            )
+        )
     return tuple(out)
 
 
@@ -202,8 +216,8 @@ def rank_order(pp: int, m: int, vpp: int = 1, schedule: str = "1f1b", rank: int 
     per_round = m // max(1, m // pp)
     total = v * m
     warm = min((v - 1) * per_round + 2 * (pp - 1 - rank), total)
-    fwd_chunk = lambda step: (step // per_round) % v  # noqa: E731
-    bwd_chunk = lambda step: v - 1 - ((step - warm) // per_round) % v  # noqa: E731
+    fwd_chunk = lambda step: (step // per_round) % v
+    bwd_chunk = lambda step: v - 1 - ((step - warm) // per_round) % v
     nf, nb = [0] * v, [0] * v
     ops: list[tuple[str, int, int]] = []
 

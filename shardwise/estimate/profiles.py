@@ -21,17 +21,15 @@ profile; no engine's paper defines it, this is what PyTorch does with a bf16 mod
 
 Numeric arguments may be numpy arrays (the search); `shape` entries likewise.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shardwise.errors import ShardwiseError
+from shardwise.errors import ShardwiseError, closest
 from shardwise.estimate._num import ceil_div, where
-from shardwise.errors import closest
 
 PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
-GB = 10**9  # the ZeRO paper's GB (its 120 GB for 16 x 7.5e9 bytes is decimal; GiB would give 111.8)
-GIB = 1024**3
 
 # Overhead outside the caching allocator: the CUDA context of one process with lazy module
 # loading (CUDA_MODULE_LOADING=LAZY, PyTorch's default since 1.13): 287,047,680 bytes measured
@@ -76,21 +74,33 @@ class StateBytes:
 
 _MIXED = ("bf16-mixed", "fp16-mixed")
 _TABLES = {
-    "torch": {"fp32": StateBytes(4, 4, 0, 4), "bf16-mixed": StateBytes(4, 4, 0, 4),
-              "fp16-mixed": StateBytes(4, 4, 0, 4), "bf16": StateBytes(2, 2, 0, 2)},
-    "zero-paper": {"fp32": StateBytes(4, 4, 0, 4), "bf16-mixed": StateBytes(2, 2, 4, 4),
-                   "fp16-mixed": StateBytes(2, 2, 4, 4), "bf16": StateBytes(2, 2, 0, 2)},
-    "megatron": {"fp32": StateBytes(4, 4, 0, 4), "bf16-mixed": StateBytes(2, 4, 4, 4),
-                 "fp16-mixed": StateBytes(2, 2, 4, 4, grad_copy=4), "bf16": StateBytes(2, 2, 0, 2)},
+    "torch": {
+        "fp32": StateBytes(4, 4, 0, 4),
+        "bf16-mixed": StateBytes(4, 4, 0, 4),
+        "fp16-mixed": StateBytes(4, 4, 0, 4),
+        "bf16": StateBytes(2, 2, 0, 2),
+    },
+    "zero-paper": {
+        "fp32": StateBytes(4, 4, 0, 4),
+        "bf16-mixed": StateBytes(2, 2, 4, 4),
+        "fp16-mixed": StateBytes(2, 2, 4, 4),
+        "bf16": StateBytes(2, 2, 0, 2),
+    },
+    "megatron": {
+        "fp32": StateBytes(4, 4, 0, 4),
+        "bf16-mixed": StateBytes(2, 4, 4, 4),
+        "fp16-mixed": StateBytes(2, 2, 4, 4, grad_copy=4),
+        "bf16": StateBytes(2, 2, 0, 2),
+    },
 }
 _TABLES["deepspeed"] = _TABLES["zero-paper"]
 
 
 def check_profile(profile: str) -> None:
     if profile not in PROFILES:
-
-        raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)} "
-                             f"(one of {', '.join(PROFILES)})")
+        raise ShardwiseError(
+            f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)} (one of {', '.join(PROFILES)})"
+        )
 
 
 def state_bytes(profile: str, precision: str) -> StateBytes:

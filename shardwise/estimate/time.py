@@ -40,14 +40,15 @@ and per step (GPU.host_us, measured by `shardwise calibrate`, combined in host.p
 the dispatcher and DTensor dominate tiny models; 0 for catalog GPUs).
 step = compute (forward + backward + recompute + overhead + optimizer) + exposed communication + bubble.
 """
+
 from __future__ import annotations
 
-from shardwise.spec.breakdown import Time
 from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import maximum, minimum, where
 from shardwise.estimate.comm import dtypes, rank0_param_numel
 from shardwise.estimate.host import host_seconds
 from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal
+from shardwise.spec.breakdown import Time
 
 DEFAULT_EFFICIENCY = 0.5
 PEAK_DTYPE = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16", "fp16-mixed": "fp16"}
@@ -64,8 +65,11 @@ def matmul_weights(model) -> dict:
     attn = h * model.q_dim + 2 * h * model.kv_dim + model.q_dim * h
     mats = 3 if model.ffn_kind == "swiglu" else 2
     if model.is_moe:
-        mlp = (model.top_k * mats * h * model.expert_ffn_hidden + model.shared_experts * mats * h * model.ffn_hidden
-               + h * model.experts)
+        mlp = (
+            model.top_k * mats * h * model.expert_ffn_hidden
+            + model.shared_experts * mats * h * model.ffn_hidden
+            + h * model.experts
+        )
     else:
         mlp = mats * h * model.ffn_hidden
     return {"attention": attn, "mlp": mlp, "layer": attn + mlp, "head": model.vocab * h}
@@ -162,7 +166,9 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"] + t["dp_reduce"], forward_s + backward_s + recompute_s, f)
     else:
         gathers_behind = where(plan.pp > 1, t_f, forward_s)  # ZeRO-2 under a pipeline gathers once
-        dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"], gathers_behind, f) + _excess(t["dp_reduce"], t_b + t_r, f)
+        dp_exposed = (
+            t["dp_exposed"] + _excess(t["dp_gather"], gathers_behind, f) + _excess(t["dp_reduce"], t_b + t_r, f)
+        )
 
     compute_s = forward_s + backward_s + recompute_s + overhead_s + host_step_s + optimizer_s
     pipelined = forward_s + backward_s + recompute_s + overhead_s + tp_s + pp_s
@@ -173,14 +179,32 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     tokens_step = plan.gbs * seq
     flops = model_flops_per_token(model, seq) * tokens_step
     hw_flops = flops + model.layers * layer_recompute_flops_per_token(model, seq, plan.recompute) * tokens_step
-    out = Time(compute_s=compute_s, comm_exposed_s=comm_exposed_s, bubble_s=bubble_s, step_s=step_s,
-               tokens_per_s=tokens_step / step_s, mfu=flops / (step_s * plan.world * peak), flops_per_step=flops,
-               detail={"forward_s": forward_s, "backward_s": backward_s, "recompute_s": recompute_s,
-                       "overhead_s": overhead_s + host_step_s, "optimizer_s": optimizer_s, "offload_s": offload_s,
-                       "tp_comm_s": tp_s, "pp_comm_s": pp_s,
-                       "dp_comm_s": dp_s, "dp_exposed_s": dp_exposed, "other_comm_s": other_s,
-                       "bubble_fraction": bubble_fraction(plan.pp, m, plan.vpp, plan.schedule),
-                       "efficiency": eff, "peak_tflops": peak / 1e12, "hardware_flops_per_step": hw_flops})
+    out = Time(
+        compute_s=compute_s,
+        comm_exposed_s=comm_exposed_s,
+        bubble_s=bubble_s,
+        step_s=step_s,
+        tokens_per_s=tokens_step / step_s,
+        mfu=flops / (step_s * plan.world * peak),
+        flops_per_step=flops,
+        detail={
+            "forward_s": forward_s,
+            "backward_s": backward_s,
+            "recompute_s": recompute_s,
+            "overhead_s": overhead_s + host_step_s,
+            "optimizer_s": optimizer_s,
+            "offload_s": offload_s,
+            "tp_comm_s": tp_s,
+            "pp_comm_s": pp_s,
+            "dp_comm_s": dp_s,
+            "dp_exposed_s": dp_exposed,
+            "other_comm_s": other_s,
+            "bubble_fraction": bubble_fraction(plan.pp, m, plan.vpp, plan.schedule),
+            "efficiency": eff,
+            "peak_tflops": peak / 1e12,
+            "hardware_flops_per_step": hw_flops,
+        },
+    )
     if tokens > 0:
         train_s = tokens / tokens_step * step_s
         out.train_tokens = tokens

@@ -4,6 +4,7 @@ Every function takes numbers already computed by the library and returns a matpl
 nothing here computes a memory, a volume or a time. matplotlib is imported lazily, so the rest
 of shardwise runs where it is not installed (`pip install shardwise[plot]`).
 """
+
 from __future__ import annotations
 
 import io
@@ -14,25 +15,53 @@ from shardwise.errors import ShardwiseError
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies, and in grayscale print.
 BLUE, ORANGE, GREEN, PINK, SKY, VERMILION, YELLOW, GRAY = (
-    "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#8C8C8C")
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#CC79A7",
+    "#56B4E9",
+    "#D55E00",
+    "#F0E442",
+    "#8C8C8C",
+)
 INK, MUTED, LIGHT = "#222222", "#666666", "#D9D9D9"
 LAYER = "#5A6B8C"  # a transformer layer (all of its states) in the diagrams
 
 # one colour per meaning, everywhere
 MEMORY_COLORS = {"params": BLUE, "grads": GREEN, "optimizer": ORANGE, "activations": PINK, "other": GRAY}
-MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer states",
-                 "activations": "activations", "other": "buffers + overhead"}
+MEMORY_LABELS = {
+    "params": "parameters",
+    "grads": "gradients",
+    "optimizer": "optimizer states",
+    "activations": "activations",
+    "other": "buffers + overhead",
+}
 STRATEGY_COLORS = {"DDP": BLUE, "ZeRO-1": SKY, "ZeRO-2": GREEN, "ZeRO-3": ORANGE, "TP": PINK, "PP": VERMILION}
 LECTURE = dict(facecolor="#C8C8C8", hatch="///", edgecolor="#7A7A7A", linewidth=0.6)  # the lecture's numbers
 CAPACITY_COLORS = (GREEN, ORANGE, VERMILION, PINK, BLUE)
 
 FORMATS = ("png", "svg")
 _STYLE = {
-    "font.family": "DejaVu Sans", "font.size": 9.5, "axes.titlesize": 11, "axes.titleweight": "bold",
-    "axes.labelsize": 9.5, "axes.spines.top": False, "axes.spines.right": False, "axes.edgecolor": MUTED,
-    "axes.labelcolor": INK, "xtick.color": INK, "ytick.color": INK, "axes.grid": True, "axes.grid.axis": "y",
-    "grid.alpha": 0.3, "grid.linewidth": 0.6, "legend.frameon": False, "legend.fontsize": 8.5,
-    "figure.facecolor": "white", "savefig.facecolor": "white", "svg.hashsalt": "shardwise",
+    "font.family": "DejaVu Sans",
+    "font.size": 9.5,
+    "axes.titlesize": 11,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 9.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.edgecolor": MUTED,
+    "axes.labelcolor": INK,
+    "xtick.color": INK,
+    "ytick.color": INK,
+    "axes.grid": True,
+    "axes.grid.axis": "y",
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "legend.frameon": False,
+    "legend.fontsize": 8.5,
+    "figure.facecolor": "white",
+    "savefig.facecolor": "white",
+    "svg.hashsalt": "shardwise",
     "svg.fonttype": "none",  # text stays text: small files, selectable in the HTML page
 }
 
@@ -41,8 +70,7 @@ def _plt():
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise ShardwiseError("figures need matplotlib: pip install 'shardwise[plot]' (or use --no-figures)") \
-            from None
+        raise ShardwiseError("figures need matplotlib: pip install 'shardwise[plot]' (or use --no-figures)") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -53,8 +81,9 @@ _LINE_IN, _LEGEND_IN = 0.15, 0.34  # inches per caption line; kept free for the 
 _CHARS_PER_IN = 15.5  # caption characters per inch of width at 8 pt
 
 
-def new_figure(width: float, height: float, title: str, caption: str, nrows: int = 1, ncols: int = 1,
-               legend: bool = False, **kw):
+def new_figure(
+    width: float, height: float, title: str, caption: str, nrows: int = 1, ncols: int = 1, legend: bool = False, **kw
+):
     """A figure with a title, a caption (wrapped to the width) at the bottom and, with legend=True,
     a legend row above the caption (see bottom_legend). Call inside a @styled function."""
     import textwrap
@@ -66,8 +95,17 @@ def new_figure(width: float, height: float, title: str, caption: str, nrows: int
     bottom = (caption_in + (_LEGEND_IN if legend else 0)) / height
     fig.set_layout_engine("constrained", rect=(0, bottom, 1, 1 - bottom), h_pad=0.06, w_pad=0.06)
     fig.suptitle(title, fontsize=12.5, fontweight="bold", color=INK)
-    fig.text(0.01, 0.06 / height, "\n".join(lines), fontsize=8, color=MUTED, ha="left", va="bottom",
-             style="italic", linespacing=1.3)
+    fig.text(
+        0.01,
+        0.06 / height,
+        "\n".join(lines),
+        fontsize=8,
+        color=MUTED,
+        ha="left",
+        va="bottom",
+        style="italic",
+        linespacing=1.3,
+    )
     fig._caption_in = caption_in  # for bottom_legend
     return fig, axes
 
@@ -75,16 +113,23 @@ def new_figure(width: float, height: float, title: str, caption: str, nrows: int
 def bottom_legend(fig, handles, ncols: int) -> None:
     """The legend row between the axes and the caption (space kept by new_figure(legend=True))."""
     h = fig.get_figheight()
-    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, (fig._caption_in + 0.02) / h),
-               ncols=ncols, borderaxespad=0)
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, (fig._caption_in + 0.02) / h),
+        ncols=ncols,
+        borderaxespad=0,
+    )
 
 
 def styled(fn):
     """Run a drawing function under the house style (tick labels, grids, fonts)."""
+
     def wrapper(*a, **kw):
         plt = _plt()
         with plt.rc_context(_STYLE):
             return fn(*a, **kw)
+
     wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
     return wrapper
 
@@ -122,10 +167,10 @@ def svg_text(fig, prefix: str) -> str:
 
 
 def inline_svg(svg: str, prefix: str) -> str:
-    svg = svg[svg.index("<svg"):]  # drop the XML declaration and DOCTYPE
+    svg = svg[svg.index("<svg") :]  # drop the XML declaration and DOCTYPE
     svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
     svg = re.sub(r'\bid="([^"]+)"', rf'id="{prefix}-\1"', svg)
-    svg = re.sub(r'url\(#([^)]+)\)', rf'url(#{prefix}-\1)', svg)
+    svg = re.sub(r"url\(#([^)]+)\)", rf"url(#{prefix}-\1)", svg)
     svg = re.sub(r'(xlink:href|href)="#([^"]+)"', rf'\1="#{prefix}-\2"', svg)
     # scale with the page: keep the viewBox, drop the fixed size
     svg = re.sub(r'(<svg[^>]*?)\swidth="[^"]+"\sheight="[^"]+"', r'\1 width="100%"', svg, count=1)
@@ -149,13 +194,15 @@ _GPU_W, _GPU_STEP, _GPU_X0 = 2.1, 2.45, 0.35
 def _box(ax, x, y, w, h, fc, ec=INK, lw=0.8, alpha=1.0, **kw):
     from matplotlib.patches import FancyBboxPatch
 
-    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0,rounding_size=0.12", fc=fc, ec=ec, lw=lw,
-                                alpha=alpha, **kw))
+    ax.add_patch(
+        FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0,rounding_size=0.12", fc=fc, ec=ec, lw=lw, alpha=alpha, **kw)
+    )
 
 
 def _arrow(ax, xy_from, xy_to, color=MUTED, style="-|>", lw=1.3, **kw):
-    ax.annotate("", xy=xy_to, xytext=xy_from, arrowprops=dict(arrowstyle=style, color=color, lw=lw,
-                                                              shrinkA=1, shrinkB=1, **kw))
+    ax.annotate(
+        "", xy=xy_to, xytext=xy_from, arrowprops=dict(arrowstyle=style, color=color, lw=lw, shrinkA=1, shrinkB=1, **kw)
+    )
 
 
 def _gpu_states(ax, x, y, slices, n):
@@ -213,8 +260,11 @@ def parallelism_diagrams(n: int, layers: int, model_name: str, caption: str):
 
     # fully sharded: each GPU keeps 1/N of every state, gathers weights just in time
     ax = axes[0][1]
-    _panel(ax, "Fully sharded data parallel (ZeRO-3 / FSDP)",
-           "each GPU keeps 1/N of parameters, gradients and optimizer states")
+    _panel(
+        ax,
+        "Fully sharded data parallel (ZeRO-3 / FSDP)",
+        "each GPU keeps 1/N of parameters, gradients and optimizer states",
+    )
     for i, x in enumerate(xs):
         ax.add_patch(_rect(x + 0.25, 6.35, _GPU_W - 0.5, 0.45, fc=SKY, ec=INK, lw=0.6))
         ax.text(x + _GPU_W / 2, 6.575, f"batch {i + 1}/{n}", ha="center", va="center", fontsize=8.5)
@@ -228,8 +278,11 @@ def parallelism_diagrams(n: int, layers: int, model_name: str, caption: str):
 
     # pipeline: consecutive layers per GPU, activations forward, their gradients backward
     ax = axes[1][0]
-    _panel(ax, "Pipeline (model) parallel", f"{model_name}'s {layers} layers cut into {n} stages, "
-                                            "micro-batches flow through")
+    _panel(
+        ax,
+        "Pipeline (model) parallel",
+        f"{model_name}'s {layers} layers cut into {n} stages, micro-batches flow through",
+    )
     for i, x in enumerate(xs):
         _box(ax, x, 3.1, _GPU_W, 2.6, fc="#FBF3EE")
         ax.text(x + _GPU_W / 2, 5.35, f"GPU {i}", ha="center", fontsize=9, fontweight="bold")
@@ -244,8 +297,14 @@ def parallelism_diagrams(n: int, layers: int, model_name: str, caption: str):
     ax.add_patch(_rect(xs[0] + 0.25, 6.35, _GPU_W - 0.5, 0.45, fc=SKY, ec=INK, lw=0.6))
     ax.text(xs[0] + _GPU_W / 2, 6.575, "micro-batches", ha="center", va="center", fontsize=8)
     _arrow(ax, (xs[0] + _GPU_W / 2, 6.33), (xs[0] + _GPU_W / 2, 5.75))
-    ax.text(5.1, 2.45, "send activations forward, their gradients back: point-to-point, one boundary each",
-            ha="center", fontsize=8.5, color=INK)
+    ax.text(
+        5.1,
+        2.45,
+        "send activations forward, their gradients back: point-to-point, one boundary each",
+        ha="center",
+        fontsize=8.5,
+        color=INK,
+    )
     for j, (c, t) in enumerate(((BLUE, "activations (forward)"), (VERMILION, "activation gradients (backward)"))):
         _arrow(ax, (0.4 + j * 4.6, 1.11), (1.1 + j * 4.6, 1.11), color=c, lw=1.6)
         ax.text(1.25 + j * 4.6, 1.11, t, va="center", fontsize=8, color=INK)
@@ -282,16 +341,25 @@ def _ring(ax, xs, y, label):
 
 def _bar_labels(ax, bars, texts, log=False, fontsize=8, color=INK, pad=3):
     for b, t in zip(bars, texts):
-        ax.annotate(t, (b.get_x() + b.get_width() / 2, b.get_y() + b.get_height()), xytext=(0, pad),
-                    textcoords="offset points", ha="center", va="bottom", fontsize=fontsize, color=color)
+        ax.annotate(
+            t,
+            (b.get_x() + b.get_width() / 2, b.get_y() + b.get_height()),
+            xytext=(0, pad),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=fontsize,
+            color=color,
+        )
 
 
 def _capacity_lines(ax, capacities, x_right):
     """Dashed horizontal lines, labelled at the right end (no legend to look up)."""
     for (label, v), c in zip(capacities, CAPACITY_COLORS):
         ax.axhline(v, color=c, ls="--", lw=1.3, zorder=1)
-        ax.text(x_right, v, f" {label}", color=c, va="center", ha="left", fontsize=8.5, fontweight="bold",
-                clip_on=False)
+        ax.text(
+            x_right, v, f" {label}", color=c, va="center", ha="left", fontsize=8.5, fontweight="bold", clip_on=False
+        )
 
 
 # ---- part 1 -----------------------------------------------------------------------------------
@@ -306,9 +374,11 @@ def memory_vs_capacity(names, rule_gib, states_gib, act_gib, other_gib, capaciti
     w = 0.36
     rb = ax.bar(x - w / 2, rule_gib, w, label="lecture: 18 bytes/param", **LECTURE, zorder=2)
     bottom = np.zeros(len(names))
-    for vals, key, label in ((states_gib, "params", "model states"),
-                             (act_gib, "activations", "activations at the peak"),
-                             (other_gib, "other", "buffers + overhead")):
+    for vals, key, label in (
+        (states_gib, "params", "model states"),
+        (act_gib, "activations", "activations at the peak"),
+        (other_gib, "other", "buffers + overhead"),
+    ):
         if any(vals):  # an item that is zero at every peak gets no legend entry
             ax.bar(x + w / 2, vals, w, bottom=bottom, color=MEMORY_COLORS[key], label=f"shardwise: {label}", zorder=2)
             bottom = bottom + np.asarray(vals)
@@ -320,8 +390,17 @@ def memory_vs_capacity(names, rule_gib, states_gib, act_gib, other_gib, capaciti
     ax.set_ylim(low, top * 6)
     _bar_labels(ax, rb, [gib_label(v) for v in rule_gib], color=MUTED)
     for xi, t in zip(x, bottom):
-        ax.annotate(gib_label(t), (xi + w / 2, t), xytext=(0, 3), textcoords="offset points", ha="center",
-                    va="bottom", fontsize=8, color=INK, fontweight="bold")
+        ax.annotate(
+            gib_label(t),
+            (xi + w / 2, t),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color=INK,
+            fontweight="bold",
+        )
     _capacity_lines(ax, capacities, len(names) - 0.5)
     ax.set_xlim(-0.6, len(names) - 0.5)
     ax.legend(loc="upper left", ncols=2)
@@ -354,12 +433,21 @@ def zero_breakdown(stages, paper, torch, capacity_gib, capacity_label, title, ca
         ax.axvline(2.5, color=LIGHT, lw=0.8, zorder=0)  # activations are not sharded by ZeRO
     axes[0].set_ylabel("per GPU (GiB)")
     axes[0].set_ylim(0, max(peak, capacity_gib) * 1.15)
-    axes[-1].text(3.6, capacity_gib, f" {capacity_label}", color=VERMILION, va="center", fontsize=8.5,
-                  fontweight="bold", clip_on=False)
+    axes[-1].text(
+        3.6,
+        capacity_gib,
+        f" {capacity_label}",
+        color=VERMILION,
+        va="center",
+        fontsize=8.5,
+        fontweight="bold",
+        clip_on=False,
+    )
     from matplotlib.patches import Patch
 
     handles = [Patch(**LECTURE, label="zero-paper (the lecture's 16 bytes/param)")] + [
-        Patch(color=MEMORY_COLORS[k], label=f"torch profile: {MEMORY_LABELS[k]}") for k in keys]
+        Patch(color=MEMORY_COLORS[k], label=f"torch profile: {MEMORY_LABELS[k]}") for k in keys
+    ]
     bottom_legend(fig, handles, ncols=5)
     return fig
 
@@ -369,8 +457,11 @@ def _short_gib(v: float) -> str:
 
 
 # ---- part 4 -----------------------------------------------------------------------------------
-SERIES = {"lecture": LECTURE, "paper": dict(facecolor=SKY, edgecolor="white", linewidth=0.6),
-          "torch": dict(facecolor=BLUE, edgecolor="white", linewidth=0.6)}
+SERIES = {
+    "lecture": LECTURE,
+    "paper": dict(facecolor=SKY, edgecolor="white", linewidth=0.6),
+    "torch": dict(facecolor=BLUE, edgecolor="white", linewidth=0.6),
+}
 
 
 @styled
@@ -383,16 +474,19 @@ def comm_bars(names, sublabels, bytes_series, time_series, title, caption):
 
     fig, (a1, a2) = new_figure(13, 5.6, title, caption, 1, 2, legend=True)
     x = np.arange(len(names))
-    for ax, series, unit, head in ((a1, bytes_series, "GB sent per GPU per step", "Bytes on the wire"),
-                                   (a2, time_series, "ms per step (before overlap)", "Time on the link")):
+    for ax, series, unit, head in (
+        (a1, bytes_series, "GB sent per GPU per step", "Bytes on the wire"),
+        (a2, time_series, "ms per step (before overlap)", "Time on the link"),
+    ):
         k = len(series)
         w = 0.8 / k
         top = 0.0
         for j, (_label, vals, style) in enumerate(series):
             idx = [i for i, v in enumerate(vals) if v is not None]
             bars = ax.bar(x[idx] + (j - (k - 1) / 2) * w, [vals[i] for i in idx], w, zorder=2, **SERIES[style])
-            _bar_labels(ax, bars, [_num_label(vals[i]) for i in idx], fontsize=7, color=MUTED if j < k - 1 else INK,
-                        pad=1)
+            _bar_labels(
+                ax, bars, [_num_label(vals[i]) for i in idx], fontsize=7, color=MUTED if j < k - 1 else INK, pad=1
+            )
             top = max([top] + [vals[i] for i in idx])
         ax.set_xticks(x, [f"{n}\n{s}" for n, s in zip(names, sublabels)], fontsize=8)
         ax.set_ylabel(unit)
@@ -431,12 +525,32 @@ def scenario_memory(scenarios, title, caption):
         for i, p in enumerate(plans):
             over = bottom[i] > top
             y = top * 0.93 if over else bottom[i] + top * 0.012
-            ax.text(i, y, ("\u2191 " if over else "") + p["note"], ha="center", va="bottom", fontsize=7.5,
-                    color=GREEN if p["fits"] else VERMILION, fontweight="bold" if p["pick"] else "normal", zorder=6,
-                    bbox=dict(fc="white", ec="none", pad=1.0, alpha=0.9) if over else None)
+            ax.text(
+                i,
+                y,
+                ("\u2191 " if over else "") + p["note"],
+                ha="center",
+                va="bottom",
+                fontsize=7.5,
+                color=GREEN if p["fits"] else VERMILION,
+                fontweight="bold" if p["pick"] else "normal",
+                zorder=6,
+                bbox=dict(fc="white", ec="none", pad=1.0, alpha=0.9) if over else None,
+            )
             if p["pick"]:  # one outline around the search's choice
-                ax.add_patch(_rect(i - 0.34, 0, 0.68, min(bottom[i], top) * 1.01, fill=False, ec=INK, lw=1.6,
-                                   zorder=4, clip_on=False))
+                ax.add_patch(
+                    _rect(
+                        i - 0.34,
+                        0,
+                        0.68,
+                        min(bottom[i], top) * 1.01,
+                        fill=False,
+                        ec=INK,
+                        lw=1.6,
+                        zorder=4,
+                        clip_on=False,
+                    )
+                )
         ax.axhline(cap, color=VERMILION, ls="--", lw=1.2, zorder=3)
         ax.set_ylim(0, top)
         ax.set_xticks(x, [p["label"] for p in plans], fontsize=8)
@@ -445,8 +559,12 @@ def scenario_memory(scenarios, title, caption):
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    bottom_legend(fig, [Patch(color=MEMORY_COLORS[k], label=MEMORY_LABELS[k]) for k in keys]
-                  + [Line2D([], [], color=VERMILION, ls="--", label="the GPU's memory")], ncols=6)
+    bottom_legend(
+        fig,
+        [Patch(color=MEMORY_COLORS[k], label=MEMORY_LABELS[k]) for k in keys]
+        + [Line2D([], [], color=VERMILION, ls="--", label="the GPU's memory")],
+        ncols=6,
+    )
     return fig
 
 
@@ -463,8 +581,16 @@ def pipeline_schedules(panels, title, caption):
     from matplotlib.patches import Patch
 
     span = max(p["span"] for p in panels)
-    fig, axes = new_figure(12.5, 1.25 + 1.45 * len(panels) + 0.15 * sum(p["pp"] for p in panels), title, caption,
-                           len(panels), 1, legend=True, sharex=True)
+    fig, axes = new_figure(
+        12.5,
+        1.25 + 1.45 * len(panels) + 0.15 * sum(p["pp"] for p in panels),
+        title,
+        caption,
+        len(panels),
+        1,
+        legend=True,
+        sharex=True,
+    )
     for ax, p in zip(axes, panels):
         pp, u = p["pp"], p["unit"]
         end = max(s[2] for s in p["slots"]) * u
@@ -473,8 +599,16 @@ def pipeline_schedules(panels, title, caption):
             c = (FWD if kind == "F" else BWD)[chunk % 2]
             ax.add_patch(_rect(start * u, rank - 0.42, (stop - start) * u, 0.84, fc=c, ec="white", lw=0.6, zorder=2))
             if (stop - start) * u >= 0.5:  # the micro-batch number, where it fits
-                ax.text((start + stop) / 2 * u, rank, str(mb + 1), ha="center", va="center", fontsize=6.5,
-                        color="white" if chunk % 2 == 0 else INK, zorder=3)
+                ax.text(
+                    (start + stop) / 2 * u,
+                    rank,
+                    str(mb + 1),
+                    ha="center",
+                    va="center",
+                    fontsize=6.5,
+                    color="white" if chunk % 2 == 0 else INK,
+                    zorder=3,
+                )
         ax.set_ylim(pp - 0.5, -0.5)
         ax.set_yticks(range(pp), [f"GPU {r}" for r in range(pp)], fontsize=8)
         ax.set_xlim(0, span)
@@ -484,8 +618,15 @@ def pipeline_schedules(panels, title, caption):
         ax.set_title(p["title"], loc="left", fontsize=9.5)
         ax.axvline(end, color=INK, lw=1, ls=":")
     axes[-1].set_xlabel("time (unit: the forward of one micro-batch through one GPU's layers; a backward takes 2)")
-    bottom_legend(fig, [Patch(color=FWD[0], label="forward"), Patch(color=BWD[0], label="backward"),
-                        Patch(color=FWD[1], label="forward, 2nd virtual stage"),
-                        Patch(color=BWD[1], label="backward, 2nd virtual stage"),
-                        Patch(**BUBBLE, label="idle (the bubble)")], ncols=5)
+    bottom_legend(
+        fig,
+        [
+            Patch(color=FWD[0], label="forward"),
+            Patch(color=BWD[0], label="backward"),
+            Patch(color=FWD[1], label="forward, 2nd virtual stage"),
+            Patch(color=BWD[1], label="backward, 2nd virtual stage"),
+            Patch(**BUBBLE, label="idle (the bubble)"),
+        ],
+        ncols=5,
+    )
     return fig

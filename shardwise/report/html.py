@@ -3,6 +3,7 @@
 No scripts, no fonts, no stylesheets or images from anywhere else: the file renders offline,
 can be mailed, and archived with the run it describes.
 """
+
 from __future__ import annotations
 
 from html import escape
@@ -41,15 +42,18 @@ _NOTE_LABEL = {"info": "Note", "correction": "Where the lecture differs", "takea
 
 
 def table_html(t: Table) -> str:
-    head = "".join(f'<th{_cls(i, t)}>{escape(c)}</th>' for i, c in enumerate(t.columns))
+    head = "".join(f"<th{_cls(i, t)}>{escape(c)}</th>" for i, c in enumerate(t.columns))
     body = []
     for r, row in enumerate(t.rows):
         mark = f' class="{t.marks[r]}"' if r in t.marks else ""
         cells = "".join(f"<td{_cls(i, t)}>{escape(v)}</td>" for i, v in enumerate(row))
         body.append(f"<tr{mark}>{cells}</tr>")
     cap = f'<p class="tcap">{escape(t.caption)}</p>' if t.caption else ""
-    return (f"<h3>{escape(t.title)}</h3>\n<table><thead><tr>{head}</tr></thead>\n<tbody>"
-            + "\n".join(body) + f"</tbody></table>{cap}")
+    return (
+        f"<h3>{escape(t.title)}</h3>\n<table><thead><tr>{head}</tr></thead>\n<tbody>"
+        + "\n".join(body)
+        + f"</tbody></table>{cap}"
+    )
 
 
 def _cls(i: int, t: Table) -> str:
@@ -57,16 +61,20 @@ def _cls(i: int, t: Table) -> str:
 
 
 def section_html(s: Section, svgs: dict[str, str]) -> str:
-    out = [f'<section id="{escape(s.key)}">', f"<h2>Part {s.number}: {escape(s.title)}</h2>",
-           f"<p>{escape(s.intro)}</p>"]
+    out = [
+        f'<section id="{escape(s.key)}">',
+        f"<h2>Part {s.number}: {escape(s.title)}</h2>",
+        f"<p>{escape(s.intro)}</p>",
+    ]
     out += [table_html(t) for t in s.tables]
     for n in s.notes:
         src = f'<span class="src">Source: {escape(n.source)}</span>' if n.source else ""
         out.append(f'<div class="note {n.kind}"><strong>{_NOTE_LABEL[n.kind]}:</strong> {escape(n.text)}{src}</div>')
     for f in s.figures:
         if f.stem in svgs:
-            out.append(f'<figure id="fig-{escape(f.stem)}">{svgs[f.stem]}'
-                       f"<figcaption>{escape(f.caption)}</figcaption></figure>")
+            out.append(
+                f'<figure id="fig-{escape(f.stem)}">{svgs[f.stem]}<figcaption>{escape(f.caption)}</figcaption></figure>'
+            )
     out.append("</section>")
     return "\n".join(out)
 
@@ -75,8 +83,10 @@ def page(sections: list[Section], svgs: dict[str, str], title: str, subtitle: st
     """The whole report. `svgs` maps a figure's stem to its inline <svg> (figures.svg_text)."""
     toc = "".join(f'<li><a href="#{escape(s.key)}">{escape(s.title)}</a></li>' for s in sections)
     body = "\n".join(section_html(s, svgs) for s in sections)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-            f'<h1>{escape(title)}</h1><p class="sub">{escape(subtitle)}</p>\n'
-            f"<nav><ol>{toc}</ol></nav>\n{body}\n<footer>{escape(footer)}</footer>\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+        f'<h1>{escape(title)}</h1><p class="sub">{escape(subtitle)}</p>\n'
+        f"<nav><ol>{toc}</ol></nav>\n{body}\n<footer>{escape(footer)}</footer>\n</body></html>\n"
+    )

@@ -13,6 +13,7 @@ value came from (file, table and field, or the command-line flag) and what to do
 in the file are relative to the file; on the command line, to the working directory.
 This module imports no torch: a config is checked before anything heavy starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError, closest
-from shardwise.spec.model import ModelSpec, spec_from_dict
-from shardwise.spec.presets import load_model
-from shardwise.spec.plan import Plan
 from shardwise.run.data import open_source
+from shardwise.spec.model import ModelSpec, spec_from_dict
+from shardwise.spec.plan import Plan
+from shardwise.spec.presets import load_model
 
 SOURCES = ("synthetic", "tokens", "text")
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,22 +85,34 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """Plain JSON-able form, handed to the worker processes; `from_dict` inverts it."""
-        return {"model": dataclasses.asdict(self.model), "plan": dataclasses.asdict(self.plan),
-                "data": dataclasses.asdict(self.data), "optim": dataclasses.asdict(self.optim),
-                "train": dataclasses.asdict(self.train), "path": self.path}
+        return {
+            "model": dataclasses.asdict(self.model),
+            "plan": dataclasses.asdict(self.plan),
+            "data": dataclasses.asdict(self.data),
+            "optim": dataclasses.asdict(self.optim),
+            "train": dataclasses.asdict(self.train),
+            "path": self.path,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         optim = dict(d["optim"], betas=tuple(d["optim"]["betas"]))
-        return cls(ModelSpec(**d["model"]), Plan(**d["plan"]), DataConfig(**d["data"]), OptimConfig(**optim),
-                   TrainConfig(**d["train"]), d.get("path", ""))
+        return cls(
+            ModelSpec(**d["model"]),
+            Plan(**d["plan"]),
+            DataConfig(**d["data"]),
+            OptimConfig(**optim),
+            TrainConfig(**d["train"]),
+            d.get("path", ""),
+        )
 
 
 TABLES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
 MODEL_SOURCE_KEYS = ("preset", "path")
 # ModelSpec fields a user may set; the rest are bookkeeping of the catalog
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelSpec)
-                     if f.name not in ("estimated", "published_params", "source"))
+MODEL_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ModelSpec) if f.name not in ("estimated", "published_params", "source")
+)
 PLAN_FIELDS = tuple(f.name for f in dataclasses.fields(Plan))
 ALL_TABLES = ("model", "plan", *TABLES)
 
@@ -146,8 +159,9 @@ def parse_set(item: str) -> tuple[tuple[str, str], object]:
 def read_toml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ShardwiseError(f"config file {path!r} does not exist; give the path of a run TOML "
-                             "(see examples/tiny-llama.toml)")
+        raise ShardwiseError(
+            f"config file {path!r} does not exist; give the path of a run TOML (see examples/tiny-llama.toml)"
+        )
     try:
         with open(p, "rb") as f:
             return tomllib.load(f)
@@ -195,10 +209,11 @@ def load(path: str, overrides: Overrides | None = None, world: int | None = None
     model = _model(values["model"], path, where)
     plan, nproc = _plan(values["plan"], model, train.nproc, world, path, where)
     if data.source == "synthetic" and data.branch > model.vocab:
-        raise ShardwiseError(f"{where('data', 'branch')}: {data.branch} successors per token but the vocab is "
-                             f"{model.vocab}; use a branch below the vocab")
+        raise ShardwiseError(
+            f"{where('data', 'branch')}: {data.branch} successors per token but the vocab is "
+            f"{model.vocab}; use a branch below the vocab"
+        )
     if data.source != "synthetic":  # the file exists, is long enough, holds tokens below the vocab
-
         open_source(data, model, plan)
     return RunConfig(model, plan, data, optim, dataclasses.replace(train, nproc=nproc), str(path))
 
@@ -231,34 +246,48 @@ def _coerce(v, typ, where: str):
 def _section(cls, vals: dict, where):
     c = cls(**vals)
     if cls is DataConfig:
-        _need(c.source in SOURCES, where("data", "source"),
-              f"unknown source {c.source!r}; {closest(c.source, SOURCES)} (one of {', '.join(SOURCES)})")
+        _need(
+            c.source in SOURCES,
+            where("data", "source"),
+            f"unknown source {c.source!r}; {closest(c.source, SOURCES)} (one of {', '.join(SOURCES)})",
+        )
         if c.source == "synthetic":
-            _need(not c.path, where("data", "path"), "the synthetic source reads no file; drop path, or set "
-                                                      "source = \"tokens\" (uint16 .bin) or \"text\"")
+            _need(
+                not c.path,
+                where("data", "path"),
+                'the synthetic source reads no file; drop path, or set source = "tokens" (uint16 .bin) or "text"',
+            )
         else:
-            _need(bool(c.path), where("data", "path"),
-                  f"source {c.source!r} needs a file: set path (relative to the config file)")
+            _need(
+                bool(c.path),
+                where("data", "path"),
+                f"source {c.source!r} needs a file: set path (relative to the config file)",
+            )
         _need(c.branch >= 2, where("data", "branch"), f"must be at least 2, got {c.branch}")
         _need(c.seed >= 0, where("data", "seed"), f"must be a non-negative integer, got {c.seed}")
     elif cls is OptimConfig:
         _need(c.lr > 0 and math.isfinite(c.lr), where("optim", "lr"), f"must be a positive number, got {c.lr}")
         if c.min_lr is None:
             c = dataclasses.replace(c, min_lr=c.lr / 10)
-        _need(0 <= c.min_lr <= c.lr, where("optim", "min_lr"),
-              f"must be between 0 and lr = {c.lr}, got {c.min_lr}")
+        _need(0 <= c.min_lr <= c.lr, where("optim", "min_lr"), f"must be between 0 and lr = {c.lr}, got {c.min_lr}")
         _need(c.warmup_steps >= 0, where("optim", "warmup_steps"), f"must not be negative, got {c.warmup_steps}")
         _need(c.weight_decay >= 0, where("optim", "weight_decay"), f"must not be negative, got {c.weight_decay}")
         _need(all(0 <= b < 1 for b in c.betas), where("optim", "betas"), f"each must be in [0, 1), got {c.betas}")
-        _need(c.grad_clip >= 0 and not math.isnan(c.grad_clip), where("optim", "grad_clip"),
-              f"must be >= 0 (0 turns clipping off), got {c.grad_clip}")
+        _need(
+            c.grad_clip >= 0 and not math.isnan(c.grad_clip),
+            where("optim", "grad_clip"),
+            f"must be >= 0 (0 turns clipping off), got {c.grad_clip}",
+        )
     elif cls is TrainConfig:
         for f in ("steps", "log_every"):
             _need(getattr(c, f) >= 1, where("train", f), f"must be a positive integer, got {getattr(c, f)}")
         _need(c.seed >= 0, where("train", "seed"), f"must be a non-negative integer, got {c.seed}")
         _need(c.nproc >= 0, where("train", "nproc"), f"must be a positive integer (0: from the plan), got {c.nproc}")
-        _need(c.device in DEVICES, where("train", "device"),
-              f"unknown device {c.device!r}; {closest(c.device, DEVICES)} (one of {', '.join(DEVICES)})")
+        _need(
+            c.device in DEVICES,
+            where("train", "device"),
+            f"unknown device {c.device!r}; {closest(c.device, DEVICES)} (one of {', '.join(DEVICES)})",
+        )
         _need(c.timeout_s > 0, where("train", "timeout_s"), f"must be a positive number of seconds, got {c.timeout_s}")
     return c
 
@@ -283,8 +312,10 @@ def _model(vals: dict, path: str, where) -> ModelSpec:
             return base.scaled(**vals, source=f"{base.name} with {changed}")
         missing = [f for f in ("layers", "hidden", "heads", "vocab") if f not in vals]
         if missing:
-            raise ShardwiseError(f"{path} [model]: give preset = \"NAME\" (see `shardwise models`), path = "
-                                 f"\"config.json\", or every dimension (missing {', '.join(missing)})")
+            raise ShardwiseError(
+                f'{path} [model]: give preset = "NAME" (see `shardwise models`), path = '
+                f'"config.json", or every dimension (missing {", ".join(missing)})'
+            )
         return spec_from_dict({"name": "custom", **vals}, f"{path} [model]")
     except ShardwiseError as e:
         msg = str(e)
@@ -294,8 +325,10 @@ def _model(vals: dict, path: str, where) -> ModelSpec:
 def _plan(vals: dict, model: ModelSpec, nproc: int, world: int | None, path: str, where) -> tuple[Plan, int]:
     if world is not None:
         if nproc and nproc != world:
-            raise ShardwiseError(f"{where('train', 'nproc')}: asks for {nproc} processes but torchrun started "
-                                 f"{world}; drop --nproc under torchrun (the world size comes from torchrun)")
+            raise ShardwiseError(
+                f"{where('train', 'nproc')}: asks for {nproc} processes but torchrun started "
+                f"{world}; drop --nproc under torchrun (the world size comes from torchrun)"
+            )
         nproc = world
     p = Plan(**vals)
     for f in ("dp", "tp", "pp"):
@@ -306,11 +339,15 @@ def _plan(vals: dict, model: ModelSpec, nproc: int, world: int | None, path: str
         nproc = (p.dp or 1) * p.tp * p.pp
     if p.dp and p.dp * p.tp * p.pp != nproc:
         src = "torchrun's world size" if world is not None else "--nproc / [train] nproc"
-        raise ShardwiseError(f"{path} [plan]: dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {p.dp * p.tp * p.pp} but there "
-                             f"are {nproc} processes ({src}); leave dp out to derive it, or make the product {nproc}")
+        raise ShardwiseError(
+            f"{path} [plan]: dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {p.dp * p.tp * p.pp} but there "
+            f"are {nproc} processes ({src}); leave dp out to derive it, or make the product {nproc}"
+        )
     if p.tp * p.pp > nproc or nproc % (p.tp * p.pp):
-        raise ShardwiseError(f"{path} [plan]: tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp} does not divide the "
-                             f"{nproc} processes; make nproc a multiple of tp*pp")
+        raise ShardwiseError(
+            f"{path} [plan]: tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp} does not divide the "
+            f"{nproc} processes; make nproc a multiple of tp*pp"
+        )
     try:
         return p.resolve(model, nproc), nproc
     except ShardwiseError as e:

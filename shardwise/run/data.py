@@ -8,6 +8,7 @@ rows it does not use.
 
 Batches are int64 numpy arrays [rows, seq + 1]: inputs are [:, :-1], targets [:, 1:].
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,7 @@ class MarkovChain:
         return len(self.successors)
 
     @classmethod
-    def random(cls, vocab: int, branch: int, seed: int) -> "MarkovChain":
+    def random(cls, vocab: int, branch: int, seed: int) -> MarkovChain:
         """branch random permutations of the vocabulary, mixed with one Dirichlet(1) weight vector:
         token v goes to perm_j[v] with probability w_j. Each row sums to 1 and so does each column
         (a mixture of permutation matrices is doubly stochastic), so the uniform distribution is
@@ -117,9 +118,11 @@ class SyntheticSource:
         return self.chain.sample(u, self.pi)
 
     def describe(self) -> str:
-        return (f"synthetic Markov chain: vocab {self.chain.vocab}, {self.chain.successors.shape[1]} successors "
-                f"per token; entropy rate {self.floor:.4f} nats/token (the lowest loss reachable), "
-                f"uniform guess ln(vocab) = {math.log(self.chain.vocab):.4f}")
+        return (
+            f"synthetic Markov chain: vocab {self.chain.vocab}, {self.chain.successors.shape[1]} successors "
+            f"per token; entropy rate {self.floor:.4f} nats/token (the lowest loss reachable), "
+            f"uniform guess ln(vocab) = {math.log(self.chain.vocab):.4f}"
+        )
 
 
 # ---- file sources -----------------------------------------------------------------------------
@@ -131,16 +134,19 @@ class FileSource:
         dtype = np.uint16 if kind == "tokens" else np.uint8
         p = Path(path)
         if not p.is_file():
-            raise ShardwiseError(f"data file {path!r} does not exist; check [data] path "
-                                 "(relative to the config file)")
+            raise ShardwiseError(f"data file {path!r} does not exist; check [data] path (relative to the config file)")
         size = p.stat().st_size
         if kind == "tokens" and size % 2:
-            raise ShardwiseError(f"{path}: {size} bytes is not a whole number of uint16 tokens; give a "
-                                 "nanoGPT-style .bin (np.uint16 array written with tofile)")
+            raise ShardwiseError(
+                f"{path}: {size} bytes is not a whole number of uint16 tokens; give a "
+                "nanoGPT-style .bin (np.uint16 array written with tofile)"
+            )
         n = size // np.dtype(dtype).itemsize
         if n < seq + 1:
-            raise ShardwiseError(f"{path}: {n} tokens, shorter than one window of seq + 1 = {seq + 1}; "
-                                 "use a longer file or a smaller seq")
+            raise ShardwiseError(
+                f"{path}: {n} tokens, shorter than one window of seq + 1 = {seq + 1}; "
+                "use a longer file or a smaller seq"
+            )
         self.tokens = np.memmap(p, dtype=dtype, mode="r")
         self.path, self.kind, self.vocab = path, kind, vocab
         self.gbs, self.seq, self.seed = gbs, seq, seed
@@ -153,14 +159,16 @@ class FileSource:
 
     def _too_big(self, token: int, at: int):
         unit = "byte" if self.kind == "text" else "token"
-        raise ShardwiseError(f"{self.path}: {unit} {token} at position {at} is not below the model's vocab "
-                             f"{self.vocab}; raise [model] vocab to at least {token + 1} or use a matching file")
+        raise ShardwiseError(
+            f"{self.path}: {unit} {token} at position {at} is not below the model's vocab "
+            f"{self.vocab}; raise [model] vocab to at least {token + 1} or use a matching file"
+        )
 
     def batch(self, step: int, rank: int = 0, ranks: int = 1) -> np.ndarray:
         rows = _rows(self.gbs, rank, ranks)
         last_start = len(self.tokens) - self.seq - 1  # inclusive
         starts = [int(_row_rng(self.seed, step, i).integers(0, last_start + 1)) for i in rows]
-        out = np.stack([np.asarray(self.tokens[s:s + self.seq + 1], dtype=np.int64) for s in starts])
+        out = np.stack([np.asarray(self.tokens[s : s + self.seq + 1], dtype=np.int64) for s in starts])
         if not self.checked and out.max() >= self.vocab:
             r, c = np.argwhere(out >= self.vocab)[0]
             self._too_big(int(out[r, c]), starts[r] + int(c))

@@ -5,6 +5,7 @@ talk the most, so they share a node), data-parallel ranks are tp apart, pipeline
 apart. The estimate tier's "does this group fit in a node" rule (size * stride <= GPUs per
 node) is exactly this layout.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,16 +55,19 @@ def init_distributed(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # device_id binds NCCL to this GPU at once (eager init), so a wrong device fails here
-    dist.init_process_group(backend_for(device), timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend_for(device), timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None
+    )
 
 
 def check_world(plan: Plan) -> None:
     """A plan with dp given must fit the job exactly (dp = 0 is derived from the job instead)."""
     world = world_size()
     if plan.dp and plan.world != world:
-        raise ShardwiseError(f"plan needs dp*tp*pp = {plan.dp}*{plan.tp}*{plan.pp} = {plan.world} processes "
-                             f"but this job has {world}; launch with --nproc {plan.world} (or change the plan)")
+        raise ShardwiseError(
+            f"plan needs dp*tp*pp = {plan.dp}*{plan.tp}*{plan.pp} = {plan.world} processes "
+            f"but this job has {world}; launch with --nproc {plan.world} (or change the plan)"
+        )
 
 
 def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh | None:

@@ -6,6 +6,7 @@ micro-batches (or hands it to the pipeline schedule), accumulates gradients, cli
 norm, steps the optimizer. The loss it returns is the mean token cross-entropy over the whole
 global batch, the same number on every rank, and the same number single-process training gets.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,10 +46,21 @@ class _Param:
 class Engine:
     """Builds the mesh, the model, parallelizes it and makes the optimizer; then trains."""
 
-    def __init__(self, spec: ModelSpec, plan: Plan, *, device: torch.device | str, seed: int,
-                 optimizer: str | None = None, lr: float = 3e-4, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, grad_clip: float = 1.0,
-                 mesh=None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        plan: Plan,
+        *,
+        device: torch.device | str,
+        seed: int,
+        optimizer: str | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        grad_clip: float = 1.0,
+        mesh=None,
+    ):
         check_runnable(spec)
         self.device = torch.device(device)
         if optimizer is not None:  # one source of truth: the plan's field
@@ -124,8 +136,11 @@ class Engine:
         # weight decay on matrices only (nanoGPT): not on norm scales and biases
         decay = [r.param for r in self.params if r.param.ndim >= 2]
         no_decay = [r.param for r in self.params if r.param.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        groups = [
+            g
+            for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]
+        ]
         name = self.plan.optimizer
         if name == "adamw":
             cls, kw = torch.optim.AdamW, dict(lr=lr, betas=betas, eps=eps)
@@ -143,17 +158,23 @@ class Engine:
 
             # parameters_as_bucket_view: each owner broadcasts its parameters as one flat bucket after
             # the step, not one call per parameter (52 calls of ~0.4 ms each on gloo for tiny GPT-2)
-            return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=self.mesh.get_group("dp"),
-                                           parameters_as_bucket_view=True, **kw)
+            return ZeroRedundancyOptimizer(
+                groups,
+                optimizer_class=cls,
+                process_group=self.mesh.get_group("dp"),
+                parameters_as_bucket_view=True,
+                **kw,
+            )
         return cls(groups, **kw)
 
     def _pipeline_schedule(self):
-        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                                  ScheduleInterleaved1F1B)
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
         group = self.mesh.get_group("pp")
-        stages = [PipelineStage(wrapped, idx, self.n_stages, self.device, *self._stage_io(idx), group=group)
-                  for idx, _, wrapped in self.stages]
+        stages = [
+            PipelineStage(wrapped, idx, self.n_stages, self.device, *self._stage_io(idx), group=group)
+            for idx, _, wrapped in self.stages
+        ]
         n = self.plan.grad_accum
         # scale_grads=False: the loss is divided by the micro-batch count instead (as without PP).
         # The schedule's own scaling walks submod.parameters(), which DDP + TP has emptied.
@@ -179,8 +200,11 @@ class Engine:
             return torch.empty(plan.mbs, seq, spec.hidden, dtype=stream, device="meta", requires_grad=True)
 
         inp = torch.empty(plan.mbs, plan.seq, dtype=torch.long, device="meta") if idx == 0 else act()
-        out = (torch.empty(plan.mbs, plan.seq, spec.vocab, dtype=logits, device="meta", requires_grad=True)
-               if idx == self.n_stages - 1 else act())
+        out = (
+            torch.empty(plan.mbs, plan.seq, spec.vocab, dtype=logits, device="meta", requires_grad=True)
+            if idx == self.n_stages - 1
+            else act()
+        )
         return inp, out
 
     # ---- training ---------------------------------------------------------------------------
@@ -201,8 +225,9 @@ class Engine:
         plan = self.plan
         want = (plan.gbs // plan.dp, plan.seq + 1)
         if tuple(tokens.shape) != want:
-            raise ShardwiseError(f"train_step wants this dp rank's tokens as {list(want)} "
-                                 f"(gbs/dp, seq+1), got {list(tokens.shape)}")
+            raise ShardwiseError(
+                f"train_step wants this dp rank's tokens as {list(want)} (gbs/dp, seq+1), got {list(tokens.shape)}"
+            )
         tokens = tokens.to(self.device, non_blocking=True)
         x, y = tokens[:, :-1], tokens[:, 1:]
         self._loss_scale = self.scaler.get_scale() if self.scaler is not None else 1.0
@@ -220,7 +245,7 @@ class Engine:
 
         # one all-reduce for both numbers: the loss (from the ranks that have it, already a
         # mean over their micro-batches, /dp) and the squared gradient norm (each shard once)
-        reports = (self.pp_rank == self.plan.pp - 1 and self.tp_rank == 0)
+        reports = self.pp_rank == self.plan.pp - 1 and self.tp_rank == 0
         sq = _weighted_sq_norm(self.params, self.device)
         packed = torch.stack([(local_loss.float() / plan.dp) if reports else torch.zeros((), device=self.device), sq])
         if self.mesh is not None:
@@ -252,14 +277,14 @@ class Engine:
         """Gradient accumulation over grad_accum micro-batches; each micro-batch loss is scaled by
         1/grad_accum and DDP/FSDP average over dp, so the gradient is the global-batch mean."""
         plan = self.plan
-        (_, module, model), = self.stages
+        ((_, module, model),) = self.stages
         ga, mbs = plan.grad_accum, plan.mbs
         total = torch.zeros((), device=self.device)
         for i in range(ga):
             last = i == ga - 1
             with self._sync(module, model, last):
-                logits = model(x[i * mbs:(i + 1) * mbs])
-                loss = self._loss(logits, y[i * mbs:(i + 1) * mbs]) / ga
+                logits = model(x[i * mbs : (i + 1) * mbs])
+                loss = self._loss(logits, y[i * mbs : (i + 1) * mbs]) / ga
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
             # let this micro-batch's logits go now, not when the next forward returns and rebinds
@@ -284,12 +309,11 @@ class Engine:
         last = self.pp_rank == self.plan.pp - 1
         losses: list[torch.Tensor] = []
         args = (x,) if first else ()
-        self.schedule.step(*args, target=y if last else None, losses=losses if last else None,
-                           return_outputs=False)
+        self.schedule.step(*args, target=y if last else None, losses=losses if last else None, return_outputs=False)
         if not last:
             return torch.zeros((), device=self.device)
         # each is a micro-batch mean / grad_accum (equal token counts): their sum is the mean
-        return torch.stack([l.detach().float() for l in losses]).sum() / self._loss_scale
+        return torch.stack([x.detach().float() for x in losses]).sum() / self._loss_scale
 
     # ---- export -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -10,6 +10,7 @@ NCCL on CUDA. A failure never hangs: the agent watches its workers every 0.1 s a
 others when one exits non-zero; every collective times out after [train] timeout_s; Ctrl-C on
 the launcher reaches every worker.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,11 +48,15 @@ def resolve_device(cfg: RunConfig) -> str:
     if dev == "auto":
         dev = "cuda" if has_cuda else "cpu"
     if dev == "cuda" and not has_cuda:
-        raise ShardwiseError(f"{cfg.path} [train] device: cuda was asked for but this PyTorch sees no CUDA "
-                             "device; use device = \"cpu\" (or \"auto\")")
+        raise ShardwiseError(
+            f"{cfg.path} [train] device: cuda was asked for but this PyTorch sees no CUDA "
+            'device; use device = "cpu" (or "auto")'
+        )
     if dev == "cuda" and not in_torchrun() and cfg.train.nproc > torch.cuda.device_count():
-        raise ShardwiseError(f"{cfg.train.nproc} processes but {torch.cuda.device_count()} CUDA devices on this "
-                             "machine; one process per GPU: lower --nproc, or use torchrun across nodes")
+        raise ShardwiseError(
+            f"{cfg.train.nproc} processes but {torch.cuda.device_count()} CUDA devices on this "
+            "machine; one process per GPU: lower --nproc, or use torchrun across nodes"
+        )
     check_runnable(cfg.model)
     check_supported(cfg.model, cfg.plan, torch.device(dev))
     return dev
@@ -88,10 +93,18 @@ def _elastic(cfg: RunConfig, device: str) -> int:
 
     # the agent's own warnings (restarts, shutdown notices) repeat what we say in one line below
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
-    lc = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.train.nproc, run_id=str(uuid.uuid4()),
-                      rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # torchrun --standalone
-                      rdzv_configs={"timeout": max(1, int(cfg.train.timeout_s))}, max_restarts=0,
-                      monitor_interval=0.1, shutdown_timeout=SHUTDOWN_S)
+    lc = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.train.nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # torchrun --standalone
+        rdzv_configs={"timeout": max(1, int(cfg.train.timeout_s))},
+        max_restarts=0,
+        monitor_interval=0.1,
+        shutdown_timeout=SHUTDOWN_S,
+    )
     payload = json.dumps({"config": cfg.to_dict(), "device": device})
     try:
         elastic_launch(lc, entrypoint=sys.executable)("-m", "shardwise.run.launch", payload)
@@ -99,8 +112,7 @@ def _elastic(cfg: RunConfig, device: str) -> int:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        sys.stderr.write(f"shardwise: error: rank {rank} {how} (its error is above); the other ranks were "
-                         "stopped\n")
+        sys.stderr.write(f"shardwise: error: rank {rank} {how} (its error is above); the other ranks were stopped\n")
         return code if code > 0 else 1
     except SignalException as e:
         sys.stderr.write(f"shardwise: interrupted ({e.sigval.name}); every rank was stopped\n")

@@ -21,6 +21,7 @@
 `Meter` puts them together around Engine.train_step. Hooks and the clock are always on (a few
 perf_counter calls per step); the recorder and MemTracker run on `detail` steps only.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,29 +38,44 @@ from shardwise.spec.breakdown import Collective, Measurement, Memory, Time
 
 # op name (namespace::name, overload dropped) -> our kind
 KINDS = {
-    "c10d::allreduce_": "all-reduce", "c10d::allreduce_coalesced_": "all-reduce",
-    "_c10d_functional::all_reduce": "all-reduce", "_c10d_functional::all_reduce_": "all-reduce",
-    "_c10d_functional::all_reduce_coalesced": "all-reduce", "_c10d_functional::all_reduce_coalesced_": "all-reduce",
-    "c10d::_allgather_base_": "all-gather", "c10d::allgather_": "all-gather",
-    "c10d::allgather_coalesced_": "all-gather", "c10d::allgather_into_tensor_coalesced_": "all-gather",
+    "c10d::allreduce_": "all-reduce",
+    "c10d::allreduce_coalesced_": "all-reduce",
+    "_c10d_functional::all_reduce": "all-reduce",
+    "_c10d_functional::all_reduce_": "all-reduce",
+    "_c10d_functional::all_reduce_coalesced": "all-reduce",
+    "_c10d_functional::all_reduce_coalesced_": "all-reduce",
+    "c10d::_allgather_base_": "all-gather",
+    "c10d::allgather_": "all-gather",
+    "c10d::allgather_coalesced_": "all-gather",
+    "c10d::allgather_into_tensor_coalesced_": "all-gather",
     "_c10d_functional::all_gather_into_tensor": "all-gather",
     "_c10d_functional::all_gather_into_tensor_out": "all-gather",
     "_c10d_functional::all_gather_into_tensor_coalesced": "all-gather",
     "_c10d_functional_autograd::all_gather_into_tensor": "all-gather",
-    "c10d::_reduce_scatter_base_": "reduce-scatter", "c10d::reduce_scatter_": "reduce-scatter",
+    "c10d::_reduce_scatter_base_": "reduce-scatter",
+    "c10d::reduce_scatter_": "reduce-scatter",
     "c10d::reduce_scatter_tensor_coalesced_": "reduce-scatter",
     "_c10d_functional::reduce_scatter_tensor": "reduce-scatter",
     "_c10d_functional::reduce_scatter_tensor_out": "reduce-scatter",
     "_c10d_functional::reduce_scatter_tensor_coalesced": "reduce-scatter",
     "_c10d_functional_autograd::reduce_scatter_tensor": "reduce-scatter",
-    "c10d::broadcast_": "broadcast", "_c10d_functional::broadcast": "broadcast",
+    "c10d::broadcast_": "broadcast",
+    "_c10d_functional::broadcast": "broadcast",
     "_c10d_functional::broadcast_": "broadcast",
-    "c10d::alltoall_": "all-to-all", "c10d::alltoall_base_": "all-to-all",
-    "_c10d_functional::all_to_all_single": "all-to-all", "_c10d_functional_autograd::all_to_all_single": "all-to-all",
-    "c10d::send": "send", "_c10d_functional::isend": "send",
-    "c10d::recv_": "recv", "c10d::recv_any_source_": "recv", "_c10d_functional::irecv": "recv",
-    "c10d::reduce_": "reduce", "c10d::gather_": "gather", "c10d::scatter_": "scatter",
-    "c10d::barrier": "barrier", "c10d::monitored_barrier_": "barrier",
+    "c10d::alltoall_": "all-to-all",
+    "c10d::alltoall_base_": "all-to-all",
+    "_c10d_functional::all_to_all_single": "all-to-all",
+    "_c10d_functional_autograd::all_to_all_single": "all-to-all",
+    "c10d::send": "send",
+    "_c10d_functional::isend": "send",
+    "c10d::recv_": "recv",
+    "c10d::recv_any_source_": "recv",
+    "_c10d_functional::irecv": "recv",
+    "c10d::reduce_": "reduce",
+    "c10d::gather_": "gather",
+    "c10d::scatter_": "scatter",
+    "c10d::barrier": "barrier",
+    "c10d::monitored_barrier_": "barrier",
 }
 WAIT_OPS = ("_c10d_functional::wait_tensor",)
 
@@ -163,8 +179,11 @@ class CollectiveRecorder(TorchDispatchMode):
         name = op.name if op is not None else ""
         kind = KINDS.get(name)
         if kind is not None and kind != "barrier":
-            pg = args[[a.name for a in op.arguments].index("process_group")] if name.startswith("c10d::") else \
-                {a.name: v for a, v in zip(op.arguments, args)}.get("group_name", kwargs.get("group_name"))
+            pg = (
+                args[[a.name for a in op.arguments].index("process_group")]
+                if name.startswith("c10d::")
+                else {a.name: v for a, v in zip(op.arguments, args)}.get("group_name", kwargs.get("group_name"))
+            )
             group, size = self.names(pg)
             nbytes, dtype = _message(kind, name, args, kwargs, op)
             self.calls.append(Call(kind, group, size, nbytes, dtype))
@@ -184,8 +203,18 @@ def summarize(calls: list[Call]) -> list[Collective]:
     counts = Counter((c.kind, c.group, c.ranks, c.bytes, c.dtype) for c in calls)
     out = []
     for (kind, group, ranks, nbytes, dtype), n in counts.items():
-        out.append(Collective(kind=kind, group=group, ranks=ranks, bytes=nbytes, count=n,
-                              wire_bytes=n * ring_bytes(kind, nbytes, ranks), seconds=0.0, what=dtype))
+        out.append(
+            Collective(
+                kind=kind,
+                group=group,
+                ranks=ranks,
+                bytes=nbytes,
+                count=n,
+                wire_bytes=n * ring_bytes(kind, nbytes, ranks),
+                seconds=0.0,
+                what=dtype,
+            )
+        )
     return out
 
 
@@ -247,9 +276,11 @@ def model_state_bytes(optimizer, device_type: str) -> dict[str, int]:
     """Parameters, gradients and optimizer states this rank holds right now, in bytes."""
     params = optimizer_params(optimizer)
     states = [v for s in local_optimizer(optimizer).state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return {"params": _storage_bytes(params, device_type),
-            "grads": _storage_bytes([p.grad for p in params], device_type),
-            "optimizer": _storage_bytes(states, device_type)}
+    return {
+        "params": _storage_bytes(params, device_type),
+        "grads": _storage_bytes([p.grad for p in params], device_type),
+        "optimizer": _storage_bytes(states, device_type),
+    }
 
 
 # ---- peak memory -------------------------------------------------------------------------------
@@ -429,8 +460,11 @@ class Meter:
         # them when the synchronizing backward writes them: keep a view of each, taken at the
         # optimizer step, where the gradients are views of the buckets (gradient_as_bucket_view)
         self._buckets: list[torch.Tensor] = []
-        self._bucket_hook = e.optimizer.register_step_pre_hook(self._keep_buckets) \
-            if any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in self.modules) else None
+        self._bucket_hook = (
+            e.optimizer.register_step_pre_hook(self._keep_buckets)
+            if any(isinstance(m, torch.nn.parallel.DistributedDataParallel) for m in self.modules)
+            else None
+        )
         self.params = optimizer_params(e.optimizer)
 
     def _keep_buckets(self, *_):
@@ -450,8 +484,10 @@ class Meter:
         stack = contextlib.ExitStack()
         recorder = None
         if detail:
+
             def walk():
                 self.states = model_state_bytes(self.engine.optimizer, self.device.type)
+
             clock.on_optimizer_start = walk
             peak = PeakMemory(self.device, self.engine.optimizer, self._buckets)
             stack.enter_context(peak.track())
@@ -475,23 +511,45 @@ class Meter:
         """This rank's Measurement: the last detail step's memory and collectives; the time of the
         plain steps after the first `skip` (warm-up), or of every step if there are no others:
         each figure the median over those steps (a shared machine's spikes do not decide it)."""
-        timed = [r for r in self.records if not r.detail and r.step >= skip] or \
-                [r for r in self.records if r.step >= skip] or self.records
-        med = lambda f: statistics.median(getattr(r, f) for r in timed)  # noqa: E731
+        timed = (
+            [r for r in self.records if not r.detail and r.step >= skip]
+            or [r for r in self.records if r.step >= skip]
+            or self.records
+        )
+        med = lambda f: statistics.median(getattr(r, f) for r in timed)
         step_s, fwd, opt, wait = med("step_s"), med("forward_s"), med("optimizer_s"), med("comm_wait_s")
         q1, q3 = quartiles([r.step_s for r in timed])
         s = self.states
         states = s.get("params", 0) + s.get("grads", 0) + s.get("optimizer", 0)
-        mem = Memory(params=s.get("params", 0), grads=s.get("grads", 0), optimizer=s.get("optimizer", 0),
-                     activations=max(0, self.peak - states),
-                     detail={"peak": self.peak})
-        t = Time(compute_s=max(0.0, step_s - wait), comm_exposed_s=wait, step_s=step_s,
-                 tokens_per_s=tokens_per_step / step_s if step_s > 0 else 0.0,
-                 detail={"forward_s": fwd, "backward_s": max(0.0, step_s - fwd - opt - wait),
-                         "optimizer_s": opt, "comm_wait_s": wait, "steps_timed": len(timed),
-                         "step_s_q1": q1, "step_s_q3": q3})
-        return Measurement(memory=mem, comm=summarize(self.calls), time=t, source="run",
-                           rank=dist.get_rank() if dist.is_initialized() else 0)
+        mem = Memory(
+            params=s.get("params", 0),
+            grads=s.get("grads", 0),
+            optimizer=s.get("optimizer", 0),
+            activations=max(0, self.peak - states),
+            detail={"peak": self.peak},
+        )
+        t = Time(
+            compute_s=max(0.0, step_s - wait),
+            comm_exposed_s=wait,
+            step_s=step_s,
+            tokens_per_s=tokens_per_step / step_s if step_s > 0 else 0.0,
+            detail={
+                "forward_s": fwd,
+                "backward_s": max(0.0, step_s - fwd - opt - wait),
+                "optimizer_s": opt,
+                "comm_wait_s": wait,
+                "steps_timed": len(timed),
+                "step_s_q1": q1,
+                "step_s_q3": q3,
+            },
+        )
+        return Measurement(
+            memory=mem,
+            comm=summarize(self.calls),
+            time=t,
+            source="run",
+            rank=dist.get_rank() if dist.is_initialized() else 0,
+        )
 
     def close(self) -> None:
         self.clock.close()
@@ -504,8 +562,12 @@ class Meter:
         tp}, "peak_source", "measurement"}, ...] in rank order. Collective: every rank calls it."""
         e = self.engine
         m = self.measurement(tokens_per_step)
-        mine = {"rank": m.rank, "coords": {"pp": e.pp_rank, "dp": e.dp_rank, "tp": e.tp_rank},
-                "peak_source": self.peak_source, "measurement": measurement_to_dict(m)}
+        mine = {
+            "rank": m.rank,
+            "coords": {"pp": e.pp_rank, "dp": e.dp_rank, "tp": e.tp_rank},
+            "peak_source": self.peak_source,
+            "measurement": measurement_to_dict(m),
+        }
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return [mine]
         everyone = [None] * dist.get_world_size()
@@ -525,14 +587,21 @@ class Meter:
 
 
 def measurement_to_dict(m: Measurement) -> dict:
-    return {"source": m.source, "rank": m.rank, "memory": m.memory.to_dict(),
-            "comm": [c.to_dict() for c in m.comm], "time": m.time.to_dict()}
+    return {
+        "source": m.source,
+        "rank": m.rank,
+        "memory": m.memory.to_dict(),
+        "comm": [c.to_dict() for c in m.comm],
+        "time": m.time.to_dict(),
+    }
 
 
 def measurement_from_dict(d: dict) -> Measurement:
     mem = d["memory"]
-    memory = Memory(**{k: mem[k] for k in ("params", "grads", "optimizer", "activations", "buffers", "overhead",
-                                           "capacity")}, detail=dict(mem.get("detail", {})))
+    memory = Memory(
+        **{k: mem[k] for k in ("params", "grads", "optimizer", "activations", "buffers", "overhead", "capacity")},
+        detail=dict(mem.get("detail", {})),
+    )
     comm = [Collective(**c) for c in d["comm"]]
     t = dict(d["time"])
     time_ = Time(**{k: v for k, v in t.items() if k != "detail"}, detail=dict(t.get("detail", {})))

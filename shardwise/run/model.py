@@ -13,6 +13,7 @@ Initialization is per parameter from a generator seeded by (seed, parameter name
 initial weights do not depend on how the model is split: a shard takes its slice of the same
 full tensor (see `init_weights`).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,10 @@ INIT_STD = 0.02  # GPT-2 / nanoGPT
 def check_runnable(spec: ModelSpec) -> None:
     """The run tier builds dense models only; MoE routing/expert parallelism is estimate-only."""
     if spec.is_moe:
-        raise ShardwiseError(f"model {spec.name!r} is a mixture of experts; `shardwise run` trains dense "
-                             "models only (estimate and search handle MoE)")
+        raise ShardwiseError(
+            f"model {spec.name!r} is a mixture of experts; `shardwise run` trains dense "
+            "models only (estimate and search handle MoE)"
+        )
 
 
 def _norm(spec: ModelSpec) -> nn.Module:

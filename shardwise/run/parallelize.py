@@ -11,6 +11,7 @@ All but DDP run on the meta device, so a 70B model is split before a byte is all
 This file follows the engine contract that the estimate tier's `torch` profile models; the
 deviations PyTorch forces are written where they happen.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,8 +49,7 @@ def precision(plan: Plan) -> Precision:
         return Precision(torch.bfloat16, None, None, False)
     low = torch.bfloat16 if plan.precision == "bf16-mixed" else torch.float16
     # FSDP2: the fp32 shard is the master copy, all-gathered in low precision; others: autocast
-    return Precision(torch.float32, None if fsdp else low, low if fsdp else None,
-                     plan.precision == "fp16-mixed")
+    return Precision(torch.float32, None if fsdp else low, low if fsdp else None, plan.precision == "fp16-mixed")
 
 
 def check_supported(spec, plan: Plan, device: torch.device) -> None:
@@ -104,8 +104,13 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sp: bool) -> None:
     once, Megatron's g operator. Left to ColwiseParallel, each projection would wrap the plain
     input itself and all-reduce its own gradient: 3 + 2 reductions a SwiGLU block, not 2."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     seq = Shard(1)
     top: dict[str, object] = {}
@@ -113,13 +118,15 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sp: bool) -> None:
         top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq if sp else Replicate())
     if model.pos_embeddings is not None:
         # positions [s] -> [s, h]: sharded on its dim 0 (the sequence) to add to the sharded tokens
-        top["pos_embeddings"] = RowwiseParallel(input_layouts=Replicate(),
-                                                output_layouts=Shard(0) if sp else Replicate())
+        top["pos_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(0) if sp else Replicate()
+        )
     if model.norm is not None and sp:
         top["norm"] = SequenceParallel()
     if model.output is not None:
-        top["output"] = ColwiseParallel(input_layouts=seq if sp else Replicate(), output_layouts=Replicate(),
-                                        use_local_output=True)
+        top["output"] = ColwiseParallel(
+            input_layouts=seq if sp else Replicate(), output_layouts=Replicate(), use_local_output=True
+        )
     if top:
         parallelize_module(model, tp_mesh, top)
     model.tie_weights()  # output.weight = the (now vocab-sharded) embedding; both are Shard(0)
@@ -137,8 +144,9 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sp: bool) -> None:
             plan["feed_forward.w3"] = ColwiseParallel()
         # the sub-layer's input (the norm's output): sequence shards under sp, else the replicated
         # activation; gathered (sp) into one Replicate DTensor that every projection shares
-        inp = PrepareModuleInput(input_layouts=(seq if sp else Replicate(),), desired_input_layouts=(Replicate(),),
-                                 use_local_output=False)
+        inp = PrepareModuleInput(
+            input_layouts=(seq if sp else Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
+        )
         plan |= {"attention": inp, "feed_forward": inp}
         if sp:
             plan |= {"attention_norm": SequenceParallel(), "ffn_norm": SequenceParallel()}
@@ -160,10 +168,14 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan, prec: Precis
     the root (embeddings, final norm, output). Shards are dim-0, padded to a multiple of dp."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=prec.fsdp_param_dtype, reduce_dtype=torch.float32) \
-        if prec.fsdp_param_dtype is not None else MixedPrecisionPolicy()
-    kw = dict(mesh=dp_mesh, mp_policy=mp,
-              offload_policy=CPUOffloadPolicy() if plan.offload == "params" else OffloadPolicy())
+    mp = (
+        MixedPrecisionPolicy(param_dtype=prec.fsdp_param_dtype, reduce_dtype=torch.float32)
+        if prec.fsdp_param_dtype is not None
+        else MixedPrecisionPolicy()
+    )
+    kw = dict(
+        mesh=dp_mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if plan.offload == "params" else OffloadPolicy()
+    )
     reshard = plan.zero == 3
     for block in model.layers.values():
         fully_shard(block, reshard_after_forward=reshard, **kw)
@@ -189,8 +201,9 @@ def materialize(model: Transformer, device: torch.device, seed: int) -> None:
     model.init_weights(seed)
 
 
-def parallelize(model: Transformer, plan: Plan, mesh: DeviceMesh | None, *, device: torch.device,
-                seed: int) -> nn.Module:
+def parallelize(
+    model: Transformer, plan: Plan, mesh: DeviceMesh | None, *, device: torch.device, seed: int
+) -> nn.Module:
     """A meta-device model (or pipeline stage) in, the trainable module for this rank out:
     TP, recompute, FSDP on meta; then materialized and initialized; then DDP."""
     prec = precision(plan)

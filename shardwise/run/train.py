@@ -5,6 +5,7 @@ every plan and is kept thin on purpose (benchmarks/run_overhead.py holds it to <
 PyTorch loop). It runs on every rank of an initialized process group; the Engine's logging
 rank (the one that holds the loss) prints and writes the metrics file.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,9 +51,17 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
     spec, plan, o, t = cfg.model, cfg.plan, cfg.optim, cfg.train
     torch.manual_seed(t.seed)
     source = open_source(cfg.data, spec, plan)
-    engine = Engine(spec, plan, device=device, seed=t.seed, optimizer=plan.optimizer, lr=o.lr_at(0, t.steps),
-                    weight_decay=o.weight_decay, betas=o.betas,
-                    grad_clip=o.grad_clip if o.grad_clip > 0 else None)
+    engine = Engine(
+        spec,
+        plan,
+        device=device,
+        seed=t.seed,
+        optimizer=plan.optimizer,
+        lr=o.lr_at(0, t.steps),
+        weight_decay=o.weight_decay,
+        betas=o.betas,
+        grad_clip=o.grad_clip if o.grad_clip > 0 else None,
+    )
     log = engine.is_logging_rank
     tokens_per_step = plan.gbs * plan.seq
     out = _open_metrics(t.metrics) if log else None
@@ -63,7 +72,6 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
     # `shardwise check`: measure every step, in detail (collectives, memory) the last one
     meter = None
     if t.measure:
-
         meter = Meter(engine)
     fail_at = _fail_step()
     start = time.perf_counter()
@@ -87,9 +95,17 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
             if not log:
                 continue
             mem, mem_kind = peak_memory(device)
-            rec = {"step": step, "loss": float(stats.loss), "grad_norm": float(stats.grad_norm), "lr": lr,
-                   "tokens_per_s": tokens_per_step / dt, "step_s": dt, "elapsed_s": end - start,
-                   "peak_mem_bytes": mem, "peak_mem_kind": mem_kind}
+            rec = {
+                "step": step,
+                "loss": float(stats.loss),
+                "grad_norm": float(stats.grad_norm),
+                "lr": lr,
+                "tokens_per_s": tokens_per_step / dt,
+                "step_s": dt,
+                "elapsed_s": end - start,
+                "peak_mem_bytes": mem,
+                "peak_mem_kind": mem_kind,
+            }
             records.append(rec)
             if out:
                 out.write(json.dumps(rec) + "\n")
@@ -130,12 +146,18 @@ def _summary(records: list[dict], floor: float | None, peak_all: int, metrics: s
         return {"peak_mem_bytes_max_rank": peak_all}
     # the first step pays one-time costs (allocator warm-up, lazy init, compilation): left out
     timed = records[1:] or records
-    return {"steps": len(records), "first_loss": records[0]["loss"], "last_loss": records[-1]["loss"],
-            "min_loss": min(r["loss"] for r in records),
-            "mean_tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
-            "mean_step_s": sum(r["step_s"] for r in timed) / len(timed),
-            "peak_mem_bytes_max_rank": peak_all, "peak_mem_kind": records[-1]["peak_mem_kind"],
-            "loss_floor": floor, "metrics": metrics}
+    return {
+        "steps": len(records),
+        "first_loss": records[0]["loss"],
+        "last_loss": records[-1]["loss"],
+        "min_loss": min(r["loss"] for r in records),
+        "mean_tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
+        "mean_step_s": sum(r["step_s"] for r in timed) / len(timed),
+        "peak_mem_bytes_max_rank": peak_all,
+        "peak_mem_kind": records[-1]["peak_mem_kind"],
+        "loss_floor": floor,
+        "metrics": metrics,
+    }
 
 
 class _Progress:
@@ -150,18 +172,31 @@ class _Progress:
         self.every, self.steps = every, steps
         self.bar = None
         if self.console.is_terminal:
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                                TimeRemainingColumn(), console=self.console, transient=True)
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
             self.task = self.bar.add_task("train", total=steps, loss="-", tps="-")
             self.bar.start()
 
     def header(self, cfg: RunConfig, source, device: torch.device, world: int) -> None:
         m, p = cfg.model, cfg.plan
-        self.console.print(f"model  {m.name}: {m.params:,} parameters ({m.layers} layers, hidden {m.hidden}, "
-                           f"{m.heads} heads, vocab {m.vocab})", highlight=False)
-        self.console.print(f"plan   {p.short()}, seq {p.seq}, gbs {p.gbs}, {p.precision}, {p.optimizer}; "
-                           f"{world} process(es) on {device.type}", highlight=False)
+        self.console.print(
+            f"model  {m.name}: {m.params:,} parameters ({m.layers} layers, hidden {m.hidden}, "
+            f"{m.heads} heads, vocab {m.vocab})",
+            highlight=False,
+        )
+        self.console.print(
+            f"plan   {p.short()}, seq {p.seq}, gbs {p.gbs}, {p.precision}, {p.optimizer}; "
+            f"{world} process(es) on {device.type}",
+            highlight=False,
+        )
         self.console.print(f"data   {source.describe()}", highlight=False)
 
     def update(self, r: dict) -> None:
@@ -169,9 +204,12 @@ class _Progress:
             self.bar.update(self.task, advance=1, loss=f"{r['loss']:.4f}", tps=f"{r['tokens_per_s']:,.0f}")
         s = r["step"]
         if s % self.every == 0 or s == self.steps - 1:
-            self.console.print(f"step {s + 1:>{len(str(self.steps))}}/{self.steps}  loss {r['loss']:.4f}  "
-                               f"lr {r['lr']:.2e}  grad {r['grad_norm']:.3f}  {r['tokens_per_s']:,.0f} tok/s  "
-                               f"{r['step_s'] * 1e3:.1f} ms/step", highlight=False)
+            self.console.print(
+                f"step {s + 1:>{len(str(self.steps))}}/{self.steps}  loss {r['loss']:.4f}  "
+                f"lr {r['lr']:.2e}  grad {r['grad_norm']:.3f}  {r['tokens_per_s']:,.0f} tok/s  "
+                f"{r['step_s'] * 1e3:.1f} ms/step",
+                highlight=False,
+            )
 
     def close(self) -> None:
         if self.bar:
@@ -184,7 +222,9 @@ class _Progress:
         floor = f" (floor {s['loss_floor']:.4f})" if s["loss_floor"] is not None else ""
         mem = s["peak_mem_bytes_max_rank"] / 2**20
         kind = "CUDA allocated" if s["peak_mem_kind"] == "cuda_max_allocated" else "process RSS, approximate"
-        self.console.print(f"done   {s['steps']} steps: loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}{floor}, "
-                           f"{s['mean_tokens_per_s']:,.0f} tok/s mean after step 1, peak memory "
-                           f"{mem:,.1f} MiB on the worst rank ({kind})"
-                           + (f"; metrics in {s['metrics']}" if s["metrics"] else ""), highlight=False)
+        self.console.print(
+            f"done   {s['steps']} steps: loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}{floor}, "
+            f"{s['mean_tokens_per_s']:,.0f} tok/s mean after step 1, peak memory "
+            f"{mem:,.1f} MiB on the worst rank ({kind})" + (f"; metrics in {s['metrics']}" if s["metrics"] else ""),
+            highlight=False,
+        )

@@ -1,5 +1,6 @@
 """search(): every legal plan of a model on a cluster, those that fit, ranked; and the answers
 around it (the fewest GPUs, what a nothing-fits answer would take)."""
+
 from __future__ import annotations
 
 import time as _time
@@ -7,18 +8,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shardwise import units
 from shardwise.errors import ShardwiseError
-from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SCHEDULES, SEARCHED, Space, Spaces, check_fixed
-from shardwise.search.vectorized import Nearest, Tally, evaluate
-from shardwise.spec.hardware import GIB, Cluster
-from shardwise.spec.presets import load_model
 from shardwise.estimate import estimate
 from shardwise.estimate.profiles import optimizer_bytes, state_bytes
-from shardwise.search.explain import gib
-from shardwise.search.vectorized import offloaded_bytes
-from shardwise.spec.hardware import gpus
-from shardwise.spec.plan import Plan
+from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SCHEDULES, SEARCHED, Space, Spaces, check_fixed
+from shardwise.search.vectorized import Nearest, Tally, evaluate, offloaded_bytes
+from shardwise.spec.hardware import Cluster, gpus
 from shardwise.spec.plan import RULES, Plan
+from shardwise.spec.presets import load_model
 
 # GPU memory a plan must leave free, as a share of capacity. The estimate already counts the CUDA
 # context and every buffer the engines allocate; this margin is for what a closed-form estimate
@@ -56,11 +54,20 @@ class Options:
         gib = self.host_memory_gib
         if gib is None:
             gib = DEFAULT_HOST_GIB_PER_GPU * cluster.gpus_per_node
-        return gib * GIB * (1 - self.headroom)
+        return gib * units.GIB * (1 - self.headroom)
 
     def evaluate(self, space: Space, cluster: Cluster, **kw):
-        return evaluate(space, cluster, self.profile, 1 - self.headroom, efficiency=self.efficiency,
-                        tokens=self.tokens, price=self.price, host_bytes=self.host_bytes(cluster), **kw)
+        return evaluate(
+            space,
+            cluster,
+            self.profile,
+            1 - self.headroom,
+            efficiency=self.efficiency,
+            tokens=self.tokens,
+            price=self.price,
+            host_bytes=self.host_bytes(cluster),
+            **kw,
+        )
 
 
 @dataclass
@@ -125,10 +132,21 @@ def search(model, cluster: Cluster, *, top: int | None = 10, **kw) -> list:
     return run_search(model, cluster, top=top, **kw).ranked
 
 
-def run_search(model, cluster: Cluster, *, profile: str = "torch", headroom: float = DEFAULT_HEADROOM,
-               host_memory_gib: float | None = None, top: int | None = 10, rank: str = "throughput",
-               efficiency: float | None = None, tokens: float = 0.0, price: float | None = None,
-               cross_node_tp: bool = False, **fixed) -> SearchResult:
+def run_search(
+    model,
+    cluster: Cluster,
+    *,
+    profile: str = "torch",
+    headroom: float = DEFAULT_HEADROOM,
+    host_memory_gib: float | None = None,
+    top: int | None = 10,
+    rank: str = "throughput",
+    efficiency: float | None = None,
+    tokens: float = 0.0,
+    price: float | None = None,
+    cross_node_tp: bool = False,
+    **fixed,
+) -> SearchResult:
     t0 = _time.perf_counter()
     model = load_model(model)
     opts = Options(profile, headroom, host_memory_gib, cross_node_tp, efficiency, tokens, price)
@@ -148,14 +166,14 @@ def run_search(model, cluster: Cluster, *, profile: str = "torch", headroom: flo
     if tally.legal == 0:  # every candidate broke a rule: the request itself is impossible
         raise ShardwiseError(_no_legal_plan(model, cluster, fixed, tally))
     table = _table(parts)
-    res = SearchResult(model, cluster, main.gbs, main.base.seq, fixed, opts, rank, [], table,
-                       _order(table, rank), tally)
+    res = SearchResult(
+        model, cluster, main.gbs, main.base.seq, fixed, opts, rank, [], table, _order(table, rank), tally
+    )
     n = len(res.order) if top is None else min(top, len(res.order))
     res.ranked = [res.estimate_row(int(r)) for r in res.order[:n]]
     if not res.ranked and nearest[1] is not None:
         near, space = nearest
-        res.closest = _estimate(model, resized(cluster, space.gpus), space.scalar(near.grid, near.cats, near.i),
-                                opts)
+        res.closest = _estimate(model, resized(cluster, space.gpus), space.scalar(near.grid, near.cats, near.i), opts)
         held = {k: v for k, v in fixed.items() if k not in UNPINNABLE}
         if held == fixed:
             raise ShardwiseError(_impossible(res, held, res.tally.min_total))
@@ -191,8 +209,9 @@ def capacity_bound(model, cluster: Cluster, fixed: dict, opts: Options) -> int:
 
     base = Plan(**{k: v for k, v in fixed.items() if k in ("precision", "optimizer")})
     sb = state_bytes(opts.profile, base.precision)
-    need = sum(sb.param * _numel(shape) + optimizer_bytes(base.optimizer, shape, sb)
-               for _, shape in model.param_shapes())
+    need = sum(
+        sb.param * _numel(shape) + optimizer_bytes(base.optimizer, shape, sb) for _, shape in model.param_shapes()
+    )
     per_gpu = (1 - opts.headroom) * cluster.gpu.memory_bytes + opts.host_bytes(cluster) / cluster.gpus_per_node
     return max(1, -(-int(need) // int(per_gpu)))
 
@@ -217,8 +236,9 @@ def gpu_counts(gpus_per_node: int, start: int = 1, limit: int = MAX_GPUS) -> lis
     return [c for c in out if start <= c <= limit]
 
 
-def fewest_gpus(model, cluster: Cluster, fixed: dict, opts: Options, *, start: int = 1,
-                limit: int = MAX_GPUS) -> int | None:
+def fewest_gpus(
+    model, cluster: Cluster, fixed: dict, opts: Options, *, start: int = 1, limit: int = MAX_GPUS
+) -> int | None:
     """The smallest count of gpu_counts() (of `cluster`'s GPU, node size and network) on which some
     plan fits (with an unpinned gbs: any of each count's candidate batches), or None up to `limit`.
     Counts are checked COUNTS_PER_PASS at a time in one memory-only pass (Spaces): the formulas
@@ -228,7 +248,7 @@ def fewest_gpus(model, cluster: Cluster, fixed: dict, opts: Options, *, start: i
     counts = gpu_counts(cluster.gpus_per_node, start, limit)
     for i in range(0, len(counts), COUNTS_PER_PASS):
         spaces = []
-        for g in counts[i:i + COUNTS_PER_PASS]:
+        for g in counts[i : i + COUNTS_PER_PASS]:
             s = Space(model, g, min(g, cluster.gpus_per_node), fixed, opts.cross_node_tp)
             spaces += [s if b == s.gbs else s.with_gbs(b) for b in s.gbs_candidates if s.tp_pp]
         if not spaces:
@@ -257,17 +277,39 @@ def sweep_counts(cluster: Cluster) -> list[int]:
 
 # ---- ranking ------------------------------------------------------------------------------
 def _table(parts) -> Table:
-    cols: dict[str, list] = {k: [] for k in ("dp", "tp", "pp", "vpp", "mbs", "zero", "sp", "schedule", "recompute",
-                                             "offload", "gpus", "tokens_per_s", "step_s", "mem_total")}
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "dp",
+            "tp",
+            "pp",
+            "vpp",
+            "mbs",
+            "zero",
+            "sp",
+            "schedule",
+            "recompute",
+            "offload",
+            "gpus",
+            "tokens_per_s",
+            "step_s",
+            "mem_total",
+        )
+    }
     refs = []
     for space, scored in parts:
         for s in scored:
             n = len(s.idx)
             for k in ("dp", "tp", "pp", "vpp", "mbs"):
                 cols[k].append(s.grid[k][s.idx])
-            codes = {"zero": s.cats["zero"], "sp": int(s.cats["sp"]), "schedule": SCHEDULES.index(s.cats["schedule"]),
-                     "recompute": RECOMPUTE_ORDER.index(s.cats["recompute"]),
-                     "offload": OFFLOAD_ORDER.index(s.cats["offload"]), "gpus": space.gpus}
+            codes = {
+                "zero": s.cats["zero"],
+                "sp": int(s.cats["sp"]),
+                "schedule": SCHEDULES.index(s.cats["schedule"]),
+                "recompute": RECOMPUTE_ORDER.index(s.cats["recompute"]),
+                "offload": OFFLOAD_ORDER.index(s.cats["offload"]),
+                "gpus": space.gpus,
+            }
             for k, v in codes.items():
                 cols[k].append(np.full(n, v, dtype=np.int64))
             cols["tokens_per_s"].append(s.tokens_per_s)
@@ -275,8 +317,10 @@ def _table(parts) -> Table:
             cols["mem_total"].append(s.mem_total)
             refs.extend((space, s.cats, s.grid, int(i)) for i in s.idx)
     floats = ("tokens_per_s", "step_s")
-    arrays = {k: (np.concatenate(v) if v else np.zeros(0, dtype=np.float64 if k in floats else np.int64))
-              for k, v in cols.items()}
+    arrays = {
+        k: (np.concatenate(v) if v else np.zeros(0, dtype=np.float64 if k in floats else np.int64))
+        for k, v in cols.items()
+    }
     return Table(arrays, refs)
 
 
@@ -299,8 +343,9 @@ def _order(table: Table, rank: str) -> np.ndarray:
 
 def _estimate(model, cluster, plan, opts: Options):
 
-    return estimate(model, cluster, plan, opts.profile, efficiency=opts.efficiency, tokens=opts.tokens,
-                    price=opts.price)
+    return estimate(
+        model, cluster, plan, opts.profile, efficiency=opts.efficiency, tokens=opts.tokens, price=opts.price
+    )
 
 
 # ---- errors and nothing-fits ------------------------------------------------------------------
@@ -338,8 +383,9 @@ def _no_legal_plan(model, cluster, fixed: dict, tally: Tally) -> str:
     probe = probe.replace(gbs=fixed.get("gbs", probe.dp * probe.mbs * probe.pp))
     broken = [r for r in RULES if r.broken(probe, model, cluster.gpus)]
     broken.sort(key=lambda r: {"divisibility": 0, "gpus": 1}.get(r.reason, 2))
-    return "no legal plan: " + (broken[0].message(probe, model, cluster.gpus) if broken else
-                                "no candidate for these pinned fields")
+    return "no legal plan: " + (
+        broken[0].message(probe, model, cluster.gpus) if broken else "no candidate for these pinned fields"
+    )
 
 
 def _impossible(res: SearchResult, held: dict, least: float) -> str:
@@ -354,15 +400,18 @@ def _impossible(res: SearchResult, held: dict, least: float) -> str:
     if bigger:
         need.append(f"{cl.gpus}x {bigger.name} ({bigger.memory_gib:g} GiB) would fit it")
     if c.memory.total <= usable:  # it fits the GPU: the offloaded states overflow the host memory
-
         host = offloaded_bytes(m, cl, c.plan, res.opts.profile) * min(cl.gpus, cl.gpus_per_node)
-        why = (f"fits in GPU memory ({gib(c.memory.total)} of {gib(usable)}) but offloads {gib(host)} per node, "
-               f"more than the {gib(res.opts.host_bytes(cl))} of host memory it may use (--host-memory)")
+        why = (
+            f"fits in GPU memory ({units.gib(c.memory.total, 1)} of {units.gib(usable, 1)}) but offloads {units.gib(host, 1)} per node, "
+            f"more than the {units.gib(res.opts.host_bytes(cl), 1)} of host memory it may use (--host-memory)"
+        )
     else:
-        why = f"needs {gib(c.memory.total)} per GPU of {gib(usable)} usable"
-    return (f"{m.name} does not fit on {cl.gpus}x {cl.gpu.name} with any plan (ZeRO 0-3, tp, pp, recompute and "
-            f"offload all tried): the closest, {c.plan.short()}, {why}; {'; '.join(need + [''])}"
-            "`--min-gpus` finds how many GPUs it needs")
+        why = f"needs {units.gib(c.memory.total, 1)} per GPU of {units.gib(usable, 1)} usable"
+    return (
+        f"{m.name} does not fit on {cl.gpus}x {cl.gpu.name} with any plan (ZeRO 0-3, tp, pp, recompute and "
+        f"offload all tried): the closest, {c.plan.short()}, {why}; {'; '.join(need + [''])}"
+        "`--min-gpus` finds how many GPUs it needs"
+    )
 
 
 def larger_gpu(model, cluster: Cluster, fixed: dict, opts: Options, least: float = 0.0):
@@ -371,11 +420,22 @@ def larger_gpu(model, cluster: Cluster, fixed: dict, opts: Options, least: float
     what fits on one GPU fits on any with more (a property test holds this): bisect the catalog by
     memory, skipping GPUs below `least` (the least memory any plan needs)."""
 
-    budget = lambda g: (1 - opts.headroom) * g.memory_bytes  # noqa: E731
-    cands = sorted((g for g in gpus().values() if g.memory_gib > cluster.gpu.memory_gib and budget(g) >= least),
-                   key=lambda g: (g.memory_gib, g.name))
-    fits = lambda g: fitting_space(model, Cluster(g, cluster.gpus, cluster.gpus_per_node,  # noqa: E731
-                                                  cluster.network), fixed, opts)[1]
+    budget = lambda g: (1 - opts.headroom) * g.memory_bytes
+    cands = sorted(
+        (g for g in gpus().values() if g.memory_gib > cluster.gpu.memory_gib and budget(g) >= least),
+        key=lambda g: (g.memory_gib, g.name),
+    )
+    fits = lambda g: fitting_space(
+        model,
+        Cluster(
+            g,
+            cluster.gpus,
+            cluster.gpus_per_node,
+            cluster.network,
+        ),
+        fixed,
+        opts,
+    )[1]
     if not cands or not fits(cands[-1]):
         return None
     lo, hi = 0, len(cands) - 1  # cands[hi] fits
@@ -389,14 +449,26 @@ def what_it_would_take(res: SearchResult) -> list[str]:
     """For a nothing-fits answer: each change that would make a plan fit, with the best such plan."""
 
     o, m, cl, c = res.opts, res.model, res.cluster, res.closest
-    kw = dict(profile=o.profile, headroom=o.headroom, host_memory_gib=o.host_memory_gib, efficiency=o.efficiency,
-              tokens=o.tokens, price=o.price, cross_node_tp=o.cross_node_tp, top=1)
-    best = lambda r: (f"{r.ranked[0].plan.short()} ({gib(r.ranked[0].memory.total)}/GPU, "  # noqa: E731
-                      f"{r.ranked[0].time.tokens_per_s:,.0f} tokens/s)")
+    kw = dict(
+        profile=o.profile,
+        headroom=o.headroom,
+        host_memory_gib=o.host_memory_gib,
+        efficiency=o.efficiency,
+        tokens=o.tokens,
+        price=o.price,
+        cross_node_tp=o.cross_node_tp,
+        top=1,
+    )
+    best = lambda r: (
+        f"{r.ranked[0].plan.short()} ({units.gib(r.ranked[0].memory.total, 1)}/GPU, "
+        f"{r.ranked[0].time.tokens_per_s:,.0f} tokens/s)"
+    )
     out = []
     if c is not None and o.headroom > 0 and c.memory.total <= c.memory.capacity:
-        out.append(f"less headroom: {c.plan.short()} uses {c.memory.total / c.memory.capacity:.1%} of the GPU, "
-                   f"over the {1 - o.headroom:.0%} allowed by --headroom {o.headroom:g}")
+        out.append(
+            f"less headroom: {c.plan.short()} uses {c.memory.total / c.memory.capacity:.1%} of the GPU, "
+            f"over the {1 - o.headroom:.0%} allowed by --headroom {o.headroom:g}"
+        )
     for f in [k for k in res.fixed if k in UNPINNABLE]:
         rest = {k: v for k, v in res.fixed.items() if k != f}
         try:
@@ -411,6 +483,8 @@ def what_it_would_take(res: SearchResult) -> list[str]:
     g = larger_gpu(m, cl, res.fixed, o, res.tally.min_total)
     if g:
         other = Cluster(g, cl.gpus, cl.gpus_per_node, cl.network)
-        out.append(f"a larger GPU: {cl.gpus}x {g.name} ({g.memory_gib:g} GiB) fit "
-                   f"{best(run_search(m, other, **kw, **res.fixed))}")
+        out.append(
+            f"a larger GPU: {cl.gpus}x {g.name} ({g.memory_gib:g} GiB) fit "
+            f"{best(run_search(m, other, **kw, **res.fixed))}"
+        )
     return out

@@ -4,37 +4,30 @@ what was rejected and why, and what a nothing-fits answer would take.
 Every sentence compares two estimates (a plan and its best alternative) and names the breakdown
 item that makes the difference; nothing here is a canned opinion.
 """
+
 from __future__ import annotations
 
-import numpy as np
-
+from shardwise import units
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
 
-GIB = 1024**3
-MEMORY_LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
-                 "activations": "activations", "buffers": "communication buffers"}
-REJECT_LABELS = {"memory": "do not fit in GPU memory",
-                 "host memory": "fit on the GPU but offload more than the CPU memory (--host-memory)",
-                 "divisibility": "tp/pp do not divide heads, FFN or layers",
-                 "batch": "the global batch does not split into dp x mbs (x pp for interleaved)",
-                 "sequence": "sequence length rules", "schedule": "schedule rules", "gpus": "dp*tp*pp is not the GPU count",
-                 "offload": "offload rules",
-                 "engine": "PyTorch's engines (so `shardwise run`) cannot train them (other --profile values allow them)"}
-
-
-def gib(b: float) -> str:
-    return f"{b / GIB:,.1f} GiB"
-
-
-def human_bytes(b: float) -> str:
-    for unit, f in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(b) >= f:
-            return f"{b / f:,.1f} {unit}"
-    return f"{b:,.0f} B"
-
-
-def pct(x: float) -> str:
-    return f"{x:.1%}" if abs(x) < 0.1 else f"{x:.0%}"
+MEMORY_LABELS = {
+    "params": "parameters",
+    "grads": "gradients",
+    "optimizer": "optimizer state",
+    "activations": "activations",
+    "buffers": "communication buffers",
+}
+REJECT_LABELS = {
+    "memory": "do not fit in GPU memory",
+    "host memory": "fit on the GPU but offload more than the CPU memory (--host-memory)",
+    "divisibility": "tp/pp do not divide heads, FFN or layers",
+    "batch": "the global batch does not split into dp x mbs (x pp for interleaved)",
+    "sequence": "sequence length rules",
+    "schedule": "schedule rules",
+    "gpus": "dp*tp*pp is not the GPU count",
+    "offload": "offload rules",
+    "engine": "PyTorch's engines (so `shardwise run`) cannot train them (other --profile values allow them)",
+}
 
 
 # ---- comparing two estimates ---------------------------------------------------------------
@@ -49,48 +42,60 @@ def link_name(e, c) -> str:
 
 def why_slower(fast, slow) -> str:
     """What makes `slow` slower than `fast`: the time item (per token) that grew the most."""
-    items = {k: _per_token(slow, getattr(slow.time, k)) - _per_token(fast, getattr(fast.time, k))
-             for k in ("compute_s", "comm_exposed_s", "bubble_s")}
+    items = {
+        k: _per_token(slow, getattr(slow.time, k)) - _per_token(fast, getattr(fast.time, k))
+        for k in ("compute_s", "comm_exposed_s", "bubble_s")
+    }
     k = max(items, key=items.get)
     if items[k] <= 0:
         return "about the same time per token"
-    per_step = lambda x: _secs(x * slow.plan.tokens_per_step)  # noqa: E731  (a per-token difference, per step)
+    per_step = lambda x: units.seconds(x * slow.plan.tokens_per_step)
     if k == "bubble_s":
         p = slow.plan
-        return (f"its pipeline bubble takes {pct(slow.time.bubble_s / slow.time.step_s)} of the step "
-                f"(pp={p.pp}, {p.grad_accum} micro-batches{f', v={p.vpp}' if p.vpp > 1 else ''})")
+        return (
+            f"its pipeline bubble takes {units.percent(slow.time.bubble_s / slow.time.step_s)} of the step "
+            f"(pp={p.pp}, {p.grad_accum} micro-batches{f', v={p.vpp}' if p.vpp > 1 else ''})"
+        )
     if k == "comm_exposed_s":
-        off = _per_token(slow, slow.time.detail.get("offload_s", 0)) - _per_token(fast, fast.time.detail.get(
-            "offload_s", 0))
+        off = _per_token(slow, slow.time.detail.get("offload_s", 0)) - _per_token(
+            fast, fast.time.detail.get("offload_s", 0)
+        )
         if off > items[k] / 2:
-            return (f"its CPU offload waits {per_step(off)} per step on PCIe "
-                    f"({pct(slow.time.detail['offload_s'] / slow.time.step_s)} of the step)")
+            return (
+                f"its CPU offload waits {per_step(off)} per step on PCIe "
+                f"({units.percent(slow.time.detail['offload_s'] / slow.time.step_s)} of the step)"
+            )
         c = _grown_collective(fast, slow)
         head = f"it waits {per_step(items[k])} more per step on communication"
         if c is not None:
-            return (f"{head}, most of all the {c.kind} of {c.what}: {human_bytes(c.wire_bytes)} per GPU per step "
-                    f"over {link_name(slow, c)}")
+            return (
+                f"{head}, most of all the {c.kind} of {c.what}: {units.decimal_bytes(c.wire_bytes)} per GPU per step "
+                f"over {link_name(slow, c)}"
+            )
         return head + " that compute no longer hides"
     grown = _per_token(slow, slow.time.compute_s) / _per_token(fast, fast.time.compute_s) - 1
-    d = {x: _per_token(slow, slow.time.detail.get(x, 0)) - _per_token(fast, fast.time.detail.get(x, 0))
-         for x in ("forward_s", "backward_s", "recompute_s", "optimizer_s")}
+    d = {
+        x: _per_token(slow, slow.time.detail.get(x, 0)) - _per_token(fast, fast.time.detail.get(x, 0))
+        for x in ("forward_s", "backward_s", "recompute_s", "optimizer_s")
+    }
     top = max(d, key=d.get)
     if top == "recompute_s":
-        need = "needs" if RECOMPUTE_ORDER.index(slow.plan.recompute) > RECOMPUTE_ORDER.index(fast.plan.recompute) \
+        need = (
+            "needs"
+            if RECOMPUTE_ORDER.index(slow.plan.recompute) > RECOMPUTE_ORDER.index(fast.plan.recompute)
             else "uses"
-        return f"it {need} {slow.plan.recompute} recompute, which re-runs part of the forward: {pct(grown)} more compute"
+        )
+        return f"it {need} {slow.plan.recompute} recompute, which re-runs part of the forward: {units.percent(grown)} more compute"
     if top == "optimizer_s":
-        return f"its optimizer step (bound by memory bandwidth) updates a larger shard: {pct(grown)} more compute"
+        return f"its optimizer step (bound by memory bandwidth) updates a larger shard: {units.percent(grown)} more compute"
     if slow.plan.pp > fast.plan.pp:
-        return (f"its busiest pipeline stage (the last, which also runs the output layer) sets the pace: "
-                f"{pct(grown)} more compute per token")
+        return (
+            f"its busiest pipeline stage (the last, which also runs the output layer) sets the pace: "
+            f"{units.percent(grown)} more compute per token"
+        )
     if slow.cluster.gpus < fast.cluster.gpus:
-        return f"{slow.cluster.gpus} GPUs instead of {fast.cluster.gpus}: {pct(grown)} more compute per token"
-    return f"{pct(grown)} more compute per token"
-
-
-def _secs(s: float) -> str:
-    return f"{s:,.2f} s" if s >= 1 else f"{s * 1e3:,.1f} ms"
+        return f"{slow.cluster.gpus} GPUs instead of {fast.cluster.gpus}: {units.percent(grown)} more compute per token"
+    return f"{units.percent(grown)} more compute per token"
 
 
 def _grown_collective(fast, slow):
@@ -108,13 +113,17 @@ def memory_saving(small, big) -> str:
     """The memory item `small` saves most against `big` (per GPU)."""
     d = {k: getattr(big.memory, k) - getattr(small.memory, k) for k in MEMORY_LABELS}
     k = max(d, key=d.get)
-    return f"saves {gib(d[k])} of {MEMORY_LABELS[k]} per GPU" if d[k] > 0 else "saves no memory"
+    return f"saves {units.gib(d[k], 1)} of {MEMORY_LABELS[k]} per GPU" if d[k] > 0 else "saves no memory"
 
 
 def _show(f: str, v) -> str:
-    return {"zero": f"ZeRO-{v}", "sp": "sp" if v else "no sp",
-            "recompute": "no recompute" if v == "none" else f"{v} recompute",
-            "offload": "no offload" if v == "none" else f"{v} offload", "schedule": str(v)}.get(f, f"{f}={v}")
+    return {
+        "zero": f"ZeRO-{v}",
+        "sp": "sp" if v else "no sp",
+        "recompute": "no recompute" if v == "none" else f"{v} recompute",
+        "offload": "no offload" if v == "none" else f"{v} offload",
+        "schedule": str(v),
+    }.get(f, f"{f}={v}")
 
 
 def plan_diff(a, b) -> str:
@@ -135,18 +144,29 @@ def _dims(res, w):
     p = w.plan
     out = []
     if p.tp > 1:
-        out.append(("tp", f"tp={p.tp} {'inside the node' if p.tp <= node else 'across nodes'}", c["tp"] < p.tp,
-                    "less tensor parallelism"))
+        out.append(
+            (
+                "tp",
+                f"tp={p.tp} {'inside the node' if p.tp <= node else 'across nodes'}",
+                c["tp"] < p.tp,
+                "less tensor parallelism",
+            )
+        )
     if p.pp > 1:
         out.append(("pp", f"pp={p.pp}", c["pp"] < p.pp, "fewer pipeline stages"))
     if p.zero > 0:
         out.append(("zero", f"ZeRO-{p.zero}", c["zero"] < p.zero, f"ZeRO below {p.zero}"))
     if p.recompute != "none":
-        out.append(("recompute", f"{p.recompute} recompute",
-                    c["recompute"] < RECOMPUTE_ORDER.index(p.recompute), "less recompute"))
+        out.append(
+            (
+                "recompute",
+                f"{p.recompute} recompute",
+                c["recompute"] < RECOMPUTE_ORDER.index(p.recompute),
+                "less recompute",
+            )
+        )
     if p.offload != "none":
-        out.append(("offload", f"{p.offload} offload", c["offload"] < OFFLOAD_ORDER.index(p.offload),
-                    "less offload"))
+        out.append(("offload", f"{p.offload} offload", c["offload"] < OFFLOAD_ORDER.index(p.offload), "less offload"))
     if p.sp:
         out.append(("sp", "sequence parallel", (c["sp"] == 0) & (c["tp"] > 1), "no sequence parallel"))
     if p.pp > 1 and p.vpp > 1:
@@ -162,7 +182,7 @@ def why_winner(res, w) -> str:
     does less of it: those without which nothing fits, then the largest slowdowns (>= 1%, two at
     most); if every alternative ties, what the winner saves instead."""
     must, slower, ties = [], [], []
-    usable = gib((1 - res.headroom) * w.memory.capacity)
+    usable = units.gib((1 - res.headroom) * w.memory.capacity, 1)
     for label, mask, what in _dims(res, w):
         row = res.table.best(mask)
         if row is None:
@@ -172,14 +192,18 @@ def why_winner(res, w) -> str:
         alt = res.estimate_row(row)
         x = w.time.tokens_per_s / alt.time.tokens_per_s - 1
         if x >= 0.01:
-            slower.append((x, f"{label}: the best plan with {what} ({alt.plan.short()}) is {pct(x)} slower; "
-                              f"{why_slower(w, alt)}"))
+            slower.append(
+                (
+                    x,
+                    f"{label}: the best plan with {what} ({alt.plan.short()}) is {units.percent(x)} slower; {why_slower(w, alt)}",
+                )
+            )
         elif x < 5e-4 and alt.memory.total > w.memory.total:
             ties.append(f"{label}: as fast as {alt.plan.short()} and {memory_saving(w, alt)}")
     slower.sort(key=lambda r: -r[0])
-    parts = must + [r[1] for r in slower[:max(0, 2 - len(must))]]
+    parts = must + [r[1] for r in slower[: max(0, 2 - len(must))]]
     if not parts:
-        parts = ties[:1] or [f"fits with {gib(w.memory.free)} free; every other plan is within 1% of it"]
+        parts = ties[:1] or [f"fits with {units.gib(w.memory.free, 1)} free; every other plan is within 1% of it"]
     return "; ".join(parts)
 
 
@@ -189,7 +213,7 @@ def why_behind(best, e, rank: int) -> str:
     if behind < 5e-4:
         head = f"ties #1 ({plan_diff(e.plan, best.plan)})"
         return head + (f", {memory_saving(e, best)}" if e.memory.total < best.memory.total else "")
-    line = f"{pct(behind)} below #1 with {plan_diff(e.plan, best.plan)}: {why_slower(best, e)}"
+    line = f"{units.percent(behind)} below #1 with {plan_diff(e.plan, best.plan)}: {why_slower(best, e)}"
     if e.memory.total < best.memory.total:
         line += f"; {memory_saving(e, best)}"
     return line
@@ -212,11 +236,13 @@ def rejection_lines(res) -> list[str]:
         label = REJECT_LABELS.get(reason, reason)
         ex = t.examples.get(reason)
         if reason == "memory" and res.closest is not None:
-            ex = f"closest: {res.closest.plan.short()} needs {gib(res.closest.memory.total)}"
+            ex = f"closest: {res.closest.plan.short()} needs {units.gib(res.closest.memory.total, 1)}"
         lines.append(f"{n:,} {label}" + (f" (e.g. {ex})" if ex else ""))
     if t.dominated:
-        lines.append(f"{t.dominated:,} not estimated: a lighter recompute/offload variant of the same plan fits, "
-                     "and more recompute or offload is never faster")
+        lines.append(
+            f"{t.dominated:,} not estimated: a lighter recompute/offload variant of the same plan fits, "
+            "and more recompute or offload is never faster"
+        )
     if t.skipped_groups:
         lines.append(f"{t.skipped_groups:,} option combinations cannot go together (e.g. {t.examples['options']})")
     return lines

@@ -11,6 +11,7 @@ formulas run once per group. Each strategy is generated once: no schedule varian
 no sequence parallel when tp = 1, no vpp outside the interleaved schedule, unless pinned. Whatever
 is generated still goes through every Plan rule (shardwise.spec.plan.RULES).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,8 +22,17 @@ from functools import cached_property
 import numpy as np
 
 from shardwise.errors import ShardwiseError, closest
-from shardwise.spec.plan import (OFFLOAD, RECOMPUTE, RULES, SCHEDULES, ZERO_STAGES, Plan, _check_choices,
-                                 _positive_int, divisors)
+from shardwise.spec.plan import (
+    OFFLOAD,
+    RECOMPUTE,
+    RULES,
+    SCHEDULES,
+    ZERO_STAGES,
+    Plan,
+    _check_choices,
+    _positive_int,
+    divisors,
+)
 
 SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload")
 HELD = ("gbs", "seq", "precision", "optimizer")  # training choices: pinned or defaulted, never searched
@@ -47,8 +57,7 @@ def check_fixed(fixed: dict) -> dict:
     for k in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp"):
         if k in fixed:
             _positive_int(k, fixed[k])
-    _check_choices(Plan(**{k: v for k, v in fixed.items() if k not in ("dp", "tp", "pp", "mbs", "gbs", "seq",
-                                                                          "vpp")}))
+    _check_choices(Plan(**{k: v for k, v in fixed.items() if k not in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp")}))
     return fixed
 
 
@@ -122,7 +131,7 @@ class Space:
         more = {max(d, round(target / d) * d) for d in dps if self.gbs % d}
         return [self.gbs] + sorted(more - {self.gbs}, key=lambda g: (abs(math.log(g / target)), g))[:GBS_FALLBACKS]
 
-    def with_gbs(self, gbs: int) -> "Space":
+    def with_gbs(self, gbs: int) -> Space:
         return dataclasses.replace(self, fixed=self.fixed | {"gbs": gbs})
 
     def _shape_legal(self, tp: int, pp: int) -> bool:
@@ -134,14 +143,23 @@ class Space:
     def choices(self, field: str) -> tuple:
         if field in self.fixed:
             return (self.fixed[field],)
-        return {"zero": ZERO_STAGES, "recompute": RECOMPUTE_ORDER, "offload": OFFLOAD_ORDER,
-                "sp": (False, True), "schedule": SCHEDULES}[field]
+        return {
+            "zero": ZERO_STAGES,
+            "recompute": RECOMPUTE_ORDER,
+            "offload": OFFLOAD_ORDER,
+            "sp": (False, True),
+            "schedule": SCHEDULES,
+        }[field]
 
     def families(self) -> list[dict]:
         """(zero, sp, schedule) combinations: plans in one family share one numeric grid, and
         differ only in recompute and offload (searched lightest first)."""
-        return [{"zero": z, "sp": sp, "schedule": s} for z in self.choices("zero") for sp in self.choices("sp")
-                for s in self.choices("schedule")]
+        return [
+            {"zero": z, "sp": sp, "schedule": s}
+            for z in self.choices("zero")
+            for sp in self.choices("sp")
+            for s in self.choices("schedule")
+        ]
 
     def variants(self) -> list[dict]:
         """(recompute, offload) in an order where every lighter variant comes before a heavier one."""
@@ -187,8 +205,11 @@ class Space:
                         cols[k].append(x)
         out = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
         n = len(out["dp"])
-        out |= {"gbs": np.full(n, self.gbs, dtype=np.int64), "gpus": np.full(n, self.gpus, dtype=np.int64),
-                "node": np.full(n, self.node_size, dtype=np.int64)}
+        out |= {
+            "gbs": np.full(n, self.gbs, dtype=np.int64),
+            "gpus": np.full(n, self.gpus, dtype=np.int64),
+            "node": np.full(n, self.node_size, dtype=np.int64),
+        }
         return out
 
     def plan(self, grid: dict[str, np.ndarray], cats: dict, idx=None) -> Plan:
@@ -211,8 +232,12 @@ class Spaces:
         self.spaces = spaces
         first = spaces[0]
         self.model, self.base = first.model, first.base
-        self.families, self.variants, self.plan, self.scalar = (first.families, first.variants, first.plan,
-                                                                first.scalar)
+        self.families, self.variants, self.plan, self.scalar = (
+            first.families,
+            first.variants,
+            first.plan,
+            first.scalar,
+        )
         self._grids: dict = {}
 
     def grid(self, sp: bool, schedule: str) -> dict[str, np.ndarray]:

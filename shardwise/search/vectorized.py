@@ -12,6 +12,7 @@ Memory is NOT monotone in recompute/offload (full recompute's working set can ex
 on one-layer stages; FSDP2's CPU offload keeps more on the GPU than ZeRO-1's), so no variant's
 memory is inferred from another's.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -19,11 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shardwise.spec.plan import ENGINE_RULES, RULES
 from shardwise.estimate.comm import collectives
 from shardwise.estimate.memory import memory
 from shardwise.estimate.time import step_time
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
+from shardwise.spec.plan import ENGINE_RULES, RULES
 
 CATEGORICAL = ("zero", "sp", "schedule", "recompute", "offload")
 
@@ -44,7 +45,7 @@ class Tally:
     fit_gpus: set = field(default_factory=set)  # GPU counts with a plan that fits (a Spaces pass)
     min_total: float = float("inf")  # the least GPU memory any estimated plan needs (host aside)
 
-    def add(self, other: "Tally") -> None:
+    def add(self, other: Tally) -> None:
         for k in ("enumerated", "legal", "dominated", "estimated", "fit", "timed", "skipped_groups"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         self.rejected.update(other.rejected)
@@ -81,8 +82,19 @@ def _arr(x, n: int, dtype) -> np.ndarray:
     return np.broadcast_to(np.asarray(x, dtype=dtype), (n,))
 
 
-def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency=None, tokens: float = 0.0,
-             price=None, host_bytes: float = float("inf"), time: bool = True, stop_at_first_fit: bool = False):
+def evaluate(
+    space,
+    cluster,
+    profile: str,
+    budget_fraction: float,
+    *,
+    efficiency=None,
+    tokens: float = 0.0,
+    price=None,
+    host_bytes: float = float("inf"),
+    time: bool = True,
+    stop_at_first_fit: bool = False,
+):
     """Score every plan of `space`. Returns (list[Scored], Tally, Nearest).
 
     budget_fraction: the share of GPU memory a plan may use (1 - headroom).
@@ -125,15 +137,17 @@ def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency
             tally.min_total = min(tally.min_total, float(total.min()))
             if cats["offload"] == "none":
                 kept.setdefault(var["recompute"], np.full(n, -1, dtype=np.int64))[todo] = _arr(
-                    _states(mem), len(todo), np.int64)
+                    _states(mem), len(todo), np.int64
+                )
             elif ok_gpu.any():  # the offloaded states must fit in CPU memory
                 sel = np.flatnonzero(ok_gpu)
                 before = kept.get(var["recompute"], np.full(n, -1, dtype=np.int64))[todo[sel]]
                 if (before >= 0).all():  # the same plans without offload were just estimated: reuse
                     host = np.maximum(before - _arr(_states(_subset(mem, sel)), len(sel), np.int64), 0)
                 else:
-                    host = offloaded_bytes(model, cluster, space.plan(grid, cats, todo[sel]), profile, len(sel),
-                                           _subset(mem, sel))
+                    host = offloaded_bytes(
+                        model, cluster, space.plan(grid, cats, todo[sel]), profile, len(sel), _subset(mem, sel)
+                    )
                 ok[sel] = host * grid["node"][todo[sel]] <= host_bytes
             fits[todo] = ok
             nf = int(np.count_nonzero(ok))
@@ -156,8 +170,16 @@ def evaluate(space, cluster, profile: str, budget_fraction: float, *, efficiency
             comm = collectives(model, cluster, sub, profile)
             t = step_time(model, cluster, sub, comm, efficiency=efficiency, tokens=tokens, price=price)
             tally.timed += len(idx)
-            out.append(Scored(cats, grid, idx, _arr(t.tokens_per_s, len(idx), np.float64),
-                              _arr(t.step_s, len(idx), np.float64), total[ok]))
+            out.append(
+                Scored(
+                    cats,
+                    grid,
+                    idx,
+                    _arr(t.tokens_per_s, len(idx), np.float64),
+                    _arr(t.step_s, len(idx), np.float64),
+                    total[ok],
+                )
+            )
     return out, tally, nearest
 
 
@@ -168,7 +190,7 @@ def _legal(space, grid, cats, tally, rules=RULES) -> np.ndarray | None:
     model, gpus = space.model, grid["gpus"]
     plan = space.plan(grid, cats)
     results = [(rule, rule.broken(plan, model, gpus)) for rule in rules]
-    msg = lambda rule, i: rule.message(space.scalar(grid, cats, i), model, int(gpus[i]))  # noqa: E731
+    msg = lambda rule, i: rule.message(space.scalar(grid, cats, i), model, int(gpus[i]))
     for rule, broken in results:
         if np.ndim(broken) == 0 and broken:  # depends on categorical fields only: the whole group
             tally.skipped_groups += 1
@@ -197,7 +219,7 @@ def _memory(space, cluster, grid, cats, idx, profile: str):
 
 def _subset(mem, sel):
     """The model-state fields of an array Memory at elements `sel` (scalars stay)."""
-    pick = lambda x: x[sel] if np.ndim(x) else x  # noqa: E731
+    pick = lambda x: x[sel] if np.ndim(x) else x
     return type(mem)(params=pick(mem.params), grads=pick(mem.grads), optimizer=pick(mem.optimizer))
 
 

@@ -4,6 +4,7 @@ An Estimate (from formulas) and a Measurement (from a trace or a run) use these 
 and field names, so comparing them is a diff, not a translation. Bytes are integers; the
 JSON form (`to_dict`) is the stable contract documented in the README.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,13 @@ class Memory:
 
     def to_dict(self) -> dict:
         d = {k: int(getattr(self, k)) for k in MEMORY_FIELDS}
-        d |= {"total": int(self.total), "capacity": int(self.capacity), "fits": bool(self.fits),
-              "free": int(self.free), "detail": {k: int(v) for k, v in self.detail.items()}}
+        d |= {
+            "total": int(self.total),
+            "capacity": int(self.capacity),
+            "fits": bool(self.fits),
+            "free": int(self.free),
+            "detail": {k: int(v) for k, v in self.detail.items()},
+        }
         return d
 
 
@@ -64,10 +70,19 @@ class Collective:
     sizes: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "group": self.group, "ranks": int(self.ranks), "bytes": int(self.bytes),
-                "count": int(self.count), "wire_bytes": int(self.wire_bytes), "seconds": float(self.seconds),
-                "what": self.what, "link": self.link, "overlapped": bool(self.overlapped),
-                "sizes": {str(int(b)): int(n) for b, n in self.sizes.items()}}
+        return {
+            "kind": self.kind,
+            "group": self.group,
+            "ranks": int(self.ranks),
+            "bytes": int(self.bytes),
+            "count": int(self.count),
+            "wire_bytes": int(self.wire_bytes),
+            "seconds": float(self.seconds),
+            "what": self.what,
+            "link": self.link,
+            "overlapped": bool(self.overlapped),
+            "sizes": {str(int(b)): int(n) for b, n in self.sizes.items()},
+        }
 
 
 @dataclass
@@ -118,9 +133,13 @@ class Estimate(Breakdown):
         m = self.model
         return {
             "model": m.summary(),
-            "cluster": {"gpu": self.cluster.gpu.name, "gpus": self.cluster.gpus,
-                        "gpus_per_node": self.cluster.gpus_per_node, "nodes": self.cluster.nodes,
-                        "network": self.cluster.network.name},
+            "cluster": {
+                "gpu": self.cluster.gpu.name,
+                "gpus": self.cluster.gpus,
+                "gpus_per_node": self.cluster.gpus_per_node,
+                "nodes": self.cluster.nodes,
+                "network": self.cluster.network.name,
+            },
             "plan": self.plan.to_dict(),
             "profile": self.profile,
             "memory": self.memory.to_dict(),

@@ -4,6 +4,7 @@ Units, everywhere in shardwise: memory in bytes (catalog in GiB), FLOP/s in TFLO
 sparsity), bandwidth in GB/s = 1e9 bytes/s per direction per GPU, latency in microseconds.
 Network catalogs quote Gbit/s as vendors do; `Network.gbytes_per_s` converts (/8).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError, closest
+from shardwise.units import GIB
 
 _CAT = Path(__file__).with_name("catalog")
 DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8")
-GIB = 1024**3
 # the engines and terms of GPU.host_us (what estimate/host.py combines; calibrate measures them)
 HOST_ENGINES = ("dp", "zero1", "zero2", "zero3", "tp", "tp-sp", "pp")
 HOST_TERMS = ("block", "microbatch", "block_step", "step")  # block_step: one rank's probe only (calibrate_host.py)
@@ -59,8 +60,9 @@ class GPU:
     def peak_flops(self, dtype: str) -> float:
         """Peak dense FLOP/s for a compute dtype, falling back fp32 -> tf32 is NOT done silently."""
         if dtype not in self.tflops:
-            raise ShardwiseError(f"GPU {self.name!r} has no {dtype} figure in the catalog; "
-                                 f"use one of {', '.join(self.tflops)}")
+            raise ShardwiseError(
+                f"GPU {self.name!r} has no {dtype} figure in the catalog; use one of {', '.join(self.tflops)}"
+            )
         return self.tflops[dtype] * 1e12
 
 
@@ -87,11 +89,14 @@ class Cluster:
 
     def __post_init__(self):
         if self.gpus <= 0 or self.gpus_per_node <= 0:
-            raise ShardwiseError(f"GPU counts must be positive, got gpus={self.gpus}, "
-                                 f"gpus_per_node={self.gpus_per_node}")
+            raise ShardwiseError(
+                f"GPU counts must be positive, got gpus={self.gpus}, gpus_per_node={self.gpus_per_node}"
+            )
         if self.gpus > self.gpus_per_node and self.gpus % self.gpus_per_node:
-            raise ShardwiseError(f"{self.gpus} GPUs is not a whole number of {self.gpus_per_node}-GPU "
-                                 "nodes; change --gpus or --gpus-per-node")
+            raise ShardwiseError(
+                f"{self.gpus} GPUs is not a whole number of {self.gpus_per_node}-GPU "
+                "nodes; change --gpus or --gpus-per-node"
+            )
 
     @property
     def nodes(self) -> int:
@@ -103,8 +108,10 @@ class Cluster:
         return min(self.gpus, self.gpus_per_node)
 
     def describe(self) -> str:
-        return (f"{self.gpus}x {self.gpu.name} ({self.nodes} node(s) x {self.node_size}, "
-                f"{self.gpu.link} inside, {self.network.name} between)")
+        return (
+            f"{self.gpus}x {self.gpu.name} ({self.nodes} node(s) x {self.node_size}, "
+            f"{self.gpu.link} inside, {self.network.name} between)"
+        )
 
 
 # ---- catalogs ---------------------------------------------------------------------------
@@ -148,20 +155,23 @@ def _check_field(name: str, typ: str, v, where: str) -> None:
         if name in _FRACTIONS and not 0 < v <= 1:
             raise ShardwiseError(f"{where}: {name} is a fraction of nominal bandwidth in (0, 1], got {v}")
         if name in _UNIT and not 0 <= v <= 1:
-            raise ShardwiseError(f"{where}: {name} is the fraction of a collective that hides behind compute, "
-                                 f"in [0, 1], got {v}")
+            raise ShardwiseError(
+                f"{where}: {name} is the fraction of a collective that hides behind compute, in [0, 1], got {v}"
+            )
     elif typ == "str" and not isinstance(v, str):
         raise ShardwiseError(f"{where}: {name} must be a string, got {v!r}")
     elif name == "tflops":
         if not isinstance(v, dict) or not v:
-            raise ShardwiseError(f"{where}: tflops must be a table of dtype = dense TFLOP/s, "
-                                 f"e.g. {{ bf16 = 989.4 }}, got {v!r}")
+            raise ShardwiseError(
+                f"{where}: tflops must be a table of dtype = dense TFLOP/s, e.g. {{ bf16 = 989.4 }}, got {v!r}"
+            )
         _named_numbers(v, where, "tflops", "dtype", DTYPES, "a positive number", lambda x: x > 0)
     elif name == "host_us":
         shape = "{ block = us, microbatch = us, step = us } (block_step = us optional)"
         for eng, terms in _tables(v, where, name, "engine", HOST_ENGINES, shape):
-            _named_numbers(terms, where, f"host_us.{eng}", "term", HOST_TERMS, "a number of microseconds >= 0",
-                           lambda x: x >= 0)
+            _named_numbers(
+                terms, where, f"host_us.{eng}", "term", HOST_TERMS, "a number of microseconds >= 0", lambda x: x >= 0
+            )
     elif name in ("link_kinds", "kinds"):
         rate = "gbps" if name == "link_kinds" else "gbits"
         shape = f"{{ latency_us = us, {rate} = rate }}"
@@ -169,8 +179,15 @@ def _check_field(name: str, typ: str, v, where: str) -> None:
             if set(figs) != {"latency_us", rate}:
                 raise ShardwiseError(f"{where}: {name}.{kind} must be {shape}, got {figs!r}")
             # a latency may be 0 (fitted away); a rate is a divisor
-            _named_numbers(figs, where, f"{name}.{kind}", "figure", ("latency_us", rate),
-                           "a number >= 0 (latency) or > 0 (rate)", lambda x: x >= 0)
+            _named_numbers(
+                figs,
+                where,
+                f"{name}.{kind}",
+                "figure",
+                ("latency_us", rate),
+                "a number >= 0 (latency) or > 0 (rate)",
+                lambda x: x >= 0,
+            )
             if figs[rate] == 0:
                 raise ShardwiseError(f"{where}: {name}.{kind}.{rate} must be positive, got 0")
 
@@ -245,17 +262,23 @@ def _file_entries(path: str, table: str, cls) -> dict:
         raise ShardwiseError(f"{path}: not valid TOML ({e})") from None
     for top, v in d.items():  # a typo'd [gpus.x] must not be silently ignored
         if top not in FILE_TABLES or not isinstance(v, dict):
-            raise ShardwiseError(f"{path}: {top!r} is not a [gpu.NAME], [network.NAME] or [calibration.NAME] "
-                                 f"table; {closest(top, FILE_TABLES)}")
+            raise ShardwiseError(
+                f"{path}: {top!r} is not a [gpu.NAME], [network.NAME] or [calibration.NAME] "
+                f"table; {closest(top, FILE_TABLES)}"
+            )
         for k, e in v.items():
             if not isinstance(e, dict):
                 raise ShardwiseError(f"{path}: {top}.{k} must be a table of fields, got {e!r}")
-    return {k.lower(): _build(cls, k.lower(), v, f"{p.name} [{table}.{k}]")
-            for k, v in d.get(table, {}).items()}
+    return {k.lower(): _build(cls, k.lower(), v, f"{p.name} [{table}.{k}]") for k, v in d.get(table, {}).items()}
 
 
-def make_cluster(gpu: str | GPU = "h100-80gb", n_gpus: int = 8, gpus_per_node: int | None = None,
-                 network: str | Network | None = None, hardware_file: str | None = None) -> Cluster:
+def make_cluster(
+    gpu: str | GPU = "h100-80gb",
+    n_gpus: int = 8,
+    gpus_per_node: int | None = None,
+    network: str | Network | None = None,
+    hardware_file: str | None = None,
+) -> Cluster:
     g = load_gpu(gpu, hardware_file)
     gpn = gpus_per_node or g.gpus_per_node
     if network is None:

@@ -5,6 +5,7 @@ activations. A field the file leaves out takes the default of that model's trans
 class, so the file means here what it means to transformers. Fields that change neither (rope
 theta and scaling, sliding windows, GPT-NeoX's rotary_pct and parallel residual) are ignored.
 """
+
 from __future__ import annotations
 
 from shardwise.errors import ShardwiseError
@@ -35,8 +36,9 @@ class _Fields:
         v = self.d.get(key)
         if v is None:  # absent, or null (transformers writes "n_inner": null, "head_dim": null)
             if default is _REQUIRED:
-                raise ShardwiseError(f"{self.where}: missing field {key!r}; a config.json of this "
-                                     "model type must give it")
+                raise ShardwiseError(
+                    f"{self.where}: missing field {key!r}; a config.json of this model type must give it"
+                )
             return None
         return v
 
@@ -88,7 +90,9 @@ def _llama_family(f: _Fields, *, max_seq: int, tied: bool, bias_fields: bool) ->
         out_bias=attn_bias,
         mlp_bias=f.bool("mlp_bias", False) if bias_fields else False,
         dropout=f.rate("attention_dropout"),
-        ffn_kind="swiglu", norm="rmsnorm", positions="rotary",
+        ffn_kind="swiglu",
+        norm="rmsnorm",
+        positions="rotary",
     )
 
 
@@ -125,17 +129,26 @@ def _gemma(f: _Fields) -> dict:
 
 def _gpt2(f: _Fields) -> dict:
     if f.bool("add_cross_attention", False):
-        raise ShardwiseError(f"{f.where}: field 'add_cross_attention' is true; shardwise models "
-                             "decoder-only transformers, set it to false")
+        raise ShardwiseError(
+            f"{f.where}: field 'add_cross_attention' is true; shardwise models "
+            "decoder-only transformers, set it to false"
+        )
     hidden = f.int("n_embd")
     return dict(
-        layers=f.int("n_layer"), hidden=hidden, heads=f.int("n_head"), vocab=f.int("vocab_size"),
+        layers=f.int("n_layer"),
+        hidden=hidden,
+        heads=f.int("n_head"),
+        vocab=f.int("vocab_size"),
         ffn_hidden=f.int("n_inner", 4 * hidden),  # null -> 4 * n_embd
         max_seq=f.int("n_positions", 1024),  # the learned position table
         tied_embeddings=f.bool("tie_word_embeddings", True),
         dropout=f.rate("resid_pdrop", "attn_pdrop", "embd_pdrop", default=0.1),
-        qkv_bias=True, out_bias=True, mlp_bias=True,
-        ffn_kind="gelu", norm="layernorm", positions="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        ffn_kind="gelu",
+        norm="layernorm",
+        positions="learned",
     )
 
 
@@ -143,19 +156,33 @@ def _gpt_neox(f: _Fields) -> dict:
     # rotary_pct rotates part of each head and use_parallel_residual reorders the sum: no params
     bias = f.bool("attention_bias", True)  # query_key_value and dense
     return dict(
-        layers=f.int("num_hidden_layers"), hidden=f.int("hidden_size"),
-        heads=f.int("num_attention_heads"), vocab=f.int("vocab_size"),
+        layers=f.int("num_hidden_layers"),
+        hidden=f.int("hidden_size"),
+        heads=f.int("num_attention_heads"),
+        vocab=f.int("vocab_size"),
         ffn_hidden=f.int("intermediate_size"),
         max_seq=f.int("max_position_embeddings", 2048),
         tied_embeddings=f.bool("tie_word_embeddings", False),  # embed_out is its own matrix
         dropout=f.rate("hidden_dropout", "attention_dropout"),
-        qkv_bias=bias, out_bias=bias, mlp_bias=True,
-        ffn_kind="gelu", norm="layernorm", positions="rotary",
+        qkv_bias=bias,
+        out_bias=bias,
+        mlp_bias=True,
+        ffn_kind="gelu",
+        norm="layernorm",
+        positions="rotary",
     )
 
 
-_READERS = {"gemma": _gemma, "gpt2": _gpt2, "gpt_neox": _gpt_neox, "llama": _llama,
-            "mistral": _mistral, "mixtral": _mixtral, "phi3": _phi3, "qwen2": _qwen2}
+_READERS = {
+    "gemma": _gemma,
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "llama": _llama,
+    "mistral": _mistral,
+    "mixtral": _mixtral,
+    "phi3": _phi3,
+    "qwen2": _qwen2,
+}
 SUPPORTED = tuple(sorted(_READERS))
 
 
@@ -168,14 +195,18 @@ def from_hf_config(d: dict, where: str, default_name: str) -> ModelSpec:
         first = arch[0] if isinstance(arch, list) and arch else None
         mt = _ARCHITECTURES.get(first) if isinstance(first, str) else None
         if mt is None:
-            raise ShardwiseError(f"{where}: missing field 'model_type' (and architectures {arch!r} "
-                                 f"is not one shardwise knows); supported: {', '.join(SUPPORTED)}")
+            raise ShardwiseError(
+                f"{where}: missing field 'model_type' (and architectures {arch!r} "
+                f"is not one shardwise knows); supported: {', '.join(SUPPORTED)}"
+            )
     if not isinstance(mt, str):
         raise ShardwiseError(f"{where}: field 'model_type' must be a string, got {mt!r}")
     if mt not in _READERS:
-        raise ShardwiseError(f"{where}: model_type {mt!r} is not supported; supported: "
-                             f"{', '.join(SUPPORTED)} (or describe the model in a TOML file of "
-                             "ModelSpec fields)")
+        raise ShardwiseError(
+            f"{where}: model_type {mt!r} is not supported; supported: "
+            f"{', '.join(SUPPORTED)} (or describe the model in a TOML file of "
+            "ModelSpec fields)"
+        )
     dims = _READERS[mt](_Fields(d, where))
     try:
         return ModelSpec(name=_name(d, default_name), source=f"{where} (model_type {mt})", **dims)

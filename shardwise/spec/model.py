@@ -3,10 +3,11 @@
 The parameter count is always derived from the dimensions, never typed in; presets carry the
 published count only so the tests can hold the derivation against it.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 from shardwise.errors import ShardwiseError, closest
@@ -51,8 +52,16 @@ class ModelSpec:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 fail(f"{f} must be a positive integer, got {v!r}")
-        for f in ("kv_heads", "ffn_hidden", "head_dim", "experts", "top_k", "shared_experts",
-                  "expert_ffn_hidden", "published_params"):
+        for f in (
+            "kv_heads",
+            "ffn_hidden",
+            "head_dim",
+            "experts",
+            "top_k",
+            "shared_experts",
+            "expert_ffn_hidden",
+            "published_params",
+        ):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 fail(f"{f} must be a non-negative integer, got {v!r}")
@@ -64,7 +73,7 @@ class ModelSpec:
             fail(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
         if not 0.0 <= self.dropout < 1.0:
             fail(f"dropout must be in [0, 1), got {self.dropout!r}")
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_ = lambda k, v: object.__setattr__(self, k, v)
         if self.kv_heads == 0:
             set_("kv_heads", self.heads)
         if self.head_dim == 0:
@@ -207,7 +216,7 @@ class ModelSpec:
         d["active_params"] = self.active_params
         return d
 
-    def scaled(self, **dims) -> "ModelSpec":
+    def scaled(self, **dims) -> ModelSpec:
         """The same architecture with some dimensions replaced (for runnable tiny copies)."""
         if "hidden" in dims or "heads" in dims:
             dims.setdefault("head_dim", 0)
@@ -233,8 +242,7 @@ _FIELDS = {f.name for f in dataclasses.fields(ModelSpec)}
 def spec_from_dict(d: dict, where: str) -> ModelSpec:
     unknown = sorted(set(d) - _FIELDS)
     if unknown:
-        raise ShardwiseError(
-            f"{where}: unknown model field {unknown[0]!r}; {closest(unknown[0], _FIELDS)}")
+        raise ShardwiseError(f"{where}: unknown model field {unknown[0]!r}; {closest(unknown[0], _FIELDS)}")
     missing = [f for f in ("name", "layers", "hidden", "heads", "vocab") if f not in d]
     if missing:
         raise ShardwiseError(f"{where}: missing model field {missing[0]!r}")

@@ -5,11 +5,13 @@ The numeric fields (dp, tp, pp, mbs, gbs, vpp, seq) are read by the estimate for
 arithmetic only, so a Plan whose numeric fields are numpy arrays (built by the search, never
 validated field by field) flows through the same formulas: one path for one plan or a million.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError, closest
 
@@ -52,7 +54,7 @@ class Plan:
     def tokens_per_step(self):
         return self.gbs * self.seq
 
-    def replace(self, **kw) -> "Plan":
+    def replace(self, **kw) -> Plan:
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
@@ -60,8 +62,14 @@ class Plan:
 
     def short(self) -> str:
         """Compact one-line name: dp8 tp8 pp2 zero1 mbs1 ga64 1f1b ..."""
-        parts = [f"dp{self.dp}", f"tp{self.tp}", f"pp{self.pp}", f"zero{self.zero}", f"mbs{self.mbs}",
-                 f"ga{self.grad_accum}"]
+        parts = [
+            f"dp{self.dp}",
+            f"tp{self.tp}",
+            f"pp{self.pp}",
+            f"zero{self.zero}",
+            f"mbs{self.mbs}",
+            f"ga{self.grad_accum}",
+        ]
         if self.pp > 1:
             parts.append(self.schedule + (f"/v{self.vpp}" if self.vpp > 1 else ""))
         if self.sp:
@@ -73,7 +81,7 @@ class Plan:
         return " ".join(parts)
 
     # ---- validation -------------------------------------------------------------------
-    def resolve(self, model, gpus: int) -> "Plan":
+    def resolve(self, model, gpus: int) -> Plan:
         """Fill dp and gbs, then check every rule. Returns the complete plan or raises."""
         _check_choices(self)
         for f in ("tp", "pp", "mbs", "seq", "vpp"):
@@ -84,8 +92,10 @@ class Plan:
         p = self
         if p.dp == 0:
             if gpus % (p.tp * p.pp):
-                raise ShardwiseError(f"tp*pp = {p.tp * p.pp} does not divide {gpus} GPUs; "
-                                     "choose tp and pp whose product divides the GPU count")
+                raise ShardwiseError(
+                    f"tp*pp = {p.tp * p.pp} does not divide {gpus} GPUs; "
+                    "choose tp and pp whose product divides the GPU count"
+                )
             p = p.replace(dp=gpus // (p.tp * p.pp))
         if p.gbs == 0:
             p = p.replace(gbs=p.dp * p.mbs)
@@ -120,47 +130,96 @@ class Rule(NamedTuple):
     message: Callable
 
 
-_INTERLEAVED = lambda p: p.schedule == "interleaved"  # noqa: E731
+_INTERLEAVED = lambda p: p.schedule == "interleaved"
 RULES: tuple[Rule, ...] = (
-    Rule("gpus", lambda p, m, g: p.world != g,
-         lambda p, m, g: f"dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {p.world} but there are {g} GPUs; "
-                         f"leave --dp out to derive it, or make the product {g}"),
-    Rule("divisibility", lambda p, m, g: (m.heads % p.tp != 0) | (m.kv_heads % p.tp != 0),
-         lambda p, m, g: f"tp={p.tp} must divide the attention heads ({m.heads}) and KV heads "
-                         f"({m.kv_heads}) of {m.name}; try tp in {divisors(m.kv_heads)}"),
-    Rule("divisibility", lambda p, m, g: m.is_moe & (m.expert_ffn_hidden % p.tp != 0),
-         lambda p, m, g: f"tp={p.tp} must divide the expert FFN size {m.expert_ffn_hidden}; pick a divisor"),
-    Rule("divisibility", lambda p, m, g: m.ffn_hidden % p.tp != 0,
-         lambda p, m, g: f"tp={p.tp} must divide the FFN size {m.ffn_hidden}; pick a divisor"),
-    Rule("divisibility", lambda p, m, g: p.pp > m.layers,
-         lambda p, m, g: f"pp={p.pp} is more stages than {m.name}'s {m.layers} layers; use pp <= {m.layers}"),
-    Rule("divisibility", lambda p, m, g: m.layers % (p.pp * p.vpp) != 0,
-         lambda p, m, g: f"pp*vpp = {p.pp * p.vpp} must divide the {m.layers} layers so every stage gets the "
-                         f"same number; try pp in {divisors(m.layers)}"),
-    Rule("batch", lambda p, m, g: p.gbs % (p.dp * p.mbs) != 0,
-         lambda p, m, g: f"global batch {p.gbs} is not a multiple of dp*mbs = {p.dp}*{p.mbs} = "
-                         f"{p.dp * p.mbs}; use a gbs that is a multiple of {p.dp * p.mbs}"),
-    Rule("schedule", lambda p, m, g: (p.vpp > 1) & (p.schedule != "interleaved"),
-         lambda p, m, g: f"vpp={p.vpp} needs --schedule interleaved (virtual stages only exist there)"),
-    Rule("schedule", lambda p, m, g: _INTERLEAVED(p) & (p.pp == 1),
-         lambda p, m, g: "the interleaved schedule needs pp > 1"),
-    Rule("batch", lambda p, m, g: _INTERLEAVED(p) & (p.grad_accum % p.pp != 0),
-         lambda p, m, g: f"interleaved 1F1B needs the micro-batch count ({p.grad_accum}) to be a multiple "
-                         f"of pp={p.pp}; raise gbs or lower mbs"),
-    Rule("sequence", lambda p, m, g: p.sp & (p.tp == 1),
-         lambda p, m, g: "sequence parallel (--sp) needs tp > 1"),
-    Rule("sequence", lambda p, m, g: p.sp & (p.seq % p.tp != 0),
-         lambda p, m, g: f"sequence parallel splits the sequence over tp: seq={p.seq} must be a multiple "
-                         f"of tp={p.tp}"),
-    Rule("sequence", lambda p, m, g: (m.positions == "learned") & (p.seq > m.max_seq),
-         lambda p, m, g: f"seq={p.seq} exceeds {m.name}'s learned position table ({m.max_seq}); "
-                         f"use --seq <= {m.max_seq}"),
-    Rule("offload", lambda p, m, g: (p.offload == "optimizer") & (p.zero == 0),
-         lambda p, m, g: "optimizer offload needs ZeRO >= 1 (the optimizer states must be sharded to offload "
-                         "them)"),
-    Rule("offload", lambda p, m, g: (p.offload == "params") & (p.zero != 3),
-         lambda p, m, g: "parameter offload needs ZeRO-3 (FSDP2's CPUOffloadPolicy shards and offloads "
-                         "parameters)"),
+    Rule(
+        "gpus",
+        lambda p, m, g: p.world != g,
+        lambda p, m, g: (
+            f"dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {p.world} but there are {g} GPUs; "
+            f"leave --dp out to derive it, or make the product {g}"
+        ),
+    ),
+    Rule(
+        "divisibility",
+        lambda p, m, g: (m.heads % p.tp != 0) | (m.kv_heads % p.tp != 0),
+        lambda p, m, g: (
+            f"tp={p.tp} must divide the attention heads ({m.heads}) and KV heads "
+            f"({m.kv_heads}) of {m.name}; try tp in {divisors(m.kv_heads)}"
+        ),
+    ),
+    Rule(
+        "divisibility",
+        lambda p, m, g: m.is_moe & (m.expert_ffn_hidden % p.tp != 0),
+        lambda p, m, g: f"tp={p.tp} must divide the expert FFN size {m.expert_ffn_hidden}; pick a divisor",
+    ),
+    Rule(
+        "divisibility",
+        lambda p, m, g: m.ffn_hidden % p.tp != 0,
+        lambda p, m, g: f"tp={p.tp} must divide the FFN size {m.ffn_hidden}; pick a divisor",
+    ),
+    Rule(
+        "divisibility",
+        lambda p, m, g: p.pp > m.layers,
+        lambda p, m, g: f"pp={p.pp} is more stages than {m.name}'s {m.layers} layers; use pp <= {m.layers}",
+    ),
+    Rule(
+        "divisibility",
+        lambda p, m, g: m.layers % (p.pp * p.vpp) != 0,
+        lambda p, m, g: (
+            f"pp*vpp = {p.pp * p.vpp} must divide the {m.layers} layers so every stage gets the "
+            f"same number; try pp in {divisors(m.layers)}"
+        ),
+    ),
+    Rule(
+        "batch",
+        lambda p, m, g: p.gbs % (p.dp * p.mbs) != 0,
+        lambda p, m, g: (
+            f"global batch {p.gbs} is not a multiple of dp*mbs = {p.dp}*{p.mbs} = "
+            f"{p.dp * p.mbs}; use a gbs that is a multiple of {p.dp * p.mbs}"
+        ),
+    ),
+    Rule(
+        "schedule",
+        lambda p, m, g: (p.vpp > 1) & (p.schedule != "interleaved"),
+        lambda p, m, g: f"vpp={p.vpp} needs --schedule interleaved (virtual stages only exist there)",
+    ),
+    Rule(
+        "schedule",
+        lambda p, m, g: _INTERLEAVED(p) & (p.pp == 1),
+        lambda p, m, g: "the interleaved schedule needs pp > 1",
+    ),
+    Rule(
+        "batch",
+        lambda p, m, g: _INTERLEAVED(p) & (p.grad_accum % p.pp != 0),
+        lambda p, m, g: (
+            f"interleaved 1F1B needs the micro-batch count ({p.grad_accum}) to be a multiple "
+            f"of pp={p.pp}; raise gbs or lower mbs"
+        ),
+    ),
+    Rule("sequence", lambda p, m, g: p.sp & (p.tp == 1), lambda p, m, g: "sequence parallel (--sp) needs tp > 1"),
+    Rule(
+        "sequence",
+        lambda p, m, g: p.sp & (p.seq % p.tp != 0),
+        lambda p, m, g: f"sequence parallel splits the sequence over tp: seq={p.seq} must be a multiple of tp={p.tp}",
+    ),
+    Rule(
+        "sequence",
+        lambda p, m, g: (m.positions == "learned") & (p.seq > m.max_seq),
+        lambda p, m, g: (
+            f"seq={p.seq} exceeds {m.name}'s learned position table ({m.max_seq}); use --seq <= {m.max_seq}"
+        ),
+    ),
+    Rule(
+        "offload",
+        lambda p, m, g: (p.offload == "optimizer") & (p.zero == 0),
+        lambda p, m, g: "optimizer offload needs ZeRO >= 1 (the optimizer states must be sharded to offload them)",
+    ),
+    Rule(
+        "offload",
+        lambda p, m, g: (p.offload == "params") & (p.zero != 3),
+        lambda p, m, g: "parameter offload needs ZeRO-3 (FSDP2's CPUOffloadPolicy shards and offloads parameters)",
+    ),
 )
 
 
@@ -168,24 +227,47 @@ RULES: tuple[Rule, ...] = (
 # never recommends such a plan under the `torch` profile, `estimate` notes it, and the run tier
 # refuses it with the same words. Model-level limits (MoE) stay estimate-only notes elsewhere.
 ENGINE_RULES: tuple[Rule, ...] = (
-    Rule("engine", lambda p, m, g: p.offload == "optimizer",
-         lambda p, m, g: "optimizer-only offload has no PyTorch engine; use --offload params with --zero 3 "
-                         "(FSDP2 CPUOffloadPolicy) or leave offload out"),
-    Rule("engine", lambda p, m, g: (p.offload == "params") & (p.dp == 1),
-         lambda p, m, g: "--offload params runs through FSDP2, which shards over dp; it needs dp > 1"),
-    Rule("engine", lambda p, m, g: p.optimizer == "adam8bit",
-         lambda p, m, g: "optimizer adam8bit needs bitsandbytes, which `shardwise run` does not use; use adamw "
-                         "(estimate and search still model adam8bit with --profile deepspeed or megatron)"),
+    Rule(
+        "engine",
+        lambda p, m, g: p.offload == "optimizer",
+        lambda p, m, g: (
+            "optimizer-only offload has no PyTorch engine; use --offload params with --zero 3 "
+            "(FSDP2 CPUOffloadPolicy) or leave offload out"
+        ),
+    ),
+    Rule(
+        "engine",
+        lambda p, m, g: (p.offload == "params") & (p.dp == 1),
+        lambda p, m, g: "--offload params runs through FSDP2, which shards over dp; it needs dp > 1",
+    ),
+    Rule(
+        "engine",
+        lambda p, m, g: p.optimizer == "adam8bit",
+        lambda p, m, g: (
+            "optimizer adam8bit needs bitsandbytes, which `shardwise run` does not use; use adamw "
+            "(estimate and search still model adam8bit with --profile deepspeed or megatron)"
+        ),
+    ),
     # its factored statistics span whole rows and columns: on DTensor shards (FSDP2, TP) PyTorch's
     # Adafactor fails, and DDP + TP hands it local shards
-    Rule("engine", lambda p, m, g: (p.optimizer == "adafactor") & ((p.tp > 1) | ((p.zero >= 2) & (p.dp > 1))),
-         lambda p, m, g: "adafactor needs whole parameters: use it with dp (ZeRO 0/1) and pp, not with tp > 1 "
-                         "or ZeRO-2/3; or use adamw"),
+    Rule(
+        "engine",
+        lambda p, m, g: (p.optimizer == "adafactor") & ((p.tp > 1) | ((p.zero >= 2) & (p.dp > 1))),
+        lambda p, m, g: (
+            "adafactor needs whole parameters: use it with dp (ZeRO 0/1) and pp, not with tp > 1 "
+            "or ZeRO-2/3; or use adamw"
+        ),
+    ),
     # DDP's DDP+TP path swaps each DTensor parameter for its local shard once per parameter name;
     # a tied output projection's alias of the embedding stays a DTensor
-    Rule("engine", lambda p, m, g: m.tied_embeddings & (p.tp > 1) & (p.dp > 1) & (p.zero <= 1) & (p.pp == 1),
-         lambda p, m, g: f"{m.name} ties its embeddings, which PyTorch's DDP + TP path cannot hold (dp > 1, "
-                         "tp > 1, ZeRO 0/1); use --zero 2 or 3 (FSDP2 handles it)"),
+    Rule(
+        "engine",
+        lambda p, m, g: m.tied_embeddings & (p.tp > 1) & (p.dp > 1) & (p.zero <= 1) & (p.pp == 1),
+        lambda p, m, g: (
+            f"{m.name} ties its embeddings, which PyTorch's DDP + TP path cannot hold (dp > 1, "
+            "tp > 1, ZeRO 0/1); use --zero 2 or 3 (FSDP2 handles it)"
+        ),
+    ),
 )
 
 
@@ -196,23 +278,26 @@ def engine_violation(p: Plan, model) -> str | None:
             return rule.message(p, model, p.world)
     return None
 
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _positive_int(name, v, allow_zero=False):
     if not isinstance(v, int) or isinstance(v, bool) or v < (0 if allow_zero else 1):
-        raise ShardwiseError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} "
-                             f"integer, got {v!r}")
+        raise ShardwiseError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
 
 
 def _check_choices(p: Plan) -> None:
-    for name, val, allowed in (("schedule", p.schedule, SCHEDULES), ("recompute", p.recompute, RECOMPUTE),
-                               ("precision", p.precision, PRECISIONS), ("optimizer", p.optimizer, OPTIMIZERS),
-                               ("offload", p.offload, OFFLOAD)):
+    for name, val, allowed in (
+        ("schedule", p.schedule, SCHEDULES),
+        ("recompute", p.recompute, RECOMPUTE),
+        ("precision", p.precision, PRECISIONS),
+        ("optimizer", p.optimizer, OPTIMIZERS),
+        ("offload", p.offload, OFFLOAD),
+    ):
         if val not in allowed:
-            raise ShardwiseError(f"unknown {name} {val!r}; {closest(str(val), allowed)} "
-                                 f"(one of {', '.join(allowed)})")
+            raise ShardwiseError(f"unknown {name} {val!r}; {closest(str(val), allowed)} (one of {', '.join(allowed)})")
     if p.zero not in ZERO_STAGES:
         raise ShardwiseError(f"ZeRO stage must be 0, 1, 2 or 3, got {p.zero!r}")
     if not isinstance(p.sp, bool):

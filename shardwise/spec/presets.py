@@ -35,8 +35,10 @@ def preset(name: str) -> ModelSpec:
         _PRESETS = _load_catalog()
     key = name.lower()
     if key not in _PRESETS:
-        raise ShardwiseError(f"unknown model {name!r}; {closest(key, _PRESETS)} "
-                             "(or give a config.json / .toml path; see `shardwise models`)")
+        raise ShardwiseError(
+            f"unknown model {name!r}; {closest(key, _PRESETS)} "
+            "(or give a config.json / .toml path; see `shardwise models`)"
+        )
     return spec_from_dict({"name": key, **_PRESETS[key]}, f"{CATALOG.name} [{key}]")
 
 
@@ -65,7 +67,6 @@ def _from_file(p: Path) -> ModelSpec:
     if not isinstance(d, dict):
         raise ShardwiseError(f"{p}: expected an object of model fields at the top level")
     if "model_type" in d or "architectures" in d:
-
         # a downloaded model is DIR/config.json (name = DIR); a saved copy may be NAME.json
         name = (p.resolve().parent.name or p.stem) if p.stem == "config" else p.stem
         return from_hf_config(d, str(p), default_name=name)

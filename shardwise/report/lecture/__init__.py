@@ -8,20 +8,26 @@ and corrected, with the reason and the source.
     lec = Lecture(Settings(model="llama-2-70b", gpus=64, gpu="h100-80gb"))
     lec.section("zero").tables[0].rows
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError, closest
-from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
 from shardwise.report import figures
+from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
 from shardwise.spec.hardware import make_cluster
 from shardwise.spec.presets import load_model
 
 PARTS = ("why", "strategies", "zero", "comm", "choose")
-TITLES = {"why": "Why distributed training", "strategies": "Parallelism strategies", "zero": "ZeRO",
-          "comm": "Communication", "choose": "Choosing a strategy"}
+TITLES = {
+    "why": "Why distributed training",
+    "strategies": "Parallelism strategies",
+    "zero": "ZeRO",
+    "comm": "Communication",
+    "choose": "Choosing a strategy",
+}
 # the lecture's own setting, used where the user does not choose
 LECTURE_MODEL, LECTURE_GPUS, LECTURE_GPU, LECTURE_NETWORK = "llama-7b", 8, "a100-80gb", "ib-ndr"
 
@@ -64,8 +70,9 @@ class Lecture:
         if s.seq <= 0 or s.mbs <= 0:
             raise ShardwiseError(f"--seq and --mbs must be positive, got seq={s.seq}, mbs={s.mbs}")
         self.model = load_model(s.model or LECTURE_MODEL)
-        self.cluster = make_cluster(s.gpu or LECTURE_GPU, s.gpus or LECTURE_GPUS, s.gpus_per_node,
-                                    s.network or LECTURE_NETWORK)
+        self.cluster = make_cluster(
+            s.gpu or LECTURE_GPU, s.gpus or LECTURE_GPUS, s.gpus_per_node, s.network or LECTURE_NETWORK
+        )
         self._sections: dict[str, Section] = {}
 
     def section(self, key: str) -> Section:
@@ -81,8 +88,9 @@ class Lecture:
         return [self.section(k) for k in keys]
 
 
-def render_figures(sections: list[Section], out_dir: Path | None, formats=("png", "svg"), dpi: int = 110,
-                   inline: bool = False) -> tuple[dict[str, list[Path]], dict[str, str]]:
+def render_figures(
+    sections: list[Section], out_dir: Path | None, formats=("png", "svg"), dpi: int = 110, inline: bool = False
+) -> tuple[dict[str, list[Path]], dict[str, str]]:
     """Draw every figure once: write it to out_dir (if given) and/or keep it as inline SVG.
 
     Returns ({stem: [paths]}, {stem: svg element}).
@@ -107,5 +115,15 @@ def render_figures(sections: list[Section], out_dir: Path | None, formats=("png"
     return paths, svgs
 
 
-__all__ = ["FigureSpec", "Lecture", "Note", "PARTS", "Section", "Settings", "Table", "TITLES", "part_key",
-           "render_figures"]
+__all__ = [
+    "FigureSpec",
+    "Lecture",
+    "Note",
+    "PARTS",
+    "Section",
+    "Settings",
+    "Table",
+    "TITLES",
+    "part_key",
+    "render_figures",
+]

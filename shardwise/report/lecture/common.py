@@ -1,19 +1,19 @@
 """Helpers the five parts share: the default plan, units, and the plans named after strategies."""
+
 from __future__ import annotations
 
 from shardwise.spec.hardware import Cluster
 from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan, divisors
+from shardwise.units import GB, GIB
 
-GIB = 1024**3
-GB = 1e9
 # Each part that compares strategies gives them the same global batch, so their tokens/s, bytes
 # and bubbles are comparable: one micro-batch per GPU, so DDP and ZeRO make one pass (the ZeRO
 # paper's per-iteration volumes) and a pipeline over all N GPUs gets N micro-batches.
 SEQS_PER_GPU = 1
 
 
-def gib(b: float) -> float:
+def to_gib(b: float) -> float:
     return b / GIB
 
 
@@ -41,13 +41,6 @@ def fmt_ms(s: float) -> str:
     return f"{ms:,.0f}" if ms >= 100 else (f"{ms:,.1f}" if ms >= 1 else f"{ms:,.3f}")
 
 
-def fmt_count(n: float) -> str:
-    for unit, f in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= f:
-            return f"{n / f:,.2f}{unit}"
-    return f"{n:,.0f}"
-
-
 def ratio(a: float, b: float) -> str:
     return f"{a / b:,.1f}x" if b else "-"
 
@@ -69,16 +62,21 @@ def plan_words(models, lec) -> str:
     p = Plan(seq=lec.settings.seq, mbs=lec.settings.mbs)
     capped = [f"{m.name}: {seq_for(m, p.seq)}" for m in models if seq_for(m, p.seq) < p.seq]
     seq = f"sequence {p.seq}" + (f" ({', '.join(capped)}, its context)" if capped else "")
-    return (f"{seq}, micro-batch {p.mbs}, {p.precision} precision, {p.optimizer}, recompute {p.recompute}, "
-            f"offload {p.offload}")
+    return (
+        f"{seq}, micro-batch {p.mbs}, {p.precision} precision, {p.optimizer}, recompute {p.recompute}, "
+        f"offload {p.offload}"
+    )
 
 
 def largest_tp(model: ModelSpec, cluster: Cluster) -> int:
     """The widest tensor-parallel group that stays inside one node and divides heads, KV heads
     and the FFN (the Plan's rules) and the GPU count."""
     n = cluster.node_size
-    ok = [t for t in divisors(n) if model.heads % t == 0 and model.kv_heads % t == 0 and model.ffn_hidden % t == 0
-          and cluster.gpus % t == 0]
+    ok = [
+        t
+        for t in divisors(n)
+        if model.heads % t == 0 and model.kv_heads % t == 0 and model.ffn_hidden % t == 0 and cluster.gpus % t == 0
+    ]
     return max(ok)
 
 
@@ -94,8 +92,10 @@ def strategy_plans(model: ModelSpec, cluster: Cluster, lec) -> dict[str, Plan]:
     node and PP the deepest legal pipeline, data parallelism (DDP) over what is left."""
     n = cluster.gpus
     gbs = SEQS_PER_GPU * n * lec.settings.mbs
-    out = {name: base_plan(model, lec, dp=n, zero=z, gbs=gbs)
-           for name, z in (("DDP", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3))}
+    out = {
+        name: base_plan(model, lec, dp=n, zero=z, gbs=gbs)
+        for name, z in (("DDP", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3))
+    }
     tp = largest_tp(model, cluster)
     if tp > 1:
         out["TP"] = base_plan(model, lec, tp=tp, gbs=gbs)

@@ -4,10 +4,11 @@ The same Section is printed in the terminal (rich) and written into the HTML pag
 is formatted once and shown identically in both. `data` keeps the raw numbers (bytes, seconds)
 for the tests and for --json.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 NOTE_KINDS = ("info", "correction", "takeaway")
 

@@ -1,4 +1,5 @@
 """A lecture Section in the terminal (rich): the same tables and notes the HTML page shows."""
+
 from __future__ import annotations
 
 from rich.console import Console
@@ -8,8 +9,11 @@ from rich.text import Text
 from shardwise.report.lecture.section import Section
 
 _ROW_STYLE = {"pick": "bold green", "bad": "red", "dim": "dim"}
-_NOTE = {"info": ("note", "cyan"), "correction": ("where the lecture differs", "bold red"),
-         "takeaway": ("takeaway", "bold green")}
+_NOTE = {
+    "info": ("note", "cyan"),
+    "correction": ("where the lecture differs", "bold red"),
+    "takeaway": ("takeaway", "bold green"),
+}
 
 
 def print_section(s: Section, console: Console | None = None, figure_paths: dict | None = None) -> None:
@@ -21,7 +25,7 @@ def print_section(s: Section, console: Console | None = None, figure_paths: dict
         for i, col in enumerate(t.columns):
             rt.add_column(col, justify="right" if i in t.right else "left", overflow="fold")
         for r, row in enumerate(t.rows):
-            rt.add_row(*row, style=_ROW_STYLE.get(t.marks.get(r, ""), None))
+            rt.add_row(*row, style=_ROW_STYLE.get(t.marks.get(r, "")))
         c.print()
         c.print(rt)
         if t.caption:

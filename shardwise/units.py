@@ -40,6 +40,8 @@ def count(n: float, digits: int = 2) -> str:
 
 def seconds(s: float) -> str:
     """A duration with three significant digits in s, ms or µs: '1.23 s', '45.6 ms', '789 µs'."""
+    if s == 0:
+        return "0 s"
     for unit, f in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if abs(s) >= f or unit == "µs":
             v = s / f

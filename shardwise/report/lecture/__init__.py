@@ -16,11 +16,19 @@ from pathlib import Path
 
 from shardwise.errors import ShardwiseError, closest
 from shardwise.report import figures
+from shardwise.report.lecture import choose, comm, strategies, why, zero
 from shardwise.report.lecture.section import FigureSpec, Note, Section, Table
 from shardwise.spec.hardware import make_cluster
 from shardwise.spec.presets import load_model
 
-PARTS = ("why", "strategies", "zero", "comm", "choose")
+BUILDERS = {
+    "why": why.build,
+    "strategies": strategies.build,
+    "zero": zero.build,
+    "comm": comm.build,
+    "choose": choose.build,
+}
+PARTS = tuple(BUILDERS)
 TITLES = {
     "why": "Why distributed training",
     "strategies": "Parallelism strategies",
@@ -78,10 +86,7 @@ class Lecture:
     def section(self, key: str) -> Section:
         key = part_key(key)
         if key not in self._sections:
-            import importlib
-
-            mod = importlib.import_module(f"shardwise.report.lecture.{key}")
-            self._sections[key] = mod.build(self)
+            self._sections[key] = BUILDERS[key](self)
         return self._sections[key]
 
     def sections(self, keys=PARTS) -> list[Section]:

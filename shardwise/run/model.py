@@ -3,7 +3,7 @@
 Llama-style (RMSNorm, rotary positions, grouped-query attention, SwiGLU) and GPT-2-style
 (LayerNorm, learned positions, GELU MLP, biases, tied embeddings) are the same class with
 different spec fields. Parameter names and shapes are exactly `ModelSpec.param_shapes()`, so
-the estimate tier's inventory, the trace tier and checkpoints all speak of the same tensors.
+the estimate tier's inventory, the run's measurements and checkpoints all speak of the same tensors.
 
 Layers live in a ModuleDict keyed "0".."L-1" and the top-level modules may be None: a pipeline
 stage is this model with the modules it does not own removed (torchtitan's scheme), and keeps

@@ -1,6 +1,6 @@
 """The three breakdowns every tier fills: memory, communication, time.
 
-An Estimate (from formulas) and a Measurement (from a trace or a run) use these same classes
+An Estimate (from formulas) and a Measurement (from a run) use these same classes
 and field names, so comparing them is a diff, not a translation. Bytes are integers; the
 JSON form (`to_dict`) is the stable contract documented in the README.
 """
@@ -152,7 +152,7 @@ class Estimate(Breakdown):
 
 @dataclass
 class Measurement(Breakdown):
-    """Filled by trace or run; `source` says which."""
+    """Filled by a run (run/measure.py); `source` says what filled it."""
 
     source: str = "run"
     rank: int = 0

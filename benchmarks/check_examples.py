@@ -1,4 +1,4 @@
-"""`shardwise check` on every example config and a matrix of plans: the errors the README quotes.
+"""`shardwise check` on every example config and a matrix of plans: the errors docs/accuracy.md quotes.
 
 For each example in examples/ and each plan: predict (torch profile), run with measurement on,
 compare. Prints, per plan, the peak-memory error of each judged rank, the largest model-state

@@ -18,12 +18,9 @@ plans use every rank (probe_plans).
 Three points cannot tell a block's work per micro-batch from its share of the once-per-step work
 (the optimizer's and the clipping's loops over its parameters): the block term holds both, and a
 plan with more micro-batches than the probe is charged the second once per micro-batch. On one
-rank a fourth point, (1 + EXTRA blocks, 3 * m0), separates them (block_step): there one process
-was over-predicted by 17% on average without it (seven full runs of benchmarks/check_examples.py,
-README). On several ranks the three points stay: with the fourth, the real-size multi-rank
-plans came out 5-6% under on average, ZeRO-2/3 by up to 20% (a cost of the real shapes on
-several ranks, gloo's threads beside the math, that an 8-token probe cannot see and the three
-points' per-micro-batch charge happens to cover; README, "Tried and not kept").
+rank a fourth point, (1 + EXTRA blocks, 3 * m0), separates them (block_step); on several ranks the
+three points stay, their per-micro-batch charge covering a real cost of several ranks that an
+8-token probe cannot see (docs/calibration.md, "Why the models are as they are").
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """`shardwise lecture`: the seed lecture's five parts, computed by the library.
 
-The README's figures (docs/figures/*.png,
-one per part, each under 150 KB) are made by:
+The README's figures (docs/figures/*.png, one per part, each under 150 KB) are made by:
 
     shardwise lecture --out docs/figures --formats png --dpi 90
 """

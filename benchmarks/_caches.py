@@ -9,11 +9,11 @@ import pkgutil
 
 
 def clear_estimate_caches() -> None:
-    """Every functools.lru_cache and memo table in shardwise.estimate.*: a fresh ModelSpec then
-    starts from nothing, as the first estimate of a new model does."""
+    """Every functools.lru_cache and memo table in shardwise.estimate.* (sub-packages too: memory/):
+    a fresh ModelSpec then starts from nothing, as the first estimate of a new model does."""
     package = importlib.import_module("shardwise.estimate")  # (shardwise.estimate is also the function)
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"shardwise.estimate.{info.name}")
+    for info in pkgutil.walk_packages(package.__path__, "shardwise.estimate."):
+        module = importlib.import_module(info.name)
         for value in vars(module).values():
             if callable(getattr(value, "cache_clear", None)):
                 value.cache_clear()

@@ -391,7 +391,7 @@ def test_full_recompute_saves_the_block_input_only(spec):
 @pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT], ids=["llama", "gpt"])
 def test_inventory_under_autocast(spec):
     """bf16 autocast over fp32 weights: fp32 residual, one bf16 copy of the norm output per
-    Linear, plus each Linear's bf16 weight cast (memory.py's params.autocast_copy; biases' casts
+    Linear, plus each Linear's bf16 weight cast (estimate/memory's params.autocast_copy; biases' casts
     are not saved)."""
     inv = block_inventory(spec, "torch", "flash", autocast=True, device="cpu")
     want = inventory_bytes(inv, b=b, s=s, tp=1, sp=False, act=2, res=4, layout="torch")

@@ -182,7 +182,7 @@ def _hold(cfgs, world):
         assert comm and all(r.tolerance == 0 for r in comm), name  # collectives were compared, exactly
         assert sum(r.section == "memory" for r in judged) == 4 * (1 + (cfg.plan.pp > 1)), name
         if uses_fsdp(cfg.plan) and cfg.plan.pp == 1:
-            # FSDP2's buffers at each moment, as MemTracker finds them (estimate/memory._fsdp_alone):
+            # FSDP2's buffers at each moment, as MemTracker finds them (estimate/memory/fsdp2.py, _fsdp_alone):
             # these plans measure -0.03% .. -0.01%; the buffers' old count (four blocks at the
             # first block's backward) put them at +5% .. +8%
             peaks = [(r.ranks, r.error) for r in judged if r.item == "peak memory"]

@@ -23,7 +23,7 @@ def counted(fn):
 
 
 def test_memo_on_arrays_equals_the_scalar_formula_once_per_combination():
-    # a loop over "parameter groups", as memory.py's sums are: sum of d // tp over (4096, 11008, 32000)
+    # a loop over "parameter groups", as the memory model's sums are: sum of d // tp over (4096, 11008, 32000)
     f, calls = counted(lambda model, tp, dp: {"sum": sum(d // tp for d in (4096, 11008, 32000)) * dp, "dp": dp})
     g = memo(f)
     tp = np.array([1, 2, 8, 2, 1, 8, 2])

@@ -5,9 +5,11 @@ Pure Python (numpy only inside the vectorized search); never imports torch.
 
 from __future__ import annotations
 
-from shardwise.errors import ShardwiseError, closest
+from shardwise.estimate import profiles
 from shardwise.estimate.comm import collectives
 from shardwise.estimate.memory import memory
+from shardwise.estimate.profiles import PROFILES as PROFILES
+from shardwise.estimate.profiles import Profile
 from shardwise.estimate.time import step_time
 from shardwise.spec.breakdown import Estimate
 from shardwise.spec.hardware import Cluster
@@ -15,7 +17,6 @@ from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan, engine_violation
 from shardwise.spec.presets import load_model
 
-PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
 RULE_OF_THUMB_BYTES_PER_PARAM = 18  # the lecture: 2 + 2 + 12 model states + "~2" activations
 
 
@@ -23,7 +24,7 @@ def estimate(
     model: ModelSpec | str,
     cluster: Cluster,
     plan: Plan | None = None,
-    profile: str = "torch",
+    profile: str | Profile = "torch",
     *,
     efficiency: float | None = None,
     tokens: float = 0.0,
@@ -34,14 +35,14 @@ def estimate(
     `plan` may leave dp (derived from the GPU count) and gbs (= dp * mbs) out.
     `efficiency` is the fraction of peak FLOP/s the matmuls reach (default: see time.py).
     `tokens` (a training budget) and `price` ($/GPU-hour) add days, GPU-hours and cost.
+    `profile`: an accounting profile's name (PROFILES) or the object itself.
     """
 
-    if profile not in PROFILES:
-        raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)}")
+    prof = profiles.profile(profile)
     model = load_model(model)
     plan = (plan or Plan()).resolve(model, cluster.gpus)
-    mem = memory(model, cluster, plan, profile)
-    comm = collectives(model, cluster, plan, profile)
+    mem = memory(model, cluster, plan, prof)
+    comm = collectives(model, cluster, plan, prof)
     t = step_time(model, cluster, plan, comm, efficiency=efficiency, tokens=tokens, price=price)
     return Estimate(
         memory=mem,
@@ -50,17 +51,17 @@ def estimate(
         model=model,
         cluster=cluster,
         plan=plan,
-        profile=profile,
+        profile=prof.name,
         rule_of_thumb_bytes=RULE_OF_THUMB_BYTES_PER_PARAM * model.params,
-        notes=_notes(model, cluster, plan, profile),
+        notes=_notes(model, cluster, plan, prof),
     )
 
 
-def _notes(model, cluster, plan, profile) -> list[str]:
+def _notes(model, cluster, plan, prof: Profile) -> list[str]:
     notes = []
     if model.estimated:
         notes.append(f"{model.name}'s dimensions are a public estimate, not a published architecture.")
-    if profile == "torch":
+    if prof.run_engines:
         why = engine_violation(plan, model)
         if why:
             notes.append(f"`shardwise run` cannot train this plan on PyTorch's engines: {why}.")

@@ -298,7 +298,7 @@ def block_backward_bytes(model, plan, *, act, autocast: bool, grads_kept: bool =
     unsharded parameter's .grad until the block's reduce-scatter). SwiGLU's product backward then
     runs next to w2's gradient [f, h], made just before: 2*T*f + f*h; its later weight gradients
     come as its saved tensors go (w3's: 2*f*h - T*f over the block's start), which the end of
-    the block's backward bounds (memory.py). GELU's da comes next to w2's gradient already
+    the block's backward bounds (memory/fsdp2.py). GELU's da comes next to w2's gradient already
     (T*f + f*h); at T < h its later moments, weight gradients accumulating as the MLP's tensors
     are freed, go above it (by 69,632 bytes, 17%, for h = 128, f = 512, T = 64, fp32)."""
     f, width = _ffn_widths(model, plan.tp)

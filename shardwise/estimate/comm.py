@@ -18,20 +18,12 @@ The link is the one the group spans (contract item 1, mesh (pp, dp, tp), tp inne
 of size s and stride t lies inside one node iff s*t <= GPUs per node; tp has stride 1, dp stride
 tp, pp stride dp*tp, the whole world stride 1.
 
-Profiles (what differs is a small table of dtypes and which collectives; one code path):
-- torch: exactly the engines `shardwise run` uses (run/parallelize.py, run/engine.py):
-  DDP gradient all-reduce in its real buckets; ZeroRedundancyOptimizer's broadcast of each
-  owner's bucket after the step (parameters_as_bucket_view); FSDP2 all-gathers and
-  reduce-scatters per fully_shard group with padded shards; DTensor TP collectives as the
-  contract's layout issues them (checked against PyTorch 2.13 with a dispatch-mode log on a fake
-  process group); the engine's own all-reduces.
-- zero-paper: Rajbhandari et al. 2020, §7: 16-bit gradients and parameters; DDP one all-reduce;
-  ZeRO-1/2 a reduce-scatter of gradients and an all-gather of parameters (the same volume as the
-  all-reduce); ZeRO-3 an all-gather in forward, another in backward and a reduce-scatter (1.5x).
-  TP/PP as Megatron-LM (which the paper uses for model parallelism).
-- deepspeed: the paper's collectives in DeepSpeed's default buckets.
-- megatron: fp32 main gradients (bf16 training), all-reduced in DDP buckets, or reduce-scattered
-  by the distributed optimizer (ZeRO-1/2) which then all-gathers 16-bit parameters.
+Profiles: what each engine sends is said once, by its object in profiles.py: the dtypes it
+carries (Profile.dtypes), its tensor-parallel layout (DTensor's, _tp, or Megatron's f/g operators,
+_megatron_tp), its data-parallel collectives per ZeRO stage (a table of profiles.Send, _sent; the
+torch profile's are its engines' own, bucket by bucket and group by group, _torch_dp), and whether
+the run tier's per-step all-reduces are sent (_engine).
+
 MoE: no expert parallelism (ep is not a Plan field), so experts are TP-sharded like the dense
 FFN and no all-to-all is needed; the FFN is one TP region per layer (torchtitan's MoE plan).
 
@@ -45,24 +37,15 @@ from __future__ import annotations
 from functools import cache, lru_cache
 from typing import NamedTuple
 
-from shardwise.errors import ShardwiseError, closest
-from shardwise.estimate import _num
+from shardwise.errors import ShardwiseError
+from shardwise.estimate import _num, profiles
 from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.memory import zero1_bucket_numels
 from shardwise.estimate.pipeline import chunks_per_rank
+from shardwise.estimate.profiles import DDP_BUCKET, DDP_FIRST_BUCKET, Profile
+from shardwise.estimate.profiles import PROFILES as PROFILES
 from shardwise.spec.breakdown import Collective
-from shardwise.units import MIB
 
-PROFILES = ("torch", "zero-paper", "megatron", "deepspeed")
-DDP_FIRST_BUCKET = 1 * MIB  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
-DDP_BUCKET = 25 * MIB  # DistributedDataParallel(bucket_cap_mb=None) -> 25 MiB
-# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py), in elements
-DS_REDUCE_BUCKET = 500_000_000  # reduce_bucket_size (also the non-ZeRO allreduce_bucket_size)
-DS_ALLGATHER_BUCKET = 500_000_000  # allgather_bucket_size (ZeRO-1/2 parameter all-gather)
-DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size (ZeRO-3 parameter gathers)
-# Megatron-core DistributedDataParallel with overlap_grad_reduce: max(40M, 1M * dp) elements
-MEGATRON_BUCKET_MIN = 40_000_000
-MEGATRON_BUCKET_PER_DP = 1_000_000
 LOSS_REDUCE_BYTES = 8  # the engine's one all-reduce of [loss, squared grad norm] in fp32
 CE_REDUCES = 3  # Megatron's vocab-parallel cross-entropy: max, sum of exp, target logit
 
@@ -286,25 +269,10 @@ def zero1_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
 
 
 # ---- dtypes ------------------------------------------------------------------------------------
-def dtypes(profile: str, plan) -> dict:
-    """Bytes per element of what each collective carries, by profile and precision.
-    P: stored parameters; grad: DDP/data-parallel gradients; gather / reduce: ZeRO parameter
-    all-gather and gradient reduce-scatter; resid: the residual stream (embedding output, norm
-    outputs, block inputs and their gradients, pipeline activations); mm: matmul outputs (wo, w2,
-    logits) and their gradients."""
-    prec = plan.precision
-    mixed = prec in ("bf16-mixed", "fp16-mixed")
-    b16 = 4 if prec == "fp32" else 2
-    if profile == "torch":
-        p = 2 if prec == "bf16" else 4
-        # mixed: FSDP2 (zero 2/3 with dp > 1) computes in the 16-bit param dtype; otherwise autocast
-        # keeps the residual stream in fp32 and only matmul outputs are 16-bit (contract item 6)
-        resid = where(plan.dp > 1, 2, 4) if (mixed and plan.zero >= 2) else (4 if mixed else p)
-        return {"P": p, "grad": p, "gather": 2 if mixed else p, "reduce": 4 if mixed else p, "resid": resid, "mm": b16}
-    if profile == "megatron":
-        grad = 2 if prec in ("fp16-mixed", "bf16") else 4  # bf16 training reduces fp32 main grads
-        return {"P": b16, "grad": grad, "gather": b16, "reduce": grad, "resid": b16, "mm": b16}
-    return {"P": b16, "grad": b16, "gather": b16, "reduce": b16, "resid": b16, "mm": b16}
+def dtypes(profile: str | Profile, plan) -> dict:
+    """Bytes per element of what each collective carries, by profile and precision
+    (Profile.dtypes)."""
+    return profiles.profile(profile).dtypes(plan)
 
 
 # ---- one entry -----------------------------------------------------------------------------------
@@ -436,24 +404,23 @@ def make(
 
 
 # ---- the step ----------------------------------------------------------------------------------
-def collectives(model, cluster, plan, profile: str = "torch") -> list[Collective]:
+def collectives(model, cluster, plan, profile: str | Profile = "torch") -> list[Collective]:
     """Every collective of one training step on rank 0."""
-    if profile not in PROFILES:
-        raise ShardwiseError(f"unknown accounting profile {profile!r}; {closest(profile, PROFILES)}")
-    dt = dtypes(profile, plan)
+    prof = profiles.profile(profile)
+    dt = prof.dtypes(plan)
     arr = _num._is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq)
     # (one plan: a group of one rank makes no calls, and its entries would be dropped below)
     out = (
-        (_tp(model, cluster, plan, profile, dt, arr) if arr or plan.tp > 1 else [])
+        (_tp(model, cluster, plan, prof, dt, arr) if arr or plan.tp > 1 else [])
         + (_pp(model, cluster, plan, dt, arr) if arr or plan.pp > 1 else [])
-        + (_dp(model, cluster, plan, profile, dt, arr) if arr or plan.dp > 1 else [])
+        + (_dp(model, cluster, plan, prof, dt, arr) if arr or plan.dp > 1 else [])
     )
-    if profile == "torch":
+    if prof.run_engines:
         out += _engine(model, cluster, plan, dt, arr)
     return out if arr else [c for c in out if c.count > 0]
 
 
-def _tp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
+def _tp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
     """Tensor-parallel collectives of all micro-batches, per layer and at the model's ends."""
     t, m, sp = plan.tp, plan.grad_accum, plan.sp
     act = plan.mbs * plan.seq * model.hidden  # one [mbs, seq, hidden] activation (full, unsharded)
@@ -467,7 +434,7 @@ def _tp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
     def c(kind, what, per_call, count):
         return make(cluster, kind, "tp", t, 1, count, what, per_call=per_call, arr=arr, net=net)
 
-    if profile != "torch":
+    if not prof.dtensor_tp:
         return _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head)
     # torch.utils.checkpoint (non-reentrant) stops recomputing once every saved tensor is back:
     # the block's last collective (reducing w2's output) is not replayed, the others are
@@ -621,7 +588,7 @@ def _pp(model, cluster, plan, dt, arr) -> list[Collective]:
     ]
 
 
-def _dp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
+def _dp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
     n, stride, m = plan.dp, plan.tp, plan.grad_accum
     net = group_net(cluster, n, stride, arr)
 
@@ -629,133 +596,102 @@ def _dp(model, cluster, plan, profile, dt, arr) -> list[Collective]:
         return make(cluster, kind, "dp", n, stride, count, what, overlapped=overlapped, arr=arr, net=net, **kw)
 
     psi = rank0_param_numel(model, plan)  # elements rank 0 holds (tp-local, one pipeline stage)
-    if profile == "torch":
-        if plan.zero <= 1:
-            buckets = ddp_buckets(model, plan, dt["grad"])
-            out = [
-                c(
-                    "all-reduce",
-                    "gradients (DDP buckets: 1 MiB first, then 25 MiB)",
-                    buckets,
-                    True,
-                    total=psi * dt["grad"],
-                    sizes=None if arr else ddp_bucket_sizes(model, plan, dt["grad"]),
-                )
-            ]
-            if plan.zero == 1:
-                # parameters_as_bucket_view (run/engine.py): one flat bucket per owner, not one call per parameter
-                sizes = None if arr else zero1_bucket_sizes(model, plan, dt["P"])
-                out.append(
-                    c(
-                        "broadcast",
-                        "updated parameters from their ZeroRedundancyOptimizer owners, one bucket per owner",
-                        n,
-                        False,
-                        total=psi * dt["P"] if arr else sum(b * k for b, k in sizes.items()),
-                        sizes=sizes,
-                    )
-                )
-            return out
-        # FSDP2: one all-gather and one reduce-scatter per fully_shard group (each block; the root
-        # holds the embeddings, and without pipelining also the final norm and output)
-        blocks = _layers_on_rank0(model, plan)
-        sums = _fsdp_numels(model, plan.tp, n, plan.pp)
-        block, root = sums["block"], sums["root"]
-        piped = plan.pp > 1
-        if plan.zero == 2:
-            # reshard_after_forward=False: gathered in each forward, kept through backward, resharded
-            # after it; under torch.distributed.pipelining the stage keeps them until the step's end
-            gathers = where(piped, 1, m)
-            reduces = 1 + 0 * m
-        else:
-            # reshard_after_forward=True (the root too: it is passed explicitly): gathered for the
-            # forward and again for the backward of each micro-batch; the pipeline stage keeps
-            # them after a backward (reshard_after_backward=False), so only a backward that follows
-            # a forward, plus the first op, gathers: 1 + m per step
-            gathers = where(piped, 1 + m, 2 * m)
-            reduces = where(piped, 1, m)
-        what_g = "parameters (16-bit)" if dt["gather"] == 2 else "parameters"
-        return [
+    if prof.sends is None:
+        return _torch_dp(c, model, plan, dt, arr, psi)
+    return _sent(c, prof.sends[plan.zero], psi, dt, m, n)
+
+
+def _sent(c, sends, psi, dt, m, n) -> list[Collective]:
+    """A profile's data-parallel collectives from its table (profiles.Send) for psi elements over
+    n ranks: one call of everything, or the calls of its buckets, once per step or once per
+    micro-batch."""
+    out = []
+    for s in sends:
+        payload = psi * dt[s.payload]
+        size = s.bucket_elements(n)
+        if size is None:
+            out.append(c(s.kind, s.what, m if s.per_micro_batch else 1 + 0 * m, s.overlapped, per_call=payload))
+            continue
+        calls = ceil_div(psi, size)
+        if s.per_micro_batch:
+            calls, payload = calls * m, payload * m
+        out.append(c(s.kind, s.what, calls, s.overlapped, total=payload))
+    return out
+
+
+def _torch_dp(c, model, plan, dt, arr, psi) -> list[Collective]:
+    """The torch profile's data-parallel collectives: its engines' own. DDP (zero 0) all-reduces
+    gradients in its buckets, ZeroRedundancyOptimizer (zero 1) adds a broadcast per owner after
+    the step, FSDP2 (zero 2/3) gathers and reduce-scatters each fully_shard group."""
+    n, m = plan.dp, plan.grad_accum
+    if plan.zero <= 1:
+        buckets = ddp_buckets(model, plan, dt["grad"])
+        out = [
             c(
-                "all-gather",
-                f"{what_g} of each transformer block (FSDP2)",
-                blocks * gathers,
+                "all-reduce",
+                "gradients (DDP buckets: 1 MiB first, then 25 MiB)",
+                buckets,
                 True,
-                per_call=block * dt["gather"],
-            ),
-            c(
-                "all-gather",
-                f"{what_g} of the root group (embeddings, norm, output) (FSDP2)",
-                gathers,
-                True,
-                per_call=root * dt["gather"],
-            ),
-            c(
-                "reduce-scatter",
-                "gradients of each transformer block (FSDP2)",
-                blocks * reduces,
-                True,
-                per_call=block * dt["reduce"],
-            ),
-            c("reduce-scatter", "gradients of the root group (FSDP2)", reduces, True, per_call=root * dt["reduce"]),
+                total=psi * dt["grad"],
+                sizes=None if arr else ddp_bucket_sizes(model, plan, dt["grad"]),
+            )
         ]
-    g, p = psi * dt["grad"], psi * dt["gather"]
-    if profile == "zero-paper":
-        one = 1 + 0 * m
-        if plan.zero == 0:
-            return [c("all-reduce", "gradients", one, True, per_call=g)]
-        if plan.zero <= 2:
-            return [
-                c("reduce-scatter", "gradients to their owners", one, True, per_call=g),
-                c("all-gather", "updated parameters after the step", one, False, per_call=p),
-            ]
-        return [
-            c("all-gather", "parameters, forward", m, True, per_call=p),
-            c("all-gather", "parameters, backward", m, True, per_call=p),
-            c("reduce-scatter", "gradients", m, True, per_call=g),
-        ]
-    if profile == "deepspeed":
-        if plan.zero == 0:
-            return [
-                c("all-reduce", "gradients (allreduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET), True, total=g)
-            ]
-        if plan.zero <= 2:
-            return [
-                c("reduce-scatter", "gradients (reduce_bucket_size)", ceil_div(psi, DS_REDUCE_BUCKET), True, total=g),
+        if plan.zero == 1:
+            # parameters_as_bucket_view (run/engine.py): one flat bucket per owner, not one call per parameter
+            sizes = None if arr else zero1_bucket_sizes(model, plan, dt["P"])
+            out.append(
                 c(
-                    "all-gather",
-                    "updated parameters (allgather_bucket_size)",
-                    ceil_div(psi, DS_ALLGATHER_BUCKET),
+                    "broadcast",
+                    "updated parameters from their ZeroRedundancyOptimizer owners, one bucket per owner",
+                    n,
                     False,
-                    total=p,
-                ),
-            ]
-        per = ceil_div(psi, DS_PREFETCH_BUCKET)
-        return [
-            c("all-gather", "parameters, forward (stage3_prefetch_bucket_size)", per * m, True, total=p * m),
-            c("all-gather", "parameters, backward (stage3_prefetch_bucket_size)", per * m, True, total=p * m),
-            c(
-                "reduce-scatter",
-                "gradients (reduce_bucket_size)",
-                ceil_div(psi, DS_REDUCE_BUCKET) * m,
-                True,
-                total=g * m,
-            ),
-        ]
-    # megatron
-    bucket = _num.maximum(MEGATRON_BUCKET_MIN, MEGATRON_BUCKET_PER_DP * n)
-    nb = ceil_div(psi, bucket)
-    if plan.zero == 0:
-        return [c("all-reduce", "main gradients (DDP buckets)", nb, True, total=g)]
-    if plan.zero <= 2:
-        return [
-            c("reduce-scatter", "main gradients (distributed optimizer buckets)", nb, True, total=g),
-            c("all-gather", "updated 16-bit parameters (distributed optimizer)", nb, False, total=p),
-        ]
+                    total=psi * dt["P"] if arr else sum(b * k for b, k in sizes.items()),
+                    sizes=sizes,
+                )
+            )
+        return out
+    # FSDP2: one all-gather and one reduce-scatter per fully_shard group (each block; the root
+    # holds the embeddings, and without pipelining also the final norm and output)
+    blocks = _layers_on_rank0(model, plan)
+    sums = _fsdp_numels(model, plan.tp, n, plan.pp)
+    block, root = sums["block"], sums["root"]
+    piped = plan.pp > 1
+    if plan.zero == 2:
+        # reshard_after_forward=False: gathered in each forward, kept through backward, resharded
+        # after it; under torch.distributed.pipelining the stage keeps them until the step's end
+        gathers = where(piped, 1, m)
+        reduces = 1 + 0 * m
+    else:
+        # reshard_after_forward=True (the root too: it is passed explicitly): gathered for the
+        # forward and again for the backward of each micro-batch; the pipeline stage keeps
+        # them after a backward (reshard_after_backward=False), so only a backward that follows
+        # a forward, plus the first op, gathers: 1 + m per step
+        gathers = where(piped, 1 + m, 2 * m)
+        reduces = where(piped, 1, m)
+    what_g = "parameters (16-bit)" if dt["gather"] == 2 else "parameters"
     return [
-        c("all-gather", "parameters, forward", m, True, per_call=p),
-        c("all-gather", "parameters, backward", m, True, per_call=p),
-        c("reduce-scatter", "main gradients", m, True, per_call=g),
+        c(
+            "all-gather",
+            f"{what_g} of each transformer block (FSDP2)",
+            blocks * gathers,
+            True,
+            per_call=block * dt["gather"],
+        ),
+        c(
+            "all-gather",
+            f"{what_g} of the root group (embeddings, norm, output) (FSDP2)",
+            gathers,
+            True,
+            per_call=root * dt["gather"],
+        ),
+        c(
+            "reduce-scatter",
+            "gradients of each transformer block (FSDP2)",
+            blocks * reduces,
+            True,
+            per_call=block * dt["reduce"],
+        ),
+        c("reduce-scatter", "gradients of the root group (FSDP2)", reduces, True, per_call=root * dt["reduce"]),
     ]
 
 

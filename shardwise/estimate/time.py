@@ -45,9 +45,10 @@ from __future__ import annotations
 
 from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import maximum, minimum, where
-from shardwise.estimate.comm import dtypes, rank0_param_numel
+from shardwise.estimate.comm import rank0_param_numel
 from shardwise.estimate.host import host_seconds
 from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal
+from shardwise.estimate.profiles import TORCH
 from shardwise.spec.breakdown import Time
 
 DEFAULT_EFFICIENCY = 0.5
@@ -236,8 +237,9 @@ def _excess(comm_s, budget, overlap=1.0):
 def _offload_bytes(plan, comm, shard):
     """PCIe bytes per step. optimizer: the fp32 gradient shard down, the updated parameter shard
     up. params (FSDP2 CPUOffloadPolicy): the parameter shard up before every all-gather (in its
-    stored dtype) and each reduced gradient shard down."""
-    dt = dtypes("torch", plan)
+    stored dtype) and each reduced gradient shard down. In the torch profile's dtypes whatever
+    the profile (step_time is not given one)."""
+    dt = TORCH.dtypes(plan)
     if plan.offload == "optimizer":
         return shard * (4 + dt["P"])
     up = down = 0.0 * plan.dp

@@ -10,8 +10,8 @@ import numpy as np
 
 from shardwise import units
 from shardwise.errors import ShardwiseError
-from shardwise.estimate import estimate
-from shardwise.estimate.profiles import optimizer_bytes, state_bytes
+from shardwise.estimate import estimate, profiles
+from shardwise.estimate.profiles import Profile, optimizer_bytes
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SCHEDULES, SEARCHED, Space, Spaces, check_fixed
 from shardwise.search.vectorized import Nearest, Tally, evaluate, offloaded_bytes
 from shardwise.spec.hardware import Cluster, gpus
@@ -39,15 +39,19 @@ COUNTS_PER_PASS = 16
 
 @dataclass(frozen=True)
 class Options:
-    """How plans are judged (everything but the model, the cluster and the pinned fields)."""
+    """How plans are judged (everything but the model, the cluster and the pinned fields).
+    `profile` may be given by name; it is held as the profile object (profiles.profile)."""
 
-    profile: str = "torch"
+    profile: str | Profile = "torch"
     headroom: float = DEFAULT_HEADROOM
     host_memory_gib: float | None = None  # CPU memory per node for offload; None: the default above
     cross_node_tp: bool = False
     efficiency: float | None = None
     tokens: float = 0.0
     price: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "profile", profiles.profile(self.profile))
 
     def host_bytes(self, cluster: Cluster) -> float:
         """CPU bytes per node that offloaded states may use, less the headroom."""
@@ -208,7 +212,7 @@ def capacity_bound(model, cluster: Cluster, fixed: dict, opts: Options) -> int:
     parameter (shardwise.estimate.profiles), e.g. 4 + 8 = 12 for AdamW under `torch` bf16-mixed."""
 
     base = Plan(**{k: v for k, v in fixed.items() if k in ("precision", "optimizer")})
-    sb = state_bytes(opts.profile, base.precision)
+    sb = opts.profile.state_bytes(base.precision)
     need = sum(
         sb.param * _numel(shape) + optimizer_bytes(base.optimizer, shape, sb) for _, shape in model.param_shapes()
     )

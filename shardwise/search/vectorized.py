@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from shardwise.estimate import profiles
 from shardwise.estimate.comm import collectives
 from shardwise.estimate.memory import memory
+from shardwise.estimate.profiles import Profile
 from shardwise.estimate.time import step_time
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
 from shardwise.spec.plan import ENGINE_RULES, RULES
@@ -85,7 +87,7 @@ def _arr(x, n: int, dtype) -> np.ndarray:
 def evaluate(
     space,
     cluster,
-    profile: str,
+    profile: str | Profile,
     budget_fraction: float,
     *,
     efficiency=None,
@@ -103,7 +105,7 @@ def evaluate(
     stop_at_first_fit: return as soon as one plan fits (with time=False).
     """
 
-    model = space.model
+    model, prof = space.model, profiles.profile(profile)
     tally, nearest, out = Tally(), Nearest(), []
     families, variants = space.families(), space.variants()
     if stop_at_first_fit:  # most frugal first: the answer is usually the first group
@@ -118,7 +120,7 @@ def evaluate(
         kept: dict[str, np.ndarray] = {}  # recompute -> GPU model-state bytes without offload (-1: not estimated)
         for var in variants:
             cats = fam | var
-            alive = _legal(space, grid, cats, tally, RULES + ENGINE_RULES if profile == "torch" else RULES)
+            alive = _legal(space, grid, cats, tally, RULES + ENGINE_RULES if prof.run_engines else RULES)
             if alive is None:
                 continue
             tally.enumerated += n
@@ -131,7 +133,7 @@ def evaluate(
             if len(todo) == 0:
                 continue
             tally.estimated += len(todo)
-            total, capacity, mem = _memory(space, cluster, grid, cats, todo, profile)
+            total, capacity, mem = _memory(space, cluster, grid, cats, todo, prof)
             ok_gpu = total <= budget_fraction * capacity
             ok = ok_gpu.copy()
             tally.min_total = min(tally.min_total, float(total.min()))
@@ -146,7 +148,7 @@ def evaluate(
                     host = np.maximum(before - _arr(_states(_subset(mem, sel)), len(sel), np.int64), 0)
                 else:
                     host = offloaded_bytes(
-                        model, cluster, space.plan(grid, cats, todo[sel]), profile, len(sel), _subset(mem, sel)
+                        model, cluster, space.plan(grid, cats, todo[sel]), prof, len(sel), _subset(mem, sel)
                     )
                 ok[sel] = host * grid["node"][todo[sel]] <= host_bytes
             fits[todo] = ok
@@ -167,7 +169,7 @@ def evaluate(
                 continue
             idx = todo[ok]
             sub = space.plan(grid, cats, idx)
-            comm = collectives(model, cluster, sub, profile)
+            comm = collectives(model, cluster, sub, prof)
             t = step_time(model, cluster, sub, comm, efficiency=efficiency, tokens=tokens, price=price)
             tally.timed += len(idx)
             out.append(
@@ -185,8 +187,9 @@ def evaluate(
 
 def _legal(space, grid, cats, tally, rules=RULES) -> np.ndarray | None:
     """Which grid elements pass every rule (counting the rest per reason), or None when a rule on
-    the categorical fields alone refuses the whole group. Under the `torch` profile the rules
-    include PyTorch's engine limits: the search recommends only what `shardwise run` can train."""
+    the categorical fields alone refuses the whole group. Under the `torch` profile (run_engines)
+    the rules include PyTorch's engine limits: the search recommends only what `shardwise run`
+    can train."""
     model, gpus = space.model, grid["gpus"]
     plan = space.plan(grid, cats)
     results = [(rule, rule.broken(plan, model, gpus)) for rule in rules]
@@ -210,7 +213,7 @@ def _legal(space, grid, cats, tally, rules=RULES) -> np.ndarray | None:
     return alive
 
 
-def _memory(space, cluster, grid, cats, idx, profile: str):
+def _memory(space, cluster, grid, cats, idx, profile: Profile):
     """(total bytes per GPU, capacity, the Memory) of the elements idx."""
 
     mem = memory(space.model, cluster, space.plan(grid, cats, idx), profile)
@@ -227,7 +230,7 @@ def _states(mem):
     return mem.params + mem.grads + mem.optimizer
 
 
-def offloaded_bytes(model, cluster, plan, profile: str, n: int | None = None, mem=None):
+def offloaded_bytes(model, cluster, plan, profile: str | Profile, n: int | None = None, mem=None):
     """Model-state bytes per GPU that offload moves to the CPU: what the same plan without offload
     keeps on the GPU in parameters, gradients and optimizer states, less what it still keeps.
     Derived from the memory estimate itself. n: the array length (None for a scalar plan)."""

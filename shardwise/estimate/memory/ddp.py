@@ -1,0 +1,117 @@
+"""DDP and ZeRO-1 memory under the torch profile: the engines that keep every parameter local
+to the rank (a tp-local shard at most): DDP (zero 0), DDP + ZeroRedundancyOptimizer (zero 1, its
+partition in zero1.py), or no data-parallel wrapper at all (dp = 1, any zero), each with TP and/or
+PP; FSDP2 (zero 2/3 over dp > 1) is fsdp2.py. Mixed precision: fp32 parameters under autocast.
+"""
+
+from __future__ import annotations
+
+from shardwise.estimate import activations as acts
+from shardwise.estimate._num import maximum, memo, where
+from shardwise.estimate.memory.moments import grads_present, loss_and_block, peak_backwards, split_items
+from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
+from shardwise.estimate.memory.zero1 import zero1_worst
+from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
+
+
+@memo
+def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last):
+    """Parameter sums for the local engines: elements, optimizer bytes and step scratch of the
+    worst dp rank, the Linear elements autocast copies, and the elements whose gradients appear
+    with each part's first backward: one block's, the embeddings', the head's."""
+    g, sb = groups(model), TORCH.state_bytes(precision)
+    st = stage_of(model, pp, last)
+    numel = lambda p: elements(local_shape(p, tp))
+    n = st.sum(g, numel)
+    states = st.sum(g, lambda p: optimizer_bytes(optimizer, local_shape(p, tp), sb))
+    # the step's scratch: foreach unless the parameters mix DTensors and plain tensors (run/engine.py
+    # turns foreach off then: TP without DDP and without sequence parallel leaves the norms
+    # plain); Adafactor defaults to its single-tensor loop
+    largest = st.max(g, numel)
+    if optimizer == "adamw":
+        matrices = st.sum(g, numel, only=lambda p: len(p.shape) >= 2)
+        foreach = step_temp_bytes("adamw", maximum(matrices, n - matrices), sb, foreach=True)
+        mixed_kinds = 0 if sp else where((tp > 1) & (dp == 1), 1, 0)
+        temp = mixed_kinds * step_temp_bytes("adamw", largest, sb, foreach=False) + (1 - mixed_kinds) * foreach
+    else:
+        temp = step_temp_bytes(optimizer, largest, sb, foreach=False)
+    if zero == 1:  # ZeroRedundancyOptimizer under DDP; at dp = 1 the plain optimizer
+        z_states, z_temp = zero1_worst(model, int(dp), int(tp), int(pp), last, optimizer, sb)
+        ddp = where(dp > 1, 1, 0)
+        states, temp = where(ddp, z_states, states), where(ddp, z_temp, temp)
+    block_linear = block_sum(g, numel, only=lambda p: p.linear)
+    out = g["tied"][0] if model.tied_embeddings else [p for p in g["head"] if p.linear][0]
+    embed = st.embed * sum(p.count * numel(p) for p in g["embed"])
+    # DTensor's embedding backward under vocab-parallel TP gives the whole table's gradient,
+    # Replicate, on every tp rank (run/engine._align_grads slices it at the step); DDP's path
+    # hands back the local shard's. A tied table's gradient takes the output's Shard layout.
+    # So without DDP each untied table (the token one on a pipeline's first stage too, where
+    # the output is on the last) holds its full rows during the backward.
+    untied = lambda p: p.vocab is False or not model.tied_embeddings or pp > 1
+    replicated = sum(p.count * (elements(p.shape) - numel(p)) for p in g["embed"] if untied(p))
+    embed_grad = embed + st.embed * where((dp == 1) & (tp > 1), replicated, 0)
+    return {
+        "n": n,
+        "states": states,
+        "temp": temp,
+        "block_linear": block_linear,
+        "out_linear": numel(out),
+        "head": st.head,
+        "block": block_sum(g, numel),
+        "embed_grad": embed_grad,
+        "head_grad": st.head * sum(p.count * numel(p) for p in g["head"]) + st.tied * numel(out),
+    }
+
+
+def local_moments(model, plan, last: bool, attention: str, device: str = "cuda") -> list[dict]:
+    """DDP (zero 0), DDP + ZeroRedundancyOptimizer (zero 1), or no data-parallel wrapper (dp = 1),
+    each with TP and/or PP. Mixed precision: fp32 parameters under torch.autocast.
+    Two moments A per backward of peak_backwards (loss_and_block), then C."""
+    sb = TORCH.state_bytes(plan.precision)
+    mixed = is_mixed(plan.precision)
+    c = compute_bytes(plan.precision)
+    z = _local_sizes(model, plan.precision, plan.optimizer, plan.zero, plan.sp, plan.tp, plan.dp, plan.pp, last)
+    n, states, temp = z["n"], z["states"], z["temp"]
+    if plan.offload == "optimizer":  # on the CPU, and stepped there
+        states, temp = 0, 0
+    ddp = where(plan.dp > 1, 1, 0)
+    v = plan.vpp if plan.schedule == "interleaved" else 1
+    per_chunk = model.layers // (plan.pp * v)
+    sizes = acts.rank_sizes(
+        model,
+        plan,
+        last=last,
+        layout=TORCH.activation_layout,
+        attention=attention,
+        autocast=mixed,
+        act=c,
+        res=4 if mixed else c,
+        vocab=model.vocab,
+        device=device,
+    )
+    moments = []
+    for f in peak_backwards(plan, last):
+        activations, buffers = split_items(acts.priced(sizes, f))
+        persistent = {
+            "params.local": sb.param * n,
+            "optimizer.states": states,
+            "grads.ddp_buckets": ddp * sb.grad * n,
+            **TORCH.overhead,
+            **buffers,
+        }
+        a = {**persistent, **activations}
+        # fresh .grad tensors of the earlier micro-batches, of the parts whose backward has run
+        # (the run tier sets .grad = None each step, so DDP copies them into its buckets only in
+        # the synchronizing backward)
+        a["grads.accumulated"] = sb.grad * grads_present(f, v, per_chunk, z["block"], z["embed_grad"], z["head_grad"])
+        if mixed:
+            # autocast's low-precision weight copies: run/model.py enters autocast per forward call,
+            # so each micro-batch in flight holds the casts its graph saved (every Linear's weight);
+            # with full recompute the blocks' casts are remade one block at a time
+            blocks = 1 if plan.recompute == "full" else f.chunks * per_chunk
+            a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + f.head * z["head"] * z["out_linear"])
+        moments += loss_and_block(a, f, sizes, head_copy=2 * z["head"] * z["out_linear"] if mixed else 0)
+    # C: every receive buffer waits for the next step, none holding an input
+    persistent.update({"buffers.pp_act_recv": sizes.act_recv, "buffers.pp_grad_recv": sizes.grad_recv})
+    c_ = {**persistent, "grads.local": (1 - ddp) * sb.grad * n, "buffers.optimizer_step": temp}
+    return moments + [c_]

@@ -1,0 +1,275 @@
+"""ZeRO-2 and ZeRO-3 memory under the torch profile: FSDP2 (fully_shard over dp > 1;
+reshard_after_forward=False for ZeRO-2), moment by moment: with a pipeline (_fsdp_pipelined),
+without one (_fsdp_alone: the forward's all-gathers, the loss's and the first blocks' backwards,
+the root's gradients, each with the buffers FSDP2 holds right then), then the end of the backward
+(B) and the optimizer step (C). At dp = 1 FSDP2 is not used: ddp.py.
+"""
+
+from __future__ import annotations
+
+from itertools import zip_longest
+
+from shardwise.estimate import activations as acts
+from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, where
+from shardwise.estimate.memory.moments import Blend, grads_present, loss_and_block, peak_backwards, split_items
+from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
+from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
+
+
+def _fsdp_shard(shape, dp) -> tuple:
+    """FSDP2's dim-0 shard on rank 0: ceil(dim0 / dp) rows, the padded size every rank allocates."""
+    return (ceil_div(shape[0], dp),) + shape[1:]
+
+
+@memo
+def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last):
+    """Parameter sums under FSDP2: shard elements (padded) of the stage and of one block, unsharded
+    (padded) elements of the stage, one block, the root, the head and the tied output, optimizer
+    bytes and step scratch on rank 0."""
+    g, sb = groups(model), TORCH.state_bytes(precision)
+    st = stage_of(model, pp, last)
+    shard = lambda p: _fsdp_shard(local_shape(p, tp), dp)
+    padded = lambda p: dp * elements(shard(p))
+    s = st.sum(g, lambda p: elements(shard(p)))
+    u_all = st.sum(g, padded)
+    u_block = block_sum(g, padded)
+    # the output's (tied: the embedding's) gradient is made first in the backward; the root's
+    # reduce-scatter waits for the embedding's, at the end
+    out = g["tied"][0] if model.tied_embeddings else [p for p in g["head"] if p.linear][0]
+    u_head = st.head * (padded(out) + sum(padded(p) for p in g["head"] if not p.linear))
+    states = st.sum(g, lambda p: optimizer_bytes(optimizer, shard(p), sb))
+    if optimizer == "adamw":  # DTensors on one mesh: foreach
+        matrices = st.sum(g, lambda p: elements(shard(p)), only=lambda p: len(p.shape) >= 2)
+        temp = step_temp_bytes("adamw", maximum(matrices, s - matrices), sb, foreach=True)
+    else:
+        temp = step_temp_bytes(optimizer, st.max(g, lambda p: elements(shard(p))), sb, foreach=False)
+    u_embed = st.embed * sum(p.count * padded(p) for p in g["embed"])
+    return {
+        "s": s,
+        "s_block": block_sum(g, lambda p: elements(shard(p))),
+        "u_all": u_all,
+        "u_block": u_block,
+        "u_root": u_all - st.layers * u_block,
+        "u_head": u_head,
+        "u_tied": st.head * padded(out) if model.tied_embeddings else 0,
+        "u_embed": u_embed,
+        "states": states,
+        "temp": temp,
+    }
+
+
+def fsdp_moments(model, plan, last: bool, attention: str, device: str = "cuda") -> list[dict]:
+    """FSDP2 (zero 2/3 over dp > 1). Each parameter is a dim-0 shard padded to ceil(dim0/dp) rows;
+    with mixed precision the fp32 shard is the master, all-gathered in bf16 (param_dtype) and
+    reduce-scattered in fp32 (reduce_dtype). With a pipeline two moments A per backward of
+    peak_backwards (_fsdp_pipelined); without, the step's moments of _fsdp_alone; then B, C. Array
+    plans that mix both get both, each zero where the other applies."""
+    sb = TORCH.state_bytes(plan.precision)
+    mixed = is_mixed(plan.precision)
+    c = compute_bytes(plan.precision)
+    pb = 2 if mixed else sb.param  # unsharded (all-gathered) parameters and their gradients
+    rb = 4 if mixed else sb.grad  # reduce-scatter dtype = the sharded gradients' dtype
+    z = _fsdp_sizes(model, plan.precision, plan.optimizer, plan.tp, plan.dp, plan.pp, last)
+    pipelined = where(plan.pp > 1, 1, 0)
+    vec = _is_array(pipelined)
+    accumulated = where(plan.grad_accum > 1, 1, 0)
+    offload = plan.offload == "params"  # CPUOffloadPolicy: shards, gradients and the step on the CPU
+    cpu_step = plan.offload != "none"  # the optimizer states (and so its step) on the CPU
+    sharded_grads = 0 if offload else rb * z["s"]
+    sizes = acts.rank_sizes(
+        model,
+        plan,
+        last=last,
+        layout=TORCH.activation_layout,
+        attention=attention,
+        autocast=False,
+        act=c,
+        res=c,
+        vocab=model.vocab,
+        device=device,
+    )
+    piped, alone = [], []
+    for i, f in enumerate(peak_backwards(plan, last)):
+        activations, buffers = split_items(acts.priced(sizes, f))
+        persistent = {
+            "params.sharded": 0 if offload else sb.param * z["s"],
+            "optimizer.states": 0 if cpu_step else z["states"],
+            **TORCH.overhead,
+            **buffers,
+        }
+        a = {**persistent, **activations}
+        if vec or pipelined:
+            piped += _fsdp_pipelined(model, plan, a, f, sizes, z, pb, rb, accumulated)
+        if (vec or not pipelined) and i == 0:  # without a pipeline every backward is this one
+            alone = _fsdp_alone(model, plan, a, f, sizes, z, pb, rb, accumulated, 0 if offload else rb)
+    if vec:  # array plans: each moment of a pipelined plan shares its place with one of a plan without
+        moments = [Blend(pipelined == 1, x, y) for x, y in zip_longest(piped, alone, fillvalue={})]
+    else:
+        moments = piped + alone
+
+    # B and C: every receive buffer waits for the next step, none holding an input
+    persistent.update({"buffers.pp_act_recv": sizes.act_recv, "buffers.pp_grad_recv": sizes.grad_recv})
+
+    # B. The end of the backward: the root's reduce-scatter (its reshard, then its gradients
+    # copied into the reduce-scatter input, the block's input before it freed); with a pipeline
+    # each group's in turn
+    z2_accumulated = accumulated if plan.zero == 2 else 0  # the root's gradients are the accumulated ones
+    b = {
+        **persistent,
+        "grads.sharded": sharded_grads,
+        "grads.unsharded_accumulated": pipelined * rb * z["u_all"]
+        + (1 - pipelined) * z2_accumulated * rb * z["u_root"],
+        "grads.root_unsharded": (1 - pipelined) * (1 - z2_accumulated) * pb * z["u_root"],
+        "buffers.root_reduce_scatter": (1 - pipelined) * rb * z["u_root"],
+        "buffers.reduce_scatter": pipelined * rb * maximum(z["u_root"], z["u_block"]),
+    }
+
+    # C. The optimizer step on the shards
+    cc = {**persistent, "grads.sharded": sharded_grads, "buffers.optimizer_step": 0 if cpu_step else z["temp"]}
+    return moments + [b, cc]
+
+
+def _fsdp_pipelined(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated) -> list[dict]:
+    """Moment A as two (loss_and_block) under torch.distributed.pipelining, which keeps FSDP from
+    resharding after backward and from reduce-scattering before the last micro-batch
+    (backward_maybe_with_nosync): every block ends up unsharded and every gradient accumulates
+    unsharded in fp32 (FSDPParam.to_accumulated_grad_if_needed), each part's from its first
+    backward on."""
+    v = plan.vpp if plan.schedule == "interleaved" else 1
+    a = dict(a)
+    a["params.unsharded"] = pb * z["u_all"]
+    head = z["u_root"] - z["u_embed"]  # the final norm and output (the last rank's root)
+    a["grads.unsharded_accumulated"] = (
+        accumulated * rb * grads_present(f, v, model.layers // (plan.pp * v), z["u_block"], z["u_embed"], head)
+    )
+    a["grads.head_unsharded"] = pb * z["u_head"]
+    a["buffers.reduce_scatter"] = pb * z["u_block"]  # one block's gradients, cast into the fp32 accumulator
+    a_loss, a_block = loss_and_block(a, f, sizes)
+    a_loss["buffers.reduce_scatter"] = 0  # the loss's backward: no block reduced yet
+    return [a_loss, a_block]
+
+
+def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sharded_rb) -> list[dict]:
+    """FSDP2 without a pipeline: the moments of the step's last micro-batch (it holds what the
+    earlier ones leave: the sharded gradients of ZeRO-3, the accumulated unsharded ones of ZeRO-2),
+    from PyTorch 2.13's _fully_shard, measured item by item with MemTracker (tests/test_check.py).
+
+    The run tier's fully_shard(reshard_after_forward=zero == 3) on each block and on the root
+    (embeddings, final norm, output; reshard_after_forward set explicitly, so the root reshards
+    after forward too), reshard_after_backward left on: every group frees its unsharded
+    parameters after its backward, and ZeRO-2 gathers every block again in the next forward.
+    FSDP2 holds three kinds of buffer, P = one block's unsharded parameters (param dtype):
+      all-gather outputs: the flat buffer a group is gathered into, copied out into its unsharded
+        parameters. In the forward the last one is kept until the next group's copy-out returns
+        (FSDPParamGroup.wait_for_unshard: `prev_all_gather_state` is dropped on return), so at a
+        copy-out the previous group's, the group's own and its unsharded parameters are alive,
+        and the last block's until the root's forward ends (FSDPState._post_forward). In the
+        backward a group's pre-backward prefetches the group before it (ZeRO-3): its output
+        waits there through the whole block's backward.
+      unsharded gradients: the group's, made by its backward, kept until its reduce-scatter
+        (ZeRO-2 accumulating in fp32: added into the accumulated ones in place, nothing new).
+      reduce-scatter inputs (reduce dtype, padded): each is kept until the next group's
+        post-backward (reduce_scatter_max_input_buffers = 1), so from the second block on the
+        block above's is alive through a block's backward.
+    None of this depends on the device: FSDP2 keeps these references itself rather than by
+    record_stream, so a CUDA caching allocator (max_memory_allocated) and MemTracker on the CPU
+    see the same lifetimes; only the all-gather and reduce-scatter run on other streams.
+
+    The moments, L = the rank's layers, X = one layer's saved tensors:
+      forward: block 0's copy-out (the root's buffer and unsharded parameters, block 0's two),
+        block L-1's (three buffers), the forward's end (the logits made, block L-1's buffer;
+        run/engine._accumulate drops the previous micro-batch's logits before this forward);
+      the loss's backward (ZeRO-3: the root is resharded);
+      ZeRO-3: the root gathered again (its pre-backward, on the logits' gradient);
+      the first block's backward begins (its transient, weight gradients kept, next to the
+        gradient the head handed it) and ends (its saved tensors freed, its gradients all made,
+        its input's gradient in place of its output's); the second block's, with the first's
+        reduce-scatter input; later blocks hold less: fewer saved tensors, the same buffers;
+      the root's gradients made, before its post-backward (block 0's reduce-scatter input).
+    """
+    z3 = plan.zero == 3
+    layers = model.layers
+    P, R, Pr = pb * z["u_block"], rb * z["u_block"], pb * z["u_root"]
+    # ZeRO-2 accumulating at the parameters' dtype: the micro-batch's gradients are added into
+    # the accumulated .grad in place (AccumulateGrad) and freed; otherwise they stay as made
+    inplace = accumulated if not z3 and pb == rb else 0
+    fresh = 1 - inplace
+    transient = fresh * sizes.block_backward_kept + inplace * sizes.block_backward
+    X = sizes.layer
+
+    def grads(k):
+        """Gradients once k groups are reduce-scattered in this micro-batch."""
+        sharded = sharded_rb * (z["s"] * accumulated + k * z["s_block"] * (1 - accumulated) if z3 else k * z["s_block"])
+        return {
+            "grads.sharded": sharded,
+            "grads.unsharded_accumulated": 0 if z3 else accumulated * rb * (z["u_all"] - k * z["u_block"]),
+        }
+
+    base = {
+        **{k: v for k, v in a.items() if not k.startswith("act.")},
+        **dict.fromkeys((k for k in a if k.startswith("act.")), 0),
+    }
+    logits = a["act.logits"]
+    fwd = {**base, **grads(0), "act.embedding": a["act.embedding"]}
+    blocks_kept = 0 if z3 else layers * P  # ZeRO-2 keeps every block gathered until its backward
+    out = [
+        {**fwd, "params.unsharded": Pr + P, "buffers.all_gather": Pr + P},  # block 0's copy-out
+        {
+            **fwd,
+            "act.layers": (layers - 1) * X,
+            "params.unsharded": Pr + (P if z3 else blocks_kept),
+            "buffers.all_gather": (2 if layers > 1 else 1) * P + (0 if layers > 1 else Pr),
+        },  # block L-1's
+        {
+            **fwd,
+            **{k: a[k] for k in ("act.layers", "act.final_norm", "act.head_input", "act.logits")},
+            "params.unsharded": Pr + blocks_kept,
+            "buffers.all_gather": P,
+        },  # the forward's end
+        {**a, **grads(0), "act.block_backward": 0, "params.unsharded": 0 if z3 else Pr + blocks_kept},  # the loss's
+    ]
+    if z3:  # the root gathered again: the logits' gradient (compute dtype) made, the loss's freed
+        out.append(
+            {
+                **a,
+                **grads(0),
+                "act.loss_fp32": 0,
+                "act.targets": 0,
+                "act.loss_backward": 0,
+                "act.block_backward": 0,
+                "act.logits_grad": f.loss * logits,
+                "params.unsharded": Pr,
+                "buffers.all_gather": Pr,
+            }
+        )
+    head_grads = pb * (fresh * z["u_head"] + inplace * z["u_tied"])  # a tied one waits in AccumulateGrad
+    for k in range(min(layers, 2)):  # the first and second block of the backward
+        start = {
+            **loss_and_block(a, f, sizes)[1],
+            **grads(k),
+            "act.block_backward": transient,
+            "act.layers": a["act.layers"] - k * X,
+            "grads.head_unsharded": head_grads,
+            "params.unsharded": Pr + (P if z3 else (layers - k) * P),
+            "buffers.all_gather": P if z3 and layers - 1 - k >= 1 else 0,  # the block below, prefetched
+            "buffers.reduce_scatter": R if k else 0,
+        }  # the block above's
+        end = {
+            **start,
+            "act.layers": start["act.layers"] - X,
+            "act.block_backward": 0,
+            "act.recompute": 0,
+            "grads.block_unsharded": fresh * P,
+        }
+        out += [start, end]
+    out.append(
+        {
+            **base,
+            **grads(layers),
+            "act.logits": logits,
+            "params.unsharded": Pr,
+            "buffers.reduce_scatter": R,
+            "grads.root_unsharded": fresh * Pr,
+        }
+    )  # the root's gradients made
+    return out

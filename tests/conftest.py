@@ -12,3 +12,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_columns(monkeypatch):
+    """pytest-xdist's workers export COLUMNS=80 and a plain run does not: the CLI honours COLUMNS
+    for piped output, so every test starts without it and a test that wants a width sets it."""
+    monkeypatch.delenv("COLUMNS", raising=False)

@@ -187,6 +187,9 @@ def test_models_and_gpus_json():
     code, out, _ = run("models", "--json")
     d = json.loads(out)
     assert code == 0 and d["llama-3.1-8b"]["params"] == 8_030_261_248
+    assert "meta-llama/Llama-3.1-8B" in d["llama-3.1-8b"]["hf_ids"] and d["gpt-4-est"]["hf_ids"] == []
+    code, out, _ = run("models")
+    assert code == 0 and "mistralai/Mixtral-8x7B-v0.1" in out and "openai-community/gpt2" in out
     code, out, _ = run("gpus", "--json")
     d = json.loads(out)
     assert code == 0 and d["gpus"]["h100-80gb"]["memory_gib"] == 80 and "ib-ndr" in d["networks"]

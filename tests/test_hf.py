@@ -45,6 +45,26 @@ def test_published_config_gives_published_count(fname):
         assert m.layer_counts == p.layer_counts and m.counts == p.counts
 
 
+# file -> the Hugging Face id it was published under (the repository named in the docstring)
+HUB_IDS = {
+    "gpt2.json": "openai-community/gpt2",
+    "llama-2-7b.json": "meta-llama/Llama-2-7b-hf",
+    "llama-3.1-8b.json": "meta-llama/Llama-3.1-8B",
+    "mistral-7b-v0.1.json": "mistralai/Mistral-7B-v0.1",
+    "mixtral-8x7b-v0.1.json": "mistralai/Mixtral-8x7B-v0.1",
+    "qwen2.5-7b-instruct.json": "Qwen/Qwen2.5-7B-Instruct",
+}
+
+
+@pytest.mark.parametrize("fname", sorted(HUB_IDS))
+def test_hub_id_names_the_preset_of_its_published_config(fname):
+    """Typing the repository's id gives the architecture of the config.json published there."""
+    by_id, by_file = load_model(HUB_IDS[fname]), load_model(str(DATA / fname))
+    assert by_id.name == PUBLISHED[fname][2]
+    assert by_id.params == by_file.params == PUBLISHED[fname][0]
+    assert by_id.layer_counts == by_file.layer_counts and by_id.counts == by_file.counts
+
+
 def _numel(shape):
     n = 1
     for d in shape:

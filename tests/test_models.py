@@ -1,11 +1,13 @@
 """ModelSpec presets: derived parameter counts equal the published ones exactly, by hand where it
 matters, and every bad specification is one ShardwiseError line."""
 
+from pathlib import Path
+
 import pytest
 
 from shardwise.errors import ShardwiseError
 from shardwise.spec.model import ModelSpec, default_ffn_hidden
-from shardwise.spec.presets import load_model, preset, presets
+from shardwise.spec.presets import aliases, hf_ids, load_model, preset, presets, resolve_name
 
 REQUIRED = (
     "gpt2-124m",
@@ -175,6 +177,59 @@ def test_preset_lookup_is_case_insensitive():
     assert load_model("MIXTRAL-8x7B").params == 46_702_792_704
 
 
+# ---- names people type: Hugging Face ids -------------------------------------------------------------
+TYPED = {
+    "gpt2": "gpt2-124m",
+    "openai-community/gpt2": "gpt2-124m",
+    "GPT2-XL": "gpt2-1.5b",
+    "meta-llama/Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/Meta-Llama-3.1-8B": "llama-3.1-8b",
+    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
+    "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+    "Llama-2-70b-hf": "llama-2-70b",  # the repository name without its organisation
+    "mistralai/Mixtral-8x7B-v0.1": "mixtral-8x7b",
+    "Mistral-7B-v0.1": "mistral-7b",
+    "Qwen/Qwen2.5-72B-Instruct": "qwen2.5-72b",
+    "huggyllama/llama-65b": "llama-65b",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TYPED))
+def test_typed_names_resolve_to_their_preset(name):
+    assert load_model(name) == preset(TYPED[name]) == ALL[TYPED[name]]
+
+
+def test_every_hf_id_resolves_to_the_same_spec_as_its_preset():
+    ids = hf_ids()
+    assert set(ids) == set(ALL)
+    for key, names in ids.items():
+        for hid in names:
+            for typed in (hid, hid.upper(), hid.rsplit("/", 1)[-1]):
+                assert resolve_name(typed) == key, typed
+                assert load_model(typed) == ALL[key]
+    # every real model with a Hugging Face repository carries its id; the guesses and test models have none
+    assert {k for k, v in ids.items() if not v} == {"gpt-3-175b", "gpt-4-est", "tiny-llama", "tiny-gpt2"}
+    assert "hf_ids" not in ALL["gpt2-124m"].summary()  # a name, not a field of the architecture
+
+
+def test_no_name_points_at_two_presets():
+    owners = {}
+    for key, names in hf_ids().items():
+        for hid in names:
+            for typed in {hid.lower(), hid.lower().rsplit("/", 1)[-1]}:
+                assert owners.setdefault(typed, key) == key, typed
+                assert typed not in ALL or typed == key, typed
+    assert aliases() == owners
+
+
+def test_a_downloaded_repository_folder_loads_its_config(tmp_path):
+    d = tmp_path / "Llama-3.1-8B"
+    d.mkdir()
+    (d / "config.json").write_text((Path(__file__).parent / "data" / "hf" / "llama-3.1-8b.json").read_text())
+    m = load_model(str(d))
+    assert m.params == 8_030_261_248 and m.name == "Llama-3.1-8B"
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 def test_unknown_preset_says_did_you_mean():
     with pytest.raises(ShardwiseError, match=r"unknown model 'llama2-7b'; did you mean .*llama-2-7b"):
@@ -184,6 +239,13 @@ def test_unknown_preset_says_did_you_mean():
     with pytest.raises(ShardwiseError, match="known: ") as e:
         preset("zzzzzzzz")
     assert "\n" not in str(e.value)
+    # a mistyped Hugging Face id is answered with ids
+    with pytest.raises(
+        ShardwiseError, match=r"unknown model 'meta-llama/Llama-3.1-8X'; did you mean meta-llama/llama-3.1-8b"
+    ):
+        load_model("meta-llama/Llama-3.1-8X")
+    with pytest.raises(ShardwiseError, match=r"did you mean gpt2"):
+        load_model("gpt")
 
 
 BASE = dict(name="m", layers=2, hidden=64, heads=4, vocab=100)

@@ -28,14 +28,20 @@ def test_table_and_reasons(capsys):
         "gpt2-124m",
         "global batch 32 x 1,024 tokens",
         "pinned",
+        "recommended",
+        "train it",
         "Top 3 of",
         "tokens/s",
-        "why",
-        " 1. ",
-        " 3. ",
-        "rejected",
     ):
         assert text in out, text
+    # the answer comes first; why-lines and rejections wait for their flags
+    assert out.index("recommended") < out.index("train it") < out.index("Top 3 of")
+    assert "rejected" not in out.split("--explain")[0] and " 1. " not in out
+    rc, out, _ = run(capsys, *SMALL, "--top", "3", "--explain", "-v")
+    assert rc == 0
+    for text in ("why", " 1. ", " 3. ", "rejected", "searched"):
+        assert text in out, text
+    assert out.index("Top 3 of") < out.index("why") < out.index("rejected")
 
 
 def test_json_is_ranked_estimates(capsys):

@@ -32,8 +32,9 @@ DIM_FLAGS = {
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
-        help="a preset name (see `shardwise models`), a Hugging Face config.json, "
-        "a TOML/JSON file of model fields, or `custom` with the dimension flags",
+        help="a preset name or a Hugging Face id of one (gpt2, meta-llama/Llama-3.1-8B; see `shardwise "
+        "models`), a Hugging Face config.json or its folder, a TOML/JSON file of model fields, or `custom` "
+        "with the dimension flags",
     )
     g = p.add_argument_group("model dimensions (override a preset, or define a `custom` model)")
     for name, typ in DIM_FLAGS.items():
@@ -83,8 +84,11 @@ def cluster_from_args(a: argparse.Namespace, gpus: int | None = None) -> Cluster
     return make_cluster(a.gpu, n, a.gpus_per_node, a.network, a.hardware)
 
 
-def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """Plan flags. With defaults=False every flag defaults to None ("not pinned"), for the search."""
+def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_default: bool = False) -> None:
+    """Plan flags. With defaults=False every flag defaults to None ("not pinned"), for the search.
+    --gbs and --seq always default to None, so a command can tell a value the user gave from its
+    own default (cli.estimate.default_batch, clamp_seq); batch_default: the command has plan's and
+    estimate's defaults (gbs about 4M tokens, seq 2048 or the position table), for the help."""
     d = Plan() if defaults else None
     dv = (lambda f: getattr(d, f)) if defaults else (lambda f: None)
     g = p.add_argument_group("plan")
@@ -93,8 +97,22 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True) -> None:
     g.add_argument("--pp", type=int, default=dv("pp"), help="pipeline stages")
     g.add_argument("--zero", type=int, default=dv("zero"), choices=(0, 1, 2, 3), help="ZeRO stage")
     g.add_argument("--mbs", type=int, default=dv("mbs"), help="micro-batch size (sequences)")
-    g.add_argument("--gbs", type=int, default=None, help="global batch (sequences); default dp*mbs")
-    g.add_argument("--seq", type=int, default=dv("seq"), help="sequence length (tokens)")
+    g.add_argument(
+        "--gbs",
+        type=int,
+        default=None,
+        help="global batch (sequences); default about 4M tokens, a multiple of dp*mbs"
+        if batch_default
+        else "global batch (sequences); default dp*mbs",
+    )
+    g.add_argument(
+        "--seq",
+        type=int,
+        default=None,
+        help=f"sequence length (tokens); default {Plan().seq}, or a learned position table's length when shorter"
+        if batch_default
+        else "sequence length (tokens)",
+    )
     g.add_argument("--schedule", default=dv("schedule"), choices=SCHEDULES, help="pipeline schedule")
     g.add_argument("--vpp", type=int, default=dv("vpp"), help="virtual stages per rank (interleaved)")
     g.add_argument("--recompute", default=dv("recompute"), choices=RECOMPUTE, help="activation recompute")
@@ -131,6 +149,21 @@ def plan_fields_from_args(a: argparse.Namespace) -> dict:
 
 def plan_from_args(a: argparse.Namespace) -> Plan:
     return Plan(**plan_fields_from_args(a))
+
+
+def clamp_seq(a: argparse.Namespace, model: ModelSpec) -> str | None:
+    """When the user gave no --seq and the model's learned position table is shorter than the
+    default sequence (GPT-2: 1024 < 2048), use the table's length: a default the model cannot take
+    would make every plan illegal. Sets a.seq; returns the one-line note to show, or None. A --seq
+    the user gave is never changed (too long, it stays the plan rule's error)."""
+    default = Plan().seq
+    if a.seq is not None or model.positions != "learned" or model.max_seq >= default:
+        return None
+    a.seq = model.max_seq
+    return (
+        f"seq {model.max_seq}: {model.name}'s learned position table holds {model.max_seq} positions, "
+        f"fewer than the default {default} (pin another with --seq)"
+    )
 
 
 def add_estimate_opts(p: argparse.ArgumentParser) -> None:

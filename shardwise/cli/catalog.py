@@ -7,7 +7,7 @@ import json
 
 from shardwise.report.tables import print_hardware, print_models
 from shardwise.spec import hardware as hw
-from shardwise.spec.presets import presets
+from shardwise.spec.presets import hf_ids, presets
 
 
 def register(sub) -> None:
@@ -24,7 +24,8 @@ def register(sub) -> None:
 def cmd_models(a) -> int:
     ms = presets()
     if a.json:
-        print(json.dumps({k: m.summary() for k, m in ms.items()}, indent=2))
+        ids = hf_ids()
+        print(json.dumps({k: m.summary() | {"hf_ids": ids[k]} for k, m in ms.items()}, indent=2))
     else:
         print_models(ms)
     return 0

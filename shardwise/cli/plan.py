@@ -1,4 +1,6 @@
-"""`shardwise plan`: the best plans for a model on a cluster, ranked and explained.
+"""`shardwise plan`: the plan to train a model with on a cluster, answer first: the recommended
+plan in one line and the command that trains it, the plans the estimate cannot tell apart from it,
+the ranked table; why (--explain) and what was rejected (-v) on request.
 
 Exit codes: 0 plans found; 1 nothing fits under the pinned flags (the answer says what would);
 2 a user error, including a request no plan can meet.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from shardwise.cli import args as ca
 from shardwise.errors import ShardwiseError
@@ -21,7 +24,10 @@ from shardwise.search.core import (
     run_search,
     what_it_would_take,
 )
-from shardwise.search.explain import why_lines
+from shardwise.search.equivalent import BAND_WHY, EQUIVALENT_BAND, SIMPLEST, equivalent, row_plan
+from shardwise.search.explain import why_lines, why_recommended
+from shardwise.spec.plan import Plan
+from shardwise.spec.presets import resolve_name, source_of
 
 
 def register(sub) -> None:
@@ -36,7 +42,7 @@ def register(sub) -> None:
     )
     ca.add_model_args(p)
     ca.add_cluster_args(p, gpus_required=True)
-    ca.add_plan_args(p, defaults=False)
+    ca.add_plan_args(p, defaults=False, batch_default=True)
     ca.add_estimate_opts(p)
     g = p.add_argument_group("search")
     g.add_argument("--top", type=int, default=10, help="how many plans to show (default 10)")
@@ -67,6 +73,12 @@ def register(sub) -> None:
         help="let tensor-parallel groups span nodes (by default each tp group stays inside one node)",
     )
     g.add_argument(
+        "--explain", action="store_true", help="say why each plan ranks where it does (against #1 and its alternatives)"
+    )
+    g.add_argument(
+        "-v", "--verbose", action="store_true", help="also print the search's statistics and what it rejected, and why"
+    )
+    g.add_argument(
         "--min-gpus",
         action="store_true",
         help="find the fewest GPUs of this kind that can train the model (up to --gpus if given), "
@@ -89,6 +101,8 @@ def _fraction(text: str) -> float:
 def cmd_plan(a) -> int:
 
     model = ca.model_from_args(a)
+    pinned = ca.plan_fields_from_args(a)  # what the user gave, before any default is filled in
+    notes = [n for n in (ca.clamp_seq(a, model),) if n]
     fixed = ca.plan_fields_from_args(a)
     if a.top < 1:
         raise ShardwiseError(f"--top must be a positive integer, got {a.top}")
@@ -118,20 +132,127 @@ def cmd_plan(a) -> int:
         cluster = ca.cluster_from_args(a, gpus=a.gpus or 8)
     res = run_search(model, cluster, **kw, top=a.top, rank=a.rank, **fixed)
     advice = what_it_would_take(res) if not res.fits else []
+    eq = equivalent(res)
+    command = train_command(eq.recommended, model_argv(a)) if eq else None
     if a.json:
-        print(json.dumps(to_json(res, advice, found), indent=2))
+        print(json.dumps(to_json(res, advice, found, eq=eq, command=command, notes=notes, pinned=pinned), indent=2))
     else:
-        print_search(res, advice, found)
+        print_search(
+            res,
+            advice,
+            found,
+            eq=eq,
+            command=command,
+            command_note=COMMAND_NOTE + (MULTI_NODE_NOTE if eq and eq.recommended.cluster.nodes > 1 else ""),
+            notes=notes,
+            explain=a.explain,
+            verbose=a.verbose,
+        )
     return 0 if res.fits else 1
 
 
-def to_json(res, advice: list[str], min_gpus: int | None = None) -> dict:
+# ---- the command that trains the recommended plan --------------------------------------------
+COMMAND_NOTE = (
+    "CONFIG.toml: a run config with your [data], [optim] and [train] (see examples/tiny-llama.toml); "
+    "the model and the plan are in the flags"
+)
+MULTI_NODE_NOTE = "; run the same line on every node, HEAD_NODE being the first node's address"
+RENDEZVOUS_PORT = 29500  # torchrun's default master port
+
+
+def model_argv(a: argparse.Namespace) -> list[str]:
+    """The `shardwise run` flags that name the model the search planned for: the preset (its
+    catalog name, whatever alias the user typed) or the file, and any dimension the user changed."""
+    out = []
+    if a.model != "custom":
+        kind, where = source_of(a.model)
+        out += ["--set", f"model.preset={resolve_name(where)}" if kind == "preset" else f"model.path={where}"]
+    for name in ca.DIM_FLAGS:
+        v = getattr(a, "dim_" + name, None)
+        if v is not None:
+            out += ["--" + name.replace("_", "-"), str(v)]
+    if getattr(a, "dim_tied_embeddings", None):  # `run` has no --tied: its [model] field instead
+        out += ["--set", "model.tied_embeddings=true"]
+    return out
+
+
+def plan_argv(p: Plan) -> list[str]:
+    """The `shardwise run` plan flags that give exactly Plan p: the parallel layout and the batch
+    always, every other field where it differs from Plan's default."""
+    out = []
+    for f in ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq"):
+        out += ["--" + f, str(int(getattr(p, f)))]
+    d = Plan()
+    for f in ("schedule", "vpp", "recompute", "precision", "optimizer", "offload"):
+        if getattr(p, f) != getattr(d, f):
+            out += ["--" + f, str(getattr(p, f))]
+    if p.sp:
+        out.append("--sp")
+    return out
+
+
+def train_command(e, model_flags: list[str]) -> list[str]:
+    """argv of the command that trains Estimate e's plan on its cluster: `shardwise run` spawning
+    the ranks on one node, or one rank per GPU under torchrun on several (`shardwise run` then
+    takes its world size from torchrun). CONFIG.toml and HEAD_NODE are the user's to fill in."""
+    cl = e.cluster
+    if cl.nodes > 1:
+        head = [
+            "torchrun",
+            "--nnodes",
+            str(cl.nodes),
+            "--nproc-per-node",
+            str(cl.node_size),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"HEAD_NODE:{RENDEZVOUS_PORT}",
+            "-m",
+            "shardwise",
+            "run",
+            "CONFIG.toml",
+        ]
+    else:
+        head = ["shardwise", "run", "CONFIG.toml", "--nproc", str(cl.gpus)]
+    return head + model_flags + plan_argv(e.plan)
+
+
+SCHEMA = 2  # the JSON contract's version: 2 added schema, recommended, equivalent and notes
+
+
+def to_json(
+    res,
+    advice: list[str],
+    min_gpus: int | None = None,
+    *,
+    eq=None,
+    command: list[str] | None = None,
+    notes: list[str] = (),
+    pinned: dict | None = None,
+) -> dict:
     """The search as JSON: the ranked Estimates (Estimate.to_dict(), plus rank and why), what was
-    searched and rejected, and for nothing-fits the closest plan and what would make one fit."""
+    searched and rejected, and for nothing-fits the closest plan and what would make one fit.
+
+    Keys as before (model, cluster, min_gpus, held, pinned, headroom, host_memory_bytes_per_node,
+    rank_by, searched, rejected, rejected_examples, ranked, closest, what_it_would_take), and since
+    schema 2:
+
+    - schema: 2;
+    - recommended: the plan to train (null when nothing fits): Estimate.to_dict() plus rank (its
+      place in the ranking), why (why it over #1), command (the `shardwise run` argv that trains
+      it) and command_line (the same, one shell line);
+    - equivalent: the plans the estimate cannot tell apart from the best (null when nothing fits):
+      band (0.10: within 10% of the best by the ranking), basis (why that width), chosen_by (how the
+      recommended one is picked), count, and plans: up to EQUIVALENT_JSON of them, the recommended
+      first, then best first, each {rank, plan (Plan.to_dict()), short, gpus, tokens_per_s,
+      memory_total};
+    - notes: the command line's notes (e.g. a sequence clamped to a learned position table).
+    """
 
     why = why_lines(res)
     t = res.tally
-    return {
+    out = {
+        "schema": SCHEMA,
         "model": res.model.summary(),
         "cluster": {
             "gpu": res.cluster.gpu.name,
@@ -141,7 +262,7 @@ def to_json(res, advice: list[str], min_gpus: int | None = None) -> dict:
         },
         "min_gpus": min_gpus,
         "held": {"gbs": res.gbs, "gbs_pinned": "gbs" in res.fixed, "seq": res.seq},
-        "pinned": res.fixed,
+        "pinned": res.fixed if pinned is None else pinned,
         "headroom": res.headroom,
         "host_memory_bytes_per_node": res.opts.host_bytes(res.cluster) / (1 - res.headroom),
         "rank_by": res.rank,
@@ -159,4 +280,36 @@ def to_json(res, advice: list[str], min_gpus: int | None = None) -> dict:
         "ranked": [e.to_dict() | {"rank": i + 1, "why": w} for i, (e, w) in enumerate(zip(res.ranked, why))],
         "closest": res.closest.to_dict() if res.closest is not None else None,
         "what_it_would_take": advice,
+        "recommended": None,
+        "equivalent": None,
+        "notes": list(notes),
     }
+    if eq is not None:
+        c = res.table.cols
+        out["recommended"] = eq.recommended.to_dict() | {
+            "rank": eq.position,
+            "why": why_recommended(res, eq),
+            "command": command,
+            "command_line": shlex.join(command) if command else None,
+        }
+        out["equivalent"] = {
+            "band": EQUIVALENT_BAND,
+            "basis": BAND_WHY,
+            "chosen_by": SIMPLEST,
+            "count": len(eq),
+            "plans": [
+                {
+                    "rank": int((res.order == r).nonzero()[0][0]) + 1,
+                    "plan": (p := row_plan(res, int(r))).to_dict(),
+                    "short": p.short(),
+                    "gpus": int(c["gpus"][r]),
+                    "tokens_per_s": float(c["tokens_per_s"][r]),
+                    "memory_total": int(c["mem_total"][r]),
+                }
+                for r in eq.rows[:EQUIVALENT_JSON]
+            ],
+        }
+    return out
+
+
+EQUIVALENT_JSON = 100  # plans of the band listed in the JSON (count says how many there are)

@@ -16,6 +16,14 @@ from shardwise.run.config import parse_set
 # command-line flag -> (table, field); every other field is reachable with --set TABLE.FIELD=VALUE
 TRAIN_FLAGS = {"nproc": int, "steps": int, "seed": int, "log_every": int, "device": str, "metrics": str}
 OPTIM_FLAGS = {"lr": float}
+# flag -> [checkpoint] field
+CHECKPOINT_FLAGS = {
+    "checkpoint_dir": "dir",
+    "checkpoint_every": "every",
+    "keep": "keep",
+    "async_save": "async_save",
+    "resume": "resume",
+}
 
 
 def register(sub) -> None:
@@ -51,6 +59,32 @@ def register(sub) -> None:
         metavar="TABLE.FIELD=VALUE",
         help="override any field, e.g. --set plan.tp=2 --set model.hidden=256 --set data.source=text (repeatable)",
     )
+    c = s.add_argument_group("checkpoints (PyTorch Distributed Checkpoint; resumable under another plan)")
+    c.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="save checkpoints in DIR/step-NNNNNN/")
+    c.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a checkpoint every N steps (default: only after the last step)",
+    )
+    c.add_argument("--keep", type=int, default=None, metavar="K", help="keep the newest K checkpoints (default 2)")
+    c.add_argument(
+        "--async",
+        dest="async_save",
+        action="store_true",
+        default=None,
+        help="write checkpoints in the background (DCP async_save) while training goes on",
+    )
+    c.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="PATH",
+        help="continue from the newest checkpoint in --checkpoint-dir, or from PATH; "
+        "the plan may differ from the one it was saved under",
+    )
     ca.add_plan_args(s, defaults=False)  # the same plan flags as `shardwise estimate`, None = "keep the file's"
     m = s.add_argument_group("model dimensions (override the config's [model])")
     for name, typ in ca.DIM_FLAGS.items():
@@ -82,6 +116,8 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
         flag("train", f, getattr(a, f))
     for f in OPTIM_FLAGS:
         flag("optim", f, getattr(a, f))
+    for f, field in CHECKPOINT_FLAGS.items():
+        flag("checkpoint", field, getattr(a, f), "async" if f == "async_save" else f)
     for f in ca.DIM_FLAGS:
         flag("model", f, getattr(a, "dim_" + f))
     return out

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 from rich.table import Table
 
 from shardwise import units
+from shardwise.report.layout import Column, print_segments, print_wrapped, table
 from shardwise.spec.breakdown import Estimate
+from shardwise.spec.presets import hf_ids
 
 
 def make_console() -> Console:
     """A terminal gets its own width; a pipe or file gets 140 columns instead of rich's 80, so
-    tables written to logs are not squeezed."""
+    tables written to logs are not squeezed, unless COLUMNS says otherwise (`COLUMNS=80 shardwise
+    plan ... | less`)."""
     c = Console()
-    return c if c.is_terminal else Console(width=140)
+    return c if c.is_terminal or os.environ.get("COLUMNS", "").isdigit() else Console(width=140)
 
 
 MEMORY_ROWS = (
@@ -24,59 +29,83 @@ MEMORY_ROWS = (
     ("buffers", "comm buffers", "gathered ZeRO-3 params, reduce buckets, pipeline send/recv buffers"),
     ("overhead", "runtime overhead", "CUDA context, allocator reserve, kernels' workspace"),
 )
+# Columns of the estimate's tables, by what a reader needs first (priority 0 is dropped last).
+MEMORY_COLUMNS = [
+    Column("item", 0, "left"),
+    Column("bytes", 0),
+    Column("what it is", 1, "left", wrap=True, style="dim"),
+]
+COMM_COLUMNS = [
+    Column("collective", 0, "left"),
+    Column("group", 1, "left"),
+    Column("ranks", 6),
+    Column("link", 9, "left"),
+    Column("message", 7),
+    Column("count", 8),
+    Column("sent/rank", 2),
+    Column("time", 3),
+    Column("hidden?", 4, "left"),
+    Column("what", 5, "left", wrap=True, min_width=26),
+]
+
+TIME_COLUMNS = [Column("item", 0, "left"), Column("value", 0)]
 
 
-def print_estimate(est: Estimate, console: Console | None = None) -> None:
+def batch_line(gbs: int, seq: int, gbs_default: bool | None) -> str:
+    """'global batch 2,048 x 2,048 tokens = 4,194,304 tokens (default: ...)', shared by plan and estimate."""
+    note = {True: " (default: about 4M tokens, pin with --gbs)", False: " (pinned)", None: ""}[gbs_default]
+    return f"global batch {gbs:,} x {seq:,} tokens = {gbs * seq:,} tokens{note}"
+
+
+def print_estimate(
+    est: Estimate, console: Console | None = None, *, gbs_default: bool | None = None, notes: list[str] = ()
+) -> None:
+    """The estimate's three tables. gbs_default: True when the batch is the default (said so),
+    False when the user pinned it, None to say neither; notes: the command line's, after the
+    estimate's own."""
     c = console or make_console()
     m, cl, p = est.model, est.cluster, est.plan
-    c.print(
-        f"[bold]{m.name}[/]  {m.params:,} parameters ({units.count(m.params)})"
-        + (f", {units.count(m.active_params)} active per token" if m.is_moe else "")
-        + f"  ·  {cl.describe()}"
+    print_segments(
+        c,
+        [
+            f"[bold]{m.name}[/]",
+            f"{m.params:,} parameters ({units.count(m.params)})"
+            + (f", {units.count(m.active_params)} active per token" if m.is_moe else ""),
+            cl.describe(),
+        ],
     )
-    c.print(
-        f"plan: [bold]{p.short()}[/]  ·  seq {p.seq}  ·  global batch {p.gbs} sequences "
-        f"({p.tokens_per_step:,} tokens)  ·  {p.precision}  ·  {p.optimizer}  ·  profile {est.profile}"
+    print_segments(
+        c,
+        [
+            f"plan [bold]{p.short()}[/]",
+            batch_line(p.gbs, p.seq, gbs_default),
+            p.precision,
+            p.optimizer,
+            f"profile {est.profile}",
+        ],
     )
-    for n in est.notes:
-        c.print(f"[yellow]note:[/] {n}")
+    for n in list(est.notes) + list(notes):
+        print_wrapped(c, n, "note: ", style="yellow")
 
     mem = est.memory
-    t = Table(title="Memory per GPU (worst rank)", title_justify="left", show_edge=False)
-    t.add_column("item")
-    t.add_column("bytes", justify="right")
-    t.add_column("what it is", style="dim")
-    for key, label, what in MEMORY_ROWS:
-        t.add_row(label, units.gib(getattr(mem, key)), what)
+    rows = [[label, units.gib(getattr(mem, key)), what] for key, label, what in MEMORY_ROWS]
     verdict = (
         f"[green]fits[/], {units.gib(mem.free)} free"
         if mem.fits
         else f"[red]does not fit[/]: {units.gib(-mem.free)} over"
     )
-    t.add_row("[bold]total[/]", f"[bold]{units.gib(mem.total)}[/]", f"of {units.gib(mem.capacity)}: {verdict}")
-    c.print(t)
-    c.print(
-        f"[dim]lecture rule of thumb, 18 bytes/param for the whole model on one GPU: "
+    rows.append(["[bold]total[/]", f"[bold]{units.gib(mem.total)}[/]", f"of {units.gib(mem.capacity)}: {verdict}"])
+    c.print(table(c, MEMORY_COLUMNS, rows, title="Memory per GPU (worst rank)", title_justify="left"))
+    print_wrapped(
+        c,
+        f"lecture rule of thumb, 18 bytes/param for the whole model on one GPU: "
         f"{est.rule_of_thumb_bytes / 1e9:,.0f} GB (shown for comparison only; it ignores sharding, "
-        "sequence length and batch)[/]"
+        "sequence length and batch)",
+        style="dim",
     )
 
-    t = Table(title="Communication per step (one rank)", title_justify="left", show_edge=False)
-    for col, just in (
-        ("collective", "left"),
-        ("group", "left"),
-        ("ranks", "right"),
-        ("link", "left"),
-        ("message", "right"),
-        ("count", "right"),
-        ("sent/rank", "right"),
-        ("time", "right"),
-        ("hidden?", "left"),
-        ("what", "left"),
-    ):
-        t.add_column(col, justify=just)
-    for k in est.comm:
-        t.add_row(
+    rows = [
+        [
             k.kind,
             k.group,
             str(k.ranks),
@@ -87,39 +116,50 @@ def print_estimate(est: Estimate, console: Console | None = None) -> None:
             units.seconds(k.seconds),
             "overlaps" if k.overlapped else "exposed",
             k.what,
-        )
+        ]
+        for k in est.comm
+    ]
     if not est.comm:
-        t.add_row("none", "", "", "", "", "", "", "", "", "a single GPU communicates nothing")
-    c.print(t)
+        rows = [["none", "", "", "", "", "", "", "", "", "a single GPU communicates nothing"]]
+    c.print(table(c, COMM_COLUMNS, rows, title="Communication per step (one rank)", title_justify="left"))
 
     tm = est.time
-    t = Table(title="Time per step", title_justify="left", show_edge=False)
-    t.add_column("item")
-    t.add_column("value", justify="right")
     rows = [
-        ("compute", units.seconds(tm.compute_s)),
-        ("exposed communication", units.seconds(tm.comm_exposed_s)),
-        ("pipeline bubble", units.seconds(tm.bubble_s)),
-        ("[bold]step[/]", f"[bold]{units.seconds(tm.step_s)}[/]"),
-        ("tokens/s (whole cluster)", f"{tm.tokens_per_s:,.0f}"),
-        ("MFU", f"{tm.mfu:.1%}"),
+        ["compute", units.seconds(tm.compute_s)],
+        ["exposed communication", units.seconds(tm.comm_exposed_s)],
+        ["pipeline bubble", units.seconds(tm.bubble_s)],
+        ["[bold]step[/]", f"[bold]{units.seconds(tm.step_s)}[/]"],
+        ["tokens/s (whole cluster)", f"{tm.tokens_per_s:,.0f}"],
+        ["MFU", f"{tm.mfu:.1%}"],
     ]
     if tm.train_tokens:
         rows += [
-            (f"time to train {units.count(tm.train_tokens)} tokens", f"{tm.train_days:,.1f} days"),
-            ("GPU-hours", f"{tm.gpu_hours:,.0f}"),
-            ("cost", f"${tm.cost_usd:,.0f}"),
+            [f"time to train {units.count(tm.train_tokens)} tokens", f"{tm.train_days:,.1f} days"],
+            ["GPU-hours", f"{tm.gpu_hours:,.0f}"],
+            ["cost", f"${tm.cost_usd:,.0f}"],
         ]
-    for r in rows:
-        t.add_row(*r)
-    c.print(t)
+    c.print(table(c, TIME_COLUMNS, rows, title="Time per step", title_justify="left"))
 
 
-def print_models(models: dict, console: Console | None = None) -> None:
+MODEL_COLUMNS = [
+    Column("name", 0, "left"),
+    Column("params", 1),
+    Column("layers", 3),
+    Column("hidden", 4),
+    Column("heads", 5),
+    Column("kv", 6),
+    Column("ffn", 7),
+    Column("vocab", 8),
+    Column("kind", 2, "left"),
+    Column("published", 9, "left"),
+]
+
+
+def print_models(models: dict, console: Console | None = None, ids: dict | None = None) -> None:
+    """The presets, then the Hugging Face ids each answers to (ids: preset -> ids; default: the
+    catalog's)."""
     c = console or make_console()
-    t = Table(title="Model catalog (parameter counts derived from the dimensions)", title_justify="left")
-    for col in ("name", "params", "layers", "hidden", "heads", "kv", "ffn", "vocab", "kind", "published"):
-        t.add_column(col, justify="left" if col in ("name", "kind", "published") else "right", no_wrap=True)
+    rows = []
     for name, m in models.items():
         kind = (f"MoE {m.experts}x top-{m.top_k} " if m.is_moe else "") + m.ffn_kind
         pub = (
@@ -131,19 +171,28 @@ def print_models(models: dict, console: Console | None = None) -> None:
                 else (f"{m.published_params:,}" if m.published_params else "-")
             )
         )
-        t.add_row(
-            name,
-            f"{m.params:,}",
-            str(m.layers),
-            str(m.hidden),
-            str(m.heads),
-            str(m.kv_heads),
-            str(m.ffn_hidden),
-            str(m.vocab),
-            kind,
-            pub,
+        rows.append(
+            [
+                name,
+                f"{m.params:,}",
+                str(m.layers),
+                str(m.hidden),
+                str(m.heads),
+                str(m.kv_heads),
+                str(m.ffn_hidden),
+                str(m.vocab),
+                kind,
+                pub,
+            ]
         )
-    c.print(t)
+    title = "Model catalog (parameter counts derived from the dimensions)"
+    c.print(table(c, MODEL_COLUMNS, rows, title=title, title_justify="left"))
+    ids = hf_ids() if ids is None else ids
+    rows = [[name, ", ".join(ids[name])] for name in models if ids.get(name)]
+    if rows:
+        cols = [Column("preset", 0, "left"), Column("Hugging Face ids", 1, "left", wrap=True, min_width=30)]
+        title = "Names that resolve to a preset (any case; the repository name without its organisation too)"
+        c.print(table(c, cols, rows, title=title, title_justify="left"))
 
 
 def print_hardware(gpus: dict, networks: dict, console: Console | None = None) -> None:

@@ -8,6 +8,7 @@ item that makes the difference; nothing here is a canned opinion.
 from __future__ import annotations
 
 from shardwise import units
+from shardwise.search.equivalent import BAND_WHY, EQUIVALENT_BAND, RANK_WORDS, per_token
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
 
 MEMORY_LABELS = {
@@ -224,6 +225,25 @@ def why_lines(res) -> list[str]:
         return []
     best = res.ranked[0]
     return [why_winner(res, best)] + [why_behind(best, e, i + 2) for i, e in enumerate(res.ranked[1:])]
+
+
+# ---- why the recommended plan -----------------------------------------------------------------
+def why_recommended(res, eq) -> str:
+    """One line: why the recommended plan (search.equivalent) is the one to train, against #1."""
+    n, band = len(eq), units.percent(EQUIVALENT_BAND)
+    if eq.position == 1:
+        if n == 1:
+            return f"no other plan is within {band} of it ({BAND_WHY})"
+        return f"#1, and the simplest of the {n} plans within {band} of it"
+    best, rec = res.ranked[0], eq.recommended
+    behind = 1 - per_token(best.time.tokens_per_s, best.cluster.gpus, res.rank) / per_token(
+        rec.time.tokens_per_s, rec.cluster.gpus, res.rank
+    )
+    return (
+        f"#{eq.position}, simpler than #1 ({plan_diff(rec.plan, best.plan)}); predicted "
+        f"{units.percent(behind)} behind it by {RANK_WORDS[res.rank]}, inside the {band} the estimate "
+        "cannot resolve"
+    )
 
 
 # ---- what was rejected -------------------------------------------------------------------------

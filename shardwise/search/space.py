@@ -48,6 +48,24 @@ RECOMPUTE_ORDER = RECOMPUTE  # none < selective < full
 OFFLOAD_ORDER = OFFLOAD  # none < optimizer < params
 
 
+def default_gbs(seq: int, widths) -> int:
+    """The default global batch in sequences, the one rule `plan` and `estimate` share: about
+    TARGET_TOKENS, rounded to the nearest multiple of the lcm of every data-parallel width
+    (dp * mbs) at or below the target, so each of those plans can reach it; above the target
+    only the smallest width is served. `estimate` passes its one plan's width. (The Python API's
+    Plan() keeps gbs = 0, i.e. dp * mbs: the tests and the lecture rely on it.)
+
+    default_gbs(2048, [8]) == 2048 (x 2048 = 4,194,304 tokens); default_gbs(1024, [8, 6]) == 4104:
+    the target 4096 sequences, in steps of lcm(8, 6) = 24, 4096 / 24 = 170.7 -> 171 steps."""
+    target = max(1, round(TARGET_TOKENS / seq))
+    widths = sorted(set(widths))
+    if not widths:
+        return target
+    small = [d for d in widths if d <= target] or widths[:1]
+    step = math.lcm(*small)
+    return max(step, round(target / step) * step)
+
+
 def check_fixed(fixed: dict) -> dict:
     """Validate the user's pinned fields (names, types, choices); return them unchanged."""
     names = [f.name for f in dataclasses.fields(Plan)]
@@ -103,19 +121,14 @@ class Space:
 
     @cached_property
     def gbs(self) -> int:
-        """The pinned global batch, or ~TARGET_TOKENS rounded to the nearest multiple of the lcm
-        of every dp*mbs (<= the target) a legal tp x pp leaves, so each of those plans can reach it
-        (with a pinned mbs; else mbs = 1). Above the target only the smallest dp is served."""
+        """The pinned global batch, or default_gbs over every dp*mbs a legal tp x pp leaves (with a
+        pinned mbs; else mbs = 1)."""
         if "gbs" in self.fixed:
             return self.fixed["gbs"]
-        target = max(1, round(TARGET_TOKENS / self.base.seq))
         unit = self.fixed.get("mbs", 1)
-        dps = sorted({unit * self.gpus // (tp * pp) for tp, pp in self.tp_pp if self._shape_legal(tp, pp)})
-        if not dps:
-            return target
-        small = [d for d in dps if d <= target] or dps[:1]
-        step = math.lcm(*small)
-        return max(step, round(target / step) * step)
+        return default_gbs(
+            self.base.seq, [unit * self.gpus // (tp * pp) for tp, pp in self.tp_pp if self._shape_legal(tp, pp)]
+        )
 
     @cached_property
     def gbs_candidates(self) -> list[int]:

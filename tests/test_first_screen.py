@@ -126,6 +126,19 @@ def test_columns_env_narrows_piped_output(capsys, monkeypatch):
     assert max(len(x) for x in out.splitlines()) > 80  # a pipe without COLUMNS gets 140 columns
 
 
+def test_catalog_tables_fit_80_columns_and_keep_every_column_when_wide(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    for cmd in ("gpus", "models"):
+        rc, out, _ = cli(capsys, cmd)
+        assert rc == 0 and max(len(x) for x in out.splitlines()) <= 80, cmd
+    rc, out, _ = cli(capsys, "gpus")
+    assert "h100-80gb" in out and "bf16" in out and "fp32" not in out  # the least used columns go first
+    monkeypatch.setenv("COLUMNS", "200")
+    rc, out, _ = cli(capsys, "gpus")
+    header = next(x for x in out.splitlines() if x.startswith("name"))
+    assert all(c in header for c in ("fp16", "fp8", "tf32", "fp32", "intra-node link", "$/h"))
+
+
 @pytest.mark.parametrize("width", [120, 200])
 def test_plan_table_keeps_every_column_when_wide(width):
     res = run_search(preset("llama-3.1-8b"), make_cluster("h100-80gb", 8), top=5)

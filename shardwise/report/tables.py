@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from rich.console import Console
-from rich.table import Table
 
 from shardwise import units
 from shardwise.report.layout import Column, print_segments, print_wrapped, table
@@ -195,27 +194,36 @@ def print_models(models: dict, console: Console | None = None, ids: dict | None 
         c.print(table(c, cols, rows, title=title, title_justify="left"))
 
 
+GPU_COLUMNS = [
+    Column("name", 0, "left"),
+    Column("memory", 1),
+    Column("bf16", 2),
+    Column("fp16", 7),
+    Column("fp8", 5),
+    Column("tf32", 8),
+    Column("fp32", 9),
+    Column("HBM GB/s", 6),
+    Column("intra-node link", 10, "left", wrap=True, min_width=16),
+    Column("GB/s/dir", 3),
+    Column("per node", 4),
+    Column("$/h", 11),
+]
+NETWORK_COLUMNS = [
+    Column("name", 0, "left"),
+    Column("Gbit/s", 1),
+    Column("GB/s", 2),
+    Column("latency", 3),
+    Column("efficiency", 4),
+]
+
+
 def print_hardware(gpus: dict, networks: dict, console: Console | None = None) -> None:
+    """The GPU and network catalogs; a narrow console loses the least used columns (fp32, tf32,
+    fp16, the link's name, the price) before the memory, bf16 rate and link bandwidth."""
     c = console or make_console()
-    t = Table(title="GPUs (dense TFLOP/s, no sparsity)", title_justify="left")
-    for col in (
-        "name",
-        "memory",
-        "bf16",
-        "fp16",
-        "fp8",
-        "tf32",
-        "fp32",
-        "HBM GB/s",
-        "intra-node link",
-        "GB/s/dir",
-        "per node",
-        "$/h",
-    ):
-        t.add_column(col, justify="left" if col in ("name", "intra-node link") else "right")
     f = lambda g, k: f"{g.tflops[k]:,.0f}" if k in g.tflops else "-"
-    for name, g in gpus.items():
-        t.add_row(
+    rows = [
+        [
             name,
             f"{g.memory_gib:g} GiB",
             f(g, "bf16"),
@@ -228,12 +236,14 @@ def print_hardware(gpus: dict, networks: dict, console: Console | None = None) -
             f"{g.link_gbps:,.0f}",
             str(g.gpus_per_node),
             f"{g.price_per_hour:.2f}" if g.price_per_hour else "-",
-        )
-    c.print(t)
-    t = Table(title="Networks between nodes (per GPU, per direction)", title_justify="left")
-    for col in ("name", "Gbit/s", "GB/s", "latency", "efficiency"):
-        t.add_column(col, justify="left" if col == "name" else "right")
-    for name, n in networks.items():
-        t.add_row(name, f"{n.gbits:g}", f"{n.gbytes_per_s:g}", f"{n.latency_us:g} µs", f"{n.efficiency:.0%}")
-    c.print(t)
+        ]
+        for name, g in gpus.items()
+    ]
+    c.print(table(c, GPU_COLUMNS, rows, title="GPUs (dense TFLOP/s, no sparsity)", title_justify="left"))
+    rows = [
+        [name, f"{n.gbits:g}", f"{n.gbytes_per_s:g}", f"{n.latency_us:g} µs", f"{n.efficiency:.0%}"]
+        for name, n in networks.items()
+    ]
+    title = "Networks between nodes (per GPU, per direction)"
+    c.print(table(c, NETWORK_COLUMNS, rows, title=title, title_justify="left"))
     c.print("[dim]sources: shardwise/spec/catalog/gpus.toml and networks.toml (each entry's `source`)[/]")

@@ -136,3 +136,38 @@ def test_bucket_elements():
     assert DEEPSPEED.sends[3][0].bucket_elements(64) == 50_000_000  # stage3_prefetch_bucket_size
     assert ZERO_PAPER.sends[0][0].bucket_elements(64) is None
     assert MEGATRON.sends[3][0].bucket_elements(64) is None  # ZeRO-3 gathers: one call per micro-batch
+
+
+# ---- what each engine can run: the search proposes only that; a strict profile refuses the rest -----
+def test_megatron_has_no_zero_2_3_nor_parameter_offload():
+    m, c = "llama-2-7b", make_cluster("h100-80gb", 8)
+    for plan, words in (
+        (Plan(zero=3, seq=4096), "no ZeRO-3"),
+        (Plan(zero=2, seq=4096), "no ZeRO-2"),
+        (Plan(zero=3, seq=4096, offload="params"), "no ZeRO-3"),
+    ):
+        with pytest.raises(ShardwiseError, match=words) as e:
+            estimate(m, c, plan, "megatron")
+        assert "\n" not in str(e.value) and "--profile megatron" in str(e.value)
+    assert estimate(m, c, Plan(zero=1, seq=4096), "megatron").memory.total > 0  # the distributed optimizer
+    offload = next(r for r in MEGATRON.rules if "offload" in r.message(Plan(offload="params"), None, 8))
+    assert offload.broken(Plan(dp=8, zero=1, offload="params"), None, 8)
+    assert not offload.broken(Plan(dp=8, zero=1, offload="optimizer"), None, 8)
+    assert MEGATRON.strict and not TORCH.strict and not ZERO_PAPER.rules and not DEEPSPEED.rules
+
+
+def test_torch_estimates_what_run_cannot_train_with_a_note():
+    est = estimate("llama-2-7b", make_cluster("h100-80gb", 8), Plan(zero=1, offload="optimizer"), "torch")
+    assert any(n.startswith("PyTorch's engines") and "optimizer-only offload" in n for n in est.notes)
+
+
+def test_the_megatron_search_proposes_only_what_megatron_runs():
+    from shardwise.search.core import run_search
+
+    res = run_search("llama-2-7b", make_cluster("h100-80gb", 8), profile="megatron", top=50, seq=4096)
+    assert res.fits and len(res.ranked) == 50
+    assert all(e.plan.zero <= 1 and e.plan.offload != "params" for e in res.ranked)
+    assert {e.plan.zero for e in res.ranked} == {0, 1}
+    # pinned into nothing-fits, the relaxed retries stay inside the profile too
+    res = run_search("llama-3.1-70b", make_cluster("h100-80gb", 8), profile="megatron", tp=1, pp=1)
+    assert not res.fits and res.closest is not None and res.closest.plan.zero <= 1

@@ -5,6 +5,7 @@ Pure Python (numpy only inside the vectorized search); never imports torch.
 
 from __future__ import annotations
 
+from shardwise.errors import ShardwiseError
 from shardwise.estimate import profiles
 from shardwise.estimate.comm import collectives
 from shardwise.estimate.memory import memory
@@ -14,7 +15,7 @@ from shardwise.estimate.time import step_time
 from shardwise.spec.breakdown import Estimate
 from shardwise.spec.hardware import Cluster
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.plan import Plan, engine_violation
+from shardwise.spec.plan import Plan, first_broken
 from shardwise.spec.presets import load_model
 
 RULE_OF_THUMB_BYTES_PER_PARAM = 18  # the lecture: 2 + 2 + 12 model states + "~2" activations
@@ -41,6 +42,9 @@ def estimate(
     prof = profiles.profile(profile)
     model = load_model(model)
     plan = (plan or Plan()).resolve(model, cluster.gpus)
+    refused = first_broken(prof.rules, plan, model)
+    if refused and prof.strict:
+        raise ShardwiseError(f"{refused} (--profile {prof.name})")
     mem = memory(model, cluster, plan, prof)
     comm = collectives(model, cluster, plan, prof)
     t = step_time(model, cluster, plan, comm, efficiency=efficiency, tokens=tokens, price=price)
@@ -61,12 +65,11 @@ def _notes(model, cluster, plan, prof: Profile) -> list[str]:
     notes = []
     if model.estimated:
         notes.append(f"{model.name}'s dimensions are a public estimate, not a published architecture.")
-    if prof.run_engines:
-        why = engine_violation(plan, model)
-        if why:
-            notes.append(f"`shardwise run` cannot train this plan on PyTorch's engines: {why}.")
-        if model.is_moe:
-            notes.append("`shardwise run` does not build MoE models; this estimate is not checked by a run.")
+    refused = first_broken(prof.rules, plan, model)
+    if refused:
+        notes.append(f"{prof.engine} cannot train this plan: {refused}.")
+    if prof.run_engines and model.is_moe:
+        notes.append("`shardwise run` does not build MoE models; this estimate is not checked by a run.")
     if plan.tp > cluster.node_size:
         notes.append(
             f"tp={plan.tp} spans nodes ({cluster.node_size} GPUs each): its all-reduces run on "

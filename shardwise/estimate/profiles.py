@@ -22,6 +22,7 @@ from types import MappingProxyType
 
 from shardwise.errors import ShardwiseError, closest
 from shardwise.estimate._num import ceil_div, maximum, minimum, where
+from shardwise.spec.plan import ENGINE_RULES, Rule
 from shardwise.units import MIB
 
 # Overhead outside the caching allocator: the CUDA context of one process with lazy module
@@ -152,6 +153,12 @@ class Profile:
     persistence_threshold: int = 0  # ZeRO-3: tensors of at most this many elements stay whole
     # zero stage -> its data-parallel collectives; None: the engines' own (comm._torch_dp)
     sends: MappingProxyType | None = None
+    # the plans this engine cannot run (spec.plan.Rule): the search never proposes them; with
+    # `strict`, estimate() refuses them, else it estimates them with a note (the torch profile
+    # still accounts a plan `shardwise run` cannot train, as PyTorch would lay it out)
+    rules: tuple = ()
+    strict: bool = True
+    engine: str = "this engine"  # who cannot run a refused plan, in the search's rejection counts
     # bytes outside the caching allocator, every rank
     overhead: MappingProxyType = _frozen({"overhead.cuda_context": CUDA_CONTEXT_BYTES})
 
@@ -214,6 +221,9 @@ class TorchProfile(Profile):
     run_engines = True
     dtensor_tp = True
     activation_layout = "torch"
+    rules = ENGINE_RULES
+    strict = False
+    engine = "PyTorch's engines (so `shardwise run`)"
 
     def dtypes(self, plan) -> dict:
         prec = plan.precision
@@ -259,6 +269,25 @@ class ZeroPaperProfile(Profile):
 _MEGATRON_BUCKET = {"bucket": MEGATRON_BUCKET_MIN, "bucket_per_rank": MEGATRON_BUCKET_PER_DP}
 
 
+MEGATRON_RULES = (
+    Rule(
+        "engine",
+        lambda p, m, g: p.zero >= 2,
+        lambda p, m, g: (
+            f"Megatron-LM has no ZeRO-{p.zero}: its distributed optimizer (--zero 1) shards the optimizer "
+            "states and reduce-scatters the gradients; use --zero 0 or 1, or --profile deepspeed or torch"
+        ),
+    ),
+    Rule(
+        "engine",
+        lambda p, m, g: p.offload == "params",
+        lambda p, m, g: (
+            "Megatron-LM has no parameter offload; use --profile torch or deepspeed, or --offload optimizer"
+        ),
+    ),
+)
+
+
 class MegatronProfile(Profile):
     """`megatron`: Megatron-LM.
 
@@ -279,6 +308,8 @@ class MegatronProfile(Profile):
     states = _MEGATRON_STATES
     vocab_multiple = MEGATRON_VOCAB_MULTIPLE
     offloads_params = False
+    rules = MEGATRON_RULES
+    engine = "Megatron-LM"
     sends = _by_stage(
         (Send("all-reduce", "main gradients (DDP buckets)", "grad", **_MEGATRON_BUCKET),),
         (

@@ -412,8 +412,8 @@ def _impossible(res: SearchResult, held: dict, least: float) -> str:
     else:
         why = f"needs {units.gib(c.memory.total, 1)} per GPU of {units.gib(usable, 1)} usable"
     return (
-        f"{m.name} does not fit on {cl.gpus}x {cl.gpu.name} with any plan (ZeRO 0-3, tp, pp, recompute and "
-        f"offload all tried): the closest, {c.plan.short()}, {why}; {'; '.join(need + [''])}"
+        f"{m.name} does not fit on {cl.gpus}x {cl.gpu.name} with any plan the "
+        f"{res.opts.profile.name} profile allows (its ZeRO stages, tp, pp, recompute and offload all tried): the closest, {c.plan.short()}, {why}; {'; '.join(need + [''])}"
         "`--min-gpus` finds how many GPUs it needs"
     )
 

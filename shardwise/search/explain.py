@@ -27,7 +27,7 @@ REJECT_LABELS = {
     "schedule": "schedule rules",
     "gpus": "dp*tp*pp is not the GPU count",
     "offload": "offload rules",
-    "engine": "PyTorch's engines (so `shardwise run`) cannot train them (other --profile values allow them)",
+    "engine": "{engine} cannot train them (other --profile values allow them)",
 }
 
 
@@ -253,7 +253,7 @@ def rejection_lines(res) -> list[str]:
     for reason, n in t.rejected.most_common():
         if not n:
             continue
-        label = REJECT_LABELS.get(reason, reason)
+        label = REJECT_LABELS.get(reason, reason).format(engine=res.opts.profile.engine)
         ex = t.examples.get(reason)
         if reason == "memory" and res.closest is not None:
             ex = f"closest: {res.closest.plan.short()} needs {units.gib(res.closest.memory.total, 1)}"

@@ -26,7 +26,7 @@ from shardwise.estimate.memory import memory
 from shardwise.estimate.profiles import Profile
 from shardwise.estimate.time import step_time
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
-from shardwise.spec.plan import ENGINE_RULES, RULES
+from shardwise.spec.plan import RULES
 
 CATEGORICAL = ("zero", "sp", "schedule", "recompute", "offload")
 
@@ -120,7 +120,7 @@ def evaluate(
         kept: dict[str, np.ndarray] = {}  # recompute -> GPU model-state bytes without offload (-1: not estimated)
         for var in variants:
             cats = fam | var
-            alive = _legal(space, grid, cats, tally, RULES + ENGINE_RULES if prof.run_engines else RULES)
+            alive = _legal(space, grid, cats, tally, RULES + prof.rules)
             if alive is None:
                 continue
             tally.enumerated += n

@@ -271,12 +271,17 @@ ENGINE_RULES: tuple[Rule, ...] = (
 )
 
 
-def engine_violation(p: Plan, model) -> str | None:
-    """The first PyTorch-engine limit a complete scalar plan hits, or None."""
-    for rule in ENGINE_RULES:
+def first_broken(rules, p: Plan, model) -> str | None:
+    """The message of the first of `rules` a complete scalar plan breaks, or None."""
+    for rule in rules:
         if rule.broken(p, model, p.world):
             return rule.message(p, model, p.world)
     return None
+
+
+def engine_violation(p: Plan, model) -> str | None:
+    """The first PyTorch-engine limit a complete scalar plan hits, or None."""
+    return first_broken(ENGINE_RULES, p, model)
 
 
 def divisors(n: int) -> list[int]:

@@ -14,7 +14,7 @@ import json
 
 from shardwise.check import compare as ck
 from shardwise.cli import args as ca
-from shardwise.cli.run import OPTIM_FLAGS, TRAIN_FLAGS, overrides_from_args
+from shardwise.cli.run import CHECKPOINT_FLAGS, OPTIM_FLAGS, TRAIN_FLAGS, overrides_from_args
 from shardwise.errors import ShardwiseError
 from shardwise.run import config, launch
 from shardwise.spec import hardware as hw
@@ -86,6 +86,7 @@ def register(sub) -> None:
         func=cmd_check,
         **{f: None for f in TRAIN_FLAGS if f not in ("nproc", "steps", "seed", "device")},
         **dict.fromkeys(OPTIM_FLAGS),
+        **dict.fromkeys(CHECKPOINT_FLAGS),  # check runs no checkpoints
     )
 
     c = sub.add_parser(

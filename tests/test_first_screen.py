@@ -198,6 +198,7 @@ def _run_config(argv: list[str], tmp_path):
         ["llama-3.1-70b", "--gpus", "256", "--gbs", "1024", "--seq", "8192"],
         ["gpt2", "--gpus", "4", "--gpu", "rtx-4090", "--precision", "fp32"],
         ["meta-llama/Llama-2-7b-hf", "--gpus", "16", "--pp", "2", "--schedule", "interleaved", "--layers", "8"],
+        ["llama-2-7b", "--gpus", "8", "--attention", "math", "--optimizer", "sgd"],
     ],
 )
 def test_printed_command_gives_the_recommended_plan(argv, capsys, tmp_path):

@@ -158,8 +158,7 @@ def predict(model, plan, cluster, device: str, efficiency: float | None = None):
     stages = {}
     for st in ("first", "last") if plan.pp > 1 else ("first",):
         stages[st] = tuple(
-            memory(model, cluster, est.plan, "torch", attention="flash", stage=st, at=at, device=device)
-            for at in ("step", "peak")
+            memory(model, cluster, est.plan, "torch", stage=st, at=at, device=device) for at in ("step", "peak")
         )
         # what is measured is tensor memory (MemTracker on CPU, the caching allocator's
         # max_memory_allocated on CUDA): the CUDA context is outside both (and absent on a CPU)

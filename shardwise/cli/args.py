@@ -9,7 +9,7 @@ import re
 from shardwise.errors import ShardwiseError
 from shardwise.spec.hardware import Cluster, make_cluster
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.plan import OFFLOAD, OPTIMIZERS, PRECISIONS, RECOMPUTE, SCHEDULES, Plan
+from shardwise.spec.plan import ATTENTION, OFFLOAD, OPTIMIZERS, PRECISIONS, RECOMPUTE, SCHEDULES, Plan
 from shardwise.spec.presets import load_model
 
 # model dimensions that may be given (or overridden) on the command line
@@ -122,6 +122,12 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_defau
     g.add_argument("--precision", default=dv("precision"), choices=PRECISIONS)
     g.add_argument("--optimizer", default=dv("optimizer"), choices=OPTIMIZERS)
     g.add_argument("--offload", default=dv("offload"), choices=OFFLOAD, help="CPU offload")
+    g.add_argument(
+        "--attention",
+        default=dv("attention"),
+        choices=ATTENTION,
+        help="attention kernel: flash (fused, no s x s scores kept; default) or math (scores materialized)",
+    )
 
 
 PLAN_FLAGS = (
@@ -139,6 +145,7 @@ PLAN_FLAGS = (
     "precision",
     "optimizer",
     "offload",
+    "attention",
 )
 
 

@@ -183,9 +183,10 @@ def plan_argv(p: Plan) -> list[str]:
     for f in ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq"):
         out += ["--" + f, str(int(getattr(p, f)))]
     d = Plan()
-    for f in ("schedule", "vpp", "recompute", "precision", "optimizer", "offload"):
-        if getattr(p, f) != getattr(d, f):
-            out += ["--" + f, str(getattr(p, f))]
+    for f in ca.PLAN_FLAGS:  # every other plan field `run` takes, so a new field cannot be left out
+        if f in ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq", "sp") or getattr(p, f) == getattr(d, f):
+            continue
+        out += ["--" + f, str(getattr(p, f))]
     if p.sp:
         out.append("--sp")
     return out

@@ -41,8 +41,8 @@ from typing import NamedTuple
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import pipeline
 from shardwise.estimate._num import maximum, where
+from shardwise.spec.plan import ATTENTION
 
-ATTENTION = ("flash", "math")
 LAYOUTS = ("torch", "megatron")
 DEVICES = ("cuda", "cpu")  # where the torch layout's kernels run (rms_norm differs)
 DTYPE_BYTES = {"fp32": 4, "mask": 1, "int64": 8}  # plus "act" and "res", set by the precision

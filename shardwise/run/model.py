@@ -22,6 +22,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from shardwise.errors import ShardwiseError
@@ -75,6 +76,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(h, spec.kv_dim, bias=spec.qkv_bias)
         self.wo = nn.Linear(spec.q_dim, h, bias=spec.out_bias)
         self.recompute_core = False  # selective recompute: set by parallelize()
+        self.kernel = "flash"  # Plan.attention, set by parallelize(): "math" forces SDPA's math kernel
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Scores, softmax, dropout, times V: what selective recompute throws away.
@@ -84,6 +86,9 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_rep, dim=1)
             v = v.repeat_interleave(self.n_rep, dim=1)
         p = self.dropout if self.training else 0.0
+        if self.kernel == "math":  # the scores materialized and saved, as the estimate's "math" counts them
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -163,6 +163,13 @@ def apply_recompute(model: Transformer, mode: str) -> None:
 
 
 # ---- data parallel ----------------------------------------------------------------------------
+def apply_attention(model: Transformer, kernel: str) -> None:
+    """Every block's SDPA kernel: "flash" leaves SDPA its own choice (fused where the device has
+    one), "math" forces the kernel that materializes the scores."""
+    for block in model.layers.values():
+        block.attention.kernel = kernel
+
+
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan, prec: Precision) -> None:
     """ZeRO-2 = fully_shard(reshard_after_forward=False), ZeRO-3 = fully_shard: per block, then
     the root (embeddings, final norm, output). Shards are dim-0, padded to a multiple of dp."""
@@ -213,6 +220,7 @@ def parallelize(
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp)
     apply_recompute(model, plan.recompute)
+    apply_attention(model, plan.attention)
     if uses_fsdp(plan):
         apply_fsdp(model, mesh["dp"], plan, prec)
     materialize(model, device, seed)

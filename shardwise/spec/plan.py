@@ -19,6 +19,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adam8bit")
+ATTENTION = ("flash", "math")  # SDPA's fused kernels (no s x s scores saved) or materialized scores
 OFFLOAD = ("none", "optimizer", "params")  # "params" = parameters + gradients + optimizer (FSDP2 CPUOffloadPolicy)
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -39,6 +40,9 @@ class Plan:
     precision: str = "bf16-mixed"
     optimizer: str = "adamw"
     offload: str = "none"
+    # "math" for runs that materialize the attention scores (Megatron 2022, any unfused attention):
+    # the s x s scores are then saved for backward and selective recompute has something to drop
+    attention: str = "flash"
 
     # ---- derived (array-safe arithmetic) ----------------------------------------------
     @property
@@ -78,6 +82,8 @@ class Plan:
             parts.append(f"rc-{self.recompute}")
         if self.offload != "none":
             parts.append(f"offload-{self.offload}")
+        if self.attention != "flash":
+            parts.append(f"attn-{self.attention}")
         return " ".join(parts)
 
     # ---- validation -------------------------------------------------------------------
@@ -300,6 +306,7 @@ def _check_choices(p: Plan) -> None:
         ("precision", p.precision, PRECISIONS),
         ("optimizer", p.optimizer, OPTIMIZERS),
         ("offload", p.offload, OFFLOAD),
+        ("attention", p.attention, ATTENTION),
     ):
         if val not in allowed:
             raise ShardwiseError(f"unknown {name} {val!r}; {closest(str(val), allowed)} (one of {', '.join(allowed)})")

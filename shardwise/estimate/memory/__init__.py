@@ -61,7 +61,7 @@ def memory(
     plan,
     profile: str | Profile = "torch",
     *,
-    attention: str = "flash",
+    attention: str | None = None,
     stage: str = "worst",
     at: str = "peak",
     device: str = "cuda",
@@ -69,7 +69,8 @@ def memory(
     """Bytes on the worst rank at its peak, by field, with named sub-items in `detail`.
 
     attention: "flash" (SDPA's flash / memory-efficient kernels, CUDA's default: no s*s scores
-    saved) or "math" (scores materialized, as SDPA's math kernel and unfused attention do).
+    saved) or "math" (scores materialized, as SDPA's math kernel and unfused attention do);
+    default: the plan's own (Plan.attention).
     stage: "worst" (the larger of the two below), "first" or "last" pipeline stage's rank
     (`shardwise check` holds each stage's ranks against its own estimate).
     at: "peak" (the largest moment) or "step" (moment C, the optimizer step: the model states a
@@ -78,6 +79,7 @@ def memory(
     CPU's rms_norm is a composite that saves more (activations.block_inventory).
     """
     prof = profiles.profile(profile)
+    attention = plan.attention if attention is None else attention
     acts._check("torch", attention, device)
     if not prof.offloads_params and plan.offload == "params":
         raise ShardwiseError(
@@ -127,12 +129,13 @@ def _both_stages(plan):
     return plan.replace(**twice), last
 
 
-def saved_activations(model, plan, profile: str | Profile = "torch", *, attention: str = "flash") -> int:
+def saved_activations(model, plan, profile: str | Profile = "torch", *, attention: str | None = None) -> int:
     """Activation bytes on the worst rank at its moment A with the most (every saved tensor
     alive), whether or not that moment is the rank's overall peak: on one GPU the optimizer step
     often is, and then memory().activations is 0. For a resolved scalar plan. (The lecture's
     '~2 bytes/param'.)"""
     prof = profiles.profile(profile)
+    attention = plan.attention if attention is None else attention
     acts._check("torch", attention)
     worst = 0
     for last in (False, True):

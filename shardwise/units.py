@@ -54,6 +54,18 @@ def days(s: float) -> str:
     return f"{s / 86400:,.1f} days" if s >= 86400 else f"{s / 3600:,.1f} hours"
 
 
+def number(v: float) -> str:
+    """A table cell whose unit is in the header: three significant digits at most, small values
+    without a wall of zeros (0.00041, not 0.00): number(1234.5) == '1,234', number(0.5) == '0.50'."""
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:,.1f}"
+    if v >= 0.01 or v == 0:
+        return f"{v:,.2f}"
+    return f"{v:.2g}"
+
+
 def percent(x: float) -> str:
     """A fraction as a percentage, one decimal under 10%: '4.2%', '37%'."""
     return f"{x:.1%}" if abs(x) < 0.1 else f"{x:.0%}"

@@ -36,6 +36,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from shardwise import units
 from shardwise.check import host_probe as ch
 from shardwise.check import timing
 from shardwise.check.timing import MIN_SECONDS
@@ -772,7 +773,7 @@ def print_result(r: Result, out: str, console=None) -> None:
         )
         c.print(
             f"overlap {r.overlap:.2f} of an asynchronous {' / '.join(OVERLAP_KINDS)} of "
-            f"{_size(OVERLAP_BYTES[r.device])} hid behind matmuls running beside it",
+            f"{units.binary_bytes(OVERLAP_BYTES[r.device], 0)} hid behind matmuls running beside it",
             highlight=False,
         )
         for kind, (ka, kb, _) in r.kinds.items():
@@ -792,19 +793,12 @@ def print_result(r: Result, out: str, console=None) -> None:
             own = cl * ka + cb / kb
             t.add_row(
                 kind,
-                _size(b),
-                f"{s * 1e6:,.0f} us",
-                f"{one * 1e6:,.0f} us",
+                units.binary_bytes(b, 0),
+                units.seconds(s),
+                units.seconds(one),
                 f"{100 * (one - s) / s:+.0f}%",
-                f"{own * 1e6:,.0f} us",
+                units.seconds(own),
                 f"{100 * (own - s) / s:+.0f}%",
             )
         c.print(t)
     c.print(f"wrote {out}: use it as `--hardware {out} --gpu {r.name} --network {r.name}`", highlight=False)
-
-
-def _size(b: int) -> str:
-    for unit, f in (("MiB", 2**20), ("KiB", 2**10)):
-        if b >= f:
-            return f"{b / f:g} {unit}"
-    return f"{b} B"

@@ -29,6 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shardwise import units
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import estimate
 from shardwise.estimate.memory import memory
@@ -397,9 +398,9 @@ def _fmt(v, unit: str) -> str:
     if v is None:
         return "-"
     if unit == "B":
-        return f"{v / 2**20:,.3f} MiB" if abs(v) >= 2**20 else f"{v / 2**10:,.1f} KiB"
+        return units.binary_bytes(v, 3)  # MiB to the KiB: the states are judged to 1%
     if unit == "s":
-        return f"{v * 1e3:,.1f} ms"
+        return units.seconds(v)
     return f"{int(v):,}"
 
 

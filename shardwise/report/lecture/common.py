@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from shardwise import units
 from shardwise.spec.hardware import Cluster
 from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan, divisors
@@ -17,23 +18,12 @@ def to_gib(b: float) -> float:
     return b / GIB
 
 
-def _short(v: float) -> str:
-    """3 significant digits at most, small values without a wall of zeros (0.00041, not 0.00)."""
-    if v >= 1000:
-        return f"{v:,.0f}"
-    if v >= 10:
-        return f"{v:,.1f}"
-    if v >= 0.01 or v == 0:
-        return f"{v:,.2f}"
-    return f"{v:.2g}"
-
-
 def fmt_gib(b: float) -> str:
-    return _short(b / GIB)
+    return units.number(b / GIB)
 
 
 def fmt_gb(b: float) -> str:
-    return _short(b / GB)
+    return units.number(b / GB)
 
 
 def fmt_ms(s: float) -> str:

@@ -285,9 +285,10 @@ def test_huggingface_names_and_clamped_sequence(capsys):
     # a --seq the user gave stays theirs: too long is the plan rule's one-line error
     rc, out, err = cli(capsys, "estimate", "gpt2", "--gpus", "8", "--seq", "2048")
     assert rc == 2 and "exceeds gpt2-124m's learned position table (1024)" in err and err.count("\n") == 1
-    # rotary positions have no table to overflow: nothing is clamped
+    # a rotary model's context bounds the default too (tiny-llama: 64 tokens)
     rc, out, _ = cli(capsys, "estimate", "tiny-llama", "--gpus", "1", "--json")
-    assert json.loads(out)["plan"]["seq"] == 2048
+    d = json.loads(out)
+    assert d["plan"]["seq"] == 64 and any("tiny-llama's context is 64 positions" in n for n in d["notes"])
 
 
 def test_json_contract_is_versioned_and_keeps_its_keys(capsys):

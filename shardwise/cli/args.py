@@ -159,16 +159,17 @@ def plan_from_args(a: argparse.Namespace) -> Plan:
 
 
 def clamp_seq(a: argparse.Namespace, model: ModelSpec) -> str | None:
-    """When the user gave no --seq and the model's learned position table is shorter than the
-    default sequence (GPT-2: 1024 < 2048), use the table's length: a default the model cannot take
-    would make every plan illegal. Sets a.seq; returns the one-line note to show, or None. A --seq
-    the user gave is never changed (too long, it stays the plan rule's error)."""
+    """When the user gave no --seq and the model's context is shorter than the default sequence
+    (GPT-2's learned position table: 1024 < 2048), use the model's length: a default the model
+    cannot take would make every plan illegal. Sets a.seq; returns the one-line note to show, or
+    None. A --seq the user gave is never changed (too long, it stays the plan rule's error)."""
     default = Plan().seq
-    if a.seq is not None or model.positions != "learned" or model.max_seq >= default:
+    if a.seq is not None or model.max_seq >= default:
         return None
     a.seq = model.max_seq
+    what = "learned position table holds" if model.positions == "learned" else "context is"
     return (
-        f"seq {model.max_seq}: {model.name}'s learned position table holds {model.max_seq} positions, "
+        f"seq {model.max_seq}: {model.name}'s {what} {model.max_seq} positions, "
         f"fewer than the default {default} (pin another with --seq)"
     )
 

@@ -119,7 +119,7 @@ def cmd_plan(a) -> int:
     if a.min_gpus:
         if a.rank != "throughput":
             raise ShardwiseError("--min-gpus ranks the plans on the fewest GPUs by throughput; drop --rank")
-        probe = ca.cluster_from_args(a, gpus=a.gpus or 1)
+        probe = ca.cluster_from_args(a, gpus=a.gpus if a.gpus is not None else 1)
         found = fewest_gpus(model, probe, fixed, Options(**kw), limit=a.gpus or MAX_GPUS)
         if found is None:
             where = f"up to {a.gpus}" if a.gpus else "any number of"
@@ -129,7 +129,7 @@ def cmd_plan(a) -> int:
             )
         cluster = ca.cluster_from_args(a, gpus=found)
     else:
-        cluster = ca.cluster_from_args(a, gpus=a.gpus or 8)
+        cluster = ca.cluster_from_args(a, gpus=a.gpus if a.gpus is not None else 8)
     res = run_search(model, cluster, **kw, top=a.top, rank=a.rank, **fixed)
     advice = what_it_would_take(res) if not res.fits else []
     eq = equivalent(res)

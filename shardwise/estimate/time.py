@@ -49,6 +49,7 @@ from shardwise.estimate.comm import rank0_param_numel
 from shardwise.estimate.host import host_seconds
 from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal
 from shardwise.estimate.profiles import TORCH
+from shardwise.spec import limits
 from shardwise.spec.breakdown import Time
 
 DEFAULT_EFFICIENCY = 0.5
@@ -118,8 +119,11 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         raise ShardwiseError(f"efficiency must be a fraction of peak in (0, 1], got {efficiency!r}")
     if not tokens >= 0:
         raise ShardwiseError(f"the token budget must be >= 0, got {tokens!r}")
+    limits.check_amount("the token budget", tokens, limits.TOKENS)
     if price is not None and not price >= 0:
         raise ShardwiseError(f"price must be >= 0 USD per GPU-hour, got {price!r}")
+    if price is not None:
+        limits.check_amount("the price per GPU-hour", price, limits.PRICE)
     gpu = cluster.gpu
     peak = gpu.peak_flops(PEAK_DTYPE[plan.precision])
     rate = peak * eff

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError, closest
+from shardwise.spec import limits
 from shardwise.units import GIB
 
 _CAT = Path(__file__).with_name("catalog")
@@ -88,6 +89,8 @@ class Cluster:
     network: Network
 
     def __post_init__(self):
+        limits.check_count("gpus", self.gpus, limits.GPUS)
+        limits.check_count("gpus per node", self.gpus_per_node, limits.GPUS_PER_NODE)
         if self.gpus <= 0 or self.gpus_per_node <= 0:
             raise ShardwiseError(
                 f"GPU counts must be positive, got gpus={self.gpus}, gpus_per_node={self.gpus_per_node}"
@@ -280,7 +283,7 @@ def make_cluster(
     hardware_file: str | None = None,
 ) -> Cluster:
     g = load_gpu(gpu, hardware_file)
-    gpn = gpus_per_node or g.gpus_per_node
+    gpn = g.gpus_per_node if gpus_per_node is None else gpus_per_node  # 0 is an error, not "the default"
     if network is None:
         network = "ib-ndr" if g.gpus_per_node >= 8 else "ethernet-25g"
     return Cluster(gpu=g, gpus=n_gpus, gpus_per_node=gpn, network=load_network(network, hardware_file))

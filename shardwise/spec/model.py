@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from shardwise.errors import ShardwiseError, closest
+from shardwise.spec import limits
 
 FFN_KINDS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -65,6 +66,8 @@ class ModelSpec:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 fail(f"{f} must be a non-negative integer, got {v!r}")
+        for f, bound in limits.MODEL.items():
+            limits.check_count(f"model {self.name!r}: {f}", getattr(self, f), bound)
         if self.ffn_kind not in FFN_KINDS:
             fail(f"ffn_kind must be one of {', '.join(FFN_KINDS)}, got {self.ffn_kind!r}")
         if self.norm not in NORMS:

@@ -9,11 +9,13 @@ validated field by field) flows through the same formulas: one path for one plan
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError, closest
+from shardwise.spec import limits
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 RECOMPUTE = ("none", "selective", "full")
@@ -95,6 +97,9 @@ class Plan:
         for f in ("dp", "gbs"):
             _positive_int(f, getattr(self, f), allow_zero=True)
         _positive_int("gpus", gpus)
+        limits.check_count("gpus", gpus, limits.GPUS)
+        for f, bound in limits.PLAN.items():
+            limits.check_count(f, getattr(self, f), bound)
         p = self
         if p.dp == 0:
             if gpus % (p.tp * p.pp):
@@ -217,6 +222,14 @@ RULES: tuple[Rule, ...] = (
         ),
     ),
     Rule(
+        "sequence",
+        lambda p, m, g: (m.positions != "learned") & (p.seq > m.max_seq),
+        lambda p, m, g: (
+            f"seq={p.seq:,} exceeds {m.name}'s context ({m.max_seq:,} tokens); use --seq <= {m.max_seq}, "
+            "or raise --max-seq to train past it (RoPE scaling)"
+        ),
+    ),
+    Rule(
         "offload",
         lambda p, m, g: (p.offload == "optimizer") & (p.zero == 0),
         lambda p, m, g: "optimizer offload needs ZeRO >= 1 (the optimizer states must be sharded to offload them)",
@@ -291,7 +304,10 @@ def engine_violation(p: Plan, model) -> str | None:
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Every divisor of n, ascending, by trial division up to sqrt(n): the search asks for the
+    divisors of batches of millions of sequences, which a scan up to n took seconds over."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def _positive_int(name, v, allow_zero=False):

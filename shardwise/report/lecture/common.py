@@ -36,8 +36,9 @@ def ratio(a: float, b: float) -> str:
 
 
 def seq_for(model: ModelSpec, seq: int) -> int:
-    """The default plan's sequence length, capped at a learned position table (GPT-2: 1024)."""
-    return min(seq, model.max_seq) if model.positions == "learned" else seq
+    """The default plan's sequence length, capped at the model's context (GPT-2's learned position
+    table: 1024)."""
+    return min(seq, model.max_seq)
 
 
 def base_plan(model: ModelSpec, lec, **kw) -> Plan:

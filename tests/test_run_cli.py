@@ -259,3 +259,91 @@ def test_two_gpus_nccl_fsdp2(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "2 process(es) on cuda" in r.stdout and len(records(m)) == 5
+
+
+# ---- checkpoints and resume ---------------------------------------------------------------------
+def test_checkpoint_flags_map_to_the_checkpoint_table():
+    ov = command.overrides_from_args(
+        parse(LLAMA, "--checkpoint-dir", "ck", "--checkpoint-every", "5", "--keep", "3", "--async", "--resume")
+    )
+    assert ov[("checkpoint", "dir")] == ("ck", "--checkpoint-dir")
+    assert ov[("checkpoint", "every")] == (5, "--checkpoint-every") and ov[("checkpoint", "keep")] == (3, "--keep")
+    assert ov[("checkpoint", "async_save")] == (True, "--async")
+    assert ov[("checkpoint", "resume")] == ("latest", "--resume")  # bare: the newest in the directory
+    ov = command.overrides_from_args(parse(LLAMA, "--resume", "ck/step-000010", "--steps", "5"))
+    assert ov[("checkpoint", "resume")] == ("ck/step-000010", "--resume") and ov[("train", "steps")] == (5, "--steps")
+    # not given: the file's values stay
+    assert not any(t == "checkpoint" for t, _ in command.overrides_from_args(parse(LLAMA)))
+
+
+def test_checkpoint_mistakes_are_one_line_and_start_nothing(tmp_path, monkeypatch, capsys):
+    def no(*a, **k):
+        raise AssertionError("nothing may start on a config error")
+
+    monkeypatch.setattr(launch, "launch", no)
+    monkeypatch.setattr(launch, "worker", no)
+    (tmp_path / "afile").write_text("x")
+    for argv, says in (
+        (["--resume"], "--resume: latest means the newest checkpoint"),
+        (["--checkpoint-dir", str(tmp_path / "ck"), "--resume"], "no complete checkpoint in"),
+        (["--checkpoint-every", "3"], "--checkpoint-every: saves checkpoints, but there is no checkpoint directory"),
+        (["--checkpoint-dir", str(tmp_path / "afile")], "is a file, not a directory"),
+        (["--checkpoint-dir", "ck", "--keep", "0"], "--keep: must be a positive integer"),
+        (["--resume", str(tmp_path / "nope")], "does not exist"),
+    ):
+        assert cli.main(["run", LLAMA, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("shardwise: error: ") and err.count("\n") == 1 and says in err, err
+
+
+def test_resume_from_the_command_line_appends_to_the_metrics(tmp_path, capsys):
+    """One process: 4 steps with a checkpoint every 2, then the same command run again over the
+    same metrics file says it overwrites it; --resume from step 2 appends steps 2 and 3, the first
+    marked, with the losses the first run had."""
+    m, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    argv = ["run", LLAMA, "--device", "cpu", "--steps", "4", "--metrics", str(m), "--checkpoint-dir", str(ck)]
+    assert cli.main([*argv, "--checkpoint-every", "2"]) == 0
+    first = records(m)
+    assert sorted(p.name for p in ck.iterdir()) == ["step-000002", "step-000004"]
+    assert cli.main([*argv, "--resume", str(ck / "step-000002")]) == 0
+    out = capsys.readouterr().out
+    assert f"resume {ck / 'step-000002'}: 2 steps done, saved under the same plan" in out
+    got = records(m)
+    assert [r["step"] for r in got] == [0, 1, 2, 3, 2, 3] and got[4]["resumed_from"] == 2
+    assert "resumed_from" not in got[5] and not any("resumed_from" in r for r in got[:4])
+    assert [r["loss"] for r in got[4:]] == [r["loss"] for r in first[2:]]
+    assert cli.main(argv) == 0
+    assert f"metrics {m} exists: overwritten (--resume appends to it)" in capsys.readouterr().out
+    assert [r["step"] for r in records(m)] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_two_rank_zero3_checkpoint_resumes_in_one_process(tmp_path):
+    """The user who changes the number of GPUs: saved by 2 ranks under ZeRO-3 (through shardwise's
+    own launch), resumed by one process with another plan, which says so and trains on."""
+    m, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    common = ["-m", "shardwise", "run", LLAMA, "--device", "cpu", "--metrics", str(m), "--checkpoint-dir", str(ck)]
+    r = subprocess.run(
+        [sys.executable, *common, "--nproc", "2", "--zero", "3", "--steps", "4", "--checkpoint-every", "2"],
+        env=env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    two = records(m)
+    r = subprocess.run(
+        [sys.executable, *common, "--steps", "6", "--resume"],
+        env=env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "4 steps done, resharded from dp2 tp1 pp1 zero3 mbs4 ga2 to dp1 tp1 pp1 zero0 mbs4 ga4" in r.stdout
+    got = records(m)
+    assert [x["step"] for x in got] == [0, 1, 2, 3, 4, 5] and got[4]["resumed_from"] == 4
+    assert got[:4] == two and got[5]["loss"] < got[0]["loss"]
+    assert sorted(p.name for p in ck.iterdir()) == ["step-000004", "step-000006"]

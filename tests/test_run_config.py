@@ -2,6 +2,7 @@
 the ModelSpec and Plan it resolves to, and the learning-rate schedule. No torch needed."""
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,95 @@ def test_warmup_then_cosine_hand_worked():
     # a one-step run (no room to decay) trains at lr
     assert o0.lr_at(0, 1) == 1e-3
     assert math.isclose(C.OptimConfig(lr=2e-3, min_lr=2e-3).lr_at(7, 10), 2e-3)
+
+
+# ---- [checkpoint] ------------------------------------------------------------------------------
+def fake_checkpoint(root: Path, step: int, model=None, optimizer="adamw") -> Path:
+    """A checkpoint directory as run/checkpoint.py leaves it, minus the tensors config.py never reads."""
+    from shardwise.run import checkpoint_dir as layout
+
+    p = root / layout.step_name(step)
+    p.mkdir(parents=True)
+    (p / layout.DCP_METADATA).write_bytes(b"x")
+    model = model or C.load(write(root, TINY, "ref.toml")).model
+    shapes = {n: list(s) for n, s in model.param_shapes()}
+    layout.write_trainer(p, {"step": step, "optimizer": optimizer, "param_shapes": shapes})
+    return p
+
+
+def test_checkpoint_table_defaults_paths_and_round_trip(tmp_path):
+    cfg = C.load(write(tmp_path, TINY))
+    assert cfg.checkpoint == C.CheckpointConfig(dir="", every=0, keep=2, async_save=False, resume="")
+    cfg = C.load(write(tmp_path, TINY + '[checkpoint]\ndir = "ck"\nevery = 10\nkeep = 3\nasync_save = true\n'))
+    # relative to the config file, like metrics; nothing is created before the run
+    assert cfg.checkpoint == C.CheckpointConfig(dir=str(tmp_path / "ck"), every=10, keep=3, async_save=True)
+    assert not (tmp_path / "ck").exists()
+    assert C.RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_resume_resolves_latest_before_the_run(tmp_path):
+    ck = tmp_path / "ck"
+    fake_checkpoint(ck, 10)
+    newest = fake_checkpoint(ck, 20)
+    (ck / ".tmp-step-000030").mkdir()  # a save that never finished
+    path = write(tmp_path, TINY + '[checkpoint]\ndir = "ck"\nresume = "latest"\n')
+    assert C.load(path).checkpoint.resume == str(newest)
+    # a path: a checkpoint, or a directory of them (its newest); from the command line, as given
+    older = str(ck / "step-000010")
+    assert C.load(path, {("checkpoint", "resume"): (older, "--resume")}).checkpoint.resume == older
+    assert C.load(write(tmp_path, TINY), {("checkpoint", "resume"): (str(ck), "--resume")}).checkpoint.resume == str(
+        newest
+    )
+
+
+@pytest.mark.parametrize(
+    "table, says",
+    [
+        ("every = 5", "no checkpoint directory"),
+        ("async_save = true", "no checkpoint directory"),
+        ('dir = "ck"\nevery = -1', "must be >= 0"),
+        ('dir = "ck"\nkeep = 0', "must be a positive integer"),
+        ('resume = "latest"', "set --checkpoint-dir"),
+        ('dir = "ck"\nresume = "latest"', "no complete checkpoint in"),
+        ('resume = "nowhere"', "does not exist"),
+        ('dir = "ck"\nevery = "often"', "expected an integer"),
+    ],
+)
+def test_checkpoint_errors_are_one_line(tmp_path, table, says):
+    msg = error(C.load, write(tmp_path, TINY + "[checkpoint]\n" + table + "\n"))
+    assert "[checkpoint]" in msg and says in msg, msg
+
+
+def test_checkpoint_dir_must_be_writable_before_the_run(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    msg = error(C.load, write(tmp_path, TINY), {("checkpoint", "dir"): (str(tmp_path / "afile"), "--checkpoint-dir")})
+    assert msg.startswith("--checkpoint-dir:") and "is a file" in msg
+    under_file = str(tmp_path / "afile" / "ck")
+    msg = error(C.load, write(tmp_path, TINY), {("checkpoint", "dir"): (under_file, "--checkpoint-dir")})
+    assert "cannot create" in msg
+    if os.geteuid() != 0:  # root writes anywhere: the permission check cannot fail for it
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        msg = error(C.load, write(tmp_path, TINY), {("checkpoint", "dir"): (str(ro / "ck"), "--checkpoint-dir")})
+        assert "cannot create" in msg
+
+
+def test_a_checkpoint_the_run_cannot_continue_is_refused(tmp_path):
+    ck = tmp_path / "ck"
+    path = write(tmp_path, TINY)
+
+    def resume(p, more=None):
+        return {("checkpoint", "resume"): (str(p), "--resume"), **(more or {})}
+
+    at = fake_checkpoint(ck, 50)
+    msg = error(C.load, path, resume(at))
+    assert msg.startswith("--resume:") and "is at step 50, the run ends at step 50" in msg
+    longer = {("train", "steps"): (60, "--steps")}
+    assert C.load(path, resume(at, longer)).checkpoint.resume == str(at)
+    # another plan is fine (resharding); another model or optimizer is not
+    assert C.load(path, resume(at, {**longer, ("plan", "tp"): (2, "--tp")})).plan.tp == 2
+    msg = error(C.load, path, resume(at, {**longer, ("model", "hidden"): (64, "--hidden")}))
+    assert "holds another model" in msg and "tok_embeddings.weight" in msg
+    sgd = fake_checkpoint(tmp_path / "other", 10, optimizer="sgd")
+    msg = error(C.load, path, resume(sgd))
+    assert "holds sgd states" in msg and "--optimizer sgd" in msg

@@ -1,4 +1,4 @@
-"""The `shardwise run` configuration: one TOML file, five tables, every field overridable.
+"""The `shardwise run` configuration: one TOML file, six tables, every field overridable.
 
     [model]  preset = "llama-2-7b" (or path = "config.json", or neither: full dimensions),
              plus any ModelSpec field as an override (layers, hidden, heads, kv_heads, vocab, ...)
@@ -6,6 +6,7 @@
     [data]   source = "synthetic" | "tokens" | "text", path, seed, branch
     [optim]  lr, min_lr, warmup_steps, weight_decay, betas, grad_clip
     [train]  steps, seed, log_every, metrics, device, nproc, timeout_s
+    [checkpoint]  dir, every, keep, async_save, resume
 
 The model becomes a ModelSpec and the plan a resolved Plan: the same objects `shardwise estimate`
 uses, never a second description. Every mistake is one ShardwiseError line naming where the
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardwise.errors import ShardwiseError, closest
+from shardwise.run import checkpoint_dir
 from shardwise.run.data import open_source
 from shardwise.spec.model import ModelSpec, spec_from_dict
 from shardwise.spec.plan import Plan
@@ -75,6 +77,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = ""  # where checkpoints go (DIR/step-000150/); "" -> none
+    every: int = 0  # a checkpoint every this many steps; 0 -> only after the last step (when dir is set)
+    keep: int = 2  # the newest this many complete checkpoints stay, older ones are deleted
+    async_save: bool = False  # DCP's async_save: training goes on while the files are written
+    resume: str = ""  # "" -> start at step 0; "latest" -> the newest complete one in dir; or a checkpoint path
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelSpec
     plan: Plan  # resolved: dp and gbs filled, every rule checked against train.nproc
@@ -82,6 +93,7 @@ class RunConfig:
     optim: OptimConfig
     train: TrainConfig
     path: str = ""  # the TOML file it came from
+    checkpoint: CheckpointConfig = CheckpointConfig()  # resume: resolved to the checkpoint's path
 
     def to_dict(self) -> dict:
         """Plain JSON-able form, handed to the worker processes; `from_dict` inverts it."""
@@ -92,6 +104,7 @@ class RunConfig:
             "optim": dataclasses.asdict(self.optim),
             "train": dataclasses.asdict(self.train),
             "path": self.path,
+            "checkpoint": dataclasses.asdict(self.checkpoint),
         }
 
     @classmethod
@@ -104,10 +117,11 @@ class RunConfig:
             OptimConfig(**optim),
             TrainConfig(**d["train"]),
             d.get("path", ""),
+            CheckpointConfig(**d.get("checkpoint", {})),
         )
 
 
-TABLES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+TABLES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig}
 MODEL_SOURCE_KEYS = ("preset", "path")
 # ModelSpec fields a user may set; the rest are bookkeeping of the catalog
 MODEL_FIELDS = tuple(
@@ -188,7 +202,7 @@ def load(path: str, overrides: Overrides | None = None, world: int | None = None
         for name, v in body.items():
             if name not in fields_of(table):
                 raise ShardwiseError(f"{path} [{table}]: unknown field {name!r}; {closest(name, fields_of(table))}")
-            if name in ("path", "metrics", "measure") and isinstance(v, str) and v:
+            if name in ("path", "metrics", "measure", "dir", "resume") and isinstance(v, str) and v and v != "latest":
                 v = _relative_to(base, v)
             values[table][name] = v
             origin[(table, name)] = f"{path} [{table}] {name}"
@@ -215,7 +229,8 @@ def load(path: str, overrides: Overrides | None = None, world: int | None = None
         )
     if data.source != "synthetic":  # the file exists, is long enough, holds tokens below the vocab
         open_source(data, model, plan)
-    return RunConfig(model, plan, data, optim, dataclasses.replace(train, nproc=nproc), str(path))
+    ckpt = _checkpoint(_section(CheckpointConfig, values["checkpoint"], where), model, plan, train, where)
+    return RunConfig(model, plan, data, optim, dataclasses.replace(train, nproc=nproc), str(path), ckpt)
 
 
 def _relative_to(base: Path, p: str) -> str:
@@ -289,7 +304,47 @@ def _section(cls, vals: dict, where):
             f"unknown device {c.device!r}; {closest(c.device, DEVICES)} (one of {', '.join(DEVICES)})",
         )
         _need(c.timeout_s > 0, where("train", "timeout_s"), f"must be a positive number of seconds, got {c.timeout_s}")
+    elif cls is CheckpointConfig:
+        _need(c.every >= 0, where("checkpoint", "every"), f"must be >= 0 (0: only after the last step), got {c.every}")
+        _need(c.keep >= 1, where("checkpoint", "keep"), f"must be a positive integer, got {c.keep}")
+        for f, set_ in (("every", c.every > 0), ("async_save", c.async_save)):
+            _need(
+                bool(c.dir) or not set_,
+                where("checkpoint", f),
+                "saves checkpoints, but there is no checkpoint directory: set --checkpoint-dir (checkpoint.dir)",
+            )
+        if c.dir:  # an output path is checked before the work
+            checkpoint_dir.check_writable(c.dir, where("checkpoint", "dir"))
     return c
+
+
+def _checkpoint(c: CheckpointConfig, model: ModelSpec, plan: Plan, train: TrainConfig, where) -> CheckpointConfig:
+    """Resolve what a resume names, and refuse, before any process starts, a checkpoint this run
+    cannot continue from. Another plan is fine (the checkpoint is resharded); another model or
+    optimizer is not (their tensors would not fit)."""
+    if not c.resume:
+        return c
+    at = where("checkpoint", "resume")
+    found = checkpoint_dir.resolve(c.resume, c.dir, at)
+    state = checkpoint_dir.read_trainer(found)
+    shapes = {name: list(s) for name, s in model.param_shapes()}
+    if state["param_shapes"] != shapes:
+        diff = sorted(set(shapes).symmetric_difference(state["param_shapes"])) or [
+            k for k in shapes if shapes[k] != state["param_shapes"][k]
+        ]
+        raise ShardwiseError(
+            f"{at}: {found} holds another model (first difference: {diff[0]}); resume with the [model] it was saved with"
+        )
+    if state["optimizer"] != plan.optimizer:
+        raise ShardwiseError(
+            f"{at}: {found} holds {state['optimizer']} states but the plan trains with {plan.optimizer}; "
+            f"set --optimizer {state['optimizer']}"
+        )
+    if state["step"] >= train.steps:
+        raise ShardwiseError(
+            f"{at}: {found} is at step {state['step']}, the run ends at step {train.steps}; raise --steps to train on"
+        )
+    return dataclasses.replace(c, resume=str(found))
 
 
 def _need(ok: bool, where: str, what: str) -> None:

@@ -334,7 +334,7 @@ class Engine:
 
 
 # ---- tensor helpers -----------------------------------------------------------------------------
-def _spec_of(p: torch.Tensor):
+def sharding_spec(p: torch.Tensor):
     """(mesh, placements, shape, stride) of a sharded parameter: a DTensor's own, or the spec that
     DDP's DDP+TP path leaves on the local shard it swapped in (`_st_info`); None if plain."""
     from torch.distributed.tensor import DTensor
@@ -349,7 +349,7 @@ def _spec_of(p: torch.Tensor):
 
 def _shards(p: torch.Tensor) -> int:
     """Into how many distinct pieces the parameter is cut (1 if every rank has all of it)."""
-    spec = _spec_of(p)
+    spec = sharding_spec(p)
     if spec is None:
         return 1
     mesh, placements = spec[0], spec[1]
@@ -370,7 +370,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _full(p: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
-    spec = _spec_of(p)
+    spec = sharding_spec(p)
     if spec is None:
         return p
     if isinstance(p, DTensor):

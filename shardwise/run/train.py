@@ -4,6 +4,12 @@ Everything parallel lives in the Engine (shardwise/run/engine.py); this loop is 
 every plan and is kept thin on purpose (benchmarks/run_overhead.py holds it to < 3% over a bare
 PyTorch loop). It runs on every rank of an initialized process group; the Engine's logging
 rank (the one that holds the loss) prints and writes the metrics file.
+
+Checkpoints (run/checkpoint.py) are saved after a step when [checkpoint] says so, and a resumed run
+continues the loop at the checkpoint's step: the data and the LR schedule are functions of the step,
+the rest is in the checkpoint. A resumed run appends to its metrics file; its first record carries
+"resumed_from": K (the checkpoint's step), which says that earlier records of steps >= K belong to
+the attempt that was cut short and are superseded by the ones that follow.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shardwise.run import checkpoint, checkpoint_dir
 from shardwise.run import dist as rdist
 from shardwise.run.config import RunConfig
 from shardwise.run.data import open_source
@@ -45,8 +52,9 @@ def _fail_step() -> int | None:
 
 
 def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
-    """Train cfg.train.steps steps; return the summary (on every rank; the logging rank's is
-    the one with the losses). Several ranks: the default process group is initialized."""
+    """Train up to step cfg.train.steps, from 0 or from the checkpoint resumed; return the summary
+    (on every rank; the logging rank's is the one with the losses). Several ranks: the default
+    process group is initialized."""
 
     spec, plan, o, t = cfg.model, cfg.plan, cfg.optim, cfg.train
     torch.manual_seed(t.seed)
@@ -63,11 +71,21 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
         grad_clip=o.grad_clip if o.grad_clip > 0 else None,
     )
     log = engine.is_logging_rank
-    tokens_per_step = plan.gbs * plan.seq
-    out = _open_metrics(t.metrics) if log else None
+    c = cfg.checkpoint
+    first = 0
     progress = _Progress(t.steps, t.log_every, console) if log else None
     if log:
         progress.header(cfg, source, device, rdist.world_size())
+    if c.resume:
+        # config.load resolved "latest" already; a RunConfig built in Python may still say it
+        path = str(checkpoint_dir.resolve(c.resume, c.dir, "[checkpoint] resume"))
+        saved = checkpoint.load(engine, path)
+        first = saved["step"]
+        if log:
+            progress.resumed(path, saved, plan)
+    saver = checkpoint.Checkpointer(engine, c, model=spec, steps=t.steps, timeout_s=t.timeout_s) if c.dir else None
+    tokens_per_step = plan.gbs * plan.seq
+    out = _open_metrics(t.metrics, append=bool(c.resume), say=progress.say if log else None) if log else None
     records = []
     # `shardwise check`: measure every step, in detail (collectives, memory) the last one
     meter = None
@@ -76,7 +94,7 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
     fail_at = _fail_step()
     start = time.perf_counter()
     try:
-        for step in range(t.steps):
+        for step in range(first, t.steps):
             if step == fail_at:
                 raise RuntimeError(f"injected failure on rank {rdist.rank()} at step {step} ({FAIL_RANK}/{FAIL_STEP})")
             t0 = time.perf_counter()
@@ -92,6 +110,8 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
                 torch.cuda.synchronize(device)
             end = time.perf_counter()
             dt = end - t0
+            if saver is not None:  # outside the step's timing: a checkpoint is not training throughput
+                saver.after_step(step + 1)
             if not log:
                 continue
             mem, mem_kind = peak_memory(device)
@@ -106,11 +126,19 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
                 "peak_mem_bytes": mem,
                 "peak_mem_kind": mem_kind,
             }
+            if c.resume and step == first:
+                rec["resumed_from"] = first
             records.append(rec)
             if out:
                 out.write(json.dumps(rec) + "\n")
                 out.flush()
             progress.update(rec)
+        if saver is not None:
+            saver.finish(t.steps)
+    except BaseException:
+        if saver is not None:
+            saver.abandon()
+        raise
     finally:
         if out:
             out.close()
@@ -125,12 +153,17 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
     return summary
 
 
-def _open_metrics(path: str):
+def _open_metrics(path: str, append: bool = False, say=None):
+    """Resumed: append (the records of the steps before the checkpoint stay). Otherwise a fresh
+    file; an existing one is overwritten, and the user is told so, since a run meant to be resumed
+    without --resume would otherwise erase its history without a word."""
     if not path:
         return None
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    return open(p, "w")
+    if not append and p.exists() and p.stat().st_size and say is not None:
+        say(f"metrics {path} exists: overwritten (--resume appends to it)")
+    return open(p, "a" if append else "w")
 
 
 def _peak_over_ranks(device: torch.device) -> int:
@@ -198,6 +231,17 @@ class _Progress:
             highlight=False,
         )
         self.console.print(f"data   {source.describe()}", highlight=False)
+
+    def say(self, line: str) -> None:
+        self.console.print(line, highlight=False)
+
+    def resumed(self, path: str, saved: dict, plan) -> None:
+        k = saved["step"]
+        was = saved["plan_short"]
+        how = f"saved under the same plan ({was})" if was == plan.short() else f"resharded from {was} to {plan.short()}"
+        self.say(f"resume {path}: {k} steps done, {how}")
+        if self.bar:
+            self.bar.update(self.task, completed=k)
 
     def update(self, r: dict) -> None:
         if self.bar:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from _dist import run_ranks
+from _models import TINY_GPT2, TINY_LLAMA
 
 from shardwise.run import checkpoint_dir as layout
 from shardwise.run.config import CheckpointConfig, DataConfig, OptimConfig, RunConfig, TrainConfig
@@ -25,22 +26,7 @@ from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan
 
 STEPS, CUT = 4, 2
-LLAMA = ModelSpec(name="tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, vocab=128, ffn_hidden=128)
-GPT2 = ModelSpec(  # biases, LayerNorm, learned positions, and a tied embedding (copied across pipeline stages)
-    name="tiny-gpt2",
-    layers=4,
-    hidden=64,
-    heads=4,
-    vocab=128,
-    ffn_kind="gelu",
-    norm="layernorm",
-    positions="learned",
-    max_seq=32,
-    tied_embeddings=True,
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-)
+LLAMA, GPT2 = TINY_LLAMA, TINY_GPT2
 
 
 def config(spec: ModelSpec, fields: dict, world: int, root: Path, name: str, **ckpt) -> RunConfig:

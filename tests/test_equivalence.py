@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 from _dist import run_ranks
+from _models import TINY_GPT2, TINY_LLAMA
 
 from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan
@@ -33,22 +34,7 @@ LOSS_RTOL = 1e-5
 PARAM_RTOL, PARAM_ATOL = 1e-5, 1e-5
 TENSOR_RTOL = 1e-5
 
-LLAMA = ModelSpec(name="tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, vocab=128, ffn_hidden=128)
-GPT2 = ModelSpec(
-    name="tiny-gpt2",
-    layers=4,
-    hidden=64,
-    heads=4,
-    vocab=128,
-    ffn_kind="gelu",
-    norm="layernorm",
-    positions="learned",
-    max_seq=32,
-    tied_embeddings=True,
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-)
+LLAMA, GPT2 = TINY_LLAMA, TINY_GPT2
 # softmax(q.(k + b)) = softmax(q.k) per query: the key bias's exact gradient is zero, so what
 # it holds after training is rounding noise amplified by Adam, different for every summation
 # order. It is checked for staying at noise level instead of elementwise.

@@ -4,35 +4,21 @@ not depend on the layout, and the Engine's step is plain training."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import TINY_GPT2, TINY_LLAMA
 
 from shardwise.errors import ShardwiseError
 from shardwise.run.model import INIT_STD, apply_rotary, build, initial_value, rotary
 from shardwise.run.parallelize import check_supported, split_pipeline
-from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan
 from shardwise.spec.presets import preset
 
-LLAMA = ModelSpec(name="tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2, vocab=128, ffn_hidden=128)
-GPT2 = ModelSpec(
-    name="tiny-gpt2",
-    layers=2,
-    hidden=64,
-    heads=4,
-    vocab=128,
-    ffn_kind="gelu",
-    norm="layernorm",
-    positions="learned",
-    max_seq=32,
-    tied_embeddings=True,
-    qkv_bias=True,
-    out_bias=True,
-    mlp_bias=True,
-)
+LLAMA, GPT2 = TINY_LLAMA, dataclasses.replace(TINY_GPT2, layers=2)
 CPU = torch.device("cpu")
 
 

@@ -38,6 +38,7 @@ def cli(capsys, argv):
         ("estimate llama-2-7b --max-seq 1024 --seq 4096", "exceeds llama-2-7b's context (1,024 tokens)"),
         ("estimate llama-3.1-8b --seq 100000000", "exceeds llama-3.1-8b's context (131,072 tokens)"),
         ("plan llama-3.1-70b --min-gpus --gpus 2", "no plan fits llama-3.1-70b on up to 2"),
+        ("lecture --html /proc/x.html --no-figures", "--html: cannot write /proc/x.html"),
     ],
 )
 def test_each_bad_number_is_one_line_and_exit_2(argv, words, capsys):

@@ -358,7 +358,7 @@ def test_cli_unwritable_out_is_one_line(tmp_path, capsys):
     blocker.write_text("not a folder")
     rc = main(["lecture", "--part", "zero", "--out", str(blocker / "figs"), "--dpi", "30"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "cannot write figures" in err
+    assert rc == 2 and err.count("\n") == 1 and "--out: cannot write in" in err
 
 
 @pytest.mark.parametrize(

@@ -347,3 +347,19 @@ def test_a_two_rank_zero3_checkpoint_resumes_in_one_process(tmp_path):
     assert [x["step"] for x in got] == [0, 1, 2, 3, 4, 5] and got[4]["resumed_from"] == 4
     assert got[:4] == two and got[5]["loss"] < got[0]["loss"]
     assert sorted(p.name for p in ck.iterdir()) == ["step-000004", "step-000006"]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["run", LLAMA, "--metrics", "/proc/m.jsonl"], "--metrics: cannot write /proc/m.jsonl"),
+        (["run", LLAMA, "--metrics", "/"], "--metrics: / is a directory"),
+        (["check", LLAMA, "--figure", "/proc/x.png"], "--figure: cannot write /proc/x.png"),
+        (["calibrate", "--out", "/proc/x.toml"], "--out: cannot write /proc/x.toml"),
+    ],
+)
+def test_unwritable_outputs_fail_before_the_work(argv, words, capsys):
+    """Checked before any process starts (the run, the check, the calibration): one line, exit 2."""
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and words in err and err.count("\n") == 1, err

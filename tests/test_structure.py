@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "shardwise"
 
 # tier -> the tiers it may import (besides itself); the ground floor (errors, units) is open to all
-GROUND = {"errors", "units"}
+GROUND = {"errors", "units", "paths"}
 ALLOWED = {
     "spec": set(),
     "estimate": {"spec"},
@@ -35,7 +35,7 @@ ALLOWED = {
     "": {"spec", "estimate", "search"},  # shardwise/__init__.py: the Python API
     "__main__": {"cli"},
 }
-TORCH_FREE = ("spec", "estimate", "search", "report", "errors", "units")
+TORCH_FREE = ("spec", "estimate", "search", "report", "errors", "units", "paths")
 
 
 def _name(path: Path) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from shardwise import paths
 from shardwise.check import compare as ck
 from shardwise.cli import args as ca
 from shardwise.cli.run import CHECKPOINT_FLAGS, OPTIM_FLAGS, TRAIN_FLAGS, overrides_from_args
@@ -170,6 +171,8 @@ def cmd_check(a: argparse.Namespace) -> int:
         raise ShardwiseError("run `shardwise check` on its own, not under torchrun: it starts the ranks itself")
     if a.efficiency is not None and not 0 < a.efficiency <= 1:
         raise ShardwiseError(f"--efficiency must be in (0, 1], got {a.efficiency}")
+    if a.figure:  # before the run: a figure that cannot be written must not cost the run
+        paths.check_output_file(a.figure, "--figure")
     cfg = config.load(a.config, overrides_from_args(a))
     device = launch.resolve_device(cfg)
     cluster, gpu = _cluster(a, cfg.train.nproc, device)
@@ -207,6 +210,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         raise ShardwiseError(f"--out {a.out!r}: write the hardware file as .toml")
     if not out.parent.exists():
         raise ShardwiseError(f"--out {a.out!r}: the directory {str(out.parent)!r} does not exist")
+    paths.check_output_file(a.out, "--out")  # before the minutes of calibration
     shapes, text, model = cal.from_config(a.config) if a.config else (None, "", None)
     name = a.name
     if name is not None and not name.replace("-", "").replace("_", "").isalnum():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from shardwise import __version__
 from shardwise.errors import ShardwiseError
+from shardwise.paths import check_output_dir, check_output_file
 from shardwise.report.html import page
 from shardwise.report.lecture import PARTS, Lecture, Settings, part_key, render_figures
 from shardwise.report.lecture.terminal import print_section
@@ -66,6 +67,10 @@ def cmd_lecture(a: argparse.Namespace) -> int:
         raise ShardwiseError(f"--dpi must be between 20 and 600, got {a.dpi}")
     if a.gpus is not None and a.gpus <= 0:
         raise ShardwiseError(f"--gpus must be a positive integer, got {a.gpus}")
+    if not a.no_figures:  # output paths before the work
+        check_output_dir(a.out, "--out")
+    if a.html:
+        check_output_file(a.html, "--html")
     lec = Lecture(
         Settings(
             model=a.model,

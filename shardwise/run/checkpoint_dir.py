@@ -93,22 +93,6 @@ def read_trainer(path: str | Path) -> dict:
     return state
 
 
-def check_writable(root: str, where: str) -> None:
-    """The checkpoint directory can be created (or is there) and written: checked before the work."""
-    p = Path(root)
-    if p.exists():
-        if not p.is_dir():
-            raise ShardwiseError(f"{where}: {root} is a file, not a directory; give a directory for the checkpoints")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ShardwiseError(f"{where}: the directory {root} is not writable; give one you can write to")
-        return
-    parent = p.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ShardwiseError(f"{where}: cannot create {root} ({parent} is not a writable directory)")
-
-
 def resolve(resume: str, root: str, where: str) -> Path:
     """The checkpoint a resume names: "latest" (the newest complete one under root) or a path,
     which must be a complete checkpoint (or a checkpoint directory, meaning its latest)."""

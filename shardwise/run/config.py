@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardwise import paths
 from shardwise.errors import ShardwiseError, closest
 from shardwise.run import checkpoint_dir
 from shardwise.run.data import open_source
@@ -304,6 +305,8 @@ def _section(cls, vals: dict, where):
             f"unknown device {c.device!r}; {closest(c.device, DEVICES)} (one of {', '.join(DEVICES)})",
         )
         _need(c.timeout_s > 0, where("train", "timeout_s"), f"must be a positive number of seconds, got {c.timeout_s}")
+        if c.metrics:  # an output path is checked before the work
+            paths.check_output_file(c.metrics, where("train", "metrics"))
     elif cls is CheckpointConfig:
         _need(c.every >= 0, where("checkpoint", "every"), f"must be >= 0 (0: only after the last step), got {c.every}")
         _need(c.keep >= 1, where("checkpoint", "keep"), f"must be a positive integer, got {c.keep}")
@@ -314,7 +317,7 @@ def _section(cls, vals: dict, where):
                 "saves checkpoints, but there is no checkpoint directory: set --checkpoint-dir (checkpoint.dir)",
             )
         if c.dir:  # an output path is checked before the work
-            checkpoint_dir.check_writable(c.dir, where("checkpoint", "dir"))
+            paths.check_output_dir(c.dir, where("checkpoint", "dir"))
     return c
 
 

@@ -140,3 +140,35 @@ def test_ctrl_c_on_the_launcher_stops_every_rank(tmp_path):
     assert rc == 130
     assert "interrupted (SIGINT); every rank was stopped" in p.stderr.read()
     assert alive_with(str(m)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launcher_killed_outright_takes_its_ranks_with_it(tmp_path):
+    """SIGKILL reaches no handler, so the agent cannot stop its workers: they watch the launcher
+    themselves (launch.die_with_launcher) and end within seconds, instead of training on alone."""
+    m = tmp_path / "sigkill.jsonl"
+    p = subprocess.Popen(
+        shardwise(LLAMA, "--nproc", "2", "--steps", "100000", "--device", "cpu", "--metrics", str(m)),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_lines(m, 2, p, timeout=240)
+        workers = [pid for pid in alive_with(str(m)) if pid != p.pid]
+        assert len(workers) == 2, workers
+        p.kill()
+        p.wait(timeout=30)
+        end = time.monotonic() + 30
+        while alive_with(str(m)) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert alive_with(str(m)) == []
+        lines = len(m.read_text().splitlines())
+        time.sleep(2)
+        assert len(m.read_text().splitlines()) == lines  # nobody writes metrics any more
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in alive_with(str(m)):
+            os.kill(pid, signal.SIGKILL)

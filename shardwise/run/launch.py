@@ -8,7 +8,7 @@ The config is resolved and checked completely in the parent before anything is s
 handed to the workers whole (as JSON), so every rank trains exactly the same plan. gloo on CPU,
 NCCL on CUDA. A failure never hangs: the agent watches its workers every 0.1 s and stops the
 others when one exits non-zero; every collective times out after [train] timeout_s; Ctrl-C on
-the launcher reaches every worker.
+the launcher reaches every worker, and a launcher killed outright takes its workers with it.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _elastic(cfg: RunConfig, device: str) -> int:
         monitor_interval=0.1,
         shutdown_timeout=SHUTDOWN_S,
     )
-    payload = json.dumps({"config": cfg.to_dict(), "device": device})
+    payload = json.dumps({"config": cfg.to_dict(), "device": device, "launcher": os.getpid()})
     try:
         elastic_launch(lc, entrypoint=sys.executable)("-m", "shardwise.run.launch", payload)
     except ChildFailedError as e:
@@ -151,8 +151,24 @@ def worker(cfg: RunConfig, device: str, teardown: bool = True) -> int:
     return 0
 
 
+def die_with_launcher(launcher: int) -> None:
+    """A worker whose launcher is killed, even by SIGKILL (which no handler sees, so the agent
+    cannot stop its workers), must not train on alone: Linux sends it SIGTERM when the launcher
+    dies (prctl PR_SET_PDEATHSIG). The launcher may have died before the call: then end now."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != launcher:
+        os._exit(1)
+
+
 def _worker_main(payload: str) -> int:
     d = json.loads(payload)
+    if "launcher" in d:
+        die_with_launcher(d["launcher"])
     try:
         return worker(RunConfig.from_dict(d["config"]), d["device"], teardown=False)
     except ShardwiseError as e:

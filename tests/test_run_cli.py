@@ -363,3 +363,23 @@ def test_unwritable_outputs_fail_before_the_work(argv, words, capsys):
     rc = cli.main(argv)
     err = capsys.readouterr().err
     assert rc == 2 and words in err and err.count("\n") == 1, err
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path, capsys, monkeypatch):
+    """--mbs 4096 at seq 4096: the estimate's peak is hundreds of GiB per rank. Refused in one line
+    before any process starts (no metrics file), unless --force; the RAM figure is the machine's."""
+    m = tmp_path / "m.jsonl"
+    argv = ["run", LLAMA, "--seq", "4096", "--mbs", "4096", "--gbs", "8192", "--nproc", "2", "--metrics", str(m)]
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "per rank at its peak" in err and "--force" in err
+    assert "for its 2 rank(s) here" in err and not m.exists()
+    assert command.available_ram() > 0  # Linux reports MemAvailable
+    # what fits passes: the example as it is
+    a = cli.build_parser().parse_args(["run", LLAMA])
+    cfg = load(a.config, command.overrides_from_args(a))
+    command.check_memory(cfg, "cpu")
+    # --force skips the check (the run itself is not started here: it would not fit)
+    started = []
+    monkeypatch.setattr(command.launch, "launch", lambda cfg, device: started.append(cfg.plan.mbs) or 0)
+    assert cli.main([*argv, "--force"]) == 0 and started == [4096]

@@ -7,11 +7,15 @@ works where torch is not installed.
 from __future__ import annotations
 
 import argparse
+import os
 
+from shardwise import units
 from shardwise.cli import args as ca
 from shardwise.errors import ShardwiseError
+from shardwise.estimate.memory import memory
 from shardwise.run import config, launch
 from shardwise.run.config import parse_set
+from shardwise.spec.hardware import make_cluster
 
 # command-line flag -> (table, field); every other field is reachable with --set TABLE.FIELD=VALUE
 TRAIN_FLAGS = {"nproc": int, "steps": int, "seed": int, "log_every": int, "device": str, "metrics": str}
@@ -52,6 +56,11 @@ def register(sub) -> None:
     g.add_argument("--log-every", type=int, default=None, metavar="N", help="a progress line every N steps")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     g.add_argument("--metrics", default=None, metavar="FILE", help="write one JSON line per step here")
+    g.add_argument(
+        "--force",
+        action="store_true",
+        help="start even when the estimate's peak memory exceeds what this machine has (checked before starting)",
+    )
     g.add_argument(
         "--set",
         action="append",
@@ -132,6 +141,44 @@ def cmd_run(a: argparse.Namespace) -> int:
     except ImportError:
         raise ShardwiseError("`shardwise run` needs PyTorch: pip install 'shardwise[run]'") from None
     device = launch.resolve_device(cfg)
+    if not a.force:
+        check_memory(cfg, device)
     if launch.in_torchrun():
         return launch.worker(cfg, device)
     return launch.launch(cfg, device)
+
+
+def check_memory(cfg, device: str) -> None:
+    """Refuse, before anything starts, a run whose estimated peak does not fit: on CUDA each rank
+    against its device's memory, on CPU the local ranks together against the memory available now
+    (they share it). A typo such as --mbs 40960 then costs a line, not a machine swapping to death.
+    The estimate counts tensors only (not the ~0.5 GB of each process's runtime), so a refused run
+    would certainly not have fit."""
+    import torch
+
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.train.nproc)) if launch.in_torchrun() else cfg.train.nproc
+    cluster = make_cluster("h100-80gb", cfg.plan.world)  # the capacity is not used: only the bytes
+    need = memory(cfg.model, cluster, cfg.plan, "torch", device=device).total
+    if device == "cuda":
+        have = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        total, where = need, f"and its GPU has {units.gib(have)}"
+    else:
+        have, total = available_ram(), need * ranks
+        where = f"{units.gib(total)} for its {ranks} rank(s) here, and this machine has {units.gib(have)} available"
+    if have and total > have:
+        raise ShardwiseError(
+            f"this run needs about {units.gib(need)} per rank at its peak (the estimate, torch profile), {where}; "
+            "lower --mbs, --seq or the model, or pass --force to start anyway"
+        )
+
+
+def available_ram() -> int:
+    """Bytes of memory available to new allocations now (Linux: MemAvailable), 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -103,3 +103,10 @@ def test_estimate_fuzz_exits_0_1_or_2_in_one_line(argv, capsys):
 @given(argv=argvs("plan"))
 def test_plan_fuzz_exits_0_1_or_2_in_one_line(argv, capsys):
     _outcome(capsys, argv + ["--top", "1"])
+
+
+@pytest.mark.parametrize("value", ["-2T", "-300B", "-1.5e12", "-7"])
+def test_a_negative_count_is_called_negative(value, capsys):
+    """Not "expected one argument": argparse must hand -2T to --tokens, whose check says what is wrong."""
+    rc, out, err = cli(capsys, ["estimate", "llama-3.1-8b", "--tokens", value])
+    assert rc == 2 and f"must not be negative: {value!r}" in err and err.count("\n") == 1, err

@@ -7,6 +7,7 @@ import time: `shardwise estimate` and `plan` work where torch is not installed.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from shardwise import __version__
@@ -14,10 +15,18 @@ from shardwise.cli import catalog, check, estimate, lecture, plan, run
 from shardwise.errors import ShardwiseError
 
 COMMANDS = (catalog, estimate, plan, run, lecture, check)
+# argparse's own pattern (-2, -.5) plus exponents and the count suffixes of cli.args.parse_count
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?[kmbgt]?$", re.IGNORECASE)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what is wrong, where to look) and exit 2."""
+    """argparse, but a usage error is one line (what is wrong, where to look) and exit 2, and a
+    negative count with a suffix (`--tokens -2T`) reaches its flag's check ("must not be
+    negative") instead of being taken for an unknown option ("expected one argument")."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str):
         sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -199,7 +199,7 @@ _SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 def parse_count(text: str) -> float:
     """'2T' -> 2e12, '300B' -> 3e11, '1.5e9' -> 1.5e9."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", text.lower())
+    m = re.fullmatch(r"\s*(-?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", text.lower())
     if not m:
         raise argparse.ArgumentTypeError(f"not a count: {text!r} (write e.g. 2T, 300B, 1.5e12)")
     v = float(m.group(1)) * _SUFFIX[m.group(2)]

@@ -433,7 +433,6 @@ class StepSampler:
     calibrations minutes apart gave efficiency 0.95, 1.0 and 0.46 with one 0.5 s chunk)."""
 
     def __init__(self, spec, plan, device):
-
         local = _tp_local(spec, plan.tp)
         seq = min(OVERHEAD_SEQ, plan.seq)
         self.fns = [

@@ -162,7 +162,6 @@ def _judges_time(hardware: str | None, gpu, nproc: int, device: str) -> tuple[bo
 
 
 def cmd_check(a: argparse.Namespace) -> int:
-
     try:
         import torch  # noqa: F401
     except ImportError:

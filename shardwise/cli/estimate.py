@@ -63,7 +63,6 @@ def default_batch(a: argparse.Namespace, gpus: int) -> bool:
 def to_json(est, gbs_default: bool, notes: list[str]) -> dict:
     """The estimate as JSON: Estimate.to_dict() (model, cluster, plan, profile, memory, comm, time,
     rule_of_thumb_bytes, notes), every key as before, plus (schema 2):
-
     - schema: 2;
     - held: {gbs, gbs_default (true: --gbs was not given, the default of about 4M tokens was used),
       seq} — the training choices the estimate was made for;

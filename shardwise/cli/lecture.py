@@ -105,7 +105,6 @@ def cmd_lecture(a: argparse.Namespace) -> int:
 
 
 def _write_html(path: Path, lec, sections, svgs) -> None:
-
     s = lec.settings
     sub = (
         f"Lecture 14 (Distributed Training), every number computed by shardwise {__version__}: "

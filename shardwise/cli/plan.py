@@ -99,7 +99,6 @@ def _fraction(text: str) -> float:
 
 
 def cmd_plan(a) -> int:
-
     model = ca.model_from_args(a)
     pinned = ca.plan_fields_from_args(a)  # what the user gave, before any default is filled in
     notes = [n for n in (ca.clamp_seq(a, model),) if n]

@@ -133,7 +133,6 @@ def overrides_from_args(a: argparse.Namespace) -> dict:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-
     # the config first: its mistakes are reported in a blink, before torch is even imported
     cfg = config.load(a.config, overrides_from_args(a), world=launch.torchrun_world())
     try:

@@ -346,7 +346,6 @@ def _order(table: Table, rank: str) -> np.ndarray:
 
 
 def _estimate(model, cluster, plan, opts: Options):
-
     return estimate(
         model, cluster, plan, opts.profile, efficiency=opts.efficiency, tokens=opts.tokens, price=opts.price
     )

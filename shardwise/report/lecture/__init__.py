@@ -73,7 +73,6 @@ class Lecture:
     that quotes another (part 5's takeaways quote parts 1, 3 and 4) does not compute it twice."""
 
     def __init__(self, settings: Settings | None = None):
-
         self.settings = s = settings or Settings()
         if s.seq <= 0 or s.mbs <= 0:
             raise ShardwiseError(f"--seq and --mbs must be positive, got seq={s.seq}, mbs={s.mbs}")

@@ -190,7 +190,6 @@ def _bar(label, e, usable, pick) -> dict:
 
 
 def _draw(panels):
-
     return figures.scenario_memory(
         panels,
         "The lecture's scenarios: what fits, and what the search picks",

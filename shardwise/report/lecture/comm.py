@@ -154,7 +154,6 @@ def _degrees(plan) -> str:
 
 
 def _draw(model, cluster, plans, data):
-
     names = list(plans)
     lec_gb = [data[n]["lecture_bytes"] / GB if n in ZERO else None for n in names]
     paper_gb = [data[n]["paper_bytes"] / GB if n in ZERO else None for n in names]

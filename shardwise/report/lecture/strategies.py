@@ -200,7 +200,6 @@ def _draw_diagrams(model):
 
 
 def _draw_schedules(panels):
-
     return figures.pipeline_schedules(
         panels,
         f"Pipeline schedules: {PP_DEMO} stages, {M_DEMO} micro-batches",

@@ -157,7 +157,6 @@ def _capacity_lines(gpus: list[GPU], cluster) -> list[tuple[str, float]]:
 
 
 def _draw(models, data, capacities, lec):
-
     names = [m.name for m in models]
     d = [data[n] for n in names]
     return figures.memory_vs_capacity(

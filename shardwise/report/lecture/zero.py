@@ -108,7 +108,6 @@ def build(lec) -> Section:
 
 
 def _draw(model, cluster, data, lec):
-
     def panel(prof):
         return {s: {k: to_gib(data[prof][s][k]) for k in ITEMS + ("activations",)} for s in STAGES}
 

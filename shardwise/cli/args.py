@@ -37,17 +37,23 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "with the dimension flags",
     )
     g = p.add_argument_group("model dimensions (override a preset, or define a `custom` model)")
+    add_dim_args(g)
+    g.add_argument(
+        "--tied", dest="dim_tied_embeddings", action="store_true", default=None, help="tie input and output embeddings"
+    )
+
+
+def add_dim_args(group) -> None:
+    """--layers, --hidden, ... (DIM_FLAGS) as dim_* fields: a model's dimensions, or overrides of
+    them, the same flags for estimate, plan, run and check."""
     for name, typ in DIM_FLAGS.items():
-        g.add_argument(
+        group.add_argument(
             "--" + name.replace("_", "-"),
             dest="dim_" + name,
             type=typ,
             default=None,
             metavar="N" if typ is int else "KIND",
         )
-    g.add_argument(
-        "--tied", dest="dim_tied_embeddings", action="store_true", default=None, help="tie input and output embeddings"
-    )
 
 
 def model_from_args(a: argparse.Namespace) -> ModelSpec:

@@ -51,14 +51,7 @@ def register(sub) -> None:
     )
     ca.add_plan_args(s, defaults=False)
     m = s.add_argument_group("model dimensions (override the config's [model])")
-    for name, typ in ca.DIM_FLAGS.items():
-        m.add_argument(
-            "--" + name.replace("_", "-"),
-            dest="dim_" + name,
-            type=typ,
-            default=None,
-            metavar="N" if typ is int else "KIND",
-        )
+    ca.add_dim_args(m)
     h = s.add_argument_group("the prediction")
     h.add_argument(
         "--hardware",

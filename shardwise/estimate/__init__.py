@@ -57,16 +57,15 @@ def estimate(
         plan=plan,
         profile=prof.name,
         rule_of_thumb_bytes=RULE_OF_THUMB_BYTES_PER_PARAM * model.params,
-        notes=_notes(model, cluster, plan, prof),
+        notes=_notes(model, cluster, plan, prof, refused),
     )
 
 
-def _notes(model, cluster, plan, prof: Profile) -> list[str]:
+def _notes(model, cluster, plan, prof: Profile, refused: str | None) -> list[str]:
     notes = []
     if model.estimated:
         notes.append(f"{model.name}'s dimensions are a public estimate, not a published architecture.")
-    refused = first_broken(prof.rules, plan, model)
-    if refused:
+    if refused:  # a rule of a profile that is not strict: estimated, and said
         notes.append(f"{prof.engine} cannot train this plan: {refused}.")
     if prof.run_engines and model.is_moe:
         notes.append("`shardwise run` does not build MoE models; this estimate is not checked by a run.")

@@ -249,6 +249,7 @@ class Checkpointer:
             "plan_short": engine.plan.short(),
             "optimizer": engine.plan.optimizer,
             "model": self.model.name,
+            "spec": dataclasses.asdict(self.model),  # what export-hf needs to name and shape the tensors
             "param_shapes": {name: list(s) for name, s in self.model.param_shapes()},
         }
 

@@ -8,6 +8,7 @@ import argparse
 
 from shardwise.errors import ShardwiseError
 from shardwise.paths import check_output_dir
+from shardwise.run import checkpoint_dir as layout
 
 
 def register(sub) -> None:
@@ -23,8 +24,6 @@ def register(sub) -> None:
 
 
 def cmd_export_hf(a: argparse.Namespace) -> int:
-    from shardwise.run import checkpoint_dir as layout
-
     path = layout.resolve(a.checkpoint, "", "export-hf")  # a missing checkpoint fails before anything else
     check_output_dir(a.out, "--out")
     try:

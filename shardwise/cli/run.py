@@ -18,7 +18,17 @@ from shardwise.run.config import parse_set
 from shardwise.spec.hardware import make_cluster
 
 # command-line flag -> (table, field); every other field is reachable with --set TABLE.FIELD=VALUE
-TRAIN_FLAGS = {"nproc": int, "steps": int, "seed": int, "log_every": int, "device": str, "metrics": str}
+TRAIN_FLAGS = {
+    "nproc": int,
+    "steps": int,
+    "seed": int,
+    "log_every": int,
+    "device": str,
+    "metrics": str,
+    "nnodes": int,
+    "rdzv_endpoint": str,
+    "max_restarts": int,
+}
 OPTIM_FLAGS = {"lr": float}
 # flag -> [checkpoint] field
 CHECKPOINT_FLAGS = {
@@ -56,6 +66,26 @@ def register(sub) -> None:
     g.add_argument("--log-every", type=int, default=None, metavar="N", help="a progress line every N steps")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     g.add_argument("--metrics", default=None, metavar="FILE", help="write one JSON line per step here")
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="when a rank dies, restart every rank from the latest checkpoint, up to N times (needs --checkpoint-dir)",
+    )
+    g.add_argument(
+        "--nnodes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="machines in the job: run the same command on each (--nproc is then per machine)",
+    )
+    g.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="with --nnodes: where the nodes meet (one node's address and a free port), the same on every node",
+    )
     g.add_argument(
         "--force",
         action="store_true",

@@ -35,6 +35,8 @@ from shardwise.spec.presets import load_model
 
 SOURCES = ("synthetic", "tokens", "text")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_NODES = 1 << 14  # nodes of one job: limits.GPUS over 8 GPUs per node
+MAX_RESTARTS = 1000
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class TrainConfig:
     nproc: int = 0  # processes; 0 -> dp*tp*pp (dp taken as 1 when the plan leaves it out)
     timeout_s: float = 300.0  # process-group start and every collective; a stuck rank fails, not hangs
     measure: str = ""  # JSON file for every rank's Measurement (run/measure.py, `shardwise check`); "" -> none
+    # several machines: one `shardwise run` per node, nproc ranks each, meeting at rdzv_endpoint (torchrun's c10d)
+    nnodes: int = 1
+    rdzv_endpoint: str = ""  # HOST:PORT of the rendezvous (any node's address), the same on every node
+    max_restarts: int = 0  # after a rank dies: restart every rank from the latest checkpoint, this many times
 
 
 @dataclass(frozen=True)
@@ -222,7 +228,20 @@ def load(path: str, overrides: Overrides | None = None, world: int | None = None
     optim = _section(OptimConfig, values["optim"], where)
     train = _section(TrainConfig, values["train"], where)
     model = _model(values["model"], path, where)
-    plan, nproc = _plan(values["plan"], model, train.nproc, world, path, where)
+    if world is not None and train.nnodes > 1:
+        raise ShardwiseError(
+            f"{where('train', 'nnodes')}: under torchrun the nodes are torchrun's (its --nnodes); drop --nnodes"
+        )
+    per_node = train.nproc
+    if train.nnodes > 1 and per_node == 0:  # from the plan: its processes spread evenly over the nodes
+        total = (values["plan"].get("dp") or 1) * values["plan"].get("tp", 1) * values["plan"].get("pp", 1)
+        _need(
+            isinstance(total, int) and total % train.nnodes == 0,
+            where("train", "nnodes"),
+            f"the plan's {total} processes do not spread evenly over {train.nnodes} nodes; give --nproc per node",
+        )
+        per_node = total // train.nnodes
+    plan, nproc = _plan(values["plan"], model, per_node * train.nnodes, world, path, where)
     if data.source == "synthetic" and data.branch > model.vocab:
         raise ShardwiseError(
             f"{where('data', 'branch')}: {data.branch} successors per token but the vocab is "
@@ -231,7 +250,24 @@ def load(path: str, overrides: Overrides | None = None, world: int | None = None
     if data.source != "synthetic":  # the file exists, is long enough, holds tokens below the vocab
         open_source(data, model, plan)
     ckpt = _checkpoint(_section(CheckpointConfig, values["checkpoint"], where), model, plan, train, where)
-    return RunConfig(model, plan, data, optim, dataclasses.replace(train, nproc=nproc), str(path), ckpt)
+    _restarts(train, ckpt, where)
+    train = dataclasses.replace(train, nproc=nproc // train.nnodes)  # processes on this machine
+    return RunConfig(model, plan, data, optim, train, str(path), ckpt)
+
+
+def _endpoint_ok(endpoint: str) -> bool:
+    host, _, port = endpoint.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _restarts(train: TrainConfig, ckpt: CheckpointConfig, where) -> None:
+    """A restart continues from the latest checkpoint: without a checkpoint directory it could only
+    start over at step 0, which is never what a restart is for."""
+    _need(
+        train.max_restarts == 0 or bool(ckpt.dir),
+        where("train", "max_restarts"),
+        "a restart resumes from the latest checkpoint: set --checkpoint-dir (and --checkpoint-every N)",
+    )
 
 
 def _relative_to(base: Path, p: str) -> str:
@@ -307,6 +343,18 @@ def _section(cls, vals: dict, where):
         _need(c.timeout_s > 0, where("train", "timeout_s"), f"must be a positive number of seconds, got {c.timeout_s}")
         if c.metrics:  # an output path is checked before the work
             paths.check_output_file(c.metrics, where("train", "metrics"))
+        _need(1 <= c.nnodes <= MAX_NODES, where("train", "nnodes"), f"must be from 1 to {MAX_NODES}, got {c.nnodes}")
+        _need(
+            0 <= c.max_restarts <= MAX_RESTARTS,
+            where("train", "max_restarts"),
+            f"must be from 0 to {MAX_RESTARTS}, got {c.max_restarts}",
+        )
+        _need(
+            c.nnodes == 1 or _endpoint_ok(c.rdzv_endpoint),
+            where("train", "rdzv_endpoint"),
+            f"{c.nnodes} nodes meet at a rendezvous: give --rdzv-endpoint HOST:PORT (the same on every node), "
+            f"got {c.rdzv_endpoint!r}",
+        )
     elif cls is CheckpointConfig:
         _need(c.every >= 0, where("checkpoint", "every"), f"must be >= 0 (0: only after the last step), got {c.every}")
         _need(c.keep >= 1, where("checkpoint", "keep"), f"must be a positive integer, got {c.keep}")

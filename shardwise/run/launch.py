@@ -2,7 +2,12 @@
 as a worker that torchrun (or that agent) started.
 
     shardwise run cfg.toml --nproc 4        # not under torchrun: the elastic agent spawns 4 workers
+    shardwise run cfg.toml --nproc 8 --nnodes 2 --rdzv-endpoint HOST:29500   # the same on each node
     torchrun --nproc-per-node 8 ... -m shardwise run cfg.toml   # under torchrun: this process is a rank
+
+With --max-restarts N (and a checkpoint directory) the agent restarts every rank after one dies, and
+each continues from the newest complete checkpoint (`restarted`); after the last failure the launcher
+names the rank that failed first and its error (run/failures.py).
 
 The config is resolved and checked completely in the parent before anything is spawned, and
 handed to the workers whole (as JSON), so every rank trains exactly the same plan. gloo on CPU,
@@ -13,13 +18,17 @@ the launcher reaches every worker, and a launcher killed outright takes its work
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import signal
 import sys
+import traceback
 import uuid
 
 from shardwise.errors import ShardwiseError
+from shardwise.run import checkpoint_dir, failures
 from shardwise.run.config import RunConfig
 
 TORCHRUN_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "WORLD_SIZE")
@@ -64,8 +73,9 @@ def resolve_device(cfg: RunConfig) -> str:
 
 # ---- the parent -------------------------------------------------------------------------------
 def launch(cfg: RunConfig, device: str) -> int:
-    """Run the resolved config on cfg.train.nproc processes of this machine; return the exit code."""
-    if cfg.train.nproc == 1:
+    """Run the resolved config on cfg.train.nproc processes of this machine (and as many on each of
+    the other nodes, with --nnodes); return the exit code."""
+    if cfg.train.nproc == 1 and cfg.train.nnodes == 1 and cfg.train.max_restarts == 0:
         return _single(cfg, device)
     return _elastic(cfg, device)
 
@@ -91,33 +101,48 @@ def _elastic(cfg: RunConfig, device: str) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    t = cfg.train
     # the agent's own warnings (restarts, shutdown notices) repeat what we say in one line below
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     lc = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=cfg.train.nproc,
-        run_id=str(uuid.uuid4()),
+        min_nodes=t.nnodes,
+        max_nodes=t.nnodes,
+        nproc_per_node=t.nproc,
+        run_id=run_id(cfg),
         rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # torchrun --standalone
-        rdzv_configs={"timeout": max(1, int(cfg.train.timeout_s))},
-        max_restarts=0,
+        rdzv_endpoint=t.rdzv_endpoint if t.nnodes > 1 else "localhost:0",  # one node: torchrun --standalone
+        rdzv_configs={"timeout": max(1, int(t.timeout_s))},
+        max_restarts=t.max_restarts,
         monitor_interval=0.1,
         shutdown_timeout=SHUTDOWN_S,
     )
     payload = json.dumps({"config": cfg.to_dict(), "device": device, "launcher": os.getpid()})
+    # A restart needs a store without the last attempt's keys. By default the agent shares one TCP
+    # store across every rendezvous round (dynamic_rendezvous.next_rendezvous) and the workers use it
+    # unprefixed (rendezvous._create_c10d_store: "a new TCPStore for every retry" holds only without
+    # sharing), so a restarted rank could read a dead peer's address, left by the attempt before, and
+    # fail to connect. Without sharing, each round's rank 0 hosts a fresh store.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     try:
         elastic_launch(lc, entrypoint=sys.executable)("-m", "shardwise.run.launch", payload)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        code = failure.exitcode
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        sys.stderr.write(f"shardwise: error: rank {rank} {how} (its error is above); the other ranks were stopped\n")
-        return code if code > 0 else 1
+        msg, code = failures.report(e.failures, t.max_restarts)
+        sys.stderr.write(f"shardwise: error: {msg}\n")
+        return code
     except SignalException as e:
         sys.stderr.write(f"shardwise: interrupted ({e.sigval.name}); every rank was stopped\n")
         return 130
     return 0
+
+
+def run_id(cfg: RunConfig) -> str:
+    """The rendezvous' job id. One node: a fresh one. Several: the same on every node without a flag
+    (they run the same command, though local paths such as the metrics file may differ): a digest of
+    the model and the plan, so nodes started with different ones do not join one job."""
+    if cfg.train.nnodes == 1:
+        return str(uuid.uuid4())
+    what = json.dumps([dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.plan)], sort_keys=True)
+    return "shardwise-" + hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
 # ---- a worker -----------------------------------------------------------------------------------
@@ -138,6 +163,7 @@ def worker(cfg: RunConfig, device: str, teardown: bool = True) -> int:
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # do not oversubscribe (torchrun sets 1)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     rdist.init_distributed(dev, cfg.train.timeout_s)
+    cfg = restarted(cfg)
     finished = False
     try:
         train(cfg, dev)
@@ -149,6 +175,22 @@ def worker(cfg: RunConfig, device: str, teardown: bool = True) -> int:
         if dist.is_initialized() and (teardown or not finished):
             dist.destroy_process_group()
     return 0
+
+
+def restarted(cfg: RunConfig) -> RunConfig:
+    """In a restart by torchrun's agent (--max-restarts): continue from the newest complete checkpoint
+    (every rank sees the same directory: rank 0 commits a checkpoint only after all wrote theirs), or
+    from the start when the job died before its first one."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    c = cfg.checkpoint
+    if attempt == 0 or not c.dir:
+        return cfg
+    found = checkpoint_dir.latest(c.dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        where = f"from {found}" if found is not None else "from step 0 (no checkpoint was complete)"
+        print(f"restart {attempt} of at most {cfg.train.max_restarts}: a rank died; every rank starts again {where}")
+    resume = str(found) if found is not None else ""
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, resume=resume or c.resume))
 
 
 def die_with_launcher(launcher: int) -> None:
@@ -169,11 +211,19 @@ def _worker_main(payload: str) -> int:
     d = json.loads(payload)
     if "launcher" in d:
         die_with_launcher(d["launcher"])
+
+    rank = int(os.environ.get("RANK", "0"))
     try:
         return worker(RunConfig.from_dict(d["config"]), d["device"], teardown=False)
     except ShardwiseError as e:
-        sys.stderr.write(f"shardwise: error: {e}\n")
+        if not failures.record(e, rank):  # recorded: the launcher prints it, once, naming the rank
+            sys.stderr.write(f"shardwise: error: {e}\n")
         return 2
+    except Exception as e:
+        failures.record(e, rank)
+        if not failures.lost_peer(e):  # its own error, in full; a lost connection is the launcher's one line
+            traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":

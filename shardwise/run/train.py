@@ -31,8 +31,10 @@ from shardwise.run.data import open_source
 from shardwise.run.engine import Engine
 from shardwise.run.measure import Meter
 
-# hidden test hook: make one rank raise at the start of one step (tests/test_run_failures.py)
-FAIL_RANK, FAIL_STEP = "SHARDWISE_FAIL_RANK", "SHARDWISE_FAIL_STEP"
+# hidden test hook: make one rank fail at the start of one step (tests/test_run_failures.py): it raises,
+# or with FAIL_SIGNAL it kills itself with that signal (a real death, as a lost machine's); only in the
+# first attempt of a job that torchrun's agent restarts (TORCHELASTIC_RESTART_COUNT), so the restart lives
+FAIL_RANK, FAIL_STEP, FAIL_SIGNAL = "SHARDWISE_FAIL_RANK", "SHARDWISE_FAIL_STEP", "SHARDWISE_FAIL_SIGNAL"
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -48,7 +50,15 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 def _fail_step() -> int | None:
     """The step at which this rank must raise, when the test hook names it."""
     rank, at = os.environ.get(FAIL_RANK), os.environ.get(FAIL_STEP)
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
     return int(at) if rank is not None and at is not None and int(rank) == rdist.rank() else None
+
+
+def _fail(step: int) -> None:
+    if os.environ.get(FAIL_SIGNAL):
+        os.kill(os.getpid(), int(os.environ[FAIL_SIGNAL]))
+    raise RuntimeError(f"injected failure on rank {rdist.rank()} at step {step} ({FAIL_RANK}/{FAIL_STEP})")
 
 
 def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
@@ -96,7 +106,7 @@ def train(cfg: RunConfig, device: torch.device, console=None) -> dict:
     try:
         for step in range(first, t.steps):
             if step == fail_at:
-                raise RuntimeError(f"injected failure on rank {rdist.rank()} at step {step} ({FAIL_RANK}/{FAIL_STEP})")
+                _fail(step)
             t0 = time.perf_counter()
             lr = o.lr_at(step, t.steps)
             engine.set_lr(lr)

@@ -197,6 +197,13 @@ def add_estimate_opts(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--tokens", type=parse_count, default=0.0, help="training budget in tokens, e.g. 2T, 300B")
     g.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the catalog's)")
+    g.add_argument(
+        "--storage-gbps",
+        type=float,
+        default=None,
+        metavar="GBPS",
+        help="checkpoint storage write bandwidth for the job, GB/s (default: Llama 3's, 0.12 GB/s per GPU)",
+    )
     g.add_argument("--json", action="store_true", help="print the JSON contract instead of tables")
 
 

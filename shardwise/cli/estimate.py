@@ -11,7 +11,8 @@ import json
 from shardwise.cli import args as ca
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import estimate
-from shardwise.report.tables import print_estimate
+from shardwise.estimate.checkpoint import check_storage, checkpoint_cost
+from shardwise.report.tables import print_checkpoint, print_estimate
 from shardwise.search.space import default_gbs
 from shardwise.spec.plan import Plan
 
@@ -37,11 +38,14 @@ def cmd_estimate(a) -> int:
         raise ShardwiseError(f"--efficiency must be in (0, 1], got {a.efficiency}")
     if a.price is not None and a.price < 0:
         raise ShardwiseError(f"--price must not be negative, got {a.price}")
+    check_storage(a.storage_gbps)
     est = estimate(model, cluster, plan, a.profile, efficiency=a.efficiency, tokens=a.tokens, price=a.price)
+    ckpt = checkpoint_cost(est.model, est.plan, cluster.gpus, a.storage_gbps)
     if a.json:
-        print(json.dumps(to_json(est, gbs_default, notes), indent=2))
+        print(json.dumps(to_json(est, gbs_default, notes) | {"checkpoint": ckpt.to_dict()}, indent=2))
     else:
         print_estimate(est, gbs_default=gbs_default, notes=notes)
+        print_checkpoint(ckpt)
     return 0 if est.memory.fits else 1
 
 

@@ -14,7 +14,9 @@ import shlex
 
 from shardwise.cli import args as ca
 from shardwise.errors import ShardwiseError
+from shardwise.estimate.checkpoint import check_storage, checkpoint_cost
 from shardwise.report.search import print_search
+from shardwise.report.tables import print_checkpoint
 from shardwise.search.core import (
     DEFAULT_HEADROOM,
     MAX_GPUS,
@@ -105,6 +107,7 @@ def cmd_plan(a) -> int:
     fixed = ca.plan_fields_from_args(a)
     if a.top < 1:
         raise ShardwiseError(f"--top must be a positive integer, got {a.top}")
+    check_storage(a.storage_gbps)
     kw = dict(
         profile=a.profile,
         headroom=a.headroom,
@@ -133,8 +136,15 @@ def cmd_plan(a) -> int:
     advice = what_it_would_take(res) if not res.fits else []
     eq = equivalent(res)
     command = train_command(eq.recommended, model_argv(a)) if eq else None
+    ckpt = None
+    if eq is not None:  # what the recommended plan's checkpoints cost
+        r = eq.recommended
+        ckpt = checkpoint_cost(r.model, r.plan, r.cluster.gpus, a.storage_gbps)
     if a.json:
-        print(json.dumps(to_json(res, advice, found, eq=eq, command=command, notes=notes, pinned=pinned), indent=2))
+        out = to_json(res, advice, found, eq=eq, command=command, notes=notes, pinned=pinned)
+        if ckpt is not None:
+            out["recommended"]["checkpoint"] = ckpt.to_dict()
+        print(json.dumps(out, indent=2))
     else:
         print_search(
             res,
@@ -147,6 +157,8 @@ def cmd_plan(a) -> int:
             explain=a.explain,
             verbose=a.verbose,
         )
+        if ckpt is not None:
+            print_checkpoint(ckpt, what="checkpoint of the recommended plan")
     return 0 if res.fits else 1
 
 

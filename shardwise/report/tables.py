@@ -56,6 +56,11 @@ def batch_line(gbs: int, seq: int, gbs_default: bool | None) -> str:
     return f"global batch {gbs:,} x {seq:,} tokens = {gbs * seq:,} tokens{note}"
 
 
+def print_checkpoint(cost, console: Console | None = None, what: str = "checkpoint") -> None:
+    """One line: what a checkpoint of this plan writes and how long it takes (estimate/checkpoint.py)."""
+    print_wrapped(console or make_console(), cost.line(what), style="dim")
+
+
 def print_estimate(
     est: Estimate, console: Console | None = None, *, gbs_default: bool | None = None, notes: list[str] = ()
 ) -> None:

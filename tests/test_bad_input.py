@@ -39,6 +39,7 @@ def cli(capsys, argv):
         ("estimate llama-3.1-8b --seq 100000000", "exceeds llama-3.1-8b's context (131,072 tokens)"),
         ("plan llama-3.1-70b --min-gpus --gpus 2", "no plan fits llama-3.1-70b on up to 2"),
         ("lecture --html /proc/x.html --no-figures", "--html: cannot write /proc/x.html"),
+        ("gpus --hardware /proc", "hardware file '/proc' cannot be read (Is a directory)"),
     ],
 )
 def test_each_bad_number_is_one_line_and_exit_2(argv, words, capsys):

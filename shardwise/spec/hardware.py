@@ -263,6 +263,10 @@ def _file_entries(path: str, table: str, cls) -> dict:
         raise ShardwiseError(f"hardware file {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ShardwiseError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise ShardwiseError(f"{path}: not a UTF-8 text file; give a TOML hardware file") from None
+    except OSError as e:  # a directory, no permission, /proc
+        raise ShardwiseError(f"hardware file {path!r} cannot be read ({e.strerror}); give a TOML file") from None
     for top, v in d.items():  # a typo'd [gpus.x] must not be silently ignored
         if top not in FILE_TABLES or not isinstance(v, dict):
             raise ShardwiseError(

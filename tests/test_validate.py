@@ -70,3 +70,14 @@ def test_error_is_signed_and_relative():
     assert r.error_pct == pytest.approx((r.predicted - r.published) / r.published * 100)
     s = v.summarize([r])[0]
     assert s.items == 1 and s.mean_abs_pct == s.max_abs_pct == abs(r.error_pct)
+
+
+def test_another_profile_on_the_same_runs(capsys):
+    """--profile estimates a set under another engine's accounting: the ZeRO paper's baseline under
+    DeepSpeed's layout keeps its fp32 gradient partition too, 20 bytes per parameter instead of 16."""
+    assert main(["validate", "--set", "zero2020", "--profile", "deepspeed", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    base = next(r for r in rows if r["mode"] == "baseline")
+    assert base["profile"] == "deepspeed" and "deepspeed" in base["argv"]
+    paper = next(r for r in v.run(["zero2020"]) if r.mode == "baseline")
+    assert base["predicted"] == pytest.approx(paper.predicted * 20 / 16)

@@ -11,6 +11,7 @@ import json
 
 from shardwise import validate as v
 from shardwise.cli.plan import plan_argv
+from shardwise.estimate.profiles import PROFILES
 from shardwise.validate.metrics import UNITS
 
 SCHEMA = 1
@@ -26,12 +27,18 @@ def register(sub) -> None:
         metavar="NAME",
         help=f"a published set (repeatable; default: all): {', '.join(v.SETS)}",
     )
+    s.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        default=None,
+        help="estimate every set under this accounting profile instead of its own",
+    )
     s.add_argument("--json", action="store_true", help="every row and summary as JSON")
     s.set_defaults(func=cmd_validate)
 
 
 def cmd_validate(a) -> int:
-    rows = v.run(a.sets)
+    rows = v.run(a.sets, profile=a.profile)
     summary = v.summarize(rows)
     if a.json:
         out = {
@@ -42,14 +49,15 @@ def cmd_validate(a) -> int:
         print(json.dumps(out, indent=2))
         return 0
     for name in dict.fromkeys(r.set for r in rows):
-        data = v.load_set(name)
-        print(f"{data['title']}  [--set {name}, --profile {data['profile']}, --gpu {data['gpu']}]")
-        print(
-            f"  {'where':<12} {'metric':<26} {'config':<8} {'mode':<9} {'published':>11} {'predicted':>11} {'error':>8}"
-        )
-        for r in (r for r in rows if r.set == name):
+        mine = [r for r in rows if r.set == name]
+        title = v.load_set(name)["title"]
+        print(f"{title}  [--set {name}, --profile {mine[0].profile}, --gpu {mine[0].gpu}]")
+        w = max(len(r.where) for r in mine)
+        head = f"{'metric':<26} {'config':<8} {'mode':<9} {'published':>11} {'predicted':>11} {'error':>8}"
+        print(f"  {'where':<{w}} {head}")
+        for r in mine:
             print(
-                f"  {r.where[:12]:<12} {r.metric:<26} {r.config:<8} {r.mode:<9} "
+                f"  {r.where:<{w}} {r.metric:<26} {r.config:<8} {r.mode:<9} "
                 f"{r.published:>11.4g} {r.predicted:>11.4g} {r.error_pct:>+7.2f}%"
             )
         for s in (s for s in summary if s.set == name):

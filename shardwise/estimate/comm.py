@@ -431,8 +431,8 @@ def _tp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
 
     net = group_net(cluster, t, 1, arr)
 
-    def c(kind, what, per_call, count):
-        return make(cluster, kind, "tp", t, 1, count, what, per_call=per_call, arr=arr, net=net)
+    def c(kind, what, per_call, count, overlapped=False):
+        return make(cluster, kind, "tp", t, 1, count, what, per_call=per_call, arr=arr, net=net, overlapped=overlapped)
 
     if not prof.dtensor_tp:
         return _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head)
@@ -556,10 +556,10 @@ def _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head) -> list[Collect
         c("reduce-scatter", "block outputs to sequence shards, forward", act * M, 2 * fwd),
         c("reduce-scatter", "block input gradients to sequence shards, backward", act * R, 2 * layers),
         c("all-gather", "block output gradients, backward", act * M, 2 * layers),
-        # the gathered input is saved as its shard and gathered again for the weight gradients
-        # (Korthikanti et al. 2022, sec. 4.2.2; megatron/core/tensor_parallel/layers.py,
-        # LinearWithGradAccumulationAndAsyncCommunication.backward)
-        c("all-gather", "block inputs again for the weight gradients, backward", act * R, 2 * layers),
+        # the gathered input is saved as its shard and gathered again for the weight gradients,
+        # launched asynchronously beside the input-gradient matmul (Korthikanti et al. 2022, sec.
+        # 4.2.2; megatron/core/tensor_parallel/layers.py, LinearWithGradAccumulationAndAsyncCommunication)
+        c("all-gather", "block inputs again for the weight gradients, backward", act * R, 2 * layers, True),
         c("reduce-scatter", "vocab-parallel embedding output to sequence shards, forward", act * R, m),
         c("all-gather", "embedding output gradient, backward", act * R, m),
         c("all-gather", "final norm output to the output projection, forward", act * R, head),
@@ -599,7 +599,8 @@ def _pp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
     ]
     if scatter:
         what = "received pipeline slices to whole activations (scatter-gather)"
-        out.append(make(cluster, "all-gather", "tp", plan.tp, 1, (2 * v - 1) * m, what, per_call=whole, arr=arr))
+        gathers = where(plan.pp > 1, (2 * v - 1) * m, 0)
+        out.append(make(cluster, "all-gather", "tp", plan.tp, 1, gathers, what, per_call=whole, arr=arr))
     return out
 
 

@@ -330,9 +330,30 @@ def test_megatron_sp_moves_what_the_all_reduce_moves():
     # AG + RS of S move 2 * (N-1)/N * S, the same as one all-reduce of S (Korthikanti et al. 2022, sec. 4.2.2)
     plain = comm(LLAMA, 8, "megatron", tp=8, seq=4096)
     sp = comm(LLAMA, 8, "megatron", tp=8, seq=4096, sp=True)
-    block = lambda cs: sum(c.wire_bytes for w, c in cs.items() if "block" in w)
+    block = lambda cs: sum(c.wire_bytes for w, c in cs.items() if "block" in w and "again" not in w)
     assert block(plain) == block(sp)
     assert find(plain, "cross-entropy").count == 3
+    # ... except that Megatron saves the gathered input as its shard and gathers it again for the
+    # weight gradients (sec. 4.2.2): 2 more all-gathers of [1, 4096, 4096] bf16 per layer, beside the
+    # input-gradient matmul (overlapped)
+    again = find(sp, "again for the weight gradients")
+    assert (again.kind, again.bytes, again.count, again.overlapped) == ("all-gather", 4096 * 4096 * 2, 64, True)
+
+
+def test_megatron_pipeline_scatter_gather():
+    # pp 2, tp 4, m = 4 micro-batches of [1, 4096, 4096] bf16: without sp each tp rank sends its quarter
+    # (Narayanan et al. 2021, sec. 4.1) and the receiver all-gathers the whole over tp, once per recv
+    cs = comm(LLAMA, 8, "megatron", tp=4, pp=2, gbs=4, seq=4096)
+    send = find(cs, "activations to the next")
+    assert (send.bytes, send.count) == (4096 * 4096 * 2 // 4, 4)
+    gather = find(cs, "scatter-gather")
+    assert (gather.kind, gather.group, gather.bytes, gather.count) == ("all-gather", "tp", 4096 * 4096 * 2, 4)
+    # with sp the activation is sequence-sharded already: the same quarter, nothing to gather; the
+    # torch profile (torch.distributed.pipelining) sends the whole activation
+    sp = comm(LLAMA, 8, "megatron", tp=4, pp=2, gbs=4, seq=4096, sp=True)
+    assert find(sp, "activations to the next").bytes == send.bytes and not any("scatter-gather" in w for w in sp)
+    torch = comm(LLAMA, 8, "torch", tp=4, pp=2, gbs=4, seq=4096)
+    assert not any("scatter-gather" in w for w in torch)
 
 
 # ---- pipeline ------------------------------------------------------------------------------------------

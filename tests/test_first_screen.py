@@ -38,8 +38,11 @@ def cli(capsys, *argv):
 
 @pytest.fixture(scope="module")
 def big():
-    """A search whose names are long (sp, pipelines, offload) and whose recommendation is not #1."""
-    res = run_search(preset("llama-3.1-70b"), make_cluster("h100-80gb", 256), gbs=1024, seq=8192, top=10)
+    """A search whose names are long (sp, pipelines, offload) and whose recommendation is not #1 (at
+    a flat matmul rate, where pipelined and tensor-split plans tie with plain data parallel)."""
+    res = run_search(
+        preset("llama-3.1-70b"), make_cluster("h100-80gb", 256), gbs=1024, seq=8192, top=10, efficiency=0.5
+    )
     return res, equivalent(res)
 
 
@@ -118,7 +121,7 @@ def test_columns_env_narrows_piped_output(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     rc, out, _ = cli(capsys, "plan", "gpt2", "--gpu", "rtx-4090", "--gpus", "2", "--top", "3", "--explain", "-v")
     lines = out.splitlines()
-    assert rc == 0 and max(len(x) for x in lines) <= 80 and "dp2 tp1 pp1 zero3 mbs4 ga512" in out
+    assert rc == 0 and max(len(x) for x in lines) <= 80 and re.search(r"\bdp2 tp1 pp1 zero\d mbs\d+ ga\d+\b", out)
     rc, out, _ = cli(capsys, "estimate", "gpt2", "--gpu", "rtx-4090", "--gpus", "2")
     assert max(len(x) for x in out.splitlines()) <= 80
     monkeypatch.delenv("COLUMNS")

@@ -113,10 +113,10 @@ def test_deepspeed_buffers_llama2_7b():
     # ZeRO-2: reduce_bucket_size and allgather_bucket_size, 5e8 elements of 2 bytes each
     d = est(m, 8, "deepspeed", zero=2, seq=4096).detail
     assert d["buffers.ds_reduce_bucket"] == d["buffers.ds_allgather_bucket"] == 1_000_000_000
-    # ZeRO-3: the block in use (202,383,360 = 4 * 4096^2 + 3 * 4096 * 11008 + 2 * 4096) plus the
-    # 5e7-element prefetch bucket, 2 bytes each: 252,383,360 * 2 = 504,766,720
+    # ZeRO-3: the largest layer, the 32,000 x 4,096 embedding, gathered whole: its 16-bit parameters
+    # and gradients, 4 * 131,072,000 = 524,288,000 (DeepSpeed's ZeRO-3 estimator)
     e = est(m, 8, "deepspeed", zero=3, seq=4096)
-    assert e.detail["buffers.ds_live_params"] == 504_766_720
+    assert e.detail["buffers.ds_largest_layer"] == 524_288_000
     # tensors <= 1e5 elements stay whole: the 65 norm weights (32 layers * 2 + final), 266,240
     # elements; the rest is split: 2 * (266,240 + ceil((6,738,415,616 - 266,240) / 8))
     assert e.params == 2 * (266_240 + -(-(m.params - 266_240) // 8))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from shardwise import estimate, make_cluster
+from shardwise.cli import main
 from shardwise.errors import ShardwiseError
 from shardwise.estimate.profiles import (
     DEEPSPEED,
@@ -18,7 +19,7 @@ from shardwise.estimate.profiles import (
     Profile,
     profile,
 )
-from shardwise.search.core import Options
+from shardwise.search.core import Options, run_search
 from shardwise.spec.plan import Plan
 
 
@@ -64,9 +65,10 @@ def test_the_name_stays_the_public_api():
 def test_bytes_per_parameter_with_adamw():
     # bf16-mixed AdamW, param + grad + master + 2 states: torch keeps the fp32 parameter as the
     # master, 4 + 4 + 0 + 8 = 16; the paper 2 + 2 + 4 + 8 = 16 (its 2 + 2 + K, K = 12); Megatron's fp32
-    # main gradients 2 + 4 + 4 + 8 = 18; fp16 adds Megatron's fp32 copy of the gradients: 2 + 2 + 4 + 8 + 4
+    # main gradients 2 + 4 + 4 + 8 = 18; fp16 adds Megatron's fp32 copy of the gradients: 2 + 2 + 4 + 8 + 4;
+    # DeepSpeed's fp32 gradient partition beside the paper's: 2 + 2 + 4 + 8 + 4 = 20
     got = {p.name: p.state_bytes("bf16-mixed").model_states for p in PROFILES.values()}
-    assert got == {"torch": 16, "zero-paper": 16, "megatron": 18, "deepspeed": 16}
+    assert got == {"torch": 16, "zero-paper": 16, "megatron": 18, "deepspeed": 20}
     assert MEGATRON.state_bytes("fp16-mixed").model_states == 20
     assert {p.state_bytes("bf16").model_states for p in PROFILES.values()} == {2 + 2 + 2 * 2}
 
@@ -86,18 +88,29 @@ def test_megatron_shards_only_the_optimizer_the_paper_shards_by_stage():
 def test_deepspeed_keeps_small_tensors_whole_at_zero3():
     sb = DEEPSPEED.state_bytes("bf16-mixed")
     # 1,000,000 elements of which 100,000 in tensors <= stage3_param_persistence_threshold:
-    # params 2 * (100,000 + 900,000 / 8) = 425,000 bytes; gradients and optimizer as the paper's
-    assert DEEPSPEED.model_states(sb, 1_000_000, 12_000_000, 100_000, 8, 3) == (425_000, 250_000, 1_500_000)
+    # params 2 * (100,000 + 900,000 / 8) = 425,000 bytes; the gradients live in the optimizer's fp32
+    # partition (DeepSpeed's ZeRO-3 estimator counts 18 bytes / N: 2 + 4 + 4 + 8), none of their own
+    assert DEEPSPEED.model_states(sb, 1_000_000, 12_000_000, 100_000, 8, 3) == (425_000, 0, 1_500_000)
     assert DEEPSPEED.model_states(sb, 1_000_000, 12_000_000, 100_000, 8, 2) == (2_000_000, 250_000, 1_500_000)
+
+
+def test_deepspeed_states_are_its_estimators():
+    # estimate_zero2_model_states_mem_needs: 2 = params_16bit, 18 = 2_grads_16bit + 4_grads_32bit +
+    # 4_params_32bit + 8_optimizer_states_32bit; fp16 and bf16 alike, the paper's 16 elsewhere
+    for prec in ("bf16-mixed", "fp16-mixed"):
+        sb = DEEPSPEED.state_bytes(prec)
+        assert (sb.param, sb.grad, sb.master + 2 * sb.state + sb.grad_copy) == (2, 2, 16)
+    assert DEEPSPEED.state_bytes("fp32").model_states == ZERO_PAPER.state_bytes("fp32").model_states == 16
 
 
 def test_deepspeed_buffers_and_nobody_elses():
     sb = DEEPSPEED.state_bytes("bf16-mixed")
-    n, block = 7_000_000_000, 200_000_000
-    # reduce bucket 2 bytes * min(5e8, n) = 1e9; ZeRO-3: live parameters 2 * min(1e9, n, block + 5e7 prefetch) = 5e8
-    assert DEEPSPEED.buffers(sb, n, block, 3) == {
+    n, block, largest = 7_000_000_000, 200_000_000, 131_072_000
+    # reduce bucket 2 bytes * min(5e8, n) = 1e9; ZeRO-3: the largest layer's 16-bit parameters and
+    # gradients, 4 * 131,072,000 (estimate_zero3_model_states_mem_needs' largest_layer_memory)
+    assert DEEPSPEED.buffers(sb, n, block, 3, largest) == {
         "buffers.ds_reduce_bucket": 1_000_000_000,
-        "buffers.ds_live_params": 500_000_000,
+        "buffers.ds_largest_layer": 524_288_000,
     }
     # ZeRO-1/2: an all-gather bucket of 5e8 parameters too; a small model's buckets are the model
     assert DEEPSPEED.buffers(sb, n, block, 1)["buffers.ds_allgather_bucket"] == 1_000_000_000
@@ -171,3 +184,15 @@ def test_the_megatron_search_proposes_only_what_megatron_runs():
     # pinned into nothing-fits, the relaxed retries stay inside the profile too
     res = run_search("llama-3.1-70b", make_cluster("h100-80gb", 8), profile="megatron", tp=1, pp=1)
     assert not res.fits and res.closest is not None and res.closest.plan.zero <= 1
+
+
+# ---- the search under each profile proposes only what its engine runs ---------------------------
+def test_megatron_search_proposes_only_what_megatron_runs(capsys):
+    res = run_search("llama-2-7b", make_cluster("a100-80gb", 8), profile="megatron", top=None)
+    assert res.ranked and all(e.plan.zero <= 1 and e.plan.offload != "params" for e in res.ranked)
+    # nothing fits: the search relaxes the pins it may and still proposes no ZeRO-2/3 nor parameter
+    # offload; the answer is one line and exit 2, never a traceback
+    assert main(["plan", "llama-2-70b", "--gpu", "a100-80gb", "--gpus", "2", "--profile", "megatron"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not fit on 2x a100-80gb" in err and "zero1" in err
+    assert "Traceback" not in err and "zero3" not in err and "offload-params" not in err

@@ -67,11 +67,12 @@ def test_more_gpus_never_lower_the_best_throughput(model, gpu, n, seq):
 
 
 def test_a_toy_model_is_slower_on_more_gpus():
-    """The exception to the property above, and why: tiny-llama's step is a few microseconds of
-    compute, so the all-reduce latency of a larger group is all it adds (latency 2(N-1)*a grows
-    with N); the estimate rightly prefers fewer GPUs."""
-    two = run_search("tiny-llama", make_cluster("h100-80gb", 2), gbs=128, seq=64, top=1).ranked[0]
-    four = run_search("tiny-llama", make_cluster("h100-80gb", 4), gbs=128, seq=64, top=1).ranked[0]
+    """The exception to the property above, and why: at a flat matmul rate tiny-llama's step is a few
+    microseconds of FLOPs, so the all-reduce latency of a larger group is all it adds (latency
+    2(N-1)*a grows with N); the estimate rightly prefers fewer GPUs. (The default time model also
+    charges each matmul call a fixed time, which more GPUs split: there a toy model gains from them.)"""
+    two = run_search("tiny-llama", make_cluster("h100-80gb", 2), gbs=128, seq=64, top=1, efficiency=0.5).ranked[0]
+    four = run_search("tiny-llama", make_cluster("h100-80gb", 4), gbs=128, seq=64, top=1, efficiency=0.5).ranked[0]
     assert four.time.tokens_per_s < two.time.tokens_per_s
     assert four.time.comm_exposed_s + four.time.bubble_s > four.time.compute_s
 

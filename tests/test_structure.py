@@ -31,11 +31,12 @@ ALLOWED = {
     "report": {"spec", "estimate", "search"},
     "run": {"spec"},
     "check": {"spec", "estimate", "run"},
-    "cli": {"spec", "estimate", "search", "report", "run", "check"},
+    "validate": {"spec", "estimate"},
+    "cli": {"spec", "estimate", "search", "report", "run", "check", "validate"},
     "": {"spec", "estimate", "search"},  # shardwise/__init__.py: the Python API
     "__main__": {"cli"},
 }
-TORCH_FREE = ("spec", "estimate", "search", "report", "errors", "units", "paths")
+TORCH_FREE = ("spec", "estimate", "search", "report", "validate", "errors", "units", "paths")
 
 
 def _name(path: Path) -> str:

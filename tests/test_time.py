@@ -9,10 +9,13 @@ import pytest
 from shardwise.errors import ShardwiseError
 from shardwise.estimate.comm import collectives
 from shardwise.estimate.time import (
-    DEFAULT_EFFICIENCY,
+    GEMM_FIXED_S,
+    MATMUL_EFFICIENCY,
     PCIE_GBPS,
     forward_flops_per_token,
+    layer_elementwise_bytes,
     layer_forward_flops_per_token,
+    layer_gemms,
     matmul_weights,
     model_flops_per_token,
     optimizer_bytes_per_param,
@@ -120,8 +123,8 @@ def test_gpt3_training_days_against_narayanan():
 # ---- one step -------------------------------------------------------------------------------------
 def test_step_hand_worked():
     # one GPU, gbs 4 of mbs 2 -> 2 micro-batches of 2*512 = 1024 tokens; peak 100 TFLOP/s at 0.5
-    t, plan = run(TOY, 1, gbs=4, mbs=2, seq=512)
-    assert plan.grad_accum == 2 and DEFAULT_EFFICIENCY == 0.5
+    t, plan = run(TOY, 1, gbs=4, mbs=2, seq=512, efficiency=0.5)
+    assert plan.grad_accum == 2
     # forward: 2048 tokens * 56,573,952 / 50e12 = 2.317309e-3 s; backward twice that
     assert t.detail["forward_s"] == pytest.approx(2048 * 56_573_952 / 50e12)
     assert t.detail["backward_s"] == pytest.approx(2 * t.detail["forward_s"])
@@ -134,7 +137,57 @@ def test_step_hand_worked():
     assert t.tokens_per_s == pytest.approx(2048 / t.step_s)
     assert t.flops_per_step == 2048 * 169_721_856
     assert t.mfu == pytest.approx(2048 * 169_721_856 / (t.step_s * 100e12))
-    assert t.mfu < DEFAULT_EFFICIENCY  # the optimizer step is time without model FLOPs
+    assert t.mfu < 0.5  # the optimizer step is time without model FLOPs
+
+
+def test_matmul_shapes_hand_worked():
+    # TOY, mbs 2 x seq 512 = M 1024 rows, tp 2: qkv 2*1024*1024*3072/2, the core 2*2*(8/2 heads)*512^2*128
+    # for each of Q.K^T and attention over V, the output 2*1024*1024*1024/2, the MLP 2*1024*1024*4096/2 twice
+    g = layer_gemms(TOY, Plan(tp=2, mbs=2, seq=512))
+    assert g == {
+        "qkv": (3_221_225_472, 1),
+        "attention_core": (536_870_912, 2),
+        "attention_out": (1_073_741_824, 1),
+        "mlp": (4_294_967_296, 2),
+    }
+    # their sum is the layer's FLOPs per token times the tokens, over tp
+    assert sum(f * n for f, n in g.values()) == 1024 * layer_forward_flops_per_token(TOY, 512) / 2
+
+
+def test_elementwise_bytes_hand_worked():
+    # TOY, mbs 2 x seq 512, no dropout, flash: the residual stream 1024*1024 elements through two norms
+    # (2 passes each) and two residual adds (3 each), the GELU over 1024*4096 (2), 2 bytes each
+    b = layer_elementwise_bytes(TOY, Plan(mbs=2, seq=512), "flash", 2)
+    assert b == {"block": 2 * (10 * 1024 * 1024 + 2 * 1024 * 4096), "attention_core": 0}
+    # materialized scores: 2 * 8 heads * 512^2 elements, softmax reads and writes them (2 passes);
+    # sequence parallel over tp 2 splits the residual stream, tp the MLP and the heads
+    m = layer_elementwise_bytes(TOY, Plan(mbs=2, seq=512, tp=2, sp=True), "math", 2)
+    assert m == {"block": 2 * (10 * 1024 * 1024 / 2 + 2 * 1024 * 4096 / 2), "attention_core": 2 * 2 * 2 * 4 * 512**2}
+
+
+def test_shaped_step_hand_worked():
+    """Without an efficiency each matmul runs at MATMUL_EFFICIENCY of peak plus GEMM_FIXED_S per call,
+    the memory-bound work at HBM bandwidth: TOY on one GPU, 2 micro-batches of 2 x 512 tokens."""
+    t, _ = run(TOY, 1, gbs=4, mbs=2, seq=512)
+    rate = 100e12 * MATMUL_EFFICIENCY
+    # per block: 27,917,287,424 FLOPs in 6 calls (qkv, 2 core, out, 2 MLP); 37,748,736 bytes at 1000 GB/s
+    block = 27_917_287_424 / rate + 6 * GEMM_FIXED_S + 37_748_736 / 1e12
+    head = 2 * 1024 * 1024 * 1000 / rate + GEMM_FIXED_S
+    assert t.detail["forward_s"] == pytest.approx(2 * (2 * block + head))
+    assert t.detail["backward_s"] == pytest.approx(2 * t.detail["forward_s"])
+    # what the matmuls and the memory-bound work reached together, of peak: below the matmuls' own
+    assert t.detail["efficiency"] == pytest.approx(2048 * 169_721_856 / 3 / t.detail["forward_s"] / 100e12)
+    assert t.detail["efficiency"] < MATMUL_EFFICIENCY
+
+
+def test_small_matmuls_run_below_large_ones():
+    """The same work split 8 ways runs each matmul at a smaller shape: its efficiency drops, where a
+    flat rate would make tp 8 exactly 8x faster."""
+    big = preset("llama-2-7b")
+    one, _ = run(big, 1, gbs=1, mbs=1, seq=256)
+    eight, _ = run(big, 8, tp=8, gbs=1, mbs=1, seq=256)
+    assert eight.detail["forward_s"] > one.detail["forward_s"] / 8 * 1.05
+    assert eight.detail["efficiency"] < one.detail["efficiency"]
 
 
 def test_host_time_hand_worked():
@@ -185,9 +238,9 @@ def test_bubble_on_an_oversubscribed_cpu():
 
 
 def test_recompute_flops():
-    base, _ = run(TOY, 1, gbs=4, mbs=2, seq=512)
-    full, _ = run(TOY, 1, gbs=4, mbs=2, seq=512, recompute="full")
-    sel, _ = run(TOY, 1, gbs=4, mbs=2, seq=512, recompute="selective")
+    base, _ = run(TOY, 1, gbs=4, mbs=2, seq=512, efficiency=0.5)
+    full, _ = run(TOY, 1, gbs=4, mbs=2, seq=512, recompute="full", efficiency=0.5)
+    sel, _ = run(TOY, 1, gbs=4, mbs=2, seq=512, recompute="selective", efficiency=0.5)
     # full: each block's forward again, 2 * 27,262,976 per token (not the output layer)
     assert full.detail["hardware_flops_per_step"] - base.detail["hardware_flops_per_step"] == 2048 * 2 * 27_262_976
     assert full.detail["recompute_s"] == pytest.approx(2048 * 2 * 27_262_976 / 50e12)
@@ -199,7 +252,7 @@ def test_recompute_flops():
 
 def test_bubble_and_pipelined_work():
     # pp = 2 of the 2 layers, 4 micro-batches: bubble = (p-1)/m of the pipelined work
-    t, plan = run(TOY, 2, pp=2, gbs=4, mbs=1, seq=512)
+    t, plan = run(TOY, 2, pp=2, gbs=4, mbs=1, seq=512, efficiency=0.5)
     pipelined = t.detail["forward_s"] + t.detail["backward_s"] + t.detail["tp_comm_s"] + t.detail["pp_comm_s"]
     assert t.bubble_s == pytest.approx(pipelined * 1 / 4)
     assert t.detail["bubble_fraction"] == pytest.approx(1 / 5)
@@ -299,7 +352,7 @@ def test_training_budget_hand_worked():
 
 
 def test_efficiency_is_overridable():
-    half, _ = run(TOY, 1, gbs=4, mbs=2, seq=512)
+    half, _ = run(TOY, 1, gbs=4, mbs=2, seq=512, efficiency=0.5)
     full, _ = run(TOY, 1, gbs=4, mbs=2, seq=512, efficiency=1.0)
     assert full.detail["forward_s"] == pytest.approx(half.detail["forward_s"] / 2)
     assert full.detail["efficiency"] == 1.0

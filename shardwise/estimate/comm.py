@@ -412,7 +412,7 @@ def collectives(model, cluster, plan, profile: str | Profile = "torch") -> list[
     # (one plan: a group of one rank makes no calls, and its entries would be dropped below)
     out = (
         (_tp(model, cluster, plan, prof, dt, arr) if arr or plan.tp > 1 else [])
-        + (_pp(model, cluster, plan, dt, arr) if arr or plan.pp > 1 else [])
+        + (_pp(model, cluster, plan, prof, dt, arr) if arr or plan.pp > 1 else [])
         + (_dp(model, cluster, plan, prof, dt, arr) if arr or plan.dp > 1 else [])
     )
     if prof.run_engines:
@@ -431,8 +431,8 @@ def _tp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
 
     net = group_net(cluster, t, 1, arr)
 
-    def c(kind, what, per_call, count):
-        return make(cluster, kind, "tp", t, 1, count, what, per_call=per_call, arr=arr, net=net)
+    def c(kind, what, per_call, count, overlapped=False):
+        return make(cluster, kind, "tp", t, 1, count, what, per_call=per_call, arr=arr, net=net, overlapped=overlapped)
 
     if not prof.dtensor_tp:
         return _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head)
@@ -556,6 +556,10 @@ def _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head) -> list[Collect
         c("reduce-scatter", "block outputs to sequence shards, forward", act * M, 2 * fwd),
         c("reduce-scatter", "block input gradients to sequence shards, backward", act * R, 2 * layers),
         c("all-gather", "block output gradients, backward", act * M, 2 * layers),
+        # the gathered input is saved as its shard and gathered again for the weight gradients,
+        # launched asynchronously beside the input-gradient matmul (Korthikanti et al. 2022, sec.
+        # 4.2.2; megatron/core/tensor_parallel/layers.py, LinearWithGradAccumulationAndAsyncCommunication)
+        c("all-gather", "block inputs again for the weight gradients, backward", act * R, 2 * layers, True),
         c("reduce-scatter", "vocab-parallel embedding output to sequence shards, forward", act * R, m),
         c("all-gather", "embedding output gradient, backward", act * R, m),
         c("all-gather", "final norm output to the output projection, forward", act * R, head),
@@ -564,15 +568,22 @@ def _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head) -> list[Collect
     ]
 
 
-def _pp(model, cluster, plan, dt, arr) -> list[Collective]:
+def _pp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
     """Point-to-point between adjacent stages: rank 0 sends each micro-batch's activation on from
     each chunk it holds (the last stage's chunk sends nothing) and receives into each but the first;
-    gradients go the other way. Interleaved: v chunks per rank, so 2v-1 hops each way."""
+    gradients go the other way. Interleaved: v chunks per rank, so 2v-1 hops each way.
+    Scatter-gather (Profile.pp_scatter_gather, Megatron-LM; Narayanan et al. 2021, sec. 4.1):
+    without sequence parallel the tp ranks hold the same activation, so each sends its 1/tp slice
+    and the receiving stage all-gathers the whole over its tp group (intra-node)."""
     v = chunks_per_rank(plan.vpp, plan.schedule)
     m = plan.grad_accum
-    msg = plan.mbs * plan.seq * model.hidden * dt["resid"]
+    whole = plan.mbs * plan.seq * model.hidden * dt["resid"]
+    msg = whole
     if plan.sp:
         msg = msg // plan.tp  # block outputs are sequence-sharded under sp: [mbs, seq/tp, hidden]
+    scatter = prof.pp_scatter_gather and not plan.sp
+    if scatter:
+        msg = where(plan.tp > 1, whole // plan.tp, whole)
     n, stride = plan.pp, plan.dp * plan.tp
 
     net = group_net(cluster, n, stride, arr)
@@ -580,12 +591,17 @@ def _pp(model, cluster, plan, dt, arr) -> list[Collective]:
     def c(kind, what, count):
         return make(cluster, kind, "pp", n, stride, count, what, per_call=msg, arr=arr, net=net)
 
-    return [
+    out = [
         c("send", "activations to the next stage, forward", v * m),
         c("recv", "activation gradients from the next stage, backward", v * m),
         c("recv", "activations from the previous stage (interleaved chunks), forward", (v - 1) * m),
         c("send", "activation gradients to the previous stage (interleaved chunks), backward", (v - 1) * m),
     ]
+    if scatter:
+        what = "received pipeline slices to whole activations (scatter-gather)"
+        gathers = where(plan.pp > 1, (2 * v - 1) * m, 0)
+        out.append(make(cluster, "all-gather", "tp", plan.tp, 1, gathers, what, per_call=whole, arr=arr))
+    return out
 
 
 def _dp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:

@@ -47,7 +47,6 @@ DDP_BUCKET = 25 * MIB
 DS_REDUCE_BUCKET = 500_000_000  # reduce_bucket_size (also the non-ZeRO allreduce_bucket_size)
 DS_ALLGATHER_BUCKET = 500_000_000  # allgather_bucket_size (stages 1-2): elements all-gathered at a time
 DS_PREFETCH_BUCKET = 50_000_000  # stage3_prefetch_bucket_size: elements fetched ahead of use
-DS_MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters: gathered elements at most
 DS_PERSISTENCE_THRESHOLD = 100_000  # stage3_param_persistence_threshold: smaller tensors stay whole
 
 # Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by (128) times tp
@@ -66,7 +65,9 @@ class StateBytes:
     grad: int  # the gradients the backward produces and the optimizer reads
     master: int  # a separate fp32 master copy (0: the parameter itself is the master)
     state: int  # one optimizer-state element (Adam moment, momentum, Adafactor factor)
-    grad_copy: int = 0  # Megatron fp16: the optimizer's fp32 copy of the gradients
+    # an fp32 copy of the gradients the optimizer steps on, sharded with the optimizer states:
+    # Megatron fp16's main_param.grad, DeepSpeed's fp32 gradient partition
+    grad_copy: int = 0
 
     @property
     def model_states(self) -> int:
@@ -129,6 +130,18 @@ _MEGATRON_STATES = _frozen(
         "bf16": StateBytes(2, 2, 0, 2),
     }
 )
+# DeepSpeed's own estimators (deepspeed/runtime/zero/stage_1_and_2.py,
+# estimate_zero2_model_states_mem_needs: "2 = params_16bit, 18 = 2_grads_16bit + 4_grads_32bit +
+# 4_params_32bit + 8_optimizer_states_32bit", gpu_mem = 2 * total_params + 18 * total_params / total_gpus):
+# beside the paper's 2 + 2 + 12 an fp32 gradient partition, 4 bytes sharded with the optimizer states
+_DEEPSPEED_STATES = _frozen(
+    {
+        "fp32": StateBytes(4, 4, 0, 4),
+        "bf16-mixed": StateBytes(2, 2, 4, 4, grad_copy=4),
+        "fp16-mixed": StateBytes(2, 2, 4, 4, grad_copy=4),
+        "bf16": StateBytes(2, 2, 0, 2),
+    }
+)
 _MIXED = ("bf16-mixed", "fp16-mixed")
 
 
@@ -147,6 +160,8 @@ class Profile:
     run_engines: bool = False
     # tensor-parallel collectives: DTensor's layout (comm._tp) or Megatron's f/g operators
     dtensor_tp: bool = False
+    # pipeline sends: each tp rank sends its 1/tp slice, the receiver all-gathers it (comm._pp)
+    pp_scatter_gather: bool = False
     activation_layout: str = "megatron"  # activations.LAYOUTS
     vocab_multiple: int = 1  # the vocabulary padded to a multiple of this times tp
     offloads_params: bool = True  # has a parameter offload (offload="params")
@@ -192,9 +207,9 @@ class Profile:
         persistence_threshold), under ZeRO stage `zero` over dp ranks: the paper's partition."""
         return shard_states(sb.param * n, sb.grad * n, opt, dp, zero)
 
-    def buffers(self, sb: StateBytes, n, block, zero: int) -> dict:
+    def buffers(self, sb: StateBytes, n, block, zero: int, largest=0) -> dict:
         """The engine's own communication buffers, for n parameter elements on the rank, `block`
-        in one transformer block."""
+        in one transformer block, `largest` in its largest parameter tensor."""
         return {}
 
 
@@ -300,20 +315,29 @@ class MegatronProfile(Profile):
     offload. The vocabulary is padded (MEGATRON_VOCAB_MULTIPLE).
     Sends: fp32 main gradients (bf16 training), all-reduced in DDP buckets, or reduce-scattered
     by the distributed optimizer (ZeRO-1/2) which then all-gathers 16-bit parameters, in buckets
-    of max(40M, 1M * dp) elements; its vocab-parallel cross-entropy and f/g TP operators.
+    of max(40M, 1M * dp) elements, after the backward (--overlap-grad-reduce and
+    --overlap-param-gather are off by default, megatron/training/arguments.py); its vocab-parallel cross-entropy and f/g TP operators; pipeline
+    activations by scatter-gather without sequence parallel (Narayanan et al. 2021, sec. 4.1).
     """
 
     __slots__ = ()
     name = "megatron"
     states = _MEGATRON_STATES
     vocab_multiple = MEGATRON_VOCAB_MULTIPLE
+    pp_scatter_gather = True
     offloads_params = False
     rules = MEGATRON_RULES
     engine = "Megatron-LM"
     sends = _by_stage(
-        (Send("all-reduce", "main gradients (DDP buckets)", "grad", **_MEGATRON_BUCKET),),
+        (Send("all-reduce", "main gradients (DDP buckets)", "grad", overlapped=False, **_MEGATRON_BUCKET),),
         (
-            Send("reduce-scatter", "main gradients (distributed optimizer buckets)", "grad", **_MEGATRON_BUCKET),
+            Send(
+                "reduce-scatter",
+                "main gradients (distributed optimizer buckets)",
+                "grad",
+                overlapped=False,
+                **_MEGATRON_BUCKET,
+            ),
             Send(
                 "all-gather",
                 "updated 16-bit parameters (distributed optimizer)",
@@ -341,19 +365,24 @@ class MegatronProfile(Profile):
 
 
 class DeepSpeedProfile(ZeroPaperProfile):
-    """`deepspeed`: DeepSpeed ZeRO's layout, the paper's bytes plus its default buffers
-    (deepspeed/runtime/zero/config.py, DS_* above).
+    """`deepspeed`: DeepSpeed ZeRO's layout as its own estimators count it, plus its default
+    buffers (deepspeed/runtime/zero/config.py, DS_* above).
 
-    Keeps: the paper's model states; at ZeRO-3 tensors up to stage3_param_persistence_threshold
-    elements stay whole; a reduce bucket of gradients, at ZeRO-1/2 an all-gather bucket of
-    parameters, at ZeRO-3 the live parameters (the block in use and what is prefetched, capped by
-    stage3_max_live_parameters).
+    Keeps, mixed precision: 16-bit parameters and gradients, and in the optimizer an fp32 master,
+    two Adam moments and an fp32 gradient partition (4 + 8 + 4 bytes, _DEEPSPEED_STATES).
+    ZeRO-1: 2 + 2 + 16/N; ZeRO-2: 2 + 18/N (estimate_zero2_model_states_mem_needs); ZeRO-3:
+    18/N (estimate_zero3_model_states_mem_needs: the 16-bit gradients are reduce-scattered into
+    the fp32 partition, no 16-bit gradient shard is counted) plus the largest layer gathered
+    whole, its 16-bit parameters and gradients (4 * largest_layer_params); tensors up to
+    stage3_param_persistence_threshold elements stay whole. Buffers: a reduce bucket of gradients,
+    at ZeRO-1/2 an all-gather bucket of parameters.
     Sends: the paper's collectives in DeepSpeed's default buckets. TP/PP and activations as the
     paper's (Megatron-LM's).
     """
 
     __slots__ = ()
     name = "deepspeed"
+    states = _DEEPSPEED_STATES
     persistence_threshold = DS_PERSISTENCE_THRESHOLD
     sends = _by_stage(
         (Send("all-reduce", "gradients (allreduce_bucket_size)", "grad", DS_REDUCE_BUCKET),),
@@ -388,18 +417,17 @@ class DeepSpeedProfile(ZeroPaperProfile):
 
     def model_states(self, sb: StateBytes, n, opt, small, dp, zero: int):
         p, g, o = shard_states(sb.param * n, sb.grad * n, opt, dp, zero)
-        if zero == 3:  # tensors up to the persistence threshold stay whole
+        if zero == 3:  # small tensors stay whole; gradients live in the optimizer's fp32 partition
             p = sb.param * (small + ceil_div(n - small, dp))
+            g = 0 if sb.grad_copy else g
         return p, g, o
 
-    def buffers(self, sb: StateBytes, n, block, zero: int) -> dict:
+    def buffers(self, sb: StateBytes, n, block, zero: int, largest=0) -> dict:
         out = {"buffers.ds_reduce_bucket": sb.grad * minimum(DS_REDUCE_BUCKET, n)}
         if zero in (1, 2):
             out["buffers.ds_allgather_bucket"] = sb.param * minimum(DS_ALLGATHER_BUCKET, n)
-        if zero == 3:  # the block in use and what is prefetched, capped by max_live_parameters
-            out["buffers.ds_live_params"] = sb.param * minimum(
-                DS_MAX_LIVE_PARAMETERS, minimum(n, block + DS_PREFETCH_BUCKET)
-            )
+        if zero == 3:  # the estimator's largest_layer_memory: 16-bit parameters and gradients, gathered whole
+            out["buffers.ds_largest_layer"] = (sb.param + sb.grad) * largest
         return out
 
 

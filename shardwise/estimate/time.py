@@ -10,18 +10,27 @@ this is Narayanan et al.'s 72*B*s*l*h^2*(1 + s/(6h) + V/(12*l*h)). Full recomput
 block's forward (not the output layer), giving their eq. (3), 96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h));
 selective recompute re-runs the attention core, 4*seq*q_dim per token per layer.
 
-Compute: the busiest pipeline stage (the last: layers/pp blocks plus the output projection), its
-FLOPs split over tp, at peak(dtype of the precision) * efficiency. DEFAULT_EFFICIENCY = 0.5: the
-fraction of dense peak that large training matmuls sustain end to end, Narayanan et al.'s GPT-3
-175B run reached 163 of 312 TFLOP/s per A100 (52%, their Table 1) including its own bubble and
-communication; override with efficiency=.
+Compute: the busiest pipeline stage (the last: layers/pp blocks plus the output projection), per
+micro-batch on one GPU, each cost counted once:
+- every matmul at the shape the plan gives it (layer_gemms: mbs*seq rows against the tp-local
+  slice of each weight; the attention core batched over the rank's heads), at MATMUL_EFFICIENCY of
+  peak(dtype of the precision) plus GEMM_FIXED_S per call (gemm_seconds): small per-GPU matmuls
+  (a high tp, a short micro-batch) run well below the large ones' rate;
+- the memory-bound work (norms, dropouts, residual adds, the MLP activation, with materialized
+  attention the scores' softmax and dropout) at HBM bandwidth (layer_elementwise_bytes);
+- backward = 2x forward; full recompute re-runs the blocks' forward, selective their attention core.
+No end-to-end utilization is used as a rate: the exposed communication and the bubble are added
+below, once. With efficiency= (`--efficiency`, `shardwise check`'s calibrated figure) every FLOP
+runs at peak * efficiency instead, the memory-bound work folded into that measured rate.
 
 The optimizer step is memory-bound: it reads and writes the parameters and states and reads the
 gradients of the rank's shard once, at HBM bandwidth (AdamW fp32: 4+4+4 + 2*(4+4) = 28 bytes per
 parameter).
 
 Exposed communication (what the step waits for):
-- tensor parallel: every TP collective sits between two matmuls that need it: all exposed.
+- tensor parallel: every TP collective sits between two matmuls that need it: all exposed; but
+  Megatron's sequence-parallel re-gather of a block's input for the weight gradients, launched
+  beside the input-gradient matmuls, hides behind that half of the backward.
 - pipeline: torch's schedules wait for each batched send/recv before computing: all exposed.
 - data parallel: an overlapped collective hides behind the compute it runs alongside, up to that
   compute's length, times GPU.overlap (1 in the catalog; measured by `shardwise calibrate`: on a
@@ -52,7 +61,18 @@ from shardwise.estimate.profiles import TORCH
 from shardwise.spec import limits
 from shardwise.spec.breakdown import Time
 
-DEFAULT_EFFICIENCY = 0.5
+# The matmul model (layer_gemms, gemm_seconds). MATMUL_EFFICIENCY is fitted by
+# benchmarks/fit_time_model.py on Korthikanti et al. 2022's Table 5 (8 measured iteration times,
+# Megatron-LM on A100-80GB) and held against Narayanan et al. 2021's Table 1 (10 runs), which it
+# was not fitted on (`shardwise validate`). GEMM_FIXED_S is taken, not fitted: a kernel launch and
+# its ramp, the order of the ~10 us a small CUDA kernel costs end to end.
+MATMUL_EFFICIENCY = 0.73  # of dense peak, what a large matmul reaches
+GEMM_FIXED_S = 10e-6  # per matmul call
+# Passes over the elements of each memory-bound op in a forward (read + write = 2): layernorm and
+# RMSNorm read and write; dropout also writes its 1-byte mask (half an element of 2 bytes); a
+# residual add reads two and writes one; softmax (fused scale, mask, softmax) reads and writes;
+# GELU reads and writes; SwiGLU's silu reads and writes, then the product reads two and writes one.
+ELEMENTWISE_PASSES = {"norm": 2, "dropout": 2.5, "residual_add": 3, "softmax": 2, "gelu": 2, "swiglu": 5}
 PEAK_DTYPE = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16", "fp16-mixed": "fp16"}
 PCIE_GBPS = 31.5  # PCIe 4.0 x16 per direction (16 GT/s x 16 lanes x 128/130 / 8), the host link offload uses
 STATES = {"adamw": 2, "sgd": 1, "adafactor": 0, "adam8bit": 2}  # full-size optimizer states per parameter
@@ -104,6 +124,59 @@ def layer_recompute_flops_per_token(model, seq, recompute: str):
     return 0 * seq
 
 
+# ---- compute at the shapes the plan gives each GPU --------------------------------------------
+def layer_gemms(model, plan) -> dict:
+    """The matmuls of one block's forward for one micro-batch on one GPU, by what they compute:
+    name -> (FLOPs of one call, calls). A token batch of M = mbs * seq rows meets each weight's
+    tp-local slice (Megatron's column- and row-parallel split: qkv and the MLP's first matrices
+    by output columns, the output projections by input rows); the attention core is one batched
+    matmul over the rank's heads (2 * mbs * heads/tp * seq^2 * head_dim each for Q.K^T and for
+    attention over V). MoE: each active expert's matmuls see top_k/experts of the tokens."""
+    h, t = model.hidden, plan.tp
+    M = plan.mbs * plan.seq
+    mats = 3 if model.ffn_kind == "swiglu" else 2
+    core = 2 * plan.mbs * plan.seq * plan.seq * model.q_dim / t
+    out = {
+        "qkv": (2 * M * h * (model.q_dim + 2 * model.kv_dim) / t, 1),
+        "attention_core": (core, 2),
+        "attention_out": (2 * M * model.q_dim * h / t, 1),
+    }
+    if model.is_moe:
+        routed = M * model.top_k / model.experts
+        out["experts"] = (2 * routed * h * model.expert_ffn_hidden / t, mats * model.experts)
+        if model.shared_experts:
+            out["shared_experts"] = (2 * M * h * model.ffn_hidden / t, mats * model.shared_experts)
+        out["router"] = (2 * M * h * model.experts, 1)
+    else:
+        out["mlp"] = (2 * M * h * model.ffn_hidden / t, mats)
+    return out
+
+
+def gemm_seconds(flops, calls, rate, fixed_s):
+    """calls matmuls of `flops` each: at `rate` FLOP/s plus a fixed time per call (the kernel's
+    launch and its last, partly filled wave of tiles), so a small matmul runs well below the rate:
+    its efficiency is flops / (flops + rate * fixed_s) of the rate's."""
+    return calls * (flops / rate + fixed_s)
+
+
+def layer_elementwise_bytes(model, plan, attention: str, b16: int) -> dict:
+    """HBM bytes the memory-bound work of one block's forward moves for one micro-batch on one GPU
+    (each element read and written once per pass, ELEMENTWISE_PASSES): the residual stream's norms,
+    dropouts and residual adds (on seq/tp of the tokens under sequence parallel, all of them
+    otherwise), the MLP activation, and with materialized attention the scores' softmax and
+    dropout; fused (flash) attention keeps the scores on chip."""
+    R = plan.mbs * plan.seq * model.hidden
+    R = R / plan.tp if plan.sp else R
+    drop = model.dropout > 0
+    p = ELEMENTWISE_PASSES
+    resid = 2 * p["norm"] + (2 * p["dropout"] if drop else 0) + 2 * p["residual_add"]
+    ffn = model.expert_ffn_hidden * model.top_k if model.is_moe else model.ffn_hidden
+    mlp = p["swiglu" if model.ffn_kind == "swiglu" else "gelu"] * plan.mbs * plan.seq * ffn / plan.tp
+    scores = plan.mbs * model.heads / plan.tp * plan.seq * plan.seq
+    core = (p["softmax"] + (p["dropout"] if drop else 0)) * scores if attention == "math" else 0 * scores
+    return {"block": b16 * (resid * R + mlp), "attention_core": b16 * core}
+
+
 def optimizer_bytes_per_param(precision: str, optimizer: str) -> int:
     """HBM traffic of one optimizer step per parameter: read param and grad, write param, read and
     write each full-size state. Pure bf16 keeps everything in 2 bytes; 8-bit Adam its states in 1."""
@@ -114,7 +187,7 @@ def optimizer_bytes_per_param(precision: str, optimizer: str) -> int:
 
 # ---- the step -----------------------------------------------------------------------------------
 def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.0, price=None) -> Time:
-    eff = DEFAULT_EFFICIENCY if efficiency is None else efficiency
+    eff = 1.0 if efficiency is None else efficiency
     if not (isinstance(eff, (int, float)) and 0 < eff <= 1):
         raise ShardwiseError(f"efficiency must be a fraction of peak in (0, 1], got {efficiency!r}")
     if not tokens >= 0:
@@ -132,10 +205,14 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
 
     # busiest stage, per GPU, per micro-batch
     w = matmul_weights(model)
-    stage_fwd = (model.layers // plan.pp * layer_forward_flops_per_token(model, seq) + 2 * w["head"]) * mb_tokens
-    stage_rc = model.layers // plan.pp * layer_recompute_flops_per_token(model, seq, plan.recompute) * mb_tokens
-    t_f = stage_fwd / plan.tp / rate
-    t_r = stage_rc / plan.tp / rate
+    if efficiency is None:  # each matmul at its shape, the memory-bound work at HBM bandwidth
+        t_f, t_r = _shaped_forward(model, gpu, plan, peak)
+        eff = None
+    else:  # one rate for every FLOP (a measured efficiency: `shardwise check`, --efficiency)
+        stage_fwd = (model.layers // plan.pp * layer_forward_flops_per_token(model, seq) + 2 * w["head"]) * mb_tokens
+        stage_rc = model.layers // plan.pp * layer_recompute_flops_per_token(model, seq, plan.recompute) * mb_tokens
+        t_f = stage_fwd / plan.tp / rate
+        t_r = stage_rc / plan.tp / rate
     t_b = 2 * t_f
     forward_s, backward_s, recompute_s = m * t_f, m * t_b, m * t_r
     # the engines' host time (0 on catalog GPUs): blocks and micro-batches are pipelined work
@@ -153,10 +230,13 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         offload_s = _offload_bytes(plan, comm, shard) / (PCIE_GBPS * 1e9)
 
     # one pass over the step's collectives, by where their time goes
-    t = {"tp": 0.0, "pp": 0.0, "other": 0.0, "dp": 0.0, "dp_exposed": 0.0, "dp_gather": 0.0, "dp_reduce": 0.0}
+    t = {"tp": 0.0, "tp_hidden": 0.0, "pp": 0.0, "other": 0.0, "dp": 0.0, "dp_exposed": 0.0, "dp_gather": 0.0}
+    t["dp_reduce"] = 0.0
     for c in comm:
         if c.kind in ("send", "recv"):
             key = "pp"
+        elif c.group == "tp" and c.overlapped:
+            key = "tp_hidden"  # beside the backward's input-gradient matmuls
         elif c.group in ("tp", "dp"):
             key = c.group
         else:
@@ -165,8 +245,10 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         if key == "dp":
             sub = "dp_exposed" if not c.overlapped else "dp_gather" if c.kind == "all-gather" else "dp_reduce"
             t[sub] = t[sub] + c.seconds
-    tp_s, pp_s, other_s, dp_s = t["tp"], t["pp"], t["other"], t["dp"]
     f = gpu.overlap
+    # an overlapped tp collective hides behind the input-gradient half of the backward
+    tp_s = t["tp"] + _excess(t["tp_hidden"], backward_s / 2, f)
+    pp_s, other_s, dp_s = t["pp"], t["other"], t["dp"]
     if plan.zero == 3:
         dp_exposed = t["dp_exposed"] + _excess(t["dp_gather"] + t["dp_reduce"], forward_s + backward_s + recompute_s, f)
     else:
@@ -184,6 +266,8 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     tokens_step = plan.gbs * seq
     flops = model_flops_per_token(model, seq) * tokens_step
     hw_flops = flops + model.layers * layer_recompute_flops_per_token(model, seq, plan.recompute) * tokens_step
+    if eff is None:  # what the matmuls and the memory-bound work reached together, of peak
+        eff = hw_flops / plan.world / (forward_s + backward_s + recompute_s) / peak
     out = Time(
         compute_s=compute_s,
         comm_exposed_s=comm_exposed_s,
@@ -217,6 +301,26 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         out.gpu_hours = train_s / 3600 * plan.world
         out.cost_usd = out.gpu_hours * (gpu.price_per_hour if price is None else price)
     return out
+
+
+def _shaped_forward(model, gpu, plan, peak):
+    """Seconds of the busiest stage's forward and of its recompute, per micro-batch, on one GPU:
+    every matmul at its shape (gemm_seconds at MATMUL_EFFICIENCY of peak plus GEMM_FIXED_S), the
+    memory-bound work at HBM bandwidth; the backward is twice the forward (time.py's module
+    docstring)."""
+    rate = peak * MATMUL_EFFICIENCY
+    g = layer_gemms(model, plan)
+    gemm = {k: gemm_seconds(f, n, rate, GEMM_FIXED_S) for k, (f, n) in g.items()}
+    b16 = 4 if plan.precision == "fp32" else 2
+    moved = layer_elementwise_bytes(model, plan, plan.attention, b16)
+    hbm = gpu.hbm_gbps * 1e9
+    core_s = gemm["attention_core"] + moved["attention_core"] / hbm
+    layer_s = sum(gemm.values()) + (moved["block"] + moved["attention_core"]) / hbm
+    head_f = 2 * plan.mbs * plan.seq * model.hidden * model.vocab / plan.tp
+    head_s = gemm_seconds(head_f, 1, rate, GEMM_FIXED_S)
+    layers = model.layers // plan.pp
+    rc = {"full": layer_s, "selective": core_s}.get(plan.recompute, 0.0)
+    return layers * layer_s + head_s, layers * rc
 
 
 def exposed_bubble(gpu, over_ideal):

@@ -7,6 +7,7 @@ table, sharded over dp as its engine does, its own buffers, and the activations 
 from __future__ import annotations
 
 from shardwise.estimate import activations as acts
+from shardwise.estimate import profiles
 from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
 from shardwise.estimate.profiles import Profile, compute_bytes, optimizer_bytes
@@ -15,7 +16,7 @@ from shardwise.estimate.profiles import Profile, compute_bytes, optimizer_bytes
 @memo
 def _paper_sizes(model, prof: Profile, optimizer, precision, tp, pp, last):
     """Elements, optimizer bytes, elements in tensors kept whole (Profile.persistence_threshold),
-    one block's elements."""
+    one block's elements, the largest tensor's, the transformer layers' on the rank."""
     g, sb = groups(model), prof.state_bytes(precision)
     st = stage_of(model, pp, last)
     mult, whole = prof.vocab_multiple, prof.persistence_threshold
@@ -25,6 +26,8 @@ def _paper_sizes(model, prof: Profile, optimizer, precision, tp, pp, last):
         "opt": st.sum(g, lambda p: optimizer_bytes(optimizer, local_shape(p, tp, mult), sb)),
         "small": st.sum(g, lambda p: where(numel(p) <= whole, numel(p), 0)) if whole else 0,
         "block": block_sum(g, numel),
+        "largest": st.max(g, numel),
+        "layers": st.layers * block_sum(g, numel),
     }
 
 
@@ -41,7 +44,7 @@ def paper_moment(model, plan, last: bool, prof: Profile, attention: str) -> dict
     if plan.offload == "params":
         p, gr = 0, 0
     out = {"params.model": p, "grads.model": gr, "optimizer.states": o, **prof.overhead}
-    out.update(prof.buffers(sb, n, z["block"], zero))
+    out.update(prof.buffers(sb, n, z["block"], zero, z["largest"]))
     c = compute_bytes(plan.precision)
     mult = prof.vocab_multiple
     out.update(
@@ -58,3 +61,12 @@ def paper_moment(model, plan, last: bool, prof: Profile, attention: str) -> dict
         )
     )
     return out
+
+
+def layer_fraction(model, plan, profile, last: bool = False) -> float:
+    """The share of a pipeline rank's parameter elements that sit in its transformer layers (the
+    rest: embeddings, the output head, the final norm). Papers that count the layers alone
+    (Korthikanti et al. 2022's Figure 1: 18 bytes for each of 12*L*h^2/(t*p) parameters per GPU)
+    are compared with this share of the rank's model states."""
+    z = _paper_sizes(model, profiles.profile(profile), plan.optimizer, plan.precision, plan.tp, plan.pp, last)
+    return z["layers"] / z["n"]

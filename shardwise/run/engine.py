@@ -327,7 +327,12 @@ class Engine:
         last = self.pp_rank == self.plan.pp - 1
         losses: list[torch.Tensor] = []
         args = (x,) if first else ()
-        self.schedule.step(*args, target=y if last else None, losses=losses if last else None, return_outputs=False)
+        # autocast once per step (torchtitan's pipeline path): the stages' own autocast nests inside
+        # it, so its cache holds one low-precision cast of each weight for every micro-batch in
+        # flight, not one per micro-batch (estimate/memory/ddp.py)
+        amp = self.prec.autocast_dtype
+        with torch.autocast(self.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+            self.schedule.step(*args, target=y if last else None, losses=losses if last else None, return_outputs=False)
         if not last:
             return torch.zeros((), device=self.device)
         # each is a micro-batch mean / grad_accum (equal token counts): their sum is the mean

@@ -110,13 +110,21 @@ def local_moments(model, plan, last: bool, attention: str, device: str = "cuda")
         present = grads_present(f, v, per_chunk, z["block"], z["embed_grad"], z["head_grad"])
         a["grads.accumulated"] = fresh * sb.grad * present
         if mixed:
-            # autocast's low-precision weight copies: run/model.py enters autocast per forward call,
-            # so each micro-batch in flight holds the casts its graph saved (every Linear's weight);
-            # with full recompute the blocks' casts are remade one block at a time
-            # the chunked loss (spec/loss.py) casts the output weight inside, keeping no copy
+            # autocast's low-precision weight copies (every Linear's weight). Without a pipeline
+            # run/model.py enters autocast per forward call: the micro-batch's graph holds the
+            # casts it saved, and with full recompute the blocks' casts are remade one block at a
+            # time; the chunked loss (spec/loss.py) casts the output weight inside, keeping none.
+            # With a pipeline run/engine.py enters autocast once around the schedule's step: its
+            # cache holds one cast of every weight of the rank (all its chunks have run forward
+            # at every backward, pipeline.backwards) until the step ends, whatever is in flight.
+            once = where(plan.pp > 1, 1, 0)
             blocks = 1 if plan.recompute == "full" else f.chunks * per_chunk
-            a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + f.head * head_copy)
-        moments += loss_and_block(a, f, sizes, head_copy=2 * head_copy if mixed else 0)
+            blocks = once * v * per_chunk + (1 - once) * blocks
+            heads = once * where(f.head > 0, 1, 0) + (1 - once) * f.head
+            a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + heads * head_copy)
+            # the head's cast outlives the loss's backward where the step's cache holds it
+            freed = 2 * (1 - once) * head_copy
+        moments += loss_and_block(a, f, sizes, head_copy=freed if mixed else 0)
     # C: every receive buffer waits for the next step, none holding an input
     persistent.update({"buffers.pp_act_recv": sizes.act_recv, "buffers.pp_grad_recv": sizes.grad_recv})
     c_ = {**persistent, "grads.local": (1 - ddp) * sb.grad * n, "buffers.optimizer_step": temp}

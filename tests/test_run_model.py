@@ -191,7 +191,7 @@ def _saved(block, x):
 
 
 def _set(block, mode):
-    block.recompute = mode == "full"
+    block.recompute = mode if mode in ("full", "selective-op") else "none"
     block.attention.recompute_core = mode == "selective"
 
 

@@ -279,12 +279,37 @@ def layer_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act
     return _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device)
 
 
+def op_policy_bytes_per_token(model, attention: str, act, tp=1):
+    """What the per-op policy (recompute "selective-op", run/recompute.py) keeps of one block per
+    token besides its input: every matmul's output, q (q_dim), k and v (kv_dim), wo's (h), w1's
+    and w3's (f each; GELU: w1's only) and w2's (h), in the compute dtype; and the flash kernel's
+    output (q_dim) and fp32 logsumexp (one per head). The math kernel's scores are batched
+    matmuls, recomputed. Measured (tests/test_recompute.py): Llama-style, h 64, q 64, kv 32,
+    f 128, fp32: (64 + 32 + 32 + 64 + 128 + 128 + 64 + 64) * 4 + 4 * 4 = 2,320 bytes a token."""
+    f, width = _ffn_widths(model, tp)
+    ffn = (2 if model.ffn_kind == "swiglu" else 1) * width
+    h = model.hidden
+    mm = model.q_dim // tp + 2 * (model.kv_dim // tp) + h + ffn + h * (model.top_k if model.is_moe else 1)
+    sdpa = (model.q_dim // tp) * act + (model.heads // tp) * 4 if attention == "flash" else 0
+    return mm * act + sdpa
+
+
 def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device="cuda"):
     kw = dict(b=plan.mbs, s=plan.seq, tp=plan.tp, bs=bs, rows=rows)
     if plan.recompute == "full":  # torch.utils.checkpoint around each block keeps its input only
         kept = rows * (model.hidden * res)
         whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
         return kept, whole - kept
+    if plan.recompute == "selective-op":
+        # the block's input and the policy's outputs; the block's backward recomputes the rest of
+        # what it saves without recompute, and of the policy's outputs frees those its backward
+        # does not read (q and k before rotary, wo's output) but w2's, which the recomputed
+        # residual add still holds: rebuilt = whole - input - policy + w2's output (MemTracker,
+        # exact: tests/test_recompute.py)
+        inp = rows * (model.hidden * res)
+        policy = bs * op_policy_bytes_per_token(model, attention, act, plan.tp)
+        whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
+        return inp + policy, whole - inp - policy + bs * (model.hidden * act)
     terms = _block_terms(model, layout, attention, plan.recompute == "selective", autocast, plan.sp, act, res, device)
     return _evaluate(terms, **kw), 0
 

@@ -95,11 +95,13 @@ def model_flops_per_token(model, seq):
     return 3 * forward_flops_per_token(model, seq)
 
 
-def layer_recompute_flops_per_token(model, seq, recompute: str):
-    """Full: the block's whole forward again. Selective: its attention core again."""
+def layer_recompute_flops_per_token(model, seq, recompute: str, attention: str = "flash"):
+    """Full: the block's whole forward again. Selective: its attention core again. Selective-op
+    (run/recompute.py) keeps every matmul's and the flash kernel's outputs: only the math
+    kernel's batched matmuls (its attention core) run again; pointwise work is not counted."""
     if recompute == "full":
         return layer_forward_flops_per_token(model, seq)
-    if recompute == "selective":
+    if recompute == "selective" or (recompute == "selective-op" and attention == "math"):
         return attention_core_flops_per_token(model, seq)
     return 0 * seq
 
@@ -133,7 +135,12 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     # busiest stage, per GPU, per micro-batch
     w = matmul_weights(model)
     stage_fwd = (model.layers // plan.pp * layer_forward_flops_per_token(model, seq) + 2 * w["head"]) * mb_tokens
-    stage_rc = model.layers // plan.pp * layer_recompute_flops_per_token(model, seq, plan.recompute) * mb_tokens
+    stage_rc = (
+        model.layers
+        // plan.pp
+        * layer_recompute_flops_per_token(model, seq, plan.recompute, plan.attention)
+        * mb_tokens
+    )
     t_f = stage_fwd / plan.tp / rate
     t_r = stage_rc / plan.tp / rate
     t_b = 2 * t_f
@@ -183,7 +190,9 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
 
     tokens_step = plan.gbs * seq
     flops = model_flops_per_token(model, seq) * tokens_step
-    hw_flops = flops + model.layers * layer_recompute_flops_per_token(model, seq, plan.recompute) * tokens_step
+    hw_flops = (
+        flops + model.layers * layer_recompute_flops_per_token(model, seq, plan.recompute, plan.attention) * tokens_step
+    )
     out = Time(
         compute_s=compute_s,
         comm_exposed_s=comm_exposed_s,

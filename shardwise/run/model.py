@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from shardwise.errors import ShardwiseError
 from shardwise.run.loss import chunked_cross_entropy
+from shardwise.run.recompute import op_checkpoint
 from shardwise.spec.model import ModelSpec
 
 NORM_EPS = 1e-5  # Llama 2/3 and GPT-2 all use 1e-5
@@ -143,16 +144,18 @@ class Block(nn.Module):
         self.ffn_norm = _norm(spec)
         self.feed_forward = FeedForward(spec)
         self.resid_dropout = nn.Dropout(spec.dropout)
-        self.recompute = False  # full recompute: set by parallelize()
+        self.recompute = "none"  # "full" or "selective-op" (a block-wide policy): set by parallelize()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.resid_dropout(self.attention(self.attention_norm(x)))
         return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.recompute and torch.is_grad_enabled():
+        if self.recompute == "full" and torch.is_grad_enabled():
             # keeps only the block's input; the rest is recomputed in backward
             return checkpoint(self._forward, x, use_reentrant=False)
+        if self.recompute == "selective-op" and torch.is_grad_enabled():
+            return op_checkpoint(self._forward, x)  # keeps the matmul and attention outputs
         return self._forward(x)
 
 

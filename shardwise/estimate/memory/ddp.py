@@ -118,7 +118,8 @@ def local_moments(model, plan, last: bool, attention: str, device: str = "cuda")
             # cache holds one cast of every weight of the rank (all its chunks have run forward
             # at every backward, pipeline.backwards) until the step ends, whatever is in flight.
             once = where(plan.pp > 1, 1, 0)
-            blocks = 1 if plan.recompute == "full" else f.chunks * per_chunk
+            # (selective-op recomputes the casts too: one block's at a time)
+            blocks = 1 if plan.recompute in ("full", "selective-op") else f.chunks * per_chunk
             blocks = once * v * per_chunk + (1 - once) * blocks
             heads = once * where(f.head > 0, 1, 0) + (1 - once) * f.head
             a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + heads * head_copy)

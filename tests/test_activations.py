@@ -338,7 +338,7 @@ def _saved_bytes(spec, b, s, *, kernel="flash", selective=False, full=False, aut
     torch.manual_seed(0)
     dtype = torch.bfloat16 if bf16 else torch.float32
     block = Block(spec).train().to(dtype)
-    block.attention.recompute_core, block.recompute = selective, full
+    block.attention.recompute_core, block.recompute = selective, "full" if full else "none"
     x = torch.randn(b, s, spec.hidden, requires_grad=True, dtype=dtype)
     seen = {}
     backend = SDPBackend.MATH if kernel == "math" else SDPBackend.FLASH_ATTENTION

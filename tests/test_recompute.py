@@ -113,3 +113,17 @@ def test_op_policy_recomputes_no_matmul_with_flash():
     t = lambda **kw: estimate("llama-3.1-8b", cluster, Plan(zero=3, mbs=1, seq=4096, **kw)).time.detail["recompute_s"]
     assert t(recompute="selective-op") == 0
     assert t(recompute="selective-op", attention="math") == t(recompute="selective", attention="math") > 0
+
+
+def test_bad_policies_are_one_line():
+    from shardwise.errors import ShardwiseError
+
+    m = preset("llama-3.1-8b")
+    with pytest.raises(ShardwiseError) as e:
+        Plan(recompute="selective-opp").resolve(m, 8)
+    msg = str(e.value)
+    assert "\n" not in msg and "selective-op" in msg and "none, selective-op, selective, full" in msg
+    # Megatron-LM has no per-op policy: its profile refuses it, naming what it has
+    with pytest.raises(ShardwiseError, match="--recompute selective") as e:
+        estimate(m, make_cluster("h100-80gb", 8), Plan(recompute="selective-op"), profile="megatron")
+    assert "\n" not in str(e.value)

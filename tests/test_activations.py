@@ -114,10 +114,14 @@ def test_gqa_kv_width():
     # Llama-3.1-8B: 32 query heads, 8 KV heads, head_dim 128: kv_dim 1024 vs q_dim 4096.
     m = preset("llama-3.1-8b")
     width = lambda inv: {s.name: s.width for s in inv}
-    # the run model repeats K/V to the query heads before SDPA: saved at 4096 ...
-    assert width(block_inventory(m, "torch", "flash"))["attention.k"] == 4096
-    # ... unless the core is recomputed, which keeps only its (unrepeated) inputs
-    assert width(block_inventory(m, "torch", "flash", selective=True))["attention.k"] == 1024
+    # the run model hands GQA to SDPA (enable_gqa): the flash kernel saves K/V at 1024 ...
+    assert width(block_inventory(m, "torch", "flash"))["attention.k"] == 1024
+    # ... except where it does not take GQA (CUDA fp32): K/V repeated to the query heads, 4096 ...
+    assert width(block_inventory(m, "torch", "flash", gqa=False))["attention.k"] == 4096
+    # ... and the math kernel repeats them itself
+    assert width(block_inventory(m, "torch", "math"))["attention.v"] == 4096
+    # the recomputed core keeps only its (unrepeated) inputs
+    assert width(block_inventory(m, "torch", "flash", selective=True, gqa=False))["attention.k"] == 1024
     # Megatron's fused attention takes GQA natively
     assert width(block_inventory(m, "megatron", "flash"))["attention.v"] == 1024
 
@@ -218,16 +222,25 @@ def test_one_microbatch_in_flight_without_a_pipeline():
 
 
 def test_head_items_torch():
-    # The last stage of Llama-2-7B (V = 32,000), b = 1, s = 4096, bf16 under FSDP (no autocast):
+    # The last stage of Llama-2-7B (V = 32,000), b = 1, s = 4096, bf16 under FSDP (no autocast).
+    # With tp = 2 the head is column-parallel, its logits gathered whole, the loss plain:
     #   logits kept by the caller: b*s*V*2 = 262,144,000; log_softmax's fp32 output: 524,288,000;
     #   the backward's two fp32 [b*s, V] gradients: 1,048,576,000.
+    kw = dict(last=True, layout="torch", attention="flash", autocast=False, act=2, res=2, vocab=LLAMA2.vocab)
+    plain = rank_activations(LLAMA2, Plan(dp=4, tp=2, pp=1, mbs=1, gbs=4, seq=4096), **kw)
+    assert plain["act.logits"] == 262_144_000
+    assert plain["act.loss_fp32"] == 524_288_000
+    assert plain["act.loss_backward"] == 1_048_576_000
+    # tp = 1: the loss runs chunked (run/loss.py), T = 4096 tokens in ceil(V / H) = 8 chunks of
+    # 512: nothing of the logits kept; its backward holds the input gradient T*H*2 = 33,554,432 and
+    # the weight gradient's fp32 sum V*H*4 = 524,288,000, and at most max(a chunk's fp32 logits
+    # and softmax 8*512*V = 131,072,000, a chunk's bf16 gradient 2*512*V = 32,768,000 next to its
+    # bf16 [V, H] product 262,144,000, the sum cast to bf16 at the end 262,144,000) = 294,912,000:
+    # 852,754,432 (against 1,048,576,000 + 786,432,000 kept)
     plan = Plan(dp=8, tp=1, pp=1, mbs=1, gbs=8, seq=4096)
-    items = rank_activations(
-        LLAMA2, plan, last=True, layout="torch", attention="flash", autocast=False, act=2, res=2, vocab=LLAMA2.vocab
-    )
-    assert items["act.logits"] == 262_144_000
-    assert items["act.loss_fp32"] == 524_288_000
-    assert items["act.loss_backward"] == 1_048_576_000
+    items = rank_activations(LLAMA2, plan, **kw)
+    assert items["act.logits"] == 0 and items["act.loss_fp32"] == 0
+    assert items["act.loss_backward"] == 33_554_432 + 524_288_000 + 294_912_000 == 852_754_432
     # final norm input 2 * 4096 * 4096 + rstd 4 * 4096; the output's input 2 * 4096 * 4096
     assert items["act.final_norm"] == 33_554_432 + 16_384
     assert items["act.head_input"] == 33_554_432
@@ -325,7 +338,7 @@ def _saved_bytes(spec, b, s, *, kernel="flash", selective=False, full=False, aut
     torch.manual_seed(0)
     dtype = torch.bfloat16 if bf16 else torch.float32
     block = Block(spec).train().to(dtype)
-    block.attention.recompute_core, block.recompute = selective, full
+    block.attention.recompute_core, block.recompute = selective, "full" if full else "none"
     x = torch.randn(b, s, spec.hidden, requires_grad=True, dtype=dtype)
     seen = {}
     backend = SDPBackend.MATH if kernel == "math" else SDPBackend.FLASH_ATTENTION
@@ -401,12 +414,10 @@ def test_inventory_under_autocast(spec):
 
 @pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT.scaled(tied_embeddings=True)], ids=["llama", "gpt"])
 def test_whole_model_saved_tensors(spec):
-    """Embedding, blocks, final norm, output and F.cross_entropy(logits.float()) as run/engine.py
-    computes them, against the first (= last) rank's activation items on the CPU. Exact, apart
-    from: the logits (kept by the caller, not saved by autograd) and the loss's backward
-    temporaries (not saved tensors), and nll_loss's 4-byte total_weight scalar."""
+    """Embedding, blocks, final norm and the chunked loss as run/engine.py computes them (tp = 1,
+    no pipeline: model(x, y)), against the first (= last) rank's activation items on the CPU.
+    Exact, apart from the loss's backward temporaries (not saved tensors)."""
     import torch
-    import torch.nn.functional as F
 
     from shardwise.run.model import Transformer
 
@@ -416,7 +427,7 @@ def test_whole_model_saved_tensors(spec):
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:]
     seen = {}
     with _saved_storages(model, seen):
-        F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        model(x, y)
     plan = Plan(dp=1, mbs=b, gbs=b, seq=s, precision="fp32")
     items = rank_activations(
         spec,
@@ -432,13 +443,15 @@ def test_whole_model_saved_tensors(spec):
     )
     unsaved = ("act.logits", "act.loss_backward", "act.block_backward")
     want = sum(v for k, v in items.items() if k.startswith("act.") and k not in unsaved)
-    assert sum(seen.values()) == want + 4
-    # CUDA's fused rms_norm: one fp32 [b, s, h] less per norm, 2L + 1 of them
+    assert sum(seen.values()) == want
+    # CUDA's fused rms_norm: one fp32 [b, s, h] less per norm, 2L + 1 of them; and in fp32 its
+    # flash kernel does not take GQA: K and V saved at the query width, (q_dim - kv_dim) more each
     cuda = rank_activations(
         spec, plan, last=True, layout="torch", attention="flash", autocast=False, act=4, res=4, vocab=spec.vocab
     )
     rms = (2 * spec.layers + 1) * b * s * spec.hidden * 4 if spec.norm == "rmsnorm" else 0
-    assert sum(items.values()) - sum(cuda.values()) == rms
+    kv = spec.layers * 2 * b * s * (spec.q_dim - spec.kv_dim) * 4
+    assert sum(items.values()) - sum(cuda.values()) == rms - kv
 
 
 # ---- the transient inside one block's backward --------------------------------------------------

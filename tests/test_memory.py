@@ -137,31 +137,31 @@ def test_torch_ddp_bf16_mixed_by_hand():
     # dp = 4, b = 1, s = 8, one micro-batch, AdamW, bf16 autocast over fp32 parameters:
     #   params.local 4 * 1,832 = 7,328; grads.ddp_buckets 7,328 (gradients are bucket views);
     #   optimizer.states 8 * 1,832 = 14,656;
-    #   params.autocast_copy: every Linear weight once in bf16: 2 layers * (4 * 64 + 3 * 128) + the
-    #   output 256 = 1,536 elements -> 3,072 bytes.
+    #   params.autocast_copy: every block Linear weight once in bf16: 2 layers * (4 * 64 + 3 * 128)
+    #   = 1,280 elements -> 2,560 bytes (the chunked loss casts the output weight inside, keeps none).
     # activations per layer (b*s = 8 tokens): fp32 norm inputs 2 * 32, rstd 2 * 4, three bf16 copies
     # for wq/wk/wv 48 and two for w1/w3 32, q/k/v 48, logsumexp 2 heads * 4 = 8, attention out 16,
     # SwiGLU 4 * 16 * 2 = 128: 352 per token -> 2,816, + rotary cos/sin 2 * 4 * 2 * 8 = 128:
     # 2,944 per layer, 5,888 for two. Head: token ids 8 * 8 = 64; final norm 8 * (32 + 4) = 288;
-    # bf16 head input 128; bf16 logits 8 * 32 * 2 = 512; fp32 log-probs 1,024; their backward 2,048;
-    # the loss's int64 targets 64.
+    # bf16 head input 128; the loss's int64 targets 64; no logits (the loss is chunked: tp = 1, no
+    # pipeline). Its backward (activations.chunked_loss_backward_bytes): V*H = 256, chunks of
+    # ceil(8 / ceil(32 / 8)) = 2 rows: the weight's bf16 cast 512 + input gradient 8 * 8 * 2 = 128 +
+    # fp32 weight-gradient sum 1,024 + max(8 * 2 * 32 = 512, 2 * 2 * 32 + 2 * 256 = 640) = 2,304.
     e = est(TINY, 4, zero=0, mbs=1, seq=8)
     assert e.detail == {
         "params.local": 7_328,
         "grads.ddp_buckets": 7_328,
         "optimizer.states": 14_656,
-        "params.autocast_copy": 3_072,
+        "params.autocast_copy": 2_560,
         "act.layers": 5_888,
         "act.embedding": 64,
         "act.final_norm": 288,
         "act.head_input": 128,
-        "act.logits": 512,
-        "act.loss_fp32": 1_024,
-        "act.loss_backward": 2_048,
+        "act.loss_backward": 2_304,
         "act.targets": 64,
         "overhead.cuda_context": OVERHEAD,
     }
-    assert e.total == 42_400 + OVERHEAD
+    assert e.total == 42_400 - 512 - 512 - 1_024 + 256 + OVERHEAD
     assert e.capacity == 80 * GIB and e.fits
 
 
@@ -188,7 +188,7 @@ def test_torch_zero1_greedy_partition_by_hand():
     e = est(TINY, 3, zero=1, mbs=1, seq=8)
     assert e.optimizer == 5_120
     # everything else is DDP's
-    assert e.params == 7_328 + 3_072 and e.grads == 7_328
+    assert e.params == 7_328 + 2_560 and e.grads == 7_328
 
 
 def test_fsdp_padding_by_hand():
@@ -210,32 +210,32 @@ def test_fsdp_padding_by_hand():
     #   SwiGLU's product backward next to w2's kept gradient: 2 * 8 * 16 * 4 + 16 * 8 * 4 = 1,536
     #   the gradient the final norm hands block 1: 4 * 8 * 8 = 256
     #   saved: 2 layers * 560 * 8 = 8,960 (test_pipeline_first_backward_has_no_gradients), token
-    #   ids 8 * 8 = 64, the caller's logits 4 * 33 * 8 = 1,056
-    # 1,896 + 3,792 + 4,960 + 2,624 + 1,184 + 1,536 + 256 + 8,960 + 64 + 1,056 = 26,328
+    #   ids 8 * 8 = 64; no logits (the loss is chunked: tp = 1, no pipeline)
+    # 1,896 + 3,792 + 4,960 + 2,624 + 1,184 + 1,536 + 256 + 8,960 + 64 = 25,272
     assert e.detail["params.unsharded"] == 4_960
     assert e.detail["buffers.all_gather"] == 2_624
     assert e.detail["grads.head_unsharded"] == 1_184
     assert e.detail["act.block_backward"] == 1_536 and e.detail["act.block_output_grad"] == 256
     assert "buffers.reduce_scatter" not in e.detail and "grads.sharded" not in e.detail
-    assert e.total - OVERHEAD == 26_328
+    assert e.total - OVERHEAD == 25_272
 
 
 def test_fsdp2_moments_by_hand():
     # TINY with vocab 33 over dp = 4, fp32, one token per micro-batch: the activations are small
     # against the buffers (shards and padding as test_fsdp_padding_by_hand: P = one block gathered,
     # 4 * 4 * 164 = 2,624; the root 2,336; sharded parameters 1,896, AdamW 3,792; one layer's
-    # saved tensors 560, token ids 8, logits 4 * 33 = 132)
+    # saved tensors 560, token ids 8; the loss is chunked: no logits)
     m = TINY.scaled(vocab=33)
     # ZeRO-3, one micro-batch: the second block's backward ends (block 0, the last). Block 1's
     # reduce-scatter input waits for block 0's post-backward: 2,624; block 0's gradients 2,624;
     # block 1's sharded gradients 4 * 164 = 656; gathered: the root and block 0, 4,960, none
     # prefetched below block 0; the head's gradients 1,184; no layer's saved tensors left, block
     # 0's input gradient 4 * 8 = 32:
-    # 1,896 + 3,792 + 2,624 + 2,624 + 656 + 4,960 + 1,184 + 32 + 8 + 132 = 17,908
+    # 1,896 + 3,792 + 2,624 + 2,624 + 656 + 4,960 + 1,184 + 32 + 8 = 17,776
     e = est(m, 4, zero=3, mbs=1, gbs=4, seq=1, precision="fp32")
     assert e.detail["buffers.reduce_scatter"] == 2_624 and e.detail["grads.block_unsharded"] == 2_624
     assert e.detail["grads.sharded"] == 656 and "act.layers" not in e.detail
-    assert e.total - OVERHEAD == 17_908
+    assert e.total - OVERHEAD == 17_776
     # ZeRO-2, two micro-batches: the second's forward copies block 1 out. Every block was
     # resharded after the first backward, so block 0 is gathered again, block 1's unsharded
     # parameters are filled from its all-gather output while block 0's output is still held
@@ -247,15 +247,16 @@ def test_fsdp2_moments_by_hand():
     e = est(m, 4, zero=2, mbs=1, gbs=8, seq=1, precision="fp32")
     assert e.detail["buffers.all_gather"] == 5_248 and "act.logits_previous" not in e.detail
     assert e.total - OVERHEAD == 26_672
-    # ... and with 8 tokens the loss's backward: every block still gathered 7,584, no all-gather
-    # output left; both layers saved 8,960, ids 64, the final norm 36 * 8 = 288, the output's
-    # input 32 * 8 = 256, the logits 1,056, the fp32 log-probs 1,056, the loss's backward two fp32
-    # [8, 33] 2,112, the targets 64 (the forward's end, 34,104, is now below it: the first
-    # micro-batch's logits are gone):
-    # 1,896 + 3,792 + 7,584 + 7,584 + 8,960 + 64 + 288 + 256 + 1,056 + 1,056 + 2,112 + 64 = 34,712
+    # ... and with 8 tokens the forward's end: every block gathered 7,584, block 1's all-gather
+    # output 2,624, the first micro-batch's gradients 7,584; both layers saved 8,960, ids 64, the
+    # final norm 36 * 8 = 288, the output's input 32 * 8 = 256. The chunked loss's backward comes
+    # below it: all-gather output gone, targets 64 and its transient 1,840 instead
+    # (activations.chunked_loss_backward_bytes: input gradient 8 * 8 * 4 = 256, the weight
+    # gradient's sum 33 * 8 * 4 = 1,056, chunks of ceil(8 / 5) = 2 rows: 8 * 2 * 33 = 528).
+    # 1,896 + 3,792 + 7,584 + 2,624 + 7,584 + 8,960 + 64 + 288 + 256 = 33,048
     e = est(m, 4, zero=2, mbs=1, gbs=8, seq=8, precision="fp32")
-    assert "buffers.all_gather" not in e.detail and e.detail["act.loss_backward"] == 2_112
-    assert e.total - OVERHEAD == 34_712
+    assert e.detail["buffers.all_gather"] == 2_624 and "act.loss_backward" not in e.detail
+    assert e.total - OVERHEAD == 33_048
 
 
 def test_zero2_accumulates_unsharded_fp32_gradients():
@@ -381,20 +382,21 @@ def test_pipeline_first_backward_has_no_gradients():
 def test_loss_backward_and_block_backward_are_two_moments():
     # One GPU, fp32, T = 256 tokens, TINY with an 8-token vocabulary (1,448 parameters: params
     # 5,792, AdamW 11,584). Saved: 2 layers * (528 + 32) * 256 = 286,720 (test_pipeline_first_...:
-    # 528 per token, rotary 32 per position), token ids 8 T = 2,048, the caller's logits 4 * 8 T =
-    # 8,192; the head's final norm 36 T = 9,216, output input 32 T = 8,192, fp32 log-probs 8,192,
-    # targets 2,048. The loss's backward adds 8 * 8 T = 16,384: 358,368. The first block's backward
-    # comes once those four head tensors and the loss's temporaries are freed, adding
-    # max(2 * T * 16 * 4, T * 16 * 4 + 16 * 8 * 4) = 32,768: 347,104, the smaller
+    # 528 per token, rotary 32 per position), token ids 8 T = 2,048; the head's final norm 36 T =
+    # 9,216, output input 32 T = 8,192, targets 2,048 (the loss is chunked: no logits, no log-probs
+    # kept). The chunked loss's backward adds (one chunk: ceil(256 / ceil(8 / 8)) = 256 rows) the
+    # input gradient 4 * 8 T = 8,192, the weight gradient's sum 4 * 64 = 256 and the chunk's fp32
+    # logits and softmax 8 * 8 T = 16,384: 24,832: 350,432. The first block's backward comes once
+    # those head tensors and the loss's temporaries are freed, adding
+    # max(2 * T * 16 * 4, T * 16 * 4 + 16 * 8 * 4) = 32,768: 338,912, the smaller
     e = est(TINY.scaled(vocab=8), 1, mbs=1, gbs=1, seq=256, precision="fp32")
-    assert e.total - OVERHEAD == 358_368
-    assert e.detail["act.loss_backward"] == 16_384 and "act.block_backward" not in e.detail
+    assert e.total - OVERHEAD == 350_432
+    assert e.detail["act.loss_backward"] == 24_832 and "act.block_backward" not in e.detail
     # a 64-wide FFN (3,752 parameters: 15,008 + 30,016; layers 2 * (1,296 + 32) * 256 = 679,936):
     # the block's max(2 * T * 64 * 4, ...) = 131,072, next to the gradient the final norm hands
-    # it (4 * 8 T = 8,192), over the head-free rest wins: 874,464 (with the CPU's kernels 907,232,
-    # and the run tier's MemTracker measures 909,672 there: -0.3%, -1.2% without that gradient)
+    # it (4 * 8 T = 8,192), over the head-free rest wins: 866,272
     e = est(TINY.scaled(vocab=8, ffn_hidden=64), 1, mbs=1, gbs=1, seq=256, precision="fp32")
-    assert e.total - OVERHEAD == 15_008 + 30_016 + 679_936 + 2_048 + 8_192 + 131_072 + 8_192 == 874_464
+    assert e.total - OVERHEAD == 15_008 + 30_016 + 679_936 + 2_048 + 131_072 + 8_192 == 866_272
     assert "act.loss_backward" not in e.detail and "act.final_norm" not in e.detail
 
 
@@ -408,8 +410,9 @@ def test_vocab_parallel_embedding_gradient_is_whole_during_the_backward():
     # tied: the output's column-parallel gradient comes first and keeps the shard: 4 * 808
     tied = TINY.scaled(tied_embeddings=True)
     assert est(tied, 2, tp=2, mbs=1, gbs=2, seq=8, precision="fp32").detail["grads.accumulated"] == 4 * 808
-    # DDP's DTensor path hands back the local shard's gradient: 4 * 936
-    assert est(TINY, 4, dp=2, tp=2, mbs=1, gbs=4, seq=8, precision="fp32").detail["grads.accumulated"] == 3_744
+    # DDP without a pipeline: the gradients are views of its buckets, zeroed in place each step,
+    # so no fresh ones come during the backward (run/engine._clear_grads)
+    assert "grads.accumulated" not in est(TINY, 4, dp=2, tp=2, mbs=1, gbs=4, seq=8, precision="fp32").detail
     # at the optimizer step the gradients are the shards again
     at_step = memory(
         TINY,

@@ -71,7 +71,7 @@ def test_each_strategy_generated_once_and_none_missing():
         [1, 2, 4, 8],
         ("gpipe", "1f1b", "interleaved"),
         range(1, m.layers + 1),
-        ("none", "selective", "full"),
+        ("none", "selective-op", "selective", "full"),
         (False, True),
         ("none", "optimizer", "params"),
     ):

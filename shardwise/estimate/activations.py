@@ -16,8 +16,9 @@ Two layouts:
   * autocast (DDP / ZeRO-1 / TP / PP mixed precision) keeps the residual stream in fp32 (the
     embedding runs in fp32, bf16 branch + fp32 residual = fp32) and casts the fp32 norm output
     to bf16 once per consuming Linear: wq, wk and wv each save their own copy.
-  * the model repeats K/V to the query heads before SDPA (inside the selectively recomputed
-    core), so SDPA saves K and V at the query width; rotary saves its cos and sin [s, head_dim].
+  * grouped-query attention goes to SDPA with enable_gqa, so its kernel saves K and V at their
+    own width, except CUDA in fp32 (whose memory-efficient kernel does not take GQA: the model
+    repeats K/V to the query heads first); rotary saves its cos and sin [s, head_dim].
   * flash SDPA saves q, k, v, its output (which is also wo's input) and an fp32 logsumexp per
     head and token; the math kernel saves the scaled q and k, the softmax [b, a, s, s], the
     dropout mask and output, and v.
@@ -41,6 +42,7 @@ from typing import NamedTuple
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import pipeline
 from shardwise.estimate._num import maximum, where
+from shardwise.spec.loss import chunked_loss, loss_chunk_rows
 from shardwise.spec.plan import ATTENTION
 
 LAYOUTS = ("torch", "megatron")
@@ -91,12 +93,15 @@ def block_inventory(
     selective: bool = False,
     autocast: bool = False,
     device: str = "cuda",
+    gqa: bool = True,
 ) -> tuple[Saved, ...]:
     """Every tensor one transformer block saves, without full recompute.
 
     selective: the attention core is checkpointed, keeping only its inputs q, k, v.
     autocast: torch layout under torch.autocast (one bf16 copy of the norm output per Linear).
     device: torch layout, where the kernels run: "cpu" has the composite rms_norm.
+    gqa: torch layout, the flash kernel takes K/V at their own width (run/model.native_gqa: the
+    CPU, or half precision on CUDA); else they are repeated to the query heads before it.
     """
     _check(layout, attention, device)
     torch_ = layout == "torch"
@@ -127,10 +132,10 @@ def block_inventory(
     linear_inputs("attention", ("wq", "wk", "wv"))
     if torch_ and model.positions == "rotary":
         inv.append(Saved("attention.rotary_cos_sin", 2 * model.head_dim, "act", "none", per="position"))
-    # K/V at the query width where repeated before the kernel saves them (torch: always, the
-    # model repeats them; megatron: its unfused path), at their own width where the
-    # recomputed core keeps only its inputs or the fused kernel takes GQA natively
-    expanded = not selective and (torch_ or math)
+    # K/V at the query width where repeated before the kernel saves them (the math kernel, torch's
+    # and megatron's unfused path; torch's flash where it does not take GQA), at their own width
+    # where the recomputed core keeps only its inputs or the fused kernel takes GQA natively
+    expanded = not selective and (math or (torch_ and not gqa))
     kv = model.q_dim if expanded else model.kv_dim
     inv += [Saved("attention.q", model.q_dim), Saved("attention.k", kv), Saved("attention.v", kv)]
     if math:
@@ -262,7 +267,9 @@ def inventory_bytes(inv: tuple[Saved, ...], *, b, s, tp, sp: bool, act, res, lay
 def _block_terms(
     model, layout: str, attention: str, selective: bool, autocast: bool, sp: bool, act, res, device: str = "cuda"
 ) -> _Terms:
-    return _terms(block_inventory(model, layout, attention, selective, autocast, device), sp, act, res, layout)
+    # the flash kernel takes GQA on the CPU and in half precision on CUDA (run/model.native_gqa)
+    gqa = device == "cpu" or act != 4
+    return _terms(block_inventory(model, layout, attention, selective, autocast, device, gqa), sp, act, res, layout)
 
 
 def layer_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act, res, device: str = "cuda"):
@@ -272,14 +279,57 @@ def layer_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act
     return _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device)
 
 
+def op_policy_bytes_per_token(model, attention: str, act, tp=1):
+    """What the per-op policy (recompute "selective-op", run/recompute.py) keeps of one block per
+    token besides its input: every matmul's output, q (q_dim), k and v (kv_dim), wo's (h), w1's
+    and w3's (f each; GELU: w1's only) and w2's (h), in the compute dtype; and the flash kernel's
+    output (q_dim) and fp32 logsumexp (one per head). The math kernel's scores are batched
+    matmuls, recomputed. Measured (tests/test_recompute.py): Llama-style, h 64, q 64, kv 32,
+    f 128, fp32: (64 + 32 + 32 + 64 + 128 + 128 + 64 + 64) * 4 + 4 * 4 = 2,320 bytes a token."""
+    f, width = _ffn_widths(model, tp)
+    ffn = (2 if model.ffn_kind == "swiglu" else 1) * width
+    h = model.hidden
+    mm = model.q_dim // tp + 2 * (model.kv_dim // tp) + h + ffn + h * (model.top_k if model.is_moe else 1)
+    sdpa = (model.q_dim // tp) * act + (model.heads // tp) * 4 if attention == "flash" else 0
+    return mm * act + sdpa
+
+
 def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device="cuda"):
     kw = dict(b=plan.mbs, s=plan.seq, tp=plan.tp, bs=bs, rows=rows)
     if plan.recompute == "full":  # torch.utils.checkpoint around each block keeps its input only
         kept = rows * (model.hidden * res)
         whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
         return kept, whole - kept
+    if plan.recompute == "selective-op":
+        # the block's input and the policy's outputs; the block's backward recomputes the rest of
+        # what it saves without recompute, and of the policy's outputs frees those its backward
+        # does not read (q and k before rotary, wo's output) but w2's, which the recomputed
+        # residual add still holds: rebuilt = whole - input - policy + w2's output (MemTracker,
+        # exact: tests/test_recompute.py)
+        inp = rows * (model.hidden * res)
+        policy = bs * op_policy_bytes_per_token(model, attention, act, plan.tp)
+        whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
+        return inp + policy, whole - inp - policy + bs * (model.hidden * act)
     terms = _block_terms(model, layout, attention, plan.recompute == "selective", autocast, plan.sp, act, res, device)
     return _evaluate(terms, **kw), 0
+
+
+def chunked_loss_backward_bytes(tokens, vocab: int, hidden: int, act, weight):
+    """The chunked loss's backward (run/loss.py) over what is alive when it begins, T tokens, the
+    output weight [V, H] stored in `weight` bytes, computed in `act`, r = spec/loss.loss_chunk_rows:
+      the weight cast to the compute dtype (where it is stored wider: autocast): V*H*act;
+      the input gradient [T, H] (act) and the weight gradient's fp32 sum [V, H] (4), made first;
+      then per chunk the larger of: its logits and their softmax in fp32 (8 r V, the compute
+      dtype's logits freed by the cast, or one tensor in fp32), or its gradient in the compute
+      dtype next to the [V, H] product it adds to the sum (act r V, + V*H*act below fp32); and
+      at the end the sum cast to a weight stored below fp32 (V*H*weight).
+    Measured by MemTracker on the CPU: these bytes plus one 8-byte scalar (tests/test_loss.py)."""
+    rows = loss_chunk_rows(tokens, vocab, hidden)
+    vh = vocab * hidden
+    cast = vh * act if weight != act else 0
+    chunk = maximum(8 * rows * vocab, act * rows * vocab + (vh * act if act < 4 else 0))
+    end = vh * weight if weight < 4 else 0
+    return cast + tokens * hidden * act + vh * 4 + maximum(chunk, end)
 
 
 def block_backward_bytes(model, plan, *, act, autocast: bool, grads_kept: bool = False):
@@ -431,6 +481,15 @@ def rank_sizes(
         # adds two fp32 [b*s, V] tensors at once (d log-probs from nll_loss, d logits from
         # log_softmax's backward) while those are still alive.
         logits, saved_fp32, backward = bs * (vocab * act), bs * (vocab * 4), bs * (vocab * 8)
+        # ... except where the loss runs chunked (tp = 1, no pipeline: spec/loss.py): no logits kept
+        chunked = chunked_loss(plan)
+        if chunked is not False:
+            cut = chunked_loss_backward_bytes(bs, vocab, h, act, 4 if autocast else act)
+            logits, saved_fp32, backward = (
+                where(chunked, 0, logits),
+                where(chunked, 0, saved_fp32),
+                where(chunked, cut, backward),
+            )
     else:
         # Megatron's vocab-parallel cross entropy on logits.float(): the bf16 logits are dropped,
         # the fp32 copy becomes the saved softmax in place, the backward works in place and

@@ -287,6 +287,14 @@ _MEGATRON_BUCKET = {"bucket": MEGATRON_BUCKET_MIN, "bucket_per_rank": MEGATRON_B
 MEGATRON_RULES = (
     Rule(
         "engine",
+        lambda p, m, g: p.recompute == "selective-op",
+        lambda p, m, g: (
+            "Megatron-LM's selective recompute is the attention core (--recompute selective); "
+            "selective-op is PyTorch's per-op policy: use --profile torch, or --recompute selective or full"
+        ),
+    ),
+    Rule(
+        "engine",
         lambda p, m, g: p.zero >= 2,
         lambda p, m, g: (
             f"Megatron-LM has no ZeRO-{p.zero}: its distributed optimizer (--zero 1) shards the optimizer "

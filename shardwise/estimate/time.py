@@ -115,11 +115,13 @@ def model_flops_per_token(model, seq):
     return 3 * forward_flops_per_token(model, seq)
 
 
-def layer_recompute_flops_per_token(model, seq, recompute: str):
-    """Full: the block's whole forward again. Selective: its attention core again."""
+def layer_recompute_flops_per_token(model, seq, recompute: str, attention: str = "flash"):
+    """Full: the block's whole forward again. Selective: its attention core again. Selective-op
+    (run/recompute.py) keeps every matmul's and the flash kernel's outputs: only the math
+    kernel's batched matmuls (its attention core) run again; pointwise work is not counted."""
     if recompute == "full":
         return layer_forward_flops_per_token(model, seq)
-    if recompute == "selective":
+    if recompute == "selective" or (recompute == "selective-op" and attention == "math"):
         return attention_core_flops_per_token(model, seq)
     return 0 * seq
 
@@ -210,7 +212,12 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         eff = None
     else:  # one rate for every FLOP (a measured efficiency: `shardwise check`, --efficiency)
         stage_fwd = (model.layers // plan.pp * layer_forward_flops_per_token(model, seq) + 2 * w["head"]) * mb_tokens
-        stage_rc = model.layers // plan.pp * layer_recompute_flops_per_token(model, seq, plan.recompute) * mb_tokens
+        stage_rc = (
+            model.layers
+            // plan.pp
+            * layer_recompute_flops_per_token(model, seq, plan.recompute, plan.attention)
+            * mb_tokens
+        )
         t_f = stage_fwd / plan.tp / rate
         t_r = stage_rc / plan.tp / rate
     t_b = 2 * t_f
@@ -265,7 +272,9 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
 
     tokens_step = plan.gbs * seq
     flops = model_flops_per_token(model, seq) * tokens_step
-    hw_flops = flops + model.layers * layer_recompute_flops_per_token(model, seq, plan.recompute) * tokens_step
+    hw_flops = (
+        flops + model.layers * layer_recompute_flops_per_token(model, seq, plan.recompute, plan.attention) * tokens_step
+    )
     if eff is None:  # what the matmuls and the memory-bound work reached together, of peak
         eff = hw_flops / plan.world / (forward_s + backward_s + recompute_s) / peak
     out = Time(
@@ -319,7 +328,10 @@ def _shaped_forward(model, gpu, plan, peak):
     head_f = 2 * plan.mbs * plan.seq * model.hidden * model.vocab / plan.tp
     head_s = gemm_seconds(head_f, 1, rate, GEMM_FIXED_S)
     layers = model.layers // plan.pp
-    rc = {"full": layer_s, "selective": core_s}.get(plan.recompute, 0.0)
+    # what is rerun, as layer_recompute_flops_per_token counts it: selective-op reruns only the
+    # math kernel's attention core (it keeps every matmul's and the flash kernel's outputs)
+    core_again = plan.recompute == "selective" or (plan.recompute == "selective-op" and plan.attention == "math")
+    rc = layer_s if plan.recompute == "full" else (core_s if core_again else 0.0)
     return layers * layer_s + head_s, layers * rc
 
 

@@ -22,6 +22,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.run import dist as rdist
 from shardwise.run.model import Transformer, build, check_runnable
 from shardwise.run.parallelize import check_supported, parallelize, precision, split_pipeline, uses_fsdp
+from shardwise.spec.loss import chunked_loss
 from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan
 
@@ -269,9 +270,21 @@ class Engine:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-        for r in self.params:
-            r.param.grad = None
+        self._clear_grads()
         return StepStats(loss=loss, grad_norm=grad_norm, skipped=skipped and self.scaler is not None)
+
+    def _clear_grads(self) -> None:
+        """Under DDP the gradients are views of its buckets (gradient_as_bucket_view): zeroed in
+        place, so the next step's micro-batches accumulate into the buckets themselves. Set to None
+        instead, each no_sync backward would make fresh .grad tensors that DDP copies into its
+        buckets in the synchronizing backward: a second gradient for the whole accumulation.
+        Elsewhere .grad = None frees them until the next backward makes them."""
+        ddp = self.plan.dp > 1 and not uses_fsdp(self.plan) and self.schedule is None
+        for r in self.params:
+            if ddp and r.param.grad is not None:
+                r.param.grad.zero_()
+            else:
+                r.param.grad = None
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradient accumulation over grad_accum micro-batches; each micro-batch loss is scaled by
@@ -282,14 +295,19 @@ class Engine:
         total = torch.zeros((), device=self.device)
         for i in range(ga):
             last = i == ga - 1
+            xi, yi = x[i * mbs : (i + 1) * mbs], y[i * mbs : (i + 1) * mbs]
             with self._sync(module, model, last):
-                logits = model(x[i * mbs : (i + 1) * mbs])
-                loss = self._loss(logits, y[i * mbs : (i + 1) * mbs]) / ga
+                if chunked_loss(plan):
+                    loss = model(xi, yi) / ga  # the model's own chunked loss: no full logits (run/loss.py)
+                else:
+                    logits = model(xi)
+                    loss = self._loss(logits, yi) / ga
+                    # let this micro-batch's logits go now, not when the next forward returns and
+                    # rebinds them: the next forward's peak would hold them (a batch x seq x vocab tensor)
+                    del logits
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach()
-            # let this micro-batch's logits go now, not when the next forward returns and rebinds
-            # them: the next forward's peak would hold them (a batch x seq x vocab tensor)
-            del logits, loss
+            del loss
         return total
 
     def _sync(self, module: Transformer, model: nn.Module, last: bool):
@@ -309,7 +327,12 @@ class Engine:
         last = self.pp_rank == self.plan.pp - 1
         losses: list[torch.Tensor] = []
         args = (x,) if first else ()
-        self.schedule.step(*args, target=y if last else None, losses=losses if last else None, return_outputs=False)
+        # autocast once per step (torchtitan's pipeline path): the stages' own autocast nests inside
+        # it, so its cache holds one low-precision cast of each weight for every micro-batch in
+        # flight, not one per micro-batch (estimate/memory/ddp.py)
+        amp = self.prec.autocast_dtype
+        with torch.autocast(self.device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+            self.schedule.step(*args, target=y if last else None, losses=losses if last else None, return_outputs=False)
         if not last:
             return torch.zeros((), device=self.device)
         # each is a micro-batch mean / grad_accum (equal token counts): their sum is the mean

@@ -26,6 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from shardwise.errors import ShardwiseError
+from shardwise.run.loss import chunked_cross_entropy
+from shardwise.run.recompute import op_checkpoint
 from shardwise.spec.model import ModelSpec
 
 NORM_EPS = 1e-5  # Llama 2/3 and GPT-2 all use 1e-5
@@ -63,6 +65,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def native_gqa(q: torch.Tensor) -> bool:
+    """Whether SDPA's kernel for q takes K/V with fewer heads (activations.block_inventory's gqa)."""
+    return q.device.type == "cpu" or q.dtype in (torch.bfloat16, torch.float16)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -80,16 +87,21 @@ class Attention(nn.Module):
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Scores, softmax, dropout, times V: what selective recompute throws away.
-        K and V are repeated to the query heads here (inside the recomputed region) rather than
-        with SDPA's enable_gqa, which the memory-efficient CUDA kernel does not take."""
-        if self.n_rep > 1:
+        Grouped-query attention goes to SDPA as it is (enable_gqa), so the kernel saves K and V at
+        their own width, where the kernel SDPA picks takes it: the CPU's flash kernel, CUDA's flash
+        kernel (half precision). CUDA's memory-efficient kernel, its choice in fp32, does not
+        (sdp_utils.cpp: check_grouped_query_attention), and SDPA would fall back to the math
+        kernel: there K and V are repeated to the query heads first (inside the recomputed region)."""
+        gqa = self.n_rep > 1
+        if gqa and not native_gqa(q):
             k = k.repeat_interleave(self.n_rep, dim=1)
             v = v.repeat_interleave(self.n_rep, dim=1)
+            gqa = False
         p = self.dropout if self.training else 0.0
         if self.kernel == "math":  # the scores materialized and saved, as the estimate's "math" counts them
             with sdpa_kernel(SDPBackend.MATH):
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -132,16 +144,18 @@ class Block(nn.Module):
         self.ffn_norm = _norm(spec)
         self.feed_forward = FeedForward(spec)
         self.resid_dropout = nn.Dropout(spec.dropout)
-        self.recompute = False  # full recompute: set by parallelize()
+        self.recompute = "none"  # "full" or "selective-op" (a block-wide policy): set by parallelize()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.resid_dropout(self.attention(self.attention_norm(x)))
         return h + self.resid_dropout(self.feed_forward(self.ffn_norm(h)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.recompute and torch.is_grad_enabled():
+        if self.recompute == "full" and torch.is_grad_enabled():
             # keeps only the block's input; the rest is recomputed in backward
             return checkpoint(self._forward, x, use_reentrant=False)
+        if self.recompute == "selective-op" and torch.is_grad_enabled():
+            return op_checkpoint(self._forward, x)  # keeps the matmul and attention outputs
         return self._forward(x)
 
 
@@ -166,15 +180,17 @@ class Transformer(nn.Module):
         if self.spec.tied_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [b, s] -> logits [b, s, vocab]; a pipeline stage maps whatever it receives
-        (tokens or hidden states) to what it sends on."""
+        (tokens or hidden states) to what it sends on. With targets [b, s] (a model holding the
+        output projection): the mean token cross-entropy, computed chunk by chunk (run/loss.py)
+        so that the full logits never exist."""
         if self.autocast_dtype is not None:
             with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-                return self._forward(x)
-        return self._forward(x)
+                return self._forward(x, targets)
+        return self._forward(x, targets)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if self.tok_embeddings is not None:
             s = x.shape[1]
             x = self.tok_embeddings(x)
@@ -185,6 +201,8 @@ class Transformer(nn.Module):
             x = layer(x)
         if self.norm is not None:
             x = self.norm(x)
+        if targets is not None:
+            return chunked_cross_entropy(x, self.output.weight, targets)
         if self.output is not None:
             x = self.output(x)
         return x

@@ -156,9 +156,11 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, sp: bool) -> None:
 # ---- activation recompute ---------------------------------------------------------------------
 def apply_recompute(model: Transformer, mode: str) -> None:
     """full: checkpoint each block (keeps its input only). selective: checkpoint the attention
-    core (Korthikanti et al. 2022: the s*s scores, softmax, dropout and attention over V)."""
+    core (Korthikanti et al. 2022: the s*s scores, softmax, dropout and attention over V).
+    selective-op: each block under a per-op policy (run/recompute.py: matmul and attention
+    outputs kept, the rest recomputed)."""
     for block in model.layers.values():
-        block.recompute = mode == "full"
+        block.recompute = mode if mode in ("full", "selective-op") else "none"
         block.attention.recompute_core = mode == "selective"
 
 

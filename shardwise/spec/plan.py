@@ -18,7 +18,9 @@ from shardwise.errors import ShardwiseError, closest
 from shardwise.spec import limits
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
-RECOMPUTE = ("none", "selective", "full")
+# by the matmul work they run again (the search's order): selective-op, the per-op policy, keeps
+# every matmul's and attention's output; selective, Megatron's, reruns the attention core
+RECOMPUTE = ("none", "selective-op", "selective", "full")
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adam8bit")
 ATTENTION = ("flash", "math")  # SDPA's fused kernels (no s x s scores saved) or materialized scores

@@ -12,6 +12,7 @@ from shardwise.estimate.memory.moments import grads_present, loss_and_block, pea
 from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
 from shardwise.estimate.memory.zero1 import zero1_worst
 from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
+from shardwise.spec.loss import chunked_loss
 
 
 @memo
@@ -89,6 +90,7 @@ def local_moments(model, plan, last: bool, attention: str, device: str = "cuda")
         vocab=model.vocab,
         device=device,
     )
+    head_copy = where(chunked_loss(plan), 0, z["head"] * z["out_linear"])  # the output weight's autocast cast
     moments = []
     for f in peak_backwards(plan, last):
         activations, buffers = split_items(acts.priced(sizes, f))
@@ -100,17 +102,30 @@ def local_moments(model, plan, last: bool, attention: str, device: str = "cuda")
             **buffers,
         }
         a = {**persistent, **activations}
-        # fresh .grad tensors of the earlier micro-batches, of the parts whose backward has run
-        # (the run tier sets .grad = None each step, so DDP copies them into its buckets only in
-        # the synchronizing backward)
-        a["grads.accumulated"] = sb.grad * grads_present(f, v, per_chunk, z["block"], z["embed_grad"], z["head_grad"])
+        # fresh .grad tensors of the parts whose backward has run: without DDP (the run tier sets
+        # .grad = None each step), and under DDP with a pipeline (DDP copies them into its buckets
+        # in the synchronizing backward); without a pipeline DDP's gradients stay views of its
+        # buckets, zeroed in place, and every micro-batch accumulates into them (run/engine.py)
+        fresh = 1 - ddp * where(plan.pp == 1, 1, 0)
+        present = grads_present(f, v, per_chunk, z["block"], z["embed_grad"], z["head_grad"])
+        a["grads.accumulated"] = fresh * sb.grad * present
         if mixed:
-            # autocast's low-precision weight copies: run/model.py enters autocast per forward call,
-            # so each micro-batch in flight holds the casts its graph saved (every Linear's weight);
-            # with full recompute the blocks' casts are remade one block at a time
-            blocks = 1 if plan.recompute == "full" else f.chunks * per_chunk
-            a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + f.head * z["head"] * z["out_linear"])
-        moments += loss_and_block(a, f, sizes, head_copy=2 * z["head"] * z["out_linear"] if mixed else 0)
+            # autocast's low-precision weight copies (every Linear's weight). Without a pipeline
+            # run/model.py enters autocast per forward call: the micro-batch's graph holds the
+            # casts it saved, and with full recompute the blocks' casts are remade one block at a
+            # time; the chunked loss (spec/loss.py) casts the output weight inside, keeping none.
+            # With a pipeline run/engine.py enters autocast once around the schedule's step: its
+            # cache holds one cast of every weight of the rank (all its chunks have run forward
+            # at every backward, pipeline.backwards) until the step ends, whatever is in flight.
+            once = where(plan.pp > 1, 1, 0)
+            # (selective-op recomputes the casts too: one block's at a time)
+            blocks = 1 if plan.recompute in ("full", "selective-op") else f.chunks * per_chunk
+            blocks = once * v * per_chunk + (1 - once) * blocks
+            heads = once * where(f.head > 0, 1, 0) + (1 - once) * f.head
+            a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + heads * head_copy)
+            # the head's cast outlives the loss's backward where the step's cache holds it
+            freed = 2 * (1 - once) * head_copy
+        moments += loss_and_block(a, f, sizes, head_copy=freed if mixed else 0)
     # C: every receive buffer waits for the next step, none holding an input
     persistent.update({"buffers.pp_act_recv": sizes.act_recv, "buffers.pp_grad_recv": sizes.grad_recv})
     c_ = {**persistent, "grads.local": (1 - ddp) * sb.grad * n, "buffers.optimizer_step": temp}

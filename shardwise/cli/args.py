@@ -99,6 +99,12 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_defau
     dv = (lambda f: getattr(d, f)) if defaults else (lambda f: None)
     g = p.add_argument_group("plan")
     g.add_argument("--dp", type=int, default=None, help="data-parallel size (default: GPUs / (tp*pp))")
+    g.add_argument(
+        "--dp-shard",
+        type=int,
+        default=dv("dp_shard") or None,
+        help="HSDP: shard ZeRO-2/3 states over groups of this many dp ranks, replicate across groups",
+    )
     g.add_argument("--tp", type=int, default=dv("tp"), help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=dv("pp"), help="pipeline stages")
     g.add_argument("--zero", type=int, default=dv("zero"), choices=(0, 1, 2, 3), help="ZeRO stage")
@@ -152,6 +158,7 @@ PLAN_FLAGS = (
     "optimizer",
     "offload",
     "attention",
+    "dp_shard",
 )
 
 

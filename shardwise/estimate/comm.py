@@ -597,7 +597,7 @@ def _dp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
 
     psi = rank0_param_numel(model, plan)  # elements rank 0 holds (tp-local, one pipeline stage)
     if prof.sends is None:
-        return _torch_dp(c, model, plan, dt, arr, psi)
+        return _torch_dp(c, model, plan, dt, arr, psi, _hsdp_groups(cluster, plan, arr))
     return _sent(c, prof.sends[plan.zero], psi, dt, m, n)
 
 
@@ -619,10 +619,32 @@ def _sent(c, sends, psi, dt, m, n) -> list[Collective]:
     return out
 
 
-def _torch_dp(c, model, plan, dt, arr, psi) -> list[Collective]:
+def _hsdp_groups(cluster, plan, arr):
+    """make() for FSDP2's two groups: the shard group (dp_shard ranks, tp apart; all of dp, named
+    "dp", without HSDP) and the replicate group (dp / dp_shard ranks, dp_shard * tp apart: a group of
+    one, which makes no calls, without HSDP). Each is timed on its own link (inside a node or not)."""
+    s, r, tp = plan.shard, plan.replicate, plan.tp
+    name = "dp" if arr or s == plan.dp else "dp_shard"
+    nets = (group_net(cluster, s, tp, arr), group_net(cluster, r, s * tp, arr))
+
+    def shard(kind, what, count, overlapped, **kw):
+        return make(cluster, kind, name, s, tp, count, what, overlapped=overlapped, arr=arr, net=nets[0], **kw)
+
+    def replicate(kind, what, count, overlapped, **kw):
+        return make(
+            cluster, kind, "dp_replicate", r, s * tp, count, what, overlapped=overlapped, arr=arr, net=nets[1], **kw
+        )
+
+    return shard, replicate
+
+
+def _torch_dp(c, model, plan, dt, arr, psi, hsdp) -> list[Collective]:
     """The torch profile's data-parallel collectives: its engines' own. DDP (zero 0) all-reduces
     gradients in its buckets, ZeroRedundancyOptimizer (zero 1) adds a broadcast per owner after
-    the step, FSDP2 (zero 2/3) gathers and reduce-scatters each fully_shard group."""
+    the step, FSDP2 (zero 2/3) gathers and reduce-scatters each fully_shard group, over the shard
+    group; with HSDP it then all-reduces each reduce-scatter's output (the group's gradient shard)
+    across the replicas, in the reduce dtype (torch fsdp/_fully_shard/_fsdp_collectives.py,
+    foreach_reduce: reduce_scatter on the shard group, then all_reduce on the replicate group)."""
     n, m = plan.dp, plan.grad_accum
     if plan.zero <= 1:
         buckets = ddp_buckets(model, plan, dt["grad"])
@@ -652,8 +674,10 @@ def _torch_dp(c, model, plan, dt, arr, psi) -> list[Collective]:
         return out
     # FSDP2: one all-gather and one reduce-scatter per fully_shard group (each block; the root
     # holds the embeddings, and without pipelining also the final norm and output)
+    c, replicate = hsdp
+    s = plan.shard
     blocks = _layers_on_rank0(model, plan)
-    sums = _fsdp_numels(model, plan.tp, n, plan.pp)
+    sums = _fsdp_numels(model, plan.tp, s, plan.pp)
     block, root = sums["block"], sums["root"]
     piped = plan.pp > 1
     if plan.zero == 2:
@@ -669,7 +693,7 @@ def _torch_dp(c, model, plan, dt, arr, psi) -> list[Collective]:
         gathers = where(piped, 1 + m, 2 * m)
         reduces = where(piped, 1, m)
     what_g = "parameters (16-bit)" if dt["gather"] == 2 else "parameters"
-    return [
+    out = [
         c(
             "all-gather",
             f"{what_g} of each transformer block (FSDP2)",
@@ -692,7 +716,22 @@ def _torch_dp(c, model, plan, dt, arr, psi) -> list[Collective]:
             per_call=block * dt["reduce"],
         ),
         c("reduce-scatter", "gradients of the root group (FSDP2)", reduces, True, per_call=root * dt["reduce"]),
+        replicate(
+            "all-reduce",
+            "gradient shards of each transformer block across the HSDP replicas (FSDP2)",
+            blocks * reduces,
+            True,
+            per_call=block // s * dt["reduce"],
+        ),
+        replicate(
+            "all-reduce",
+            "gradient shards of the root group across the HSDP replicas (FSDP2)",
+            reduces,
+            True,
+            per_call=root // s * dt["reduce"],
+        ),
     ]
+    return out
 
 
 def _engine(model, cluster, plan, dt, arr) -> list[Collective]:
@@ -714,8 +753,8 @@ def _engine(model, cluster, plan, dt, arr) -> list[Collective]:
     if model.tied_embeddings:
         first, _ = _root_params(model)
         rows = ceil_div(model.vocab, plan.tp)
-        if plan.zero >= 2:  # FSDP2 holds the dp shard of it (rank 0's piece, dp > 1; whole at dp = 1)
-            rows = ceil_div(rows, plan.dp)
+        if plan.zero >= 2:  # FSDP2 holds the shard of it (rank 0's piece, dp > 1; whole at dp = 1)
+            rows = ceil_div(rows, plan.shard)
         grad = rows * model.hidden * dt["P"]
         tied = where(plan.pp > 1, 1, 0)
         out.append(

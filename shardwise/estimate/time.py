@@ -143,7 +143,7 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
 
     shard = rank0_param_numel(model, plan)
     if plan.zero >= 1:
-        shard = shard / plan.dp
+        shard = shard / where(plan.zero >= 2, plan.shard, plan.dp)
     opt_bytes = shard * optimizer_bytes_per_param(plan.precision, plan.optimizer)
     offload_s = 0.0 * m
     if plan.offload == "none":

@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.errors import ShardwiseError
+from shardwise.run.dist import fsdp_mesh
 from shardwise.run.model import Transformer
 from shardwise.spec.plan import Plan, engine_violation
 
@@ -172,7 +173,8 @@ def apply_attention(model: Transformer, kernel: str) -> None:
 
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan, prec: Precision) -> None:
     """ZeRO-2 = fully_shard(reshard_after_forward=False), ZeRO-3 = fully_shard: per block, then
-    the root (embeddings, final norm, output). Shards are dim-0, padded to a multiple of dp."""
+    the root (embeddings, final norm, output). Shards are dim-0, padded to a multiple of dp (of
+    dp_shard under HSDP, where dp_mesh is 2-D and FSDP2 all-reduces across its replicate dim)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = (
@@ -222,7 +224,7 @@ def parallelize(
     apply_recompute(model, plan.recompute)
     apply_attention(model, plan.attention)
     if uses_fsdp(plan):
-        apply_fsdp(model, mesh["dp"], plan, prec)
+        apply_fsdp(model, fsdp_mesh(mesh, plan), plan, prec)
     materialize(model, device, seed)
     if plan.dp > 1 and plan.zero <= 1:
         return apply_ddp(model, mesh["dp"], plan.tp)

@@ -27,6 +27,7 @@ REJECT_LABELS = {
     "schedule": "schedule rules",
     "gpus": "dp*tp*pp is not the GPU count",
     "offload": "offload rules",
+    "hsdp": "--dp-shard does not divide dp, or ZeRO < 2",
     "engine": "{engine} cannot train them (other --profile values allow them)",
 }
 

@@ -45,6 +45,9 @@ class Plan:
     # "math" for runs that materialize the attention scores (Megatron 2022, any unfused attention):
     # the s x s scores are then saved for backward and selective recompute has something to drop
     attention: str = "flash"
+    # HSDP: ZeRO-2/3 states sharded over groups of dp_shard ranks, replicated over dp / dp_shard
+    # such groups (FSDP2 fully_shard on a 2-D (replicate, shard) mesh); 0 -> shard over all of dp
+    dp_shard: int = 0
 
     # ---- derived (array-safe arithmetic) ----------------------------------------------
     @property
@@ -55,6 +58,16 @@ class Plan:
     def grad_accum(self):
         """Micro-batches per rank per step (= pipeline micro-batches m when pp > 1)."""
         return self.gbs // (self.dp * self.mbs)
+
+    @property
+    def shard(self):
+        """Ranks one ZeRO-2/3 shard group spans: dp_shard (HSDP), else all of dp (array-safe)."""
+        return self.dp_shard + (self.dp_shard == 0) * self.dp
+
+    @property
+    def replicate(self):
+        """HSDP replicas: dp / shard (1 without HSDP)."""
+        return self.dp // self.shard
 
     @property
     def tokens_per_step(self):
@@ -78,6 +91,8 @@ class Plan:
         ]
         if self.pp > 1:
             parts.append(self.schedule + (f"/v{self.vpp}" if self.vpp > 1 else ""))
+        if 0 < self.dp_shard < self.dp:
+            parts.append(f"hsdp{self.dp_shard}")
         if self.sp:
             parts.append("sp")
         if self.recompute != "none":
@@ -94,7 +109,7 @@ class Plan:
         _check_choices(self)
         for f in ("tp", "pp", "mbs", "seq", "vpp"):
             _positive_int(f, getattr(self, f))
-        for f in ("dp", "gbs"):
+        for f in ("dp", "gbs", "dp_shard"):
             _positive_int(f, getattr(self, f), allow_zero=True)
         _positive_int("gpus", gpus)
         limits.check_count("gpus", gpus, limits.GPUS)
@@ -136,7 +151,7 @@ class Rule(NamedTuple):
     `reason` groups rules for the search's rejection counts.
     """
 
-    reason: str  # gpus | divisibility | batch | schedule | sequence | offload
+    reason: str  # gpus | divisibility | batch | schedule | sequence | offload | hsdp
     broken: Callable
     message: Callable
 
@@ -206,6 +221,22 @@ RULES: tuple[Rule, ...] = (
         lambda p, m, g: (
             f"interleaved 1F1B needs the micro-batch count ({p.grad_accum}) to be a multiple "
             f"of pp={p.pp}; raise gbs or lower mbs"
+        ),
+    ),
+    Rule(
+        "hsdp",
+        lambda p, m, g: p.dp % p.shard != 0,
+        lambda p, m, g: (
+            f"--dp-shard {p.dp_shard} must divide dp={p.dp} (the shard groups tile the data-parallel "
+            f"ranks); try --dp-shard in {divisors(p.dp)}"
+        ),
+    ),
+    Rule(
+        "hsdp",
+        lambda p, m, g: (p.shard < p.dp) & (p.zero < 2),
+        lambda p, m, g: (
+            f"--dp-shard {p.dp_shard} shards ZeRO-2/3 states (HSDP); with --zero {p.zero} nothing is sharded "
+            "that way: add --zero 3 (or 2), or leave --dp-shard out"
         ),
     ),
     Rule("sequence", lambda p, m, g: p.sp & (p.tp == 1), lambda p, m, g: "sequence parallel (--sp) needs tp > 1"),

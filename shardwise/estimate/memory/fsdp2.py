@@ -69,7 +69,8 @@ def fsdp_moments(model, plan, last: bool, attention: str, device: str = "cuda") 
     c = compute_bytes(plan.precision)
     pb = 2 if mixed else sb.param  # unsharded (all-gathered) parameters and their gradients
     rb = 4 if mixed else sb.grad  # reduce-scatter dtype = the sharded gradients' dtype
-    z = _fsdp_sizes(model, plan.precision, plan.optimizer, plan.tp, plan.dp, plan.pp, last)
+    # HSDP: the states are sharded over the shard group only (plan.shard = dp without HSDP)
+    z = _fsdp_sizes(model, plan.precision, plan.optimizer, plan.tp, plan.shard, plan.pp, last)
     pipelined = where(plan.pp > 1, 1, 0)
     vec = _is_array(pipelined)
     accumulated = where(plan.grad_accum > 1, 1, 0)

@@ -137,3 +137,16 @@ def test_hsdp_matches_measured_runs_on_4_ranks():
     from test_check import LLAMA, _cfg, _hold
 
     _hold([_cfg(LLAMA, 4, **f) for f in HSDP_PLANS], 4)
+
+
+def test_search_scores_hsdp_plans_as_estimate_does():
+    """Every HSDP plan a search ranks has the tokens/s `estimate` gives it one at a time."""
+    from shardwise.search.core import run_search
+
+    res = run_search(load_model("llama-3.1-70b"), make_cluster("h100-80gb", 256), top=None)
+    rows = [i for i in range(len(res.table)) if res.table.cols["dp_shard"][i]][:40]
+    assert rows
+    for i in rows:
+        e = res.estimate_row(i)
+        assert 0 < e.plan.dp_shard < e.plan.dp
+        assert e.time.tokens_per_s == pytest.approx(res.table.cols["tokens_per_s"][i], rel=1e-9)

@@ -159,6 +159,8 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
             key = "pp"
         elif c.group in ("tp", "dp"):
             key = c.group
+        elif c.group in ("dp_shard", "dp_replicate"):  # HSDP's two data-parallel groups
+            key = "dp"
         else:
             key = "other"  # the engine's world and tied-embedding all-reduces, after the pipeline
         t[key] = t[key] + c.seconds
@@ -248,7 +250,7 @@ def _offload_bytes(plan, comm, shard):
         return shard * (4 + dt["P"])
     up = down = 0.0 * plan.dp
     for c in comm:
-        if c.group != "dp":
+        if c.group not in ("dp", "dp_shard"):
             continue
         if c.kind == "all-gather":
             up = up + c.count * c.bytes / c.ranks / dt["gather"] * dt["P"]

@@ -289,6 +289,7 @@ def _table(parts) -> Table:
             "pp",
             "vpp",
             "mbs",
+            "dp_shard",
             "zero",
             "sp",
             "schedule",
@@ -304,7 +305,7 @@ def _table(parts) -> Table:
     for space, scored in parts:
         for s in scored:
             n = len(s.idx)
-            for k in ("dp", "tp", "pp", "vpp", "mbs"):
+            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard"):
                 cols[k].append(s.grid[k][s.idx])
             codes = {
                 "zero": s.cats["zero"],

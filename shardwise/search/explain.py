@@ -131,7 +131,7 @@ def _show(f: str, v) -> str:
 def plan_diff(a, b) -> str:
     """Fields where plan `a` differs from `b`, as 'tp=4 (vs tp=8), ZeRO-1 (vs ZeRO-3)'."""
     out = [f"{a.world} GPUs (vs {b.world})"] if a.world != b.world else []
-    for f in ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload"):
+    for f in ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload", "dp_shard"):
         va, vb = getattr(a, f), getattr(b, f)
         if va != vb:
             out.append(f"{_show(f, va)} (vs {_show(f, vb)})")
@@ -171,6 +171,8 @@ def _dims(res, w):
         out.append(("offload", f"{p.offload} offload", c["offload"] < OFFLOAD_ORDER.index(p.offload), "less offload"))
     if p.sp:
         out.append(("sp", "sequence parallel", (c["sp"] == 0) & (c["tp"] > 1), "no sequence parallel"))
+    if 0 < p.dp_shard < p.dp:
+        out.append(("dp_shard", f"HSDP shard groups of {p.dp_shard}", c["dp_shard"] == 0, "sharding over all of dp"))
     if p.pp > 1 and p.vpp > 1:
         out.append(("vpp", f"interleaving (v={p.vpp})", (c["vpp"] == 1) & (c["pp"] > 1), "no interleaving"))
     if p.tp == 1 and p.pp == 1:  # pure data parallel: why not split the model?

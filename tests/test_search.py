@@ -31,6 +31,7 @@ FIELDS = (
     "optimizer",
     "offload",
     "dp_shard",
+    "last_less",
 )
 
 

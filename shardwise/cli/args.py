@@ -127,6 +127,13 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_defau
     )
     g.add_argument("--schedule", default=dv("schedule"), choices=SCHEDULES, help="pipeline schedule")
     g.add_argument("--vpp", type=int, default=dv("vpp"), help="virtual stages per rank (interleaved)")
+    g.add_argument(
+        "--last-less",
+        type=int,
+        default=dv("last_less") or None,
+        help="transformer blocks the last pipeline stage holds fewer than the others (default: the remainder "
+        "when pp*vpp does not divide the layers, else 0)",
+    )
     g.add_argument("--recompute", default=dv("recompute"), choices=RECOMPUTE, help="activation recompute")
     g.add_argument(
         "--sp", action="store_true", default=(False if defaults else None), help="sequence parallel (needs tp > 1)"
@@ -159,6 +166,7 @@ PLAN_FLAGS = (
     "offload",
     "attention",
     "dp_shard",
+    "last_less",
 )
 
 

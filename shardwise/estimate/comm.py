@@ -41,7 +41,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.estimate import _num, profiles
 from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.memory import zero1_bucket_numels
-from shardwise.estimate.pipeline import chunks_per_rank
+from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks
 from shardwise.estimate.profiles import DDP_BUCKET, DDP_FIRST_BUCKET, Profile
 from shardwise.estimate.profiles import PROFILES as PROFILES
 from shardwise.spec.breakdown import Collective
@@ -142,7 +142,7 @@ def _sum(groups, fn, *args):
 
 
 def _layers_on_rank0(model, plan):
-    return model.layers // plan.pp
+    return rank_blocks(model, plan, False)
 
 
 def _has_head(plan):
@@ -152,15 +152,15 @@ def _has_head(plan):
 
 def rank0_param_numel(model, plan):
     """Elements of the parameters rank 0 holds before any ZeRO sharding (tp-local pieces)."""
-    return _rank0_numel(model, plan.tp, plan.pp)["numel"]
+    return _rank0_numel(model, plan.tp, plan.pp, _layers_on_rank0(model, plan))["numel"]
 
 
 @memo
-def _rank0_numel(model, tp, pp):
+def _rank0_numel(model, tp, pp, blocks):
     inv = _inventory(model)
     return {
         "numel": (
-            model.layers // pp * _sum(inv["block"], local_numel, tp)
+            blocks * _sum(inv["block"], local_numel, tp)
             + _sum(inv["first"], local_numel, tp)
             + (1 if pp == 1 else 0) * _sum(inv["last"], local_numel, tp)
         )
@@ -227,9 +227,9 @@ def ddp_ready_sizes(
 
 
 @lru_cache(maxsize=4096)
-def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int, sp: bool = False) -> tuple[tuple[int, int], ...]:
-    """(bucket bytes, calls) per step on rank 0: one DDP module per pipeline chunk it holds."""
-    per = model.layers // (pp * chunks)
+def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int, sp: bool, per: int) -> tuple[tuple[int, int], ...]:
+    """(bucket bytes, calls) per step on rank 0: one DDP module per pipeline chunk it holds, of
+    `per` blocks each."""
     acc: dict[int, int] = {}
     for ch in range(chunks):
         for b in bucket_sizes(ddp_ready_sizes(model, tp, per, ch == 0, pp == 1, nbytes, sp)):
@@ -240,21 +240,23 @@ def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int, sp: bool = Fal
 def ddp_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
     """Scalar plans: bytes -> how many of rank 0's steady-state DDP buckets have that size."""
     chunks = chunks_per_rank(plan.vpp, plan.schedule)
-    return dict(_ddp_sizes(model, int(plan.tp), int(plan.pp), int(chunks), nbytes, bool(plan.sp)))
+    per = int(chunk_blocks(model, plan, False))
+    return dict(_ddp_sizes(model, int(plan.tp), int(plan.pp), int(chunks), nbytes, bool(plan.sp), per))
 
 
 def ddp_buckets(model, plan, nbytes: int):
     """Steady-state DDP all-reduce calls per step on rank 0 (the first step, before the rebuild,
     reduces everything in one bucket). Array plans: computed once per distinct (tp, pp, chunks)."""
     chunks = chunks_per_rank(plan.vpp, plan.schedule)
-    if not _num._is_array(plan.tp, plan.pp, chunks):
+    per = chunk_blocks(model, plan, False)
+    if not _num._is_array(plan.tp, plan.pp, chunks, per):
         return sum(ddp_bucket_sizes(model, plan, nbytes).values())
-    return _ddp_calls(model, plan.tp, plan.pp, chunks, nbytes, bool(plan.sp))["calls"]
+    return _ddp_calls(model, plan.tp, plan.pp, chunks, nbytes, bool(plan.sp), per)["calls"]
 
 
 @memo
-def _ddp_calls(model, tp, pp, chunks, nbytes, sp):
-    return {"calls": sum(n for _, n in _ddp_sizes(model, int(tp), int(pp), int(chunks), nbytes, sp))}
+def _ddp_calls(model, tp, pp, chunks, nbytes, sp, per):
+    return {"calls": sum(n for _, n in _ddp_sizes(model, int(tp), int(pp), int(chunks), nbytes, sp, int(per)))}
 
 
 def zero1_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
@@ -262,7 +264,8 @@ def zero1_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
     size (memory.zero1_bucket_numels; a rank given no parameter broadcasts a one-element fp32 bucket)."""
 
     acc: dict[int, int] = {}
-    for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1):
+    blocks = int(_layers_on_rank0(model, plan))
+    for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1, blocks):
         b = numel * nbytes if numel else 4
         acc[b] = acc.get(b, 0) + 1
     return acc

@@ -47,7 +47,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import maximum, minimum, where
 from shardwise.estimate.comm import rank0_param_numel
 from shardwise.estimate.host import host_seconds
-from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal
+from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal, rank_blocks
 from shardwise.estimate.profiles import TORCH
 from shardwise.spec import limits
 from shardwise.spec.breakdown import Time
@@ -132,14 +132,20 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
 
     # busiest stage, per GPU, per micro-batch
     w = matmul_weights(model)
-    stage_fwd = (model.layers // plan.pp * layer_forward_flops_per_token(model, seq) + 2 * w["head"]) * mb_tokens
-    stage_rc = model.layers // plan.pp * layer_recompute_flops_per_token(model, seq, plan.recompute) * mb_tokens
+    # the busiest stage: the first (the most blocks; its embedding lookup is no matmul) or the last
+    # (its blocks + the output projection), at the plan's split
+    first, last = rank_blocks(model, plan, False), rank_blocks(model, plan, True)
+    lf, lr = layer_forward_flops_per_token(model, seq), layer_recompute_flops_per_token(model, seq, plan.recompute)
+    first_busier = where(first * (lf + lr) > last * (lf + lr) + 2 * w["head"], 1, 0)
+    blocks = where(first_busier, first, last)
+    stage_fwd = (blocks * lf + (1 - first_busier) * 2 * w["head"]) * mb_tokens
+    stage_rc = blocks * lr * mb_tokens
     t_f = stage_fwd / plan.tp / rate
     t_r = stage_rc / plan.tp / rate
     t_b = 2 * t_f
     forward_s, backward_s, recompute_s = m * t_f, m * t_b, m * t_r
     # the engines' host time (0 on catalog GPUs): blocks and micro-batches are pipelined work
-    overhead_s, host_step_s = host_seconds(gpu, plan, model.layers)
+    overhead_s, host_step_s = host_seconds(gpu, plan, blocks)
 
     shard = rank0_param_numel(model, plan)
     if plan.zero >= 1:

@@ -24,7 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from shardwise.errors import ShardwiseError
 from shardwise.run.dist import fsdp_mesh
 from shardwise.run.model import Transformer
-from shardwise.spec.plan import Plan, engine_violation
+from shardwise.spec.plan import Plan, engine_violation, stage_blocks
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,11 @@ def stage_ids(plan: Plan, pp_rank: int) -> list[int]:
 
 def split_pipeline(model: Transformer, plan: Plan, pp_rank: int) -> list[tuple[int, Transformer]]:
     """This rank's stage modules (deep copies of the meta model with the rest removed).
-    Layers are split evenly in order over pp*vpp stages; the first stage also holds the
-    embeddings, the last the final norm and the output projection. Names stay global."""
+    Layers are split in order over pp*vpp stages as the plan says (stage_blocks: the same number
+    on each, the last stage maybe fewer); the first stage also holds the embeddings, the last the
+    final norm and the output projection. Names stay global."""
     n_stages = plan.pp * plan.vpp
-    per = model.spec.layers // n_stages
+    per, _ = stage_blocks(plan, model.spec.layers)
     out = []
     for s in stage_ids(plan, pp_rank):
         m = copy.deepcopy(model)

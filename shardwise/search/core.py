@@ -290,6 +290,7 @@ def _table(parts) -> Table:
             "vpp",
             "mbs",
             "dp_shard",
+            "last_less",
             "zero",
             "sp",
             "schedule",
@@ -305,7 +306,7 @@ def _table(parts) -> Table:
     for space, scored in parts:
         for s in scored:
             n = len(s.idx)
-            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard"):
+            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less"):
                 cols[k].append(s.grid[k][s.idx])
             codes = {
                 "zero": s.cats["zero"],

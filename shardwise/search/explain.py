@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from shardwise import units
 from shardwise.search.equivalent import BAND_WHY, EQUIVALENT_BAND, RANK_WORDS, per_token
-from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
+from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SEARCHED
 
 MEMORY_LABELS = {
     "params": "parameters",
@@ -28,6 +28,7 @@ REJECT_LABELS = {
     "gpus": "dp*tp*pp is not the GPU count",
     "offload": "offload rules",
     "hsdp": "--dp-shard does not divide dp, or ZeRO < 2",
+    "stages": "the layers do not split over the pipeline stages",
     "engine": "{engine} cannot train them (other --profile values allow them)",
 }
 
@@ -131,7 +132,7 @@ def _show(f: str, v) -> str:
 def plan_diff(a, b) -> str:
     """Fields where plan `a` differs from `b`, as 'tp=4 (vs tp=8), ZeRO-1 (vs ZeRO-3)'."""
     out = [f"{a.world} GPUs (vs {b.world})"] if a.world != b.world else []
-    for f in ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload", "dp_shard"):
+    for f in SEARCHED:
         va, vb = getattr(a, f), getattr(b, f)
         if va != vb:
             out.append(f"{_show(f, va)} (vs {_show(f, vb)})")

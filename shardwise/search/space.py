@@ -35,9 +35,9 @@ from shardwise.spec.plan import (
     divisors,
 )
 
-SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload", "dp_shard")
+SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload", "dp_shard", "last_less")
 HELD = ("gbs", "seq", "precision", "optimizer", "attention")  # training choices: pinned or defaulted, never searched
-NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard")
+NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less")
 PLAN_ARRAYS = NUMERIC + ("gbs",)  # the grid columns that are Plan fields (seq is held: one value)
 # Default global batch: about 4M tokens, the batch of LLaMA 1/2 at every size (Touvron et al. 2023,
 # Table 2 / Sec. 2.2) and of GPT-3 175B (3.2M, Brown et al. 2020, Table 2.1).
@@ -73,12 +73,23 @@ def check_fixed(fixed: dict) -> dict:
     for k in fixed:
         if k not in names:
             raise ShardwiseError(f"unknown plan field {k!r} to pin; {closest(k, names)}")
-    for k in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard"):
+    for k in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less"):
         if k in fixed:
-            _positive_int(k, fixed[k], allow_zero=k == "dp_shard")
-    numeric = ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard")
+            _positive_int(k, fixed[k], allow_zero=k in ("dp_shard", "last_less"))
+    numeric = ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less")
     _check_choices(Plan(**{k: v for k, v in fixed.items() if k not in numeric}))
     return fixed
+
+
+def last_stage_cuts(layers: int, stages: int, schedule: str) -> list[int]:
+    """Plan.last_less values of a pipeline of `stages` virtual stages: the remainder r (so the
+    others hold the same number; 0 when they divide the layers), then each r + j * stages (one more block on every other stage)
+    that leaves the last stage a block or none (its head alone). Uneven splits are gpipe's and
+    1f1b's. 32 layers over 4 stages: 0 (8 each), 4 (9, 9, 9, 5), 8 (10, 10, 10, 2)."""
+    if stages == 1 or schedule == "interleaved":
+        return [0]
+    r = (-layers) % stages  # written out (not 0) so the plan's name shows the split
+    return [r] + [k for k in range(r + stages, layers // (stages - 1) + 1, stages)]
 
 
 @dataclass(frozen=True)
@@ -225,10 +236,12 @@ class Space:
             else:
                 shards = [0] + ([s for s in divisors(dp) if 1 < s < dp] if sharded else [])
             for v in vpps:
+                cuts = [f["last_less"]] if "last_less" in f else last_stage_cuts(m.layers, pp * v, schedule)
                 for b in mbss:
                     for s in shards:
-                        for k, x in zip(NUMERIC, (dp, tp, pp, v, b, s)):
-                            cols[k].append(x)
+                        for c in cuts:
+                            for k, x in zip(NUMERIC, (dp, tp, pp, v, b, s, c)):
+                                cols[k].append(x)
         out = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
         n = len(out["dp"])
         out |= {

@@ -30,6 +30,8 @@ FIELDS = (
     "precision",
     "optimizer",
     "offload",
+    "dp_shard",
+    "last_less",
 )
 
 
@@ -46,7 +48,7 @@ def generated(space) -> list[Plan]:
     """Every candidate of a Space as scalar plans, in the order the fast path generates them."""
     out = []
     for fam in space.families():
-        grid = space.grid(fam["sp"], fam["schedule"])
+        grid = space.grid(fam["sp"], fam["schedule"], fam["zero"] >= 2)
         for var in space.variants():
             out += [space.scalar(grid, fam | var, i) for i in range(len(grid["dp"]))]
     return out

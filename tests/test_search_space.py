@@ -32,6 +32,8 @@ def _key(p: Plan) -> tuple:
             "precision",
             "optimizer",
             "offload",
+            "dp_shard",
+            "last_less",
         )
     )
 
@@ -64,7 +66,7 @@ def test_each_strategy_generated_once_and_none_missing():
     assert len(keys) == len(set(keys))
     legal = {k for k, p in zip(keys, got) if violation(p, m, 4) is None}
     brute = set()
-    for tp, pp, zero, mbs, sched, vpp, rc, sp, off in itertools.product(
+    for tp, pp, zero, mbs, sched, vpp, rc, sp, off, shard, cut in itertools.product(
         [1, 2, 4],
         [1, 2, 4],
         range(4),
@@ -74,6 +76,8 @@ def test_each_strategy_generated_once_and_none_missing():
         ("none", "selective-op", "selective", "full"),
         (False, True),
         ("none", "optimizer", "params"),
+        (0, 1, 2, 4),  # HSDP shard groups
+        range(0, m.layers + 1),  # blocks fewer on the last stage
     ):
         if 4 % (tp * pp):
             continue
@@ -90,11 +94,14 @@ def test_each_strategy_generated_once_and_none_missing():
             recompute=rc,
             sp=sp,
             offload=off,
+            dp_shard=shard,
+            last_less=cut,
         )
         if (
             violation(p, m, 4) is None
             and not (pp == 1 and sched != "1f1b")
             and not (sched == "interleaved" and vpp == 1)
+            and not (shard == 1 or shard >= p.dp)  # FSDP2 replicating only, or shard = dp written out
         ):
             brute.add(_key(p))
     assert legal == brute
@@ -132,9 +139,9 @@ def test_default_gbs_is_about_4m_tokens_and_reachable():
     s = Space(m, 24, 8, {})
     assert s.gbs == 2040
     assert all(s.gbs % (24 // (tp * pp)) == 0 for tp, pp in s.tp_pp if s._shape_legal(tp, pp))
-    # Llama-3.1-405B (126 layers) on 16,384 GPUs at seq 8192: target 512 sequences, but pp can only
-    # be 1 or 2 (a power of two dividing 126) and tp <= 8, so the smallest dp is 16384/16 = 1024
-    assert Space(preset("llama-3.1-405b"), 16384, 8, {"seq": 8192}).gbs == 1024
+    # Llama-3.1-405B (126 layers) on 16,384 GPUs at seq 8192: target 512 sequences; with uneven
+    # stages every power-of-two pp is open, so dps 1..512 serve it (lcm 512): 512 x 8192 = 4.2M tokens
+    assert Space(preset("llama-3.1-405b"), 16384, 8, {"seq": 8192}).gbs == 512
     # a pinned mbs counts: 8 GPUs, mbs 3 -> multiples of lcm(3, 6, 12, 24) = 24: round(2048/24)*24 = 2040
     assert Space(m, 8, 8, {"mbs": 3}).gbs == 2040
     assert Space(m, 8, 8, {"gbs": 100}).gbs == 100

@@ -99,6 +99,12 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_defau
     dv = (lambda f: getattr(d, f)) if defaults else (lambda f: None)
     g = p.add_argument_group("plan")
     g.add_argument("--dp", type=int, default=None, help="data-parallel size (default: GPUs / (tp*pp))")
+    g.add_argument(
+        "--dp-shard",
+        type=int,
+        default=dv("dp_shard") or None,
+        help="HSDP: shard ZeRO-2/3 states over groups of this many dp ranks, replicate across groups",
+    )
     g.add_argument("--tp", type=int, default=dv("tp"), help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=dv("pp"), help="pipeline stages")
     g.add_argument("--zero", type=int, default=dv("zero"), choices=(0, 1, 2, 3), help="ZeRO stage")
@@ -121,6 +127,13 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_defau
     )
     g.add_argument("--schedule", default=dv("schedule"), choices=SCHEDULES, help="pipeline schedule")
     g.add_argument("--vpp", type=int, default=dv("vpp"), help="virtual stages per rank (interleaved)")
+    g.add_argument(
+        "--last-less",
+        type=int,
+        default=dv("last_less") or None,
+        help="transformer blocks the last pipeline stage holds fewer than the others (default: the remainder "
+        "when pp*vpp does not divide the layers, else 0)",
+    )
     g.add_argument("--recompute", default=dv("recompute"), choices=RECOMPUTE, help="activation recompute")
     g.add_argument(
         "--sp", action="store_true", default=(False if defaults else None), help="sequence parallel (needs tp > 1)"
@@ -152,6 +165,8 @@ PLAN_FLAGS = (
     "optimizer",
     "offload",
     "attention",
+    "dp_shard",
+    "last_less",
 )
 
 

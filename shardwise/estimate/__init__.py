@@ -15,7 +15,7 @@ from shardwise.estimate.time import step_time
 from shardwise.spec.breakdown import Estimate
 from shardwise.spec.hardware import Cluster
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.plan import Plan, first_broken
+from shardwise.spec.plan import Plan, first_broken, stage_blocks
 from shardwise.spec.presets import load_model
 
 RULE_OF_THUMB_BYTES_PER_PARAM = 18  # the lecture: 2 + 2 + 12 model states + "~2" activations
@@ -69,6 +69,12 @@ def _notes(model, cluster, plan, prof: Profile, refused: str | None) -> list[str
         notes.append(f"{prof.engine} cannot train this plan: {refused}.")
     if prof.run_engines and model.is_moe:
         notes.append("`shardwise run` does not build MoE models; this estimate is not checked by a run.")
+    n, last = stage_blocks(plan, model.layers)
+    if plan.pp > 1 and last != n:
+        notes.append(
+            f"uneven pipeline stages: {plan.pp * plan.vpp - 1} of {n} layers and a last one of {last} "
+            "(with the output layer and loss); memory is the worst stage's, time the busiest's."
+        )
     if plan.tp > cluster.node_size:
         notes.append(
             f"tp={plan.tp} spans nodes ({cluster.node_size} GPUs each): its all-reduces run on "

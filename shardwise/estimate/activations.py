@@ -518,7 +518,7 @@ def rank_sizes(
     m = plan.grad_accum
     return RankSizes(
         torch_,
-        (model.layers // (pp * v)) * kept,
+        pipeline.chunk_blocks(model, plan, last) * kept,
         kept,
         rebuilt,
         emb,

@@ -41,7 +41,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.estimate import _num, profiles
 from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.memory import zero1_bucket_numels
-from shardwise.estimate.pipeline import chunks_per_rank
+from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks
 from shardwise.estimate.profiles import DDP_BUCKET, DDP_FIRST_BUCKET, Profile
 from shardwise.estimate.profiles import PROFILES as PROFILES
 from shardwise.spec.breakdown import Collective
@@ -142,7 +142,7 @@ def _sum(groups, fn, *args):
 
 
 def _layers_on_rank0(model, plan):
-    return model.layers // plan.pp
+    return rank_blocks(model, plan, False)
 
 
 def _has_head(plan):
@@ -152,15 +152,15 @@ def _has_head(plan):
 
 def rank0_param_numel(model, plan):
     """Elements of the parameters rank 0 holds before any ZeRO sharding (tp-local pieces)."""
-    return _rank0_numel(model, plan.tp, plan.pp)["numel"]
+    return _rank0_numel(model, plan.tp, plan.pp, _layers_on_rank0(model, plan))["numel"]
 
 
 @memo
-def _rank0_numel(model, tp, pp):
+def _rank0_numel(model, tp, pp, blocks):
     inv = _inventory(model)
     return {
         "numel": (
-            model.layers // pp * _sum(inv["block"], local_numel, tp)
+            blocks * _sum(inv["block"], local_numel, tp)
             + _sum(inv["first"], local_numel, tp)
             + (1 if pp == 1 else 0) * _sum(inv["last"], local_numel, tp)
         )
@@ -227,9 +227,9 @@ def ddp_ready_sizes(
 
 
 @lru_cache(maxsize=4096)
-def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int, sp: bool = False) -> tuple[tuple[int, int], ...]:
-    """(bucket bytes, calls) per step on rank 0: one DDP module per pipeline chunk it holds."""
-    per = model.layers // (pp * chunks)
+def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int, sp: bool, per: int) -> tuple[tuple[int, int], ...]:
+    """(bucket bytes, calls) per step on rank 0: one DDP module per pipeline chunk it holds, of
+    `per` blocks each."""
     acc: dict[int, int] = {}
     for ch in range(chunks):
         for b in bucket_sizes(ddp_ready_sizes(model, tp, per, ch == 0, pp == 1, nbytes, sp)):
@@ -240,21 +240,23 @@ def _ddp_sizes(model, tp: int, pp: int, chunks: int, nbytes: int, sp: bool = Fal
 def ddp_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
     """Scalar plans: bytes -> how many of rank 0's steady-state DDP buckets have that size."""
     chunks = chunks_per_rank(plan.vpp, plan.schedule)
-    return dict(_ddp_sizes(model, int(plan.tp), int(plan.pp), int(chunks), nbytes, bool(plan.sp)))
+    per = int(chunk_blocks(model, plan, False))
+    return dict(_ddp_sizes(model, int(plan.tp), int(plan.pp), int(chunks), nbytes, bool(plan.sp), per))
 
 
 def ddp_buckets(model, plan, nbytes: int):
     """Steady-state DDP all-reduce calls per step on rank 0 (the first step, before the rebuild,
     reduces everything in one bucket). Array plans: computed once per distinct (tp, pp, chunks)."""
     chunks = chunks_per_rank(plan.vpp, plan.schedule)
-    if not _num._is_array(plan.tp, plan.pp, chunks):
+    per = chunk_blocks(model, plan, False)
+    if not _num._is_array(plan.tp, plan.pp, chunks, per):
         return sum(ddp_bucket_sizes(model, plan, nbytes).values())
-    return _ddp_calls(model, plan.tp, plan.pp, chunks, nbytes, bool(plan.sp))["calls"]
+    return _ddp_calls(model, plan.tp, plan.pp, chunks, nbytes, bool(plan.sp), per)["calls"]
 
 
 @memo
-def _ddp_calls(model, tp, pp, chunks, nbytes, sp):
-    return {"calls": sum(n for _, n in _ddp_sizes(model, int(tp), int(pp), int(chunks), nbytes, sp))}
+def _ddp_calls(model, tp, pp, chunks, nbytes, sp, per):
+    return {"calls": sum(n for _, n in _ddp_sizes(model, int(tp), int(pp), int(chunks), nbytes, sp, int(per)))}
 
 
 def zero1_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
@@ -262,7 +264,8 @@ def zero1_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
     size (memory.zero1_bucket_numels; a rank given no parameter broadcasts a one-element fp32 bucket)."""
 
     acc: dict[int, int] = {}
-    for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1):
+    blocks = int(_layers_on_rank0(model, plan))
+    for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1, blocks):
         b = numel * nbytes if numel else 4
         acc[b] = acc.get(b, 0) + 1
     return acc
@@ -613,7 +616,7 @@ def _dp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
 
     psi = rank0_param_numel(model, plan)  # elements rank 0 holds (tp-local, one pipeline stage)
     if prof.sends is None:
-        return _torch_dp(c, model, plan, dt, arr, psi)
+        return _torch_dp(c, model, plan, dt, arr, psi, _hsdp_groups(cluster, plan, arr))
     return _sent(c, prof.sends[plan.zero], psi, dt, m, n)
 
 
@@ -635,10 +638,32 @@ def _sent(c, sends, psi, dt, m, n) -> list[Collective]:
     return out
 
 
-def _torch_dp(c, model, plan, dt, arr, psi) -> list[Collective]:
+def _hsdp_groups(cluster, plan, arr):
+    """make() for FSDP2's two groups: the shard group (dp_shard ranks, tp apart; all of dp, named
+    "dp", without HSDP) and the replicate group (dp / dp_shard ranks, dp_shard * tp apart: a group of
+    one, which makes no calls, without HSDP). Each is timed on its own link (inside a node or not)."""
+    s, r, tp = plan.shard, plan.replicate, plan.tp
+    name = "dp" if arr or s == plan.dp else "dp_shard"
+    nets = (group_net(cluster, s, tp, arr), group_net(cluster, r, s * tp, arr))
+
+    def shard(kind, what, count, overlapped, **kw):
+        return make(cluster, kind, name, s, tp, count, what, overlapped=overlapped, arr=arr, net=nets[0], **kw)
+
+    def replicate(kind, what, count, overlapped, **kw):
+        return make(
+            cluster, kind, "dp_replicate", r, s * tp, count, what, overlapped=overlapped, arr=arr, net=nets[1], **kw
+        )
+
+    return shard, replicate
+
+
+def _torch_dp(c, model, plan, dt, arr, psi, hsdp) -> list[Collective]:
     """The torch profile's data-parallel collectives: its engines' own. DDP (zero 0) all-reduces
     gradients in its buckets, ZeroRedundancyOptimizer (zero 1) adds a broadcast per owner after
-    the step, FSDP2 (zero 2/3) gathers and reduce-scatters each fully_shard group."""
+    the step, FSDP2 (zero 2/3) gathers and reduce-scatters each fully_shard group, over the shard
+    group; with HSDP it then all-reduces each reduce-scatter's output (the group's gradient shard)
+    across the replicas, in the reduce dtype (torch fsdp/_fully_shard/_fsdp_collectives.py,
+    foreach_reduce: reduce_scatter on the shard group, then all_reduce on the replicate group)."""
     n, m = plan.dp, plan.grad_accum
     if plan.zero <= 1:
         buckets = ddp_buckets(model, plan, dt["grad"])
@@ -668,8 +693,10 @@ def _torch_dp(c, model, plan, dt, arr, psi) -> list[Collective]:
         return out
     # FSDP2: one all-gather and one reduce-scatter per fully_shard group (each block; the root
     # holds the embeddings, and without pipelining also the final norm and output)
+    c, replicate = hsdp
+    s = plan.shard
     blocks = _layers_on_rank0(model, plan)
-    sums = _fsdp_numels(model, plan.tp, n, plan.pp)
+    sums = _fsdp_numels(model, plan.tp, s, plan.pp)
     block, root = sums["block"], sums["root"]
     piped = plan.pp > 1
     if plan.zero == 2:
@@ -685,7 +712,7 @@ def _torch_dp(c, model, plan, dt, arr, psi) -> list[Collective]:
         gathers = where(piped, 1 + m, 2 * m)
         reduces = where(piped, 1, m)
     what_g = "parameters (16-bit)" if dt["gather"] == 2 else "parameters"
-    return [
+    out = [
         c(
             "all-gather",
             f"{what_g} of each transformer block (FSDP2)",
@@ -708,7 +735,22 @@ def _torch_dp(c, model, plan, dt, arr, psi) -> list[Collective]:
             per_call=block * dt["reduce"],
         ),
         c("reduce-scatter", "gradients of the root group (FSDP2)", reduces, True, per_call=root * dt["reduce"]),
+        replicate(
+            "all-reduce",
+            "gradient shards of each transformer block across the HSDP replicas (FSDP2)",
+            blocks * reduces,
+            True,
+            per_call=block // s * dt["reduce"],
+        ),
+        replicate(
+            "all-reduce",
+            "gradient shards of the root group across the HSDP replicas (FSDP2)",
+            reduces,
+            True,
+            per_call=root // s * dt["reduce"],
+        ),
     ]
+    return out
 
 
 def _engine(model, cluster, plan, dt, arr) -> list[Collective]:
@@ -730,8 +772,8 @@ def _engine(model, cluster, plan, dt, arr) -> list[Collective]:
     if model.tied_embeddings:
         first, _ = _root_params(model)
         rows = ceil_div(model.vocab, plan.tp)
-        if plan.zero >= 2:  # FSDP2 holds the dp shard of it (rank 0's piece, dp > 1; whole at dp = 1)
-            rows = ceil_div(rows, plan.dp)
+        if plan.zero >= 2:  # FSDP2 holds the shard of it (rank 0's piece, dp > 1; whole at dp = 1)
+            rows = ceil_div(rows, plan.shard)
         grad = rows * model.hidden * dt["P"]
         tied = where(plan.pp > 1, 1, 0)
         out.append(

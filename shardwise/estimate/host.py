@@ -43,12 +43,12 @@ def host_terms(gpu, plan) -> dict:
     return out
 
 
-def host_seconds(gpu, plan, layers: int) -> tuple:
-    """(pipelined seconds: blocks and micro-batches of the busiest stage, step seconds: its
-    blocks' share and the rest)."""
+def host_seconds(gpu, plan, blocks) -> tuple:
+    """(pipelined seconds: blocks and micro-batches of the busiest stage, which holds `blocks`
+    transformer blocks; step seconds: its blocks' share and the rest)."""
     if not gpu.host_us:
         return 0.0 * plan.grad_accum, 0.0
     t = host_terms(gpu, plan)
-    m, blocks = plan.grad_accum, layers // plan.pp
+    m = plan.grad_accum
     pipelined = m * blocks * t["block"] + m * t["microbatch"]
     return pipelined * 1e-6, (blocks * t["block_step"] + t["step"]) * 1e-6

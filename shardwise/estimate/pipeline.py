@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, minimum, where
+from shardwise.spec.plan import stage_blocks
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 F_SLOTS, B_SLOTS = 1, 2
@@ -38,6 +39,19 @@ def _check(schedule: str) -> None:
 def chunks_per_rank(vpp, schedule: str):
     """Virtual stages per rank: vpp for interleaved, 1 otherwise (vpp is ignored there)."""
     return vpp if schedule == "interleaved" else 1
+
+
+def chunk_blocks(model, plan, last):
+    """Transformer blocks of one virtual stage of the first (last=False) or last pipeline rank,
+    the plan's split (spec.plan.stage_blocks: the last stage may hold fewer; uneven splits are
+    gpipe's and 1f1b's, one virtual stage per rank). Array-safe, `last` too."""
+    n, n_last = stage_blocks(plan, model.layers)
+    return where(last, n_last, n)
+
+
+def rank_blocks(model, plan, last):
+    """Transformer blocks the first (last=False) or last pipeline rank holds."""
+    return chunk_blocks(model, plan, last) * chunks_per_rank(plan.vpp, plan.schedule)
 
 
 def bubble_fraction(pp, m, vpp=1, schedule: str = "1f1b"):

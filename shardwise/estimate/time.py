@@ -56,7 +56,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import maximum, minimum, where
 from shardwise.estimate.comm import rank0_param_numel
 from shardwise.estimate.host import host_seconds
-from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal
+from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal, rank_blocks
 from shardwise.estimate.profiles import TORCH
 from shardwise.spec import limits
 from shardwise.spec.breakdown import Time
@@ -207,27 +207,29 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
 
     # busiest stage, per GPU, per micro-batch
     w = matmul_weights(model)
+    # the busiest stage: the first (the most blocks; its embedding lookup is no matmul) or the last
+    # (its blocks + the output projection), at the plan's split
+    first, last = rank_blocks(model, plan, False), rank_blocks(model, plan, True)
     if efficiency is None:  # each matmul at its shape, the memory-bound work at HBM bandwidth
-        t_f, t_r = _shaped_forward(model, gpu, plan, peak)
+        layer_s, rc_s, head_s = _shaped_block(model, gpu, plan, peak)
         eff = None
     else:  # one rate for every FLOP (a measured efficiency: `shardwise check`, --efficiency)
-        stage_fwd = (model.layers // plan.pp * layer_forward_flops_per_token(model, seq) + 2 * w["head"]) * mb_tokens
-        stage_rc = (
-            model.layers
-            // plan.pp
-            * layer_recompute_flops_per_token(model, seq, plan.recompute, plan.attention)
-            * mb_tokens
-        )
-        t_f = stage_fwd / plan.tp / rate
-        t_r = stage_rc / plan.tp / rate
+        lf = layer_forward_flops_per_token(model, seq)
+        lr = layer_recompute_flops_per_token(model, seq, plan.recompute, plan.attention)
+        layer_s, rc_s = lf * mb_tokens / plan.tp / rate, lr * mb_tokens / plan.tp / rate
+        head_s = 2 * w["head"] * mb_tokens / plan.tp / rate
+    first_busier = where(first * (layer_s + rc_s) > last * (layer_s + rc_s) + head_s, 1, 0)
+    blocks = where(first_busier, first, last)
+    t_f = blocks * layer_s + (1 - first_busier) * head_s
+    t_r = blocks * rc_s
     t_b = 2 * t_f
     forward_s, backward_s, recompute_s = m * t_f, m * t_b, m * t_r
     # the engines' host time (0 on catalog GPUs): blocks and micro-batches are pipelined work
-    overhead_s, host_step_s = host_seconds(gpu, plan, model.layers)
+    overhead_s, host_step_s = host_seconds(gpu, plan, blocks)
 
     shard = rank0_param_numel(model, plan)
     if plan.zero >= 1:
-        shard = shard / plan.dp
+        shard = shard / where(plan.zero >= 2, plan.shard, plan.dp)
     opt_bytes = shard * optimizer_bytes_per_param(plan.precision, plan.optimizer)
     offload_s = 0.0 * m
     if plan.offload == "none":
@@ -246,6 +248,8 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
             key = "tp_hidden"  # beside the backward's input-gradient matmuls
         elif c.group in ("tp", "dp"):
             key = c.group
+        elif c.group in ("dp_shard", "dp_replicate"):  # HSDP's two data-parallel groups
+            key = "dp"
         else:
             key = "other"  # the engine's world and tied-embedding all-reduces, after the pipeline
         t[key] = t[key] + c.seconds
@@ -312,9 +316,9 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     return out
 
 
-def _shaped_forward(model, gpu, plan, peak):
-    """Seconds of the busiest stage's forward and of its recompute, per micro-batch, on one GPU:
-    every matmul at its shape (gemm_seconds at MATMUL_EFFICIENCY of peak plus GEMM_FIXED_S), the
+def _shaped_block(model, gpu, plan, peak):
+    """Seconds of one block's forward, of its recompute and of the output projection, per
+    micro-batch, on one GPU: every matmul at its shape (gemm_seconds at MATMUL_EFFICIENCY of peak plus GEMM_FIXED_S), the
     memory-bound work at HBM bandwidth; the backward is twice the forward (time.py's module
     docstring)."""
     rate = peak * MATMUL_EFFICIENCY
@@ -327,12 +331,11 @@ def _shaped_forward(model, gpu, plan, peak):
     layer_s = sum(gemm.values()) + (moved["block"] + moved["attention_core"]) / hbm
     head_f = 2 * plan.mbs * plan.seq * model.hidden * model.vocab / plan.tp
     head_s = gemm_seconds(head_f, 1, rate, GEMM_FIXED_S)
-    layers = model.layers // plan.pp
     # what is rerun, as layer_recompute_flops_per_token counts it: selective-op reruns only the
     # math kernel's attention core (it keeps every matmul's and the flash kernel's outputs)
     core_again = plan.recompute == "selective" or (plan.recompute == "selective-op" and plan.attention == "math")
     rc = layer_s if plan.recompute == "full" else (core_s if core_again else 0.0)
-    return layers * layer_s + head_s, layers * rc
+    return layer_s, rc, head_s
 
 
 def exposed_bubble(gpu, over_ideal):
@@ -364,7 +367,7 @@ def _offload_bytes(plan, comm, shard):
         return shard * (4 + dt["P"])
     up = down = 0.0 * plan.dp
     for c in comm:
-        if c.group != "dp":
+        if c.group not in ("dp", "dp_shard"):
             continue
         if c.kind == "all-gather":
             up = up + c.count * c.bytes / c.ranks / dt["gather"] * dt["P"]

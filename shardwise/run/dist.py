@@ -70,9 +70,25 @@ def check_world(plan: Plan) -> None:
         )
 
 
+HSDP_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
 def build_mesh(plan: Plan, device: torch.device) -> DeviceMesh | None:
-    """The job's (pp, dp, tp) mesh, or None for a single process."""
+    """The job's (pp, dp, tp) mesh, or None for a single process. HSDP (plan.dp_shard < dp) splits
+    dp into (dp_replicate, dp_shard), shard ranks consecutive (inside a node where they fit, as the
+    estimate's link rule assumes), and names the two flattened back "dp" (mesh["dp"]: the batch's
+    data-parallel rank; mesh["dp_replicate", "dp_shard"]: FSDP2's 2-D mesh)."""
     check_world(plan)
     if world_size() == 1:
         return None
+    if 0 < plan.dp_shard < plan.dp:
+        shape = (plan.pp, plan.dp // plan.dp_shard, plan.dp_shard, plan.tp)
+        mesh = init_device_mesh(device.type, shape, mesh_dim_names=HSDP_DIMS)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        return mesh
     return init_device_mesh(device.type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=MESH_DIMS)
+
+
+def fsdp_mesh(mesh: DeviceMesh, plan: Plan) -> DeviceMesh:
+    """The mesh FSDP2 shards over: the dp dim, or HSDP's 2-D (replicate, shard) one."""
+    return mesh["dp_replicate", "dp_shard"] if 0 < plan.dp_shard < plan.dp else mesh["dp"]

@@ -74,7 +74,8 @@ class Engine:
             raise ShardwiseError(f"grad_clip must be positive (or None for no clipping), got {grad_clip!r}")
         self.grad_clip = grad_clip
         self.mesh = mesh if mesh is not None else rdist.build_mesh(plan, self.device)
-        coord = (lambda d: self.mesh.get_local_rank(d)) if self.mesh is not None else (lambda d: 0)
+        # mesh[d]: a flattened dim too (HSDP's dp = dp_replicate x dp_shard)
+        coord = (lambda d: self.mesh[d].get_local_rank()) if self.mesh is not None else (lambda d: 0)
         self.pp_rank, self.dp_rank, self.tp_rank = coord("pp"), coord("dp"), coord("tp")
         self.dp_size = plan.dp
         self.rank = rdist.rank()

@@ -22,8 +22,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.errors import ShardwiseError
+from shardwise.run.dist import fsdp_mesh
 from shardwise.run.model import Transformer
-from shardwise.spec.plan import Plan, engine_violation
+from shardwise.spec.plan import Plan, engine_violation, stage_blocks
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,11 @@ def stage_ids(plan: Plan, pp_rank: int) -> list[int]:
 
 def split_pipeline(model: Transformer, plan: Plan, pp_rank: int) -> list[tuple[int, Transformer]]:
     """This rank's stage modules (deep copies of the meta model with the rest removed).
-    Layers are split evenly in order over pp*vpp stages; the first stage also holds the
-    embeddings, the last the final norm and the output projection. Names stay global."""
+    Layers are split in order over pp*vpp stages as the plan says (stage_blocks: the same number
+    on each, the last stage maybe fewer); the first stage also holds the embeddings, the last the
+    final norm and the output projection. Names stay global."""
     n_stages = plan.pp * plan.vpp
-    per = model.spec.layers // n_stages
+    per, _ = stage_blocks(plan, model.spec.layers)
     out = []
     for s in stage_ids(plan, pp_rank):
         m = copy.deepcopy(model)
@@ -174,7 +176,8 @@ def apply_attention(model: Transformer, kernel: str) -> None:
 
 def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, plan: Plan, prec: Precision) -> None:
     """ZeRO-2 = fully_shard(reshard_after_forward=False), ZeRO-3 = fully_shard: per block, then
-    the root (embeddings, final norm, output). Shards are dim-0, padded to a multiple of dp."""
+    the root (embeddings, final norm, output). Shards are dim-0, padded to a multiple of dp (of
+    dp_shard under HSDP, where dp_mesh is 2-D and FSDP2 all-reduces across its replicate dim)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = (
@@ -224,7 +227,7 @@ def parallelize(
     apply_recompute(model, plan.recompute)
     apply_attention(model, plan.attention)
     if uses_fsdp(plan):
-        apply_fsdp(model, mesh["dp"], plan, prec)
+        apply_fsdp(model, fsdp_mesh(mesh, plan), plan, prec)
     materialize(model, device, seed)
     if plan.dp > 1 and plan.zero <= 1:
         return apply_ddp(model, mesh["dp"], plan.tp)

@@ -289,6 +289,8 @@ def _table(parts) -> Table:
             "pp",
             "vpp",
             "mbs",
+            "dp_shard",
+            "last_less",
             "zero",
             "sp",
             "schedule",
@@ -304,7 +306,7 @@ def _table(parts) -> Table:
     for space, scored in parts:
         for s in scored:
             n = len(s.idx)
-            for k in ("dp", "tp", "pp", "vpp", "mbs"):
+            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less"):
                 cols[k].append(s.grid[k][s.idx])
             codes = {
                 "zero": s.cats["zero"],

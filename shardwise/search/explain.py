@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from shardwise import units
 from shardwise.search.equivalent import BAND_WHY, EQUIVALENT_BAND, RANK_WORDS, per_token
-from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER
+from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SEARCHED
 
 MEMORY_LABELS = {
     "params": "parameters",
@@ -27,6 +27,8 @@ REJECT_LABELS = {
     "schedule": "schedule rules",
     "gpus": "dp*tp*pp is not the GPU count",
     "offload": "offload rules",
+    "hsdp": "--dp-shard does not divide dp, or ZeRO < 2",
+    "stages": "the layers do not split over the pipeline stages",
     "engine": "{engine} cannot train them (other --profile values allow them)",
 }
 
@@ -130,7 +132,7 @@ def _show(f: str, v) -> str:
 def plan_diff(a, b) -> str:
     """Fields where plan `a` differs from `b`, as 'tp=4 (vs tp=8), ZeRO-1 (vs ZeRO-3)'."""
     out = [f"{a.world} GPUs (vs {b.world})"] if a.world != b.world else []
-    for f in ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload"):
+    for f in SEARCHED:
         va, vb = getattr(a, f), getattr(b, f)
         if va != vb:
             out.append(f"{_show(f, va)} (vs {_show(f, vb)})")
@@ -170,6 +172,8 @@ def _dims(res, w):
         out.append(("offload", f"{p.offload} offload", c["offload"] < OFFLOAD_ORDER.index(p.offload), "less offload"))
     if p.sp:
         out.append(("sp", "sequence parallel", (c["sp"] == 0) & (c["tp"] > 1), "no sequence parallel"))
+    if 0 < p.dp_shard < p.dp:
+        out.append(("dp_shard", f"HSDP shard groups of {p.dp_shard}", c["dp_shard"] == 0, "sharding over all of dp"))
     if p.pp > 1 and p.vpp > 1:
         out.append(("vpp", f"interleaving (v={p.vpp})", (c["vpp"] == 1) & (c["pp"] > 1), "no interleaving"))
     if p.tp == 1 and p.pp == 1:  # pure data parallel: why not split the model?

@@ -2,11 +2,12 @@
 
 A search holds the training choices fixed (seq, precision, optimizer, gbs: they change what is
 learned, not how it is split) and opens the parallelization choices: dp x tp x pp, ZeRO stage,
-micro-batch, pipeline schedule and virtual stages, recompute, sequence parallel, offload. Any
+micro-batch, pipeline schedule and virtual stages, recompute, sequence parallel, offload, HSDP
+shard groups (ZeRO-2/3). Any
 field the user pins takes only that value.
 
 Plans are grouped by their categorical fields (zero, schedule, recompute, sp, offload); inside a
-group the numeric fields (dp, tp, pp, vpp, mbs) form one grid of numpy arrays, so the estimate
+group the numeric fields (dp, tp, pp, vpp, mbs, dp_shard) form one grid of numpy arrays, so the estimate
 formulas run once per group. Each strategy is generated once: no schedule variants when pp = 1,
 no sequence parallel when tp = 1, no vpp outside the interleaved schedule, unless pinned. Whatever
 is generated still goes through every Plan rule (shardwise.spec.plan.RULES).
@@ -34,9 +35,9 @@ from shardwise.spec.plan import (
     divisors,
 )
 
-SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload")
+SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload", "dp_shard", "last_less")
 HELD = ("gbs", "seq", "precision", "optimizer", "attention")  # training choices: pinned or defaulted, never searched
-NUMERIC = ("dp", "tp", "pp", "vpp", "mbs")
+NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less")
 PLAN_ARRAYS = NUMERIC + ("gbs",)  # the grid columns that are Plan fields (seq is held: one value)
 # Default global batch: about 4M tokens, the batch of LLaMA 1/2 at every size (Touvron et al. 2023,
 # Table 2 / Sec. 2.2) and of GPT-3 175B (3.2M, Brown et al. 2020, Table 2.1).
@@ -72,11 +73,23 @@ def check_fixed(fixed: dict) -> dict:
     for k in fixed:
         if k not in names:
             raise ShardwiseError(f"unknown plan field {k!r} to pin; {closest(k, names)}")
-    for k in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp"):
+    for k in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less"):
         if k in fixed:
-            _positive_int(k, fixed[k])
-    _check_choices(Plan(**{k: v for k, v in fixed.items() if k not in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp")}))
+            _positive_int(k, fixed[k], allow_zero=k in ("dp_shard", "last_less"))
+    numeric = ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less")
+    _check_choices(Plan(**{k: v for k, v in fixed.items() if k not in numeric}))
     return fixed
+
+
+def last_stage_cuts(layers: int, stages: int, schedule: str) -> list[int]:
+    """Plan.last_less values of a pipeline of `stages` virtual stages: the remainder r (so the
+    others hold the same number; 0 when they divide the layers), then each r + j * stages (one more block on every other stage)
+    that leaves the last stage a block or none (its head alone). Uneven splits are gpipe's and
+    1f1b's. 32 layers over 4 stages: 0 (8 each), 4 (9, 9, 9, 5), 8 (10, 10, 10, 2)."""
+    if stages == 1 or schedule == "interleaved":
+        return [0]
+    r = (-layers) % stages  # written out (not 0) so the plan's name shows the split
+    return [r] + [k for k in range(r + stages, layers // (stages - 1) + 1, stages)]
 
 
 @dataclass(frozen=True)
@@ -179,16 +192,22 @@ class Space:
         return [{"recompute": r, "offload": o} for r in self.choices("recompute") for o in self.choices("offload")]
 
     # ---- numeric grid -------------------------------------------------------------------
-    def grid(self, sp: bool, schedule: str) -> dict[str, np.ndarray]:
-        return self._grids.setdefault((sp, schedule), self._build_grid(sp, schedule))
+    def grid(self, sp: bool, schedule: str, sharded: bool = False) -> dict[str, np.ndarray]:
+        """The numeric grid of a family; `sharded` (ZeRO-2/3) adds the HSDP shard groups."""
+        key = (sp, schedule, sharded)
+        if key not in self._grids:
+            self._grids[key] = self._build_grid(sp, schedule, sharded)
+        return self._grids[key]
 
     @cached_property
     def _grids(self) -> dict:
         return {}
 
-    def _build_grid(self, sp: bool, schedule: str) -> dict[str, np.ndarray]:
-        """Columns dp tp pp vpp mbs gbs (the Plan's numeric fields) and gpus, node (the GPU count
-        and node size the element is for: one value here, several in a Spaces)."""
+    def _build_grid(self, sp: bool, schedule: str, sharded: bool = False) -> dict[str, np.ndarray]:
+        """Columns dp tp pp vpp mbs dp_shard gbs (the Plan's numeric fields) and gpus, node (the GPU
+        count and node size the element is for: one value here, several in a Spaces). dp_shard:
+        0 (shard over all of dp) and, for ZeRO-2/3 families, every HSDP shard group: each divisor
+        S of dp with 1 < S < dp."""
         f, m = self.fixed, self.model
         cols: dict[str, list[int]] = {k: [] for k in NUMERIC}
         for tp, pp in self.tp_pp:
@@ -212,10 +231,17 @@ class Space:
                 mbss = divisors(self.gbs // dp)
             else:  # gbs cannot be split over dp: powers of two, all refused by the batch rule
                 mbss = [1 << i for i in range(max(1, self.gbs // dp).bit_length())]
+            if "dp_shard" in f:
+                shards = [f["dp_shard"]]
+            else:
+                shards = [0] + ([s for s in divisors(dp) if 1 < s < dp] if sharded else [])
             for v in vpps:
+                cuts = [f["last_less"]] if "last_less" in f else last_stage_cuts(m.layers, pp * v, schedule)
                 for b in mbss:
-                    for k, x in zip(NUMERIC, (dp, tp, pp, v, b)):
-                        cols[k].append(x)
+                    for s in shards:
+                        for c in cuts:
+                            for k, x in zip(NUMERIC, (dp, tp, pp, v, b, s, c)):
+                                cols[k].append(x)
         out = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
         n = len(out["dp"])
         out |= {
@@ -253,8 +279,9 @@ class Spaces:
         )
         self._grids: dict = {}
 
-    def grid(self, sp: bool, schedule: str) -> dict[str, np.ndarray]:
-        if (sp, schedule) not in self._grids:
-            parts = [s.grid(sp, schedule) for s in self.spaces]
-            self._grids[(sp, schedule)] = {k: np.concatenate([g[k] for g in parts]) for k in parts[0]}
-        return self._grids[(sp, schedule)]
+    def grid(self, sp: bool, schedule: str, sharded: bool = False) -> dict[str, np.ndarray]:
+        key = (sp, schedule, sharded)
+        if key not in self._grids:
+            parts = [s.grid(*key) for s in self.spaces]
+            self._grids[key] = {k: np.concatenate([g[k] for g in parts]) for k in parts[0]}
+        return self._grids[key]

@@ -112,7 +112,7 @@ def evaluate(
         families = sorted(families, key=lambda f: (-f["zero"], -f["sp"]))
         variants = variants[::-1]
     for fam in families:
-        grid = space.grid(fam["sp"], fam["schedule"])
+        grid = space.grid(fam["sp"], fam["schedule"], fam["zero"] >= 2)
         n = len(grid["dp"])
         if n == 0:
             continue

@@ -47,6 +47,13 @@ class Plan:
     # "math" for runs that materialize the attention scores (Megatron 2022, any unfused attention):
     # the s x s scores are then saved for backward and selective recompute has something to drop
     attention: str = "flash"
+    # HSDP: ZeRO-2/3 states sharded over groups of dp_shard ranks, replicated over dp / dp_shard
+    # such groups (FSDP2 fully_shard on a 2-D (replicate, shard) mesh); 0 -> shard over all of dp
+    dp_shard: int = 0
+    # blocks the last pipeline stage holds fewer than the others (its final norm, output layer and
+    # loss take their place; Megatron's --decoder-last-pipeline-num-layers, torchtitan's
+    # last_stage_less_layers); 0 -> none when pp*vpp divides the layers, else the remainder
+    last_less: int = 0
 
     # ---- derived (array-safe arithmetic) ----------------------------------------------
     @property
@@ -57,6 +64,16 @@ class Plan:
     def grad_accum(self):
         """Micro-batches per rank per step (= pipeline micro-batches m when pp > 1)."""
         return self.gbs // (self.dp * self.mbs)
+
+    @property
+    def shard(self):
+        """Ranks one ZeRO-2/3 shard group spans: dp_shard (HSDP), else all of dp (array-safe)."""
+        return self.dp_shard + (self.dp_shard == 0) * self.dp
+
+    @property
+    def replicate(self):
+        """HSDP replicas: dp / shard (1 without HSDP)."""
+        return self.dp // self.shard
 
     @property
     def tokens_per_step(self):
@@ -80,6 +97,10 @@ class Plan:
         ]
         if self.pp > 1:
             parts.append(self.schedule + (f"/v{self.vpp}" if self.vpp > 1 else ""))
+        if 0 < self.dp_shard < self.dp:
+            parts.append(f"hsdp{self.dp_shard}")
+        if self.last_less:
+            parts.append(f"last-{self.last_less}")
         if self.sp:
             parts.append("sp")
         if self.recompute != "none":
@@ -96,7 +117,7 @@ class Plan:
         _check_choices(self)
         for f in ("tp", "pp", "mbs", "seq", "vpp"):
             _positive_int(f, getattr(self, f))
-        for f in ("dp", "gbs"):
+        for f in ("dp", "gbs", "dp_shard", "last_less"):
             _positive_int(f, getattr(self, f), allow_zero=True)
         _positive_int("gpus", gpus)
         limits.check_count("gpus", gpus, limits.GPUS)
@@ -138,7 +159,7 @@ class Rule(NamedTuple):
     `reason` groups rules for the search's rejection counts.
     """
 
-    reason: str  # gpus | divisibility | batch | schedule | sequence | offload
+    reason: str  # gpus | divisibility | stages | batch | schedule | sequence | offload | hsdp
     broken: Callable
     message: Callable
 
@@ -177,11 +198,34 @@ RULES: tuple[Rule, ...] = (
         lambda p, m, g: f"pp={p.pp} is more stages than {m.name}'s {m.layers} layers; use pp <= {m.layers}",
     ),
     Rule(
-        "divisibility",
-        lambda p, m, g: m.layers % (p.pp * p.vpp) != 0,
+        "stages",
+        lambda p, m, g: (p.last_less > 0) & (p.pp == 1),
+        lambda p, m, g: f"--last-less {p.last_less} needs pp > 1 (one stage holds every layer); leave it out",
+    ),
+    Rule(
+        "stages",
+        lambda p, m, g: (m.layers + last_cut(p, m.layers)) % (p.pp * p.vpp) != 0,
         lambda p, m, g: (
-            f"pp*vpp = {p.pp * p.vpp} must divide the {m.layers} layers so every stage gets the "
-            f"same number; try pp in {divisors(m.layers)}"
+            f"--last-less {p.last_less}: {m.layers} + {p.last_less} is not a multiple of the {p.pp * p.vpp} "
+            f"stages, so the others cannot hold the same number of layers; use --last-less "
+            f"{(-m.layers) % (p.pp * p.vpp) or p.pp * p.vpp} (or that plus a multiple of {p.pp * p.vpp}), or leave it out"
+        ),
+    ),
+    Rule(
+        "stages",
+        lambda p, m, g: stage_blocks(p, m.layers)[1] < 0,
+        lambda p, m, g: (
+            f"{m.layers} layers over {p.pp * p.vpp} stages, {stage_blocks(p, m.layers)[0]} on each of the others, "
+            f"leaves the last stage {stage_blocks(p, m.layers)[1]} layers; "
+            + ("use a smaller --last-less" if p.last_less else f"use fewer stages: pp in {divisors(m.layers)}")
+        ),
+    ),
+    Rule(
+        "stages",
+        lambda p, m, g: _INTERLEAVED(p) & (last_cut(p, m.layers) > 0),
+        lambda p, m, g: (
+            f"pp*vpp = {p.pp * p.vpp} does not divide the {m.layers} layers, and uneven stages are modeled for "
+            f"gpipe and 1f1b only; use --schedule 1f1b, or pp*vpp dividing {m.layers} (pp in {divisors(m.layers)})"
         ),
     ),
     Rule(
@@ -208,6 +252,22 @@ RULES: tuple[Rule, ...] = (
         lambda p, m, g: (
             f"interleaved 1F1B needs the micro-batch count ({p.grad_accum}) to be a multiple "
             f"of pp={p.pp}; raise gbs or lower mbs"
+        ),
+    ),
+    Rule(
+        "hsdp",
+        lambda p, m, g: p.dp % p.shard != 0,
+        lambda p, m, g: (
+            f"--dp-shard {p.dp_shard} must divide dp={p.dp} (the shard groups tile the data-parallel "
+            f"ranks); try --dp-shard in {divisors(p.dp)}"
+        ),
+    ),
+    Rule(
+        "hsdp",
+        lambda p, m, g: (p.shard < p.dp) & (p.zero < 2),
+        lambda p, m, g: (
+            f"--dp-shard {p.dp_shard} shards ZeRO-2/3 states (HSDP); with --zero {p.zero} nothing is sharded "
+            "that way: add --zero 3 (or 2), or leave --dp-shard out"
         ),
     ),
     Rule("sequence", lambda p, m, g: p.sp & (p.tp == 1), lambda p, m, g: "sequence parallel (--sp) needs tp > 1"),
@@ -303,6 +363,21 @@ def first_broken(rules, p: Plan, model) -> str | None:
 def engine_violation(p: Plan, model) -> str | None:
     """The first PyTorch-engine limit a complete scalar plan hits, or None."""
     return first_broken(ENGINE_RULES, p, model)
+
+
+def last_cut(p: Plan, layers):
+    """Blocks the last pipeline stage holds fewer than the others: last_less, or (0) the remainder
+    that lets the other stages hold the same number (126 layers over 16 stages: 2, so 15 x 8 + 6).
+    Array-safe."""
+    return p.last_less + (p.last_less == 0) * ((-layers) % (p.pp * p.vpp))
+
+
+def stage_blocks(p: Plan, layers):
+    """(blocks of every virtual stage but the last, blocks of the last). Array-safe; the first
+    stage also holds the embeddings, the last the final norm, the output layer and the loss."""
+    cut = last_cut(p, layers)
+    n = (layers + cut) // (p.pp * p.vpp)
+    return n, n - cut
 
 
 def divisors(n: int) -> list[int]:

@@ -13,6 +13,7 @@ from shardwise.estimate import activations as acts
 from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, where
 from shardwise.estimate.memory.moments import Blend, grads_present, loss_and_block, peak_backwards, split_items
 from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
+from shardwise.estimate.pipeline import chunk_blocks, rank_blocks
 from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
 
 
@@ -22,12 +23,12 @@ def _fsdp_shard(shape, dp) -> tuple:
 
 
 @memo
-def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last):
+def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last, blocks):
     """Parameter sums under FSDP2: shard elements (padded) of the stage and of one block, unsharded
     (padded) elements of the stage, one block, the root, the head and the tied output, optimizer
     bytes and step scratch on rank 0."""
     g, sb = groups(model), TORCH.state_bytes(precision)
-    st = stage_of(model, pp, last)
+    st = stage_of(model, pp, last, blocks)
     shard = lambda p: _fsdp_shard(local_shape(p, tp), dp)
     padded = lambda p: dp * elements(shard(p))
     s = st.sum(g, lambda p: elements(shard(p)))
@@ -69,7 +70,9 @@ def fsdp_moments(model, plan, last: bool, attention: str, device: str = "cuda") 
     c = compute_bytes(plan.precision)
     pb = 2 if mixed else sb.param  # unsharded (all-gathered) parameters and their gradients
     rb = 4 if mixed else sb.grad  # reduce-scatter dtype = the sharded gradients' dtype
-    z = _fsdp_sizes(model, plan.precision, plan.optimizer, plan.tp, plan.dp, plan.pp, last)
+    # HSDP: the states are sharded over the shard group only (plan.shard = dp without HSDP)
+    blocks = rank_blocks(model, plan, last)
+    z = _fsdp_sizes(model, plan.precision, plan.optimizer, plan.tp, plan.shard, plan.pp, last, blocks)
     pipelined = where(plan.pp > 1, 1, 0)
     vec = _is_array(pipelined)
     accumulated = where(plan.grad_accum > 1, 1, 0)
@@ -99,7 +102,7 @@ def fsdp_moments(model, plan, last: bool, attention: str, device: str = "cuda") 
         }
         a = {**persistent, **activations}
         if vec or pipelined:
-            piped += _fsdp_pipelined(model, plan, a, f, sizes, z, pb, rb, accumulated)
+            piped += _fsdp_pipelined(model, plan, last, a, f, sizes, z, pb, rb, accumulated)
         if (vec or not pipelined) and i == 0:  # without a pipeline every backward is this one
             alone = _fsdp_alone(model, plan, a, f, sizes, z, pb, rb, accumulated, 0 if offload else rb)
     if vec:  # array plans: each moment of a pipelined plan shares its place with one of a plan without
@@ -129,7 +132,7 @@ def fsdp_moments(model, plan, last: bool, attention: str, device: str = "cuda") 
     return moments + [b, cc]
 
 
-def _fsdp_pipelined(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated) -> list[dict]:
+def _fsdp_pipelined(model, plan, last, a: dict, f, sizes, z: dict, pb, rb, accumulated) -> list[dict]:
     """Moment A as two (loss_and_block) under torch.distributed.pipelining, which keeps FSDP from
     resharding after backward and from reduce-scattering before the last micro-batch
     (backward_maybe_with_nosync): every block ends up unsharded and every gradient accumulates
@@ -140,7 +143,7 @@ def _fsdp_pipelined(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated
     a["params.unsharded"] = pb * z["u_all"]
     head = z["u_root"] - z["u_embed"]  # the final norm and output (the last rank's root)
     a["grads.unsharded_accumulated"] = (
-        accumulated * rb * grads_present(f, v, model.layers // (plan.pp * v), z["u_block"], z["u_embed"], head)
+        accumulated * rb * grads_present(f, v, chunk_blocks(model, plan, last), z["u_block"], z["u_embed"], head)
     )
     a["grads.head_unsharded"] = pb * z["u_head"]
     a["buffers.reduce_scatter"] = pb * z["u_block"]  # one block's gradients, cast into the fp32 accumulator

@@ -123,12 +123,14 @@ class Stage:
         return best
 
 
-def stage_of(model, pp, last: bool) -> Stage:
+def stage_of(model, pp, last: bool, blocks=None) -> Stage:
+    """The groups of the first (last=False) or last pipeline rank; `blocks`: its transformer blocks
+    (pipeline.rank_blocks; None: an even split, layers / pp)."""
     pipelined = where(pp > 1, 1, 0)
     embed = 1 - pipelined if last else 1
     head = 1 if last else 1 - pipelined
     tied = head * pipelined if model.tied_embeddings else 0
-    return Stage(embed, model.layers // pp, head, tied)
+    return Stage(embed, model.layers // pp if blocks is None else blocks, head, tied)
 
 
 def block_sum(g, f, only=None):
@@ -137,9 +139,9 @@ def block_sum(g, f, only=None):
 
 
 # ---- one rank's parameters in registration order ----
-def stage_param_shapes(model, tp: int, pp: int, last: bool) -> list[tuple[int, ...]]:
+def stage_param_shapes(model, tp: int, pp: int, last: bool, blocks: int | None = None) -> list[tuple[int, ...]]:
     """The local shapes of one pipeline rank's parameters in registration order (scalars only)."""
-    return [local_shape(p, tp) for p in stage_params(model, pp, bool(last))]
+    return [local_shape(p, tp) for p in stage_params(model, pp, bool(last), blocks)]
 
 
 @lru_cache(maxsize=64)
@@ -153,12 +155,13 @@ def _named_params(model) -> tuple:
 
 
 @lru_cache(maxsize=1024)
-def stage_params(model, pp: int, last: bool) -> tuple[Param, ...]:
+def stage_params(model, pp: int, last: bool, blocks: int | None = None) -> tuple[Param, ...]:
     named = _named_params(model)
     if pp == 1:
         return tuple(p for _, _, p in named)
     keep_embed, keep_head = not last, last
-    lo, hi = (model.layers - model.layers // pp, model.layers) if last else (0, model.layers // pp)
+    per = model.layers // pp if blocks is None else blocks
+    lo, hi = (model.layers - per, model.layers) if last else (0, per)
     out = []
     for top, layer, p in named:
         if top in ("tok_embeddings", "pos_embeddings") and not keep_embed:

@@ -30,8 +30,9 @@ ALLOWED = {
     "search": {"spec", "estimate"},
     "report": {"spec", "estimate", "search"},
     "run": {"spec"},
-    "check": {"spec", "estimate", "run"},
-    "cli": {"spec", "estimate", "search", "report", "run", "check"},
+    "trace": {"spec", "estimate", "run"},
+    "check": {"spec", "estimate", "run", "trace"},
+    "cli": {"spec", "estimate", "search", "report", "run", "check", "trace"},
     "": {"spec", "estimate", "search"},  # shardwise/__init__.py: the Python API
     "__main__": {"cli"},
 }

@@ -54,10 +54,14 @@ class ReadyOrder:
     def __init__(self, modules):
         self.ddps = [m for m in modules if isinstance(m, DDP)]
         self.order: dict[int, list[int]] = {}
+        # the reducer's own list, kept: under DDP + TP the module's parameters are swapped for their
+        # local shards at the first forward, and the module no longer lists them afterwards
+        self.params: dict[int, tuple[list, list, dict]] = {}
         self.handles = []
         for m in self.ddps:
             _fit(m)
-            params, _ = m._build_params_for_reducer()
+            params, sparse = m._build_params_for_reducer()
+            self.params[id(m)] = (params, sparse, m._build_debug_param_to_name_mapping(params))
             seen = self.order.setdefault(id(m), [])
             for i, p in enumerate(params):
                 self.handles.append(p.register_post_accumulate_grad_hook(lambda _p, i=i, s=seen: s.append(i)))
@@ -69,7 +73,7 @@ class ReadyOrder:
         self.handles = []
         for m in self.ddps:
             ready = list(dict.fromkeys(self.order[id(m)]))
-            params, sparse = m._build_params_for_reducer()
+            params, sparse, names = self.params[id(m)]
             ready += [i for i in range(len(params)) if i not in set(ready)]  # unused: last, as c10d does
             original = dist._compute_bucket_assignment_by_size
 
@@ -80,7 +84,7 @@ class ReadyOrder:
                 return list(reversed(idx)), list(reversed(sizes))
 
             with _swap(dist, "_compute_bucket_assignment_by_size", in_ready_order):
-                m._ddp_init_helper(params, sparse, m._build_debug_param_to_name_mapping(params), m.static_graph)
+                m._ddp_init_helper(params, sparse, names, m.static_graph)
             _fit(m)
 
 

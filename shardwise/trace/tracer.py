@@ -5,9 +5,9 @@ stage (the first, the last, one middle one), at dp rank 0 and tp rank 0 (every d
 stage builds and steps the same module; dp rank 0 holds the largest FSDP2 shard, as the estimate
 assumes). Each role is traced in the same process, one after the other, on its own fake group.
 
-Per role the trace runs the steps a real run would need to reach its steady state (optimizer
-states created in the first step; DDP's buckets rebuilt after it, trace/ddp.py) and measures the
-last one with the run tier's own Meter (run/measure.py): model states, peak memory (MemTracker,
+Per role the trace brings the rank to its steady state (the optimizer's states, which a first
+step creates; under DDP a whole first step, whose backward orders the rebuilt buckets: trace/ddp.py)
+and measures the next step with the run tier's own Meter (run/measure.py): model states, peak memory (MemTracker,
 at the CUDA caching allocator's granularity: trace/fake.py), every collective; plus the peak's
 breakdown by MemTracker's categories, memory at the step's moments and FLOPs by module
 (FlopCounterMode).
@@ -24,10 +24,13 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.flop_counter import FlopCounterMode
 
+from shardwise import units
 from shardwise.errors import ShardwiseError
 from shardwise.run.dist import MESH_DIMS
 from shardwise.run.engine import Engine
 from shardwise.run.measure import Meter, measurement_to_dict
+from shardwise.run.model import check_runnable
+from shardwise.run.parallelize import check_supported
 from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan
 from shardwise.trace import ddp, fake
@@ -135,6 +138,17 @@ def _flops(counter: FlopCounterMode) -> dict[str, int]:
     return out
 
 
+def _first_step_states(engine: Engine) -> None:
+    """What a first step leaves behind besides the weights' values: the optimizer's states (Adam's
+    moments, created at its first step). Stepped once on zero gradients, then the gradients dropped,
+    as train_step does: the steady state, without a whole forward and backward to get there."""
+    for r in engine.params:
+        r.param.grad = torch.zeros_like(r.param)
+    engine.optimizer.step()
+    for r in engine.params:
+        r.param.grad = None
+
+
 def _mesh(plan: Plan):
     return init_device_mesh("cpu", (plan.pp, plan.dp, plan.tp), mesh_dim_names=MESH_DIMS)
 
@@ -149,9 +163,11 @@ def trace_role(spec: ModelSpec, plan: Plan, role: Role, *, seed: int = 0, flops:
             modules = [w for _, _, w in engine.stages]
             order = ddp.ReadyOrder(modules)
             tokens = torch.zeros(plan.gbs // plan.dp, plan.seq + 1, dtype=torch.long)
-            engine.train_step(tokens)  # step 1: the optimizer's states come to be; DDP's ready order
-            if order.ddps:
+            if order.ddps:  # a whole first step: DDP's gradient-ready order, then its buckets rebuilt
+                engine.train_step(tokens)
                 order.rebuild()
+            else:
+                _first_step_states(engine)
             meter = Meter(engine)
             moments = _Moments(meter)
             try:
@@ -177,12 +193,63 @@ def trace_role(spec: ModelSpec, plan: Plan, role: Role, *, seed: int = 0, flops:
             )
 
 
+def check_traceable(spec: ModelSpec, plan: Plan) -> None:
+    """The run tier's refusals, one line each, before anything is built; and what it can build
+    only on CUDA, which the trace (fake tensors on the CPU device) cannot follow."""
+    check_runnable(spec)
+    if plan.offload == "params":
+        raise ShardwiseError(
+            "--offload params moves FSDP2's shards to host memory on a CUDA device; the trace runs the engines "
+            "on fake CPU tensors and cannot follow it: trace without it, or run it with `shardwise run` on GPUs"
+        )
+    if plan.precision == "fp16-mixed":
+        raise ShardwiseError(
+            "fp16-mixed needs CUDA's gradient scaler, which the trace (fake CPU tensors) cannot run; "
+            "trace bf16-mixed: its memory and collectives are the same bytes"
+        )
+    check_supported(spec, plan, torch.device("cpu"))
+
+
 def trace(spec: ModelSpec, plan: Plan, *, seed: int = 0, flops: bool = True) -> list[dict]:
     """Every role of a resolved plan (Plan.resolve(spec, gpus) first), each in a child process of
     its own (forked: torch is imported once): DTensor and DeviceMesh cache what they computed for a
     mesh by its layout, so a second fake world in the same process would reuse the first's groups.
     Returns RoleTrace.to_dict() per role."""
     return [_in_child(spec, plan, r, seed, flops) for r in roles(plan)]
+
+
+def _available() -> int:
+    """Bytes of memory available to new allocations now (Linux MemAvailable), 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _limit_memory() -> None:
+    """Cap this child's address space at what it holds now plus the memory available: a trace that
+    outgrows the machine fails with MemoryError (one line) instead of swapping it to death."""
+    import resource
+
+    avail = _available()
+    if not avail:
+        return
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[0])
+    limit = pages * resource.getpagesize() + avail
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def _out_of_memory(role: Role) -> str:
+    return (
+        f"tracing {role.name} (rank {role.rank}) ran out of this machine's memory ({units.gib(_available())} "
+        "available now). Fake tensors hold no data, so what grows is the bookkeeping: Python objects per "
+        "operation and per parameter; trace fewer micro-batches (--gbs) or layers (--layers), or on a larger machine"
+    )
 
 
 def _in_child(spec: ModelSpec, plan: Plan, role: Role, seed: int, flops: bool) -> dict:
@@ -194,9 +261,12 @@ def _in_child(spec: ModelSpec, plan: Plan, role: Role, seed: int, flops: bool) -
 
     def child():
         try:
+            _limit_memory()
             send.send(("ok", trace_role(spec, plan, role, seed=seed, flops=flops).to_dict()))
         except ShardwiseError as e:
             send.send(("user", str(e)))
+        except MemoryError:
+            send.send(("user", _out_of_memory(role)))
         except BaseException as e:  # reported by the parent, with its traceback
             send.send(("bug", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 

@@ -574,8 +574,9 @@ def figure(rep: Report, path: str) -> None:
     axes[0].legend(fontsize=8)
     bars(axes[1], list(comm), [v[0] for v in comm.values()], [v[1] for v in comm.values()], "MiB per step", 2**20)
     axes[1].set_title("collective bytes, rank 0")
-    bars(axes[2], ["step"], [step[0].predicted or 0], [step[0].measured or 0], "ms", 1e-3)
-    axes[2].set_title("step time")
+    if step:  # a trace has no time
+        bars(axes[2], ["step"], [step[0].predicted or 0], [step[0].measured or 0], "ms", 1e-3)
+    axes[2].set_title("step time" if step else "step time: none (traced)")
     p = rep.plan
     fig.suptitle(f"shardwise check: {rep.model.name}, {p.short()}, {rep.device}", fontsize=10)
     fig.tight_layout()

@@ -77,8 +77,17 @@ class ReadyOrder:
             ready += [i for i in range(len(params)) if i not in set(ready)]  # unused: last, as c10d does
             original = dist._compute_bucket_assignment_by_size
 
-            def in_ready_order(tensors, limits, expect_sparse, _orig=original, _ready=ready):
-                idx, sizes = _orig(tensors, limits, expect_sparse, _ready)
+            # the limits of the rebuild, not of construction (which puts everything in one bucket
+            # until the order is known): DDP's for rebuilding, or the C++ reducer's default pair
+            cfg = m._bucket_config
+            rebuild = cfg.compute_bucket_size_limits(m.static_graph, m.find_unused_parameters)[1]
+            limits = rebuild or [cfg.first_bucket_bytes_cap, cfg.bucket_bytes_cap]
+
+            def in_ready_order(tensors, _limits, expect_sparse, _orig=original, _ready=ready, _rebuild=limits):
+                # as the C++ rebuild calls it: the tensors in ready order, each labelled with its index
+                idx, sizes = _orig(
+                    [tensors[i] for i in _ready], _rebuild, [expect_sparse[i] for i in _ready], _ready
+                )
                 # DDP reverses the list it is given (construction order approximates the reverse of
                 # readiness); given the ready order, hand it over reversed so it comes out as is
                 return list(reversed(idx)), list(reversed(sizes))

@@ -16,6 +16,7 @@ breakdown by MemTracker's categories, memory at the step's moments and FLOPs by 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -210,12 +211,19 @@ def check_traceable(spec: ModelSpec, plan: Plan) -> None:
     check_supported(spec, plan, torch.device("cpu"))
 
 
-def trace(spec: ModelSpec, plan: Plan, *, seed: int = 0, flops: bool = True) -> list[dict]:
+def trace(spec: ModelSpec, plan: Plan, *, seed: int = 0, flops: bool = True, jobs: int = 0) -> list[dict]:
     """Every role of a resolved plan (Plan.resolve(spec, gpus) first), each in a child process of
     its own (forked: torch is imported once): DTensor and DeviceMesh cache what they computed for a
     mesh by its layout, so a second fake world in the same process would reuse the first's groups.
-    Returns RoleTrace.to_dict() per role."""
-    return [_in_child(spec, plan, r, seed, flops) for r in roles(plan)]
+    `jobs` children at a time (default: one per CPU), each capped at its share of the memory
+    available. Returns RoleTrace.to_dict() per role, in role order."""
+    rs = roles(plan)
+    jobs = jobs or max(1, min(len(rs), os.cpu_count() or 1))
+    out = []
+    for i in range(0, len(rs), jobs):
+        running = [_start(spec, plan, r, seed, flops, jobs) for r in rs[i : i + jobs]]
+        out += [_finish(*child) for child in running]
+    return out
 
 
 def _available() -> int:
@@ -230,12 +238,12 @@ def _available() -> int:
     return 0
 
 
-def _limit_memory() -> None:
-    """Cap this child's address space at what it holds now plus the memory available: a trace that
-    outgrows the machine fails with MemoryError (one line) instead of swapping it to death."""
+def _limit_memory(share: int = 1) -> None:
+    """Cap this child's address space at what it holds now plus its share of the memory available:
+    a trace that outgrows the machine fails with MemoryError (one line), never swaps it to death."""
     import resource
 
-    avail = _available()
+    avail = _available() // share
     if not avail:
         return
     with open("/proc/self/statm") as f:
@@ -252,7 +260,7 @@ def _out_of_memory(role: Role) -> str:
     )
 
 
-def _in_child(spec: ModelSpec, plan: Plan, role: Role, seed: int, flops: bool) -> dict:
+def _start(spec: ModelSpec, plan: Plan, role: Role, seed: int, flops: bool, share: int):
     import multiprocessing as mp
     import traceback
 
@@ -261,7 +269,7 @@ def _in_child(spec: ModelSpec, plan: Plan, role: Role, seed: int, flops: bool) -
 
     def child():
         try:
-            _limit_memory()
+            _limit_memory(share)
             send.send(("ok", trace_role(spec, plan, role, seed=seed, flops=flops).to_dict()))
         except ShardwiseError as e:
             send.send(("user", str(e)))
@@ -273,6 +281,10 @@ def _in_child(spec: ModelSpec, plan: Plan, role: Role, seed: int, flops: bool) -
     p = ctx.Process(target=child, daemon=True)
     p.start()
     send.close()
+    return role, p, recv
+
+
+def _finish(role: Role, p, recv) -> dict:
     try:
         kind, value = recv.recv()
     except EOFError:

@@ -71,7 +71,8 @@ FAMILIES = [
         2,
         16,
         dict(tp=2, dp=8, zero=3, recompute="selective", attention="math", gbs=8),
-        # the trace holds 1.47 GiB more at the peak (-7.8%): the recomputed attention core's scores
+        # the trace holds 1.47 GiB more at the peak (-7.8%); not yet diagnosed (suspect: the recomputed
+        # attention core, whose s x s scores exist again in the backward)
         marks=pytest.mark.xfail(strict=True, reason="estimate: selective recompute with math attention, -7.8%"),
     ),
     pytest.param(
@@ -162,3 +163,27 @@ def test_check_trace_passes_on_a_run_config(capsys):
     assert main(["check", "examples/tiny-llama.toml", "--trace", "--dp", "2", "--zero", "2"]) == 0
     out = capsys.readouterr().out
     assert "PASSED" in out and "peak 5%" in out
+
+
+def _outgrow(q) -> None:
+    tracer._limit_memory()
+    try:
+        bytearray(2 * tracer._available() + 2**30)
+        q.put("allocated")
+    except MemoryError:
+        q.put("MemoryError")
+
+
+def test_a_trace_child_cannot_outgrow_the_machine():
+    """The cap every trace child sets: asking for twice the memory available fails at once (MemoryError,
+    reported as one line by the parent), instead of swapping the machine."""
+    import multiprocessing as mp
+
+    if not tracer._available():
+        pytest.skip("no /proc/meminfo here: the cap is not set")
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_outgrow, args=(q,))
+    p.start()
+    p.join(60)
+    assert q.get(timeout=5) == "MemoryError"

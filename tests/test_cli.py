@@ -16,7 +16,7 @@ def run(*args):
     return p.returncode, p.stdout, p.stderr
 
 
-@pytest.mark.parametrize("cmd", ["models", "gpus", "estimate", "plan", "run", "check", "calibrate", "lecture"])
+@pytest.mark.parametrize("cmd", ["models", "gpus", "estimate", "plan", "run", "check", "calibrate", "lecture", "trace"])
 def test_every_subcommand_has_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

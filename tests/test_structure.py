@@ -30,9 +30,10 @@ ALLOWED = {
     "search": {"spec", "estimate"},
     "report": {"spec", "estimate", "search"},
     "run": {"spec"},
-    "check": {"spec", "estimate", "run"},
+    "trace": {"spec", "estimate", "run"},
+    "check": {"spec", "estimate", "run", "trace"},
     "validate": {"spec", "estimate"},
-    "cli": {"spec", "estimate", "search", "report", "run", "check", "validate"},
+    "cli": {"spec", "estimate", "search", "report", "run", "check", "trace", "validate"},
     "": {"spec", "estimate", "search"},  # shardwise/__init__.py: the Python API
     "__main__": {"cli"},
 }

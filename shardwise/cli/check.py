@@ -45,6 +45,12 @@ def register(sub) -> None:
         "left out of the time)",
     )
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--trace",
+        action="store_true",
+        help="hold the estimate against a trace (shardwise trace: the run's step on fake tensors, "
+        "one rank per role) instead of a run: any size and world size, no processes started; peak within 5%%",
+    )
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     g.add_argument(
         "--set", action="append", default=[], metavar="TABLE.FIELD=VALUE", help="override any config field (repeatable)"
@@ -166,6 +172,8 @@ def cmd_check(a: argparse.Namespace) -> int:
     if a.figure:  # before the run: a figure that cannot be written must not cost the run
         paths.check_output_file(a.figure, "--figure")
     cfg = config.load(a.config, overrides_from_args(a))
+    if a.trace:
+        return _check_trace(a, cfg)
     device = launch.resolve_device(cfg)
     cluster, gpu = _cluster(a, cfg.train.nproc, device)
     efficiency = a.efficiency
@@ -183,6 +191,21 @@ def cmd_check(a: argparse.Namespace) -> int:
         ck.print_report(rep)
         if a.figure:
             print(f"figure: {a.figure}")
+    return 0 if rep.passed else 1
+
+
+def _check_trace(a: argparse.Namespace, cfg) -> int:
+    from shardwise.trace.tracer import check_traceable
+
+    check_traceable(cfg.model, cfg.plan)
+    cluster, _ = _cluster(a, cfg.plan.world, "cpu")
+    rep = ck.check_trace(cfg.model, cfg.plan, cluster, seed=cfg.train.seed)
+    if a.figure:
+        ck.figure(rep, a.figure)
+    if a.json:
+        print(json.dumps(rep.to_dict(), indent=2))
+    else:
+        ck.print_report(rep)
     return 0 if rep.passed else 1
 
 

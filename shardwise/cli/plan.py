@@ -81,6 +81,14 @@ def register(sub) -> None:
         "-v", "--verbose", action="store_true", help="also print the search's statistics and what it rejected, and why"
     )
     g.add_argument(
+        "--trace-top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="trace the K best plans (shardwise trace: one real step per rank role on fake tensors) and "
+        "re-rank them by traced memory; slow: seconds to minutes per plan",
+    )
+    g.add_argument(
         "--min-gpus",
         action="store_true",
         help="find the fewest GPUs of this kind that can train the model (up to --gpus if given), "
@@ -140,11 +148,12 @@ def cmd_plan(a) -> int:
     if eq is not None:  # what the recommended plan's checkpoints cost
         r = eq.recommended
         ckpt = checkpoint_cost(r.model, r.plan, r.cluster.gpus, a.storage_gbps)
+    traced = _trace_top(a, model, res) if a.trace_top else None
     if a.json:
         out = to_json(res, advice, found, eq=eq, command=command, notes=notes, pinned=pinned)
         if ckpt is not None:
             out["recommended"]["checkpoint"] = ckpt.to_dict()
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out | ({"trace_top": traced} if traced is not None else {}), indent=2))
     else:
         print_search(
             res,
@@ -159,7 +168,37 @@ def cmd_plan(a) -> int:
         )
         if ckpt is not None:
             print_checkpoint(ckpt, what="checkpoint of the recommended plan")
+        if traced is not None:
+            _print_traced(traced)
     return 0 if res.fits else 1
+
+
+def _trace_top(a, model, res) -> list[dict]:
+    if a.trace_top < 0:
+        raise ShardwiseError(f"--trace-top must be a positive integer, got {a.trace_top}")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ShardwiseError("--trace-top needs PyTorch: pip install 'shardwise[run]'") from None
+    from shardwise.check.trace_rank import rerank
+
+    return rerank(model, res.ranked[: a.trace_top], a.headroom)
+
+
+def _print_traced(rows: list[dict]) -> None:
+    from shardwise import units
+
+    print("\ntraced (one real step per rank role on fake tensors), re-ranked by traced memory:")
+    for i, r in enumerate(rows, 1):
+        if r["traced_bytes"] is None:
+            print(f"  {i}. {r['plan']} (estimate #{r['estimate_rank']}): {r['note']}")
+            continue
+        verdict = "fits" if r["fits"] else "does NOT fit"
+        print(
+            f"  {i}. {r['plan']} (estimate #{r['estimate_rank']}): traced peak {units.gib(r['traced_bytes'])} "
+            f"({r['worst_role']}), estimated {units.gib(r['estimated_bytes'])}, {verdict}"
+            + (f"; {r['note']}" if r["note"] else "")
+        )
 
 
 # ---- the command that trains the recommended plan --------------------------------------------

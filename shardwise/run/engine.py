@@ -252,7 +252,7 @@ class Engine:
         packed = torch.stack([(local_loss.float() / plan.dp) if reports else torch.zeros((), device=self.device), sq])
         if self.mesh is not None:
             dist.all_reduce(packed)
-        loss, sq = packed.tolist()
+        loss, sq = self._values(packed)
         grad_norm = math.sqrt(sq)
 
         skipped = not math.isfinite(grad_norm)
@@ -286,6 +286,10 @@ class Engine:
                 r.param.grad.zero_()
             else:
                 r.param.grad = None
+
+    def _values(self, packed: torch.Tensor) -> list[float]:
+        """The step's reduced numbers as Python floats (the trace tier's tensors hold no values)."""
+        return packed.tolist()
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradient accumulation over grad_accum micro-batches; each micro-batch loss is scaled by

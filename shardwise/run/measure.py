@@ -249,7 +249,9 @@ def _storage_bytes(tensors, device_type: str) -> int:
             continue  # e.g. AdamW's `step` counters live on the CPU when the parameters are on CUDA
         st = t.untyped_storage()
         if st.nbytes():
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+            # the storage's identity (its StorageImpl), not its address: fake tensors (the trace
+            # tier) have no address, and two real storages never share an impl
+            seen[st._cdata] = max(seen.get(st._cdata, 0), st.nbytes())
     return sum(seen.values())
 
 
@@ -317,6 +319,8 @@ class PeakMemory:
         self.held = list(held)  # other tensors that exist before the step (DDP's gradient buckets)
         self.peak = 0
         self.source = "cuda max_memory_allocated" if device.type == "cuda" else "MemTracker (CPU tensors)"
+        self.tracker = None  # the MemTracker while tracking (CPU)
+        self.snapshot: dict = {}  # its peak snapshot by device and category (CPU)
 
     @contextlib.contextmanager
     def track(self):
@@ -332,9 +336,10 @@ class PeakMemory:
         # what exists before the step: the parameters and the optimizer's states, and `held`
         opt = [*optimizer_params(self.optimizer), local_optimizer(self.optimizer)] if self.optimizer else []
         mt.track_external(*opt, *self.held)
+        self.tracker = mt  # read while active by whoever wants the moments (the trace tier)
         with mt:
             yield self
-        snap = mt.get_tracker_snapshot("peak")
+        snap = self.snapshot = mt.get_tracker_snapshot("peak")
         self.peak = int(sum(d.get("Total", 0) for dev, d in snap.items() if torch.device(dev).type == "cpu"))
 
 
@@ -445,6 +450,8 @@ class Meter:
     states: dict = field(default_factory=dict)
     peak: int = 0
     peak_source: str = ""
+    peak_snapshot: dict = field(default_factory=dict)  # the peak by device and category (CPU)
+    tracker: object = None  # the MemTracker while a detail step runs (CPU)
 
     def __post_init__(self):
         e = self.engine
@@ -471,8 +478,8 @@ class Meter:
         seen, keep = set(), []
         for p in self.params:
             g = p.grad
-            if g is not None and g.untyped_storage().data_ptr() not in seen:
-                seen.add(g.untyped_storage().data_ptr())
+            if g is not None and g.untyped_storage()._cdata not in seen:
+                seen.add(g.untyped_storage()._cdata)
                 keep.append(g)
         self._buckets = keep
 
@@ -491,6 +498,7 @@ class Meter:
             clock.on_optimizer_start = walk
             peak = PeakMemory(self.device, self.engine.optimizer, self._buckets)
             stack.enter_context(peak.track())
+            self.tracker = peak.tracker
             recorder = stack.enter_context(CollectiveRecorder(self.names, on_wait=clock.add_wait))
         stack.enter_context(clock.timing_waits())
         if cuda:
@@ -506,6 +514,7 @@ class Meter:
         if detail:
             self.calls = list(recorder.calls)
             self.peak, self.peak_source = peak.peak, peak.source
+            self.peak_snapshot, self.tracker = peak.snapshot, None
 
     def measurement(self, tokens_per_step: int = 0, skip: int = 1) -> Measurement:
         """This rank's Measurement: the last detail step's memory and collectives; the time of the

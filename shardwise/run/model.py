@@ -22,6 +22,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
@@ -252,7 +253,9 @@ def build(spec: ModelSpec, device: torch.device | str = "meta", seed: int | None
     """The full model: on the meta device (any size, no memory), or materialized on `device`
     and initialized from `seed` (0 if none)."""
     device = torch.device(device)
-    with torch.device("meta"):
+    # real meta tensors even under the trace tier's FakeTensorMode: a fake parameter cannot be
+    # materialized (to_empty would have to swap it in place, which its weak references forbid)
+    with unset_fake_temporarily(), torch.device("meta"):
         model = Transformer(spec)
     if device.type != "meta":
         model.to_empty(device=device)

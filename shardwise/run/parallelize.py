@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.errors import ShardwiseError
@@ -79,7 +80,8 @@ def split_pipeline(model: Transformer, plan: Plan, pp_rank: int) -> list[tuple[i
     per, _ = stage_blocks(plan, model.spec.layers)
     out = []
     for s in stage_ids(plan, pp_rank):
-        m = copy.deepcopy(model)
+        with unset_fake_temporarily():  # a meta copy, even under the trace tier's fake tensors (run/model.build)
+            m = copy.deepcopy(model)
         for name in list(m.layers.keys()):
             if not s * per <= int(name) < (s + 1) * per:
                 del m.layers[name]

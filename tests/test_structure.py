@@ -29,13 +29,14 @@ ALLOWED = {
     "estimate": {"spec"},
     "search": {"spec", "estimate"},
     "report": {"spec", "estimate", "search"},
+    "export": {"spec", "estimate"},
     "run": {"spec"},
     "check": {"spec", "estimate", "run"},
-    "cli": {"spec", "estimate", "search", "report", "run", "check"},
+    "cli": {"spec", "estimate", "search", "report", "export", "run", "check"},
     "": {"spec", "estimate", "search"},  # shardwise/__init__.py: the Python API
     "__main__": {"cli"},
 }
-TORCH_FREE = ("spec", "estimate", "search", "report", "errors", "units", "paths")
+TORCH_FREE = ("spec", "estimate", "search", "report", "export", "errors", "units", "paths")
 
 
 def _name(path: Path) -> str:

@@ -39,6 +39,8 @@ def refuse(job: Job) -> str | None:
         return f"DeepSpeed's built-in optimizers have no {p.optimizer}; use adamw or sgd"
     if p.recompute == "selective":
         return "DeepSpeed checkpoints whole blocks the model code wraps; its config cannot ask for selective recompute"
+    if p.attention != "flash":
+        return "the attention kernel is the model code's, not DeepSpeed's config; export with --attention flash"
     if p.precision == "bf16":
         return "DeepSpeed's bf16 keeps fp32 master weights (mixed precision); use --precision bf16-mixed"
     return None

@@ -14,6 +14,11 @@ from shardwise.export.job import Export, Imported, Job, bad_file, refused
 from shardwise.spec.model import ModelSpec
 
 FMT = "megatron"
+INT_FLAGS = {
+    "tensor-model-parallel-size", "pipeline-model-parallel-size", "num-layers-per-virtual-pipeline-stage",
+    "micro-batch-size", "global-batch-size", "seq-length", "num-layers", "hidden-size", "num-attention-heads",
+    "num-query-groups", "ffn-hidden-size", "max-position-embeddings", "num-experts", "moe-router-topk", "vocab-size",
+}  # fmt: skip
 
 
 def refuse(job: Job) -> str | None:
@@ -142,6 +147,8 @@ def read(path: str, text: str) -> Imported:
         except (TypeError, ValueError):
             raise bad_file(path, f"--{key} must be an integer, got {v!r}") from None
 
+    for key in INT_FLAGS & vals.keys():  # every number read below, checked up front
+        num(key)
     if "num-layers" not in vals and "tensor-model-parallel-size" not in vals:
         raise bad_file(path, "no Megatron-LM flags (--num-layers, --tensor-model-parallel-size, ...) found")
     tp, pp = num("tensor-model-parallel-size", 1), num("pipeline-model-parallel-size", 1)

@@ -40,6 +40,8 @@ def refuse(job: Job) -> str | None:
         )
     if p.zero == 1:
         return "torchtitan has no ZeRO-1 (it replicates with DDP or shards with FSDP2); use --zero 0, 2 or 3"
+    if p.zero >= 2 and p.dp == 1:
+        return "with dp 1 torchtitan applies no FSDP (ParallelDims: FSDP needs data_parallel_shard_degree > 1); use --zero 0"
     if p.tp > 1 and not p.sp:
         return "torchtitan's tensor parallelism always shards the sequence between blocks; add --sp"
     if p.precision not in PRECISION:

@@ -216,3 +216,11 @@ def test_estimate_from_a_megatron_flags_file(tmp_path, capsys):
 def test_export_and_import_errors_are_one_line_exit_2(tmp_path, capsys, argv, words):
     rc, out, err = cli(capsys, argv.format(tmp=tmp_path).split())
     assert rc == 2 and words in err and err.count("\n") == 1 and not list(Path(tmp_path).iterdir())
+
+
+def test_the_sample_config_json_is_qwen2_5_0_5b():
+    """examples/config.json, the README tour's Hugging Face config, reads as the catalog's model."""
+    from shardwise.spec.presets import load_model, preset
+
+    m = load_model(str(Path(__file__).parent.parent / "examples" / "config.json"))
+    assert dims(m) == dims(preset("qwen2.5-0.5b")) and m.params == 494_032_768

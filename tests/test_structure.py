@@ -32,7 +32,8 @@ ALLOWED = {
     "export": {"spec", "estimate"},
     "run": {"spec"},
     "check": {"spec", "estimate", "run"},
-    "cli": {"spec", "estimate", "search", "report", "export", "run", "check"},
+    "cli": {"spec", "estimate", "search", "report", "export", "run", "check", "serve"},
+    "serve": {"spec", "estimate", "search", "report", "export", "cli"},
     "": {"spec", "estimate", "search"},  # shardwise/__init__.py: the Python API
     "__main__": {"cli"},
 }

@@ -11,10 +11,10 @@ import re
 import sys
 
 from shardwise import __version__
-from shardwise.cli import catalog, check, estimate, lecture, plan, run
+from shardwise.cli import catalog, check, estimate, lecture, plan, run, serve
 from shardwise.errors import ShardwiseError
 
-COMMANDS = (catalog, estimate, plan, run, lecture, check)
+COMMANDS = (catalog, estimate, plan, run, lecture, check, serve)
 # argparse's own pattern (-2, -.5) plus exponents and the count suffixes of cli.args.parse_count
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?[kmbgt]?$", re.IGNORECASE)
 

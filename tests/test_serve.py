@@ -106,6 +106,7 @@ def browser():
         b.close()
 
 
+@pytest.mark.slow  # a browser: tens of seconds
 def test_the_page_plans_changes_and_exports(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1100, "height": 1400}, accept_downloads=True)
     page.goto(server + "/?model=llama-3.1-8b&gpus=8")

@@ -29,15 +29,17 @@ ALLOWED = {
     "estimate": {"spec"},
     "search": {"spec", "estimate"},
     "report": {"spec", "estimate", "search"},
+    "export": {"spec", "estimate"},
     "run": {"spec"},
     "trace": {"spec", "estimate", "run"},
     "check": {"spec", "estimate", "run", "trace"},
     "validate": {"spec", "estimate"},
-    "cli": {"spec", "estimate", "search", "report", "run", "check", "trace", "validate"},
+    "cli": {"spec", "estimate", "search", "report", "export", "run", "check", "trace", "validate", "serve"},
+    "serve": {"spec", "estimate", "search", "report", "export", "cli"},
     "": {"spec", "estimate", "search"},  # shardwise/__init__.py: the Python API
     "__main__": {"cli"},
 }
-TORCH_FREE = ("spec", "estimate", "search", "report", "validate", "errors", "units", "paths")
+TORCH_FREE = ("spec", "estimate", "search", "report", "export", "validate", "errors", "units", "paths")
 
 
 def _name(path: Path) -> str:

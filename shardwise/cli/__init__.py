@@ -11,10 +11,10 @@ import re
 import sys
 
 from shardwise import __version__
-from shardwise.cli import catalog, check, estimate, export_hf, lecture, plan, run, trace, validate
+from shardwise.cli import catalog, check, estimate, export_hf, lecture, plan, run, serve, trace, validate
 from shardwise.errors import ShardwiseError
 
-COMMANDS = (catalog, estimate, plan, run, lecture, check, trace, validate, export_hf)
+COMMANDS = (catalog, estimate, plan, run, lecture, check, trace, validate, export_hf, serve)
 # argparse's own pattern (-2, -.5) plus exponents and the count suffixes of cli.args.parse_count
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?[kmbgt]?$", re.IGNORECASE)
 

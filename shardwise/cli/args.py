@@ -32,6 +32,8 @@ DIM_FLAGS = {
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
+        nargs="?",
+        default=None,
         help="a preset name or a Hugging Face id of one (gpt2, meta-llama/Llama-3.1-8B; see `shardwise "
         "models`), a Hugging Face config.json or its folder, a TOML/JSON file of model fields, or `custom` "
         "with the dimension flags",
@@ -58,6 +60,8 @@ def add_dim_args(group) -> None:
 
 def model_from_args(a: argparse.Namespace) -> ModelSpec:
     dims = {k[4:]: v for k, v in vars(a).items() if k.startswith("dim_") and v is not None}
+    if a.model is None:
+        raise ShardwiseError("give a model: a preset name (see `shardwise models`), a config.json, or `custom`")
     if a.model == "custom":
         missing = [f for f in ("layers", "hidden", "heads", "vocab") if f not in dims]
         if missing:

@@ -9,6 +9,7 @@ import argparse
 import json
 
 from shardwise.cli import args as ca
+from shardwise.cli import exporting
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import estimate
 from shardwise.estimate.checkpoint import check_storage, checkpoint_cost
@@ -25,11 +26,13 @@ def register(sub) -> None:
     ca.add_cluster_args(s)
     ca.add_plan_args(s, batch_default=True)
     ca.add_estimate_opts(s)
+    exporting.add_export_args(s)
     s.set_defaults(func=cmd_estimate)
 
 
 def cmd_estimate(a) -> int:
-    model = ca.model_from_args(a)
+    exporting.check_outputs(a)
+    model = exporting.apply_from(a)[0] if a.from_file else ca.model_from_args(a)
     cluster = ca.cluster_from_args(a)
     notes = [n for n in (ca.clamp_seq(a, model),) if n]
     gbs_default = default_batch(a, cluster.gpus)
@@ -41,11 +44,15 @@ def cmd_estimate(a) -> int:
     check_storage(a.storage_gbps)
     est = estimate(model, cluster, plan, a.profile, efficiency=a.efficiency, tokens=a.tokens, price=a.price)
     ckpt = checkpoint_cost(est.model, est.plan, cluster.gpus, a.storage_gbps)
-    if a.json:
+    if a.export and a.out is None:  # the file alone on stdout, to pipe or redirect
+        exporting.write_export(a, model, est)
+    elif a.json:
         print(json.dumps(to_json(est, gbs_default, notes) | {"checkpoint": ckpt.to_dict()}, indent=2))
     else:
         print_estimate(est, gbs_default=gbs_default, notes=notes)
         print_checkpoint(ckpt)
+    if a.export and a.out is not None:
+        exporting.write_export(a, model, est)
     return 0 if est.memory.fits else 1
 
 

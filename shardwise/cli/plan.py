@@ -12,8 +12,11 @@ import argparse
 import json
 import shlex
 
+from shardwise import units
 from shardwise.cli import args as ca
+from shardwise.cli import exporting
 from shardwise.errors import ShardwiseError
+from shardwise.estimate import estimate
 from shardwise.estimate.checkpoint import check_storage, checkpoint_cost
 from shardwise.report.search import print_search
 from shardwise.report.tables import print_checkpoint
@@ -94,6 +97,7 @@ def register(sub) -> None:
         help="find the fewest GPUs of this kind that can train the model (up to --gpus if given), "
         "and the best plan there",
     )
+    exporting.add_export_args(p)
     p.set_defaults(func=cmd_plan)
 
 
@@ -109,7 +113,15 @@ def _fraction(text: str) -> float:
 
 
 def cmd_plan(a) -> int:
-    model = ca.model_from_args(a)
+    exporting.check_outputs(a)
+    theirs = None
+    if a.from_file:  # their plan is estimated as it is; the search holds only its training choices
+        model, fields = exporting.apply_from(a)
+        theirs = {f: getattr(a, f) for f in ca.PLAN_FLAGS if getattr(a, f, None) is not None}
+        for f in set(fields) - {"gbs", "seq", "precision", "optimizer", "attention"}:
+            setattr(a, f, None)
+    else:
+        model = ca.model_from_args(a)
     pinned = ca.plan_fields_from_args(a)  # what the user gave, before any default is filled in
     notes = [n for n in (ca.clamp_seq(a, model),) if n]
     fixed = ca.plan_fields_from_args(a)
@@ -144,6 +156,24 @@ def cmd_plan(a) -> int:
     advice = what_it_would_take(res) if not res.fits else []
     eq = equivalent(res)
     command = train_command(eq.recommended, model_argv(a)) if eq else None
+    if theirs is not None:
+        notes.append(compare_line(a, model, cluster, theirs, eq))
+    chosen = None
+    if a.export:
+        if eq is None:
+            raise ShardwiseError("--export: no plan fits, so there is none to export (see `shardwise plan` without it)")
+        # the frameworks express fewer plans than PyTorch's engines: look past the table's --top
+        pool = (
+            res.ranked
+            if a.top >= EXPORT_POOL
+            else run_search(model, cluster, **kw, top=EXPORT_POOL, rank=a.rank, **fixed).ranked
+        )
+        chosen = exporting.expressible(a, model, [eq.recommended, *pool])
+        if chosen is not eq.recommended:
+            notes.append(f"--export {a.export}: the best plan {a.export} can express is {chosen.plan.short()}")
+        if a.out is None:
+            exporting.write_export(a, model, chosen)
+            return 0
     ckpt = None
     if eq is not None:  # what the recommended plan's checkpoints cost
         r = eq.recommended
@@ -170,6 +200,8 @@ def cmd_plan(a) -> int:
             print_checkpoint(ckpt, what="checkpoint of the recommended plan")
         if traced is not None:
             _print_traced(traced)
+    if chosen is not None:
+        exporting.write_export(a, model, chosen)
     return 0 if res.fits else 1
 
 
@@ -186,8 +218,6 @@ def _trace_top(a, model, res) -> list[dict]:
 
 
 def _print_traced(rows: list[dict]) -> None:
-    from shardwise import units
-
     print("\ntraced (one real step per rank role on fake tensors), re-ranked by traced memory:")
     for i, r in enumerate(rows, 1):
         if r["traced_bytes"] is None:
@@ -199,6 +229,22 @@ def _print_traced(rows: list[dict]) -> None:
             f"({r['worst_role']}), estimated {units.gib(r['estimated_bytes'])}, {verdict}"
             + (f"; {r['note']}" if r["note"] else "")
         )
+
+
+EXPORT_POOL = 500  # ranked plans searched for one the --export framework can express
+
+
+def compare_line(a, model, cluster, theirs: dict, eq) -> str:
+    """--from: their config's estimate against the recommended plan's, in one line."""
+    est = estimate(model, cluster, Plan(**theirs), a.profile, efficiency=a.efficiency)
+    mine = f"{a.from_file} ({est.plan.short()}): {est.time.tokens_per_s:,.0f} tokens/s"
+    if not est.memory.fits:
+        mine += ", does not fit"
+    if eq is None:
+        return mine + "; no plan fits to compare it with"
+    best = eq.recommended
+    ratio = best.time.tokens_per_s / est.time.tokens_per_s
+    return f"{mine}; the recommended plan ({best.plan.short()}) is {ratio:.2f}x as fast"
 
 
 # ---- the command that trains the recommended plan --------------------------------------------
@@ -214,8 +260,9 @@ def model_argv(a: argparse.Namespace) -> list[str]:
     """The `shardwise run` flags that name the model the search planned for: the preset (its
     catalog name, whatever alias the user typed) or the file, and any dimension the user changed."""
     out = []
-    if a.model != "custom":
-        kind, where = source_of(a.model)
+    ref = exporting.model_ref(a)  # None for `custom`, and for a --from file that gives only dimensions
+    if ref is not None:
+        kind, where = source_of(ref)
         out += ["--set", f"model.preset={resolve_name(where)}" if kind == "preset" else f"model.path={where}"]
     for name in ca.DIM_FLAGS:
         v = getattr(a, "dim_" + name, None)

@@ -1,0 +1,167 @@
+"""torchtitan job TOML (torchtitan 0.2, `torchtitan/config/job_config.py`: the JobConfig dataclasses
+whose sections and field names the file uses; `--job.config_file` reads it).
+
+Each field below cites the JobConfig class that defines it. torchtitan's batch is per data-parallel
+rank (`training.local_batch_size`); its gradient accumulation is global_batch_size / (local * dp)
+(torchtitan/train.py), and with pipelining the local batch is split into micro-batches of
+`parallelism.pipeline_parallel_microbatch_size` (torchtitan/distributed/pipeline_parallel.py).
+"""
+
+from __future__ import annotations
+
+import tomllib
+
+from shardwise.export.job import Export, Imported, Job, bad_file, refused, toml_text
+from shardwise.spec.presets import preset, resolve_name
+
+FMT = "torchtitan"
+# torchtitan/models/llama3/__init__.py: llama3_configs (the flavors its trainer can build)
+FLAVORS = {"llama-3.1-8b": ("llama3", "8B"), "llama-3.1-70b": ("llama3", "70B"), "llama-3.1-405b": ("llama3", "405B")}
+# torch.distributed.pipelining.schedules.get_schedule_class names, which torchtitan passes through
+SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
+# Training.mixed_precision_param / Training.dtype: Literal["bfloat16", "float32"]
+PRECISION = {"bf16-mixed": ("float32", "bfloat16"), "fp32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16")}
+OPTIMIZERS = {"adamw": "AdamW"}  # torchtitan/components/optimizer.py: {"Adam", "AdamW"}
+
+
+def flavor(job: Job) -> tuple[str, str] | None:
+    name = resolve_name(job.model_ref) if job.model_ref else None
+    if name in FLAVORS and preset(name) == job.model:
+        return FLAVORS[name]
+    return None
+
+
+def refuse(job: Job) -> str | None:
+    p = job.plan
+    if flavor(job) is None:
+        return (
+            f"torchtitan builds only its registered flavors (llama3 8B, 70B, 405B: torchtitan/models/llama3); "
+            f"{job.model.name} is not one of them: add it there, or export to another framework"
+        )
+    if p.zero == 1:
+        return "torchtitan has no ZeRO-1 (it replicates with DDP or shards with FSDP2); use --zero 0, 2 or 3"
+    if p.zero >= 2 and p.dp == 1:
+        return "with dp 1 torchtitan applies no FSDP (ParallelDims: FSDP needs data_parallel_shard_degree > 1); use --zero 0"
+    if p.tp > 1 and not p.sp:
+        return "torchtitan's tensor parallelism always shards the sequence between blocks; add --sp"
+    if p.precision not in PRECISION:
+        return f"torchtitan trains in bfloat16 or float32 (Training.mixed_precision_param), not {p.precision}"
+    if p.optimizer not in OPTIMIZERS:
+        return f"torchtitan's optimizers are Adam and AdamW, not {p.optimizer}; use --optimizer adamw"
+    if p.offload == "optimizer":
+        return "torchtitan offloads parameters, gradients and optimizer together (Training.enable_cpu_offload); use --offload params"
+    if p.attention != "flash":
+        return "torchtitan's llama3 runs SDPA's fused attention kernels; drop --attention math"
+    return None
+
+
+def render(job: Job) -> Export:
+    if why := refuse(job):
+        raise refused(FMT, why)
+    p = job.plan
+    name, flav = flavor(job)
+    dtype, param = PRECISION[p.precision]
+    local = p.mbs * p.grad_accum if p.pp > 1 else p.mbs
+    parallelism = {
+        # Parallelism: replicate = DDP, shard = FSDP2; ZeRO-2 is FSDP2 that keeps parameters after forward
+        "data_parallel_replicate_degree": p.dp if p.zero == 0 else 1,
+        "data_parallel_shard_degree": p.dp if p.zero >= 2 else 1,
+        "fsdp_reshard_after_forward": "never" if p.zero == 2 else "default",
+        "tensor_parallel_degree": p.tp,
+        "pipeline_parallel_degree": p.pp,
+        "pipeline_parallel_schedule": SCHEDULES[p.schedule],
+        "pipeline_parallel_microbatch_size": p.mbs,
+    }
+    if p.pp > 1 and p.vpp > 1:  # stages per rank follow from the layers in each stage
+        parallelism["pipeline_parallel_layers_per_stage"] = job.model.layers // (p.pp * p.vpp)
+    tables = {
+        "job": {"description": f"{job.model.name}: {p.short()} (from shardwise)"},
+        "model": {"name": name, "flavor": flav},  # Model
+        "optimizer": {"name": OPTIMIZERS[p.optimizer]},  # Optimizer
+        "training": {  # Training
+            "local_batch_size": local,
+            "global_batch_size": p.gbs,
+            "seq_len": p.seq,
+            "dtype": dtype,
+            "mixed_precision_param": param,
+            "enable_cpu_offload": p.offload == "params",
+        },
+        "parallelism": parallelism,
+        # ActivationCheckpoint: "op" = selective per operator (the attention's internals), as shardwise's selective
+        "activation_checkpoint": {"mode": p.recompute, "selective_ac_option": "op"},
+        "compile": {"enable": False},  # Compile: shardwise's estimate is of eager kernels
+    }
+    nodes, per = job.cluster.nodes, job.cluster.node_size
+    launch = (
+        f"torchrun --nnodes {nodes} --nproc-per-node {per} --rdzv-backend c10d --rdzv-endpoint HEAD_NODE:29500 "
+        "-m torchtitan.train --job.config_file torchtitan.toml"
+    )
+    return Export(
+        toml_text(tables, "# torchtitan job config (torchtitan/config/job_config.py), written by shardwise"),
+        "torchtitan.toml",
+        launch,
+    )
+
+
+def read(path: str, text: str) -> Imported:
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise bad_file(path, f"not valid TOML ({e})") from None
+    par, tr = d.get("parallelism", {}), d.get("training", {})
+    ac, opt, mdl = d.get("activation_checkpoint", {}), d.get("optimizer", {}), d.get("model", {})
+    # JobConfig's defaults where the file is silent
+    rep, shard = par.get("data_parallel_replicate_degree", 1), par.get("data_parallel_shard_degree", -1)
+    tp, pp = par.get("tensor_parallel_degree", 1), par.get("pipeline_parallel_degree", 1)
+    if rep > 1 and shard > 1:
+        raise bad_file(path, "HSDP (replicate and shard both > 1) has no shardwise plan; set one of them to 1")
+    plan: dict = {"tp": tp, "pp": pp, "sp": tp > 1}
+    if shard == -1:  # torchtitan: -1 = every GPU left after the other degrees
+        plan["zero"] = 0 if rep > 1 else 3
+    else:
+        plan["zero"] = 0 if shard == 1 else 3
+        plan["dp"] = max(rep, shard)
+    if plan["zero"] == 3 and par.get("fsdp_reshard_after_forward", "default") == "never":
+        plan["zero"] = 2
+    if pp > 1:
+        sched = {v: k for k, v in SCHEDULES.items()}.get(par.get("pipeline_parallel_schedule", "1F1B"))
+        if sched is None:
+            raise bad_file(
+                path,
+                f"pipeline schedule {par['pipeline_parallel_schedule']!r} has no shardwise plan; use one of {', '.join(SCHEDULES.values())}",
+            )
+        plan["schedule"] = sched
+        plan["mbs"] = par.get("pipeline_parallel_microbatch_size", 1)
+        if "pipeline_parallel_layers_per_stage" in par and sched == "interleaved":
+            plan["vpp"] = -1  # resolved with the model below: layers / (pp * layers_per_stage)
+    else:
+        plan["mbs"] = tr.get("local_batch_size", 8)
+    if "global_batch_size" in tr and tr["global_batch_size"] > 0:
+        plan["gbs"] = tr["global_batch_size"]
+    plan["seq"] = tr.get("seq_len", 2048)
+    dtype, param = tr.get("dtype", "float32"), tr.get("mixed_precision_param", "bfloat16")
+    prec = {v: k for k, v in PRECISION.items()}.get((dtype, param))
+    if prec is None:
+        raise bad_file(path, f"training dtype {dtype} with parameters in {param} has no shardwise precision")
+    plan["precision"] = prec
+    if tr.get("enable_cpu_offload"):
+        plan["offload"] = "params"
+    mode = ac.get("mode", "selective")
+    if mode not in ("none", "selective", "full"):
+        raise bad_file(
+            path, f"activation_checkpoint.mode {mode!r} has no shardwise recompute; use none, selective or full"
+        )
+    plan["recompute"] = mode
+    if opt.get("name", "AdamW") not in ("AdamW", "Adam"):
+        raise bad_file(path, f"optimizer {opt['name']!r}: shardwise models torchtitan's Adam and AdamW")
+    model = ref = None
+    key = (mdl.get("name", "llama3"), mdl.get("flavor", "debugmodel"))
+    for name, fl in FLAVORS.items():
+        if fl == key:
+            model, ref = preset(name), name
+    if model is not None and plan.get("vpp") == -1:
+        plan["vpp"] = model.layers // (pp * par["pipeline_parallel_layers_per_stage"])
+    elif plan.get("vpp") == -1:
+        del plan["vpp"]
+    ignored = [f"compile.enable = {d['compile']['enable']}"] if d.get("compile", {}).get("enable") else []
+    return Imported(FMT, plan, model, ref, None, ignored=ignored)

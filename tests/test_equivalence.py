@@ -80,21 +80,32 @@ def train_many(spec: ModelSpec, plans: list[Plan]) -> list[tuple]:
 _reference: dict[tuple, tuple] = {}
 
 
-def reference(spec: ModelSpec, optimizer: str = "adamw") -> tuple:
-    """Single-process training: one rank, no process group, 4 micro-batches per step."""
-    key = (spec.name, optimizer)
+def reference(spec: ModelSpec, optimizer: str = "adamw", chunked: bool = True) -> tuple:
+    """Single-process training: one rank, no process group, 4 micro-batches per step. With the
+    loss the plan under test computes: chunked (spec/loss.py, tp = 1 and no pipeline), or the
+    plain F.cross_entropy on the logits, so that the engines are compared, not the two loss
+    kernels' rounding (tests/test_loss.py holds those to 1e-6)."""
+    import shardwise.run.engine as engine
+
+    key = (spec.name, optimizer, chunked)
     if key not in _reference:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the ranks run with one thread each; this is the fast setting here too
+        kept = engine.chunked_loss
+        if not chunked:
+            engine.chunked_loss = lambda plan: False
         try:
             _reference[key] = train(spec, BASE.replace(dp=1, optimizer=optimizer))
         finally:
+            engine.chunked_loss = kept
             torch.set_num_threads(threads)
     return _reference[key]
 
 
 def assert_same_training(spec: ModelSpec, plan: Plan, got: tuple) -> None:
-    ref_losses, ref_norms, ref_state = reference(spec, plan.optimizer)
+    from shardwise.spec.loss import chunked_loss
+
+    ref_losses, ref_norms, ref_state = reference(spec, plan.optimizer, bool(chunked_loss(plan)))
     losses, norms, state = got
     name = plan.short()
     torch.testing.assert_close(

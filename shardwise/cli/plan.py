@@ -12,6 +12,7 @@ import argparse
 import json
 import shlex
 
+from shardwise import units
 from shardwise.cli import args as ca
 from shardwise.errors import ShardwiseError
 from shardwise.report.search import print_search
@@ -175,8 +176,6 @@ def _trace_top(a, model, res) -> list[dict]:
 
 
 def _print_traced(rows: list[dict]) -> None:
-    from shardwise import units
-
     print("\ntraced (one real step per rank role on fake tensors), re-ranked by traced memory:")
     for i, r in enumerate(rows, 1):
         if r["traced_bytes"] is None:

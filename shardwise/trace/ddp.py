@@ -85,9 +85,7 @@ class ReadyOrder:
 
             def in_ready_order(tensors, _limits, expect_sparse, _orig=original, _ready=ready, _rebuild=limits):
                 # as the C++ rebuild calls it: the tensors in ready order, each labelled with its index
-                idx, sizes = _orig(
-                    [tensors[i] for i in _ready], _rebuild, [expect_sparse[i] for i in _ready], _ready
-                )
+                idx, sizes = _orig([tensors[i] for i in _ready], _rebuild, [expect_sparse[i] for i in _ready], _ready)
                 # DDP reverses the list it is given (construction order approximates the reverse of
                 # readiness); given the ready order, hand it over reversed so it comes out as is
                 return list(reversed(idx)), list(reversed(sizes))

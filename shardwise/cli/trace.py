@@ -20,6 +20,7 @@ from shardwise import units
 from shardwise.cli import args as ca
 from shardwise.cli.estimate import default_batch
 from shardwise.errors import ShardwiseError
+from shardwise.run import config
 from shardwise.spec.hardware import make_cluster
 from shardwise.spec.plan import Plan, engine_violation
 
@@ -59,8 +60,6 @@ def inputs(a: argparse.Namespace):
     """(model, resolved plan, cluster, notes) from estimate's flags or a run config plus flags."""
     notes = []
     if is_run_config(a.model):
-        from shardwise.run import config
-
         given = {f: getattr(a, f) for f in ca.PLAN_FLAGS if getattr(a, f, None) not in (None, _DEFAULTS.get(f))}
         over = {("plan", f): (v, "--" + f) for f, v in given.items()}
         over |= {

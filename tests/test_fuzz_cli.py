@@ -51,6 +51,12 @@ def scratch(tmp_path_factory) -> Path:
     return d
 
 
+@pytest.fixture(autouse=True)
+def in_scratch(scratch, monkeypatch):
+    """A relative output path a fuzzed flag names (lecture --html gpt2) lands in the scratch directory."""
+    monkeypatch.chdir(scratch)
+
+
 @pytest.fixture
 def stubbed(monkeypatch):
     from shardwise.check import calibrate, compare

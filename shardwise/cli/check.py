@@ -164,7 +164,7 @@ def cmd_check(a: argparse.Namespace) -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise ShardwiseError("`shardwise check` needs PyTorch: pip install 'shardwise[run]'") from None
+        raise ShardwiseError("`shardwise check` needs PyTorch: pip install -e '.[run]'") from None
     if launch.in_torchrun():
         raise ShardwiseError("run `shardwise check` on its own, not under torchrun: it starts the ranks itself")
     if a.efficiency is not None and not 0 < a.efficiency <= 1:
@@ -217,7 +217,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     try:
         import torch
     except ImportError:
-        raise ShardwiseError("`shardwise calibrate` needs PyTorch: pip install 'shardwise[run]'") from None
+        raise ShardwiseError("`shardwise calibrate` needs PyTorch: pip install -e '.[run]'") from None
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     nproc = a.nproc if a.nproc is not None else (torch.cuda.device_count() if device == "cuda" else 2)
     out = Path(a.out)

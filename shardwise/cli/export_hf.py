@@ -31,7 +31,7 @@ def cmd_export_hf(a: argparse.Namespace) -> int:
         import torch  # noqa: F401
     except ImportError:
         raise ShardwiseError(
-            "`shardwise export-hf` needs PyTorch and safetensors: pip install 'shardwise[hf]'"
+            "`shardwise export-hf` needs PyTorch and safetensors: pip install -e '.[hf]'"
         ) from None
     from shardwise.run.export_hf import export
 

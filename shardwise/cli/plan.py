@@ -211,7 +211,7 @@ def _trace_top(a, model, res) -> list[dict]:
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise ShardwiseError("--trace-top needs PyTorch: pip install 'shardwise[run]'") from None
+        raise ShardwiseError("--trace-top needs PyTorch: pip install -e '.[run]'") from None
     from shardwise.check.trace_rank import rerank
 
     return rerank(model, res.ranked[: a.trace_top], a.headroom)

@@ -161,7 +161,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise ShardwiseError("`shardwise run` needs PyTorch: pip install 'shardwise[run]'") from None
+        raise ShardwiseError("`shardwise run` needs PyTorch: pip install -e '.[run]'") from None
     device = launch.resolve_device(cfg)
     if not a.force:
         check_memory(cfg, device)

@@ -92,7 +92,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
     try:
         import torch  # noqa: F401
     except ImportError:
-        raise ShardwiseError("`shardwise trace` needs PyTorch: pip install 'shardwise[run]'") from None
+        raise ShardwiseError("`shardwise trace` needs PyTorch: pip install -e '.[run]'") from None
     from shardwise.trace import tracer
 
     tracer.check_traceable(model, plan)

@@ -2,7 +2,7 @@
 
 Every function takes numbers already computed by the library and returns a matplotlib Figure;
 nothing here computes a memory, a volume or a time. matplotlib is imported lazily, so the rest
-of shardwise runs where it is not installed (`pip install shardwise[plot]`).
+of shardwise runs where it is not installed (`pip install -e '.[plot]'`).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _plt():
     try:
         import matplotlib
     except ModuleNotFoundError:
-        raise ShardwiseError("figures need matplotlib: pip install 'shardwise[plot]' (or use --no-figures)") from None
+        raise ShardwiseError("figures need matplotlib: pip install -e '.[plot]' (or use --no-figures)") from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

@@ -62,7 +62,9 @@ def config(job: Job) -> dict:
         "bf16": {"enabled": p.precision == "bf16-mixed"},
         "fp16": {"enabled": p.precision == "fp16-mixed"},
         "zero_optimization": zero,
-        "optimizer": {"type": OPTIMIZERS[p.optimizer], "params": {"lr": 3e-4}},
+        "optimizer": {
+            "type": OPTIMIZERS[p.optimizer]
+        },  # its learning rate and betas are the training's, not the plan's
         "gradient_clipping": 1.0,
     }
     if p.tp > 1:

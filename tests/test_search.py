@@ -213,14 +213,17 @@ def test_host_memory_limits_offload():
 
 # ---- the global batch ------------------------------------------------------------------------
 def test_default_gbs_falls_back_to_a_batch_some_plan_fits():
-    """Llama-3.1-405B on 16,384 H100s at seq 8192: ~4M tokens is 512 sequences; the smallest dp
-    (tp=8, pp=2: 1024) gives 1024, but no pp=2 plan fits (a pipeline stage accumulates its
-    unsharded gradients: 405B/16 * 4 bytes = 101 GB); the next batch, 2048 (16M tokens, Llama 3's
-    own), lets tp=8 x dp=2048 with ZeRO-3 fit."""
+    """Llama-3.1-405B on 16,384 H100s at seq 8192: ~4M tokens is 512 sequences. With uneven
+    pipeline stages every power-of-two pp is open (126 layers: 15 x 8 + 6 at pp 16), so dp 512
+    and below serve that batch and pipelined plans fit it: no fallback is needed. Pinned to pp 2
+    and the batch 1024, nothing fits (a pipeline stage accumulates its unsharded gradients:
+    405B/16 * 4 bytes = 101 GB), and a pinned batch has no fallback."""
     res = run_search("llama-3.1-405b", make_cluster("h100-80gb", 16384), seq=8192, top=3)
-    assert res.gbs == 2048 and res.ranked
-    assert all(e.plan.gbs == 2048 and e.plan.tp == 8 and e.plan.zero == 3 for e in res.ranked)
-    pinned = run_search("llama-3.1-405b", make_cluster("h100-80gb", 16384), seq=8192, gbs=1024, zero=3, tp=8, top=1)
+    assert res.gbs == 512 and res.ranked
+    assert all(e.plan.gbs == 512 and e.plan.pp > 2 for e in res.ranked)
+    pinned = run_search(
+        "llama-3.1-405b", make_cluster("h100-80gb", 16384), seq=8192, gbs=1024, zero=3, tp=8, pp=2, top=1
+    )
     assert not pinned.ranked  # pinned: no fallback, the answer is "nothing fits" (exit 1)
 
 
@@ -280,7 +283,7 @@ def test_fewest_gpus_below_a_node():
     [
         ({"tp": 3}, "tp=3 must divide the attention heads"),
         ({"gbs": 3, "pp": 1}, "global batch 3 is not a multiple of dp\\*mbs"),  # pp=1: dp >= 16/8 = 2
-        ({"pp": 3}, "pp\\*vpp = 3 must divide the 32 layers"),
+        ({"pp": 4, "last_less": 3}, "--last-less 3: 32 \\+ 3 is not a multiple of the 4 stages"),
         ({"sp": True, "tp": 1}, "sequence parallel \\(--sp\\) needs tp > 1"),
         ({"offload": "params", "zero": 1}, "parameter offload needs ZeRO-3"),
         ({"dp": 5}, "dp\\*tp\\*pp = 5"),

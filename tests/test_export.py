@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from _export import dims, framework, job
 
 from shardwise.errors import ShardwiseError
 from shardwise.export import FORMATS, export
-from tests._export import dims, framework, job
 
 GOLDEN = Path(__file__).parent / "golden"
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _export import dims, job, plan_back
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,6 @@ from shardwise.cli import main
 from shardwise.errors import ShardwiseError
 from shardwise.export import READERS, export, read_file
 from shardwise.spec.plan import Plan
-from tests._export import dims, job, plan_back
 
 # fields a format's file cannot hold and the command line supplies (accelerate: the training script's batch)
 FROM_FLAGS = {"accelerate": ("mbs", "gbs", "seq"), "deepspeed": ("seq",)}

@@ -15,8 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-
-from tests._export import framework
+from _export import framework
 
 uvicorn = framework("uvicorn")
 framework("starlette")

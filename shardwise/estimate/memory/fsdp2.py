@@ -229,7 +229,13 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
             "params.unsharded": Pr + blocks_kept,
             "buffers.all_gather": P,
         },  # the forward's end
-        {**a, **grads(0), "act.block_backward": 0, "params.unsharded": 0 if z3 else Pr + blocks_kept},  # the loss's
+        {
+            **a,
+            **grads(0),
+            "act.block_backward": 0,
+            "act.recompute": 0,  # no block recomputed yet
+            "params.unsharded": 0 if z3 else Pr + blocks_kept,
+        },  # the loss's
     ]
     if z3:  # the root gathered again: the logits' gradient (compute dtype) made, the loss's freed
         out.append(
@@ -240,6 +246,7 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
                 "act.targets": 0,
                 "act.loss_backward": 0,
                 "act.block_backward": 0,
+                "act.recompute": 0,
                 "act.logits_grad": f.loss * logits,
                 "params.unsharded": Pr,
                 "buffers.all_gather": Pr,

@@ -67,7 +67,9 @@ def loss_and_block(a: dict, f, sizes, head_copy=0) -> list[dict]:
     output weight) are freed (the caller, or the pipeline, still holds that micro-batch's
     logits). A backward without the loss (a pipeline stage's other than the last global one) is
     the block's moment only, its output's gradient in a receive buffer."""
-    a_loss = {**a, "act.block_backward": 0}
+    # nothing is recomputed before the first block's backward (torch.utils.checkpoint reruns a
+    # block's forward inside that block's backward): the recomputed block is the block moment's
+    a_loss = {**a, "act.block_backward": 0, "act.recompute": 0}
     a_block = {
         **a,
         "act.loss_backward": 0,

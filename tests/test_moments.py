@@ -27,6 +27,36 @@ def test_the_recomputed_block_is_held_at_the_first_blocks_backward_not_the_losss
         "act.logits": 6,
     }
     f = Backward(index=0, chunks=1, first=1, head=1, outputs=0, grads_sent=0, grad_chunks=0, loss=1)
-    loss, block = loss_and_block(a, f, SimpleNamespace(block_backward=5, top_grad=1))
+    loss, block, _ = loss_and_block(a, f, SimpleNamespace(block_backward=5, top_grad=1, core_backward=0, ffn_saved=0))
     assert loss["act.recompute"] == 0 and sum(loss.values()) == 54
     assert block["act.recompute"] == 7 and sum(block.values()) == 29
+
+
+def test_the_math_kernels_backward_under_selective_recompute_holds_three_fp32_score_tensors():
+    """core_backward_bytes = 12*(S + Q) + Q*act, S = b*(a/tp)*s*s and Q = b*s*(q_dim/tp) elements.
+    Hand-worked: b 1, a 4, s 256, head_dim 16 (q_dim 64): S = 4*256*256 = 262,144, Q = 256*64 =
+    16,384; bf16: 12*278,528 + 32,768 = 3,375,104 (MemTracker: 3,342,336 over q, k, v, the output
+    and its gradient, plus the gradient's 32,768); fp32: 3,342,336 + 65,536 = 3,407,872. At tp 2
+    every term halves; flash and no recompute: 0."""
+    from shardwise.estimate.activations import core_backward_bytes
+
+    model = SimpleNamespace(heads=4, q_dim=64)
+    plan = SimpleNamespace(mbs=1, seq=256, tp=1, recompute="selective")
+    assert core_backward_bytes(model, plan, attention="math", act=2) == 3_375_104
+    assert core_backward_bytes(model, plan, attention="math", act=4) == 3_407_872
+    assert core_backward_bytes(model, SimpleNamespace(**{**vars(plan), "tp": 2}), attention="math", act=2) == 1_687_552
+    assert core_backward_bytes(model, plan, attention="flash", act=2) == 0
+    assert (
+        core_backward_bytes(model, SimpleNamespace(**{**vars(plan), "recompute": "none"}), attention="math", act=2) == 0
+    )
+
+
+def test_the_core_moment_frees_the_blocks_feed_forward_half():
+    """At the attention core's backward the block's feed-forward saved tensors are gone: a block
+    moment with layers 100 (of which the feed-forward half 30) and the core's 50: 70 + 50."""
+    from shardwise.estimate.memory.moments import core_backward
+
+    block = {"act.layers": 100, "act.block_backward": 9, "params.local": 5}
+    core = core_backward(block, SimpleNamespace(core_backward=50, ffn_saved=30))
+    assert core == {"act.layers": 70, "act.block_backward": 50, "params.local": 5}
+    assert core_backward(block, SimpleNamespace(core_backward=0, ffn_saved=30))["act.layers"] == 100

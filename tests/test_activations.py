@@ -224,11 +224,15 @@ def test_one_microbatch_in_flight_without_a_pipeline():
 def test_head_items_torch():
     # The last stage of Llama-2-7B (V = 32,000), b = 1, s = 4096, bf16 under FSDP (no autocast).
     # With tp = 2 the head is column-parallel, its logits gathered whole, the loss plain:
-    #   logits kept by the caller: b*s*V*2 = 262,144,000; log_softmax's fp32 output: 524,288,000;
-    #   the backward's two fp32 [b*s, V] gradients: 1,048,576,000.
+    #   logits b*s*V*2 = 262,144,000, kept by a pipeline's cache (pp > 1), dropped without one once
+    #   the loss is computed (run/engine._accumulate: the graph saves the fp32 copy's log-softmax,
+    #   not them); log_softmax's fp32 output: 524,288,000; the backward's two fp32 [b*s, V]
+    #   gradients: 1,048,576,000.
     kw = dict(last=True, layout="torch", attention="flash", autocast=False, act=2, res=2, vocab=LLAMA2.vocab)
     plain = rank_activations(LLAMA2, Plan(dp=4, tp=2, pp=1, mbs=1, gbs=4, seq=4096), **kw)
-    assert plain["act.logits"] == 262_144_000
+    assert plain["act.logits"] == 0
+    piped = rank_activations(LLAMA2, Plan(dp=2, tp=2, pp=2, mbs=1, gbs=4, seq=4096), **kw)
+    assert piped["act.logits"] == 262_144_000
     assert plain["act.loss_fp32"] == 524_288_000
     assert plain["act.loss_backward"] == 1_048_576_000
     # tp = 1: the loss runs chunked (run/loss.py), T = 4096 tokens in ceil(V / H) = 8 chunks of

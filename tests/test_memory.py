@@ -525,14 +525,15 @@ def test_bad_inputs_are_one_line():
 
 def test_attention_is_a_plan_field_that_reaches_the_inventory():
     """Plan.attention picks the inventory memory() counts (the keyword still overrides it): with
-    "math" the s x s scores are saved, and selective recompute drops them again."""
+    "math" the s x s scores are saved; selective recompute drops them, but the core's backward
+    makes them again (activations.core_backward_bytes: 6 score-sized tensors, so above flash's)."""
     m, c = preset("llama-2-7b"), make_cluster("h100-80gb", 8)
     flash = Plan(zero=3, seq=4096).resolve(m, 8)
     math = flash.replace(attention="math")
     assert memory(m, c, math) == memory(m, c, flash, attention="math")
     assert memory(m, c, math).activations > memory(m, c, flash).activations
     sel = lambda p: memory(m, c, p.replace(recompute="selective")).activations
-    assert sel(math) < memory(m, c, math).activations and sel(math) == sel(flash)
+    assert sel(flash) < sel(math) < memory(m, c, math).activations
     assert math.short().endswith("attn-math") and "attn" not in flash.short()
     with pytest.raises(ShardwiseError, match="unknown attention 'xformers'"):
         Plan(attention="xformers").resolve(m, 8)

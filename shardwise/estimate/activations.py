@@ -362,6 +362,35 @@ def block_backward_bytes(model, plan, *, act, autocast: bool, grads_kept: bool =
     return grads + weight
 
 
+def core_backward_bytes(model, plan, *, attention: str, act):
+    """The math attention kernel's backward under selective recompute (torch layout), over the
+    block's saved tensors: torch.utils.checkpoint reruns the core (SDPA's math composite, aten's
+    _scaled_dot_product_attention_math: scores = q k^T, masked softmax, times v; it computes in
+    fp32, upcasting bf16/fp16 inputs) inside its own backward, which then holds score-sized
+    tensors [b, a/tp, s, s] and q-sized ones [b, s, q_dim/tp], in fp32 whatever the compute dtype:
+    S = b*(a/tp)*s*s, Q = b*s*(q_dim/tp) elements. Measured by MemTracker on the CPU over its
+    inputs q, k, v, its output and the output's gradient (fp32 and bf16, b 1-2, a 4-16, GQA and
+    not, s 256-2048, d 16-128; fake and real tensors): exactly 3*(S + Q) fp32 elements; the
+    output's gradient (Q in the compute dtype) is not among the block's saved tensors:
+    12*(S + Q) + Q*act bytes. Hand-worked: b 1, a 4, s 256, d 16, bf16: S = 262,144, Q = 16,384:
+    3,342,336 + 32,768 bytes. The flash kernel's backward holds no score-sized tensor: 0."""
+    if attention != "math" or plan.recompute != "selective":
+        return 0
+    S = plan.mbs * (model.heads // plan.tp) * plan.seq * plan.seq
+    Q = plan.mbs * plan.seq * (model.q_dim // plan.tp)
+    return 12 * (S + Q) + Q * act
+
+
+def ffn_saved_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act, res, device: str = "cuda"):
+    """What one block saves for its feed-forward half (ffn_norm, the MLP): freed by the time the
+    block's backward reaches its attention."""
+    inv = block_inventory(
+        model, layout, attention, plan.recompute == "selective", autocast, device, device == "cpu" or act != 4
+    )
+    half = tuple(t for t in inv if t.name.startswith(("ffn_norm.", "feed_forward.")))
+    return inventory_bytes(half, b=plan.mbs, s=plan.seq, tp=plan.tp, sp=plan.sp, act=act, res=res, layout=layout)
+
+
 def _ffn_widths(model, tp):
     """(one MLP's FFN width on this rank, the FFN width a token passes through on this rank)."""
     if model.is_moe:  # the routed tokens' expert MLPs, each token through top_k of them
@@ -452,6 +481,8 @@ class RankSizes(NamedTuple):
     top_grad: object  # the gradient the head hands the top block (a residual-stream tensor)
     act_recv: object  # activation receive buffers of the rank (bytes), none holding an input
     grad_recv: object  # gradient receive buffers (bytes)
+    core_backward: object = 0  # the math attention core's backward under selective recompute
+    ffn_saved: object = 0  # one layer's feed-forward saved tensors, freed before its attention's backward
 
 
 def rank_sizes(
@@ -504,7 +535,9 @@ def rank_sizes(
     head = {
         "act.final_norm": rows * (norm + stats * stat),
         "act.head_input": head_in,
-        "act.logits": logits,
+        # without a pipeline run/engine._accumulate drops the logits once the loss is computed: the
+        # graph does not save them (the loss saves its fp32 log-softmax); a pipeline's cache keeps them
+        "act.logits": where(pp > 1, logits, 0 * logits),
         "act.loss_fp32": saved_fp32,
         "act.targets": bs * 8,
     }  # the loss saves the flattened int64 targets (a copy)
@@ -530,6 +563,12 @@ def rank_sizes(
         x if torch_ else 0,
         pipelined * (v - holds_first) * m * x,
         pipelined * (v - holds_last) * m * x,
+        core_backward_bytes(model, plan, attention=attention, act=act) if torch_ else 0,
+        ffn_saved_bytes(
+            model, plan, layout=layout, attention=attention, autocast=autocast, act=act, res=res, device=device
+        )
+        if torch_
+        else 0,
     )
 
 

@@ -11,7 +11,14 @@ from itertools import zip_longest
 
 from shardwise.estimate import activations as acts
 from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, where
-from shardwise.estimate.memory.moments import Blend, grads_present, loss_and_block, peak_backwards, split_items
+from shardwise.estimate.memory.moments import (
+    Blend,
+    core_backward,
+    grads_present,
+    loss_and_block,
+    peak_backwards,
+    split_items,
+)
 from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
 from shardwise.estimate.pipeline import chunk_blocks, rank_blocks
 from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
@@ -147,9 +154,9 @@ def _fsdp_pipelined(model, plan, last, a: dict, f, sizes, z: dict, pb, rb, accum
     )
     a["grads.head_unsharded"] = pb * z["u_head"]
     a["buffers.reduce_scatter"] = pb * z["u_block"]  # one block's gradients, cast into the fp32 accumulator
-    a_loss, a_block = loss_and_block(a, f, sizes)
+    a_loss, a_block, a_core = loss_and_block(a, f, sizes)
     a_loss["buffers.reduce_scatter"] = 0  # the loss's backward: no block reduced yet
-    return [a_loss, a_block]
+    return [a_loss, a_block, a_core]
 
 
 def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sharded_rb) -> list[dict]:
@@ -229,7 +236,13 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
             "params.unsharded": Pr + blocks_kept,
             "buffers.all_gather": P,
         },  # the forward's end
-        {**a, **grads(0), "act.block_backward": 0, "params.unsharded": 0 if z3 else Pr + blocks_kept},  # the loss's
+        {
+            **a,
+            **grads(0),
+            "act.block_backward": 0,
+            "act.recompute": 0,  # no block recomputed yet
+            "params.unsharded": 0 if z3 else Pr + blocks_kept,
+        },  # the loss's
     ]
     if z3:  # the root gathered again: the logits' gradient (compute dtype) made, the loss's freed
         out.append(
@@ -240,6 +253,7 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
                 "act.targets": 0,
                 "act.loss_backward": 0,
                 "act.block_backward": 0,
+                "act.recompute": 0,
                 "act.logits_grad": f.loss * logits,
                 "params.unsharded": Pr,
                 "buffers.all_gather": Pr,
@@ -264,7 +278,12 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
             "act.recompute": 0,
             "grads.block_unsharded": fresh * P,
         }
-        out += [start, end]
+        # at its attention core the block's feed-forward weight gradients are made (kept until its reduce-scatter)
+        out += [
+            start,
+            core_backward(start, sizes, **{"grads.block_unsharded": where(sizes.core_backward > 0, fresh * P, 0)}),
+            end,
+        ]
     out.append(
         {
             **base,

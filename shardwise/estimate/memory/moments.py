@@ -67,7 +67,9 @@ def loss_and_block(a: dict, f, sizes, head_copy=0) -> list[dict]:
     output weight) are freed (the caller, or the pipeline, still holds that micro-batch's
     logits). A backward without the loss (a pipeline stage's other than the last global one) is
     the block's moment only, its output's gradient in a receive buffer."""
-    a_loss = {**a, "act.block_backward": 0}
+    # nothing is recomputed before the first block's backward (torch.utils.checkpoint reruns a
+    # block's forward inside that block's backward): the recomputed block is the block moment's
+    a_loss = {**a, "act.block_backward": 0, "act.recompute": 0}
     a_block = {
         **a,
         "act.loss_backward": 0,
@@ -79,4 +81,16 @@ def loss_and_block(a: dict, f, sizes, head_copy=0) -> list[dict]:
         a_block[k] = a[k] - f.loss * (a[k] // head_mbs)
     if "params.autocast_copy" in a:
         a_block["params.autocast_copy"] = a["params.autocast_copy"] - f.loss * head_copy
-    return [a_loss, a_block]
+    return [a_loss, a_block, core_backward(a_block, sizes)]
+
+
+def core_backward(block: dict, sizes, **more) -> dict:
+    """The first block's backward at its attention core (math kernel, selective recompute:
+    activations.core_backward_bytes), its feed-forward half's saved tensors freed; `more`: the
+    engine's items there. A moment below `block` where the kernel's backward holds nothing."""
+    return {
+        **block,
+        **more,
+        "act.block_backward": sizes.core_backward,
+        "act.layers": block["act.layers"] - where(sizes.core_backward > 0, sizes.ffn_saved, 0),
+    }

@@ -30,9 +30,7 @@ def cmd_export_hf(a: argparse.Namespace) -> int:
         import safetensors  # noqa: F401
         import torch  # noqa: F401
     except ImportError:
-        raise ShardwiseError(
-            "`shardwise export-hf` needs PyTorch and safetensors: pip install -e '.[hf]'"
-        ) from None
+        raise ShardwiseError("`shardwise export-hf` needs PyTorch and safetensors: pip install -e '.[hf]'") from None
     from shardwise.run.export_hf import export
 
     export(str(path), a.out)

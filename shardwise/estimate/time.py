@@ -296,7 +296,9 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         bubble_s=bubble_s,
         step_s=step_s,
         tokens_per_s=tokens_step / step_s,
-        mfu=flops / (step_s * plan.world * peak),
+        # FP8: against the fp8 peak the linears (nearly all the FLOPs) run at, so MFU stays a fraction
+        # of what the GPU can do (torchtitan divides by the bf16 peak and so can pass 100%)
+        mfu=flops / (step_s * plan.world * linear_peak(gpu, plan.precision)),
         flops_per_step=flops,
         detail={
             "forward_s": forward_s,

@@ -5,6 +5,7 @@ the one-line refusals."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -126,9 +127,9 @@ def test_float8_linear_saves_the_high_precision_input_and_the_weight_itself():
 
     def saved(model):
         out = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: out.append(t) or t, lambda t: t):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                model(x)
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: out.append(t) or t, lambda t: t)
+        with hooks, torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
         return out
 
     kept = saved(conv)
@@ -200,8 +201,6 @@ def test_check_fp8_on_cuda_one_gpu(capsys):
 
     for precision in ("fp8-tensorwise", "fp8-rowwise"):
         code = main(["check", LLAMA, "--device", "cuda", "--nproc", "1", "--precision", precision, "--json"])
-        import json
-
         out = json.loads(capsys.readouterr().out)
         peak = next(r for r in out["rows"] if r["item"] == "peak memory")
         assert code == 0 and out["passed"], (precision, peak)

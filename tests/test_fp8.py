@@ -204,3 +204,12 @@ def test_check_fp8_on_cuda_one_gpu(capsys):
         out = json.loads(capsys.readouterr().out)
         peak = next(r for r in out["rows"] if r["item"] == "peak memory")
         assert code == 0 and out["passed"], (precision, peak)
+
+
+@pytest.mark.parametrize("fmt", ["megatron", "deepspeed", "torchtitan", "accelerate"])
+def test_exports_refuse_fp8_in_one_line(fmt, tmp_path, capsys):
+    out = tmp_path / "plan.out"
+    argv = ["estimate", "llama-3.1-8b", "--gpu", "h100-80gb", "--gpus", "8", "--precision", "fp8-rowwise"]
+    code = main(argv + ["--export", fmt, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "fp8" in err.lower() and not out.exists()

@@ -12,6 +12,7 @@ from shardwise.estimate.memory import memory
 from shardwise.estimate.profiles import PROFILES as PROFILES
 from shardwise.estimate.profiles import Profile
 from shardwise.estimate.time import step_time
+from shardwise.spec import fp8
 from shardwise.spec.breakdown import Estimate
 from shardwise.spec.hardware import Cluster
 from shardwise.spec.model import ModelSpec
@@ -42,6 +43,7 @@ def estimate(
     prof = profiles.profile(profile)
     model = load_model(model)
     plan = (plan or Plan()).resolve(model, cluster.gpus)
+    fp8.check_gpu(plan.precision, cluster.gpu)
     refused = first_broken(prof.rules, plan, model)
     if refused and prof.strict:
         raise ShardwiseError(f"{refused} (--profile {prof.name})")

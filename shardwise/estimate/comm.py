@@ -45,6 +45,7 @@ from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_bloc
 from shardwise.estimate.profiles import DDP_BUCKET, DDP_FIRST_BUCKET, Profile
 from shardwise.estimate.profiles import PROFILES as PROFILES
 from shardwise.spec.breakdown import Collective
+from shardwise.spec.fp8 import FP8_BYTES, fp8_all_gather
 
 LOSS_REDUCE_BYTES = 8  # the engine's one all-reduce of [loss, squared grad norm] in fp32
 CE_REDUCES = 3  # Megatron's vocab-parallel cross-entropy: max, sum of exp, target logit
@@ -172,7 +173,13 @@ def _fsdp_numels(model, tp, dp, pp):
     """Padded elements of one block's and of the root group's FSDP2 all-gather on rank 0."""
     inv = _inventory(model)
     root = _sum(inv["first"], fsdp_numel, tp, dp) + (1 if pp == 1 else 0) * _sum(inv["last"], fsdp_numel, tp, dp)
-    return {"block": _sum(inv["block"], fsdp_numel, tp, dp), "root": root}
+    linear = [g for g in inv["block"] if len(g[1]) == 2]  # the matmul weights FP8 training converts
+    return {
+        "block": _sum(inv["block"], fsdp_numel, tp, dp),
+        "root": root,
+        "linear": _sum(linear, fsdp_numel, tp, dp),
+        "linear_tensors": sum(count for _, _, count in linear),
+    }
 
 
 # ---- DDP buckets -------------------------------------------------------------------------------
@@ -698,6 +705,8 @@ def _torch_dp(c, model, plan, dt, arr, psi, hsdp) -> list[Collective]:
     blocks = _layers_on_rank0(model, plan)
     sums = _fsdp_numels(model, plan.tp, s, plan.pp)
     block, root = sums["block"], sums["root"]
+    # FP8 all-gather (spec/fp8.py): the blocks' linear weights travel as 1-byte FP8, the rest in bf16
+    gathered = block * dt["gather"] - (sums["linear"] * (dt["gather"] - FP8_BYTES) if fp8_all_gather(plan) else 0)
     piped = plan.pp > 1
     if plan.zero == 2:
         # reshard_after_forward=False: gathered in each forward, kept through backward, resharded
@@ -712,13 +721,14 @@ def _torch_dp(c, model, plan, dt, arr, psi, hsdp) -> list[Collective]:
         gathers = where(piped, 1 + m, 2 * m)
         reduces = where(piped, 1, m)
     what_g = "parameters (16-bit)" if dt["gather"] == 2 else "parameters"
+    what_b = "parameters (linear weights FP8, the rest 16-bit)" if fp8_all_gather(plan) else what_g
     out = [
         c(
             "all-gather",
-            f"{what_g} of each transformer block (FSDP2)",
+            f"{what_b} of each transformer block (FSDP2)",
             blocks * gathers,
             True,
-            per_call=block * dt["gather"],
+            per_call=gathered,
         ),
         c(
             "all-gather",
@@ -750,6 +760,18 @@ def _torch_dp(c, model, plan, dt, arr, psi, hsdp) -> list[Collective]:
             per_call=root // s * dt["reduce"],
         ),
     ]
+    if fp8_all_gather(plan):
+        # torchao precompute_float8_dynamic_scale_for_fsdp, after the optimizer step: one
+        # all-reduce (max) of every converted weight's fp32 amax, for the next step's FP8 casts
+        out.append(
+            c(
+                "all-reduce",
+                "FP8 weight amaxes, one fp32 per linear weight (torchao, after the step)",
+                1 + 0 * m,
+                False,
+                per_call=blocks * sums["linear_tensors"] * 4,
+            )
+        )
     return out
 
 

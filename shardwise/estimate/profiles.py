@@ -22,6 +22,7 @@ from types import MappingProxyType
 
 from shardwise.errors import ShardwiseError, closest
 from shardwise.estimate._num import ceil_div, maximum, minimum, where
+from shardwise.spec.fp8 import FP8_PRECISIONS, base_precision
 from shardwise.spec.plan import ENGINE_RULES, Rule
 from shardwise.units import MIB
 
@@ -142,7 +143,7 @@ _DEEPSPEED_STATES = _frozen(
         "bf16": StateBytes(2, 2, 0, 2),
     }
 )
-_MIXED = ("bf16-mixed", "fp16-mixed")
+_MIXED = ("bf16-mixed", "fp16-mixed", *FP8_PRECISIONS)
 
 
 class Profile:
@@ -190,7 +191,8 @@ class Profile:
         return self.name
 
     def state_bytes(self, precision: str) -> StateBytes:
-        return self.states[precision]
+        # FP8 training keeps bf16-mixed's states: only the linears' matmul inputs are cast (spec/fp8.py)
+        return self.states[base_precision(precision)]
 
     def dtypes(self, plan) -> dict:
         """Bytes per element of what each collective carries. P: stored parameters; grad:

@@ -60,6 +60,7 @@ from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal, rank
 from shardwise.estimate.profiles import TORCH
 from shardwise.spec import limits
 from shardwise.spec.breakdown import Time
+from shardwise.spec.fp8 import FP8_PRECISIONS, is_fp8
 
 # The matmul model (layer_gemms, gemm_seconds). MATMUL_EFFICIENCY is fitted by
 # benchmarks/fit_time_model.py on Korthikanti et al. 2022's Table 5 (8 measured iteration times,
@@ -73,7 +74,10 @@ GEMM_FIXED_S = 10e-6  # per matmul call
 # residual add reads two and writes one; softmax (fused scale, mask, softmax) reads and writes;
 # GELU reads and writes; SwiGLU's silu reads and writes, then the product reads two and writes one.
 ELEMENTWISE_PASSES = {"norm": 2, "dropout": 2.5, "residual_add": 3, "softmax": 2, "gelu": 2, "swiglu": 5}
+# fp8-*: the rate of everything but the blocks' linear matmuls, which run at the GPU's fp8 peak
+# (linear_peak; the attention core and the output layer stay bf16, spec/fp8.py)
 PEAK_DTYPE = {"fp32": "fp32", "bf16-mixed": "bf16", "bf16": "bf16", "fp16-mixed": "fp16"}
+PEAK_DTYPE.update(dict.fromkeys(FP8_PRECISIONS, "bf16"))
 PCIE_GBPS = 31.5  # PCIe 4.0 x16 per direction (16 GT/s x 16 lanes x 128/130 / 8), the host link offload uses
 STATES = {"adamw": 2, "sgd": 1, "adafactor": 0, "adam8bit": 2}  # full-size optimizer states per parameter
 SECONDS_PER_DAY = 86400.0
@@ -217,6 +221,11 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         lf = layer_forward_flops_per_token(model, seq)
         lr = layer_recompute_flops_per_token(model, seq, plan.recompute, plan.attention)
         layer_s, rc_s = lf * mb_tokens / plan.tp / rate, lr * mb_tokens / plan.tp / rate
+        if is_fp8(plan.precision):  # the linears' FLOPs at the fp8 rate, the core's at bf16
+            core = attention_core_flops_per_token(model, seq) * mb_tokens / plan.tp
+            linear_s = (lf * mb_tokens / plan.tp - core) / (linear_peak(gpu, plan.precision) * eff)
+            layer_s = linear_s + core / rate
+            rc_s = layer_s if plan.recompute == "full" else rc_s
         head_s = 2 * w["head"] * mb_tokens / plan.tp / rate
     first_busier = where(first * (layer_s + rc_s) > last * (layer_s + rc_s) + head_s, 1, 0)
     blocks = where(first_busier, first, last)
@@ -287,7 +296,9 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         bubble_s=bubble_s,
         step_s=step_s,
         tokens_per_s=tokens_step / step_s,
-        mfu=flops / (step_s * plan.world * peak),
+        # FP8: against the fp8 peak the linears (nearly all the FLOPs) run at, so MFU stays a fraction
+        # of what the GPU can do (torchtitan divides by the bf16 peak and so can pass 100%)
+        mfu=flops / (step_s * plan.world * linear_peak(gpu, plan.precision)),
         flops_per_step=flops,
         detail={
             "forward_s": forward_s,
@@ -316,6 +327,12 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     return out
 
 
+def linear_peak(gpu, precision: str) -> float:
+    """Peak FLOP/s of the blocks' linear matmuls: the fp8 tensor cores' under FP8 training
+    (torchao's Float8Linear runs torch._scaled_mm), else the precision's."""
+    return gpu.peak_flops("fp8" if is_fp8(precision) else PEAK_DTYPE[precision])
+
+
 def _shaped_block(model, gpu, plan, peak):
     """Seconds of one block's forward, of its recompute and of the output projection, per
     micro-batch, on one GPU: every matmul at its shape (gemm_seconds at MATMUL_EFFICIENCY of peak plus GEMM_FIXED_S), the
@@ -323,7 +340,10 @@ def _shaped_block(model, gpu, plan, peak):
     docstring)."""
     rate = peak * MATMUL_EFFICIENCY
     g = layer_gemms(model, plan)
-    gemm = {k: gemm_seconds(f, n, rate, GEMM_FIXED_S) for k, (f, n) in g.items()}
+    linear_rate = linear_peak(gpu, plan.precision) * MATMUL_EFFICIENCY
+    gemm = {
+        k: gemm_seconds(f, n, rate if k == "attention_core" else linear_rate, GEMM_FIXED_S) for k, (f, n) in g.items()
+    }
     b16 = 4 if plan.precision == "fp32" else 2
     moved = layer_elementwise_bytes(model, plan, plan.attention, b16)
     hbm = gpu.hbm_gbps * 1e9

@@ -32,7 +32,8 @@ def refuse(job: Job) -> str | None:
     if p.recompute == "selective":
         return "accelerate checkpoints whole transformer layers (fsdp_activation_checkpointing); use --recompute full or none"
     if p.precision not in MIXED:
-        return f"accelerate's mixed_precision is bf16, fp16 or no, not pure {p.precision}; use bf16-mixed"
+        what = p.precision if p.precision.startswith("fp8") else f"pure {p.precision}"
+        return f"accelerate's mixed_precision is bf16, fp16 or no, not {what}; use bf16-mixed"
     if p.optimizer != "adamw" or p.attention != "flash":
         return "the optimizer and attention kernel are the training script's, not accelerate's; export with adamw and flash"
     return None

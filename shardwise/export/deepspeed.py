@@ -41,6 +41,8 @@ def refuse(job: Job) -> str | None:
         return "DeepSpeed checkpoints whole blocks the model code wraps; its config cannot ask for selective recompute"
     if p.attention != "flash":
         return "the attention kernel is the model code's, not DeepSpeed's config; export with --attention flash"
+    if p.precision.startswith("fp8"):
+        return "DeepSpeed's config has no FP8 training (the model code's, through torchao); export with --precision bf16-mixed"
     if p.precision == "bf16":
         return "DeepSpeed's bf16 keeps fp32 master weights (mixed precision); use --precision bf16-mixed"
     return None

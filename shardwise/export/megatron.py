@@ -29,6 +29,8 @@ def refuse(job: Job) -> str | None:
         return "Megatron-LM schedules pipelines as 1F1B or interleaved 1F1B, not GPipe; use --schedule 1f1b"
     if p.offload != "none":
         return "pretrain_gpt.py offloads nothing to the CPU; drop --offload"
+    if p.precision.startswith("fp8"):  # Megatron's FP8 is Transformer Engine's recipe, not torchao's
+        return "Megatron-LM trains FP8 through Transformer Engine, not torchao's recipes; export with --precision bf16-mixed"
     if p.precision == "bf16":
         return "Megatron-LM keeps fp32 main parameters (bf16 is mixed precision there); use --precision bf16-mixed"
     if p.optimizer not in ("adamw", "sgd"):

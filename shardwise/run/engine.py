@@ -20,6 +20,7 @@ from torch import nn
 
 from shardwise.errors import ShardwiseError
 from shardwise.run import dist as rdist
+from shardwise.run import fp8
 from shardwise.run.model import Transformer, build, check_runnable
 from shardwise.run.parallelize import check_supported, parallelize, precision, split_pipeline, uses_fsdp
 from shardwise.spec.loss import chunked_loss
@@ -271,6 +272,8 @@ class Engine:
                 self.scaler.update()
             else:
                 self.optimizer.step()
+            for _, _, wrapped in self.stages:
+                fp8.after_step(wrapped, self.plan)
         self._clear_grads()
         return StepStats(loss=loss, grad_norm=grad_norm, skipped=skipped and self.scaler is not None)
 

@@ -23,8 +23,10 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.errors import ShardwiseError
+from shardwise.run import fp8
 from shardwise.run.dist import fsdp_mesh
 from shardwise.run.model import Transformer
+from shardwise.spec.fp8 import is_fp8
 from shardwise.spec.plan import Plan, engine_violation, stage_blocks
 
 
@@ -49,7 +51,7 @@ def precision(plan: Plan) -> Precision:
         return Precision(torch.float32, None, None, False)
     if plan.precision == "bf16":
         return Precision(torch.bfloat16, None, None, False)
-    low = torch.bfloat16 if plan.precision == "bf16-mixed" else torch.float16
+    low = torch.float16 if plan.precision == "fp16-mixed" else torch.bfloat16  # fp8-*: over bf16-mixed
     # FSDP2: the fp32 shard is the master copy, all-gathered in low precision; others: autocast
     return Precision(torch.float32, None if fsdp else low, low if fsdp else None, plan.precision == "fp16-mixed")
 
@@ -63,6 +65,7 @@ def check_supported(spec, plan: Plan, device: torch.device) -> None:
         raise ShardwiseError("--offload params moves parameters from the GPU to the CPU; it needs a CUDA device")
     if plan.precision == "fp16-mixed" and device.type != "cuda":
         raise ShardwiseError("fp16-mixed needs a CUDA device (gradient scaling); on CPU use fp32 or bf16-mixed")
+    fp8.check_fp8(spec, plan, device)
 
 
 # ---- pipeline split -----------------------------------------------------------------------
@@ -224,6 +227,8 @@ def parallelize(
     if prec.param_dtype != torch.float32:
         model.to(prec.param_dtype)
     model.autocast_dtype = prec.autocast_dtype
+    if is_fp8(plan.precision):
+        fp8.convert(model, plan)
     if plan.tp > 1:
         apply_tp(model, mesh["tp"], plan.sp)
     apply_recompute(model, plan.recompute)

@@ -22,6 +22,7 @@ _aten = torch.ops.aten
 _SAVED_NAMES = (
     "mm",
     "addmm",
+    "_scaled_mm",  # FP8 linears (torchao), as torchtitan's op-level save list has it
     "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_efficient_attention",

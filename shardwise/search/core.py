@@ -14,6 +14,7 @@ from shardwise.estimate import estimate, profiles
 from shardwise.estimate.profiles import Profile, optimizer_bytes
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SCHEDULES, SEARCHED, Space, Spaces, check_fixed
 from shardwise.search.vectorized import Nearest, Tally, evaluate, offloaded_bytes
+from shardwise.spec import fp8
 from shardwise.spec.hardware import Cluster, gpus
 from shardwise.spec.plan import RULES, Plan
 from shardwise.spec.presets import load_model
@@ -156,6 +157,7 @@ def run_search(
     opts = Options(profile, headroom, host_memory_gib, cross_node_tp, efficiency, tokens, price)
     _check_options(opts, rank, cluster, top)
     check_fixed(fixed)
+    fp8.check_gpu(fixed.get("precision", ""), cluster.gpu)  # an FP8 plan is searched on FP8 GPUs only
     counts = sweep_counts(cluster) if rank != "throughput" else [cluster.gpus]
     tally, nearest, parts = Tally(), (Nearest(), None), []
     for g in counts:

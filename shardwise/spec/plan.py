@@ -21,7 +21,9 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved")
 # by the matmul work they run again (the search's order): selective-op, the per-op policy, keeps
 # every matmul's and attention's output; selective, Megatron's, reruns the attention core
 RECOMPUTE = ("none", "selective-op", "selective", "full")
-PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16")
+# fp8-*: bf16-mixed with the transformer blocks' linear layers in FP8 (torchao float8 training,
+# shardwise/spec/fp8.py); one precision field, so FP8 over fp16 or fp32 cannot be asked for
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp8-tensorwise", "fp8-rowwise")
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "adam8bit")
 ATTENTION = ("flash", "math")  # SDPA's fused kernels (no s x s scores saved) or materialized scores
 OFFLOAD = ("none", "optimizer", "params")  # "params" = parameters + gradients + optimizer (FSDP2 CPUOffloadPolicy)

@@ -13,6 +13,7 @@ from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_
 from shardwise.estimate.memory.zero1 import zero1_worst
 from shardwise.estimate.pipeline import chunk_blocks, rank_blocks
 from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
+from shardwise.spec.fp8 import is_fp8
 from shardwise.spec.loss import chunked_loss
 
 
@@ -124,7 +125,9 @@ def local_moments(model, plan, last: bool, attention: str, device: str = "cuda")
             blocks = 1 if plan.recompute in ("full", "selective-op") else f.chunks * per_chunk
             blocks = once * v * per_chunk + (1 - once) * blocks
             heads = once * where(f.head > 0, 1, 0) + (1 - once) * f.head
-            a["params.autocast_copy"] = 2 * (blocks * z["block_linear"] + heads * head_copy)
+            # FP8: Float8Linear calls no autocast op on its weight (spec/fp8.py): no block casts kept
+            block_casts = 0 if is_fp8(plan.precision) else blocks * z["block_linear"]
+            a["params.autocast_copy"] = 2 * (block_casts + heads * head_copy)
             # the head's cast outlives the loss's backward where the step's cache holds it
             freed = 2 * (1 - once) * head_copy
         moments += loss_and_block(a, f, sizes, head_copy=freed if mixed else 0)

@@ -22,6 +22,7 @@ from shardwise.estimate.memory.moments import (
 from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
 from shardwise.estimate.pipeline import chunk_blocks, rank_blocks
 from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
+from shardwise.spec.fp8 import FP8_BYTES, fp8_all_gather
 
 
 def _fsdp_shard(shape, dp) -> tuple:
@@ -57,6 +58,7 @@ def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last, blocks):
         "s_block": block_sum(g, lambda p: elements(shard(p))),
         "u_all": u_all,
         "u_block": u_block,
+        "u_linear": block_sum(g, padded, only=lambda p: p.linear),
         "u_root": u_all - st.layers * u_block,
         "u_head": u_head,
         "u_tied": st.head * padded(out) if model.tied_embeddings else 0,
@@ -200,6 +202,8 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
     z3 = plan.zero == 3
     layers = model.layers
     P, R, Pr = pb * z["u_block"], rb * z["u_block"], pb * z["u_root"]
+    if fp8_all_gather(plan):  # the block's linear weights gathered and held as 1-byte FP8 (spec/fp8.py)
+        P = P - (pb - FP8_BYTES) * z["u_linear"]
     # ZeRO-2 accumulating at the parameters' dtype: the micro-batch's gradients are added into
     # the accumulated .grad in place (AccumulateGrad) and freed; otherwise they stay as made
     inplace = accumulated if not z3 and pb == rb else 0

@@ -19,7 +19,7 @@ from shardwise.spec.plan import SCHEDULES
 # A plan's short name (Plan.short()): "dp8 tp1 pp2 zero1 mbs1 ga64 1f1b sp rc-selective ...".
 PLAN_NAME = re.compile(
     r"dp\d+ tp\d+ pp\d+ zero\d mbs\d+ ga\d+"
-    rf"(?: (?:(?:{'|'.join(map(re.escape, SCHEDULES))})(?:/v\d+)?|sp|rc-[a-z-]+|offload-[a-z]+))*"
+    rf"(?: (?:(?:{'|'.join(map(re.escape, SCHEDULES))})(?:/v\d+)?|hsdp\d+|last-\d+|sp|rc-[a-z-]+|offload-[a-z]+|attn-[a-z]+))*"
 )
 _GLUE = "\x00"  # stands in for a space that must not break a line (textwrap splits on ASCII whitespace only)
 

@@ -274,6 +274,25 @@ def test_op_recompute_policy_matches_measured_runs_on_2_ranks():
     )
 
 
+@pytest.mark.slow
+def test_layer_recompute_policy_matches_measured_runs_on_2_ranks():
+    """recompute="selective-layer[:k]" (every k-th block checkpointed) under DDP, ZeRO-3, TP (the
+    checkpointed blocks' collectives replayed: communication exact), a pipeline (k counted per
+    stage) and autocast."""
+    _hold(
+        [
+            _cfg(LLAMA, 2, zero=0, recompute="selective-layer"),
+            _cfg(LLAMA, 2, zero=3, recompute="selective-layer"),
+            _cfg(LLAMA, 2, zero=2, recompute="selective-layer:3"),
+            _cfg(LLAMA, 2, tp=2, recompute="selective-layer:3"),
+            _cfg(LLAMA, 2, pp=2, recompute="selective-layer"),
+            _cfg(LLAMA, 2, zero=0, recompute="selective-layer", precision="bf16-mixed"),
+            _cfg(GPT2, 2, zero=1, recompute="selective-layer"),
+        ],
+        2,
+    )
+
+
 def test_torch_profile_pipeline_mixes_on_4_ranks():
     _hold([_cfg(LLAMA, 4, tp=2, pp=2)], 4)
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _models import TINY_GPT2, TINY_LLAMA
+from _saved import measure_blocks
 
 from shardwise.estimate import estimate
 from shardwise.estimate.activations import layer_bytes, op_policy_bytes_per_token
-from shardwise.run.measure import _peak_tracker
 from shardwise.run.model import Block
 from shardwise.spec.hardware import make_cluster
 from shardwise.spec.plan import Plan
@@ -31,30 +31,13 @@ def test_policy_bytes_by_hand():
     assert op_policy_bytes_per_token(preset("llama-3.1-8b"), "flash", 2) == 94_336
 
 
-def _alive(mt, kind):
-    return sum(d.get("Total", 0) for d in mt.get_tracker_snapshot(kind).values())
-
-
 def _measure(spec, mode, autocast):
     """(bytes the block keeps besides its input, its backward's peak over what is alive when it
     begins), the block's parameters and input external."""
     torch.manual_seed(0)
     block = Block(spec).train()
     block.recompute = mode
-    x0 = torch.randn(B, S, spec.hidden, requires_grad=True)
-    mt = _peak_tracker()
-    mt.track_external(x0, *block.parameters())
-    with mt:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            x = x0 * 1
-            before = _alive(mt, "current")
-            y = block(x)
-        kept = _alive(mt, "current") - before - y.numel() * y.element_size()
-        dy = torch.randn_like(y)
-        start = _alive(mt, "current")
-        y.backward(dy)
-        peak = _alive(mt, "peak")
-    return kept, peak - start
+    return measure_blocks([block], spec.hidden, autocast, B, S)
 
 
 @pytest.mark.parametrize("spec", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
@@ -122,7 +105,7 @@ def test_bad_policies_are_one_line():
     with pytest.raises(ShardwiseError) as e:
         Plan(recompute="selective-opp").resolve(m, 8)
     msg = str(e.value)
-    assert "\n" not in msg and "selective-op" in msg and "none, selective-op, selective, full" in msg
+    assert "\n" not in msg and "selective-op" in msg and "none, selective-op, selective, selective-layer, full" in msg
     # Megatron-LM has no per-op policy: its profile refuses it, naming what it has
     with pytest.raises(ShardwiseError, match="--recompute selective") as e:
         estimate(m, make_cluster("h100-80gb", 8), Plan(recompute="selective-op"), profile="megatron")

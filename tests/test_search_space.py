@@ -73,7 +73,7 @@ def test_each_strategy_generated_once_and_none_missing():
         [1, 2, 4, 8],
         ("gpipe", "1f1b", "interleaved"),
         range(1, m.layers + 1),
-        ("none", "selective-op", "selective", "full"),
+        ("none", "selective-op", "selective", "selective-layer", "full"),
         (False, True),
         ("none", "optimizer", "params"),
         (0, 1, 2, 4),  # HSDP shard groups

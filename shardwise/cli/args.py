@@ -9,7 +9,7 @@ import re
 from shardwise.errors import ShardwiseError
 from shardwise.spec.hardware import Cluster, make_cluster
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.plan import ATTENTION, OFFLOAD, OPTIMIZERS, PRECISIONS, RECOMPUTE, SCHEDULES, Plan
+from shardwise.spec.plan import ATTENTION, OFFLOAD, OPTIMIZERS, PRECISIONS, RECOMPUTE, SCHEDULES, Plan, check_recompute
 from shardwise.spec.presets import load_model
 
 # model dimensions that may be given (or overridden) on the command line
@@ -138,7 +138,12 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_defau
         help="transformer blocks the last pipeline stage holds fewer than the others (default: the remainder "
         "when pp*vpp does not divide the layers, else 0)",
     )
-    g.add_argument("--recompute", default=dv("recompute"), choices=RECOMPUTE, help="activation recompute")
+    g.add_argument(
+        "--recompute",
+        default=dv("recompute"),
+        type=recompute_arg,
+        help=f"activation recompute: {', '.join(RECOMPUTE)}; selective-layer:k checkpoints every k-th block",
+    )
     g.add_argument(
         "--sp", action="store_true", default=(False if defaults else None), help="sequence parallel (needs tp > 1)"
     )
@@ -238,3 +243,12 @@ def parse_count(text: str) -> float:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
     return v
+
+
+def recompute_arg(text: str) -> str:
+    """--recompute's value: a policy name, or selective-layer:k."""
+    try:
+        check_recompute(text)
+    except ShardwiseError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text

@@ -43,7 +43,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.estimate import pipeline
 from shardwise.estimate._num import maximum, where
 from shardwise.spec.loss import chunked_loss, loss_chunk_rows
-from shardwise.spec.plan import ATTENTION
+from shardwise.spec.plan import ATTENTION, recompute_every, recompute_kind
 
 LAYOUTS = ("torch", "megatron")
 DEVICES = ("cuda", "cpu")  # where the torch layout's kernels run (rms_norm differs)
@@ -296,6 +296,11 @@ def op_policy_bytes_per_token(model, attention: str, act, tp=1):
 
 def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device="cuda"):
     kw = dict(b=plan.mbs, s=plan.seq, tp=plan.tp, bs=bs, rows=rows)
+    if recompute_kind(plan.recompute) == "selective-layer":
+        # a block left alone keeps everything; a checkpointed one its input, and rebuilds the rest
+        # during its backward (rank_sizes counts which blocks are which)
+        whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
+        return whole, whole - rows * (model.hidden * res)
     if plan.recompute == "full":  # torch.utils.checkpoint around each block keeps its input only
         kept = rows * (model.hidden * res)
         whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
@@ -470,7 +475,9 @@ class RankSizes(NamedTuple):
 
     torch: bool  # the torch layout (pipeline buffers, the block's backward transient)
     chunk: object  # one chunk's saved tensors (its layers, per micro-batch)
-    layer: object  # one layer's saved tensors (per micro-batch)
+    layer: object  # one layer's saved tensors (per micro-batch); selective-layer: an unchecked one's
+    layer_checkpointed: object  # a checkpointed layer's (its input) under selective-layer, else = layer
+    every: object  # selective-layer's k: the chunk's blocks k-1, 2k-1, ... are checkpointed; else 1
     recompute: object  # held once while one block is recomputed
     embedding: object  # per micro-batch through global stage 0
     head: dict  # per micro-batch through the last global stage, by item
@@ -498,6 +505,13 @@ def rank_sizes(
 
     kept, rebuilt = _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device)
     x = rows * (h * res)  # one residual-stream tensor [b, s(/tp), h]
+    n = pipeline.chunk_blocks(model, plan, last)
+    every, kept_ck = 1, kept
+    if recompute_kind(plan.recompute) == "selective-layer":
+        every, kept_ck = recompute_every(plan.recompute), x
+        # the rebuilt block is held while a checkpointed block's backward runs: the chunk's top
+        # block (the first backward, over every other block's saved tensors) is one when k divides n
+        rebuilt = where(n % every == 0, rebuilt, 0)
 
     emb = bs * 8 + s * 8 if model.positions == "learned" else bs * 8  # token (and position) ids
     if model.dropout > 0:
@@ -551,8 +565,10 @@ def rank_sizes(
     m = plan.grad_accum
     return RankSizes(
         torch_,
-        pipeline.chunk_blocks(model, plan, last) * kept,
+        n * kept - (n // every) * (kept - kept_ck),
         kept,
+        kept_ck,
+        every,
         rebuilt,
         emb,
         head,
@@ -570,6 +586,12 @@ def rank_sizes(
         if torch_
         else 0,
     )
+
+
+def first_blocks(z: RankSizes, m):
+    """Saved bytes of a chunk's first m blocks (per micro-batch): of them m // k are checkpointed
+    under selective-layer:k (positions k-1, 2k-1, ...), none otherwise (k = 1, the same bytes)."""
+    return m * z.layer - (m // z.every) * (z.layer - z.layer_checkpointed)
 
 
 def priced(z: RankSizes, f) -> dict:

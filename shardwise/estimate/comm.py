@@ -46,6 +46,7 @@ from shardwise.estimate.profiles import DDP_BUCKET, DDP_FIRST_BUCKET, Profile
 from shardwise.estimate.profiles import PROFILES as PROFILES
 from shardwise.spec.breakdown import Collective
 from shardwise.spec.fp8 import FP8_BYTES, fp8_all_gather
+from shardwise.spec.plan import recompute_every, recompute_kind
 
 LOSS_REDUCE_BYTES = 8  # the engine's one all-reduce of [loss, squared grad norm] in fp32
 CE_REDUCES = 3  # Megatron's vocab-parallel cross-entropy: max, sum of exp, target logit
@@ -448,7 +449,10 @@ def _tp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
         return _megatron_tp(c, model, plan, act, R, M, layers, rc, m, head)
     # torch.utils.checkpoint (non-reentrant) stops recomputing once every saved tensor is back:
     # the block's last collective (reducing w2's output) is not replayed, the others are
-    replay = 1 if rc else 0
+    replayed = layers if rc else 0 * layers  # blocks whose forward runs again, all micro-batches
+    if recompute_kind(plan.recompute) == "selective-layer":  # the checkpointed blocks only
+        every = recompute_every(plan.recompute)
+        replayed = chunk_blocks(model, plan, False) // every * chunks_per_rank(plan.vpp, plan.schedule) * m
     out = []
     if not sp:
         # the attention and the FFN each take their input as one DTensor (PrepareModuleInput), so
@@ -458,7 +462,7 @@ def _tp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
                 "all-reduce",
                 "block outputs (wo, w2), forward" + (" (+ wo on recompute)" if rc else ""),
                 act * M,
-                (2 + replay) * layers,
+                2 * layers + replayed,
             ),
             c("all-reduce", "block input gradients (attention, FFN), backward", act * R, 2 * layers),
             c("all-reduce", "vocab-parallel embedding output, forward", act * R, m),
@@ -480,9 +484,9 @@ def _tp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:
             "all-gather",
             "sequence shards to block inputs (attention, FFN), forward",
             act * R,
-            (2 + 2 * replay) * layers,
+            2 * layers + 2 * replayed,
         ),
-        c("reduce-scatter", "block outputs (wo, w2) to sequence shards, forward", act * M, (2 + replay) * layers),
+        c("reduce-scatter", "block outputs (wo, w2) to sequence shards, forward", act * M, 2 * layers + replayed),
         c("reduce-scatter", "block input gradients to sequence shards, backward", act * R, 2 * layers),
         c("all-gather", "block output gradients, backward", act * M, 2 * layers),
         c("reduce-scatter", "vocab-parallel embedding output to sequence shards, forward", act * R, m),

@@ -23,7 +23,7 @@ from types import MappingProxyType
 from shardwise.errors import ShardwiseError, closest
 from shardwise.estimate._num import ceil_div, maximum, minimum, where
 from shardwise.spec.fp8 import FP8_PRECISIONS, base_precision
-from shardwise.spec.plan import ENGINE_RULES, Rule
+from shardwise.spec.plan import ENGINE_RULES, Rule, recompute_kind
 from shardwise.units import MIB
 
 # Overhead outside the caching allocator: the CUDA context of one process with lazy module
@@ -293,6 +293,14 @@ MEGATRON_RULES = (
         lambda p, m, g: (
             "Megatron-LM's selective recompute is the attention core (--recompute selective); "
             "selective-op is PyTorch's per-op policy: use --profile torch, or --recompute selective or full"
+        ),
+    ),
+    Rule(
+        "engine",
+        lambda p, m, g: recompute_kind(p.recompute) == "selective-layer",
+        lambda p, m, g: (
+            "Megatron-LM checkpoints the first N blocks of each stage (--recompute-method block) or groups of N "
+            "(uniform), not every k-th block: use --profile torch, or --recompute full or selective"
         ),
     ),
     Rule(

@@ -61,6 +61,7 @@ from shardwise.estimate.profiles import TORCH
 from shardwise.spec import limits
 from shardwise.spec.breakdown import Time
 from shardwise.spec.fp8 import FP8_PRECISIONS, is_fp8
+from shardwise.spec.plan import recompute_every, recompute_kind
 
 # The matmul model (layer_gemms, gemm_seconds). MATMUL_EFFICIENCY is fitted by
 # benchmarks/fit_time_model.py on Korthikanti et al. 2022's Table 5 (8 measured iteration times,
@@ -125,6 +126,9 @@ def layer_recompute_flops_per_token(model, seq, recompute: str, attention: str =
     kernel's batched matmuls (its attention core) run again; pointwise work is not counted."""
     if recompute == "full":
         return layer_forward_flops_per_token(model, seq)
+    if recompute_kind(recompute) == "selective-layer":
+        # every k-th block's whole forward: per block on average (exact where k divides a stage's blocks)
+        return layer_forward_flops_per_token(model, seq) / recompute_every(recompute)
     if recompute == "selective" or (recompute == "selective-op" and attention == "math"):
         return attention_core_flops_per_token(model, seq)
     return 0 * seq
@@ -355,6 +359,8 @@ def _shaped_block(model, gpu, plan, peak):
     # math kernel's attention core (it keeps every matmul's and the flash kernel's outputs)
     core_again = plan.recompute == "selective" or (plan.recompute == "selective-op" and plan.attention == "math")
     rc = layer_s if plan.recompute == "full" else (core_s if core_again else 0.0)
+    if recompute_kind(plan.recompute) == "selective-layer":
+        rc = layer_s / recompute_every(plan.recompute)
     return layer_s, rc, head_s
 
 

@@ -29,7 +29,7 @@ def refuse(job: Job) -> str | None:
         return "accelerate has no ZeRO-1 with FSDP2 (DDP or fully sharded); use --zero 0, 2 or 3"
     if p.offload == "optimizer" or (p.offload == "params" and p.zero < 2):
         return "accelerate's FSDP2 offloads parameters, gradients and optimizer together (fsdp_offload_params); use --offload params with --zero 2 or 3"
-    if p.recompute == "selective":
+    if p.recompute not in ("none", "full"):
         return "accelerate checkpoints whole transformer layers (fsdp_activation_checkpointing); use --recompute full or none"
     if p.precision not in MIXED:
         what = p.precision if p.precision.startswith("fp8") else f"pure {p.precision}"

@@ -37,7 +37,7 @@ def refuse(job: Job) -> str | None:
         )
     if OPTIMIZERS[p.optimizer] is None:
         return f"DeepSpeed's built-in optimizers have no {p.optimizer}; use adamw or sgd"
-    if p.recompute == "selective":
+    if p.recompute not in ("none", "full"):
         return "DeepSpeed checkpoints whole blocks the model code wraps; its config cannot ask for selective recompute"
     if p.attention != "flash":
         return "the attention kernel is the model code's, not DeepSpeed's config; export with --attention flash"

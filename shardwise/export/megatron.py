@@ -27,6 +27,8 @@ def refuse(job: Job) -> str | None:
         return "Megatron-LM's distributed optimizer shards optimizer states only (ZeRO-1); use --zero 0 or 1"
     if p.pp > 1 and p.schedule == "gpipe":
         return "Megatron-LM schedules pipelines as 1F1B or interleaved 1F1B, not GPipe; use --schedule 1f1b"
+    if p.recompute not in ("none", "selective", "full"):
+        return f"Megatron-LM has no {p.recompute} recompute; use --recompute none, selective or full"
     if p.offload != "none":
         return "pretrain_gpt.py offloads nothing to the CPU; drop --offload"
     if p.precision.startswith("fp8"):  # Megatron's FP8 is Transformer Engine's recipe, not torchao's

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tomllib
 
 from shardwise.export.job import Export, Imported, Job, bad_file, refused, toml_text
+from shardwise.spec.plan import recompute_every, recompute_kind
 from shardwise.spec.presets import preset, resolve_name
 
 FMT = "torchtitan"
@@ -55,6 +56,14 @@ def refuse(job: Job) -> str | None:
     return None
 
 
+def _ac(recompute: str) -> dict:
+    """ActivationCheckpoint: selective-layer:k is torchtitan's selective mode with the option k
+    (every k-th block, torchtitan/distributed/activation_checkpoint.py); the rest keep their name."""
+    if recompute_kind(recompute) == "selective-layer":
+        return {"mode": "selective", "selective_ac_option": str(recompute_every(recompute))}
+    return {"mode": recompute, "selective_ac_option": "op"}
+
+
 def render(job: Job) -> Export:
     if why := refuse(job):
         raise refused(FMT, why)
@@ -88,7 +97,7 @@ def render(job: Job) -> Export:
         },
         "parallelism": parallelism,
         # ActivationCheckpoint: "op" = selective per operator (the attention's internals), as shardwise's selective
-        "activation_checkpoint": {"mode": p.recompute, "selective_ac_option": "op"},
+        "activation_checkpoint": _ac(p.recompute),
         "compile": {"enable": False},  # Compile: shardwise's estimate is of eager kernels
     }
     nodes, per = job.cluster.nodes, job.cluster.node_size

@@ -27,7 +27,7 @@ from shardwise.run import fp8
 from shardwise.run.dist import fsdp_mesh
 from shardwise.run.model import Transformer
 from shardwise.spec.fp8 import is_fp8
-from shardwise.spec.plan import Plan, engine_violation, stage_blocks
+from shardwise.spec.plan import Plan, engine_violation, recompute_every, recompute_kind, stage_blocks
 
 
 @dataclass(frozen=True)
@@ -165,9 +165,15 @@ def apply_recompute(model: Transformer, mode: str) -> None:
     """full: checkpoint each block (keeps its input only). selective: checkpoint the attention
     core (Korthikanti et al. 2022: the s*s scores, softmax, dropout and attention over V).
     selective-op: each block under a per-op policy (run/recompute.py: matmul and attention
-    outputs kept, the rest recomputed)."""
-    for block in model.layers.values():
-        block.recompute = mode if mode in ("full", "selective-op") else "none"
+    outputs kept, the rest recomputed). selective-layer[:k]: checkpoint every k-th block of the
+    chunk, at positions k-1, 2k-1, ... (torchtitan's per-layer AC, _apply_ac_to_transformer_block,
+    counts blocks the same way); the others keep everything."""
+    kind, every = recompute_kind(mode), recompute_every(mode)
+    for j, block in enumerate(model.layers.values()):
+        if kind == "selective-layer":
+            block.recompute = "full" if (j + 1) % every == 0 else "none"
+        else:
+            block.recompute = mode if mode in ("full", "selective-op") else "none"
         block.attention.recompute_core = mode == "selective"
 
 

@@ -55,7 +55,7 @@ def simplicity(res, rows: np.ndarray) -> np.ndarray:
     1. no offload: it leans on PCIe and host memory, the part of the step the estimate sees least;
     2. fewer model-parallel dimensions (tp > 1, pp > 1): each adds a process group, a failure mode
        and a communication pattern to tune; plain data parallelism (with ZeRO) is the simplest;
-    3. less activation recompute (none < selective-op < selective < full): it re-runs work the estimate prices
+    3. less activation recompute (none < selective-op < selective < selective-layer < full): it re-runs work the estimate prices
        from FLOPs alone;
     4. no interleaved pipeline (virtual stages add sends and schedule complexity);
     5. memory at most TIGHT_MEMORY of the GPU: free memory absorbs what the estimate cannot see

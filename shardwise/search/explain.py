@@ -10,6 +10,7 @@ from __future__ import annotations
 from shardwise import units
 from shardwise.search.equivalent import BAND_WHY, EQUIVALENT_BAND, RANK_WORDS, per_token
 from shardwise.search.space import OFFLOAD_ORDER, RECOMPUTE_ORDER, SEARCHED
+from shardwise.spec.plan import recompute_kind
 
 MEMORY_LABELS = {
     "params": "parameters",
@@ -85,7 +86,8 @@ def why_slower(fast, slow) -> str:
     if top == "recompute_s":
         need = (
             "needs"
-            if RECOMPUTE_ORDER.index(slow.plan.recompute) > RECOMPUTE_ORDER.index(fast.plan.recompute)
+            if RECOMPUTE_ORDER.index(recompute_kind(slow.plan.recompute))
+            > RECOMPUTE_ORDER.index(recompute_kind(fast.plan.recompute))
             else "uses"
         )
         return f"it {need} {slow.plan.recompute} recompute, which re-runs part of the forward: {units.percent(grown)} more compute"
@@ -164,7 +166,7 @@ def _dims(res, w):
             (
                 "recompute",
                 f"{p.recompute} recompute",
-                c["recompute"] < RECOMPUTE_ORDER.index(p.recompute),
+                c["recompute"] < RECOMPUTE_ORDER.index(recompute_kind(p.recompute)),
                 "less recompute",
             )
         )

@@ -45,7 +45,7 @@ TARGET_TOKENS = 4 * 1024 * 1024
 GBS_FALLBACKS = 2  # batches tried after the default when no plan fits with it (nearest the target first)
 # "Lighter" variants first: the search drops a heavier recompute/offload variant of a plan when a
 # lighter one already fits (it only adds work: recompute adds a forward, offload adds PCIe traffic).
-RECOMPUTE_ORDER = RECOMPUTE  # none < selective-op < selective < full
+RECOMPUTE_ORDER = RECOMPUTE  # none < selective-op < selective < selective-layer < full
 OFFLOAD_ORDER = OFFLOAD  # none < optimizer < params
 
 

@@ -19,8 +19,12 @@ from shardwise.spec import limits
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 # by the matmul work they run again (the search's order): selective-op, the per-op policy, keeps
-# every matmul's and attention's output; selective, Megatron's, reruns the attention core
-RECOMPUTE = ("none", "selective-op", "selective", "full")
+# every matmul's and attention's output; selective, Megatron's, reruns the attention core;
+# selective-layer[:k], torchtitan's per-layer policy, reruns every k-th block's forward
+RECOMPUTE = ("none", "selective-op", "selective", "selective-layer", "full")
+# selective-layer's default k: every second block (torchtitan's selective_ac_option default "2"):
+# about half of no recompute's activations for half of full recompute's extra forward
+LAYER_EVERY = 2
 # fp8-*: bf16-mixed with the transformer blocks' linear layers in FP8 (torchao float8 training,
 # shardwise/spec/fp8.py); one precision field, so FP8 over fp16 or fp32 cannot be asked for
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp8-tensorwise", "fp8-rowwise")
@@ -394,10 +398,43 @@ def _positive_int(name, v, allow_zero=False):
         raise ShardwiseError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {v!r}")
 
 
+def recompute_kind(value: str) -> str:
+    """The policy's name: "selective-layer:3" -> "selective-layer"."""
+    return value.partition(":")[0] if isinstance(value, str) else value
+
+
+def recompute_every(value: str) -> int:
+    """k of "selective-layer:k" (LAYER_EVERY without one): the block of each model chunk at
+    position j (from 0) is checkpointed when (j + 1) % k == 0. 1 for full (every block), 0 for
+    the policies that checkpoint no whole block."""
+    kind, _, k = value.partition(":")
+    if kind == "full":
+        return 1
+    if kind != "selective-layer":
+        return 0
+    return int(k) if k else LAYER_EVERY
+
+
+def check_recompute(value) -> None:
+    kind, colon, k = value.partition(":") if isinstance(value, str) else (value, "", "")
+    if kind not in RECOMPUTE:
+        raise ShardwiseError(
+            f"unknown recompute {value!r}; {closest(str(value), RECOMPUTE)} (one of {', '.join(RECOMPUTE)}, "
+            "selective-layer:k)"
+        )
+    if colon and kind != "selective-layer":
+        raise ShardwiseError(f"recompute {value!r}: only selective-layer takes :k (every k-th block); use {kind}")
+    if colon and (not k.isdigit() or int(k) < 2 or len(k) > 6):
+        raise ShardwiseError(
+            f"recompute {value!r}: k must be an integer of at least 2 (selective-layer:2 checkpoints every "
+            "second block; every block is --recompute full)"
+        )
+
+
 def _check_choices(p: Plan) -> None:
+    check_recompute(p.recompute)
     for name, val, allowed in (
         ("schedule", p.schedule, SCHEDULES),
-        ("recompute", p.recompute, RECOMPUTE),
         ("precision", p.precision, PRECISIONS),
         ("optimizer", p.optimizer, OPTIMIZERS),
         ("offload", p.offload, OFFLOAD),

@@ -15,6 +15,7 @@ from shardwise.estimate.pipeline import chunk_blocks, rank_blocks
 from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
 from shardwise.spec.fp8 import is_fp8
 from shardwise.spec.loss import chunked_loss
+from shardwise.spec.plan import recompute_every, recompute_kind
 
 
 @memo
@@ -123,6 +124,10 @@ def local_moments(model, plan, last: bool, attention: str, device: str = "cuda")
             once = where(plan.pp > 1, 1, 0)
             # (selective-op recomputes the casts too: one block's at a time)
             blocks = 1 if plan.recompute in ("full", "selective-op") else f.chunks * per_chunk
+            if recompute_kind(plan.recompute) == "selective-layer":
+                # the unchecked blocks' casts stay saved; a checkpointed top block remakes its own
+                k = recompute_every(plan.recompute)
+                blocks = f.chunks * (per_chunk - per_chunk // k) + where(per_chunk % k == 0, 1, 0)
             blocks = once * v * per_chunk + (1 - once) * blocks
             heads = once * where(f.head > 0, 1, 0) + (1 - once) * f.head
             # FP8: Float8Linear calls no autocast op on its weight (spec/fp8.py): no block casts kept

@@ -187,7 +187,7 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
     record_stream, so a CUDA caching allocator (max_memory_allocated) and MemTracker on the CPU
     see the same lifetimes; only the all-gather and reduce-scatter run on other streams.
 
-    The moments, L = the rank's layers, X = one layer's saved tensors:
+    The moments, L = the rank's layers:
       forward: block 0's copy-out (the root's buffer and unsharded parameters, block 0's two),
         block L-1's (three buffers), the forward's end (the logits made, block L-1's buffer;
         run/engine._accumulate drops the previous micro-batch's logits before this forward);
@@ -209,7 +209,6 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
     inplace = accumulated if not z3 and pb == rb else 0
     fresh = 1 - inplace
     transient = fresh * sizes.block_backward_kept + inplace * sizes.block_backward
-    X = sizes.layer
 
     def grads(k):
         """Gradients once k groups are reduce-scattered in this micro-batch."""
@@ -230,7 +229,7 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
         {**fwd, "params.unsharded": Pr + P, "buffers.all_gather": Pr + P},  # block 0's copy-out
         {
             **fwd,
-            "act.layers": (layers - 1) * X,
+            "act.layers": acts.first_blocks(sizes, layers - 1),
             "params.unsharded": Pr + (P if z3 else blocks_kept),
             "buffers.all_gather": (2 if layers > 1 else 1) * P + (0 if layers > 1 else Pr),
         },  # block L-1's
@@ -263,13 +262,16 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
                 "buffers.all_gather": Pr,
             }
         )
+    second_rebuilt = where((layers - 1) % sizes.every == 0, sizes.layer - sizes.layer_checkpointed, 0)
     head_grads = pb * (fresh * z["u_head"] + inplace * z["u_tied"])  # a tied one waits in AccumulateGrad
     for k in range(min(layers, 2)):  # the first and second block of the backward
         start = {
             **loss_and_block(a, f, sizes)[1],
             **grads(k),
             "act.block_backward": transient,
-            "act.layers": a["act.layers"] - k * X,
+            "act.layers": acts.first_blocks(sizes, layers - k),
+            # selective-layer: the second block rebuilds its tensors where it is a checkpointed one
+            **({} if k == 0 or sizes.every == 1 else {"act.recompute": second_rebuilt}),
             "grads.head_unsharded": head_grads,
             "params.unsharded": Pr + (P if z3 else (layers - k) * P),
             "buffers.all_gather": P if z3 and layers - 1 - k >= 1 else 0,  # the block below, prefetched
@@ -277,7 +279,7 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
         }  # the block above's
         end = {
             **start,
-            "act.layers": start["act.layers"] - X,
+            "act.layers": acts.first_blocks(sizes, layers - k - 1),
             "act.block_backward": 0,
             "act.recompute": 0,
             "grads.block_unsharded": fresh * P,

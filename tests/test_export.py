@@ -109,7 +109,7 @@ def test_run_config_loads_in_shardwise_run(tmp_path):
     [
         (
             "torchtitan",
-            dict(tp=2, pp=2, zero=3, sp=True, mbs=2, gbs=64, schedule="interleaved", vpp=2, recompute="selective"),
+            dict(tp=2, pp=2, zero=3, sp=True, mbs=2, gbs=64, schedule="interleaved", vpp=2, recompute="selective-op"),
             16,
         ),
         (

@@ -45,7 +45,7 @@ def plans(draw, fmt):
         seq=draw(st.sampled_from([1024, 2048, 4096])),
         schedule=schedule,
         vpp=draw(st.sampled_from([1, 2])) if schedule == "interleaved" else 1,
-        recompute=draw(st.sampled_from(["none", "selective", "full"])),
+        recompute=draw(st.sampled_from(["none", "selective", "selective-op", "selective-layer:3", "full"])),
         sp=draw(st.booleans()) if tp > 1 else False,
         precision=draw(st.sampled_from(["bf16-mixed", "fp16-mixed", "fp32", "bf16"])),
         optimizer=draw(st.sampled_from(["adamw", "sgd"])),
@@ -96,8 +96,8 @@ def test_reads_a_torchtitan_toml_as_torchtitan_writes_it(tmp_path):
     imp = read_file(str(f))
     assert imp.model.name == "llama-3.1-8b"
     assert imp.plan == dict(
-        tp=1, pp=1, sp=False, zero=3, mbs=1, seq=8192, precision="bf16-mixed", recompute="selective"
-    )
+        tp=1, pp=1, sp=False, zero=3, mbs=1, seq=8192, precision="bf16-mixed", recompute="selective-layer:2"
+    )  # torchtitan's selective_ac_option defaults to "2": every second block
 
 
 def test_reads_an_axolotl_yaml(tmp_path):

@@ -53,15 +53,37 @@ def refuse(job: Job) -> str | None:
         return "torchtitan offloads parameters, gradients and optimizer together (Training.enable_cpu_offload); use --offload params"
     if p.attention != "flash":
         return "torchtitan's llama3 runs SDPA's fused attention kernels; drop --attention math"
+    if p.recompute == "selective":
+        return "torchtitan has no attention-core-only recompute (Megatron's selective); use --recompute selective-op"
     return None
 
 
 def _ac(recompute: str) -> dict:
-    """ActivationCheckpoint: selective-layer:k is torchtitan's selective mode with the option k
-    (every k-th block, torchtitan/distributed/activation_checkpoint.py); the rest keep their name."""
+    """ActivationCheckpoint (torchtitan/distributed/activation_checkpoint.py): mode none | full |
+    selective, and for selective the option "op" (per-operator: shardwise's selective-op) or an
+    integer k (every k-th block: shardwise's selective-layer:k)."""
     if recompute_kind(recompute) == "selective-layer":
         return {"mode": "selective", "selective_ac_option": str(recompute_every(recompute))}
-    return {"mode": recompute, "selective_ac_option": "op"}
+    if recompute == "selective-op":
+        return {"mode": "selective", "selective_ac_option": "op"}
+    return {"mode": recompute}
+
+
+def _recompute(path, ac: dict) -> str:
+    """The inverse of _ac."""
+    mode = ac.get("mode", "selective")
+    if mode in ("none", "full"):
+        return mode
+    if mode != "selective":
+        raise bad_file(
+            path, f"activation_checkpoint.mode {mode!r} has no shardwise recompute; use none, selective or full"
+        )
+    option = str(ac.get("selective_ac_option", "2"))
+    if option == "op":
+        return "selective-op"
+    if not option.isdigit() or int(option) < 1:
+        raise bad_file(path, f"activation_checkpoint.selective_ac_option {option!r}: give 'op' or a positive integer")
+    return "full" if int(option) == 1 else f"selective-layer:{option}"
 
 
 def render(job: Job) -> Export:
@@ -96,7 +118,6 @@ def render(job: Job) -> Export:
             "enable_cpu_offload": p.offload == "params",
         },
         "parallelism": parallelism,
-        # ActivationCheckpoint: "op" = selective per operator (the attention's internals), as shardwise's selective
         "activation_checkpoint": _ac(p.recompute),
         "compile": {"enable": False},  # Compile: shardwise's estimate is of eager kernels
     }
@@ -155,12 +176,7 @@ def read(path: str, text: str) -> Imported:
     plan["precision"] = prec
     if tr.get("enable_cpu_offload"):
         plan["offload"] = "params"
-    mode = ac.get("mode", "selective")
-    if mode not in ("none", "selective", "full"):
-        raise bad_file(
-            path, f"activation_checkpoint.mode {mode!r} has no shardwise recompute; use none, selective or full"
-        )
-    plan["recompute"] = mode
+    plan["recompute"] = _recompute(path, ac)
     if opt.get("name", "AdamW") not in ("AdamW", "Adam"):
         raise bad_file(path, f"optimizer {opt['name']!r}: shardwise models torchtitan's Adam and AdamW")
     model = ref = None

@@ -35,7 +35,6 @@ RANKS = ("throughput", "time", "cost")
 UNPINNABLE = SEARCHED + ("gbs",)
 MAX_GPUS = 1 << 17  # --min-gpus gives up past 131,072 GPUs (larger than any cluster built so far)
 EXHAUSTIVE_NODES = 64  # --min-gpus tries every whole number of nodes up to this, then doubles
-COUNTS_PER_PASS = 16
 
 
 @dataclass(frozen=True)
@@ -247,21 +246,16 @@ def fewest_gpus(
 ) -> int | None:
     """The smallest count of gpu_counts() (of `cluster`'s GPU, node size and network) on which some
     plan fits (with an unpinned gbs: any of each count's candidate batches), or None up to `limit`.
-    Counts are checked COUNTS_PER_PASS at a time in one memory-only pass (Spaces): the formulas
-    cost about the same for one count's grid as for sixteen."""
+    Counts are checked one at a time, ascending, each in one memory-only pass that stops at its first
+    fitting plan (most frugal families first): a count's grid holds tens of thousands of plans per
+    family, so passing many counts at once costs their sum, and the answer is usually an early count."""
     model = load_model(model)
     start = max(start, capacity_bound(model, cluster, fixed, opts))
-    counts = gpu_counts(cluster.gpus_per_node, start, limit)
-    for i in range(0, len(counts), COUNTS_PER_PASS):
-        spaces = []
-        for g in counts[i : i + COUNTS_PER_PASS]:
-            s = Space(model, g, min(g, cluster.gpus_per_node), fixed, opts.cross_node_tp)
-            spaces += [s if b == s.gbs else s.with_gbs(b) for b in s.gbs_candidates if s.tp_pp]
-        if not spaces:
-            continue
-        tally = opts.evaluate(Spaces(spaces), cluster, time=False)[1]
-        if tally.fit_gpus:
-            return min(tally.fit_gpus)
+    for g in gpu_counts(cluster.gpus_per_node, start, limit):
+        s = Space(model, g, min(g, cluster.gpus_per_node), fixed, opts.cross_node_tp)
+        spaces = [s if b == s.gbs else s.with_gbs(b) for b in s.gbs_candidates if s.tp_pp]
+        if spaces and opts.evaluate(Spaces(spaces), cluster, time=False, stop_at_first_fit=True)[1].fit_gpus:
+            return g
     return None
 
 

@@ -69,5 +69,6 @@ def layer_fraction(model, plan, profile, last: bool = False) -> float:
     rest: embeddings, the output head, the final norm). Papers that count the layers alone
     (Korthikanti et al. 2022's Figure 1: 18 bytes for each of 12*L*h^2/(t*p) parameters per GPU)
     are compared with this share of the rank's model states."""
-    z = _paper_sizes(model, profiles.profile(profile), plan.optimizer, plan.precision, plan.tp, plan.pp, last)
+    prof, blocks = profiles.profile(profile), rank_blocks(model, plan, last)
+    z = _paper_sizes(model, prof, plan.optimizer, plan.precision, plan.tp, plan.pp, last, blocks)
     return z["layers"] / z["n"]

@@ -128,6 +128,8 @@ def test_run_refuses_in_one_line_and_starts_nothing(monkeypatch, capsys):
     assert err.startswith("shardwise: error: --compile on the CPU needs a C++ compiler") and err.count("\n") == 1
     assert cli.main(["trace", "llama-3.1-8b", "--gpus", "8", "--compile"]) == 2
     assert "trace without it" in capsys.readouterr().err
+    assert cli.main(["check", llama, "--compile", "--device", "cpu"]) == 2
+    assert "MemTracker" in capsys.readouterr().err
 
 
 def test_plan_argv_carries_compile():

@@ -202,6 +202,13 @@ def test_compiled_block_saves_the_compiled_inventory(spec, dtype, autocast, act,
     )
 
 
+def test_compiled_per_op_policy_keeps_only_what_the_backward_reads():
+    """selective-op under compile: the block's input and the policy's outputs but w2's, which no
+    backward reads (eager's policy keeps it): 8,192 + 62,464 - 8,192 bytes (fp32, 32 tokens)."""
+    got = compiled_saved_bytes(LLAMA_BLOCK, recompute="selective-op")
+    assert got == estimated(LLAMA_BLOCK, act=4, res=4, recompute="selective-op") == 62_464
+
+
 def test_compiled_block_inventory_hand_worked():
     """Llama block, h 64, q 64 (8 heads of 8), kv 16, f 96, b*s = 32 tokens, fp32, CPU. Eager keeps
     121,088 bytes: x, h (the two norms' inputs) and both norms' fp32 normalized tensors, 4 x 8,192;

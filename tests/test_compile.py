@@ -186,6 +186,7 @@ def estimated(spec, *, act, res, autocast=False, recompute="none"):
     return kept
 
 
+@pytest.mark.slow  # a compile per case: seconds, not a unit test's fraction of one
 @pytest.mark.parametrize(
     "spec, dtype, autocast, act, res",
     [
@@ -202,6 +203,7 @@ def test_compiled_block_saves_the_compiled_inventory(spec, dtype, autocast, act,
     )
 
 
+@pytest.mark.slow
 def test_compiled_per_op_policy_keeps_only_what_the_backward_reads():
     """selective-op under compile: the block's input and the policy's outputs but w2's, which no
     backward reads (eager's policy keeps it): 8,192 + 62,464 - 8,192 bytes (fp32, 32 tokens)."""

@@ -5,10 +5,13 @@ package index), and refused in one line where the framework cannot express the p
 
 from __future__ import annotations
 
+import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from _export import dims, framework, job
 
 from shardwise.errors import ShardwiseError
@@ -109,7 +112,19 @@ def test_run_config_loads_in_shardwise_run(tmp_path):
     [
         (
             "torchtitan",
-            dict(tp=2, pp=2, zero=3, sp=True, mbs=2, gbs=64, schedule="interleaved", vpp=2, recompute="selective-op"),
+            dict(
+                tp=2,
+                pp=2,
+                zero=3,
+                sp=True,
+                mbs=2,
+                gbs=64,
+                schedule="interleaved",
+                vpp=2,
+                recompute="selective-op",
+                precision="fp8-tensorwise",
+                compile=True,
+            ),
             16,
         ),
         (
@@ -163,3 +178,37 @@ def test_torchtitan_refuses_a_model_it_has_no_flavor_for():
 
 def test_every_format_is_tested_here():
     assert set(FORMATS) == {"torchtitan", "megatron", "deepspeed", "accelerate", "slurm", "shardwise"}
+
+
+# ---- FP8 and torch.compile in each framework's own terms -----------------------------------------
+def test_fp8_and_compile_map_to_each_framework():
+    fp8 = dict(zero=3, gbs=16, compile=True)
+    tt = tomllib.loads(export("torchtitan", job(gpus=16, precision="fp8-rowwise", **fp8)).text)
+    assert tt["model"]["converters"] == ["quantize.linear.float8"]
+    assert tt["quantize"]["linear"]["float8"] == {"recipe_name": "rowwise", "filter_fqns": ["output"]}
+    assert tt["compile"] == {"enable": True, "components": ["model", "loss"]}
+    assert (tt["training"]["dtype"], tt["training"]["mixed_precision_param"]) == ("float32", "bfloat16")
+    mg = export("megatron", job(gpus=16, precision="fp8-tensorwise", zero=1, gbs=16)).text
+    assert "--bf16" in mg and "--fp8-format hybrid" in mg and "--fp8-recipe tensorwise" in mg
+    acc = yaml.safe_load(export("accelerate", job(gpus=16, precision="fp8-tensorwise", **fp8)).text)
+    assert acc["mixed_precision"] == "fp8" and acc["fp8_config"] == {
+        "backend": "AO",
+        "enable_fsdp_float8_all_gather": True,
+    }
+    assert (
+        acc["dynamo_config"]["dynamo_backend"] == "INDUCTOR" and acc["dynamo_config"]["dynamo_use_regional_compilation"]
+    )
+
+
+@pytest.mark.parametrize(
+    "fmt, plan, words",
+    [
+        ("megatron", dict(zero=1, precision="fp8-rowwise"), "no rowwise scaling; use --precision fp8-tensorwise"),
+        ("megatron", dict(zero=1, compile=True), "Megatron-LM has no torch.compile flag"),
+        ("deepspeed", dict(zero=3, compile=True), "engine.compile()"),
+        ("accelerate", dict(zero=3, precision="fp8-rowwise"), "AORecipeKwargs"),
+    ],
+)
+def test_fp8_and_compile_a_framework_cannot_hold_are_refused(fmt, plan, words):
+    with pytest.raises(ShardwiseError, match=re.escape(words)):
+        export(fmt, job(gpus=16, gbs=16, **plan))

@@ -47,10 +47,11 @@ def plans(draw, fmt):
         vpp=draw(st.sampled_from([1, 2])) if schedule == "interleaved" else 1,
         recompute=draw(st.sampled_from(["none", "selective", "selective-op", "selective-layer:3", "full"])),
         sp=draw(st.booleans()) if tp > 1 else False,
-        precision=draw(st.sampled_from(["bf16-mixed", "fp16-mixed", "fp32", "bf16"])),
+        precision=draw(st.sampled_from(["bf16-mixed", "fp16-mixed", "fp32", "bf16", "fp8-tensorwise", "fp8-rowwise"])),
         optimizer=draw(st.sampled_from(["adamw", "sgd"])),
         offload=draw(st.sampled_from(["none", "optimizer", "params"])),
         attention=draw(st.sampled_from(["flash", "math"])),
+        compile=draw(st.booleans()),
     )
     return gpus, fields
 
@@ -229,3 +230,17 @@ def test_the_sample_config_json_is_qwen2_5_0_5b():
 
     m = load_model(str(Path(__file__).parent.parent / "examples" / "config.json"))
     assert dims(m) == dims(preset("qwen2.5-0.5b")) and m.params == 494_032_768
+
+
+@pytest.mark.parametrize("precision", ["fp8-tensorwise", "fp8-rowwise"])
+@pytest.mark.parametrize("fmt", ["torchtitan", "accelerate", "shardwise"])
+def test_compile_and_fp8_come_back(tmp_path, fmt, precision):
+    """The property's draws, pinned: compile with each FP8 recipe, wherever the format holds them."""
+    j = job(gpus=16, zero=3, mbs=2, gbs=64, precision=precision, compile=True)
+    if READERS[fmt].refuse(j) is not None:
+        assert fmt == "accelerate" and precision == "fp8-rowwise"  # its config holds tensorwise only
+        return
+    ex = export(fmt, j)
+    (tmp_path / ex.filename).write_text(ex.text)
+    imp = read_file(str(tmp_path / ex.filename))
+    assert plan_back(imp, j.plan, FROM_FLAGS.get(fmt, ())) == j.plan

@@ -206,7 +206,7 @@ def test_check_fp8_on_cuda_one_gpu(capsys):
         assert code == 0 and out["passed"], (precision, peak)
 
 
-@pytest.mark.parametrize("fmt", ["megatron", "deepspeed", "torchtitan", "accelerate"])
+@pytest.mark.parametrize("fmt", ["megatron", "deepspeed", "accelerate"])  # torchtitan writes it (test_export.py)
 def test_exports_refuse_fp8_in_one_line(fmt, tmp_path, capsys):
     out = tmp_path / "plan.out"
     argv = ["estimate", "llama-3.1-8b", "--gpu", "h100-80gb", "--gpus", "8", "--precision", "fp8-rowwise"]

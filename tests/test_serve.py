@@ -55,6 +55,14 @@ def test_plan_api_answers_as_the_command_line(server):
     assert status == 200 and d["recommended"]["plan"]["zero"] == 1 and d["cluster"]["gpus"] == 16
 
 
+def test_compile_goes_through_to_the_plan(server):
+    d = json.loads(get(server + "/api/plan?model=llama-3.1-8b&gpus=16&compile=1")[2])
+    assert d["recommended"]["plan"]["compile"] is True
+    assert (
+        json.loads(get(server + "/api/plan?model=llama-3.1-8b&gpus=16")[2])["recommended"]["plan"]["compile"] is False
+    )
+
+
 @pytest.mark.parametrize(
     "query, words",
     [
@@ -120,11 +128,14 @@ def test_the_page_plans_changes_and_exports(server, browser, tmp_path):
     assert page.locator("#equivalent tbody tr").count() >= 1
     assert page.locator("#comm tbody tr").count() >= 1
     assert page.locator("#memory .main-svg").count() >= 1 and page.locator("#timeline .main-svg").count() >= 1
+    page.check("#compile")  # a switch: into the query, the command line and the export
+    page.wait_for_function("document.getElementById('command').textContent.includes('--compile')", timeout=60_000)
+    assert "compile=1" in page.url
     with page.expect_download() as dl:
         page.click("#export-shardwise")
     path = tmp_path / dl.value.suggested_filename
     dl.value.save_as(path)
-    assert path.name == "shardwise.toml" and "tp = 2" in path.read_text()
+    assert path.name == "shardwise.toml" and "tp = 2" in path.read_text() and "compile = true" in path.read_text()
     if os.environ.get("SHARDWISE_SCREENSHOT"):
         page.screenshot(path=os.environ["SHARDWISE_SCREENSHOT"], full_page=False)
     page.fill("#tp", "3")

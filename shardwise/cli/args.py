@@ -147,6 +147,12 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_defau
     g.add_argument(
         "--sp", action="store_true", default=(False if defaults else None), help="sequence parallel (needs tp > 1)"
     )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        default=(False if defaults else None),
+        help="torch.compile each transformer block (inductor), as torchtitan does",
+    )
     g.add_argument("--precision", default=dv("precision"), choices=PRECISIONS)
     g.add_argument("--optimizer", default=dv("optimizer"), choices=OPTIMIZERS)
     g.add_argument("--offload", default=dv("offload"), choices=OFFLOAD, help="CPU offload")
@@ -176,6 +182,7 @@ PLAN_FLAGS = (
     "attention",
     "dp_shard",
     "last_less",
+    "compile",
 )
 
 

@@ -174,6 +174,11 @@ def cmd_check(a: argparse.Namespace) -> int:
     cfg = config.load(a.config, overrides_from_args(a))
     if a.trace:
         return _check_trace(a, cfg)
+    if cfg.plan.compile:  # the measured step runs under MemTracker, a dispatch mode dynamo refuses to compile
+        raise ShardwiseError(
+            "check measures memory with PyTorch's MemTracker, under which torch.compile cannot run; check the plan "
+            "without --compile (the compiled block's saved tensors are held to the estimate by the test suite)"
+        )
     device = launch.resolve_device(cfg)
     cluster, gpu = _cluster(a, cfg.train.nproc, device)
     efficiency = a.efficiency

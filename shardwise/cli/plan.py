@@ -118,7 +118,7 @@ def cmd_plan(a) -> int:
     if a.from_file:  # their plan is estimated as it is; the search holds only its training choices
         model, fields = exporting.apply_from(a)
         theirs = {f: getattr(a, f) for f in ca.PLAN_FLAGS if getattr(a, f, None) is not None}
-        for f in set(fields) - {"gbs", "seq", "precision", "optimizer", "attention"}:
+        for f in set(fields) - {"gbs", "seq", "precision", "optimizer", "attention", "compile"}:
             setattr(a, f, None)
     else:
         model = ca.model_from_args(a)
@@ -281,11 +281,10 @@ def plan_argv(p: Plan) -> list[str]:
         out += ["--" + f, str(int(getattr(p, f)))]
     d = Plan()
     for f in ca.PLAN_FLAGS:  # every other plan field `run` takes, so a new field cannot be left out
-        if f in ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq", "sp") or getattr(p, f) == getattr(d, f):
+        if f in ("dp", "tp", "pp", "zero", "mbs", "gbs", "seq", "sp", "compile") or getattr(p, f) == getattr(d, f):
             continue
-        out += ["--" + f, str(getattr(p, f))]
-    if p.sp:
-        out.append("--sp")
+        out += ["--" + f.replace("_", "-"), str(getattr(p, f))]
+    out += [f"--{f}" for f in ("sp", "compile") if getattr(p, f)]  # the switches
     return out
 
 

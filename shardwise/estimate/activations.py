@@ -24,6 +24,10 @@ Two layouts:
     dropout mask and output, and v.
   * sequence parallel (torchtitan's layout) shards norms, residuals and dropout on the sequence,
     but the all-gathered input of wq/wk/wv, w1/w3 and the output head is saved whole.
+- `torch` with compile (Plan.compile: each block under torch.compile, run/inductor.py): what
+  AOTAutograd's min-cut partitioner keeps of the block's joint graph, where the pointwise ops
+  that inductor fuses are recomputed in the backward's fused kernels from a smaller set
+  (block_inventory's `compiled`, measured on the CPU, tests/test_compile.py).
 - `megatron`: Megatron-LM (the papers' layout, used by the megatron, deepspeed and zero-paper
   profiles): one fused QKV and one fused w1|w3 input, residual in the compute dtype, the fused
   SwiGLU saves only its input, sequence parallel saves the linear inputs sharded and gathers
@@ -94,6 +98,7 @@ def block_inventory(
     autocast: bool = False,
     device: str = "cuda",
     gqa: bool = True,
+    compiled: bool = False,
 ) -> tuple[Saved, ...]:
     """Every tensor one transformer block saves, without full recompute.
 
@@ -102,14 +107,32 @@ def block_inventory(
     device: torch layout, where the kernels run: "cpu" has the composite rms_norm.
     gqa: torch layout, the flash kernel takes K/V at their own width (run/model.native_gqa: the
     CPU, or half precision on CUDA); else they are repeated to the query heads before it.
+    compiled: torch layout, the block under torch.compile. Against eager (saved_tensors_hooks on
+    the run tier's block, CPU, fp32 / bf16 / autocast, tests/test_compile.py), the partitioner:
+      * RMSNorm keeps its input in its own dtype and an fp32 rstd, as CUDA's fused kernel does:
+        the CPU composite's fp32 copy and normalized tensor are recomputed (fused into the norm's
+        backward kernel); LayerNorm's decomposition keeps what its eager kernel does (mean and
+        rstd in the input's dtype on the CPU, torch/_decomp's native_layer_norm);
+      * under autocast one bf16 copy of a norm's output feeds every Linear that reads it (the
+        cast is computed once), not one copy per Linear;
+      * rotary's cos and sin are recomputed from the positions (a constant of the graph);
+      * SwiGLU's silu(w1 x) is recomputed from w1's output in the backward's fused kernel; its
+        inputs w1 x, w3 x and the product (w2's input) stay (GELU: its input and output stay);
+      * the residual h = x + attention(x), ffn_norm's input, is recomputed from x and wo's
+        output, which is kept instead: its dtype is the matmul's (bf16 under autocast, where h
+        is fp32);
+      * dropout masks stay (a random op is not recomputed), as 1-byte masks.
+    The flash kernel's q, k, v, output and logsumexp and every matmul input are kept as eager.
+    The math kernel's scores are counted as eager (not measured under compile).
     """
     _check(layout, attention, device)
     torch_ = layout == "torch"
+    compiled = compiled and torch_
     autocast = autocast and torch_
     h, a, f = model.hidden, model.heads, model.ffn_hidden
     stats = 1 if model.norm == "rmsnorm" else 2  # rstd; or mean and rstd
     cpu = torch_ and device == "cpu"
-    composite = cpu and model.norm == "rmsnorm"
+    composite = cpu and model.norm == "rmsnorm" and not compiled  # compiled: input and rstd, as CUDA's kernel
     drop = model.dropout > 0
     math = attention == "math"
     inv: list[Saved] = []
@@ -122,7 +145,7 @@ def block_inventory(
             inv.append(Saved(f"{prefix}.normalized", h, "fp32", "seq"))
 
     def linear_inputs(prefix: str, names: tuple[str, ...], width: int = h) -> None:
-        if autocast:  # autocast casts the fp32 input once per Linear; each keeps its copy
+        if autocast and not compiled:  # autocast casts the fp32 input once per Linear; each keeps its copy
             inv.extend(Saved(f"{prefix}.{n}.input", width, "act", "gather") for n in names)
         else:
             inv.append(Saved(f"{prefix}.{'_'.join(names)}.input", width, "act", "gather"))
@@ -130,7 +153,7 @@ def block_inventory(
     # ---- attention -------------------------------------------------------------------------
     norm("attention_norm")
     linear_inputs("attention", ("wq", "wk", "wv"))
-    if torch_ and model.positions == "rotary":
+    if torch_ and model.positions == "rotary" and not compiled:
         inv.append(Saved("attention.rotary_cos_sin", 2 * model.head_dim, "act", "none", per="position"))
     # K/V at the query width where repeated before the kernel saves them (the math kernel, torch's
     # and megatron's unfused path; torch's flash where it does not take GQA), at their own width
@@ -151,13 +174,19 @@ def block_inventory(
         inv.append(Saved("attention.resid_dropout_mask", h, "mask", "seq"))
 
     # ---- feed-forward ----------------------------------------------------------------------
+    if compiled:  # h = x + attention(x) is recomputed from x and wo's output, kept in the matmul dtype
+        inv.append(Saved("attention.wo_out", h, "act", "seq"))
     norm("ffn_norm")
+    if compiled:
+        inv = [t for t in inv if t.name != "ffn_norm.input"]
     if model.is_moe:
         inv += _moe(model, layout, autocast)
     else:
         names = ("w1", "w3") if model.ffn_kind == "swiglu" else ("w1",)
         linear_inputs("feed_forward", names)
         inv += _mlp("feed_forward", model.ffn_kind, f, layout)
+    if compiled:  # silu(w1 x): recomputed from w1's output by the backward's fused kernel
+        inv = [t for t in inv if not t.name.endswith(".silu_out")]
     if drop:
         inv.append(Saved("feed_forward.resid_dropout_mask", h, "mask", "seq"))
     if selective:
@@ -265,11 +294,21 @@ def inventory_bytes(inv: tuple[Saved, ...], *, b, s, tp, sp: bool, act, res, lay
 
 @lru_cache(maxsize=1024)
 def _block_terms(
-    model, layout: str, attention: str, selective: bool, autocast: bool, sp: bool, act, res, device: str = "cuda"
+    model,
+    layout: str,
+    attention: str,
+    selective: bool,
+    autocast: bool,
+    sp: bool,
+    act,
+    res,
+    device: str = "cuda",
+    compiled: bool = False,
 ) -> _Terms:
     # the flash kernel takes GQA on the CPU and in half precision on CUDA (run/model.native_gqa)
     gqa = device == "cpu" or act != 4
-    return _terms(block_inventory(model, layout, attention, selective, autocast, device, gqa), sp, act, res, layout)
+    inv = block_inventory(model, layout, attention, selective, autocast, device, gqa, compiled)
+    return _terms(inv, sp, act, res, layout)
 
 
 def layer_bytes(model, plan, *, layout: str, attention: str, autocast: bool, act, res, device: str = "cuda"):
@@ -296,14 +335,17 @@ def op_policy_bytes_per_token(model, attention: str, act, tp=1):
 
 def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, device="cuda"):
     kw = dict(b=plan.mbs, s=plan.seq, tp=plan.tp, bs=bs, rows=rows)
+    compiled = bool(getattr(plan, "compile", False))
+    whole = _evaluate(
+        _block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device, compiled), **kw
+    )
     if recompute_kind(plan.recompute) == "selective-layer":
         # a block left alone keeps everything; a checkpointed one its input, and rebuilds the rest
         # during its backward (rank_sizes counts which blocks are which)
-        whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
         return whole, whole - rows * (model.hidden * res)
     if plan.recompute == "full":  # torch.utils.checkpoint around each block keeps its input only
+        # (compiled: the checkpoint also saves the RNG state, 5,056 bytes on the CPU, 16 on CUDA: not counted)
         kept = rows * (model.hidden * res)
-        whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
         return kept, whole - kept
     if plan.recompute == "selective-op":
         # the block's input and the policy's outputs; the block's backward recomputes the rest of
@@ -313,9 +355,16 @@ def _layer_bytes(model, plan, layout, attention, autocast, act, res, bs, rows, d
         # exact: tests/test_recompute.py)
         inp = rows * (model.hidden * res)
         policy = bs * op_policy_bytes_per_token(model, attention, act, plan.tp)
-        whole = _evaluate(_block_terms(model, layout, attention, False, autocast, plan.sp, act, res, device), **kw)
-        return inp + policy, whole - inp - policy + bs * (model.hidden * act)
-    terms = _block_terms(model, layout, attention, plan.recompute == "selective", autocast, plan.sp, act, res, device)
+        w2_out = bs * (model.hidden * act)
+        if compiled:
+            # the partitioner keeps of the policy's outputs only what the backward reads: not w2's
+            # (measured, tests/test_compile.py); the rebuilt transient is eager's form, over the
+            # compiled block (not measured under compile)
+            return inp + policy - w2_out, whole - inp - policy + w2_out
+        return inp + policy, whole - inp - policy + w2_out
+    if plan.recompute != "selective":
+        return whole, 0
+    terms = _block_terms(model, layout, attention, True, autocast, plan.sp, act, res, device, compiled)
     return _evaluate(terms, **kw), 0
 
 
@@ -390,7 +439,14 @@ def ffn_saved_bytes(model, plan, *, layout: str, attention: str, autocast: bool,
     """What one block saves for its feed-forward half (ffn_norm, the MLP): freed by the time the
     block's backward reaches its attention."""
     inv = block_inventory(
-        model, layout, attention, plan.recompute == "selective", autocast, device, device == "cpu" or act != 4
+        model,
+        layout,
+        attention,
+        plan.recompute == "selective",
+        autocast,
+        device,
+        device == "cpu" or act != 4,
+        bool(getattr(plan, "compile", False)),
     )
     half = tuple(t for t in inv if t.name.startswith(("ffn_norm.", "feed_forward.")))
     return inventory_bytes(half, b=plan.mbs, s=plan.seq, tp=plan.tp, sp=plan.sp, act=act, res=res, layout=layout)

@@ -15,10 +15,18 @@ import yaml
 
 from shardwise.errors import ShardwiseError
 from shardwise.export.job import Export, Imported, Job, bad_file, refused
+from shardwise.spec.fp8 import fp8_all_gather
 from shardwise.spec.presets import load_model
 
 FMT = "accelerate"
 MIXED = {"bf16-mixed": "bf16", "fp16-mixed": "fp16", "fp32": "no"}  # ClusterConfig.mixed_precision
+# mixed_precision "fp8" with fp8_config backend "AO" (accelerate/commands/config/cluster.py; utils/
+# dataclasses.py AORecipeKwargs): torchao's default Float8LinearConfig, i.e. tensorwise scaling, with
+# enable_fsdp_float8_all_gather from the config; a rowwise recipe is an AORecipeKwargs in the script
+FP8 = "fp8-tensorwise"
+# dynamo_config (cluster.py, the "dynamo_" keys; TorchDynamoPlugin): inductor, one graph per region,
+# regional compilation = each repeated block compiled on its own, what --compile does
+DYNAMO = {"dynamo_backend": "INDUCTOR", "dynamo_use_fullgraph": True, "dynamo_use_regional_compilation": True}
 
 
 def refuse(job: Job) -> str | None:
@@ -31,9 +39,13 @@ def refuse(job: Job) -> str | None:
         return "accelerate's FSDP2 offloads parameters, gradients and optimizer together (fsdp_offload_params); use --offload params with --zero 2 or 3"
     if p.recompute not in ("none", "full"):
         return "accelerate checkpoints whole transformer layers (fsdp_activation_checkpointing); use --recompute full or none"
-    if p.precision not in MIXED:
-        what = p.precision if p.precision.startswith("fp8") else f"pure {p.precision}"
-        return f"accelerate's mixed_precision is bf16, fp16 or no, not {what}; use bf16-mixed"
+    if p.precision == "fp8-rowwise":
+        return (
+            "accelerate's config builds torchao's default (tensorwise) float8 recipe; rowwise needs AORecipeKwargs "
+            "in the training script: use --precision fp8-tensorwise"
+        )
+    if p.precision not in MIXED and p.precision != FP8:
+        return f"accelerate's mixed_precision is bf16, fp16, fp8 or no, not pure {p.precision}; use bf16-mixed"
     if p.optimizer != "adamw" or p.attention != "flash":
         return "the optimizer and attention kernel are the training script's, not accelerate's; export with adamw and flash"
     return None
@@ -46,7 +58,7 @@ def render(job: Job) -> Export:
     d: dict = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "FSDP" if p.zero >= 2 else "MULTI_GPU",
-        "mixed_precision": MIXED[p.precision],
+        "mixed_precision": "fp8" if p.precision == FP8 else MIXED[p.precision],
         "num_machines": cl.nodes,
         "num_processes": cl.gpus,  # all processes, over every machine
         "machine_rank": 0,
@@ -57,6 +69,10 @@ def render(job: Job) -> Export:
     }
     if cl.nodes > 1:
         d |= {"main_process_ip": "HEAD_NODE", "main_process_port": 29500}
+    if p.precision == FP8:
+        d["fp8_config"] = {"backend": "AO", "enable_fsdp_float8_all_gather": fp8_all_gather(p)}
+    if p.compile:
+        d["dynamo_config"] = dict(DYNAMO)
     if p.zero >= 2:
         d["fsdp_config"] = {
             "fsdp_version": 2,
@@ -112,9 +128,13 @@ def read(path: str, text: str) -> Imported:
         raise bad_file(path, f"distributed_type {dt} has no shardwise plan here; use FSDP (version 2) or MULTI_GPU")
     mp = d.get("mixed_precision", "no")
     prec = {v: k for k, v in MIXED.items()}.get(mp)
+    if mp == "fp8" and (d.get("fp8_config") or {}).get("backend", "AO") == "AO":
+        prec = FP8
     if prec is None:
-        raise bad_file(path, f"mixed_precision {mp!r} has no shardwise precision; use bf16, fp16 or no")
+        raise bad_file(path, f"mixed_precision {mp!r} has no shardwise precision; use bf16, fp16, no or fp8 (AO)")
     plan["precision"] = prec
+    if (d.get("dynamo_config") or {}).get("dynamo_backend", "NO").upper() == "INDUCTOR":
+        plan["compile"] = True
     n = d.get("num_processes")
     return Imported(FMT, plan, None, None, n if isinstance(n, int) and n > 0 else None)
 

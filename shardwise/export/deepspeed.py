@@ -45,6 +45,11 @@ def refuse(job: Job) -> str | None:
         return "DeepSpeed's config has no FP8 training (the model code's, through torchao); export with --precision bf16-mixed"
     if p.precision == "bf16":
         return "DeepSpeed's bf16 keeps fp32 master weights (mixed precision); use --precision bf16-mixed"
+    if p.compile:  # deepspeed/compile/config.py CompileConfig: deepcompile, offloads, passes; no switch
+        return (
+            "DeepSpeed's config cannot turn torch.compile on (the training script calls engine.compile(); its "
+            "compile section tunes DeepCompile): drop --compile and compile in your script"
+        )
     return None
 
 

@@ -31,8 +31,13 @@ def refuse(job: Job) -> str | None:
         return f"Megatron-LM has no {p.recompute} recompute; use --recompute none, selective or full"
     if p.offload != "none":
         return "pretrain_gpt.py offloads nothing to the CPU; drop --offload"
-    if p.precision.startswith("fp8"):  # Megatron's FP8 is Transformer Engine's recipe, not torchao's
-        return "Megatron-LM trains FP8 through Transformer Engine, not torchao's recipes; export with --precision bf16-mixed"
+    if p.precision == "fp8-rowwise":  # its recipes: tensorwise, delayed, mxfp8, blockwise (1x128 / 128x128 tiles)
+        return (
+            "Megatron-LM's FP8 recipes (--fp8-recipe tensorwise, delayed, mxfp8, blockwise) have no rowwise "
+            "scaling; use --precision fp8-tensorwise"
+        )
+    if p.compile:
+        return "Megatron-LM has no torch.compile flag (its fused kernels are its own); drop --compile"
     if p.precision == "bf16":
         return "Megatron-LM keeps fp32 main parameters (bf16 is mixed precision there); use --precision bf16-mixed"
     if p.optimizer not in ("adamw", "sgd"):
@@ -65,7 +70,11 @@ def flags(job: Job) -> list[str]:
         out += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     out += ["--optimizer", "sgd" if p.optimizer == "sgd" else "adam"]
     # _add_mixed_precision_args
-    out += {"bf16-mixed": ["--bf16"], "fp16-mixed": ["--fp16"], "fp32": []}[p.precision]
+    out += {"bf16-mixed": ["--bf16"], "fp16-mixed": ["--fp16"], "fp32": [], "fp8-tensorwise": ["--bf16"]}[p.precision]
+    if p.precision == "fp8-tensorwise":
+        # _add_transformer_engine_args: Transformer Engine's current (per-tensor) scaling, e4m3 forward and
+        # e5m2 gradients ("hybrid"), as torchao's tensorwise Float8LinearConfig casts them
+        out += ["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"]
     # _add_transformer_engine_args / attention backend: fused (flash) or unfused (scores materialized)
     out += ["--attention-backend", "flash" if p.attention == "flash" else "unfused"]
     # _add_network_size_args
@@ -166,6 +175,15 @@ def read(path: str, text: str) -> Imported:
         vals.get("recompute-granularity"), "none"
     )
     plan["precision"] = "bf16-mixed" if vals.get("bf16") else "fp16-mixed" if vals.get("fp16") else "fp32"
+    if vals.get("fp8-format"):
+        recipe = vals.get("fp8-recipe", "delayed")
+        if recipe != "tensorwise" or plan["precision"] != "bf16-mixed":
+            raise bad_file(
+                path,
+                f"--fp8-recipe {recipe} over {plan['precision']}: shardwise models FP8 as per-tensor current scaling "
+                "over bf16 (--bf16 --fp8-recipe tensorwise)",
+            )
+        plan["precision"] = "fp8-tensorwise"
     plan["optimizer"] = "sgd" if vals.get("optimizer") == "sgd" else "adamw"
     plan["attention"] = "math" if vals.get("attention-backend") == "unfused" else "flash"
     if pp > 1:

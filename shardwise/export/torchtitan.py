@@ -12,6 +12,7 @@ from __future__ import annotations
 import tomllib
 
 from shardwise.export.job import Export, Imported, Job, bad_file, refused, toml_text
+from shardwise.spec.fp8 import RECIPES, base_precision, fp8_all_gather, is_fp8
 from shardwise.spec.plan import recompute_every, recompute_kind
 from shardwise.spec.presets import preset, resolve_name
 
@@ -23,6 +24,14 @@ SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
 # Training.mixed_precision_param / Training.dtype: Literal["bfloat16", "float32"]
 PRECISION = {"bf16-mixed": ("float32", "bfloat16"), "fp32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16")}
 OPTIMIZERS = {"adamw": "AdamW"}  # torchtitan/components/optimizer.py: {"Adam", "AdamW"}
+# FP8 (torchtitan/config/job_config.py: Model.converters, and JobConfig.quantize -> Quantize.linear
+# -> QuantizedLinear.float8 -> Float8Linear: enable_fsdp_float8_all_gather,
+# precompute_float8_dynamic_scale_for_fsdp, recipe_name "tensorwise" | "rowwise" | "rowwise_with_gw_hp"
+# | None = tensorwise, filter_fqns): torchao's float8 training of every Linear but those filtered out
+FLOAT8 = "quantize.linear.float8"  # the converter's name and its table
+FLOAT8_LEGACY = "float8"  # the converter's name in older torchtitan ([float8] table)
+# shardwise converts the blocks' linears only (spec/fp8.py): the output layer stays bf16
+FLOAT8_FILTER = ["output"]
 
 
 def flavor(job: Job) -> tuple[str, str] | None:
@@ -45,7 +54,7 @@ def refuse(job: Job) -> str | None:
         return "with dp 1 torchtitan applies no FSDP (ParallelDims: FSDP needs data_parallel_shard_degree > 1); use --zero 0"
     if p.tp > 1 and not p.sp:
         return "torchtitan's tensor parallelism always shards the sequence between blocks; add --sp"
-    if p.precision not in PRECISION:
+    if base_precision(p.precision) not in PRECISION:
         return f"torchtitan trains in bfloat16 or float32 (Training.mixed_precision_param), not {p.precision}"
     if p.optimizer not in OPTIMIZERS:
         return f"torchtitan's optimizers are Adam and AdamW, not {p.optimizer}; use --optimizer adamw"
@@ -86,12 +95,46 @@ def _recompute(path, ac: dict) -> str:
     return "full" if int(option) == 1 else f"selective-layer:{option}"
 
 
+def _float8(p) -> dict:
+    """Float8Linear: tensorwise is its default (recipe_name unset), with FSDP2's FP8 all-gather
+    and the once-a-step scale precompute where shardwise models them (spec/fp8.fp8_all_gather);
+    rowwise by its recipe name (torchao allows no FP8 all-gather there)."""
+    if RECIPES[p.precision] == "tensorwise":
+        ag = fp8_all_gather(p)
+        return {
+            "enable_fsdp_float8_all_gather": ag,
+            "precompute_float8_dynamic_scale_for_fsdp": ag,
+            "filter_fqns": FLOAT8_FILTER,
+        }
+    return {"recipe_name": RECIPES[p.precision], "filter_fqns": FLOAT8_FILTER}
+
+
+def _read_float8(path, d: dict, mdl: dict, prec: str) -> tuple[str, list[str]]:
+    """The precision a file's float8 converter (if any) gives over its training dtype, and what of
+    its float8 table shardwise does not model."""
+    conv = mdl.get("converters", [])
+    conv = [c.strip() for c in conv.split(",")] if isinstance(conv, str) else list(conv)
+    if FLOAT8 not in conv and FLOAT8_LEGACY not in conv:
+        return prec, []
+    if prec != "bf16-mixed":
+        raise bad_file(path, f"the float8 converter over {prec}: shardwise models FP8 over bf16-mixed only")
+    f8 = d.get("quantize", {}).get("linear", {}).get("float8", d.get("float8", {}))
+    recipe = f8.get("recipe_name") or "tensorwise"
+    back = {v: k for k, v in RECIPES.items()}
+    if recipe not in back:
+        raise bad_file(path, f"float8 recipe_name {recipe!r} has no shardwise precision; use tensorwise or rowwise")
+    ignored = (
+        [f"float8.filter_fqns = {f8['filter_fqns']}"] if f8.get("filter_fqns", FLOAT8_FILTER) != FLOAT8_FILTER else []
+    )
+    return back[recipe], ignored
+
+
 def render(job: Job) -> Export:
     if why := refuse(job):
         raise refused(FMT, why)
     p = job.plan
     name, flav = flavor(job)
-    dtype, param = PRECISION[p.precision]
+    dtype, param = PRECISION[base_precision(p.precision)]
     local = p.mbs * p.grad_accum if p.pp > 1 else p.mbs
     parallelism = {
         # Parallelism: replicate = DDP, shard = FSDP2; ZeRO-2 is FSDP2 that keeps parameters after forward
@@ -107,7 +150,7 @@ def render(job: Job) -> Export:
         parallelism["pipeline_parallel_layers_per_stage"] = job.model.layers // (p.pp * p.vpp)
     tables = {
         "job": {"description": f"{job.model.name}: {p.short()} (from shardwise)"},
-        "model": {"name": name, "flavor": flav},  # Model
+        "model": {"name": name, "flavor": flav} | ({"converters": [FLOAT8]} if is_fp8(p.precision) else {}),
         "optimizer": {"name": OPTIMIZERS[p.optimizer]},  # Optimizer
         "training": {  # Training
             "local_batch_size": local,
@@ -119,8 +162,12 @@ def render(job: Job) -> Export:
         },
         "parallelism": parallelism,
         "activation_checkpoint": _ac(p.recompute),
-        "compile": {"enable": False},  # Compile: shardwise's estimate is of eager kernels
+        # Compile: "model" compiles each transformer block (torchtitan/models/llama3/infra/parallelize.py,
+        # apply_compile), what shardwise's --compile is; "loss" its cross-entropy
+        "compile": {"enable": True, "components": ["model", "loss"]} if p.compile else {"enable": False},
     }
+    if is_fp8(p.precision):
+        tables[FLOAT8] = _float8(p)
     nodes, per = job.cluster.nodes, job.cluster.node_size
     launch = (
         f"torchrun --nnodes {nodes} --nproc-per-node {per} --rdzv-backend c10d --rdzv-endpoint HEAD_NODE:29500 "
@@ -173,7 +220,7 @@ def read(path: str, text: str) -> Imported:
     prec = {v: k for k, v in PRECISION.items()}.get((dtype, param))
     if prec is None:
         raise bad_file(path, f"training dtype {dtype} with parameters in {param} has no shardwise precision")
-    plan["precision"] = prec
+    plan["precision"], ignored = _read_float8(path, d, mdl, prec)
     if tr.get("enable_cpu_offload"):
         plan["offload"] = "params"
     plan["recompute"] = _recompute(path, ac)
@@ -188,5 +235,7 @@ def read(path: str, text: str) -> Imported:
         plan["vpp"] = model.layers // (pp * par["pipeline_parallel_layers_per_stage"])
     elif plan.get("vpp") == -1:
         del plan["vpp"]
-    ignored = [f"compile.enable = {d['compile']['enable']}"] if d.get("compile", {}).get("enable") else []
+    comp = d.get("compile", {})
+    if comp.get("enable"):  # the blocks are compiled where "model" is among the components
+        plan["compile"] = "model" in comp.get("components", ["model", "loss"])
     return Imported(FMT, plan, model, ref, None, ignored=ignored)

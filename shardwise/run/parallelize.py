@@ -3,6 +3,7 @@
     split_pipeline  (pp > 1)   torch.distributed.pipelining: each rank keeps its stages' modules
     apply_tp        (tp > 1)   DTensor parallelize_module, Megatron layout, + sequence parallel
     apply_recompute            torch.utils.checkpoint, whole block or the attention core
+    apply_compile   (compile)  torch.compile of each block (run/inductor.py)
     apply_fsdp      (zero 2/3) FSDP2 fully_shard per block, then the root
     materialize                to_empty + per-parameter seeded init (same weights under any plan)
     apply_ddp       (zero 0/1) DistributedDataParallel over the dp group
@@ -23,7 +24,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 
 from shardwise.errors import ShardwiseError
-from shardwise.run import fp8
+from shardwise.run import fp8, inductor
 from shardwise.run.dist import fsdp_mesh
 from shardwise.run.model import Transformer
 from shardwise.spec.fp8 import is_fp8
@@ -66,6 +67,7 @@ def check_supported(spec, plan: Plan, device: torch.device) -> None:
     if plan.precision == "fp16-mixed" and device.type != "cuda":
         raise ShardwiseError("fp16-mixed needs a CUDA device (gradient scaling); on CPU use fp32 or bf16-mixed")
     fp8.check_fp8(spec, plan, device)
+    inductor.check_compile(plan, device)
 
 
 # ---- pipeline split -----------------------------------------------------------------------
@@ -239,6 +241,8 @@ def parallelize(
         apply_tp(model, mesh["tp"], plan.sp)
     apply_recompute(model, plan.recompute)
     apply_attention(model, plan.attention)
+    if plan.compile:
+        inductor.apply_compile(model)
     if uses_fsdp(plan):
         apply_fsdp(model, fsdp_mesh(mesh, plan), plan, prec)
     materialize(model, device, seed)

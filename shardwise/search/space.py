@@ -36,7 +36,14 @@ from shardwise.spec.plan import (
 )
 
 SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload", "dp_shard", "last_less")
-HELD = ("gbs", "seq", "precision", "optimizer", "attention")  # training choices: pinned or defaulted, never searched
+HELD = (
+    "gbs",
+    "seq",
+    "precision",
+    "optimizer",
+    "attention",
+    "compile",
+)  # training choices: pinned or defaulted, never searched
 NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less")
 PLAN_ARRAYS = NUMERIC + ("gbs",)  # the grid columns that are Plan fields (seq is held: one value)
 # Default global batch: about 4M tokens, the batch of LLaMA 1/2 at every size (Touvron et al. 2023,
@@ -106,7 +113,7 @@ class Space:
     @cached_property
     def base(self) -> Plan:
         """The held fields (seq, precision, optimizer) as pinned, the rest at Plan's defaults."""
-        held = {k: v for k, v in self.fixed.items() if k in ("seq", "precision", "optimizer", "attention")}
+        held = {k: v for k, v in self.fixed.items() if k in HELD and k != "gbs"}
         return Plan(**held)
 
     @cached_property

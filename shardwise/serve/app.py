@@ -52,8 +52,7 @@ def argv_of(q, config_path: str | None) -> list[str]:
         v = (q.get(f) or "").strip()
         if v:
             argv += ["--" + f.replace("_", "-"), v]
-    if q.get("sp") == "1":
-        argv.append("--sp")
+    argv += [f"--{f}" for f in ("sp", "compile") if q.get(f) == "1"]  # the switches
     return argv
 
 

@@ -60,6 +60,9 @@ class Plan:
     # loss take their place; Megatron's --decoder-last-pipeline-num-layers, torchtitan's
     # last_stage_less_layers); 0 -> none when pp*vpp divides the layers, else the remainder
     last_less: int = 0
+    # torch.compile of each transformer block (inductor), as torchtitan's [compile] does: fused
+    # pointwise kernels save fewer tensors (estimate/activations.py) and make fewer memory passes
+    compile: bool = False
 
     # ---- derived (array-safe arithmetic) ----------------------------------------------
     @property
@@ -444,5 +447,6 @@ def _check_choices(p: Plan) -> None:
             raise ShardwiseError(f"unknown {name} {val!r}; {closest(str(val), allowed)} (one of {', '.join(allowed)})")
     if p.zero not in ZERO_STAGES:
         raise ShardwiseError(f"ZeRO stage must be 0, 1, 2 or 3, got {p.zero!r}")
-    if not isinstance(p.sp, bool):
-        raise ShardwiseError(f"sp must be true or false, got {p.sp!r}")
+    for name in ("sp", "compile"):
+        if not isinstance(getattr(p, name), bool):
+            raise ShardwiseError(f"{name} must be true or false, got {getattr(p, name)!r}")

@@ -208,6 +208,11 @@ def check_traceable(spec: ModelSpec, plan: Plan) -> None:
             "fp16-mixed needs CUDA's gradient scaler, which the trace (fake CPU tensors) cannot run; "
             "trace bf16-mixed: its memory and collectives are the same bytes"
         )
+    if plan.compile:  # inductor compiles real kernels; the fake world has no data to run them on
+        raise ShardwiseError(
+            "--compile needs real tensors (inductor's kernels), which the trace's fake tensors are not; trace "
+            "without it, or hold a compiled plan to a short `shardwise run` with `shardwise check`"
+        )
     check_supported(spec, plan, torch.device("cpu"))
 
 

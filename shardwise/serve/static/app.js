@@ -8,6 +8,7 @@ let formats = [];
 function query() {
   const q = new URLSearchParams();
   for (const f of FIELDS) { const v = $(f).value.trim(); if (v) q.set(f, v); }
+  if ($("compile").checked) q.set("compile", "1");
   return q;
 }
 
@@ -98,6 +99,7 @@ async function start() {
   $("model").value = "llama-3.1-8b"; $("gpu").value = "h100-80gb";
   const q = new URLSearchParams(location.search);
   for (const f of FIELDS) if (q.has(f)) $(f).value = q.get(f);
+  $("compile").checked = q.get("compile") === "1";
   $("form").addEventListener("change", refresh);
   $("upload").addEventListener("change", async (ev) => { $("config").value = await ev.target.files[0].text(); refresh(); });
   await refresh();

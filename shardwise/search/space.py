@@ -257,9 +257,9 @@ class Space:
         the one that completes it)."""
         f, rest = self.fixed, self.gpus // (tp * pp)
         if "cp" in f:
-            return [f["cp"]]
+            return [f["cp"]] if rest % f["cp"] == 0 else []
         if "dp" in f:
-            return [rest // f["dp"]]
+            return [rest // f["dp"]] if rest % f["dp"] == 0 else []
         return [
             c
             for c in divisors(rest)

@@ -154,3 +154,24 @@ def test_plan_long_context(capsys, name, gpus):
     assert rc == 0
     best = out["ranked"][0] if "ranked" in out else out["plans"][0]
     assert best["memory"]["fits"] and best["plan"]["cp"] > 1
+
+
+def test_exports_map_cp(tmp_path):
+    from _export import job
+
+    from shardwise.export import READERS, export, read_file
+
+    # Llama 3's long-context layout at a size a test can resolve: TP 8 x CP 16 x PP 16 on 2,048 GPUs
+    j = job("llama-3.1-405b", gpus=2048, tp=8, cp=16, pp=16, zero=3, sp=True, seq=131072, gbs=16)
+    text = export("torchtitan", j).text
+    assert "context_parallel_degree = 16" in text and 'context_parallel_rotate_method = "allgather"' in text
+    path = tmp_path / "torchtitan.toml"
+    path.write_text(text)
+    assert (read_file(str(path)).plan["cp"], read_file(str(path)).plan["zero"]) == (16, 3)
+    # torchtitan shards over dp_shard*cp whenever cp > 1: a ZeRO-0/1 plan with cp has no config
+    assert "use --zero 3" in READERS["torchtitan"].refuse(job(gpus=16, cp=2, zero=0))
+    j = job(gpus=16, cp=4, tp=2, zero=1, cp_rotate="alltoall", seq=8192, gbs=4)
+    flags = export("megatron", j).text
+    assert "--context-parallel-size 4" in flags and "--cp-comm-type p2p" in flags
+    for fmt in ("deepspeed", "accelerate"):
+        assert "--cp 1" in READERS[fmt].refuse(job(gpus=16, cp=2, zero=3))

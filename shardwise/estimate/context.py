@@ -34,19 +34,14 @@ from __future__ import annotations
 
 from shardwise.estimate._num import where
 from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks
-from shardwise.spec.plan import recompute_every, recompute_kind
+from shardwise.spec.plan import cp_local, recompute_every, recompute_kind
 
 GRAD_BYTES = 4  # dQ, dK, dV accumulated and passed in fp32 (_ContextParallelOptions.convert_to_f32)
 
 
 def local_plan(plan):
-    """The plan as every rank of a cp group runs everything but attention: dp*cp data-parallel
-    ranks (HSDP: dp_shard*cp shard groups), seq/cp tokens, gbs*cp sequences of them; cp = 1.
-    The identity for cp = 1. Array-safe (the search's plans)."""
-    cp = plan.cp
-    return plan.replace(
-        dp=plan.dp * cp, dp_shard=plan.dp_shard * cp, seq=plan.seq // cp, gbs=plan.gbs * cp, cp=1 + 0 * cp
-    )
+    """The plan each cp rank runs beside attention (spec/plan.cp_local)."""
+    return cp_local(plan)
 
 
 def kv_width(model, plan):

@@ -409,6 +409,17 @@ def engine_violation(p: Plan, model) -> str | None:
     return first_broken(ENGINE_RULES, p, model)
 
 
+def cp_local(plan: Plan) -> Plan:
+    """The plan as every rank of a context-parallel group runs all but attention: dp*cp
+    data-parallel ranks (HSDP: dp_shard*cp shard groups), seq/cp tokens, gbs*cp sequences of them,
+    cp = 1 (torchtitan's dp_shard_cp mesh: FSDP shards and gradients reduce over dp*cp). The
+    identity for cp = 1. Array-safe (the search's plans)."""
+    cp = plan.cp
+    return plan.replace(
+        dp=plan.dp * cp, dp_shard=plan.dp_shard * cp, seq=plan.seq // cp, gbs=plan.gbs * cp, cp=1 + 0 * cp
+    )
+
+
 def last_cut(p: Plan, layers):
     """Blocks the last pipeline stage holds fewer than the others: last_less, or (0) the remainder
     that lets the other stages hold the same number (126 layers over 16 stages: 2, so 15 x 8 + 6).

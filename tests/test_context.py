@@ -40,12 +40,12 @@ def test_ring_bytes_per_step_hand_worked():
     assert fwd.wire_bytes == 32 * 60 * MiB
     assert fwd.link == "network"  # cp x tp = 128 ranks span 16 nodes
     grad = cp["dK/dV (fp32) ring pass to the next cp rank, backward"]
-    assert (grad.kind, grad.bytes, grad.count) == ("send", 8 * MiB, 16 * 32)  # cp passes a layer
+    assert (grad.kind, grad.bytes, grad.count) == ("all-to-all", 8 * MiB, 16 * 32)  # cp passes a layer (permute_tensor)
     assert grad.wire_bytes == 16 * 32 * 8 * MiB
     # alltoall: cp-1 passes of E a layer, forward and backward
     e = _est(Plan(tp=8, cp=16, seq=131072, gbs=2, zero=3, cp_rotate="alltoall"), 256)
     ring = _cp(e)["K/V ring pass to the next cp rank, forward"]
-    assert (ring.kind, ring.bytes, ring.count, ring.wire_bytes) == ("send", 4 * MiB, 15 * 32, 15 * 32 * 4 * MiB)
+    assert (ring.kind, ring.bytes, ring.count, ring.wire_bytes) == ("all-to-all", 4 * MiB, 15 * 32, 15 * 32 * 4 * MiB)
     assert "cp16/a2a" in e.plan.short()
 
 

@@ -32,6 +32,8 @@ _attention.py, the engine the run tier uses and torchtitan's `context_parallel_d
 
 from __future__ import annotations
 
+import dataclasses
+
 from shardwise.estimate._num import where
 from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks
 from shardwise.spec.plan import cp_local, recompute_every, recompute_kind
@@ -93,14 +95,17 @@ def ring_collectives(model, plan, mm_bytes, make) -> list:
             make("send", "K/V ring pass to the next cp rank, backward", E, (cp - 1) * bwd * m),
         ]
     out.append(make("send", "dK/dV (fp32) ring pass to the next cp rank, backward", G, cp * bwd * m))
-    return out
+    # torch passes K/V (alltoall) and dK/dV to the next rank with permute_tensor, a functional
+    # all_to_all_single whose whole buffer goes to one neighbour: timed and sent as a send, named
+    # as what it is (the run tier records it as an all-to-all)
+    return [dataclasses.replace(c, kind="all-to-all") if c.kind == "send" else c for c in out]
 
 
 def hiding(plan, c) -> float:
     """The share of its pass's attention compute a cp collective runs beside: an all-gather, step
     0's (1/cp of the pass's attention); a K/V ring pass, steps 1..cp-1 ((cp-1)/cp); a dK/dV pass,
     the backward's steps 1..cp-1 ((cp-1)/cp: the last pass waits at the end)."""
-    return 1 / plan.cp if c.kind == "all-gather" else (plan.cp - 1) / plan.cp
+    return 1 / plan.cp if c.kind == "all-gather" else (plan.cp - 1) / plan.cp  # all-to-all: the passes
 
 
 def ring_buffers(model, plan, mm_bytes):

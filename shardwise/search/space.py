@@ -152,7 +152,7 @@ class Space:
             for pp in pps:
                 if g % (tp * pp):
                     continue
-                if "dp" in f and (g % (f["dp"] * tp * pp) or ("cp" in f and f["dp"] * tp * pp * f["cp"] != g)):
+                if "dp" in f and (g % (f["dp"] * tp * pp) or self.cps(tp, pp) == []):
                     continue
                 out.append((tp, pp))
         return out
@@ -257,9 +257,15 @@ class Space:
         the one that completes it)."""
         f, rest = self.fixed, self.gpus // (tp * pp)
         if "cp" in f:
-            return [f["cp"]] if rest % f["cp"] == 0 else []
+            return [f["cp"]] if rest % f["cp"] == 0 and f.get("dp", rest // f["cp"]) * f["cp"] == rest else []
         if "dp" in f:
-            return [rest // f["dp"]] if rest % f["dp"] == 0 else []
+            c = rest // f["dp"]  # the cp a pinned dp leaves: searched only as an unpinned one would be
+            return (
+                [c]
+                if rest % f["dp"] == 0
+                and (c == 1 or self.base.seq % (2 * c) == 0 and self.base.seq // (2 * c) >= MIN_CP_CHUNK)
+                else []
+            )
         return [
             c
             for c in divisors(rest)

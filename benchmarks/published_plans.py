@@ -16,6 +16,8 @@ is printed beside them):
   (Llama 3 paper, Dubey et al. 2024, Table 4: DP 128 x 16 and DP 64 x 32 sequences; 126 layers:
   15 stages of 8 and one of 6 here, as the paper's first and last stages held fewer). The paper
   runs interleaved 1F1B; uneven stages are modeled for 1F1B, which is what is estimated here.
+  Its long-context stage, TP 8 x CP 16 x PP 16 x DP 8 on 16,384 H100s at 131,072 tokens, 16M
+  tokens per step (ibid., Table 4; context parallelism by all-gathered K/V, Sec. 3.3.2).
 - GPT-3 175B, TP 8 x PP 12 (model-parallel size 96), batch 1536, on 1,536 A100s (Narayanan et
   al. 2021, Table 2, PTD-P rows).
 - MT-NLG 530B-class (105 layers, hidden 20480, 128 heads), TP 8 x PP 35 on 2,520 A100s, batch
@@ -63,6 +65,16 @@ RUNS = [  # (label, model, gpu, gpus, published plan, published figure)
         8192,
         Plan(tp=8, pp=16, dp=64, zero=1, mbs=1, gbs=2048, seq=8192),
         "430 TFLOP/s/GPU, 43% MFU (Table 4)",
+    ),
+    (
+        "Llama 3.1 405B 131K, 16,384 H100",
+        preset("llama-3.1-405b"),
+        "h100-80gb",
+        16384,
+        # the long-context stage: CP 16 (K/V all-gathered, Sec. 3.3.2), 16 sequences per DP rank; its TP
+        # shards the sequence between blocks (Megatron-style, Sec. 3.3.2)
+        Plan(tp=8, cp=16, pp=16, dp=8, zero=1, mbs=1, gbs=128, seq=131072, sp=True),
+        "380 TFLOP/s/GPU, 38% MFU (Table 4)",
     ),
     (
         "GPT-3 175B, 1,536 A100",

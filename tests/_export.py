@@ -25,7 +25,7 @@ def plan_back(imp, original: Plan, flags=()) -> Plan:
     everything else at Plan's defaults unless the file says otherwise."""
     fields = {f: getattr(original, f) for f in flags} | dict(imp.plan)
     world = imp.gpus or original.world
-    fields.setdefault("dp", world // (fields.get("tp", 1) * fields.get("pp", 1)))
+    fields.setdefault("dp", world // (fields.get("tp", 1) * fields.get("pp", 1) * fields.get("cp", 1)))
     if imp.grad_accum is not None and "gbs" not in fields:
         fields["gbs"] = fields.get("mbs", 1) * imp.grad_accum * fields["dp"]
     return Plan(**fields)

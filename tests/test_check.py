@@ -205,6 +205,8 @@ def test_torch_profile_matches_measured_runs_on_2_ranks():
             _cfg(GPT2, 2, zero=3),
             _cfg(GPT2, 2, tp=2, sp=True),
             _cfg(GPT2, 2, pp=2),
+            # context parallel (torch's context_parallel): K/V all-gathers and dK/dV passes
+            _cfg(LLAMA, 2, cp=2, zero=3),
         ],
         2,
     )

@@ -31,8 +31,9 @@ def plans(draw, fmt):
     tps, pps = LAYOUTS.get(fmt, ([1, 2, 4, 8], [1, 2, 4]))
     tp = draw(st.sampled_from(tps))
     pp = draw(st.sampled_from(pps))
-    assume(gpus % (tp * pp) == 0)
-    dp = gpus // (tp * pp)
+    cp = draw(st.sampled_from([1, 1, 2, 4]))
+    assume(gpus % (tp * pp * cp) == 0)
+    dp = gpus // (tp * pp * cp)
     mbs = draw(st.sampled_from([1, 2, 4]))
     ga = draw(st.sampled_from([1, 2, 4, 8, 16]))
     schedule = draw(st.sampled_from(["gpipe", "1f1b", "interleaved"])) if pp > 1 else "1f1b"
@@ -52,6 +53,8 @@ def plans(draw, fmt):
         offload=draw(st.sampled_from(["none", "optimizer", "params"])),
         attention=draw(st.sampled_from(["flash", "math"])),
         compile=draw(st.booleans()),
+        cp=cp,
+        cp_rotate=draw(st.sampled_from(["allgather", "alltoall"])) if cp > 1 else "allgather",
     )
     return gpus, fields
 

@@ -130,10 +130,14 @@ class Report:
 def canonical_group(group: str, plan) -> str:
     """One name per set of ranks: a group that spans the whole world is named for the mesh dim
     that spans it, if one does (dp = world makes the loss all-reduce's "world" the dp group)."""
+    if group == "dp" and plan.cp > 1 and plan.dp == 1:  # the dp x cp ranks are the cp ranks (run/context.py)
+        return "cp"
     if group == "world":
-        for d in ("dp", "tp", "pp"):
+        for d in ("dp", "tp", "pp", "cp"):
             if getattr(plan, d) == plan.world and plan.world > 1:
                 return d
+        if plan.dp * plan.cp == plan.world > 1:  # context parallel's flattened dp x cp
+            return "dp"
     return group
 
 

@@ -9,7 +9,17 @@ import re
 from shardwise.errors import ShardwiseError
 from shardwise.spec.hardware import Cluster, make_cluster
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.plan import ATTENTION, OFFLOAD, OPTIMIZERS, PRECISIONS, RECOMPUTE, SCHEDULES, Plan, check_recompute
+from shardwise.spec.plan import (
+    ATTENTION,
+    CP_ROTATE,
+    OFFLOAD,
+    OPTIMIZERS,
+    PRECISIONS,
+    RECOMPUTE,
+    SCHEDULES,
+    Plan,
+    check_recompute,
+)
 from shardwise.spec.presets import load_model
 
 # model dimensions that may be given (or overridden) on the command line
@@ -111,6 +121,15 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_defau
     )
     g.add_argument("--tp", type=int, default=dv("tp"), help="tensor-parallel size")
     g.add_argument("--pp", type=int, default=dv("pp"), help="pipeline stages")
+    g.add_argument(
+        "--cp", type=int, default=dv("cp"), help="context-parallel size: the sequence split over this many ranks"
+    )
+    g.add_argument(
+        "--cp-rotate",
+        default=dv("cp_rotate"),
+        choices=CP_ROTATE,
+        help="how cp ranks exchange K/V: allgather (torch's default, Llama 3's) or alltoall (a ring of passes)",
+    )
     g.add_argument("--zero", type=int, default=dv("zero"), choices=(0, 1, 2, 3), help="ZeRO stage")
     g.add_argument("--mbs", type=int, default=dv("mbs"), help="micro-batch size (sequences)")
     g.add_argument(
@@ -183,6 +202,8 @@ PLAN_FLAGS = (
     "dp_shard",
     "last_less",
     "compile",
+    "cp",
+    "cp_rotate",
 )
 
 

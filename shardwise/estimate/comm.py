@@ -38,7 +38,7 @@ from functools import cache, lru_cache
 from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate import _num, profiles
+from shardwise.estimate import _num, context, profiles
 from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.memory import zero1_bucket_numels
 from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks
@@ -418,8 +418,9 @@ def make(
 def collectives(model, cluster, plan, profile: str | Profile = "torch") -> list[Collective]:
     """Every collective of one training step on rank 0."""
     prof = profiles.profile(profile)
+    arr = _num._is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq, plan.cp)
+    full, plan = plan, context.local_plan(plan)  # context parallel: what each cp rank runs, beside attention
     dt = prof.dtypes(plan)
-    arr = _num._is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq)
     # (one plan: a group of one rank makes no calls, and its entries would be dropped below)
     out = (
         (_tp(model, cluster, plan, prof, dt, arr) if arr or plan.tp > 1 else [])
@@ -428,6 +429,15 @@ def collectives(model, cluster, plan, profile: str | Profile = "torch") -> list[
     )
     if prof.run_engines:
         out += _engine(model, cluster, plan, dt, arr)
+    if arr or full.cp > 1:
+        net = group_net(cluster, full.cp, full.tp, arr)  # cp sits next to tp on the mesh: ranks tp apart
+
+        def c(kind, what, per_call, count):
+            return make(
+                cluster, kind, "cp", full.cp, full.tp, count, what, per_call=per_call, arr=arr, net=net, overlapped=True
+            )
+
+        out += context.ring_collectives(model, full, dt["mm"], c)
     return out if arr else [c for c in out if c.count > 0]
 
 

@@ -53,6 +53,7 @@ step = compute (forward + backward + recompute + overhead + optimizer) + exposed
 from __future__ import annotations
 
 from shardwise.errors import ShardwiseError
+from shardwise.estimate import context
 from shardwise.estimate._num import maximum, minimum, where
 from shardwise.estimate.comm import rank0_param_numel
 from shardwise.estimate.host import host_seconds
@@ -145,7 +146,7 @@ def layer_recompute_flops_per_token(model, seq, recompute: str, attention: str =
 
 
 # ---- compute at the shapes the plan gives each GPU --------------------------------------------
-def layer_gemms(model, plan) -> dict:
+def layer_gemms(model, plan, keys=None) -> dict:
     """The matmuls of one block's forward for one micro-batch on one GPU, by what they compute:
     name -> (FLOPs of one call, calls). A token batch of M = mbs * seq rows meets each weight's
     tp-local slice (Megatron's column- and row-parallel split: qkv and the MLP's first matrices
@@ -155,7 +156,10 @@ def layer_gemms(model, plan) -> dict:
     h, t = model.hidden, plan.tp
     M = plan.mbs * plan.seq
     mats = 3 if model.ffn_kind == "swiglu" else 2
-    core = 2 * plan.mbs * plan.seq * plan.seq * model.q_dim / t
+    # keys each query meets: the sequence; under context parallel (a local plan of seq/cp tokens)
+    # all cp ranks' keys, seq/cp * cp
+    keys = plan.seq if keys is None else keys
+    core = 2 * plan.mbs * plan.seq * keys * model.q_dim / t
     out = {
         "qkv": (2 * M * h * (model.q_dim + 2 * model.kv_dim) / t, 1),
         "attention_core": (core, 2),
@@ -222,6 +226,8 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     gpu = cluster.gpu
     peak = gpu.peak_flops(PEAK_DTYPE[plan.precision])
     rate = peak * eff
+    # context parallel: each cp rank runs its local plan's seq/cp tokens; attention meets all the keys
+    full, keys, plan = plan, plan.seq, context.local_plan(plan)
     m, seq = plan.grad_accum, plan.seq
     mb_tokens = plan.mbs * seq
 
@@ -231,14 +237,15 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     # (its blocks + the output projection), at the plan's split
     first, last = rank_blocks(model, plan, False), rank_blocks(model, plan, True)
     if efficiency is None:  # each matmul at its shape, the memory-bound work at HBM bandwidth
-        layer_s, rc_s, head_s = _shaped_block(model, gpu, plan, peak)
+        layer_s, rc_s, head_s, core_s = _shaped_block(model, gpu, plan, peak, keys)
         eff = None
     else:  # one rate for every FLOP (a measured efficiency: `shardwise check`, --efficiency)
-        lf = layer_forward_flops_per_token(model, seq)
-        lr = layer_recompute_flops_per_token(model, seq, plan.recompute, plan.attention)
+        lf = layer_forward_flops_per_token(model, keys)
+        lr = layer_recompute_flops_per_token(model, keys, plan.recompute, plan.attention)
         layer_s, rc_s = lf * mb_tokens / plan.tp / rate, lr * mb_tokens / plan.tp / rate
+        core_s = attention_core_flops_per_token(model, keys) * mb_tokens / plan.tp / rate
         if is_fp8(plan.precision):  # the linears' FLOPs at the fp8 rate, the core's at bf16
-            core = attention_core_flops_per_token(model, seq) * mb_tokens / plan.tp
+            core = attention_core_flops_per_token(model, keys) * mb_tokens / plan.tp
             linear_s = (lf * mb_tokens / plan.tp - core) / (linear_peak(gpu, plan.precision) * eff)
             layer_s = linear_s + core / rate
             rc_s = layer_s if plan.recompute == "full" else rc_s
@@ -266,7 +273,16 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
     # one pass over the step's collectives, by where their time goes
     t = {"tp": 0.0, "tp_hidden": 0.0, "pp": 0.0, "other": 0.0, "dp": 0.0, "dp_exposed": 0.0, "dp_gather": 0.0}
     t["dp_reduce"] = 0.0
+    # the cp exchange hides behind the attention it runs beside (context.hiding): the forward's, the
+    # backward's (2x), recompute's where it reruns attention, of every block of all micro-batches
+    t["cp"], t["cp_exposed"] = 0.0, 0.0
+    attention_s = {"forward": m * blocks * core_s, "backward": 2 * m * blocks * core_s}
     for c in comm:
+        if c.group == "cp":
+            beside = attention_s["forward" if "forward" in c.what else "backward"] * context.hiding(full, c)
+            t["cp"] = t["cp"] + c.seconds
+            t["cp_exposed"] = t["cp_exposed"] + _excess(c.seconds, beside, gpu.overlap)
+            continue
         if c.kind in ("send", "recv"):
             key = "pp"
         elif c.group == "tp" and c.overlapped:
@@ -294,15 +310,16 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
         )
 
     compute_s = forward_s + backward_s + recompute_s + overhead_s + host_step_s + optimizer_s
-    pipelined = forward_s + backward_s + recompute_s + overhead_s + tp_s + pp_s
+    pipelined = forward_s + backward_s + recompute_s + overhead_s + tp_s + pp_s + t["cp_exposed"]
     bubble_s = exposed_bubble(gpu, bubble_over_ideal(plan.pp, m, plan.vpp, plan.schedule)) * pipelined
-    comm_exposed_s = tp_s + pp_s + dp_exposed + other_s + offload_s
+    comm_exposed_s = tp_s + pp_s + dp_exposed + other_s + offload_s + t["cp_exposed"]
     step_s = compute_s + comm_exposed_s + bubble_s
 
     tokens_step = plan.gbs * seq
-    flops = model_flops_per_token(model, seq) * tokens_step
+    flops = model_flops_per_token(model, keys) * tokens_step
     hw_flops = (
-        flops + model.layers * layer_recompute_flops_per_token(model, seq, plan.recompute, plan.attention) * tokens_step
+        flops
+        + model.layers * layer_recompute_flops_per_token(model, keys, plan.recompute, plan.attention) * tokens_step
     )
     if eff is None:  # what the matmuls and the memory-bound work reached together, of peak
         eff = hw_flops / plan.world / (forward_s + backward_s + recompute_s) / peak
@@ -328,6 +345,8 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
             "dp_comm_s": dp_s,
             "dp_exposed_s": dp_exposed,
             "other_comm_s": other_s,
+            "cp_comm_s": t["cp"],
+            "cp_exposed_s": t["cp_exposed"],
             "bubble_fraction": bubble_fraction(plan.pp, m, plan.vpp, plan.schedule),
             "efficiency": eff,
             "peak_tflops": peak / 1e12,
@@ -349,13 +368,13 @@ def linear_peak(gpu, precision: str) -> float:
     return gpu.peak_flops("fp8" if is_fp8(precision) else PEAK_DTYPE[precision])
 
 
-def _shaped_block(model, gpu, plan, peak):
+def _shaped_block(model, gpu, plan, peak, keys=None):
     """Seconds of one block's forward, of its recompute and of the output projection, per
     micro-batch, on one GPU: every matmul at its shape (gemm_seconds at MATMUL_EFFICIENCY of peak plus GEMM_FIXED_S), the
     memory-bound work at HBM bandwidth; the backward is twice the forward (time.py's module
     docstring)."""
     rate = peak * MATMUL_EFFICIENCY
-    g = layer_gemms(model, plan)
+    g = layer_gemms(model, plan, keys)
     linear_rate = linear_peak(gpu, plan.precision) * MATMUL_EFFICIENCY
     gemm = {
         k: gemm_seconds(f, n, rate if k == "attention_core" else linear_rate, GEMM_FIXED_S) for k, (f, n) in g.items()
@@ -373,7 +392,7 @@ def _shaped_block(model, gpu, plan, peak):
     rc = layer_s if plan.recompute == "full" else (core_s if core_again else 0.0)
     if recompute_kind(plan.recompute) == "selective-layer":
         rc = layer_s / recompute_every(plan.recompute)
-    return layer_s, rc, head_s
+    return layer_s, rc, head_s, core_s
 
 
 def exposed_bubble(gpu, over_ideal):

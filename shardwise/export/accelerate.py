@@ -31,8 +31,8 @@ DYNAMO = {"dynamo_backend": "INDUCTOR", "dynamo_use_fullgraph": True, "dynamo_us
 
 def refuse(job: Job) -> str | None:
     p = job.plan
-    if p.tp > 1 or p.pp > 1:
-        return "this accelerate config holds data parallelism (DDP or FSDP2) only; use --tp 1 --pp 1, or export torchtitan or megatron"
+    if p.tp > 1 or p.pp > 1 or p.cp > 1:
+        return "this accelerate config holds data parallelism (DDP or FSDP2) only; use --tp 1 --pp 1 --cp 1, or export torchtitan or megatron"
     if p.zero == 1:
         return "accelerate has no ZeRO-1 with FSDP2 (DDP or fully sharded); use --zero 0, 2 or 3"
     if p.offload == "optimizer" or (p.offload == "params" and p.zero < 2):

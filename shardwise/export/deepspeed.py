@@ -25,6 +25,8 @@ def refuse(job: Job) -> str | None:
         return (
             "DeepSpeed pipelines only a model rewritten as a PipelineModule, which a config cannot ask for; use --pp 1"
         )
+    if p.cp > 1:
+        return "DeepSpeed's config has no ring or all-gather context parallelism (Ulysses splits heads, another scheme); use --cp 1"
     if p.tp > 1 and p.zero == 3:
         return "DeepSpeed's AutoTP training runs with ZeRO 0-2, not ZeRO-3; use --zero 2 or --tp 1"
     if p.sp:

@@ -15,10 +15,14 @@ from shardwise.spec.model import ModelSpec
 
 FMT = "megatron"
 INT_FLAGS = {
-    "tensor-model-parallel-size", "pipeline-model-parallel-size", "num-layers-per-virtual-pipeline-stage",
+    "tensor-model-parallel-size", "pipeline-model-parallel-size", "context-parallel-size", "num-layers-per-virtual-pipeline-stage",
     "micro-batch-size", "global-batch-size", "seq-length", "num-layers", "hidden-size", "num-attention-heads",
     "num-query-groups", "ffn-hidden-size", "max-position-embeddings", "num-experts", "moe-router-topk", "vocab-size",
 }  # fmt: skip
+# --cp-comm-type (megatron/training/arguments.py, default p2p): p2p passes K/V around the ring, one
+# neighbour per step (torch's alltoall rotate); allgather gathers them once (a2a is Ulysses-style
+# head scattering, another scheme)
+CP_COMM = {"alltoall": "p2p", "allgather": "allgather"}
 
 
 def refuse(job: Job) -> str | None:
@@ -42,6 +46,8 @@ def refuse(job: Job) -> str | None:
         return "Megatron-LM keeps fp32 main parameters (bf16 is mixed precision there); use --precision bf16-mixed"
     if p.optimizer not in ("adamw", "sgd"):
         return f"Megatron-LM's optimizers are adam (decoupled weight decay, i.e. AdamW) and sgd, not {p.optimizer}"
+    if p.cp > 1 and p.cp_rotate not in CP_COMM:
+        return f"Megatron-LM's --cp-comm-type has no {p.cp_rotate}; use --cp-rotate allgather or alltoall"
     if p.sp and p.tp == 1:
         return "Megatron-LM's --sequence-parallel needs --tensor-model-parallel-size > 1"
     if m.norm not in ("rmsnorm", "layernorm") or m.positions not in ("rotary", "learned"):
@@ -58,6 +64,8 @@ def flags(job: Job) -> list[str]:
     ]  # fmt: skip
     if p.schedule == "interleaved" and p.pp > 1:
         out += ["--num-layers-per-virtual-pipeline-stage", str(m.layers // (p.pp * p.vpp))]
+    if p.cp > 1:
+        out += ["--context-parallel-size", str(p.cp), "--cp-comm-type", CP_COMM[p.cp_rotate]]
     if p.sp:
         out.append("--sequence-parallel")
     if p.zero == 1:
@@ -166,6 +174,12 @@ def read(path: str, text: str) -> Imported:
         raise bad_file(path, "no Megatron-LM flags (--num-layers, --tensor-model-parallel-size, ...) found")
     tp, pp = num("tensor-model-parallel-size", 1), num("pipeline-model-parallel-size", 1)
     plan: dict = {"tp": tp, "pp": pp, "sp": bool(vals.get("sequence-parallel")), "mbs": num("micro-batch-size", 1)}
+    if (cp := num("context-parallel-size")) and cp > 1:
+        comm = vals.get("cp-comm-type", "p2p")
+        rotate = {v: k for k, v in CP_COMM.items()}.get(comm)
+        if rotate is None:
+            raise bad_file(path, f"--cp-comm-type {comm} has no shardwise plan; use p2p or allgather")
+        plan["cp"], plan["cp_rotate"] = cp, rotate
     plan["zero"] = 1 if vals.get("use-distributed-optimizer") else 0
     if (g := num("global-batch-size")) is not None:
         plan["gbs"] = g

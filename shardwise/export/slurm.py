@@ -34,6 +34,9 @@ def render(job: Job) -> Export:
         "srun torchrun \\",
         f"    --nnodes {cl.nodes} --nproc-per-node {cl.node_size} \\",
         '    --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$HEAD_NODE:29500" \\',
-        "    -m shardwise run shardwise.toml " + shlex.join(["--dp", str(p.dp), "--tp", str(p.tp), "--pp", str(p.pp)]),
+        "    -m shardwise run shardwise.toml "
+        + shlex.join(
+            ["--dp", str(p.dp), "--tp", str(p.tp), "--pp", str(p.pp)] + (["--cp", str(p.cp)] if p.cp > 1 else [])
+        ),
     ]
     return Export("\n".join(lines) + "\n", "shardwise.sbatch", "sbatch shardwise.sbatch")

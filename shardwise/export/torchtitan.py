@@ -50,7 +50,9 @@ def refuse(job: Job) -> str | None:
         )
     if p.zero == 1:
         return "torchtitan has no ZeRO-1 (it replicates with DDP or shards with FSDP2); use --zero 0, 2 or 3"
-    if p.zero >= 2 and p.dp == 1:
+    if p.cp > 1 and p.zero < 2:  # ParallelDims.fsdp_enabled: dp_shard > 1 or cp > 1
+        return "with cp > 1 torchtitan shards with FSDP2 over dp_shard*cp (its dp_shard_cp mesh); use --zero 3 (or 2)"
+    if p.zero >= 2 and p.dp * p.cp == 1:
         return "with dp 1 torchtitan applies no FSDP (ParallelDims: FSDP needs data_parallel_shard_degree > 1); use --zero 0"
     if p.tp > 1 and not p.sp:
         return "torchtitan's tensor parallelism always shards the sequence between blocks; add --sp"
@@ -146,6 +148,8 @@ def render(job: Job) -> Export:
         "pipeline_parallel_schedule": SCHEDULES[p.schedule],
         "pipeline_parallel_microbatch_size": p.mbs,
     }
+    if p.cp > 1:  # torchtitan's rotate methods are torch's set_rotate_method names: allgather, alltoall
+        parallelism |= {"context_parallel_degree": p.cp, "context_parallel_rotate_method": p.cp_rotate}
     if p.pp > 1 and p.vpp > 1:  # stages per rank follow from the layers in each stage
         parallelism["pipeline_parallel_layers_per_stage"] = job.model.layers // (p.pp * p.vpp)
     tables = {
@@ -192,11 +196,14 @@ def read(path: str, text: str) -> Imported:
     tp, pp = par.get("tensor_parallel_degree", 1), par.get("pipeline_parallel_degree", 1)
     if rep > 1 and shard > 1:
         raise bad_file(path, "HSDP (replicate and shard both > 1) has no shardwise plan; set one of them to 1")
+    cp = par.get("context_parallel_degree", 1)
     plan: dict = {"tp": tp, "pp": pp, "sp": tp > 1}
+    if cp > 1:
+        plan |= {"cp": cp, "cp_rotate": par.get("context_parallel_rotate_method", "allgather")}
     if shard == -1:  # torchtitan: -1 = every GPU left after the other degrees
-        plan["zero"] = 0 if rep > 1 else 3
+        plan["zero"] = 0 if rep > 1 and cp == 1 else 3
     else:
-        plan["zero"] = 0 if shard == 1 else 3
+        plan["zero"] = 0 if shard == 1 and cp == 1 else 3
         plan["dp"] = max(rep, shard)
     if plan["zero"] == 3 and par.get("fsdp_reshard_after_forward", "default") == "never":
         plan["zero"] = 2

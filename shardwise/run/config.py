@@ -437,22 +437,24 @@ def _plan(vals: dict, model: ModelSpec, nproc: int, world: int | None, path: str
             )
         nproc = world
     p = Plan(**vals)
-    for f in ("dp", "tp", "pp"):
+    for f in ("dp", "tp", "pp", "cp"):
         v = getattr(p, f)
         if not isinstance(v, int) or v < (0 if f == "dp" else 1):
             raise ShardwiseError(f"{where('plan', f)}: must be a positive integer, got {v!r}")
+    split = p.tp * p.pp * p.cp  # the model-parallel ranks; dp is the rest
+    names, values = ("tp*pp*cp", f"{p.tp}*{p.pp}*{p.cp}") if p.cp > 1 else ("tp*pp", f"{p.tp}*{p.pp}")
     if nproc == 0:
-        nproc = (p.dp or 1) * p.tp * p.pp
-    if p.dp and p.dp * p.tp * p.pp != nproc:
+        nproc = (p.dp or 1) * split
+    if p.dp and p.dp * split != nproc:
         src = "torchrun's world size" if world is not None else "--nproc / [train] nproc"
         raise ShardwiseError(
-            f"{path} [plan]: dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {p.dp * p.tp * p.pp} but there "
+            f"{path} [plan]: dp*{names} = {p.dp}*{values} = {p.dp * split} but there "
             f"are {nproc} processes ({src}); leave dp out to derive it, or make the product {nproc}"
         )
-    if p.tp * p.pp > nproc or nproc % (p.tp * p.pp):
+    if split > nproc or nproc % split:
         raise ShardwiseError(
-            f"{path} [plan]: tp*pp = {p.tp}*{p.pp} = {p.tp * p.pp} does not divide the "
-            f"{nproc} processes; make nproc a multiple of tp*pp"
+            f"{path} [plan]: {names} = {values} = {split} does not divide the "
+            f"{nproc} processes; make nproc a multiple of {names}"
         )
     try:
         return p.resolve(model, nproc), nproc

@@ -65,7 +65,8 @@ def check_world(plan: Plan) -> None:
     world = world_size()
     if plan.dp and plan.world != world:
         raise ShardwiseError(
-            f"plan needs dp*tp*pp = {plan.dp}*{plan.tp}*{plan.pp} = {plan.world} processes "
+            f"plan needs dp*tp*pp{'*cp' if plan.cp > 1 else ''} = {plan.dp}*{plan.tp}*{plan.pp}"
+            f"{f'*{plan.cp}' if plan.cp > 1 else ''} = {plan.world} processes "
             f"but this job has {world}; launch with --nproc {plan.world} (or change the plan)"
         )
 

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardwise.errors import ShardwiseError
+from shardwise.run import context as rcontext
 from shardwise.run import dist as rdist
 from shardwise.run import fp8
 from shardwise.run.model import Transformer, build, check_runnable
 from shardwise.run.parallelize import check_supported, parallelize, precision, split_pipeline, uses_fsdp
 from shardwise.spec.loss import chunked_loss
 from shardwise.spec.model import ModelSpec
-from shardwise.spec.plan import Plan
+from shardwise.spec.plan import Plan, cp_local
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6)
 
@@ -69,16 +70,24 @@ class Engine:
             plan = plan.replace(optimizer=optimizer)
         self.spec = spec
         rdist.check_world(plan)
-        self.plan = plan = plan.resolve(spec, rdist.world_size())
+        plan = plan.resolve(spec, rdist.world_size())
+        # context parallel (run/context.py): the engines run each cp rank's local plan (dp*cp
+        # data-parallel ranks, seq/cp tokens) on a mesh whose "dp" is dp x cp; the step shards
+        self.plan, self.local = plan, cp_local(plan)
         check_supported(spec, plan, self.device)
+        rcontext.check(plan)
+        plan = self.local
         if grad_clip is not None and not grad_clip > 0:
             raise ShardwiseError(f"grad_clip must be positive (or None for no clipping), got {grad_clip!r}")
         self.grad_clip = grad_clip
-        self.mesh = mesh if mesh is not None else rdist.build_mesh(plan, self.device)
-        # mesh[d]: a flattened dim too (HSDP's dp = dp_replicate x dp_shard)
+        cp = self.plan.cp > 1
+        if mesh is None:
+            mesh = rcontext.build_mesh(self.plan, self.device) if cp else rdist.build_mesh(plan, self.device)
+        self.mesh = mesh
+        # mesh[d]: a flattened dim too (HSDP's dp = dp_replicate x dp_shard, context parallel's dp x cp)
         coord = (lambda d: self.mesh[d].get_local_rank()) if self.mesh is not None else (lambda d: 0)
-        self.pp_rank, self.dp_rank, self.tp_rank = coord("pp"), coord("dp"), coord("tp")
-        self.dp_size = plan.dp
+        self.pp_rank, self.dp_rank, self.tp_rank = coord("pp"), coord("dp_data" if cp else "dp"), coord("tp")
+        self.dp_size = self.plan.dp  # the batch's split: the cp ranks of a dp rank read the same sequences
         self.rank = rdist.rank()
         self.is_logging_rank = self.rank == 0
         self.prec = precision(plan)
@@ -107,7 +116,7 @@ class Engine:
 
     # ---- set-up helpers -------------------------------------------------------------------------
     def _registry(self) -> list[_Param]:
-        within_stage = self.plan.dp * self.plan.tp  # ranks that run the same pipeline stage
+        within_stage = self.local.dp * self.local.tp  # ranks that run the same pipeline stage
         out = []
         for idx, m, _ in self.stages:
             for name, p in m.named_parameters():
@@ -121,7 +130,7 @@ class Engine:
         """Pipeline + tied embeddings: the first and last stage each hold the embedding matrix;
         their gradients are summed after every backward (Megatron's embedding group), so both
         copies take the same step. Returns (group, param) on those two ranks, else None."""
-        if not (self.spec.tied_embeddings and self.plan.pp > 1):
+        if not (self.spec.tied_embeddings and self.local.pp > 1):
             return None
         ranks = self.mesh.mesh  # [pp, dp, tp] global ranks
         mine = None
@@ -144,7 +153,7 @@ class Engine:
             for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
             if g["params"]
         ]
-        name = self.plan.optimizer
+        name = self.local.optimizer
         if name == "adamw":
             cls, kw = torch.optim.AdamW, dict(lr=lr, betas=betas, eps=eps)
         elif name == "sgd":
@@ -156,7 +165,7 @@ class Engine:
         kinds = {(type(p).__name__, str(getattr(p, "device_mesh", ""))) for p in decay + no_decay}
         if len(kinds) > 1:
             kw["foreach"] = False  # _foreach kernels take one kind of tensor (plain, or DTensors on one mesh)
-        if self.plan.zero == 1 and self.plan.dp > 1:
+        if self.local.zero == 1 and self.local.dp > 1:
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             # parameters_as_bucket_view: each owner broadcasts its parameters as one flat bucket after
@@ -178,12 +187,12 @@ class Engine:
             PipelineStage(wrapped, idx, self.n_stages, self.device, *self._stage_io(idx), group=group)
             for idx, _, wrapped in self.stages
         ]
-        n = self.plan.grad_accum
+        n = self.local.grad_accum
         # scale_grads=False: the loss is divided by the micro-batch count instead (as without PP).
         # The schedule's own scaling walks submod.parameters(), which DDP + TP has emptied.
-        if self.plan.schedule == "interleaved":
+        if self.local.schedule == "interleaved":
             return ScheduleInterleaved1F1B(stages, n_microbatches=n, loss_fn=self._pp_loss, scale_grads=False)
-        cls = ScheduleGPipe if self.plan.schedule == "gpipe" else Schedule1F1B
+        cls = ScheduleGPipe if self.local.schedule == "gpipe" else Schedule1F1B
         return cls(stages[0], n_microbatches=n, loss_fn=self._pp_loss, scale_grads=False)
 
     def _stage_io(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +203,7 @@ class Engine:
         Between stages flows the residual stream [mbs, seq, hidden] (seq/tp with sequence
         parallel) in the dtype it is kept in: fp32 under autocast (embeddings and residual adds
         stay fp32), bf16 under FSDP2 mixed precision or pure bf16. The last stage sends logits."""
-        plan, spec, prec = self.plan, self.spec, self.prec
+        plan, spec, prec = self.local, self.spec, self.prec
         seq = plan.seq // plan.tp if plan.sp else plan.seq
         stream = prec.fsdp_param_dtype or prec.param_dtype
         logits = prec.autocast_dtype or stream
@@ -220,13 +229,13 @@ class Engine:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def _pp_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = self._loss(logits, targets) / self.plan.grad_accum
+        loss = self._loss(logits, targets) / self.local.grad_accum
         return loss * self._loss_scale if self.scaler is not None else loss
 
     def train_step(self, tokens: torch.Tensor) -> StepStats:
         """tokens: [gbs // dp, seq + 1] for this dp rank; inputs [:, :-1], targets [:, 1:]."""
-        plan = self.plan
-        want = (plan.gbs // plan.dp, plan.seq + 1)
+        plan, full = self.local, self.plan
+        want = (full.gbs // full.dp, full.seq + 1)
         if tuple(tokens.shape) != want:
             raise ShardwiseError(
                 f"train_step wants this dp rank's tokens as {list(want)} (gbs/dp, seq+1), got {list(tokens.shape)}"
@@ -236,6 +245,10 @@ class Engine:
         self._loss_scale = self.scaler.get_scale() if self.scaler is not None else 1.0
         if self.schedule is not None:
             local_loss = self._pipeline_step(x, y)
+        elif full.cp > 1:  # x, y and their positions sharded over the cp ranks in place: own copies
+            x, y = x.clone(), y.clone()
+            with rcontext.sharded(self.mesh, full, x, y, [m for _, m, _ in self.stages]):
+                local_loss = self._accumulate(x, y)
         else:
             local_loss = self._accumulate(x, y)
 
@@ -248,7 +261,7 @@ class Engine:
 
         # one all-reduce for both numbers: the loss (from the ranks that have it, already a
         # mean over their micro-batches, /dp) and the squared gradient norm (each shard once)
-        reports = self.pp_rank == self.plan.pp - 1 and self.tp_rank == 0
+        reports = self.pp_rank == self.local.pp - 1 and self.tp_rank == 0
         sq = _weighted_sq_norm(self.params, self.device)
         packed = torch.stack([(local_loss.float() / plan.dp) if reports else torch.zeros((), device=self.device), sq])
         if self.mesh is not None:
@@ -273,7 +286,7 @@ class Engine:
             else:
                 self.optimizer.step()
             for _, _, wrapped in self.stages:
-                fp8.after_step(wrapped, self.plan)
+                fp8.after_step(wrapped, self.local)
         self._clear_grads()
         return StepStats(loss=loss, grad_norm=grad_norm, skipped=skipped and self.scaler is not None)
 
@@ -283,7 +296,7 @@ class Engine:
         instead, each no_sync backward would make fresh .grad tensors that DDP copies into its
         buckets in the synchronizing backward: a second gradient for the whole accumulation.
         Elsewhere .grad = None frees them until the next backward makes them."""
-        ddp = self.plan.dp > 1 and not uses_fsdp(self.plan) and self.schedule is None
+        ddp = self.local.dp > 1 and not uses_fsdp(self.local) and self.schedule is None
         for r in self.params:
             if ddp and r.param.grad is not None:
                 r.param.grad.zero_()
@@ -297,7 +310,7 @@ class Engine:
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Gradient accumulation over grad_accum micro-batches; each micro-batch loss is scaled by
         1/grad_accum and DDP/FSDP average over dp, so the gradient is the global-batch mean."""
-        plan = self.plan
+        plan = self.local
         ((_, module, model),) = self.stages
         ga, mbs = plan.grad_accum, plan.mbs
         total = torch.zeros((), device=self.device)
@@ -322,17 +335,17 @@ class Engine:
         """Gradient communication once per step where the engine contract says so: DDP no_sync and
         ZeRO-2's set_requires_gradient_sync(False) on all but the last micro-batch. ZeRO-3
         reduce-scatters every micro-batch (its gradients stay sharded)."""
-        if self.plan.dp == 1:
+        if self.local.dp == 1:
             return contextlib.nullcontext()
-        if uses_fsdp(self.plan):
-            if self.plan.zero == 2:
+        if uses_fsdp(self.local):
+            if self.local.zero == 2:
                 module.set_requires_gradient_sync(last)
             return contextlib.nullcontext()
         return contextlib.nullcontext() if last else model.no_sync()
 
     def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         first = self.pp_rank == 0
-        last = self.pp_rank == self.plan.pp - 1
+        last = self.pp_rank == self.local.pp - 1
         losses: list[torch.Tensor] = []
         args = (x,) if first else ()
         # autocast once per step (torchtitan's pipeline path): the stages' own autocast nests inside
@@ -356,8 +369,8 @@ class Engine:
             full = _full(r.param)  # collective for sharded parameters: call on every rank
             if not r.tied_copy:
                 mine[r.name] = full.detach().cpu().clone()
-        if self.plan.pp > 1:
-            parts: list[dict] = [None] * self.plan.pp  # type: ignore[list-item]
+        if self.local.pp > 1:
+            parts: list[dict] = [None] * self.local.pp  # type: ignore[list-item]
             dist.all_gather_object(parts, mine, group=self.mesh.get_group("pp"))
             for p in parts:
                 mine.update(p)

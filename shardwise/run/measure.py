@@ -116,7 +116,10 @@ class GroupNames:
     def __init__(self, mesh=None):
         self.by_ranks: dict[tuple[int, ...], str] = {}
         if mesh is not None:
-            for d in mesh.mesh_dim_names:
+            dims = list(mesh.mesh_dim_names)
+            if "dp_data" in dims:  # context parallel: the engines' dp is dp_data x cp, flattened (run/context.py)
+                dims.append("dp")
+            for d in dims:
                 if mesh[d].size() > 1:
                     g = mesh.get_group(d)
                     self.by_ranks.setdefault(tuple(dist.get_process_group_ranks(g)), d)

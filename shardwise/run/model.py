@@ -51,10 +51,12 @@ def _norm(spec: ModelSpec) -> nn.Module:
     return nn.LayerNorm(spec.hidden, eps=NORM_EPS)
 
 
-def rotary(seq: int, head_dim: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [seq, head_dim] for rotate-half rotary embeddings (GPT-NeoX / HF layout)."""
+def rotary(seq: int, head_dim: int, device, dtype, positions=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [seq, head_dim] for rotate-half rotary embeddings (GPT-NeoX / HF layout),
+    at positions 0..seq-1 or at `positions` (context parallel: this rank's tokens, run/context.py)."""
     inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq, device=device, dtype=torch.float32), inv_freq)
+    at = torch.arange(seq, device=device) if positions is None else positions
+    angles = torch.outer(at.to(torch.float32), inv_freq)
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -85,6 +87,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(spec.q_dim, h, bias=spec.out_bias)
         self.recompute_core = False  # selective recompute: set by parallelize()
         self.kernel = "flash"  # Plan.attention, set by parallelize(): "math" forces SDPA's math kernel
+        self.positions: torch.Tensor | None = None  # context parallel: this rank's token positions (run/context.py)
 
     def core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Scores, softmax, dropout, times V: what selective recompute throws away.
@@ -111,7 +114,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
         if self.rotary:
-            cos, sin = rotary(s, self.head_dim, q.device, q.dtype)
+            cos, sin = rotary(s, self.head_dim, q.device, q.dtype, self.positions)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if self.recompute_core and torch.is_grad_enabled():
@@ -173,6 +176,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(spec.hidden, spec.vocab, bias=False)
         self.tie_weights()
         self.autocast_dtype: torch.dtype | None = None  # mixed precision without FSDP: set by parallelize()
+        self.positions: torch.Tensor | None = None  # context parallel: this rank's token positions (run/context.py)
 
     def tie_weights(self) -> None:
         """Tied embeddings: the output projection IS the token embedding. Module.to_empty and
@@ -196,7 +200,8 @@ class Transformer(nn.Module):
             s = x.shape[1]
             x = self.tok_embeddings(x)
             if self.pos_embeddings is not None:
-                x = x + self.pos_embeddings(torch.arange(s, device=x.device))
+                at = torch.arange(s, device=x.device) if self.positions is None else self.positions
+                x = x + self.pos_embeddings(at)
             x = self.embed_dropout(x)
         for layer in self.layers.values():
             x = layer(x)

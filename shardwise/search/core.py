@@ -287,6 +287,7 @@ def _table(parts) -> Table:
             "mbs",
             "dp_shard",
             "last_less",
+            "cp",
             "zero",
             "sp",
             "schedule",
@@ -302,7 +303,7 @@ def _table(parts) -> Table:
     for space, scored in parts:
         for s in scored:
             n = len(s.idx)
-            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less"):
+            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less", "cp"):
                 cols[k].append(s.grid[k][s.idx])
             codes = {
                 "zero": s.cats["zero"],

@@ -35,7 +35,21 @@ from shardwise.spec.plan import (
     divisors,
 )
 
-SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload", "dp_shard", "last_less")
+SEARCHED = (
+    "dp",
+    "tp",
+    "pp",
+    "zero",
+    "mbs",
+    "schedule",
+    "vpp",
+    "recompute",
+    "sp",
+    "offload",
+    "dp_shard",
+    "last_less",
+    "cp",
+)
 HELD = (
     "gbs",
     "seq",
@@ -43,8 +57,13 @@ HELD = (
     "optimizer",
     "attention",
     "compile",
+    "cp_rotate",
 )  # training choices: pinned or defaulted, never searched
-NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less")
+NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less", "cp")
+# context parallel is searched (unpinned) while each of its 2*cp load-balanced chunks keeps at least
+# this many tokens: shorter chunks split attention into ring steps too short to hide their K/V
+# passes, and sequences this short fit without it
+MIN_CP_CHUNK = 1024
 PLAN_ARRAYS = NUMERIC + ("gbs",)  # the grid columns that are Plan fields (seq is held: one value)
 # Default global batch: about 4M tokens, the batch of LLaMA 1/2 at every size (Touvron et al. 2023,
 # Table 2 / Sec. 2.2) and of GPT-3 175B (3.2M, Brown et al. 2020, Table 2.1).
@@ -80,10 +99,10 @@ def check_fixed(fixed: dict) -> dict:
     for k in fixed:
         if k not in names:
             raise ShardwiseError(f"unknown plan field {k!r} to pin; {closest(k, names)}")
-    for k in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less"):
+    numeric = ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less", "cp")
+    for k in numeric:
         if k in fixed:
             _positive_int(k, fixed[k], allow_zero=k in ("dp_shard", "last_less"))
-    numeric = ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less")
     _check_choices(Plan(**{k: v for k, v in fixed.items() if k not in numeric}))
     return fixed
 
@@ -134,7 +153,7 @@ class Space:
             for pp in pps:
                 if g % (tp * pp):
                     continue
-                if "dp" in f and f["dp"] * tp * pp != g:
+                if "dp" in f and (g % (f["dp"] * tp * pp) or self.cps(tp, pp) == []):
                     continue
                 out.append((tp, pp))
         return out
@@ -215,40 +234,15 @@ class Space:
         count and node size the element is for: one value here, several in a Spaces). dp_shard:
         0 (shard over all of dp) and, for ZeRO-2/3 families, every HSDP shard group: each divisor
         S of dp with 1 < S < dp."""
-        f, m = self.fixed, self.model
+        f = self.fixed
         cols: dict[str, list[int]] = {k: [] for k in NUMERIC}
         for tp, pp in self.tp_pp:
             if sp and tp == 1 and "sp" not in f:
                 continue  # sequence parallel is a no-op without tp: generated once, as sp=False
             if pp == 1 and "schedule" not in f and schedule != "1f1b":
                 continue  # one pipeline stage: the schedule does not exist; generated once, as 1f1b
-            dp = self.gpus // (tp * pp)
-            if "vpp" in f:
-                vpps = [f["vpp"]]
-            elif schedule == "interleaved":
-                per = m.layers // pp if m.layers % pp == 0 else 0
-                vpps = [v for v in divisors(per) if v > 1] if per else [2]
-                if not vpps:
-                    continue  # one layer per stage: nothing to interleave
-            else:
-                vpps = [1]
-            if "mbs" in f:
-                mbss = [f["mbs"]]
-            elif self.gbs % dp == 0:
-                mbss = divisors(self.gbs // dp)
-            else:  # gbs cannot be split over dp: powers of two, all refused by the batch rule
-                mbss = [1 << i for i in range(max(1, self.gbs // dp).bit_length())]
-            if "dp_shard" in f:
-                shards = [f["dp_shard"]]
-            else:
-                shards = [0] + ([s for s in divisors(dp) if 1 < s < dp] if sharded else [])
-            for v in vpps:
-                cuts = [f["last_less"]] if "last_less" in f else last_stage_cuts(m.layers, pp * v, schedule)
-                for b in mbss:
-                    for s in shards:
-                        for c in cuts:
-                            for k, x in zip(NUMERIC, (dp, tp, pp, v, b, s, c)):
-                                cols[k].append(x)
+            for cp in self.cps(tp, pp):
+                self._add_rows(cols, tp, pp, cp, sp, schedule, sharded)
         out = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
         n = len(out["dp"])
         out |= {
@@ -257,6 +251,58 @@ class Space:
             "node": np.full(n, self.node_size, dtype=np.int64),
         }
         return out
+
+    def cps(self, tp: int, pp: int) -> list[int]:
+        """Context-parallel sizes beside tp x pp: the pinned one, or every divisor of the remaining
+        ranks (dp * cp) whose 2*cp chunks of the sequence keep MIN_CP_CHUNK tokens each (pinned dp:
+        the one that completes it)."""
+        f, rest = self.fixed, self.gpus // (tp * pp)
+        if "cp" in f:
+            return [f["cp"]] if rest % f["cp"] == 0 and f.get("dp", rest // f["cp"]) * f["cp"] == rest else []
+        if "dp" in f:
+            c = rest // f["dp"]  # the cp a pinned dp leaves: searched only as an unpinned one would be
+            return (
+                [c]
+                if rest % f["dp"] == 0
+                and (c == 1 or self.base.seq % (2 * c) == 0 and self.base.seq // (2 * c) >= MIN_CP_CHUNK)
+                else []
+            )
+        return [
+            c
+            for c in divisors(rest)
+            if c == 1 or self.base.seq % (2 * c) == 0 and self.base.seq // (2 * c) >= MIN_CP_CHUNK
+        ]
+
+    def _add_rows(self, cols, tp, pp, cp, sp, schedule, sharded) -> None:
+        """The grid rows of one tp x pp x cp shape: every vpp, mbs, HSDP group and last-stage cut."""
+        f, m = self.fixed, self.model
+        dp = self.gpus // (tp * pp * cp)
+        if "vpp" in f:
+            vpps = [f["vpp"]]
+        elif schedule == "interleaved":
+            per = m.layers // pp if m.layers % pp == 0 else 0
+            vpps = [v for v in divisors(per) if v > 1] if per else [2]
+            if not vpps:
+                return  # one layer per stage: nothing to interleave
+        else:
+            vpps = [1]
+        if "mbs" in f:
+            mbss = [f["mbs"]]
+        elif self.gbs % dp == 0:
+            mbss = divisors(self.gbs // dp)
+        else:  # gbs cannot be split over dp: powers of two, all refused by the batch rule
+            mbss = [1 << i for i in range(max(1, self.gbs // dp).bit_length())]
+        if "dp_shard" in f:
+            shards = [f["dp_shard"]]
+        else:
+            shards = [0] + ([s for s in divisors(dp) if 1 < s < dp] if sharded else [])
+        for v in vpps:
+            cuts = [f["last_less"]] if "last_less" in f else last_stage_cuts(m.layers, pp * v, schedule)
+            for b in mbss:
+                for s in shards:
+                    for c in cuts:
+                        for k, x in zip(NUMERIC, (dp, tp, pp, v, b, s, c, cp)):
+                            cols[k].append(x)
 
     def plan(self, grid: dict[str, np.ndarray], cats: dict, idx=None) -> Plan:
         """The array Plan of a group (optionally only the elements `idx`)."""

@@ -32,6 +32,10 @@ OPTIMIZERS = ("adamw", "sgd", "adafactor", "adam8bit")
 ATTENTION = ("flash", "math")  # SDPA's fused kernels (no s x s scores saved) or materialized scores
 OFFLOAD = ("none", "optimizer", "params")  # "params" = parameters + gradients + optimizer (FSDP2 CPUOffloadPolicy)
 ZERO_STAGES = (0, 1, 2, 3)
+# how context parallelism moves K/V: torch's set_rotate_method names. allgather (torch 2.13's default,
+# _ContextParallelOptions.rotate_method; Llama 3's choice) gathers the whole K/V once per layer;
+# alltoall passes each rank's K/V around the ring, one neighbour per step
+CP_ROTATE = ("allgather", "alltoall")
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,15 @@ class Plan:
     # torch.compile of each transformer block (inductor), as torchtitan's [compile] does: fused
     # pointwise kernels save fewer tensors (estimate/activations.py) and make fewer memory passes
     compile: bool = False
+    # context parallel: the sequence split over cp ranks (between dp and tp on the mesh, as
+    # torchtitan's pp, dp_replicate, dp_shard, cp, tp), attention's K/V exchanged (cp_rotate)
+    cp: int = 1
+    cp_rotate: str = "allgather"
 
     # ---- derived (array-safe arithmetic) ----------------------------------------------
     @property
     def world(self):
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
 
     @property
     def grad_accum(self):
@@ -106,6 +114,8 @@ class Plan:
         ]
         if self.pp > 1:
             parts.append(self.schedule + (f"/v{self.vpp}" if self.vpp > 1 else ""))
+        if self.cp > 1:
+            parts.insert(3, f"cp{self.cp}" + ("/a2a" if self.cp_rotate == "alltoall" else ""))
         if 0 < self.dp_shard < self.dp:
             parts.append(f"hsdp{self.dp_shard}")
         if self.last_less:
@@ -124,7 +134,7 @@ class Plan:
     def resolve(self, model, gpus: int) -> Plan:
         """Fill dp and gbs, then check every rule. Returns the complete plan or raises."""
         _check_choices(self)
-        for f in ("tp", "pp", "mbs", "seq", "vpp"):
+        for f in ("tp", "pp", "mbs", "seq", "vpp", "cp"):
             _positive_int(f, getattr(self, f))
         for f in ("dp", "gbs", "dp_shard", "last_less"):
             _positive_int(f, getattr(self, f), allow_zero=True)
@@ -134,12 +144,14 @@ class Plan:
             limits.check_count(f, getattr(self, f), bound)
         p = self
         if p.dp == 0:
-            if gpus % (p.tp * p.pp):
+            split = p.tp * p.pp * p.cp
+            if gpus % split:
+                names = "tp*pp*cp" if p.cp > 1 else "tp*pp"
                 raise ShardwiseError(
-                    f"tp*pp = {p.tp * p.pp} does not divide {gpus} GPUs; "
-                    "choose tp and pp whose product divides the GPU count"
+                    f"{names} = {split} does not divide {gpus} GPUs; "
+                    f"choose {names.replace('*', ', ')} whose product divides the GPU count"
                 )
-            p = p.replace(dp=gpus // (p.tp * p.pp))
+            p = p.replace(dp=gpus // split)
         if p.gbs == 0:
             p = p.replace(gbs=p.dp * p.mbs)
         p.validate(model, gpus)
@@ -179,8 +191,8 @@ RULES: tuple[Rule, ...] = (
         "gpus",
         lambda p, m, g: p.world != g,
         lambda p, m, g: (
-            f"dp*tp*pp = {p.dp}*{p.tp}*{p.pp} = {p.world} but there are {g} GPUs; "
-            f"leave --dp out to derive it, or make the product {g}"
+            f"dp*tp*pp{'*cp' if p.cp > 1 else ''} = {p.dp}*{p.tp}*{p.pp}{f'*{p.cp}' if p.cp > 1 else ''} = "
+            f"{p.world} but there are {g} GPUs; leave --dp out to derive it, or make the product {g}"
         ),
     ),
     Rule(
@@ -279,6 +291,32 @@ RULES: tuple[Rule, ...] = (
             "that way: add --zero 3 (or 2), or leave --dp-shard out"
         ),
     ),
+    # torch's load balancer (head-tail) cuts the sequence into 2*cp chunks, two per rank
+    # (_context_parallel/_load_balancer.py, _HeadTailLoadBalancer)
+    Rule(
+        "sequence",
+        lambda p, m, g: (p.cp > 1) & (p.seq % (2 * p.cp) != 0),
+        lambda p, m, g: (
+            f"context parallel cuts the sequence into 2*cp = {2 * p.cp} load-balanced chunks: seq={p.seq} is not a "
+            f"multiple of {2 * p.cp}; use --seq {(p.seq // (2 * p.cp) + 1) * 2 * p.cp} or a cp whose double divides it"
+        ),
+    ),
+    Rule(
+        "sequence",
+        lambda p, m, g: (p.cp > 1) & (p.sp & ((p.seq // p.cp) % p.tp != 0)),
+        lambda p, m, g: (
+            f"sequence parallel splits each cp rank's {p.seq // p.cp} tokens over tp={p.tp}: make seq a multiple of "
+            f"cp*tp = {p.cp * p.tp}"
+        ),
+    ),
+    Rule(
+        "sequence",
+        lambda p, m, g: (p.cp > 1) & (p.attention == "math"),
+        lambda p, m, g: (
+            "context parallel runs SDPA's fused kernels ring by ring (torch's context_parallel takes flash, "
+            "memory-efficient and cuDNN attention only); use --attention flash"
+        ),
+    ),
     Rule("sequence", lambda p, m, g: p.sp & (p.tp == 1), lambda p, m, g: "sequence parallel (--sp) needs tp > 1"),
     Rule(
         "sequence",
@@ -374,6 +412,17 @@ def engine_violation(p: Plan, model) -> str | None:
     return first_broken(ENGINE_RULES, p, model)
 
 
+def cp_local(plan: Plan) -> Plan:
+    """The plan as every rank of a context-parallel group runs all but attention: dp*cp
+    data-parallel ranks (HSDP: dp_shard*cp shard groups), seq/cp tokens, gbs*cp sequences of them,
+    cp = 1 (torchtitan's dp_shard_cp mesh: FSDP shards and gradients reduce over dp*cp). The
+    identity for cp = 1. Array-safe (the search's plans)."""
+    cp = plan.cp
+    return plan.replace(
+        dp=plan.dp * cp, dp_shard=plan.dp_shard * cp, seq=plan.seq // cp, gbs=plan.gbs * cp, cp=1 + 0 * cp
+    )
+
+
 def last_cut(p: Plan, layers):
     """Blocks the last pipeline stage holds fewer than the others: last_less, or (0) the remainder
     that lets the other stages hold the same number (126 layers over 16 stages: 2, so 15 x 8 + 6).
@@ -442,6 +491,7 @@ def _check_choices(p: Plan) -> None:
         ("optimizer", p.optimizer, OPTIMIZERS),
         ("offload", p.offload, OFFLOAD),
         ("attention", p.attention, ATTENTION),
+        ("cp_rotate", p.cp_rotate, CP_ROTATE),
     ):
         if val not in allowed:
             raise ShardwiseError(f"unknown {name} {val!r}; {closest(str(val), allowed)} (one of {', '.join(allowed)})")

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from shardwise import units
 from shardwise.errors import ShardwiseError
+from shardwise.run import context as rcontext
 from shardwise.run.dist import MESH_DIMS
 from shardwise.run.engine import Engine
 from shardwise.run.measure import Meter, measurement_to_dict
@@ -151,6 +152,8 @@ def _first_step_states(engine: Engine) -> None:
 
 
 def _mesh(plan: Plan):
+    if plan.cp > 1:  # (pp, dp, cp, tp), dp x cp flattened: the run tier's own
+        return rcontext.build_mesh(plan, torch.device("cpu"))
     return init_device_mesh("cpu", (plan.pp, plan.dp, plan.tp), mesh_dim_names=MESH_DIMS)
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import activations as acts
-from shardwise.estimate import profiles
+from shardwise.estimate import context, profiles
 from shardwise.estimate._num import _is_array
 from shardwise.estimate.memory.engines import torch_moments
 from shardwise.estimate.memory.moments import one_stage
@@ -85,7 +85,7 @@ def memory(
         raise ShardwiseError(
             f"the {prof.name} profile has no parameter offload; use --profile torch or deepspeed, or --offload optimizer"
         )
-    vec = _is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq)
+    vec = _is_array(plan.dp, plan.tp, plan.pp, plan.mbs, plan.gbs, plan.vpp, plan.seq, plan.cp)
     if stage not in STAGES:
         raise ShardwiseError(f"unknown pipeline stage {stage!r}; use one of {', '.join(STAGES)}")
     if at not in ("peak", "step"):
@@ -106,9 +106,15 @@ def memory(
 
 
 def _moments(model, plan, last, prof: Profile, attention: str, at: str, device: str = "cuda") -> list:
+    # context parallel: each cp rank's moments are those of its local plan, plus the K/V in flight
+    local = context.local_plan(plan)
     if not prof.moment_by_moment:
-        return [paper_moment(model, plan, last, prof, attention)]
-    ms = torch_moments(model, plan, last, attention, device)
+        return context.add_ring_buffers(
+            [paper_moment(model, local, last, prof, attention), {}], model, plan, prof.dtypes(local)["mm"]
+        )[:1]
+    ms = context.add_ring_buffers(
+        torch_moments(model, local, last, attention, device), model, plan, prof.dtypes(local)["mm"]
+    )
     return ms[-1:] if at == "step" else ms  # the optimizer step is each list's last moment
 
 
@@ -117,7 +123,7 @@ def _both_stages(plan):
     False (the first stage's rank), then True (the last stage's)."""
     import numpy as np
 
-    fields = ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq")
+    fields = ("dp", "tp", "pp", "mbs", "gbs", "vpp", "seq", "cp")
     values = [np.asarray(getattr(plan, f)) for f in fields]
     shape = (2,) + np.broadcast(*values).shape
     twice = {}
@@ -139,10 +145,11 @@ def saved_activations(model, plan, profile: str | Profile = "torch", *, attentio
     acts._check("torch", attention)
     worst = 0
     for last in (False, True):
+        local = context.local_plan(plan)
         ms = (
-            torch_moments(model, plan, last, attention)
+            torch_moments(model, local, last, attention)
             if prof.moment_by_moment
-            else [paper_moment(model, plan, last, prof, attention)]
+            else [paper_moment(model, local, last, prof, attention)]
         )
         for a in ms:
             worst = max(worst, sum(v for k, v in a.items() if k.startswith("act.")))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError, closest
-from shardwise.spec import limits
+from shardwise.spec import experts, limits
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 # by the matmul work they run again (the search's order): selective-op, the per-op policy, keeps
@@ -60,6 +60,10 @@ class Plan:
     # loss take their place; Megatron's --decoder-last-pipeline-num-layers, torchtitan's
     # last_stage_less_layers); 0 -> none when pp*vpp divides the layers, else the remainder
     last_less: int = 0
+    # expert parallelism (spec/experts.py): the routed experts split over ep of the data-parallel
+    # ranks; capacity: each expert's all-to-all buffer as a multiple of its balanced share (0: dropless)
+    ep: int = 1
+    capacity: float = 0.0
 
     # ---- derived (array-safe arithmetic) ----------------------------------------------
     @property
@@ -107,6 +111,8 @@ class Plan:
             parts.append(f"hsdp{self.dp_shard}")
         if self.last_less:
             parts.append(f"last-{self.last_less}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
         if self.sp:
             parts.append("sp")
         if self.recompute != "none":
@@ -121,7 +127,8 @@ class Plan:
     def resolve(self, model, gpus: int) -> Plan:
         """Fill dp and gbs, then check every rule. Returns the complete plan or raises."""
         _check_choices(self)
-        for f in ("tp", "pp", "mbs", "seq", "vpp"):
+        experts.check_capacity(self.capacity)
+        for f in ("tp", "pp", "mbs", "seq", "vpp", "ep"):
             _positive_int(f, getattr(self, f))
         for f in ("dp", "gbs", "dp_shard", "last_less"):
             _positive_int(f, getattr(self, f), allow_zero=True)
@@ -165,7 +172,7 @@ class Rule(NamedTuple):
     `reason` groups rules for the search's rejection counts.
     """
 
-    reason: str  # gpus | divisibility | stages | batch | schedule | sequence | offload | hsdp
+    reason: str  # gpus | divisibility | stages | batch | schedule | sequence | offload | hsdp | experts
     broken: Callable
     message: Callable
 
@@ -276,6 +283,7 @@ RULES: tuple[Rule, ...] = (
             "that way: add --zero 3 (or 2), or leave --dp-shard out"
         ),
     ),
+    *(Rule(*r) for r in experts.RULES),
     Rule("sequence", lambda p, m, g: p.sp & (p.tp == 1), lambda p, m, g: "sequence parallel (--sp) needs tp > 1"),
     Rule(
         "sequence",

@@ -73,8 +73,10 @@ def test_expert_gradients_reduce_over_dp_over_ep():
     # ranks, ep * tp = 2 apart
     base = {c.group: c for c in _est(zero=0).comm}
     ep = {c.group: c for c in _est(zero=0, ep=2).comm}
+    # (as an integer share per million, 49,152 / 99,136 -> 495,803, so one formula serves the search's arrays)
     total = base["dp"].bytes * base["dp"].count
-    moved = total * 49_152 // 99_136
+    assert 49_152 * 10**6 // 99_136 == 495_803
+    moved = total * 495_803 // 10**6
     assert ep["dp"].bytes * ep["dp"].count == total - moved
     assert ep["edp"].ranks == 2 and ep["edp"].bytes * ep["edp"].count == moved // 2
     assert ep["edp"].wire_bytes == 2 * (2 - 1) * (moved // 2) // 2
@@ -118,3 +120,22 @@ def test_notes_state_imbalance_and_dense_blocks():
     m = ModelSpec(name="t", layers=4, hidden=64, heads=4, vocab=128, experts=4, top_k=2, first_dense=1)
     text = " ".join(estimate(m, make_cluster("h100-80gb", 4), Plan(seq=16, ep=4)).notes)
     assert "balanced routing" in text and "up to 4x" in text and "1 of t's 4 blocks are dense" in text
+
+
+def test_array_plans_give_the_scalar_estimate():
+    """The search's numpy plans go through the same EP formulas: one element equals its scalar plan."""
+    import numpy as np
+
+    from shardwise.estimate.comm import collectives
+    from shardwise.estimate.memory import memory
+
+    cl = make_cluster("h100-80gb", 8, gpus_per_node=4)
+    for zero, shard, ep in ((0, 0, 2), (1, 0, 4), (3, 4, 2)):
+        p = Plan(dp=8, zero=zero, dp_shard=shard, ep=ep, seq=16, gbs=16).resolve(TINY, 8)
+        a = p.replace(**{f: np.array([getattr(p, f)]) for f in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp")})
+        a = a.replace(dp_shard=np.array([shard]), last_less=np.array([0]), ep=np.array([ep]))
+        assert int(memory(TINY, cl, a).total[0]) == memory(TINY, cl, p).total
+        scalar = sorted((c.group, c.kind, c.wire_bytes) for c in collectives(TINY, cl, p))
+        arrays = sorted((c.group, c.kind, int(c.wire_bytes[0])) for c in collectives(TINY, cl, a) if c.count[0])
+        groups = {"dp_shard": "dp"}  # the array path names the shard group dp either way
+        assert sorted((groups.get(g, g), k, w) for g, k, w in scalar) == sorted(arrays)

@@ -470,8 +470,9 @@ def _ep(model, cluster, plan, dt, arr, out: list[Collective]) -> list[Collective
             kept.append(c)
             continue
         total = c.bytes * c.count
-        moved = total * share // psi
-        e_calls = where(c.count > 0, _num.maximum(c.count * share // psi, 1), 0)
+        split = where(plan.ep > 1, 1, 0)  # a search's ep = 1 plans keep their collectives as they are
+        moved = split * experts.scale(total, share * experts.PPM // psi)
+        e_calls = split * where(c.count > 0, _num.maximum(c.count * share // psi, 1), 0)
         rest = c.count - where(e_calls < c.count, e_calls, 0)
         kept.append(
             make(

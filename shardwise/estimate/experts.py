@@ -79,6 +79,14 @@ def replicated_states(zero):
     return (1 + 0 * zero, where(zero <= 1, 1, 0), where(zero == 0, 1, 0))
 
 
+PPM = 1_000_000  # fractions are integers per million: int64 arithmetic for one plan or many
+
+
+def scale(v, ppm):
+    """v * ppm / PPM, floored, without the int64 overflow of v * ppm (v up to ~1e13 bytes)."""
+    return v // PPM * ppm + (v % PPM) * ppm // PPM
+
+
 def notes(model, plan) -> list[str]:
     """What the estimate of a MoE model assumes, one line each."""
     if not model.is_moe:

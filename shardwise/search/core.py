@@ -293,6 +293,7 @@ def _table(parts) -> Table:
             "mbs",
             "dp_shard",
             "last_less",
+            "ep",
             "zero",
             "sp",
             "schedule",
@@ -308,7 +309,7 @@ def _table(parts) -> Table:
     for space, scored in parts:
         for s in scored:
             n = len(s.idx)
-            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less"):
+            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less", "ep"):
                 cols[k].append(s.grid[k][s.idx])
             codes = {
                 "zero": s.cats["zero"],

@@ -35,9 +35,30 @@ from shardwise.spec.plan import (
     divisors,
 )
 
-SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload", "dp_shard", "last_less")
-HELD = ("gbs", "seq", "precision", "optimizer", "attention")  # training choices: pinned or defaulted, never searched
-NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less")
+SEARCHED = (
+    "dp",
+    "tp",
+    "pp",
+    "zero",
+    "mbs",
+    "schedule",
+    "vpp",
+    "recompute",
+    "sp",
+    "offload",
+    "dp_shard",
+    "last_less",
+    "ep",
+)
+HELD = (
+    "gbs",
+    "seq",
+    "precision",
+    "optimizer",
+    "attention",
+    "capacity",
+)  # training choices: pinned or defaulted, never searched
+NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less", "ep")
 PLAN_ARRAYS = NUMERIC + ("gbs",)  # the grid columns that are Plan fields (seq is held: one value)
 # Default global batch: about 4M tokens, the batch of LLaMA 1/2 at every size (Touvron et al. 2023,
 # Table 2 / Sec. 2.2) and of GPT-3 175B (3.2M, Brown et al. 2020, Table 2.1).
@@ -73,10 +94,10 @@ def check_fixed(fixed: dict) -> dict:
     for k in fixed:
         if k not in names:
             raise ShardwiseError(f"unknown plan field {k!r} to pin; {closest(k, names)}")
-    for k in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less"):
+    for k in ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less", "ep"):
         if k in fixed:
             _positive_int(k, fixed[k], allow_zero=k in ("dp_shard", "last_less"))
-    numeric = ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less")
+    numeric = ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less", "ep")
     _check_choices(Plan(**{k: v for k, v in fixed.items() if k not in numeric}))
     return fixed
 
@@ -235,13 +256,16 @@ class Space:
                 shards = [f["dp_shard"]]
             else:
                 shards = [0] + ([s for s in divisors(dp) if 1 < s < dp] if sharded else [])
+            # expert parallelism: every ep dividing both dp and the routed experts (1 for a dense model)
+            eps = [f["ep"]] if "ep" in f else [e for e in divisors(dp) if m.experts % e == 0] if m.is_moe else [1]
             for v in vpps:
                 cuts = [f["last_less"]] if "last_less" in f else last_stage_cuts(m.layers, pp * v, schedule)
                 for b in mbss:
                     for s in shards:
                         for c in cuts:
-                            for k, x in zip(NUMERIC, (dp, tp, pp, v, b, s, c)):
-                                cols[k].append(x)
+                            for e in eps:
+                                for k, x in zip(NUMERIC, (dp, tp, pp, v, b, s, c, e)):
+                                    cols[k].append(x)
         out = {k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}
         n = len(out["dp"])
         out |= {

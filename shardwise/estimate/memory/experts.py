@@ -19,7 +19,7 @@ from shardwise.estimate.pipeline import rank_blocks
 from shardwise.estimate.profiles import Profile
 from shardwise.spec.breakdown import Memory
 
-PPM = 1_000_000  # the scales are integers per million: int64 arithmetic for one plan or many
+PPM = experts.PPM
 
 
 def _numel(tp):
@@ -65,7 +65,7 @@ def apply_ep(mem: Memory, model, plan, prof: Profile) -> Memory:
         gathered = where(plan.zero >= 2, 1, 0) if block_item else 0 * plan.zero
         keep = where(_whole(key, plan.zero) == 1, rank, where(gathered == 1, block, PPM))
         v = mem.detail[key]
-        cut = v - v * keep // PPM
+        cut = v - experts.scale(v, keep)
         mem.detail[key] = v - cut
         setattr(mem, field, getattr(mem, field) - cut)
     return mem

@@ -173,3 +173,27 @@ def test_qwen2_moe_leading_dense_layers_are_first_dense():
 def test_moe_fields_that_do_not_fit_together(dims, words):
     with pytest.raises(ShardwiseError, match=words):
         ModelSpec(name="t", layers=4, hidden=64, heads=4, vocab=32, **dims)
+
+
+def test_mla_saved_activations_by_hand():
+    # 4 heads of no-rope 16 + rotary 8 (q and k: 4 * 24 = 96 per token), values of 12 (4 * 12 = 48),
+    # latent query 24 and latent K/V 32 (each: the RMSNorm's input and rstd, and the up-projection's
+    # input), one shared rotary key of 8; the block's normed input feeds wq_a and wkv_a
+    from shardwise.estimate.activations import block_inventory
+
+    m = ModelSpec(
+        name="mla", layers=2, hidden=64, heads=4, vocab=128, head_dim=16,
+        q_lora_rank=24, kv_lora_rank=32, rope_head_dim=8, v_head_dim=12,
+    )  # fmt: skip
+    inv = {s.name: (s.width, s.split) for s in block_inventory(m, layout="megatron")}
+    assert inv["attention.wq_a_wkv_a.input"] == (64, "gather")
+    assert (inv["attention.q"], inv["attention.k"], inv["attention.v"]) == ((96, "tp"), (96, "tp"), (48, "tp"))
+    assert inv["attention.out"] == (48, "tp")
+    latent = {
+        k: v for k, v in inv.items() if k.split(".")[1].startswith(("q_norm", "kv_norm", "wq_b", "wkv_b", "k_rope"))
+    }
+    assert latent == {
+        "attention.q_norm.input": (24, "none"), "attention.q_norm.stats": (1, "none"), "attention.wq_b.input": (24, "none"),
+        "attention.kv_norm.input": (32, "none"), "attention.kv_norm.stats": (1, "none"),
+        "attention.wkv_b.input": (32, "none"), "attention.k_rope": (8, "none"),
+    }  # fmt: skip

@@ -88,7 +88,7 @@ RUNS = [  # (label, model, gpu, gpus, published plan, published figure)
     (
         "DeepSeek-V3, 2,048 H800",
         preset("deepseek-v3"),
-        "h800",
+        "h800-80gb",
         2048,
         Plan(pp=16, dp=128, ep=64, zero=1, mbs=1, gbs=15360, seq=4096, recompute="full"),
         "180K H800 GPU-hours per trillion tokens = 3.16M tokens/s (§1, Table 1)",

@@ -37,6 +37,7 @@ PLAN = {
     "gbs": 1 << 24,  # sequences per step: Llama 3's 16M tokens per step is 2,048 of 8,192 tokens
     "seq": MODEL["max_seq"],
     "vpp": 1 << 10,  # virtual stages per rank: never more than the layers allow
+    "ep": 1 << 16,  # expert-parallel ranks: never more than the routed experts (256 in DeepSeek-V3)
 }
 TOKENS = 1e18  # a training budget: Llama 3 was trained on 15.6T tokens
 PRICE = 1e6  # USD per GPU-hour

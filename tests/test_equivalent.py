@@ -24,7 +24,7 @@ def fake(rank="throughput", **cols):
     """A search result reduced to what the band and the recommendation read: the table's columns,
     its order (rows as given are best first), the GPU's memory."""
     n = len(cols["tokens_per_s"])
-    base = dict(offload=0, tp=1, pp=1, recompute=0, vpp=1, gpus=8, dp=8, mem_total=10 * GIB)
+    base = dict(offload=0, tp=1, pp=1, ep=1, recompute=0, vpp=1, gpus=8, dp=8, mem_total=10 * GIB)
     arrays = {k: np.asarray(cols.get(k, [v] * n)) for k, v in base.items()}
     arrays["tokens_per_s"] = np.asarray(cols["tokens_per_s"], dtype=np.float64)
     cluster = SimpleNamespace(gpu=SimpleNamespace(memory_bytes=80 * GIB))

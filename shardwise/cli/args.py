@@ -120,6 +120,16 @@ def add_plan_args(p: argparse.ArgumentParser, defaults: bool = True, batch_defau
         help="HSDP: shard ZeRO-2/3 states over groups of this many dp ranks, replicate across groups",
     )
     g.add_argument("--tp", type=int, default=dv("tp"), help="tensor-parallel size")
+    g.add_argument(
+        "--ep", type=int, default=dv("ep"), help="expert-parallel size: routed experts split over ep of the dp ranks"
+    )
+    g.add_argument(
+        "--capacity-factor",
+        dest="capacity",
+        type=float,
+        default=dv("capacity"),
+        help="MoE all-to-all buffers as a multiple of the balanced share (0: dropless)",
+    )
     g.add_argument("--pp", type=int, default=dv("pp"), help="pipeline stages")
     g.add_argument(
         "--cp", type=int, default=dv("cp"), help="context-parallel size: the sequence split over this many ranks"
@@ -204,6 +214,8 @@ PLAN_FLAGS = (
     "compile",
     "cp",
     "cp_rotate",
+    "ep",
+    "capacity",
 )
 
 

@@ -9,6 +9,7 @@ from shardwise import units
 from shardwise.errors import ShardwiseError
 from shardwise.estimate import profiles
 from shardwise.estimate.comm import collectives
+from shardwise.estimate.experts import notes as experts_notes
 from shardwise.estimate.memory import memory
 from shardwise.estimate.profiles import PROFILES as PROFILES
 from shardwise.estimate.profiles import Profile
@@ -89,6 +90,7 @@ def _notes(model, cluster, plan, prof: Profile, refused: str | None) -> list[str
         notes.append(f"{prof.engine} cannot train this plan: {refused}.")
     if prof.run_engines and model.is_moe:
         notes.append("`shardwise run` does not build MoE models; this estimate is not checked by a run.")
+    notes += experts_notes(model, plan)
     n, last = stage_blocks(plan, model.layers)
     if plan.pp > 1 and last != n:
         notes.append(

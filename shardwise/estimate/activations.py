@@ -152,7 +152,10 @@ def block_inventory(
 
     # ---- attention -------------------------------------------------------------------------
     norm("attention_norm")
-    linear_inputs("attention", ("wq", "wk", "wv"))
+    if model.is_mla:
+        inv += _mla(model, linear_inputs)
+    else:
+        linear_inputs("attention", ("wq", "wk", "wv"))
     if torch_ and model.positions == "rotary" and not compiled:
         inv.append(Saved("attention.rotary_cos_sin", 2 * model.head_dim, "act", "none", per="position"))
     # K/V at the query width where repeated before the kernel saves them (the math kernel, torch's
@@ -160,7 +163,8 @@ def block_inventory(
     # where the recomputed core keeps only its inputs or the fused kernel takes GQA natively
     expanded = not selective and (math or (torch_ and not gqa))
     kv = model.q_dim if expanded else model.kv_dim
-    inv += [Saved("attention.q", model.q_dim), Saved("attention.k", kv), Saved("attention.v", kv)]
+    v = model.heads * model.v_head_dim if model.is_mla else kv  # MLA's values are narrower than its keys
+    inv += [Saved("attention.q", model.q_dim), Saved("attention.k", kv), Saved("attention.v", v)]
     if math:
         inv.append(Saved("attention.softmax", a, per="score", core=True))
         if drop:
@@ -169,7 +173,7 @@ def block_inventory(
     else:
         inv.append(Saved("attention.logsumexp", a, "fp32", core=True))
     # flash: the kernel's output, which wo saves too (one storage); math: wo's contiguous copy
-    inv.append(Saved("attention.out", model.q_dim))
+    inv.append(Saved("attention.out", model.heads * model.v_head_dim if model.is_mla else model.q_dim))
     if drop:
         inv.append(Saved("attention.resid_dropout_mask", h, "mask", "seq"))
 
@@ -192,6 +196,27 @@ def block_inventory(
     if selective:
         inv = [s for s in inv if not s.core]
     return tuple(inv)
+
+
+def _mla(model, linear_inputs) -> list[Saved]:
+    """Multi-head latent attention's own saved tensors (DeepSeek-V2 §2.1, V3 §2.1.1): the block's
+    normed input goes to the down-projections wq_a (or wq) and wkv_a; the latent query c_Q
+    (q_lora_rank) and the latent K/V c_KV (kv_lora_rank) each pass an RMSNorm (its input and rstd
+    saved) whose output the up-projections wq_b and wkv_b save; the shared rotary key (rope_head_dim)
+    is rotated once for every head. All of it is whole on every tp rank, with sequence parallelism
+    too (the down-projections and the latent norms are not split, and see the gathered input:
+    torchtitan's deepseek_v3 plan), so split "none"."""
+    out: list[Saved] = []
+    linear_inputs("attention", ("wq_a" if model.q_lora_rank else "wq", "wkv_a"))
+    for name, rank in (("q", model.q_lora_rank), ("kv", model.kv_lora_rank)):
+        if rank:
+            out += [
+                Saved(f"attention.{name}_norm.input", rank, "act", "none"),
+                Saved(f"attention.{name}_norm.stats", 1, "fp32", "none"),
+                Saved(f"attention.w{name}_b.input", rank, "act", "none"),
+            ]
+    out.append(Saved("attention.k_rope", model.rope_head_dim, "act", "none"))
+    return out
 
 
 def _mlp(prefix: str, kind: str, f: int, layout: str, times: int = 1) -> list[Saved]:

@@ -24,8 +24,9 @@ _megatron_tp), its data-parallel collectives per ZeRO stage (a table of profiles
 torch profile's are its engines' own, bucket by bucket and group by group, _torch_dp), and whether
 the run tier's per-step all-reduces are sent (_engine).
 
-MoE: no expert parallelism (ep is not a Plan field), so experts are TP-sharded like the dense
-FFN and no all-to-all is needed; the FFN is one TP region per layer (torchtitan's MoE plan).
+MoE: experts are TP-sharded like the dense FFN (the FFN is one TP region per layer, torchtitan's
+MoE plan); with ep > 1 the routed experts are split over the EP group, tokens reach them by
+all-to-all, and their gradients go over dp / ep ranks (_ep, estimate/experts.py).
 
 Numeric plan fields may be numpy arrays (the search): then every entry of the profile's fixed
 list is returned with array fields, count 0 where the group has one rank. With scalars, entries
@@ -38,7 +39,7 @@ from functools import cache, lru_cache
 from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
-from shardwise.estimate import _num, context, profiles
+from shardwise.estimate import _num, context, experts, profiles
 from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.memory import zero1_bucket_numels
 from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks
@@ -294,6 +295,7 @@ _LAT_STEPS = {
     "broadcast": lambda n: n - 1,
     "send": lambda n: 1 + 0 * n,
     "recv": lambda n: 1 + 0 * n,
+    "all-to-all": lambda n: n - 1,
 }
 
 
@@ -301,7 +303,7 @@ def wire_bytes(kind: str, n, total):
     """Bytes one rank sends for `total` bytes of calls among n ranks (see the module docstring)."""
     if kind == "all-reduce":
         return 2 * (n - 1) * total // n
-    if kind in ("all-gather", "reduce-scatter", "broadcast"):
+    if kind in ("all-gather", "reduce-scatter", "broadcast", "all-to-all"):
         return (n - 1) * total // n
     if kind == "send":
         return total
@@ -354,6 +356,7 @@ def group_net(cluster, n, stride, arr: bool) -> _Net:
         "broadcast": ring,
         "send": one,
         "recv": one,
+        "all-to-all": ring,  # pairwise exchange: n - 1 sends, (n-1)/n of the buffer leaves the rank
     }
     if cluster.gpu.link_kinds or cluster.network.kinds:
         figs = {k: link(cluster, n, stride, arr, k)[1:] for k in steps}
@@ -438,7 +441,79 @@ def collectives(model, cluster, plan, profile: str | Profile = "torch") -> list[
             )
 
         out += context.ring_collectives(model, full, dt["mm"], c)
+    if model.is_moe and (arr or plan.ep > 1):
+        out = _ep(model, cluster, plan, dt, arr, out)
     return out if arr else [c for c in out if c.count > 0]
+
+
+def _ep(model, cluster, plan, dt, arr, out: list[Collective]) -> list[Collective]:
+    """Expert parallelism (estimate/experts.py): dispatch and combine as all-to-alls inside the EP
+    group (ep ranks, tp apart), and the routed experts' share of each data-parallel collective
+    moved to their own group (dp / ep ranks, ep * tp apart), 1/ep of it: the experts a rank holds,
+    replicated dp / ep times. The share is the experts' fraction of rank 0's elements; a bucketed
+    collective keeps its calls in the same proportion (its per-bucket sizes are then not given)."""
+    blocks = _layers_on_rank0(model, plan)
+    msg = experts.all_to_all_message(model, plan, dt["resid"])  # block inputs: the residual dtype
+    calls = experts.all_to_all_calls(model, plan, blocks)
+    net = group_net(cluster, plan.ep, plan.tp, arr)
+    a2a = [
+        make(
+            cluster,
+            "all-to-all",
+            "ep",
+            plan.ep,
+            plan.tp,
+            calls,
+            "token dispatch and combine (MoE blocks)",
+            per_call=msg,
+            arr=arr,
+            net=net,
+        )
+    ]
+    share = experts.expert_share(model, plan, blocks)
+    psi = rank0_param_numel(model, plan)
+    edp, stride = plan.dp // plan.ep, plan.ep * plan.tp
+    enet = group_net(cluster, edp, stride, arr)
+    kept = []
+    for c in out:
+        if c.group not in ("dp", "dp_shard") or "root group" in c.what:  # FSDP2's root: no experts
+            kept.append(c)
+            continue
+        total = c.bytes * c.count
+        split = where(plan.ep > 1, 1, 0)  # a search's ep = 1 plans keep their collectives as they are
+        moved = split * experts.scale(total, share * experts.PPM // psi)
+        e_calls = split * where(c.count > 0, _num.maximum(c.count * share // psi, 1), 0)
+        rest = c.count - where(e_calls < c.count, e_calls, 0)
+        kept.append(
+            make(
+                cluster,
+                c.kind,
+                c.group,
+                c.ranks,
+                plan.tp,
+                rest,
+                c.what,
+                total=total - moved,
+                overlapped=c.overlapped,
+                arr=arr,
+            )
+        )
+        kept.append(
+            make(
+                cluster,
+                c.kind,
+                "edp",
+                edp,
+                stride,
+                e_calls,
+                c.what + ", routed experts",
+                total=moved // plan.ep,
+                overlapped=c.overlapped,
+                arr=arr,
+                net=enet,
+            )
+        )
+    return kept + a2a
 
 
 def _tp(model, cluster, plan, prof: Profile, dt, arr) -> list[Collective]:

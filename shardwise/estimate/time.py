@@ -62,6 +62,7 @@ from shardwise.estimate.profiles import TORCH
 from shardwise.spec import limits
 from shardwise.spec.breakdown import Time
 from shardwise.spec.fp8 import FP8_PRECISIONS, is_fp8
+from shardwise.spec.moe import attention_shapes
 from shardwise.spec.plan import recompute_every, recompute_kind
 
 # The matmul model (layer_gemms, gemm_seconds). MATMUL_EFFICIENCY is fitted by
@@ -101,11 +102,13 @@ def matmul_weights(model) -> dict:
     output projection. MoE: top_k routed experts + shared experts."""
     h = model.hidden
     attn = h * model.q_dim + 2 * h * model.kv_dim + model.q_dim * h
+    if model.is_mla:  # latent attention: its own down- and up-projections (spec/moe.attention_shapes)
+        attn = sum(a * b for _, (a, b) in ((n, s) for n, s in attention_shapes(model) if len(s) == 2))
     mats = 3 if model.ffn_kind == "swiglu" else 2
     if model.is_moe:
         mlp = (
             model.top_k * mats * h * model.expert_ffn_hidden
-            + model.shared_experts * mats * h * model.ffn_hidden
+            + model.shared_experts * mats * h * model.shared_ffn_hidden
             + h * model.experts
         )
     else:
@@ -152,7 +155,8 @@ def layer_gemms(model, plan, keys=None) -> dict:
     tp-local slice (Megatron's column- and row-parallel split: qkv and the MLP's first matrices
     by output columns, the output projections by input rows); the attention core is one batched
     matmul over the rank's heads (2 * mbs * heads/tp * seq^2 * head_dim each for Q.K^T and for
-    attention over V). MoE: each active expert's matmuls see top_k/experts of the tokens."""
+    attention over V). MoE: each active expert's matmuls see top_k/experts of the tokens (times ep:
+    under expert parallelism its rank gathers them from the ep ranks of its group)."""
     h, t = model.hidden, plan.tp
     M = plan.mbs * plan.seq
     mats = 3 if model.ffn_kind == "swiglu" else 2
@@ -166,10 +170,11 @@ def layer_gemms(model, plan, keys=None) -> dict:
         "attention_out": (2 * M * model.q_dim * h / t, 1),
     }
     if model.is_moe:
-        routed = M * model.top_k / model.experts
-        out["experts"] = (2 * routed * h * model.expert_ffn_hidden / t, mats * model.experts)
+        # with ep > 1 a rank runs experts / ep experts, each on the rows of ep ranks' tokens
+        routed = M * model.top_k * plan.ep / model.experts
+        out["experts"] = (2 * routed * h * model.expert_ffn_hidden / t, mats * model.experts // plan.ep)
         if model.shared_experts:
-            out["shared_experts"] = (2 * M * h * model.ffn_hidden / t, mats * model.shared_experts)
+            out["shared_experts"] = (2 * M * h * model.shared_ffn_hidden / t, mats * model.shared_experts)
         out["router"] = (2 * M * h * model.experts, 1)
     else:
         out["mlp"] = (2 * M * h * model.ffn_hidden / t, mats)

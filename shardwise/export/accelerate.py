@@ -31,6 +31,10 @@ DYNAMO = {"dynamo_backend": "INDUCTOR", "dynamo_use_fullgraph": True, "dynamo_us
 
 def refuse(job: Job) -> str | None:
     p = job.plan
+    if p.ep > 1:
+        return (
+            "this accelerate config holds data parallelism only, not expert parallelism; use --ep 1, or export megatron"
+        )
     if p.tp > 1 or p.pp > 1 or p.cp > 1:
         return "this accelerate config holds data parallelism (DDP or FSDP2) only; use --tp 1 --pp 1 --cp 1, or export torchtitan or megatron"
     if p.zero == 1:

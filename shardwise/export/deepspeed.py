@@ -21,6 +21,10 @@ OPTIMIZERS = {"adamw": "AdamW", "sgd": "SGD", "adam8bit": None, "adafactor": Non
 
 def refuse(job: Job) -> str | None:
     p = job.plan
+    if p.ep > 1:
+        return (
+            "DeepSpeed's config has no expert parallelism for this model (it lives in its MoE layer's code); use --ep 1"
+        )
     if p.pp > 1:
         return (
             "DeepSpeed pipelines only a model rewritten as a PipelineModule, which a config cannot ask for; use --pp 1"

@@ -18,6 +18,7 @@ INT_FLAGS = {
     "tensor-model-parallel-size", "pipeline-model-parallel-size", "context-parallel-size", "num-layers-per-virtual-pipeline-stage",
     "micro-batch-size", "global-batch-size", "seq-length", "num-layers", "hidden-size", "num-attention-heads",
     "num-query-groups", "ffn-hidden-size", "max-position-embeddings", "num-experts", "moe-router-topk", "vocab-size",
+    "expert-model-parallel-size",
 }  # fmt: skip
 # --cp-comm-type (megatron/training/arguments.py, default p2p): p2p passes K/V around the ring, one
 # neighbour per step (torch's alltoall rotate); allgather gathers them once (a2a is Ulysses-style
@@ -106,6 +107,10 @@ def flags(job: Job) -> list[str]:
         out.append("--disable-bias-linear")
     if m.experts:
         out += ["--num-experts", str(m.experts), "--moe-router-topk", str(m.top_k)]
+    if job.plan.ep > 1:  # Megatron-LM's EP, like shardwise's, takes its ranks from data parallelism
+        out += ["--expert-model-parallel-size", str(job.plan.ep)]
+    if job.plan.capacity:
+        out += ["--moe-expert-capacity-factor", f"{job.plan.capacity:g}", "--moe-pad-expert-input-to-capacity"]
     # _add_tokenizer_args: the vocabulary as the model has it (a NullTokenizer stands for the user's own)
     out += ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(m.vocab)]
     return out
@@ -181,6 +186,8 @@ def read(path: str, text: str) -> Imported:
             raise bad_file(path, f"--cp-comm-type {comm} has no shardwise plan; use p2p or allgather")
         plan["cp"], plan["cp_rotate"] = cp, rotate
     plan["zero"] = 1 if vals.get("use-distributed-optimizer") else 0
+    if (ep := num("expert-model-parallel-size")) is not None:
+        plan["ep"] = ep
     if (g := num("global-batch-size")) is not None:
         plan["gbs"] = g
     if (s := num("seq-length")) is not None:

@@ -288,6 +288,7 @@ def _table(parts) -> Table:
             "dp_shard",
             "last_less",
             "cp",
+            "ep",
             "zero",
             "sp",
             "schedule",
@@ -303,7 +304,7 @@ def _table(parts) -> Table:
     for space, scored in parts:
         for s in scored:
             n = len(s.idx)
-            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less", "cp"):
+            for k in ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less", "cp", "ep"):
                 cols[k].append(s.grid[k][s.idx])
             codes = {
                 "zero": s.cats["zero"],

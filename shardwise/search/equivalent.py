@@ -54,7 +54,7 @@ def simplicity(res, rows: np.ndarray) -> np.ndarray:
     """`rows` reordered simplest first; the first is the recommendation. Keys, most important first:
 
     1. no offload: it leans on PCIe and host memory, the part of the step the estimate sees least;
-    2. fewer model-parallel dimensions (tp > 1, pp > 1): each adds a process group, a failure mode
+    2. fewer model-parallel dimensions (tp > 1, pp > 1, ep > 1): each adds a process group, a failure mode
        and a communication pattern to tune; plain data parallelism (with ZeRO) is the simplest;
     3. less activation recompute (none < selective-op < selective < selective-layer < full): it re-runs work the estimate prices
        from FLOPs alone;
@@ -77,7 +77,7 @@ def simplicity(res, rows: np.ndarray) -> np.ndarray:
         (c["mem_total"][rows] > TIGHT_MEMORY * cap).astype(np.int64),  # 5
         (c["vpp"][rows] > 1).astype(np.int64),  # 4
         c["recompute"][rows],  # 3 (RECOMPUTE_ORDER index)
-        (c["tp"][rows] > 1).astype(np.int64) + (c["pp"][rows] > 1),  # 2
+        (c["tp"][rows] > 1).astype(np.int64) + (c["pp"][rows] > 1) + (c["ep"][rows] > 1),  # 2
         c["offload"][rows],  # 1 (OFFLOAD_ORDER index)
     )
     return rows[np.lexsort(keys)]

@@ -49,6 +49,7 @@ SEARCHED = (
     "dp_shard",
     "last_less",
     "cp",
+    "ep",
 )
 HELD = (
     "gbs",
@@ -58,8 +59,9 @@ HELD = (
     "attention",
     "compile",
     "cp_rotate",
+    "capacity",
 )  # training choices: pinned or defaulted, never searched
-NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less", "cp")
+NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less", "cp", "ep")
 # context parallel is searched (unpinned) while each of its 2*cp load-balanced chunks keeps at least
 # this many tokens: shorter chunks split attention into ring steps too short to hide their K/V
 # passes, and sequences this short fit without it
@@ -99,7 +101,7 @@ def check_fixed(fixed: dict) -> dict:
     for k in fixed:
         if k not in names:
             raise ShardwiseError(f"unknown plan field {k!r} to pin; {closest(k, names)}")
-    numeric = ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less", "cp")
+    numeric = ("dp", "tp", "pp", "mbs", "gbs", "seq", "vpp", "dp_shard", "last_less", "cp", "ep")
     for k in numeric:
         if k in fixed:
             _positive_int(k, fixed[k], allow_zero=k in ("dp_shard", "last_less"))
@@ -274,7 +276,7 @@ class Space:
         ]
 
     def _add_rows(self, cols, tp, pp, cp, sp, schedule, sharded) -> None:
-        """The grid rows of one tp x pp x cp shape: every vpp, mbs, HSDP group and last-stage cut."""
+        """The grid rows of one tp x pp x cp shape: every vpp, mbs, HSDP group, last-stage cut and ep."""
         f, m = self.fixed, self.model
         dp = self.gpus // (tp * pp * cp)
         if "vpp" in f:
@@ -296,13 +298,16 @@ class Space:
             shards = [f["dp_shard"]]
         else:
             shards = [0] + ([s for s in divisors(dp) if 1 < s < dp] if sharded else [])
+        # expert parallelism: every ep dividing both dp and the routed experts (1 for a dense model)
+        eps = [f["ep"]] if "ep" in f else [e for e in divisors(dp) if m.experts % e == 0] if m.is_moe else [1]
         for v in vpps:
             cuts = [f["last_less"]] if "last_less" in f else last_stage_cuts(m.layers, pp * v, schedule)
             for b in mbss:
                 for s in shards:
                     for c in cuts:
-                        for k, x in zip(NUMERIC, (dp, tp, pp, v, b, s, c, cp)):
-                            cols[k].append(x)
+                        for e in eps:
+                            for k, x in zip(NUMERIC, (dp, tp, pp, v, b, s, c, cp, e)):
+                                cols[k].append(x)
 
     def plan(self, grid: dict[str, np.ndarray], cats: dict, idx=None) -> Plan:
         """The array Plan of a group (optionally only the elements `idx`)."""

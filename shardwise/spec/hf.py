@@ -23,6 +23,12 @@ _ARCHITECTURES = {
     "GPTNeoXForCausalLM": "gpt_neox",
     "Phi3ForCausalLM": "phi3",
     "GemmaForCausalLM": "gemma",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Llama4ForConditionalGeneration": "llama4",
+    "Llama4ForCausalLM": "llama4_text",
 }
 
 
@@ -51,6 +57,18 @@ class _Fields:
         if v <= 0:
             raise ShardwiseError(f"{self.where}: field {key!r} must be a positive integer, got {v}")
         return v
+
+    def count(self, key: str, default: int = 0) -> int:
+        """A non-negative integer (null -> default): first_k_dense_replace, q_lora_rank."""
+        v = self._get(key, default)
+        if v is None:
+            return default
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ShardwiseError(f"{self.where}: field {key!r} must be a non-negative integer, got {v!r}")
+        return v
+
+    def unsupported(self, key: str, why: str) -> ShardwiseError:
+        return ShardwiseError(f"{self.where}: field {key!r} = {self.d.get(key)!r}: {why}")
 
     def bool(self, key: str, default: bool) -> bool:
         v = self._get(key, default)
@@ -112,6 +130,111 @@ def _mixtral(f: _Fields) -> dict:
 def _qwen2(f: _Fields) -> dict:
     # Qwen2Attention: bias on q, k and v; none on o
     return {**_llama_family(f, max_seq=32768, tied=False, bias_fields=False), "qkv_bias": True}
+
+
+def _qwen3(f: _Fields) -> dict:
+    # Qwen3Attention: attention_bias on q/k/v/o, and q_norm / k_norm (RMSNorm over head_dim)
+    d = _llama_family(f, max_seq=32768, tied=False, bias_fields=True)
+    return {**d, "head_dim": f.int("head_dim", 128), "mlp_bias": False, "qk_norm": True}
+
+
+def _sparse_layers(f: _Fields) -> dict:
+    """Qwen2/3-MoE: block i is MoE when (i + 1) % decoder_sparse_step == 0 and i is not in
+    mlp_only_layers; a leading run 0..k-1 of mlp_only_layers is first_dense = k."""
+    dense = f.d.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or dense != list(range(len(dense))):
+        raise f.unsupported("mlp_only_layers", "only a leading run 0, 1, ..., k-1 of dense blocks is modeled")
+    return {"moe_every": f.int("decoder_sparse_step", 1), "first_dense": len(dense)}
+
+
+def _qwen3_moe(f: _Fields) -> dict:
+    d = _qwen3(f)
+    return {
+        **d,
+        "head_dim": f.int("head_dim", d["hidden"] // d["heads"]),
+        "experts": f.int("num_experts", 128),
+        "top_k": f.int("num_experts_per_tok", 8),
+        "expert_ffn_hidden": f.int("moe_intermediate_size", 768),
+        **_sparse_layers(f),
+    }
+
+
+def _qwen2_moe(f: _Fields) -> dict:
+    # Qwen2MoeSparseMoeBlock: routed experts of moe_intermediate_size, one shared expert of
+    # shared_expert_intermediate_size scaled by sigmoid(shared_expert_gate(x)), Linear(hidden, 1)
+    shared = f.count("shared_expert_intermediate_size", 5632)
+    return {
+        **_qwen2(f),
+        "experts": f.int("num_experts", 60),
+        "top_k": f.int("num_experts_per_tok", 4),
+        "expert_ffn_hidden": f.int("moe_intermediate_size", 1408),
+        "shared_experts": 1 if shared else 0,
+        "shared_ffn_hidden": shared,
+        "shared_gate": bool(shared),
+        **_sparse_layers(f),
+    }
+
+
+def _deepseek_v3(f: _Fields) -> dict:
+    # DeepSeek-V3 (arXiv 2412.19437 §2.1): MLA attention, n_shared_experts of moe_intermediate_size
+    # beside the routed ones, the first first_k_dense_replace blocks dense. The MTP module
+    # (num_nextn_predict_layers) is left out, as the paper's 671B leaves it out.
+    if f.count("moe_layer_freq", 1) != 1:
+        raise f.unsupported("moe_layer_freq", "only every block after first_k_dense_replace holding experts is modeled")
+    if f.bool("attention_bias", False):
+        raise f.unsupported("attention_bias", "latent attention is modeled without biases")
+    heads = f.int("num_attention_heads")
+    if f.int("num_key_value_heads", heads) != heads:
+        raise f.unsupported("num_key_value_heads", f"latent attention has one key/value head per query head ({heads})")
+    return dict(
+        layers=f.int("num_hidden_layers"),
+        hidden=f.int("hidden_size"),
+        heads=heads,
+        vocab=f.int("vocab_size"),
+        ffn_hidden=f.int("intermediate_size"),
+        max_seq=f.int("max_position_embeddings", 4096),
+        tied_embeddings=f.bool("tie_word_embeddings", False),
+        dropout=f.rate("attention_dropout"),
+        experts=f.int("n_routed_experts"),
+        top_k=f.int("num_experts_per_tok"),
+        shared_experts=f.count("n_shared_experts", 0),
+        expert_ffn_hidden=f.int("moe_intermediate_size"),
+        first_dense=f.count("first_k_dense_replace", 0),
+        q_lora_rank=f.count("q_lora_rank", 0),  # null (DeepSeek-V2-Lite): queries straight from hidden
+        kv_lora_rank=f.int("kv_lora_rank"),
+        head_dim=f.int("qk_nope_head_dim"),
+        rope_head_dim=f.int("qk_rope_head_dim"),
+        v_head_dim=f.int("v_head_dim"),
+    )
+
+
+def _llama4(f: _Fields) -> dict:
+    """Llama 4's text model: the `text_config` of a Llama4ForConditionalGeneration config (the
+    vision encoder is not modeled), or a llama4_text config itself."""
+    if f.d.get("model_type") == "llama4":
+        text = f.d.get("text_config")
+        if not isinstance(text, dict):
+            raise f.unsupported("text_config", "a llama4 config.json must hold the text model's fields in it")
+        f = _Fields(text, f.where + " text_config")
+    # Llama4TextMoe: routed experts and one shared expert, both of intermediate_size; the dense
+    # blocks' MLP is intermediate_size_mlp; use_qk_norm is an L2 norm without weights
+    d = _llama_family(f, max_seq=4096 * 32, tied=False, bias_fields=False)
+    step = f.int("interleave_moe_layer_step", 1)
+    given = f.d.get("moe_layers")
+    if given is not None and given != list(range(step - 1, d["layers"], step)):
+        raise f.unsupported("moe_layers", f"only every interleave_moe_layer_step-th ({step}) block as MoE is modeled")
+    return {
+        **d,
+        "qkv_bias": f.bool("attention_bias", False),
+        "out_bias": f.bool("attention_bias", False),
+        "head_dim": f.int("head_dim", d["hidden"] // d["heads"]),
+        "ffn_hidden": f.int("intermediate_size_mlp", 16384),
+        "expert_ffn_hidden": f.int("intermediate_size", 8192),
+        "experts": f.int("num_local_experts", 16),
+        "top_k": f.int("num_experts_per_tok", 1),
+        "shared_experts": 1,
+        "moe_every": step,
+    }
 
 
 def _phi3(f: _Fields) -> dict:
@@ -182,6 +305,12 @@ _READERS = {
     "mixtral": _mixtral,
     "phi3": _phi3,
     "qwen2": _qwen2,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3": _qwen3,
+    "qwen3_moe": _qwen3_moe,
+    "deepseek_v3": _deepseek_v3,
+    "llama4": _llama4,
+    "llama4_text": _llama4,
 }
 SUPPORTED = tuple(sorted(_READERS))
 

@@ -22,6 +22,13 @@ MODEL = {
     "experts": 1 << 16,  # 256 routed experts in DeepSeek-V3
     "top_k": 1 << 16,
     "shared_experts": 1 << 16,
+    "shared_ffn_hidden": 1 << 22,
+    "first_dense": 1 << 12,  # 3 in DeepSeek-V3
+    "moe_every": 1 << 12,  # 2 in Llama 4 Maverick
+    "q_lora_rank": 1 << 20,  # 1,536 in DeepSeek-V3
+    "kv_lora_rank": 1 << 20,  # 512 in DeepSeek-V3
+    "rope_head_dim": 1 << 16,  # 64 in DeepSeek-V3
+    "v_head_dim": 1 << 16,  # 128 in DeepSeek-V3
 }
 GPUS = 1 << 17  # 131,072: larger than any cluster built so far (the search's --min-gpus stops here too)
 GPUS_PER_NODE = 1 << 10  # 72 in a GB200 NVL72 rack
@@ -31,6 +38,7 @@ PLAN = {
     "seq": MODEL["max_seq"],
     "vpp": 1 << 10,  # virtual stages per rank: never more than the layers allow
     "cp": 1 << 17,  # context-parallel ranks: never more than the GPUs
+    "ep": 1 << 16,  # expert-parallel ranks: never more than the routed experts (256 in DeepSeek-V3)
 }
 TOKENS = 1e18  # a training budget: Llama 3 was trained on 15.6T tokens
 PRICE = 1e6  # USD per GPU-hour

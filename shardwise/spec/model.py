@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from shardwise.errors import ShardwiseError, closest
-from shardwise.spec import limits
+from shardwise.spec import limits, moe
 
 FFN_KINDS = ("gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -40,6 +40,17 @@ class ModelSpec:
     top_k: int = 0
     shared_experts: int = 0
     expert_ffn_hidden: int = 0  # 0 -> ffn_hidden
+    # the MoE layout beyond experts / top_k (spec/moe.py: which layers, the shared expert's width,
+    # Qwen2-MoE's shared-expert gate, DeepSeek's multi-head latent attention)
+    shared_ffn_hidden: int = 0  # one shared expert's FFN width; 0 -> expert_ffn_hidden
+    shared_gate: bool = False  # Qwen2-MoE: sigmoid(Linear(hidden, 1)) scales the shared experts
+    first_dense: int = 0  # the first k blocks keep a dense FFN (DeepSeek's first_k_dense_replace)
+    moe_every: int = 1  # after those, block i is MoE when (i + 1) % moe_every == 0 (Llama 4 Maverick: 2)
+    qk_norm: bool = False  # Qwen3: an RMSNorm(head_dim) on queries and keys (Llama 4's has no weights)
+    q_lora_rank: int = 0  # MLA (DeepSeek-V2/V3) when kv_lora_rank > 0: head_dim is then qk_nope_head_dim
+    kv_lora_rank: int = 0
+    rope_head_dim: int = 0  # MLA: the rotary part of each query/key head (qk_rope_head_dim)
+    v_head_dim: int = 0  # MLA: each value head's width; 0 -> head_dim
     dropout: float = 0.0
     estimated: bool = False  # dimensions are a public guess (the lecture's "GPT-4 (est.)")
     published_params: int = 0  # for tests and display only; 0 -> none published
@@ -61,6 +72,12 @@ class ModelSpec:
             "top_k",
             "shared_experts",
             "expert_ffn_hidden",
+            "shared_ffn_hidden",
+            "first_dense",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "rope_head_dim",
+            "v_head_dim",
             "published_params",
         ):
             v = getattr(self, f)
@@ -92,21 +109,38 @@ class ModelSpec:
                 fail(f"top_k must be between 1 and experts={self.experts}, got {self.top_k}")
             if self.expert_ffn_hidden == 0:
                 set_("expert_ffn_hidden", self.ffn_hidden)
+            if self.shared_ffn_hidden == 0:
+                set_("shared_ffn_hidden", self.expert_ffn_hidden)
         elif self.top_k or self.shared_experts:
             fail("top_k / shared_experts need experts > 0")
+        for v in moe.layout_problems(self):
+            fail(v)
+        if self.kv_lora_rank and self.v_head_dim == 0:
+            set_("v_head_dim", self.head_dim)
 
     # ---- shapes -------------------------------------------------------------------------
     @property
     def q_dim(self) -> int:
-        return self.heads * self.head_dim
+        """Width of all query heads together (MLA: each head's no-rope and rotary parts)."""
+        return self.heads * (self.head_dim + self.rope_head_dim)
 
     @property
     def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
+        """Width of all key (= value, without MLA) heads together."""
+        return self.kv_heads * (self.head_dim + self.rope_head_dim)
 
     @property
     def is_moe(self) -> bool:
         return self.experts > 0
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @cached_property
+    def moe_layers(self) -> int:
+        """How many blocks hold the experts (the rest keep a dense FFN of ffn_hidden)."""
+        return sum(moe.is_moe_layer(self, i) for i in range(self.layers)) if self.is_moe else 0
 
     # ---- parameter counts -----------------------------------------------------------------
     def _mlp_params(self, ffn: int) -> int:
@@ -114,30 +148,35 @@ class ModelSpec:
         bias = (ffn * (mats - 1) + self.hidden) if self.mlp_bias else 0
         return mats * self.hidden * ffn + bias
 
-    @cached_property
-    def layer_counts(self) -> dict[str, int]:
-        """Parameters of one transformer block, by part."""
+    def block_counts(self, moe_block: bool) -> dict[str, int]:
+        """Parameters of one transformer block, by part: a MoE block or a dense one."""
         h = self.hidden
-        attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
-        attn += (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
-        attn += h if self.out_bias else 0
+        attn = sum(n for _, n in moe.attention_sizes(self))
         norm = 2 * h if self.norm == "layernorm" else h
-        if self.is_moe:
+        if moe_block:
             mlp = self.experts * self._mlp_params(self.expert_ffn_hidden)
-            mlp += self.shared_experts * self._mlp_params(self.ffn_hidden)
-            router = h * self.experts
+            mlp += self.shared_experts * self._mlp_params(self.shared_ffn_hidden)
+            router = h * self.experts + (h if self.shared_gate else 0)
         else:
             mlp, router = self._mlp_params(self.ffn_hidden), 0
         return {"attention": attn, "mlp": mlp, "router": router, "norms": 2 * norm}
 
     @cached_property
+    def layer_counts(self) -> dict[str, int]:
+        """Parameters of one transformer block, by part (a MoE block for a MoE model: the block the
+        estimate sums over every layer)."""
+        return self.block_counts(self.is_moe)
+
+    @cached_property
     def counts(self) -> dict[str, int]:
         """Whole-model parameters by part (embedding, positions, layers, final norm, lm head)."""
         h = self.hidden
+        dense = self.layers - self.moe_layers
         return {
             "embedding": self.vocab * h,
             "positions": self.max_seq * h if self.positions == "learned" else 0,
-            "layers": self.layers * self.layer_params,
+            "layers": self.moe_layers * sum(self.block_counts(True).values())
+            + dense * sum(self.block_counts(False).values()),
             "final_norm": 2 * h if self.norm == "layernorm" else h,
             "lm_head": 0 if self.tied_embeddings else self.vocab * h,
         }
@@ -156,11 +195,13 @@ class ModelSpec:
         if not self.is_moe:
             return self.params
         unused = (self.experts - self.top_k) * self._mlp_params(self.expert_ffn_hidden)
-        return self.params - self.layers * unused
+        return self.params - self.moe_layers * unused
 
-    def layer_param_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
-        """Parameters of one block, named as the run tier's reference model names them
-        (relative to `layers.{i}.`), in registration order. Sum of sizes = layer_params."""
+    def layer_param_shapes(self, moe_block: bool | None = None) -> list[tuple[str, tuple[int, ...]]]:
+        """Parameters of one block (by default a MoE block for a MoE model), named as the run
+        tier's reference model names them (relative to `layers.{i}.`), in registration order.
+        Sum of sizes = block_counts."""
+        moe_block = self.is_moe if moe_block is None else moe_block
         h, f = self.hidden, self.ffn_hidden
         out: list[tuple[str, tuple[int, ...]]] = []
 
@@ -181,17 +222,16 @@ class ModelSpec:
                 linear(f"{prefix}.w3", ffn, h, self.mlp_bias)
 
         norm("attention_norm")
-        linear("attention.wq", self.q_dim, h, self.qkv_bias)
-        linear("attention.wk", self.kv_dim, h, self.qkv_bias)
-        linear("attention.wv", self.kv_dim, h, self.qkv_bias)
-        linear("attention.wo", h, self.q_dim, self.out_bias)
+        out += moe.attention_shapes(self)
         norm("ffn_norm")
-        if self.is_moe:
+        if moe_block:
             linear("feed_forward.router", self.experts, h, False)
+            if self.shared_gate:
+                linear("feed_forward.shared_gate", 1, h, False)
             for e in range(self.experts):
                 mlp(f"feed_forward.experts.{e}", self.expert_ffn_hidden)
             for e in range(self.shared_experts):
-                mlp(f"feed_forward.shared.{e}", f)
+                mlp(f"feed_forward.shared.{e}", self.shared_ffn_hidden)
         else:
             mlp("feed_forward", f)
         return out
@@ -203,8 +243,9 @@ class ModelSpec:
         out = [("tok_embeddings.weight", (self.vocab, h))]
         if self.positions == "learned":
             out.append(("pos_embeddings.weight", (self.max_seq, h)))
-        block = self.layer_param_shapes()
+        blocks = {True: self.layer_param_shapes(True), False: self.layer_param_shapes(False)} if self.is_moe else {}
         for i in range(self.layers):
+            block = blocks[moe.is_moe_layer(self, i)] if self.is_moe else self.layer_param_shapes()
             out += [(f"layers.{i}.{n}", s) for n, s in block]
         out.append(("norm.weight", (h,)))
         if self.norm == "layernorm":

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError, closest
-from shardwise.spec import limits
+from shardwise.spec import experts, limits
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 # by the matmul work they run again (the search's order): selective-op, the per-op policy, keeps
@@ -71,6 +71,10 @@ class Plan:
     # torchtitan's pp, dp_replicate, dp_shard, cp, tp), attention's K/V exchanged (cp_rotate)
     cp: int = 1
     cp_rotate: str = "allgather"
+    # expert parallelism (spec/experts.py): the routed experts split over ep of the data-parallel
+    # ranks; capacity: each expert's all-to-all buffer as a multiple of its balanced share (0: dropless)
+    ep: int = 1
+    capacity: float = 0.0
 
     # ---- derived (array-safe arithmetic) ----------------------------------------------
     @property
@@ -120,6 +124,8 @@ class Plan:
             parts.append(f"hsdp{self.dp_shard}")
         if self.last_less:
             parts.append(f"last-{self.last_less}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
         if self.sp:
             parts.append("sp")
         if self.recompute != "none":
@@ -134,7 +140,8 @@ class Plan:
     def resolve(self, model, gpus: int) -> Plan:
         """Fill dp and gbs, then check every rule. Returns the complete plan or raises."""
         _check_choices(self)
-        for f in ("tp", "pp", "mbs", "seq", "vpp", "cp"):
+        experts.check_capacity(self.capacity)
+        for f in ("tp", "pp", "mbs", "seq", "vpp", "cp", "ep"):
             _positive_int(f, getattr(self, f))
         for f in ("dp", "gbs", "dp_shard", "last_less"):
             _positive_int(f, getattr(self, f), allow_zero=True)
@@ -180,7 +187,7 @@ class Rule(NamedTuple):
     `reason` groups rules for the search's rejection counts.
     """
 
-    reason: str  # gpus | divisibility | stages | batch | schedule | sequence | offload | hsdp
+    reason: str  # gpus | divisibility | stages | batch | schedule | sequence | offload | hsdp | experts
     broken: Callable
     message: Callable
 
@@ -317,6 +324,7 @@ RULES: tuple[Rule, ...] = (
             "memory-efficient and cuDNN attention only); use --attention flash"
         ),
     ),
+    *(Rule(*r) for r in experts.RULES),
     Rule("sequence", lambda p, m, g: p.sp & (p.tp == 1), lambda p, m, g: "sequence parallel (--sp) needs tp > 1"),
     Rule(
         "sequence",

@@ -35,6 +35,7 @@ applies):
   moments.py   what the torch engines' moments are built from (backwards, gradients present)
   peak.py      the largest moment, summed into the Memory's fields (scalar and array plans)
   shapes.py    the parameters as the engines split them (tp-local shapes, pipeline stages)
+  experts.py   expert parallelism: the routed experts other EP ranks hold, off the peak's states
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from shardwise.estimate import activations as acts
 from shardwise.estimate import context, profiles
 from shardwise.estimate._num import _is_array
 from shardwise.estimate.memory.engines import torch_moments
+from shardwise.estimate.memory.experts import apply_ep
 from shardwise.estimate.memory.moments import one_stage
 from shardwise.estimate.memory.paper import paper_moment
 from shardwise.estimate.memory.peak import peak_arrays, peak_memory
@@ -96,13 +98,13 @@ def memory(
     mem = Memory(capacity=cluster.gpu.memory_bytes)
     if vec and len(lasts) == 2:  # array plans: both ranks in one pass, the plans twice over
         both, last = _both_stages(plan)
-        return peak_arrays(_moments(model, both, last, prof, attention, at, device), plan, mem, stages=2)
+        mem = peak_arrays(_moments(model, both, last, prof, attention, at, device), plan, mem, stages=2)
+        return apply_ep(mem, model, plan, prof)
     moments = []
     for last in lasts:
         moments += _moments(model, plan, last, prof, attention, at, device)
-    if vec:
-        return peak_arrays(moments, plan, mem)
-    return peak_memory(moments, mem)
+    mem = peak_arrays(moments, plan, mem) if vec else peak_memory(moments, mem)
+    return apply_ep(mem, model, plan, prof)
 
 
 def _moments(model, plan, last, prof: Profile, attention: str, at: str, device: str = "cuda") -> list:

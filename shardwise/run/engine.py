@@ -70,7 +70,7 @@ class Engine:
         self.spec = spec
         rdist.check_world(plan)
         self.plan = plan = plan.resolve(spec, rdist.world_size())
-        check_supported(spec, plan, self.device)
+        check_supported(spec, plan, self._supported_on())
         if grad_clip is not None and not grad_clip > 0:
             raise ShardwiseError(f"grad_clip must be positive (or None for no clipping), got {grad_clip!r}")
         self.grad_clip = grad_clip
@@ -97,6 +97,10 @@ class Engine:
         self.optimizer = self._optimizer(lr, weight_decay, betas, eps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.prec.grad_scaler else None
         self.schedule = self._pipeline_schedule() if plan.pp > 1 else None
+
+    def _supported_on(self) -> torch.device | None:
+        """The device the plan is checked against (run/parallelize.check_supported)."""
+        return self.device
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """What this rank's optimizer steps, named as in ModelSpec.param_shapes(): DTensors

@@ -8,8 +8,8 @@ numbers (0, negatives, 1e400, inf, nan, past every sanity bound), wrong words an
 What each example runs: everything up to the work, for real (argument parsing, config loading, every
 check of sizes, paths, devices and memory). The work itself is stubbed where it would cost seconds
 to minutes per example: `run` does not spawn its ranks, `check` does not train, `calibrate` does not
-time the machine, `export-hf` does not convert. A stub raises Reached, which counts as success (the
-input passed every check); the work is tested on its own elsewhere. estimate, plan, models, gpus and
+time the machine, `export-hf` does not convert, `trace` does not trace. A stub raises Reached, which
+counts as success (the input passed every check); the work is tested on its own elsewhere. estimate, plan, models, gpus and
 the cheap parts of lecture (strategies, zero, comm; no figures) run whole.
 """
 
@@ -61,12 +61,14 @@ def in_scratch(scratch, monkeypatch):
 def stubbed(monkeypatch):
     from shardwise.check import calibrate, compare
     from shardwise.run import export_hf, launch
+    from shardwise.trace import tracer
 
     monkeypatch.setattr(launch, "launch", _reached)
     monkeypatch.setattr(launch, "worker", _reached)
     monkeypatch.setattr(compare, "check", _reached)
     monkeypatch.setattr(calibrate, "calibrate", _reached)
     monkeypatch.setattr(export_hf, "export", _reached)
+    monkeypatch.setattr(tracer, "trace", _reached)
     for k in ("LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(k, raising=False)
 

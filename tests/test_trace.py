@@ -70,6 +70,12 @@ FAMILIES = [
     # loss's backward runs resharded (1F1B: a forward before each backward)
     ("70b-tp8-pp4-dp16-zero3", "llama-3.1-70b", 8, 512, dict(tp=8, pp=4, dp=16, zero=3, sp=True, gbs=64)),
     ("tp8-pp2-dp4-zero3", "llama-3.1-8b", 2, 64, dict(tp=8, pp=2, dp=4, zero=3, sp=True, gbs=8)),
+    ("hsdp-zero3", "llama-3.1-8b", 2, 8, dict(dp=8, dp_shard=4, zero=3, gbs=16)),
+    ("uneven-pp2-zero1", "llama-3.1-8b", 4, 8, dict(pp=2, dp=4, last_less=2, zero=1, gbs=8)),
+    ("zero3-selective-op", "llama-3.1-8b", 2, 8, dict(dp=8, zero=3, recompute="selective-op", gbs=8)),
+    ("zero3-selective-layer", "llama-3.1-8b", 2, 8, dict(dp=8, zero=3, recompute="selective-layer:2", gbs=8)),
+    # torchao's Float8Linear on fake tensors; FSDP2 gathers the linears in FP8 (scales precomputed)
+    ("fp8-tensorwise-zero2", "llama-3.1-8b", 2, 8, dict(dp=8, zero=2, precision="fp8-tensorwise", gbs=16)),
 ]
 
 
@@ -112,6 +118,28 @@ def test_memory_is_counted_in_cuda_allocator_blocks():
     assert sizes == {1: 512, 513: 1024, 1024: 1024}
 
 
+def test_dtensor_sharding_propagation_is_not_this_ranks_memory():
+    """DTensor learns an op's output layout by running the op on fakes of the global shapes, in the
+    fake mode already active: those are not counted. A [1024, 1032] fp32 tensor sharded over 2 ranks:
+    the product's local half (2 MiB + a block's rounding) is all the step allocates."""
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from shardwise.trace import fake
+
+    with fake.world(2, 0):
+        mesh = init_device_mesh("cpu", (2,))
+        with fake.fake_tensors():
+            x = DTensor.from_local(torch.empty(512, 1032), mesh, [Shard(0)], run_check=False)
+            mt = MemTracker()
+            with mt:
+                y = x * 3.0
+                peak = sum(d["Total"] for d in mt.get_tracker_snapshot("peak").values())
+    assert y.to_local().shape == (512, 1032) and peak == 512 * 1032 * 4
+
+
 # ---- the command line ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv,says",
@@ -120,6 +148,7 @@ def test_memory_is_counted_in_cuda_allocator_blocks():
         (["llama-3.1-8b", "--gpus", "8", "--precision", "fp16-mixed"], "fp16-mixed"),
         (["llama-3.1-8b", "--gpus", "8", "--zero", "3", "--offload", "params"], "offload params"),
         (["llama-3.1-8b", "--gpus", "8", "--tp", "3"], "does not divide"),
+        (["llama-3.1-8b", "--gpus", "8", "--gpu", "a100-80gb", "--precision", "fp8-tensorwise"], "FP8 tensor cores"),
     ],
 )
 def test_a_plan_the_run_tier_cannot_build_is_one_line(argv, says, capsys):

@@ -15,6 +15,9 @@ What the engines do that needs real values is taken out here, and only that (eac
                     tensor filled element by element in C++ (impossible on a fake tensor): the
                     trace rebuilds the reducer itself, in the order the first backward made the
                     gradients ready, as Reducer::rebuild_buckets does (trace/ddp.py)
+    initial weights the run tier draws each parameter's full tensor from a seeded generator and keeps
+                    its shard's slice (run/model.init_weights): values, which a fake has none of,
+                    and a third of building a stage; left out (nothing the meter reads changes)
     pipelining      its schedules' first step has the stages vote, by send/recv of a flag, on whether
                     every stage was given its input and output shapes; each stage here votes from
                     its own metadata, as every real stage would, and takes its own vote as the result
@@ -48,6 +51,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+from shardwise.run.model import Transformer
 
 CUDA_BLOCK = 512  # c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize, every allocation rounded up to it
 
@@ -98,6 +103,7 @@ def world(world_size: int, rank: int):
                     stack.enter_context(_patched(DeviceMesh, name, wrapped))
             stack.enter_context(_patched(_PipelineSchedule, "_warmup_p2p", _real(_PipelineSchedule._warmup_p2p)))
             stack.enter_context(_patched(PipelineStage, "_warmup_forward_vote", _own_vote))
+            stack.enter_context(_patched(Transformer, "init_weights", lambda self, seed: None))
             stack.enter_context(_patched(PipelineStage, "_warmup_backward_result", _vote_result))
             stack.enter_context(_patched(mem_tracker._WeakRefInfo, "_calculate_mem_consumed", rounded))
             track = mem_tracker.MemTracker._track

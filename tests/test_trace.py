@@ -70,6 +70,7 @@ FAMILIES = [
     # loss's backward runs resharded (1F1B: a forward before each backward)
     ("70b-tp8-pp4-dp16-zero3", "llama-3.1-70b", 8, 512, dict(tp=8, pp=4, dp=16, zero=3, sp=True, gbs=64)),
     ("tp8-pp2-dp4-zero3", "llama-3.1-8b", 2, 64, dict(tp=8, pp=2, dp=4, zero=3, sp=True, gbs=8)),
+    ("pp2-dp4-zero3-m4", "llama-3.1-8b", 4, 8, dict(pp=2, dp=4, zero=3, gbs=16)),  # 1F1B's steady state
     ("hsdp-zero3", "llama-3.1-8b", 2, 8, dict(dp=8, dp_shard=4, zero=3, gbs=16)),
     ("uneven-pp2-zero1", "llama-3.1-8b", 4, 8, dict(pp=2, dp=4, last_less=2, zero=1, gbs=8)),
     ("zero3-selective-op", "llama-3.1-8b", 2, 8, dict(dp=8, zero=3, recompute="selective-op", gbs=8)),

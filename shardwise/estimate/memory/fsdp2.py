@@ -10,7 +10,7 @@ from __future__ import annotations
 from itertools import zip_longest
 
 from shardwise.estimate import activations as acts
-from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, where
+from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, minimum, where
 from shardwise.estimate.memory.moments import (
     Blend,
     core_backward,
@@ -177,7 +177,7 @@ def _fsdp_pipelined(model, plan, last, a: dict, f, sizes, z: dict, pb, rb, accum
     # fp32 accumulated one: f's micro-batch's saved tensors and output freed, every gradient of the
     # stage present (the trace's peak on Llama-3.1-70B tp8 pp4's first stage, where the embedding's
     # gradient is the whole [V, H] table: the e_grad of _fsdp_sizes)
-    done = f._replace(grad_chunks=f.grad_chunks + 1)
+    done = f._replace(grad_chunks=minimum(f.grad_chunks + 1, v))  # every (v = 1) virtual stage
     end = {
         **a_block,
         "act.layers": a["act.layers"] - sizes.chunk,

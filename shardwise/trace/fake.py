@@ -17,7 +17,7 @@ What the engines do that needs real values is taken out here, and only that (eac
                     gradients ready, as Reducer::rebuild_buckets does (trace/ddp.py)
     initial weights the run tier draws each parameter's full tensor from a seeded generator and keeps
                     its shard's slice (run/model.init_weights): values, which a fake has none of,
-                    and a third of building a stage; left out (nothing the meter reads changes)
+                    and most of building a stage; left out (nothing the meter reads changes)
     pipelining      its schedules' first step has the stages vote, by send/recv of a flag, on whether
                     every stage was given its input and output shapes; each stage here votes from
                     its own metadata, as every real stage would, and takes its own vote as the result

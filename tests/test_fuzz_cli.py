@@ -8,10 +8,10 @@ numbers (0, negatives, 1e400, inf, nan, past every sanity bound), wrong words an
 What each example runs: everything up to the work, for real (argument parsing, config loading, every
 check of sizes, paths, devices and memory). The work itself is stubbed where it would cost seconds
 to minutes per example or never end: `run` does not spawn its ranks, `check` does not train,
-`calibrate` does not time the machine, `export-hf` does not convert, `serve` does not listen. A stub
-raises Reached, which counts as success (the input passed every check); the work is tested on its
-own elsewhere. estimate, plan, models, gpus and the cheap parts of lecture (strategies, zero, comm;
-no figures) run whole.
+`calibrate` does not time the machine, `export-hf` does not convert, `serve` does not listen,
+`trace` does not trace. A stub raises Reached, which counts as success (the input passed every
+check); the work is tested on its own elsewhere. estimate, plan, models, gpus and the cheap parts of
+lecture (strategies, zero, comm; no figures) run whole.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def stubbed(monkeypatch):
 
     from shardwise.check import calibrate, compare
     from shardwise.run import export_hf, launch
+    from shardwise.trace import tracer
 
     monkeypatch.setattr(launch, "launch", _reached)
     monkeypatch.setattr(launch, "worker", _reached)
@@ -71,6 +72,7 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(calibrate, "calibrate", _reached)
     monkeypatch.setattr(export_hf, "export", _reached)
     monkeypatch.setattr(uvicorn, "run", _reached)  # serve would listen until stopped
+    monkeypatch.setattr(tracer, "trace", _reached)
     for k in ("LOCAL_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "RANK"):
         monkeypatch.delenv(k, raising=False)
 

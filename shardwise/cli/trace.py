@@ -95,7 +95,7 @@ def cmd_trace(a: argparse.Namespace) -> int:
         raise ShardwiseError("`shardwise trace` needs PyTorch: pip install -e '.[run]'") from None
     from shardwise.trace import tracer
 
-    tracer.check_traceable(model, plan)
+    tracer.check_traceable(model, plan, cluster.gpu)
     traces = tracer.trace(model, plan, seed=a.seed, flops=not a.no_flops)
     capacity = cluster.gpu.memory_bytes
     fits = all(t["measurement"]["memory"]["detail"].get("peak", 0) <= capacity for t in traces)

@@ -74,7 +74,7 @@ class Engine:
         # context parallel (run/context.py): the engines run each cp rank's local plan (dp*cp
         # data-parallel ranks, seq/cp tokens) on a mesh whose "dp" is dp x cp; the step shards
         self.plan, self.local = plan, cp_local(plan)
-        check_supported(spec, plan, self.device)
+        check_supported(spec, plan, self._supported_on())
         rcontext.check(plan)
         plan = self.local
         if grad_clip is not None and not grad_clip > 0:
@@ -106,6 +106,10 @@ class Engine:
         self.optimizer = self._optimizer(lr, weight_decay, betas, eps)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.prec.grad_scaler else None
         self.schedule = self._pipeline_schedule() if plan.pp > 1 else None
+
+    def _supported_on(self) -> torch.device | None:
+        """The device the plan is checked against (run/parallelize.check_supported)."""
+        return self.device
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """What this rank's optimizer steps, named as in ModelSpec.param_shapes(): DTensors

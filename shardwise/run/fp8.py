@@ -18,14 +18,16 @@ from shardwise.spec.plan import Plan
 FP8_DIM_MULTIPLE = 16
 
 
-def check_fp8(spec, plan: Plan, device: torch.device) -> None:
-    """Why this device or plan cannot train in FP8, one line with the alternatives; else nothing."""
+def check_fp8(spec, plan: Plan, device: torch.device | None) -> None:
+    """Why this device or plan cannot train in FP8, one line with the alternatives; else nothing.
+    device None: the plan's own GPU, which the caller has checked (the trace tier, which runs the
+    engines on fake CPU tensors for the catalog GPU: spec/fp8.check_gpu)."""
     if not is_fp8(plan.precision):
         return
     keep = "use --precision bf16-mixed"
-    if device.type != "cuda":
+    if device is not None and device.type != "cuda":
         raise ShardwiseError(f"--precision {plan.precision} needs a CUDA GPU with FP8 (sm_89+: H100, L4, ...); {keep}")
-    cap = torch.cuda.get_device_capability(device)
+    cap = torch.cuda.get_device_capability(device) if device is not None else MIN_CAPABILITY
     if cap < MIN_CAPABILITY:
         raise ShardwiseError(
             f"--precision {plan.precision} needs FP8 tensor cores (compute capability >= 8.9), "

@@ -241,13 +241,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _storage_bytes(tensors, device_type: str) -> int:
-    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
-    seen: dict[int, int] = {}
+def _inner(tensors):
+    """The plain tensors holding the data: DTensors' local shards, and a wrapper subclass's inner
+    tensors (torchao's FP8 training weight wraps the parameter; the wrapper has no storage of its own)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
     for t in tensors:
         if t is None:
             continue
         t = _local(t)
+        if is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            yield from _inner(getattr(t, n) for n in names)
+        else:
+            yield t
+
+
+def _storage_bytes(tensors, device_type: str) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once)."""
+    seen: dict[int, int] = {}
+    for t in _inner(tensors):
         if t.device.type != device_type:
             continue  # e.g. AdamW's `step` counters live on the CPU when the parameters are on CUDA
         st = t.untyped_storage()

@@ -57,14 +57,15 @@ def precision(plan: Plan) -> Precision:
     return Precision(torch.float32, None if fsdp else low, low if fsdp else None, plan.precision == "fp16-mixed")
 
 
-def check_supported(spec, plan: Plan, device: torch.device) -> None:
-    """What the plan asks that the run tier cannot do here, one line each."""
+def check_supported(spec, plan: Plan, device: torch.device | None) -> None:
+    """What the plan asks that the run tier cannot do here, one line each. device None: the plan's
+    GPU, checked by the caller (the trace tier; run/fp8.check_fp8)."""
     why = engine_violation(plan, spec)  # the limits every device shares: one list, in spec/plan.py
     if why:
         raise ShardwiseError(why)
-    if plan.offload == "params" and device.type != "cuda":
+    if plan.offload == "params" and device is not None and device.type != "cuda":
         raise ShardwiseError("--offload params moves parameters from the GPU to the CPU; it needs a CUDA device")
-    if plan.precision == "fp16-mixed" and device.type != "cuda":
+    if plan.precision == "fp16-mixed" and device is not None and device.type != "cuda":
         raise ShardwiseError("fp16-mixed needs a CUDA device (gradient scaling); on CPU use fp32 or bf16-mixed")
     fp8.check_fp8(spec, plan, device)
     inductor.check_compile(plan, device)

@@ -22,17 +22,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.flop_counter import FlopCounterMode
 
 from shardwise import units
 from shardwise.errors import ShardwiseError
 from shardwise.run import context as rcontext
-from shardwise.run.dist import MESH_DIMS
+from shardwise.run import dist as rdist
+from shardwise.run import fp8
 from shardwise.run.engine import Engine
 from shardwise.run.measure import Meter, measurement_to_dict
 from shardwise.run.model import check_runnable
 from shardwise.run.parallelize import check_supported
+from shardwise.spec.fp8 import check_gpu, is_fp8
 from shardwise.spec.model import ModelSpec
 from shardwise.spec.plan import Plan
 from shardwise.trace import ddp, fake
@@ -47,6 +48,9 @@ class TracedEngine(Engine):
 
     def _values(self, packed: torch.Tensor) -> list[float]:
         return [0.0] * packed.numel()
+
+    def _supported_on(self):
+        return None  # the plan's GPU (check_traceable), not the CPU the fakes live on
 
     def _tied_embedding_group(self):
         with unset_fake_temporarily():  # rank arithmetic on the mesh's (real) rank tensor
@@ -142,25 +146,30 @@ def _flops(counter: FlopCounterMode) -> dict[str, int]:
 
 def _first_step_states(engine: Engine) -> None:
     """What a first step leaves behind besides the weights' values: the optimizer's states (Adam's
-    moments, created at its first step). Stepped once on zero gradients, then the gradients dropped,
-    as train_step does: the steady state, without a whole forward and backward to get there."""
+    moments, created at its first step) and what train_step does after it (FP8 all-gather: the
+    weights' scales, precomputed for the next step's all-gathers). Stepped once on zero gradients,
+    then the gradients dropped, as train_step does: the steady state, without a whole forward and
+    backward to get there."""
     for r in engine.params:
         r.param.grad = torch.zeros_like(r.param)
     engine.optimizer.step()
+    for _, _, wrapped in engine.stages:
+        fp8.after_step(wrapped, engine.plan)
     for r in engine.params:
         r.param.grad = None
 
 
 def _mesh(plan: Plan):
+    """The run tier's own mesh (HSDP's dp split in two included), on the fake group."""
     if plan.cp > 1:  # (pp, dp, cp, tp), dp x cp flattened: the run tier's own
         return rcontext.build_mesh(plan, torch.device("cpu"))
-    return init_device_mesh("cpu", (plan.pp, plan.dp, plan.tp), mesh_dim_names=MESH_DIMS)
+    return rdist.build_mesh(plan, torch.device("cpu"))
 
 
 def trace_role(spec: ModelSpec, plan: Plan, role: Role, *, seed: int = 0, flops: bool = True) -> RoleTrace:
     """Build this role's rank of the plan and trace its steady-state step (plan resolved, dp set)."""
     t0 = time.perf_counter()
-    with fake.world(plan.world, role.rank):
+    with fake.world(plan.world, role.rank), fake.fp8_weights() if is_fp8(plan.precision) else contextlib.nullcontext():
         mesh = _mesh(plan)
         with fake.fake_tensors():
             engine = TracedEngine(spec, plan, device="cpu", seed=seed, mesh=mesh)
@@ -197,10 +206,13 @@ def trace_role(spec: ModelSpec, plan: Plan, role: Role, *, seed: int = 0, flops:
             )
 
 
-def check_traceable(spec: ModelSpec, plan: Plan) -> None:
+def check_traceable(spec: ModelSpec, plan: Plan, gpu=None) -> None:
     """The run tier's refusals, one line each, before anything is built; and what it can build
-    only on CUDA, which the trace (fake tensors on the CPU device) cannot follow."""
+    only on CUDA, which the trace (fake tensors on the CPU device) cannot follow. FP8 is traced
+    for `gpu` (the cluster's, spec/hardware.GPU; None: checked by the caller) where it has FP8."""
     check_runnable(spec)
+    if gpu is not None:
+        check_gpu(plan.precision, gpu)
     if plan.offload == "params":
         raise ShardwiseError(
             "--offload params moves FSDP2's shards to host memory on a CUDA device; the trace runs the engines "
@@ -216,7 +228,7 @@ def check_traceable(spec: ModelSpec, plan: Plan) -> None:
             "--compile needs real tensors (inductor's kernels), which the trace's fake tensors are not; trace "
             "without it, or hold a compiled plan to a short `shardwise run` with `shardwise check`"
         )
-    check_supported(spec, plan, torch.device("cpu"))
+    check_supported(spec, plan, None)
 
 
 def trace(spec: ModelSpec, plan: Plan, *, seed: int = 0, flops: bool = True, jobs: int = 0) -> list[dict]:

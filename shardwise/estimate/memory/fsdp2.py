@@ -10,7 +10,7 @@ from __future__ import annotations
 from itertools import zip_longest
 
 from shardwise.estimate import activations as acts
-from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, where
+from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, minimum, where
 from shardwise.estimate.memory.moments import (
     Blend,
     core_backward,
@@ -23,6 +23,7 @@ from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_
 from shardwise.estimate.pipeline import chunk_blocks, rank_blocks
 from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
 from shardwise.spec.fp8 import FP8_BYTES, fp8_all_gather
+from shardwise.spec.loss import chunked_loss
 
 
 def _fsdp_shard(shape, dp) -> tuple:
@@ -53,6 +54,12 @@ def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last, blocks):
     else:
         temp = step_temp_bytes(optimizer, st.max(g, lambda p: elements(shard(p))), sb, foreach=False)
     u_embed = st.embed * sum(p.count * padded(p) for p in g["embed"])
+    # the embeddings' unsharded gradient: under vocab-parallel TP, DTensor's embedding backward
+    # (torch/distributed/tensor/_ops/_embedding_ops.py: embedding_dense_backward_strategy, its
+    # gradient output of every input Replicate) makes each whole table on every tp rank, which
+    # FSDP2 keeps (and casts to fp32, to_accumulated_grad_if_needed) until its reduce-scatter
+    # slices out the tp shard (FSDPParam._get_grad_inner_tensor): V*H rows, no FSDP padding
+    e_grad = st.embed * sum(p.count * (elements(p.shape) if tp > 1 else padded(p)) for p in g["embed"])
     return {
         "s": s,
         "s_block": block_sum(g, lambda p: elements(shard(p))),
@@ -63,6 +70,7 @@ def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last, blocks):
         "u_head": u_head,
         "u_tied": st.head * padded(out) if model.tied_embeddings else 0,
         "u_embed": u_embed,
+        "e_grad": e_grad,
         "states": states,
         "temp": temp,
     }
@@ -151,14 +159,42 @@ def _fsdp_pipelined(model, plan, last, a: dict, f, sizes, z: dict, pb, rb, accum
     a = dict(a)
     a["params.unsharded"] = pb * z["u_all"]
     head = z["u_root"] - z["u_embed"]  # the final norm and output (the last rank's root)
+    per_chunk = chunk_blocks(model, plan, last)
     a["grads.unsharded_accumulated"] = (
-        accumulated * rb * grads_present(f, v, chunk_blocks(model, plan, last), z["u_block"], z["u_embed"], head)
+        accumulated * rb * grads_present(f, v, per_chunk, z["u_block"], z["e_grad"], head)
     )
     a["grads.head_unsharded"] = pb * z["u_head"]
     a["buffers.reduce_scatter"] = pb * z["u_block"]  # one block's gradients, cast into the fp32 accumulator
     a_loss, a_block, a_core = loss_and_block(a, f, sizes)
     a_loss["buffers.reduce_scatter"] = 0  # the loss's backward: no block reduced yet
-    return [a_loss, a_block, a_core]
+    a_loss["grads.head_unsharded"] = 0  # nor the head's gradient made
+    if plan.zero == 3 and plan.schedule == "1f1b":
+        # 1F1B's last rank runs a forward before each backward, which reshards after it: the
+        # loss's backward runs before the stage's pre-backward gathers it again
+        a_loss["params.unsharded"] = 0
+    # the first rank (1F1B, GPipe): backward f ends with the embeddings' gradient made in the
+    # parameters' dtype, before it is cast to (first micro-batch) or added into (later ones) the
+    # fp32 accumulated one: f's micro-batch's saved tensors and output freed, every gradient of the
+    # stage present (the trace's peak on Llama-3.1-70B tp8 pp4's first stage, where the embedding's
+    # gradient is the whole [V, H] table: the e_grad of _fsdp_sizes)
+    done = f._replace(grad_chunks=minimum(f.grad_chunks + 1, v))  # every (v = 1) virtual stage
+    end = {
+        **a_block,
+        "act.layers": a["act.layers"] - sizes.chunk,
+        "act.embedding": a["act.embedding"] - sizes.embedding,
+        "act.stage_output": a["act.stage_output"] - sizes.x,
+        "act.block_backward": 0,
+        "act.block_output_grad": 0,
+        "buffers.reduce_scatter": 0,
+        "grads.unsharded_accumulated": accumulated
+        * rb
+        * grads_present(done, v, per_chunk, z["u_block"], z["e_grad"], 0),
+        "grads.embedding_made": accumulated * pb * z["e_grad"],
+    }
+    # elsewhere (the last rank, interleaved chunks) the block's moment again: array plans mix them
+    on = where(last, 0, 1) * where(v > 1, 0, 1)
+    end = {k: where(on, end.get(k, 0), a_block.get(k, 0)) for k in {**a_block, **end}}
+    return [a_loss, a_block, a_core, end]
 
 
 def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sharded_rb) -> list[dict]:
@@ -191,8 +227,10 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
       forward: block 0's copy-out (the root's buffer and unsharded parameters, block 0's two),
         block L-1's (three buffers), the forward's end (the logits made, block L-1's buffer;
         run/engine._accumulate drops the previous micro-batch's logits before this forward);
-      the loss's backward (ZeRO-3: the root is resharded);
-      ZeRO-3: the root gathered again (its pre-backward, on the logits' gradient);
+      the loss's backward (ZeRO-3: the root is resharded; where the loss is chunked inside the
+        model, spec/loss.py, the root's output is the loss and its pre-backward comes first: the
+        root gathered again, the last block's all-gather prefetched);
+      ZeRO-3: the root gathered again (its pre-backward, on the logits' gradient or the loss);
       the first block's backward begins (its transient, weight gradients kept, next to the
         gradient the head handed it) and ends (its saved tensors freed, its gradients all made,
         its input's gradient in place of its output's); the second block's, with the first's
@@ -201,6 +239,9 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
     """
     z3 = plan.zero == 3
     layers = model.layers
+    # the loss inside the model (spec/loss.py): the root's output is the loss, so its pre-backward
+    # (which gathers it again and prefetches the last block) runs before the loss's backward
+    chunked = where(chunked_loss(plan), 1, 0)
     P, R, Pr = pb * z["u_block"], rb * z["u_block"], pb * z["u_root"]
     if fp8_all_gather(plan):  # the block's linear weights gathered and held as 1-byte FP8 (spec/fp8.py)
         P = P - (pb - FP8_BYTES) * z["u_linear"]
@@ -244,20 +285,22 @@ def _fsdp_alone(model, plan, a: dict, f, sizes, z: dict, pb, rb, accumulated, sh
             **grads(0),
             "act.block_backward": 0,
             "act.recompute": 0,  # no block recomputed yet
-            "params.unsharded": 0 if z3 else Pr + blocks_kept,
+            "params.unsharded": chunked * Pr if z3 else Pr + blocks_kept,
+            "buffers.all_gather": chunked * P if z3 and layers >= 1 else 0,  # the last block, prefetched
         },  # the loss's
     ]
-    if z3:  # the root gathered again: the logits' gradient (compute dtype) made, the loss's freed
+    if z3:  # the root gathered again (its copy-out): after the loss's backward (its gradient, the
+        # logits', in the compute dtype, made; the loss's freed), or before it where the loss is chunked
         out.append(
             {
                 **a,
                 **grads(0),
-                "act.loss_fp32": 0,
-                "act.targets": 0,
+                "act.loss_fp32": chunked * a["act.loss_fp32"],
+                "act.targets": chunked * a["act.targets"],
                 "act.loss_backward": 0,
                 "act.block_backward": 0,
                 "act.recompute": 0,
-                "act.logits_grad": f.loss * logits,
+                "act.logits_grad": (1 - chunked) * f.loss * logits,
                 "params.unsharded": Pr,
                 "buffers.all_gather": Pr,
             }

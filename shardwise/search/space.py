@@ -27,7 +27,10 @@ from shardwise.spec.plan import (
     OFFLOAD,
     RECOMPUTE,
     RULES,
+    LOOPED,
+    MULTI_STAGE,
     SCHEDULES,
+    V_SHAPE,
     ZERO_STAGES,
     Plan,
     _check_choices,
@@ -86,7 +89,7 @@ def last_stage_cuts(layers: int, stages: int, schedule: str) -> list[int]:
     others hold the same number; 0 when they divide the layers), then each r + j * stages (one more block on every other stage)
     that leaves the last stage a block or none (its head alone). Uneven splits are gpipe's and
     1f1b's. 32 layers over 4 stages: 0 (8 each), 4 (9, 9, 9, 5), 8 (10, 10, 10, 2)."""
-    if stages == 1 or schedule == "interleaved":
+    if stages == 1 or schedule in MULTI_STAGE:
         return [0]
     r = (-layers) % stages  # written out (not 0) so the plan's name shows the split
     return [r] + [k for k in range(r + stages, layers // (stages - 1) + 1, stages)]
@@ -218,11 +221,16 @@ class Space:
             dp = self.gpus // (tp * pp)
             if "vpp" in f:
                 vpps = [f["vpp"]]
-            elif schedule == "interleaved":
+            elif schedule in LOOPED:  # interleaved-zb at v = 1 is Qi et al.'s ZB-H1
                 per = m.layers // pp if m.layers % pp == 0 else 0
-                vpps = [v for v in divisors(per) if v > 1] if per else [2]
+                low = 1 if schedule == "interleaved-zb" else 2
+                vpps = [v for v in divisors(per) if v >= low] if per else [2]
                 if not vpps:
                     continue  # one layer per stage: nothing to interleave
+            elif schedule in V_SHAPE:
+                vpps = [2]
+                if m.layers % (2 * pp):
+                    continue  # uneven stages are gpipe's and 1f1b's; the V needs 2pp equal stages
             else:
                 vpps = [1]
             if "mbs" in f:

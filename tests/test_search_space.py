@@ -11,7 +11,7 @@ from test_search import generated as _plans  # every candidate as a scalar Plan,
 
 from shardwise import Plan, ShardwiseError, preset
 from shardwise.search.space import Space, check_fixed
-from shardwise.spec.plan import violation
+from shardwise.spec.plan import SCHEDULES, violation
 
 
 def _key(p: Plan) -> tuple:
@@ -71,7 +71,7 @@ def test_each_strategy_generated_once_and_none_missing():
         [1, 2, 4],
         range(4),
         [1, 2, 4, 8],
-        ("gpipe", "1f1b", "interleaved"),
+        SCHEDULES,
         range(1, m.layers + 1),
         ("none", "selective-op", "selective", "selective-layer", "full"),
         (False, True),

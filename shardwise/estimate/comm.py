@@ -148,8 +148,8 @@ def _layers_on_rank0(model, plan):
 
 
 def _has_head(plan):
-    """Rank 0 also holds the final norm and output only without pipelining."""
-    return where(plan.pp == 1, 1, 0)
+    """Rank 0 also holds the final norm and output without pipelining, or in a V (zbv, dualpipev)."""
+    return 1 if vee(plan) else where(plan.pp == 1, 1, 0)
 
 
 def rank0_param_numel(model, plan):
@@ -274,7 +274,7 @@ def zero1_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
 
     acc: dict[int, int] = {}
     blocks = int(_layers_on_rank0(model, plan))
-    for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1, blocks):
+    for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1, blocks, vee(plan)):
         b = numel * nbytes if numel else 4
         acc[b] = acc.get(b, 0) + 1
     return acc

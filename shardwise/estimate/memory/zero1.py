@@ -50,11 +50,13 @@ def _zero1_assign(
     return tuple((states[r], tuple(numel_by_group[r]), largest[r]) for r in range(dp))
 
 
-def zero1_bucket_numels(model, dp: int, tp: int, pp: int, last: bool, blocks: int | None = None) -> tuple[int, ...]:
+def zero1_bucket_numels(
+    model, dp: int, tp: int, pp: int, last: bool, blocks: int | None = None, vee: bool = False
+) -> tuple[int, ...]:
     """Elements of each dp rank's ZeroRedundancyOptimizer bucket (parameters_as_bucket_view: one
     flat tensor per rank holding the parameters it steps, broadcast from it after the step). The
     partition weighs numel alone: any optimizer gives the same."""
-    return tuple(sum(g) for _, g, _ in _zero1_assign(model, dp, tp, pp, last, "sgd", TORCH.state_bytes("fp32"), blocks))
+    return tuple(sum(g) for _, g, _ in _zero1_assign(model, dp, tp, pp, last, "sgd", TORCH.state_bytes("fp32"), blocks, vee))
 
 
 @lru_cache(maxsize=4096)

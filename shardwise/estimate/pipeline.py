@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, minimum, where
-from shardwise.spec.plan import LOOPED, MULTI_STAGE, SCHEDULES, SPLIT_BACKWARD, V_SHAPE, stage_blocks
+from shardwise.spec.plan import LOOPED, SCHEDULES, SPLIT_BACKWARD, V_SHAPE, stage_blocks
 
 F_SLOTS, B_SLOTS = 1, 2
 SLOTS = {"F": F_SLOTS, "B": B_SLOTS, "I": B_SLOTS // 2, "W": B_SLOTS // 2}  # I: inputs' backward, W: weights'
@@ -69,9 +69,10 @@ def holds_ends(pp, last, schedule: str):
     (last=False) or last (last=True) pipeline rank. Looped: rank 0 the first, rank p-1 the last;
     the V puts both on rank 0 and neither on rank p-1. Array-safe."""
     piped = where(pp > 1, 1, 0)
-    if schedule in V_SHAPE:
-        return where(last, 1 - piped, 1), where(last, 1 - piped, 1)
-    return where(last, 1 - piped, 1), where(last, 1, 1 - piped)
+    pick = (lambda a, b: a if last else b) if last is True or last is False else (lambda a, b: where(last, a, b))
+    if schedule in V_SHAPE:  # a plain bool keeps scalars scalar (the search's arrays stay small)
+        return pick(1 - piped, 1), pick(1 - piped, 1)
+    return pick(1 - piped, 1), pick(1, 1 - piped)
 
 
 def chunk_blocks(model, plan, last):

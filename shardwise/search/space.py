@@ -24,11 +24,11 @@ import numpy as np
 
 from shardwise.errors import ShardwiseError, closest
 from shardwise.spec.plan import (
+    LOOPED,
+    MULTI_STAGE,
     OFFLOAD,
     RECOMPUTE,
     RULES,
-    LOOPED,
-    MULTI_STAGE,
     SCHEDULES,
     V_SHAPE,
     ZERO_STAGES,
@@ -38,6 +38,10 @@ from shardwise.spec.plan import (
     divisors,
 )
 
+# dualpipev only when pinned: on one rank's compute it has zbv's bubble and one chunk more in flight
+# (pipeline.bubble_slots, inflight_microbatches); what DualPipe adds is overlap of expert-parallel
+# all-to-alls with compute, which dense models do not have
+SEARCHED_SCHEDULES = tuple(s for s in SCHEDULES if s != "dualpipev")
 SEARCHED = ("dp", "tp", "pp", "zero", "mbs", "schedule", "vpp", "recompute", "sp", "offload", "dp_shard", "last_less")
 HELD = ("gbs", "seq", "precision", "optimizer", "attention")  # training choices: pinned or defaulted, never searched
 NUMERIC = ("dp", "tp", "pp", "vpp", "mbs", "dp_shard", "last_less")
@@ -177,7 +181,7 @@ class Space:
             "recompute": RECOMPUTE_ORDER,
             "offload": OFFLOAD_ORDER,
             "sp": (False, True),
-            "schedule": SCHEDULES,
+            "schedule": SEARCHED_SCHEDULES,
         }[field]
 
     def families(self) -> list[dict]:
@@ -221,10 +225,11 @@ class Space:
             dp = self.gpus // (tp * pp)
             if "vpp" in f:
                 vpps = [f["vpp"]]
-            elif schedule in LOOPED:  # interleaved-zb at v = 1 is Qi et al.'s ZB-H1
+            elif schedule == "interleaved-zb":
+                vpps = [1]  # Qi et al.'s ZB-H1; more virtual stages when pinned (--vpp), as the search's cost allows
+            elif schedule in LOOPED:
                 per = m.layers // pp if m.layers % pp == 0 else 0
-                low = 1 if schedule == "interleaved-zb" else 2
-                vpps = [v for v in divisors(per) if v >= low] if per else [2]
+                vpps = [v for v in divisors(per) if v > 1] if per else [2]
                 if not vpps:
                     continue  # one layer per stage: nothing to interleave
             elif schedule in V_SHAPE:

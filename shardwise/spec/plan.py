@@ -256,9 +256,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "schedule",
         lambda p, m, g: (p.vpp > 1) & (not _MULTI(p)),
-        lambda p, m, g: (
-            f"vpp={p.vpp} needs --schedule interleaved or interleaved-zb (virtual stages only exist there)"
-        ),
+        lambda p, m, g: f"vpp={p.vpp} needs --schedule interleaved or interleaved-zb (virtual stages only exist there)",
     ),
     Rule(
         "schedule",

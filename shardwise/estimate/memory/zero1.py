@@ -14,7 +14,9 @@ from shardwise.estimate.profiles import TORCH, optimizer_bytes, step_temp_bytes
 
 
 @lru_cache(maxsize=1024)
-def _zero1_items(model, tp: int, pp: int, last: bool, optimizer: str, sb, blocks: int | None = None, vee=False) -> tuple:
+def _zero1_items(
+    model, tp: int, pp: int, last: bool, optimizer: str, sb, blocks: int | None = None, vee=False
+) -> tuple:
     """(numel, optimizer bytes) of the rank's parameters, per ZeroRedundancyOptimizer group
     (matrices, then vectors), each sorted by numel, largest first (a stable sort)."""
     shapes = stage_param_shapes(model, tp, pp, last, blocks, vee)
@@ -56,11 +58,15 @@ def zero1_bucket_numels(
     """Elements of each dp rank's ZeroRedundancyOptimizer bucket (parameters_as_bucket_view: one
     flat tensor per rank holding the parameters it steps, broadcast from it after the step). The
     partition weighs numel alone: any optimizer gives the same."""
-    return tuple(sum(g) for _, g, _ in _zero1_assign(model, dp, tp, pp, last, "sgd", TORCH.state_bytes("fp32"), blocks, vee))
+    return tuple(
+        sum(g) for _, g, _ in _zero1_assign(model, dp, tp, pp, last, "sgd", TORCH.state_bytes("fp32"), blocks, vee)
+    )
 
 
 @lru_cache(maxsize=4096)
-def zero1_worst(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb, blocks=None, vee=False) -> tuple[int, int]:
+def zero1_worst(
+    model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb, blocks=None, vee=False
+) -> tuple[int, int]:
     """(optimizer bytes, step scratch bytes) of the dp rank ZeroRedundancyOptimizer loads most
     (_zero1_assign); its local optimizer steps only its own parameters."""
     ranks = _zero1_assign(model, dp, tp, pp, last, optimizer, sb, blocks, vee)

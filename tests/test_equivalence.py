@@ -1,7 +1,7 @@
 """The core test of the project: every engine trains exactly like one process does.
 
 Same seed, same data, AdamW, gradient accumulation: the per-step losses under DDP, ZeRO-1/2/3,
-TP, TP+SP, PP (GPipe, 1F1B, interleaved 1F1B), recompute, and the mixes dp x tp, dp x pp,
+TP, TP+SP, PP (GPipe, 1F1B, interleaved 1F1B, interleaved zero bubble, ZBV, DualPipeV), recompute, and the mixes dp x tp, dp x pp,
 tp x pp, dp x tp x pp must equal single-process training within 1e-5 relative, and so must
 the final parameters. CPU, gloo, fp32.
 
@@ -146,7 +146,7 @@ def train_all(items: list[tuple[ModelSpec, Plan]]) -> list[tuple]:
 
 
 # ---- the plans ----------------------------------------------------------------------------------
-# world size -> (model, plan fields); 35 plans. One spawned group per world size runs all of its plans
+# world size -> (model, plan fields); 38 plans. One spawned group per world size runs all of its plans
 # (starting ranks is most of the cost here); each plan is then its own test.
 PLANS: dict[int, list[tuple[ModelSpec, dict]]] = {
     2: [  # every engine alone
@@ -159,6 +159,11 @@ PLANS: dict[int, list[tuple[ModelSpec, dict]]] = {
         (LLAMA, dict(pp=2, schedule="gpipe")),
         (LLAMA, dict(pp=2, schedule="1f1b")),
         (LLAMA, dict(pp=2, schedule="interleaved", vpp=2)),
+        # torch's zero-bubble schedules (backward split into inputs' and weights'); the V ones
+        # place stages 0 and 3 on rank 0; 4 micro-batches = DualPipeV's minimum (one per stage)
+        (LLAMA, dict(pp=2, schedule="interleaved-zb", vpp=2)),
+        (LLAMA, dict(pp=2, schedule="zbv")),
+        (LLAMA, dict(pp=2, schedule="dualpipev")),
         # recompute on top of FSDP, TP+SP and PP
         (LLAMA, dict(dp=2, zero=3, recompute="full")),
         (LLAMA, dict(tp=2, sp=True, recompute="selective")),

@@ -579,7 +579,7 @@ def rank_sizes(
     """RankSizes of the first or last pipeline rank (rank_activations' arguments)."""
     pp, tp, sp = plan.pp, plan.tp, plan.sp
     b, s, h = plan.mbs, plan.seq, model.hidden
-    v = plan.vpp if plan.schedule == "interleaved" else 1
+    v = pipeline.chunks_per_rank(plan.vpp, plan.schedule)
     bs = b * s  # rows of a [b, s] tensor
     rows = b * (s // tp) if sp else bs  # rows of the residual stream, sequence-sharded with sp
     torch_ = layout == "torch"
@@ -641,8 +641,7 @@ def rank_sizes(
     # for activations and every non-last one per micro-batch for gradients, allocated once and
     # kept (PipelineStage._setup_forward_recv_info / _create_grad_recv_info)
     pipelined = where(pp > 1, 1, 0)
-    holds_first = _if(last, 1 - pipelined, 1)
-    holds_last = _if(last, 1, 1 - pipelined)
+    holds_first, holds_last = pipeline.holds_ends(pp, last, plan.schedule)
     m = plan.grad_accum
     return RankSizes(
         torch_,

@@ -42,7 +42,7 @@ from shardwise.errors import ShardwiseError
 from shardwise.estimate import _num, context, experts, profiles
 from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.memory import zero1_bucket_numels
-from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks
+from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks, vee
 from shardwise.estimate.profiles import DDP_BUCKET, DDP_FIRST_BUCKET, Profile
 from shardwise.estimate.profiles import PROFILES as PROFILES
 from shardwise.spec.breakdown import Collective
@@ -149,23 +149,24 @@ def _layers_on_rank0(model, plan):
 
 
 def _has_head(plan):
-    """Rank 0 also holds the final norm and output only without pipelining."""
-    return where(plan.pp == 1, 1, 0)
+    """Rank 0 also holds the final norm and output without pipelining, or in a V (zbv, dualpipev)."""
+    return 1 if vee(plan) else where(plan.pp == 1, 1, 0)
 
 
 def rank0_param_numel(model, plan):
-    """Elements of the parameters rank 0 holds before any ZeRO sharding (tp-local pieces)."""
-    return _rank0_numel(model, plan.tp, plan.pp, _layers_on_rank0(model, plan))["numel"]
+    """Elements of the parameters rank 0 holds before any ZeRO sharding (tp-local pieces); a V
+    (zbv, dualpipev) puts the last stage's on rank 0 too."""
+    return _rank0_numel(model, plan.tp, plan.pp, _layers_on_rank0(model, plan), vee(plan))["numel"]
 
 
 @memo
-def _rank0_numel(model, tp, pp, blocks):
+def _rank0_numel(model, tp, pp, blocks, vee=False):
     inv = _inventory(model)
     return {
         "numel": (
             blocks * _sum(inv["block"], local_numel, tp)
             + _sum(inv["first"], local_numel, tp)
-            + (1 if pp == 1 else 0) * _sum(inv["last"], local_numel, tp)
+            + (1 if pp == 1 or vee else 0) * _sum(inv["last"], local_numel, tp)
         )
     }
 
@@ -274,7 +275,7 @@ def zero1_bucket_sizes(model, plan, nbytes: int) -> dict[int, int]:
 
     acc: dict[int, int] = {}
     blocks = int(_layers_on_rank0(model, plan))
-    for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1, blocks):
+    for numel in zero1_bucket_numels(model, int(plan.dp), int(plan.tp), int(plan.pp), plan.pp == 1, blocks, vee(plan)):
         b = numel * nbytes if numel else 4
         acc[b] = acc.get(b, 0) + 1
     return acc

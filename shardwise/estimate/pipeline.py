@@ -9,10 +9,17 @@ lecture's schedule chart (timeline). The orders are those of torch.distributed.p
 - interleaved: rank r holds the v virtual stages r, r+p, r+2p, ...; warm-up (v-1)*p + 2*(p-1-r)
   chunk forwards, then 1F1B over chunks, depth first (ScheduleInterleaved1F1B, which follows
   Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters", §2.2).
+- interleaved-zb, zbv, dualpipev split each backward into the backward for the inputs (I, what the
+  previous stage waits for) and the backward for the weights (W, which waits for nobody and fills
+  the bubble): Qi et al. 2024, "Zero Bubble (Almost) Pipeline Parallelism" (ICLR 2024).
+  interleaved-zb is their ZB-H1 (§2.1) over torch's interleaved order (ScheduleInterleavedZeroBubble);
+  zbv their ZB-V (§6: two stages per rank in a V, rank r holding stages r and 2p-1-r;
+  ScheduleZBVZeroBubble); dualpipev DeepSeek's DualPipe cut in half onto the same V
+  (ScheduleDualPipeV; DeepSeek-V3 technical report §3.2.1, Table 2).
 
 Time unit of the timeline: one chunk's forward takes F = 1 slot and its backward B = 2 (a
-backward is two matmuls per forward matmul); a chunk is 1/v of a rank's layers. Communication
-takes no time here (time.py adds it).
+backward is two matmuls per forward matmul), split into I = 1 and W = 1; a chunk is 1/v of a
+rank's layers. Communication takes no time here (time.py adds it).
 
 Numeric arguments (pp, m, vpp) may be numpy arrays in bubble_fraction and inflight_microbatches;
 the schedule is a scalar string. timeline() is for one scalar plan (it draws a chart).
@@ -25,10 +32,10 @@ from typing import NamedTuple
 
 from shardwise.errors import ShardwiseError
 from shardwise.estimate._num import _is_array, ceil_div, maximum, memo, minimum, where
-from shardwise.spec.plan import stage_blocks
+from shardwise.spec.plan import LOOPED, SCHEDULES, SPLIT_BACKWARD, V_SHAPE, stage_blocks
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
 F_SLOTS, B_SLOTS = 1, 2
+SLOTS = {"F": F_SLOTS, "B": B_SLOTS, "I": B_SLOTS // 2, "W": B_SLOTS // 2}  # I: inputs' backward, W: weights'
 
 
 def _check(schedule: str) -> None:
@@ -37,8 +44,35 @@ def _check(schedule: str) -> None:
 
 
 def chunks_per_rank(vpp, schedule: str):
-    """Virtual stages per rank: vpp for interleaved, 1 otherwise (vpp is ignored there)."""
-    return vpp if schedule == "interleaved" else 1
+    """Virtual stages per rank: vpp for the looped schedules, 2 for the V, 1 otherwise (vpp is
+    ignored there)."""
+    if schedule in V_SHAPE:
+        return 2
+    return vpp if schedule in LOOPED else 1
+
+
+def global_stage(pp: int, rank: int, chunk: int, schedule: str) -> int:
+    """The global stage of a rank's chunk: chunk*p + rank (looped), or the V's r and 2p-1-r
+    (torch's generate_stage_to_rank_mapping(style="v"))."""
+    if schedule in V_SHAPE:
+        return rank if chunk == 0 else 2 * pp - 1 - rank
+    return chunk * pp + rank
+
+
+def vee(plan) -> bool:
+    """The plan's schedule places its stages in a V (zbv, dualpipev)."""
+    return plan.schedule in V_SHAPE
+
+
+def holds_ends(pp, last, schedule: str):
+    """(1 if the rank holds global stage 0, 1 if it holds the last global stage) of the first
+    (last=False) or last (last=True) pipeline rank. Looped: rank 0 the first, rank p-1 the last;
+    the V puts both on rank 0 and neither on rank p-1. Array-safe."""
+    piped = where(pp > 1, 1, 0)
+    pick = (lambda a, b: a if last else b) if last is True or last is False else (lambda a, b: where(last, a, b))
+    if schedule in V_SHAPE:  # a plain bool keeps scalars scalar (the search's arrays stay small)
+        return pick(1 - piped, 1), pick(1 - piped, 1)
+    return pick(1 - piped, 1), pick(1, 1 - piped)
 
 
 def chunk_blocks(model, plan, last):
@@ -54,22 +88,50 @@ def rank_blocks(model, plan, last):
     return chunk_blocks(model, plan, last) * chunks_per_rank(plan.vpp, plan.schedule)
 
 
-def bubble_fraction(pp, m, vpp=1, schedule: str = "1f1b"):
-    """Fraction of a step each rank sits idle: (p-1) / (v*m + p-1).
-
-    The fill and drain cost (p-1) chunk-times of forward and of backward on every rank, against
-    v*m chunk-times of work. With v = 1 (GPipe, 1F1B) this is (p-1)/(m+p-1); as bubble time over
-    ideal time it is (p-1)/(v*m), Narayanan et al.'s "(p-1)/m, divided by v for interleaved".
-    """
+def bubble_slots(pp, m, vpp=1, schedule: str = "1f1b"):
+    """(idle, busy) slots per rank in chunk-time units, F = 1, I = W = 1 (B = I + W = 2). Each
+    rank has v*m chunks of 3 slots (v = 2 for the V); timeline() reproduces every one exactly.
+    gpipe, 1f1b, interleaved: the fill and drain cost (p-1) chunk-times of F and of B on every
+      rank, (p-1)(F+B) = 3(p-1) (Narayanan et al. 2021, §2.2);
+    interleaved-zb: ZB-H1's (p-1)(T_F + T_B - T_W) (Qi et al. 2024, §2.1, T_B their inputs'
+      backward) = p-1: the W's fill the rest of 1F1B's bubble, a third of it;
+    zbv: ZB-V (§6) is "zero bubble" in its steady state when T_F = T_B = T_W; torch's order still
+      waits p-1 forwards for the V to fill (the last rank's first forward), and with fewer than
+      2p-1 micro-batches (torch plans max(2p-1, m) and drops the rest) the V never fills:
+      max(p-1, 4p-2m-2);
+    dualpipev: p-1 as torch's ScheduleDualPipeV runs on one rank's compute (an overlapped forward
+      + backward pair takes F + B). DeepSeek's (PP/2-1)(F&B + B - 3W) (DeepSeek-V3 report,
+      Table 2; DualPipe's README for DualPipeV, PP = 2p stages, B the whole backward) gives
+      2(p-1) at F&B = F + B: it charges the overlapped pair the whole F&B where torch's order has
+      its first forwards of the V run ahead of the pair. Array-safe."""
     _check(schedule)
     v = chunks_per_rank(vpp, schedule)
-    return (pp - 1) / (v * m + pp - 1)
+    busy = (F_SLOTS + B_SLOTS) * v * m
+    if schedule == "interleaved-zb":
+        idle = (pp - 1) * (F_SLOTS + SLOTS["I"] - SLOTS["W"])
+    elif schedule == "zbv":
+        idle = maximum(pp - 1, 4 * pp - 2 * m - 2) * F_SLOTS
+    elif schedule == "dualpipev":
+        idle = (pp - 1) * F_SLOTS
+    else:
+        idle = (pp - 1) * (F_SLOTS + B_SLOTS)
+    return idle, busy
+
+
+def bubble_fraction(pp, m, vpp=1, schedule: str = "1f1b"):
+    """Fraction of a step each rank sits idle, idle / (idle + busy) of bubble_slots: for gpipe,
+    1f1b, interleaved (p-1) / (v*m + p-1); with v = 1 (p-1)/(m+p-1); as bubble time over ideal
+    time (p-1)/(v*m), Narayanan et al.'s "(p-1)/m, divided by v for interleaved"."""
+    idle, busy = bubble_slots(pp, m, vpp, schedule)
+    return idle / (busy + idle)
 
 
 def bubble_over_ideal(pp, m, vpp=1, schedule: str = "1f1b"):
-    """Bubble time / ideal (bubble-free) time = (p-1)/(v*m) (Narayanan et al. 2021, §2.2)."""
-    _check(schedule)
-    return (pp - 1) / (chunks_per_rank(vpp, schedule) * m)
+    """Bubble time / ideal (bubble-free) time: (p-1)/(v*m) for gpipe, 1f1b, interleaved
+    (Narayanan et al. 2021, §2.2); (p-1)/(3*v*m) for interleaved-zb (Qi et al.'s ZB-H1, a third
+    of 1F1B's); (p-1)/(6m) for zbv (m >= 2p-1) and dualpipev."""
+    idle, busy = bubble_slots(pp, m, vpp, schedule)
+    return idle / busy
 
 
 def inflight_microbatches(pp, m, vpp=1, schedule: str = "1f1b", stage=0):
@@ -83,12 +145,18 @@ def inflight_microbatches(pp, m, vpp=1, schedule: str = "1f1b", stage=0):
       w = (v-1)*p + 2*(p-1-r) chunk forwards, then runs F before B: peak min(w+1, v*m) chunks of
       1/v of the layers each. On rank 0 that is p + (p-1)/v micro-batches, Korthikanti et al.
       2022's interleaved factor p*(1 + (p-1)/(p*v)).
+    interleaved-zb, zbv, dualpipev: a chunk's activations live from its F to its W (the weights'
+      backward needs the layers' inputs and output gradients), counted along torch's order: zbv
+      2p chunks = p micro-batches, 1F1B's (Qi et al. 2024, §6); dualpipev 2p+1 chunks, DeepSeek's
+      "PP+1" (DeepSeek-V3 report, Table 2, PP = 2p stages).
     """
     _check(schedule)
     if schedule == "gpipe":
         return m + 0 * pp
     if schedule == "1f1b":
         return minimum(pp - stage, m)
+    if schedule in SPLIT_BACKWARD:  # from torch's order (held_chunks); scalars only
+        return max(_held_chunks(int(pp), int(m), int(vpp), schedule, int(stage))) / chunks_per_rank(vpp, schedule)
     warmup = (vpp - 1) * pp + 2 * (pp - 1 - stage)
     return minimum(warmup + 1, vpp * m) / vpp
 
@@ -145,9 +213,70 @@ def _table(pp, m, vpp, schedule, last):
     }
 
 
+@lru_cache(maxsize=4096)
+def _held_chunks(pp, m, v, schedule, rank) -> tuple[int, ...]:
+    """Chunks alive (forward done, weights' backward not yet) after each op of the rank's order."""
+    live, out = 0, []
+    for kind, _, _ in rank_order(pp, m, v, schedule, rank):
+        live += 1 if kind == "F" else -1 if kind in "BW" else 0
+        out.append(live)
+    return tuple(out)
+
+
+def _split_backwards(pp, m, v, schedule, last):
+    """backwards() of the schedules with a weights' backward (W), walked along torch's order: a
+    chunk stays alive from its F to its W (or whole B); the runtime these schedules share
+    (_PipelineScheduleRuntime) keeps every send's work until the step ends. The moments returned:
+    the first and the last op at the most chunks alive, the first op after which every chunk of the
+    rank has gradients, and the op with the most chunks alive from then on."""
+    p = pp
+    r = p - 1 if last else 0
+    stages = [global_stage(p, r, c, schedule) for c in range(v)]
+    top = p * v - 1
+    live = [0] * v  # chunks alive per virtual stage
+    ends = [c for c in range(v) if stages[c] == 0], [c for c in range(v) if stages[c] == top]
+    sent_out = sent_grad = 0
+    graded: set = set()
+    moments = []
+    for kind, _, c in rank_order(p, m, v, schedule, r):
+        s = stages[c]
+        if kind == "F":
+            live[c] += 1
+            sent_out += s != top
+            continue
+        if kind in "BI":
+            first, head = (sum(live[d] for d in e) for e in ends)
+            moments.append((len(moments), sum(live), first, head, sent_out, sent_grad, len(graded), int(s == top)))
+            sent_grad += s != 0
+        if kind in "BW":
+            live[c] -= 1
+            graded.add(c)
+    most = max(b[1] for b in moments)
+    at_most = [b for b in moments if b[1] == most]
+    full = [b for b in moments if b[6] >= v] or moments[-1:]
+    picks = (at_most[0], at_most[-1], full[0], max(full, key=lambda b: (b[1], b[0])))
+    return tuple(Backward(*b) for b in picks)
+
+
+STEADY = 4  # rounds of p micro-batches after which the split schedules' orders only repeat
+
+
 def _backwards(pp, m, vpp, schedule, last):
     """backwards() of scalars."""
     _check(schedule)
+    if schedule in SPLIT_BACKWARD and pp > 1:
+        v = chunks_per_rank(vpp, schedule)
+        big = STEADY * pp
+        if m <= big + pp:
+            return _split_backwards(pp, m, v, schedule, last)
+        # past the steady state one more round of p micro-batches adds the same to every count
+        # (test_pipeline holds this against the walk): walk two sizes, extend the difference
+        a, b = _split_backwards(pp, big, v, schedule, last), _split_backwards(pp, big + pp, v, schedule, last)
+        k, rest = divmod(m - big, pp)
+        if rest:  # the last partial round: walk from the size just below m instead
+            a = _split_backwards(pp, big + rest, v, schedule, last)
+            b = _split_backwards(pp, big + rest + pp, v, schedule, last)
+        return tuple(Backward(*(x + (y - x) * k for x, y in zip(ba, bb))) for ba, bb in zip(a, b))
     v = chunks_per_rank(vpp, schedule)
     p = pp
     r = where(last, p - 1, 0 * p)
@@ -207,13 +336,14 @@ class Slot(NamedTuple):
     rank: int
     start: int
     end: int
-    kind: str  # "F" | "B"
+    kind: str  # "F" | "B" | "I" | "W"
     microbatch: int
-    chunk: int  # virtual stage index on this rank (0 unless interleaved); global stage = chunk*p + rank
+    chunk: int  # virtual stage index on this rank (0 with one); its global stage: global_stage()
 
 
 def rank_order(pp: int, m: int, vpp: int = 1, schedule: str = "1f1b", rank: int = 0) -> list[tuple[str, int, int]]:
-    """The (kind, microbatch, chunk) sequence one rank executes, in torch's order."""
+    """The (kind, microbatch, chunk) sequence one rank executes, in torch's order. kind: F, B (the
+    whole backward), I (the inputs' backward), W (the weights' backward)."""
     _check(schedule)
     if schedule == "gpipe":
         return [("F", i, 0) for i in range(m)] + [("B", i, 0) for i in range(m)]
@@ -225,46 +355,168 @@ def rank_order(pp: int, m: int, vpp: int = 1, schedule: str = "1f1b", rank: int 
             if warm + i < m:
                 ops.append(("F", warm + i, 0))
         return ops
-    # interleaved: ScheduleInterleaved1F1B._calculate_single_rank_operations, without its padding
-    v = vpp
+    if schedule == "zbv":
+        return _zbv_order(pp, m, rank)
+    if schedule == "dualpipev":
+        return _dualpipev_order(pp, m, rank)
+    return _looped_order(pp, m, vpp, rank, zero_bubble=schedule == "interleaved-zb")
+
+
+def _looped_order(pp, m, v, rank, zero_bubble):
+    """ScheduleInterleaved1F1B / ScheduleInterleavedZeroBubble._calculate_single_rank_operations
+    (torch's _get_warmup_ops and _get_1f1b_rank_ops), without their padding: the zero-bubble one
+    warms up one forward per hop (not two), runs I for B, and from its (rank)-th 1F1B step on
+    follows each I with the W of its oldest backward not yet weighted; the rest at the end."""
     per_round = m // max(1, m // pp)
     total = v * m
-    warm = min((v - 1) * per_round + 2 * (pp - 1 - rank), total)
+    warm = min((v - 1) * per_round + (1 if zero_bubble else 2) * (pp - 1 - rank), total)
     fwd_chunk = lambda step: (step // per_round) % v
     bwd_chunk = lambda step: v - 1 - ((step - warm) // per_round) % v
-    nf, nb = [0] * v, [0] * v
+    count: dict[tuple[str, int], int] = {}
     ops: list[tuple[str, int, int]] = []
+    back = "I" if zero_bubble else "B"
+    backs: list[int] = []  # the chunk of each backward so far, for its W
+    weighted = [0]  # W's so far
 
-    def fwd(step):
-        c = fwd_chunk(step)
-        ops.append(("F", nf[c], c))
-        nf[c] += 1
+    def op(kind, c):
+        i = count.get((kind, c), 0)
+        count[(kind, c)] = i + 1
+        ops.append((kind, i, c))
 
-    def bwd(step):
+    def backward(step):
         c = bwd_chunk(step)
-        ops.append(("B", nb[c], c))
-        nb[c] += 1
+        op(back, c)
+        backs.append(c)
+        if zero_bubble and step - warm >= rank:
+            op("W", backs[weighted[0]])
+            weighted[0] += 1
 
     for step in range(warm):
-        fwd(step)
+        op("F", fwd_chunk(step))
     for step in range(warm, total):
-        fwd(step)
-        bwd(step)
+        op("F", fwd_chunk(step))
+        backward(step)
     for step in range(total, total + warm):
-        bwd(step)
+        backward(step)
+    while zero_bubble and len(backs) > weighted[0]:
+        op("W", backs[weighted[0]])
+        weighted[0] += 1
+    return ops
+
+
+def _zbv_order(pp, m, rank):
+    """ScheduleZBVZeroBubble._calculate_single_rank_operations: chunk 0 is stage r, chunk 1 stage
+    2p-1-r; warm-up 2(p-r)-1 forwards of chunk 0, r pairs F1 F0, p-r triples F1 I1 W1, then
+    F0 I0 W0 F1 I1 W1 while forwards remain, then the I's and the W's left; its micro-batches
+    beyond m (it plans max(2p-1, m)) are dropped."""
+    n = max(2 * pp - 1, m)
+    ops: list[tuple[str, int, int]] = []
+    cnt = {("F", 0): 0, ("F", 1): 0, ("I", 0): 0, ("I", 1): 0, ("W", 0): 0, ("W", 1): 0}
+
+    def op(kind, c):
+        ops.append((kind, cnt[(kind, c)], c))
+        cnt[(kind, c)] += 1
+
+    for _ in range(2 * (pp - rank) - 1):
+        op("F", 0)
+    for _ in range(rank):
+        op("F", 1)
+        op("F", 0)
+    for _ in range(pp - rank):
+        op("F", 1)
+        op("I", 1)
+        op("W", 1)
+    while cnt[("F", 1)] < cnt[("F", 0)] or cnt[("F", 0)] < n:
+        if cnt[("F", 0)] < n:
+            op("F", 0)
+        op("I", 0)
+        op("W", 0)
+        op("F", 1)
+        op("I", 1)
+        op("W", 1)
+    for _ in range(rank):
+        op("I", 0)
+        op("I", 1)
+    for _ in range(pp - rank):
+        op("I", 0)
+        op("W", 0)
+    while cnt[("W", 1)] < cnt[("I", 1)]:
+        op("W", 1)
+    while cnt[("W", 0)] < cnt[("I", 0)]:
+        op("W", 0)
+    return [o for o in ops if o[1] < m]
+
+
+def _dualpipev_order(pp, m, rank):
+    """ScheduleDualPipeV._calculate_single_rank_operations, its overlapped forward + backward
+    pairs as the forward then the backward (one rank computes them one after the other):
+    1: 2(p-r-1) F0; 2: r+1 pairs F0 F1; 3: p-r-1 triples I1 W(queued) F1; 4: m-2p+r+1 rounds
+    F0+B1, F1+B0; 5: p-r-1 rounds B1, F1+B0; 6: r+1 pairs B1 B0, from half way on as I's;
+    7: p-r-1 pairs W(queued) B0-or-I0; 8: the queued W's."""
+    ops: list[tuple[str, int, int]] = []
+    cnt: dict[tuple[str, int], int] = {}
+    queue: list[tuple[int, int]] = []  # (chunk, micro-batch) of I's waiting for their W
+
+    def op(kind, c):
+        key = ("I" if kind == "B" else kind, c)
+        i = cnt.get(key, 0)
+        cnt[key] = i + 1
+        ops.append((kind, i, c))
+        if kind == "I":
+            queue.append((c, i))
+
+    def weight():
+        if queue:
+            c, i = queue.pop(0)
+            ops.append(("W", i, c))
+
+    for _ in range(2 * (pp - rank - 1)):
+        op("F", 0)
+    for _ in range(rank + 1):
+        op("F", 0)
+        op("F", 1)
+    for _ in range(pp - rank - 1):
+        op("I", 1)
+        weight()
+        op("F", 1)
+    for _ in range(m - 2 * pp + rank + 1):
+        op("F", 0)
+        op("B", 1)
+        op("F", 1)
+        op("B", 0)
+    for _ in range(pp - rank - 1):
+        op("B", 1)
+        op("F", 1)
+        op("B", 0)
+    split = False
+    for i in range(rank + 1):
+        if i == (rank + 1) // 2 and rank % 2 == 1:
+            split = True
+        op("I" if split else "B", 1)
+        if i == (rank + 1) // 2 and rank % 2 == 0:
+            split = True
+        op("I" if split else "B", 0)
+    for _ in range(pp - rank - 1):
+        weight()
+        op("I" if split else "B", 0)
+    for _ in range(rank + 1):
+        weight()
     return ops
 
 
 def timeline(pp: int, m: int, vpp: int = 1, schedule: str = "1f1b") -> list[Slot]:
     """Every forward and backward of one step on every rank, placed as early as its data allows
-    (F of stage s after F of stage s-1; B of stage s after B of stage s+1 and its own F), in each
-    rank's torch order. Idle time per rank / makespan = bubble_fraction(pp, m, vpp, schedule)."""
+    (F of stage s after F of stage s-1; B or I of stage s after B or I of stage s+1 and its own F;
+    W after its own I), in each rank's torch order. Idle time per rank / makespan =
+    bubble_fraction(pp, m, vpp, schedule)."""
     v = chunks_per_rank(vpp, schedule)
-    if schedule == "interleaved" and m % pp:
-        raise ShardwiseError(f"interleaved 1F1B needs the micro-batch count ({m}) to be a multiple of pp={pp}")
+    if schedule in LOOPED and m % pp:
+        raise ShardwiseError(f"{schedule} needs the micro-batch count ({m}) to be a multiple of pp={pp}")
+    if schedule == "dualpipev" and m < 2 * pp:
+        raise ShardwiseError(f"dualpipev needs at least 2*pp = {2 * pp} micro-batches, got {m}")
     orders = [rank_order(pp, m, v, schedule, r) for r in range(pp)]
     last = pp * v - 1
-    done: dict[tuple[str, int, int], int] = {}  # (kind, microbatch, global stage) -> end slot
+    done: dict[tuple[str, int, int], int] = {}  # (F | G (input gradient) | W, microbatch, stage) -> end
     free = [0] * pp
     nxt = [0] * pp
     out: list[Slot] = []
@@ -275,16 +527,18 @@ def timeline(pp: int, m: int, vpp: int = 1, schedule: str = "1f1b") -> list[Slot
             if nxt[r] == len(orders[r]):
                 continue
             kind, mb, c = orders[r][nxt[r]]
-            s = c * pp + r
+            s = global_stage(pp, r, c, schedule)
             if kind == "F":
                 deps = [("F", mb, s - 1)] if s > 0 else []
+            elif kind == "W":
+                deps = [("G", mb, s)]
             else:
-                deps = [("F", mb, s)] + ([("B", mb, s + 1)] if s < last else [])
+                deps = [("F", mb, s)] + ([("G", mb, s + 1)] if s < last else [])
             if any(d not in done for d in deps):
                 continue
             start = max([free[r]] + [done[d] for d in deps])
-            end = start + (F_SLOTS if kind == "F" else B_SLOTS)
-            done[(kind, mb, s)] = end
+            end = start + SLOTS[kind]
+            done[("F" if kind == "F" else "W" if kind == "W" else "G", mb, s)] = end
             free[r] = end
             out.append(Slot(r, start, end, kind, mb, c))
             nxt[r] += 1

@@ -57,7 +57,7 @@ from shardwise.estimate import context
 from shardwise.estimate._num import maximum, minimum, where
 from shardwise.estimate.comm import rank0_param_numel
 from shardwise.estimate.host import host_seconds
-from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal, rank_blocks
+from shardwise.estimate.pipeline import bubble_fraction, bubble_over_ideal, rank_blocks, vee
 from shardwise.estimate.profiles import TORCH
 from shardwise.spec import limits
 from shardwise.spec.breakdown import Time
@@ -255,9 +255,12 @@ def step_time(model, cluster, plan, comm, *, efficiency=None, tokens: float = 0.
             layer_s = linear_s + core / rate
             rc_s = layer_s if plan.recompute == "full" else rc_s
         head_s = 2 * w["head"] * mb_tokens / plan.tp / rate
-    first_busier = where(first * (layer_s + rc_s) > last * (layer_s + rc_s) + head_s, 1, 0)
+    # a V (zbv, dualpipev) puts the output layer on rank 0, beside the first stage
+    head_first = 1 if vee(plan) else 0
+    first_s = first * (layer_s + rc_s) + head_first * head_s
+    first_busier = where(first_s > last * (layer_s + rc_s) + (1 - head_first) * head_s, 1, 0)
     blocks = where(first_busier, first, last)
-    t_f = blocks * layer_s + (1 - first_busier) * head_s
+    t_f = blocks * layer_s + where(first_busier, head_first, 1 - head_first) * head_s
     t_r = blocks * rc_s
     t_b = 2 * t_f
     forward_s, backward_s, recompute_s = m * t_f, m * t_b, m * t_r

@@ -30,8 +30,9 @@ def refuse(job: Job) -> str | None:
     p, m = job.plan, job.model
     if p.zero >= 2:
         return "Megatron-LM's distributed optimizer shards optimizer states only (ZeRO-1); use --zero 0 or 1"
-    if p.pp > 1 and p.schedule == "gpipe":
-        return "Megatron-LM schedules pipelines as 1F1B or interleaved 1F1B, not GPipe; use --schedule 1f1b"
+    if p.pp > 1 and p.schedule not in ("1f1b", "interleaved"):
+        name = "GPipe" if p.schedule == "gpipe" else p.schedule
+        return f"Megatron-LM schedules pipelines as 1F1B or interleaved 1F1B, not {name}; use --schedule 1f1b or interleaved"
     if p.recompute not in ("none", "selective", "full"):
         return f"Megatron-LM has no {p.recompute} recompute; use --recompute none, selective or full"
     if p.offload != "none":

@@ -13,14 +13,21 @@ import tomllib
 
 from shardwise.export.job import Export, Imported, Job, bad_file, refused, toml_text
 from shardwise.spec.fp8 import RECIPES, base_precision, fp8_all_gather, is_fp8
-from shardwise.spec.plan import recompute_every, recompute_kind
+from shardwise.spec.plan import MULTI_STAGE, recompute_every, recompute_kind
 from shardwise.spec.presets import preset, resolve_name
 
 FMT = "torchtitan"
 # torchtitan/models/llama3/__init__.py: llama3_configs (the flavors its trainer can build)
 FLAVORS = {"llama-3.1-8b": ("llama3", "8B"), "llama-3.1-70b": ("llama3", "70B"), "llama-3.1-405b": ("llama3", "405B")}
 # torch.distributed.pipelining.schedules.get_schedule_class names, which torchtitan passes through
-SCHEDULES = {"gpipe": "GPipe", "1f1b": "1F1B", "interleaved": "Interleaved1F1B"}
+SCHEDULES = {
+    "gpipe": "GPipe",
+    "1f1b": "1F1B",
+    "interleaved": "Interleaved1F1B",
+    "interleaved-zb": "InterleavedZeroBubble",
+    "zbv": "ZBVZeroBubble",
+    "dualpipev": "DualPipeV",
+}
 # Training.mixed_precision_param / Training.dtype: Literal["bfloat16", "float32"]
 PRECISION = {"bf16-mixed": ("float32", "bfloat16"), "fp32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16")}
 OPTIMIZERS = {"adamw": "AdamW"}  # torchtitan/components/optimizer.py: {"Adam", "AdamW"}
@@ -216,7 +223,7 @@ def read(path: str, text: str) -> Imported:
             )
         plan["schedule"] = sched
         plan["mbs"] = par.get("pipeline_parallel_microbatch_size", 1)
-        if "pipeline_parallel_layers_per_stage" in par and sched == "interleaved":
+        if "pipeline_parallel_layers_per_stage" in par and sched in MULTI_STAGE:
             plan["vpp"] = -1  # resolved with the model below: layers / (pp * layers_per_stage)
     else:
         plan["mbs"] = tr.get("local_batch_size", 8)

@@ -569,7 +569,8 @@ def scenario_memory(scenarios, title, caption):
 
 
 # ---- part 2: the pipeline schedules ------------------------------------------------------------
-FWD, BWD = (BLUE, SKY), (VERMILION, ORANGE)  # chunk 0, chunk 1 (interleaved)
+FWD, BWD = (BLUE, SKY), (VERMILION, ORANGE)  # chunk 0, chunk 1 (interleaved, the V)
+WGT = (GREEN, YELLOW)  # the weights' backward (W) of the zero-bubble schedules, apart from the inputs' (I)
 BUBBLE = dict(facecolor="#F6E3E3", hatch="xx", edgecolor="#D9A5A5", linewidth=0)
 
 
@@ -596,7 +597,7 @@ def pipeline_schedules(panels, title, caption):
         end = max(s[2] for s in p["slots"]) * u
         ax.add_patch(_rect(0, -0.5, end, pp, zorder=0, **BUBBLE))  # idle unless covered by work
         for rank, start, stop, kind, mb, chunk in p["slots"]:
-            c = (FWD if kind == "F" else BWD)[chunk % 2]
+            c = (FWD if kind == "F" else WGT if kind == "W" else BWD)[chunk % 2]
             ax.add_patch(_rect(start * u, rank - 0.42, (stop - start) * u, 0.84, fc=c, ec="white", lw=0.6, zorder=2))
             if (stop - start) * u >= 0.5:  # the micro-batch number, where it fits
                 ax.text(
@@ -617,7 +618,10 @@ def pipeline_schedules(panels, title, caption):
         ax.tick_params(axis="y", length=0)
         ax.set_title(p["title"], loc="left", fontsize=9.5)
         ax.axvline(end, color=INK, lw=1, ls=":")
-    axes[-1].set_xlabel("time (unit: the forward of one micro-batch through one GPU's layers; a backward takes 2)")
+    axes[-1].set_xlabel(
+        "time (unit: the forward of one micro-batch through one GPU's layers; a backward takes 2, "
+        "split into the inputs' and the weights' 1 + 1 by the zero-bubble schedules)"
+    )
     bottom_legend(
         fig,
         [
@@ -625,8 +629,10 @@ def pipeline_schedules(panels, title, caption):
             Patch(color=BWD[0], label="backward"),
             Patch(color=FWD[1], label="forward, 2nd virtual stage"),
             Patch(color=BWD[1], label="backward, 2nd virtual stage"),
+            Patch(color=WGT[0], label="weights' backward (W)"),
+            Patch(color=WGT[1], label="W, 2nd virtual stage"),
             Patch(**BUBBLE, label="idle (the bubble)"),
         ],
-        ncols=5,
+        ncols=4,
     )
     return fig

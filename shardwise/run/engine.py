@@ -184,7 +184,15 @@ class Engine:
         return cls(groups, **kw)
 
     def _pipeline_schedule(self):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleDualPipeV,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+            ScheduleInterleavedZeroBubble,
+            ScheduleZBVZeroBubble,
+        )
 
         group = self.mesh.get_group("pp")
         stages = [
@@ -194,8 +202,14 @@ class Engine:
         n = self.local.grad_accum
         # scale_grads=False: the loss is divided by the micro-batch count instead (as without PP).
         # The schedule's own scaling walks submod.parameters(), which DDP + TP has emptied.
-        if self.local.schedule == "interleaved":
-            return ScheduleInterleaved1F1B(stages, n_microbatches=n, loss_fn=self._pp_loss, scale_grads=False)
+        multi = {
+            "interleaved": ScheduleInterleaved1F1B,
+            "interleaved-zb": ScheduleInterleavedZeroBubble,
+            "zbv": ScheduleZBVZeroBubble,
+            "dualpipev": ScheduleDualPipeV,
+        }.get(self.local.schedule)
+        if multi is not None:
+            return multi(stages, n_microbatches=n, loss_fn=self._pp_loss, scale_grads=False)
         cls = ScheduleGPipe if self.local.schedule == "gpipe" else Schedule1F1B
         return cls(stages[0], n_microbatches=n, loss_fn=self._pp_loss, scale_grads=False)
 
@@ -265,7 +279,7 @@ class Engine:
 
         # one all-reduce for both numbers: the loss (from the ranks that have it, already a
         # mean over their micro-batches, /dp) and the squared gradient norm (each shard once)
-        reports = self.pp_rank == self.local.pp - 1 and self.tp_rank == 0
+        reports = self.holds_last and self.tp_rank == 0
         sq = _weighted_sq_norm(self.params, self.device)
         packed = torch.stack([(local_loss.float() / plan.dp) if reports else torch.zeros((), device=self.device), sq])
         if self.mesh is not None:
@@ -347,9 +361,14 @@ class Engine:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if last else model.no_sync()
 
+    @property
+    def holds_last(self) -> bool:
+        """This rank runs the last stage (the loss): pp rank p-1, or rank 0 under a V schedule."""
+        return any(idx == self.n_stages - 1 for idx, _, _ in self.stages)
+
     def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         first = self.pp_rank == 0
-        last = self.pp_rank == self.local.pp - 1
+        last = self.holds_last
         losses: list[torch.Tensor] = []
         args = (x,) if first else ()
         # autocast once per step (torchtitan's pipeline path): the stages' own autocast nests inside

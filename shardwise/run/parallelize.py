@@ -28,7 +28,7 @@ from shardwise.run import fp8, inductor
 from shardwise.run.dist import fsdp_mesh
 from shardwise.run.model import Transformer
 from shardwise.spec.fp8 import is_fp8
-from shardwise.spec.plan import Plan, engine_violation, recompute_every, recompute_kind, stage_blocks
+from shardwise.spec.plan import V_SHAPE, Plan, engine_violation, recompute_every, recompute_kind, stage_blocks
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,10 @@ def check_supported(spec, plan: Plan, device: torch.device | None) -> None:
 
 # ---- pipeline split -----------------------------------------------------------------------
 def stage_ids(plan: Plan, pp_rank: int) -> list[int]:
-    """Stages this pipeline rank runs: r (GPipe, 1F1B) or r, r+pp, r+2pp, ... (interleaved)."""
+    """Stages this pipeline rank runs: r (GPipe, 1F1B), r, r+pp, r+2pp, ... (the looped
+    schedules), or r and 2pp-1-r (the V: torch's generate_stage_to_rank_mapping(style="v"))."""
+    if plan.schedule in V_SHAPE:
+        return [pp_rank, 2 * plan.pp - 1 - pp_rank]
     return [pp_rank + k * plan.pp for k in range(plan.vpp)]
 
 

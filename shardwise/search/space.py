@@ -24,10 +24,13 @@ import numpy as np
 
 from shardwise.errors import ShardwiseError, closest
 from shardwise.spec.plan import (
+    LOOPED,
+    MULTI_STAGE,
     OFFLOAD,
     RECOMPUTE,
     RULES,
     SCHEDULES,
+    V_SHAPE,
     ZERO_STAGES,
     Plan,
     _check_choices,
@@ -35,6 +38,10 @@ from shardwise.spec.plan import (
     divisors,
 )
 
+# dualpipev only when pinned: on one rank's compute it has zbv's bubble and one chunk more in flight
+# (pipeline.bubble_slots, inflight_microbatches); what DualPipe adds is overlap of expert-parallel
+# all-to-alls with compute, which dense models do not have
+SEARCHED_SCHEDULES = tuple(s for s in SCHEDULES if s != "dualpipev")
 SEARCHED = (
     "dp",
     "tp",
@@ -114,7 +121,7 @@ def last_stage_cuts(layers: int, stages: int, schedule: str) -> list[int]:
     others hold the same number; 0 when they divide the layers), then each r + j * stages (one more block on every other stage)
     that leaves the last stage a block or none (its head alone). Uneven splits are gpipe's and
     1f1b's. 32 layers over 4 stages: 0 (8 each), 4 (9, 9, 9, 5), 8 (10, 10, 10, 2)."""
-    if stages == 1 or schedule == "interleaved":
+    if stages == 1 or schedule in MULTI_STAGE:
         return [0]
     r = (-layers) % stages  # written out (not 0) so the plan's name shows the split
     return [r] + [k for k in range(r + stages, layers // (stages - 1) + 1, stages)]
@@ -202,7 +209,7 @@ class Space:
             "recompute": RECOMPUTE_ORDER,
             "offload": OFFLOAD_ORDER,
             "sp": (False, True),
-            "schedule": SCHEDULES,
+            "schedule": SEARCHED_SCHEDULES,
         }[field]
 
     def families(self) -> list[dict]:
@@ -281,11 +288,17 @@ class Space:
         dp = self.gpus // (tp * pp * cp)
         if "vpp" in f:
             vpps = [f["vpp"]]
-        elif schedule == "interleaved":
+        elif schedule == "interleaved-zb":
+            vpps = [1]  # Qi et al.'s ZB-H1; more virtual stages when pinned (--vpp), as the search's cost allows
+        elif schedule in LOOPED:
             per = m.layers // pp if m.layers % pp == 0 else 0
             vpps = [v for v in divisors(per) if v > 1] if per else [2]
             if not vpps:
                 return  # one layer per stage: nothing to interleave
+        elif schedule in V_SHAPE:
+            vpps = [2]
+            if m.layers % (2 * pp):
+                return  # uneven stages are gpipe's and 1f1b's; the V needs 2pp equal stages
         else:
             vpps = [1]
         if "mbs" in f:

@@ -17,7 +17,13 @@ from typing import NamedTuple
 from shardwise.errors import ShardwiseError, closest
 from shardwise.spec import experts, limits
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
+# torch.distributed.pipelining's schedules: ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B,
+# ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble, ScheduleDualPipeV
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "interleaved-zb", "zbv", "dualpipev")
+LOOPED = ("interleaved", "interleaved-zb")  # rank r holds the virtual stages r, r+p, r+2p, ...
+V_SHAPE = ("zbv", "dualpipev")  # rank r holds stages r and 2p-1-r: exactly two, the first and last on rank 0
+MULTI_STAGE = LOOPED + V_SHAPE
+SPLIT_BACKWARD = ("interleaved-zb", "zbv", "dualpipev")  # backward for inputs (B) apart from weights (W)
 # by the matmul work they run again (the search's order): selective-op, the per-op policy, keeps
 # every matmul's and attention's output; selective, Megatron's, reruns the attention core;
 # selective-layer[:k], torchtitan's per-layer policy, reruns every k-th block's forward
@@ -48,7 +54,7 @@ class Plan:
     gbs: int = 0  # global batch in sequences; 0 -> dp * mbs (no accumulation)
     seq: int = 2048
     schedule: str = "1f1b"
-    vpp: int = 1  # virtual pipeline stages per rank (interleaved only)
+    vpp: int = 1  # virtual pipeline stages per rank (interleaved, interleaved-zb; 2 for zbv and dualpipev)
     recompute: str = "none"
     sp: bool = False  # sequence parallel (with tp)
     precision: str = "bf16-mixed"
@@ -161,6 +167,8 @@ class Plan:
             p = p.replace(dp=gpus // split)
         if p.gbs == 0:
             p = p.replace(gbs=p.dp * p.mbs)
+        if p.schedule in V_SHAPE and p.vpp == 1:
+            p = p.replace(vpp=2)  # the V holds two stages per rank, always
         p.validate(model, gpus)
         return p
 
@@ -192,7 +200,9 @@ class Rule(NamedTuple):
     message: Callable
 
 
-_INTERLEAVED = lambda p: p.schedule == "interleaved"
+_MULTI = lambda p: (p.schedule == "interleaved") | (p.schedule == "interleaved-zb") | _VEE(p)
+_LOOPED = lambda p: (p.schedule == "interleaved") | (p.schedule == "interleaved-zb")
+_VEE = lambda p: (p.schedule == "zbv") | (p.schedule == "dualpipev")
 RULES: tuple[Rule, ...] = (
     Rule(
         "gpus",
@@ -250,10 +260,11 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "stages",
-        lambda p, m, g: _INTERLEAVED(p) & (last_cut(p, m.layers) > 0),
+        lambda p, m, g: _MULTI(p) & (last_cut(p, m.layers) > 0),
         lambda p, m, g: (
             f"pp*vpp = {p.pp * p.vpp} does not divide the {m.layers} layers, and uneven stages are modeled for "
-            f"gpipe and 1f1b only; use --schedule 1f1b, or pp*vpp dividing {m.layers} (pp in {divisors(m.layers)})"
+            f"gpipe and 1f1b only; use --schedule 1f1b, or pp*vpp dividing {m.layers} "
+            f"(pp*vpp in {divisors(m.layers)})"
         ),
     ),
     Rule(
@@ -266,20 +277,34 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "schedule",
-        lambda p, m, g: (p.vpp > 1) & (p.schedule != "interleaved"),
-        lambda p, m, g: f"vpp={p.vpp} needs --schedule interleaved (virtual stages only exist there)",
+        lambda p, m, g: (p.vpp > 1) & (not _MULTI(p)),
+        lambda p, m, g: f"vpp={p.vpp} needs --schedule interleaved or interleaved-zb (virtual stages only exist there)",
     ),
     Rule(
         "schedule",
-        lambda p, m, g: _INTERLEAVED(p) & (p.pp == 1),
-        lambda p, m, g: "the interleaved schedule needs pp > 1",
+        lambda p, m, g: _VEE(p) & (p.vpp != 2),
+        lambda p, m, g: f"--schedule {p.schedule} holds exactly 2 stages per rank (a V); leave --vpp out or use 2",
+    ),
+    Rule(
+        "schedule",
+        lambda p, m, g: _MULTI(p) & (p.pp == 1),
+        lambda p, m, g: f"the {p.schedule} schedule needs pp > 1",
     ),
     Rule(
         "batch",
-        lambda p, m, g: _INTERLEAVED(p) & (p.grad_accum % p.pp != 0),
+        lambda p, m, g: _LOOPED(p) & (p.grad_accum % p.pp != 0),
         lambda p, m, g: (
-            f"interleaved 1F1B needs the micro-batch count ({p.grad_accum}) to be a multiple "
+            f"{p.schedule} needs the micro-batch count ({p.grad_accum}) to be a multiple "
             f"of pp={p.pp}; raise gbs or lower mbs"
+        ),
+    ),
+    # torch's ScheduleDualPipeV: "requires at least as many microbatches as stages"
+    Rule(
+        "batch",
+        lambda p, m, g: (p.schedule == "dualpipev") & (p.grad_accum < 2 * p.pp),
+        lambda p, m, g: (
+            f"dualpipev needs at least as many micro-batches as stages: {p.grad_accum} < 2*pp = {2 * p.pp}; "
+            "raise gbs or lower mbs"
         ),
     ),
     Rule(
@@ -392,6 +417,16 @@ ENGINE_RULES: tuple[Rule, ...] = (
         lambda p, m, g: (
             "adafactor needs whole parameters: use it with dp (ZeRO 0/1) and pp, not with tp > 1 "
             "or ZeRO-2/3; or use adamw"
+        ),
+    ),
+    # a V (zbv, dualpipev) puts both copies of a tied embedding on rank 0, where the embedding
+    # group that sums the two copies' gradients (run/engine.py) would be a group of one rank
+    Rule(
+        "engine",
+        lambda p, m, g: m.tied_embeddings & ((p.schedule == "zbv") | (p.schedule == "dualpipev")) & (p.pp > 1),
+        lambda p, m, g: (
+            f"{m.name} ties its embeddings, and --schedule {p.schedule} puts the first and the last stage on one "
+            "rank, which `shardwise run` does not train; use --schedule interleaved-zb or interleaved"
         ),
     ),
     # DDP's DDP+TP path swaps each DTensor parameter for its local shard once per parameter name;

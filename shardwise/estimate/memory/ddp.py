@@ -11,7 +11,7 @@ from shardwise.estimate._num import maximum, memo, where
 from shardwise.estimate.memory.moments import grads_present, loss_and_block, peak_backwards, split_items
 from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
 from shardwise.estimate.memory.zero1 import zero1_worst
-from shardwise.estimate.pipeline import chunk_blocks, rank_blocks
+from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks, vee
 from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
 from shardwise.spec.fp8 import is_fp8
 from shardwise.spec.loss import chunked_loss
@@ -19,12 +19,12 @@ from shardwise.spec.plan import recompute_every, recompute_kind
 
 
 @memo
-def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last, blocks):
+def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last, blocks, vee=False):
     """Parameter sums for the local engines: elements, optimizer bytes and step scratch of the
     worst dp rank, the Linear elements autocast copies, and the elements whose gradients appear
     with each part's first backward: one block's, the embeddings', the head's."""
     g, sb = groups(model), TORCH.state_bytes(precision)
-    st = stage_of(model, pp, last, blocks)
+    st = stage_of(model, pp, last, blocks, vee)
     numel = lambda p: elements(local_shape(p, tp))
     n = st.sum(g, numel)
     states = st.sum(g, lambda p: optimizer_bytes(optimizer, local_shape(p, tp), sb))
@@ -40,7 +40,7 @@ def _local_sizes(model, precision, optimizer, zero, sp, tp, dp, pp, last, blocks
     else:
         temp = step_temp_bytes(optimizer, largest, sb, foreach=False)
     if zero == 1:  # ZeroRedundancyOptimizer under DDP; at dp = 1 the plain optimizer
-        z_states, z_temp = zero1_worst(model, int(dp), int(tp), int(pp), last, optimizer, sb, int(blocks))
+        z_states, z_temp = zero1_worst(model, int(dp), int(tp), int(pp), last, optimizer, sb, int(blocks), vee)
         ddp = where(dp > 1, 1, 0)
         states, temp = where(ddp, z_states, states), where(ddp, z_temp, temp)
     block_linear = block_sum(g, numel, only=lambda p: p.linear)
@@ -75,12 +75,14 @@ def local_moments(model, plan, last: bool, attention: str, device: str = "cuda")
     mixed = is_mixed(plan.precision)
     c = compute_bytes(plan.precision)
     blocks = rank_blocks(model, plan, last)
-    z = _local_sizes(model, plan.precision, plan.optimizer, plan.zero, plan.sp, plan.tp, plan.dp, plan.pp, last, blocks)
+    z = _local_sizes(
+        model, plan.precision, plan.optimizer, plan.zero, plan.sp, plan.tp, plan.dp, plan.pp, last, blocks, vee(plan)
+    )
     n, states, temp = z["n"], z["states"], z["temp"]
     if plan.offload == "optimizer":  # on the CPU, and stepped there
         states, temp = 0, 0
     ddp = where(plan.dp > 1, 1, 0)
-    v = plan.vpp if plan.schedule == "interleaved" else 1
+    v = chunks_per_rank(plan.vpp, plan.schedule)
     per_chunk = chunk_blocks(model, plan, last)
     sizes = acts.rank_sizes(
         model,

@@ -20,7 +20,7 @@ from shardwise.estimate.memory.moments import (
     split_items,
 )
 from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
-from shardwise.estimate.pipeline import chunk_blocks, rank_blocks
+from shardwise.estimate.pipeline import chunk_blocks, chunks_per_rank, rank_blocks, vee
 from shardwise.estimate.profiles import TORCH, compute_bytes, is_mixed, optimizer_bytes, step_temp_bytes
 from shardwise.spec.fp8 import FP8_BYTES, fp8_all_gather
 from shardwise.spec.loss import chunked_loss
@@ -32,12 +32,12 @@ def _fsdp_shard(shape, dp) -> tuple:
 
 
 @memo
-def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last, blocks):
+def _fsdp_sizes(model, precision, optimizer, tp, dp, pp, last, blocks, vee=False):
     """Parameter sums under FSDP2: shard elements (padded) of the stage and of one block, unsharded
     (padded) elements of the stage, one block, the root, the head and the tied output, optimizer
     bytes and step scratch on rank 0."""
     g, sb = groups(model), TORCH.state_bytes(precision)
-    st = stage_of(model, pp, last, blocks)
+    st = stage_of(model, pp, last, blocks, vee)
     shard = lambda p: _fsdp_shard(local_shape(p, tp), dp)
     padded = lambda p: dp * elements(shard(p))
     s = st.sum(g, lambda p: elements(shard(p)))
@@ -89,7 +89,7 @@ def fsdp_moments(model, plan, last: bool, attention: str, device: str = "cuda") 
     rb = 4 if mixed else sb.grad  # reduce-scatter dtype = the sharded gradients' dtype
     # HSDP: the states are sharded over the shard group only (plan.shard = dp without HSDP)
     blocks = rank_blocks(model, plan, last)
-    z = _fsdp_sizes(model, plan.precision, plan.optimizer, plan.tp, plan.shard, plan.pp, last, blocks)
+    z = _fsdp_sizes(model, plan.precision, plan.optimizer, plan.tp, plan.shard, plan.pp, last, blocks, vee(plan))
     pipelined = where(plan.pp > 1, 1, 0)
     vec = _is_array(pipelined)
     accumulated = where(plan.grad_accum > 1, 1, 0)
@@ -155,7 +155,7 @@ def _fsdp_pipelined(model, plan, last, a: dict, f, sizes, z: dict, pb, rb, accum
     (backward_maybe_with_nosync): every block ends up unsharded and every gradient accumulates
     unsharded in fp32 (FSDPParam.to_accumulated_grad_if_needed), each part's from its first
     backward on."""
-    v = plan.vpp if plan.schedule == "interleaved" else 1
+    v = chunks_per_rank(plan.vpp, plan.schedule)
     a = dict(a)
     a["params.unsharded"] = pb * z["u_all"]
     head = z["u_root"] - z["u_embed"]  # the final norm and output (the last rank's root)

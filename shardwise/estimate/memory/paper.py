@@ -10,16 +10,16 @@ from shardwise.estimate import activations as acts
 from shardwise.estimate import profiles
 from shardwise.estimate._num import ceil_div, memo, where
 from shardwise.estimate.memory.shapes import block_sum, elements, groups, local_shape, stage_of
-from shardwise.estimate.pipeline import rank_blocks
+from shardwise.estimate.pipeline import rank_blocks, vee
 from shardwise.estimate.profiles import Profile, compute_bytes, optimizer_bytes
 
 
 @memo
-def _paper_sizes(model, prof: Profile, optimizer, precision, tp, pp, last, blocks):
+def _paper_sizes(model, prof: Profile, optimizer, precision, tp, pp, last, blocks, vee=False):
     """Elements, optimizer bytes, elements in tensors kept whole (Profile.persistence_threshold),
     one block's elements, the largest tensor's, the transformer layers' on the rank."""
     g, sb = groups(model), prof.state_bytes(precision)
-    st = stage_of(model, pp, last, blocks)
+    st = stage_of(model, pp, last, blocks, vee)
     mult, whole = prof.vocab_multiple, prof.persistence_threshold
     numel = lambda p: elements(local_shape(p, tp, mult))
     return {
@@ -37,7 +37,9 @@ def paper_moment(model, plan, last: bool, prof: Profile, attention: str) -> dict
     (Profile.model_states), its own buffers (Profile.buffers), and its activation layout."""
     sb = prof.state_bytes(plan.precision)
     tp, dp, zero = plan.tp, plan.dp, plan.zero
-    z = _paper_sizes(model, prof, plan.optimizer, plan.precision, tp, plan.pp, last, rank_blocks(model, plan, last))
+    z = _paper_sizes(
+        model, prof, plan.optimizer, plan.precision, tp, plan.pp, last, rank_blocks(model, plan, last), vee(plan)
+    )
     n = z["n"]
     p, gr, o = prof.model_states(sb, n, z["opt"], z["small"], dp, zero)
     if plan.offload != "none":

@@ -123,12 +123,13 @@ class Stage:
         return best
 
 
-def stage_of(model, pp, last: bool, blocks=None) -> Stage:
+def stage_of(model, pp, last: bool, blocks=None, vee: bool = False) -> Stage:
     """The groups of the first (last=False) or last pipeline rank; `blocks`: its transformer blocks
-    (pipeline.rank_blocks; None: an even split, layers / pp)."""
+    (pipeline.rank_blocks; None: an even split, layers / pp); `vee`: a V-shaped schedule, whose
+    rank 0 holds the first and the last stage and rank p-1 neither."""
     pipelined = where(pp > 1, 1, 0)
     embed = 1 - pipelined if last else 1
-    head = 1 if last else 1 - pipelined
+    head = (1 - pipelined if last else 1) if vee else (1 if last else 1 - pipelined)
     tied = head * pipelined if model.tied_embeddings else 0
     return Stage(embed, model.layers // pp if blocks is None else blocks, head, tied)
 
@@ -139,9 +140,11 @@ def block_sum(g, f, only=None):
 
 
 # ---- one rank's parameters in registration order ----
-def stage_param_shapes(model, tp: int, pp: int, last: bool, blocks: int | None = None) -> list[tuple[int, ...]]:
+def stage_param_shapes(
+    model, tp: int, pp: int, last: bool, blocks: int | None = None, vee: bool = False
+) -> list[tuple[int, ...]]:
     """The local shapes of one pipeline rank's parameters in registration order (scalars only)."""
-    return [local_shape(p, tp) for p in stage_params(model, pp, bool(last), blocks)]
+    return [local_shape(p, tp) for p in stage_params(model, pp, bool(last), blocks, vee)]
 
 
 @lru_cache(maxsize=64)
@@ -155,22 +158,25 @@ def _named_params(model) -> tuple:
 
 
 @lru_cache(maxsize=1024)
-def stage_params(model, pp: int, last: bool, blocks: int | None = None) -> tuple[Param, ...]:
+def stage_params(model, pp: int, last: bool, blocks: int | None = None, vee: bool = False) -> tuple[Param, ...]:
     named = _named_params(model)
     if pp == 1:
         return tuple(p for _, _, p in named)
-    keep_embed, keep_head = not last, last
+    keep_embed, keep_head = not last, (not last) if vee else last
     per = model.layers // pp if blocks is None else blocks
+    # the V's rank p-1 holds the middle blocks, its rank 0 the first and the last per // 2 each
     lo, hi = (model.layers - per, model.layers) if last else (0, per)
+    if vee:
+        lo, hi = ((model.layers - per) // 2, (model.layers + per) // 2) if last else (0, per // 2)
     out = []
     for top, layer, p in named:
         if top in ("tok_embeddings", "pos_embeddings") and not keep_embed:
             continue
         if top in ("norm", "output") and not keep_head:
             continue
-        if top == "layers" and not lo <= layer < hi:
+        if top == "layers" and not (lo <= layer < hi or (vee and not last and layer >= model.layers - per // 2)):
             continue
         out.append(p)
-    if last and model.tied_embeddings:
+    if keep_head and model.tied_embeddings:
         out.append(param("output.weight", (model.vocab, model.hidden)))
     return tuple(out)

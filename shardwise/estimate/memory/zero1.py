@@ -14,10 +14,12 @@ from shardwise.estimate.profiles import TORCH, optimizer_bytes, step_temp_bytes
 
 
 @lru_cache(maxsize=1024)
-def _zero1_items(model, tp: int, pp: int, last: bool, optimizer: str, sb, blocks: int | None = None) -> tuple:
+def _zero1_items(
+    model, tp: int, pp: int, last: bool, optimizer: str, sb, blocks: int | None = None, vee=False
+) -> tuple:
     """(numel, optimizer bytes) of the rank's parameters, per ZeroRedundancyOptimizer group
     (matrices, then vectors), each sorted by numel, largest first (a stable sort)."""
-    shapes = stage_param_shapes(model, tp, pp, last, blocks)
+    shapes = stage_param_shapes(model, tp, pp, last, blocks, vee)
     return tuple(
         tuple(
             (elements(s), optimizer_bytes(optimizer, s, sb))
@@ -28,7 +30,9 @@ def _zero1_items(model, tp: int, pp: int, last: bool, optimizer: str, sb, blocks
 
 
 @lru_cache(maxsize=4096)
-def _zero1_assign(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb, blocks: int | None = None) -> tuple:
+def _zero1_assign(
+    model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb, blocks: int | None = None, vee=False
+) -> tuple:
     """ZeroRedundancyOptimizer's partition (_partition_parameters): for each parameter group in
     order (run/engine.py: matrices with weight decay, then vectors), parameters sorted by numel,
     largest first (a stable sort), each to the rank with the smallest total so far (the first
@@ -37,7 +41,7 @@ def _zero1_assign(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, 
     heap = [(0, r) for r in range(dp)]
     heapify(heap)
     states, numel_by_group, largest = [0] * dp, [[0, 0] for _ in range(dp)], [0] * dp
-    for group, items in enumerate(_zero1_items(model, tp, pp, last, optimizer, sb, blocks)):
+    for group, items in enumerate(_zero1_items(model, tp, pp, last, optimizer, sb, blocks, vee)):
         for n, nbytes in items:
             size, r = heap[0]  # (totals differ by rank index: the order of pops is the heap's order)
             heapreplace(heap, (size + n, r))
@@ -48,18 +52,24 @@ def _zero1_assign(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, 
     return tuple((states[r], tuple(numel_by_group[r]), largest[r]) for r in range(dp))
 
 
-def zero1_bucket_numels(model, dp: int, tp: int, pp: int, last: bool, blocks: int | None = None) -> tuple[int, ...]:
+def zero1_bucket_numels(
+    model, dp: int, tp: int, pp: int, last: bool, blocks: int | None = None, vee: bool = False
+) -> tuple[int, ...]:
     """Elements of each dp rank's ZeroRedundancyOptimizer bucket (parameters_as_bucket_view: one
     flat tensor per rank holding the parameters it steps, broadcast from it after the step). The
     partition weighs numel alone: any optimizer gives the same."""
-    return tuple(sum(g) for _, g, _ in _zero1_assign(model, dp, tp, pp, last, "sgd", TORCH.state_bytes("fp32"), blocks))
+    return tuple(
+        sum(g) for _, g, _ in _zero1_assign(model, dp, tp, pp, last, "sgd", TORCH.state_bytes("fp32"), blocks, vee)
+    )
 
 
 @lru_cache(maxsize=4096)
-def zero1_worst(model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb, blocks=None) -> tuple[int, int]:
+def zero1_worst(
+    model, dp: int, tp: int, pp: int, last: bool, optimizer: str, sb, blocks=None, vee=False
+) -> tuple[int, int]:
     """(optimizer bytes, step scratch bytes) of the dp rank ZeroRedundancyOptimizer loads most
     (_zero1_assign); its local optimizer steps only its own parameters."""
-    ranks = _zero1_assign(model, dp, tp, pp, last, optimizer, sb, blocks)
+    ranks = _zero1_assign(model, dp, tp, pp, last, optimizer, sb, blocks, vee)
     worst = max(range(dp), key=lambda r: (ranks[r][0], -r))
     states, numel_by_group, largest = ranks[worst]
     if optimizer == "adamw":  # DDP's local shards are plain tensors: foreach

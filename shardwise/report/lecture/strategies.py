@@ -163,11 +163,18 @@ def collectives_words(e, top: int = 3) -> str:
 
 def _schedules():
     rows, panels, data = [], [], {}
-    for label, schedule, v in (("GPipe", "gpipe", 1), ("1F1B", "1f1b", 1), ("interleaved 1F1B", "interleaved", V_DEMO)):
+    for label, schedule, v in (
+        ("GPipe", "gpipe", 1),
+        ("1F1B", "1f1b", 1),
+        ("interleaved 1F1B", "interleaved", V_DEMO),
+        ("ZB-H1 (zero bubble, torch's interleaved-zb at v = 1)", "interleaved-zb", 1),
+        ("ZB-V (two stages per GPU in a V)", "zbv", 2),
+        ("DualPipeV", "dualpipev", 2),
+    ):
         slots = pl.timeline(PP_DEMO, M_DEMO, v, schedule)
         bubble = pl.bubble_fraction(PP_DEMO, M_DEMO, v, schedule)
         inflight = pl.inflight_microbatches(PP_DEMO, M_DEMO, v, schedule)
-        unit = 1 / v  # a chunk is 1/v of a GPU's layers: put every schedule on the same clock
+        unit = 1 / pl.chunks_per_rank(v, schedule)  # a chunk is 1/v of a GPU's layers: one clock for all
         span = max(s.end for s in slots) * unit
         data[schedule] = {"bubble": bubble, "inflight": inflight, "makespan": span, "idle": pl.idle_fraction(slots)}
         rows.append([label, f"{bubble:.1%}", f"{inflight:g}", f"{span:g}"])

@@ -72,15 +72,20 @@ def test_time_takes_the_busiest_stage():
     """Per token, a 405B block's forward is 2 x 3,187,671,040 matmul weights + the attention core,
     the output layer 2 x 16384 x 128256 = 4,202,692,608 FLOPs, about 0.6 of a block at seq 2048.
     So the first stage's 8 blocks outweigh the last's 6 + the head, and its forward is 8 blocks';
-    an even split of 128 layers (a 405B with two more) has the head on its busiest, last, stage."""
+    an even split of 128 layers (a 405B with two more) has the head on its busiest, last, stage.
+    At a flat matmul efficiency (--efficiency) forward time is FLOPs; the default per-GEMM model
+    adds each call's fixed cost and memory-bound work, and must still pick the first stage."""
     lf = layer_forward_flops_per_token(L405, 2048)
     head = 2 * matmul_weights(L405)["head"]
     assert head == 2 * 16384 * 128256 == 4_202_692_608
     assert 8 * lf > 6 * lf + head
-    e = estimate(L405, CLUSTER, Plan(tp=8, pp=16, gbs=2048))
-    e128 = estimate(L405.scaled(layers=128), CLUSTER, Plan(tp=8, pp=16, gbs=2048))
+    e = estimate(L405, CLUSTER, Plan(tp=8, pp=16, gbs=2048), efficiency=0.5)
+    e128 = estimate(L405.scaled(layers=128), CLUSTER, Plan(tp=8, pp=16, gbs=2048), efficiency=0.5)
     ratio = e.time.detail["forward_s"] / e128.time.detail["forward_s"]
     assert ratio == pytest.approx(8 * lf / (8 * lf + head), rel=1e-12)
+    shaped = estimate(L405, CLUSTER, Plan(tp=8, pp=16, gbs=2048)).time.detail["forward_s"]
+    shaped128 = estimate(L405.scaled(layers=128), CLUSTER, Plan(tp=8, pp=16, gbs=2048)).time.detail["forward_s"]
+    assert shaped < shaped128  # the 126-layer split's busiest stage is lighter than the 128-layer one's last
 
 
 def test_memory_takes_each_stage_at_its_own_blocks():

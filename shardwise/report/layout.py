@@ -16,10 +16,12 @@ from rich.text import Text
 
 from shardwise.spec.plan import SCHEDULES
 
-# A plan's short name (Plan.short()): "dp8 tp1 pp2 zero1 mbs1 ga64 1f1b sp rc-selective ...".
+# A plan's short name (Plan.short()): "dp8 tp1 pp2 cp2 zero1 mbs1 ga64 1f1b ep8 sp rc-selective ...";
+# the longest schedule name first, so "interleaved-zb" is not cut at "interleaved"
 PLAN_NAME = re.compile(
-    r"dp\d+ tp\d+ pp\d+ zero\d mbs\d+ ga\d+"
-    rf"(?: (?:(?:{'|'.join(map(re.escape, SCHEDULES))})(?:/v\d+)?|hsdp\d+|last-\d+|sp|rc-[a-z-]+|offload-[a-z]+|attn-[a-z]+))*"
+    r"dp\d+ tp\d+ pp\d+(?: cp\d+(?:/a2a)?)? zero\d mbs\d+ ga\d+"
+    rf"(?: (?:(?:{'|'.join(map(re.escape, sorted(SCHEDULES, key=len, reverse=True)))})(?:/v\d+)?|hsdp\d+|last-\d+|ep\d+|sp|rc-[a-z-]+(?::\d+)?"
+    r"|offload-[a-z]+|attn-[a-z]+|fp8-[a-z]+|compile))*"
 )
 _GLUE = "\x00"  # stands in for a space that must not break a line (textwrap splits on ASCII whitespace only)
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shardwise.spec.plan import SCHEDULES
+
 # Plans whose predicted time per token (or cost, with --rank cost) is within 10% of the best are
 # shown as equivalent. Why 10%: the time model misses single published GPU runs by up to ~12%
 # (`shardwise validate`: Korthikanti 2022 Table 5, 22B selective + SP, -11.6%; means 4.5% and 3.5%)
@@ -23,6 +25,8 @@ BAND_WHY = "the time model misses single published runs by up to ~12% and measur
 # fragmentation spike from the (1 - headroom) the search allows. Below it, more free memory buys
 # nothing, so it does not outweigh speed.
 TIGHT_MEMORY = 0.80
+# the table's schedule column holds SCHEDULES indices; these two add no split backward nor virtual stages
+PLAIN_SCHEDULES = [SCHEDULES.index(s) for s in ("gpipe", "1f1b")]
 # How the recommended plan is chosen inside the band, most important first (keys in simplicity()).
 SIMPLEST = (
     f"no offload, fewest of tp/pp, least recompute, no interleaving, memory under {TIGHT_MEMORY:.0%} "
@@ -54,11 +58,12 @@ def simplicity(res, rows: np.ndarray) -> np.ndarray:
     """`rows` reordered simplest first; the first is the recommendation. Keys, most important first:
 
     1. no offload: it leans on PCIe and host memory, the part of the step the estimate sees least;
-    2. fewer model-parallel dimensions (tp > 1, pp > 1, ep > 1): each adds a process group, a failure mode
-       and a communication pattern to tune; plain data parallelism (with ZeRO) is the simplest;
+    2. fewer model-parallel dimensions (tp > 1, pp > 1, cp > 1, ep > 1): each adds a process group, a
+       failure mode and a communication pattern to tune; plain data parallelism (with ZeRO) is the simplest;
     3. less activation recompute (none < selective-op < selective < selective-layer < full): it re-runs work the estimate prices
        from FLOPs alone;
-    4. no interleaved pipeline (virtual stages add sends and schedule complexity);
+    4. no interleaved or zero-bubble pipeline (virtual stages add sends, split backwards add schedule
+       complexity: gpipe and 1f1b are the plain ones);
     5. memory at most TIGHT_MEMORY of the GPU: free memory absorbs what the estimate cannot see
        (allocator fragmentation, a longer batch), but only near the limit does it matter;
     6. with --rank time, fewer GPUs (the same time for less money); with --rank cost, more GPUs
@@ -75,9 +80,9 @@ def simplicity(res, rows: np.ndarray) -> np.ndarray:
         np.arange(len(rows)),  # 7: rank position (rows come best first)
         gpu_key,  # 6
         (c["mem_total"][rows] > TIGHT_MEMORY * cap).astype(np.int64),  # 5
-        (c["vpp"][rows] > 1).astype(np.int64),  # 4
+        ((c["vpp"][rows] > 1) | ~np.isin(c["schedule"][rows], PLAIN_SCHEDULES)).astype(np.int64),  # 4
         c["recompute"][rows],  # 3 (RECOMPUTE_ORDER index)
-        (c["tp"][rows] > 1).astype(np.int64) + (c["pp"][rows] > 1) + (c["ep"][rows] > 1),  # 2
+        (c["tp"][rows] > 1).astype(np.int64) + (c["pp"][rows] > 1) + (c["cp"][rows] > 1) + (c["ep"][rows] > 1),  # 2
         c["offload"][rows],  # 1 (OFFLOAD_ORDER index)
     )
     return rows[np.lexsort(keys)]

@@ -15,6 +15,7 @@ from shardwise.search.core import run_search
 from shardwise.search.equivalent import EQUIVALENT_BAND, TIGHT_MEMORY, band_rows, per_token, shapes, simplicity
 from shardwise.search.space import TARGET_TOKENS, Space, default_gbs
 from shardwise.spec.hardware import make_cluster
+from shardwise.spec.plan import SCHEDULES
 from shardwise.spec.presets import preset
 
 GIB = 2**30
@@ -24,7 +25,10 @@ def fake(rank="throughput", **cols):
     """A search result reduced to what the band and the recommendation read: the table's columns,
     its order (rows as given are best first), the GPU's memory."""
     n = len(cols["tokens_per_s"])
-    base = dict(offload=0, tp=1, pp=1, ep=1, recompute=0, vpp=1, gpus=8, dp=8, mem_total=10 * GIB)
+    one_f_one_b = SCHEDULES.index("1f1b")
+    base = dict(
+        offload=0, tp=1, pp=1, cp=1, ep=1, recompute=0, vpp=1, schedule=one_f_one_b, gpus=8, dp=8, mem_total=10 * GIB
+    )
     arrays = {k: np.asarray(cols.get(k, [v] * n)) for k, v in base.items()}
     arrays["tokens_per_s"] = np.asarray(cols["tokens_per_s"], dtype=np.float64)
     cluster = SimpleNamespace(gpu=SimpleNamespace(memory_bytes=80 * GIB))
@@ -58,6 +62,23 @@ def test_recommended_is_the_simplest_in_the_band():
     assert order[:2] == [4, 3]
     # then: recompute (row 1), one dimension (row 5: tp=2), two (row 0), offload last (row 2)
     assert order[2:] == [1, 5, 0, 2]
+
+
+def test_cp_is_a_dimension_and_a_zero_bubble_schedule_counts_as_interleaving():
+    """Row 0 (pp2 interleaved-zb, v = 1: ZB-H1) and row 1 (pp2 interleaved v2) rank ahead of row 2
+    (pp2 1f1b) but are less simple; rows 3 and 4 split the sequence (cp2) or the experts (ep2): one
+    dimension each, like row 2's pp, so among those three the ranking decides."""
+    zb, inter, plain = (SCHEDULES.index(s) for s in ("interleaved-zb", "interleaved", "1f1b"))
+    res = fake(
+        tokens_per_s=[100, 99, 98, 97, 96, 95],
+        pp=[2, 2, 2, 1, 1, 1],
+        vpp=[1, 2, 1, 1, 1, 1],
+        schedule=[zb, inter, plain, plain, plain, plain],
+        cp=[1, 1, 1, 2, 1, 1],
+        ep=[1, 1, 1, 1, 2, 1],
+    )
+    order = list(simplicity(res, band_rows(res)))
+    assert order == [5, 2, 3, 4, 0, 1]
 
 
 def test_with_equal_structure_the_ranking_decides_and_time_prefers_fewer_gpus():

@@ -265,22 +265,14 @@ class Space:
         """Context-parallel sizes beside tp x pp: the pinned one, or every divisor of the remaining
         ranks (dp * cp) whose 2*cp chunks of the sequence keep MIN_CP_CHUNK tokens each (pinned dp:
         the one that completes it)."""
-        f, rest = self.fixed, self.gpus // (tp * pp)
+        f, rest, seq = self.fixed, self.gpus // (tp * pp), self.base.seq
         if "cp" in f:
             return [f["cp"]] if rest % f["cp"] == 0 and f.get("dp", rest // f["cp"]) * f["cp"] == rest else []
+        chunked = lambda c: c == 1 or seq % (2 * c) == 0 and seq // (2 * c) >= MIN_CP_CHUNK
         if "dp" in f:
             c = rest // f["dp"]  # the cp a pinned dp leaves: searched only as an unpinned one would be
-            return (
-                [c]
-                if rest % f["dp"] == 0
-                and (c == 1 or self.base.seq % (2 * c) == 0 and self.base.seq // (2 * c) >= MIN_CP_CHUNK)
-                else []
-            )
-        return [
-            c
-            for c in divisors(rest)
-            if c == 1 or self.base.seq % (2 * c) == 0 and self.base.seq // (2 * c) >= MIN_CP_CHUNK
-        ]
+            return [c] if rest % f["dp"] == 0 and chunked(c) else []
+        return [c for c in divisors(rest) if chunked(c)]
 
     def _add_rows(self, cols, tp, pp, cp, sp, schedule, sharded) -> None:
         """The grid rows of one tp x pp x cp shape: every vpp, mbs, HSDP group, last-stage cut and ep."""

@@ -113,6 +113,18 @@ def test_engine_rules_name_what_pytorch_cannot_train():
     g = preset("gpt2-124m")  # tied embeddings: DDP + TP cannot hold them, FSDP2 can
     assert "ties its embeddings" in engine_violation(Plan(tp=2, zero=1, seq=1024).resolve(g, 4), g)
     assert engine_violation(Plan(tp=2, zero=2, seq=1024).resolve(g, 4), g) is None
+    # zero-bubble schedules over dp or cp ranks train right only under ZeRO-2; dp = cp = 1 needs no reduction
+    for z in (0, 1, 3):
+        for sched, extra in (("zbv", {}), ("interleaved-zb", {"vpp": 2}), ("dualpipev", {})):
+            bad = Plan(pp=2, zero=z, schedule=sched, mbs=1, gbs=8, **extra).resolve(m, 4)
+            assert "does not reduce correctly" in engine_violation(bad, m)
+    assert "does not reduce correctly" in engine_violation(
+        Plan(pp=2, cp=2, schedule="zbv", mbs=1, gbs=8, seq=1024).resolve(m, 4), m
+    )
+    assert engine_violation(Plan(pp=2, zero=2, schedule="zbv", mbs=1, gbs=8).resolve(m, 4), m) is None
+    assert engine_violation(Plan(pp=2, zero=2, dp_shard=2, schedule="zbv", mbs=1, gbs=16).resolve(m, 8), m) is None
+    assert engine_violation(Plan(pp=2, schedule="zbv", mbs=1, gbs=8).resolve(m, 2), m) is None
+    assert engine_violation(Plan(pp=2, zero=0, schedule="1f1b", mbs=1, gbs=8).resolve(m, 4), m) is None
 
 
 def test_search_never_recommends_what_run_cannot_train():

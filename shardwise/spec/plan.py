@@ -203,6 +203,7 @@ class Rule(NamedTuple):
 _MULTI = lambda p: (p.schedule == "interleaved") | (p.schedule == "interleaved-zb") | _VEE(p)
 _LOOPED = lambda p: (p.schedule == "interleaved") | (p.schedule == "interleaved-zb")
 _VEE = lambda p: (p.schedule == "zbv") | (p.schedule == "dualpipev")
+_ZB = lambda p: (p.schedule == "interleaved-zb") | _VEE(p)
 RULES: tuple[Rule, ...] = (
     Rule(
         "gpus",
@@ -417,6 +418,21 @@ ENGINE_RULES: tuple[Rule, ...] = (
         lambda p, m, g: (
             "adafactor needs whole parameters: use it with dp (ZeRO 0/1) and pp, not with tp > 1 "
             "or ZeRO-2/3; or use adamw"
+        ),
+    ),
+    # torch's zero-bubble schedules split each backward into an input pass and a weight pass (two
+    # autograd.grad calls). Over dp (or cp) ranks only FSDP2 without resharding after forward
+    # (ZeRO-2, HSDP too) trains as one process does. DDP's reducer never sees the weight pass:
+    # PipelineStage.backward_maybe_with_nosync (pipelining/stage.py) arms it for the last chunk
+    # only. Measured on tiny-llama, dp2 pp2, step-1 gradient norm against one process's 1.202:
+    # zbv DDP 1.466, ZeRO-1 1.466, ZeRO-3 0.873, interleaved-zb ZeRO-3 0.880; ZeRO-2 1.202.
+    Rule(
+        "engine",
+        lambda p, m, g: _ZB(p) & (p.pp > 1) & (p.zero != 2) & (p.dp * p.cp > 1),
+        lambda p, m, g: (
+            f"--schedule {p.schedule} splits the backward into input and weight passes, which PyTorch's "
+            f"{'DDP' if p.zero <= 1 else 'FSDP2 resharding after forward'} (ZeRO {p.zero}) does not reduce "
+            "correctly over dp; use --zero 2, or --schedule 1f1b/interleaved"
         ),
     ),
     # a V (zbv, dualpipev) puts both copies of a tied embedding on rank 0, where the embedding
